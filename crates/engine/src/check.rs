@@ -1,0 +1,173 @@
+//! Offline inspection: `check` (a cache_check for our format) and `dump`.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+
+use pmcache_pmem::PmemRegion;
+
+use crate::format::*;
+use crate::recovery::{read_superblock, view_slot, SlotView};
+
+/// One live mapping.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mapping {
+    pub slot: u64,
+    pub block: u64,
+    pub seq: u64,
+    pub dirty: bool,
+    pub zero: bool,
+    /// Part of a write still in flight at the crash (seq above the watermark):
+    /// recovery verifies it and may roll it back.
+    pub pending: bool,
+}
+
+/// What `check` found.
+#[derive(Debug, Default)]
+pub struct CheckReport {
+    pub superblock: Option<Superblock>,
+    pub watermark: Option<u64>,
+    pub errors: Vec<String>,
+    pub warnings: Vec<String>,
+    pub live: u64,
+    pub dirty: u64,
+    pub pending: u64,
+    /// Older versions of a block that recovery will free.
+    pub superseded: u64,
+}
+
+impl CheckReport {
+    pub fn ok(&self) -> bool {
+        self.errors.is_empty()
+    }
+}
+
+/// Everything `dump` shows.
+#[derive(Debug, Clone)]
+pub struct Dump {
+    pub superblock: Superblock,
+    pub superblock_copy: usize,
+    pub watermark: u64,
+    pub mappings: Vec<Mapping>,
+}
+
+/// Validate a cache offline. `origin` is `(fingerprint, size)` of the origin
+/// the operator means to use, if known. With `verify_data`, committed blocks
+/// are checked against their data hashes too.
+pub fn check(region: &dyn PmemRegion, origin: Option<(&str, u64)>, verify_data: bool) -> CheckReport {
+    let mut r = CheckReport::default();
+    let (sb, _) = match read_superblock(region) {
+        Ok(x) => x,
+        Err(e) => {
+            r.errors.push(e.to_string());
+            return r;
+        }
+    };
+    for copy in 0..2 {
+        // SAFETY: offline check; nothing else uses the region.
+        if let Err(e) = Superblock::decode(unsafe { region.slice(copy * SB_SIZE, SB_SIZE) }) {
+            r.warnings.push(format!(
+                "superblock copy {copy} (offset {}) is unusable ({e}); the other copy is in use",
+                copy * SB_SIZE
+            ));
+        }
+    }
+    if let Some((fp, size)) = origin {
+        if fp != sb.origin_fingerprint || size != sb.origin_size {
+            r.errors.push(format!(
+                "origin identity: cache belongs to '{}' ({} bytes), given '{fp}' ({size} bytes)",
+                sb.origin_fingerprint, sb.origin_size
+            ));
+        }
+    }
+    let layout = sb.layout;
+    let wm = region.word(WATERMARK_OFF).load(Ordering::SeqCst);
+    let Some(s) = decode_watermark(wm) else {
+        r.errors.push(format!("watermark word at offset {WATERMARK_OFF} fails its checksum ({wm:#018x})"));
+        r.superblock = Some(sb);
+        return r;
+    };
+    r.watermark = Some(s);
+    let origin_blocks = sb.origin_size.div_ceil(layout.block_size as u64);
+    let mut newest: HashMap<u64, (u64, u64)> = HashMap::new();
+    for slot in 0..layout.slot_count {
+        match view_slot(region, &layout, slot, s) {
+            SlotView::Free | SlotView::Torn => {}
+            SlotView::Corrupt { state_seq } => r.errors.push(format!(
+                "slot {slot} (metadata at offset {}): committed entry seq {state_seq} fails its checksum",
+                layout.meta_off(slot)
+            )),
+            SlotView::Live { entry: e, dirty } => {
+                if e.seq > s {
+                    r.pending += 1;
+                    continue;
+                }
+                r.live += 1;
+                if dirty {
+                    r.dirty += 1;
+                }
+                if e.block >= origin_blocks {
+                    r.errors.push(format!(
+                        "slot {slot}: maps block {} beyond the origin's {origin_blocks} blocks",
+                        e.block
+                    ));
+                }
+                if e.count == 0 {
+                    r.errors.push(format!("slot {slot}: entry has a transaction count of 0"));
+                }
+                if verify_data && !e.is_zero() {
+                    // SAFETY: offline check; nothing else uses the region.
+                    let data = unsafe { region.slice(layout.data_off(slot), layout.block_size as usize) };
+                    if data_hash(data) != e.hash {
+                        r.errors.push(format!(
+                            "slot {slot} (block {}, data at offset {}): data checksum mismatch",
+                            e.block,
+                            layout.data_off(slot)
+                        ));
+                    }
+                }
+                match newest.get(&e.block) {
+                    Some(&(other, seq)) if seq == e.seq => r.errors.push(format!(
+                        "slots {other} and {slot} both map block {} with the same seq {seq}",
+                        e.block
+                    )),
+                    Some(&(_, seq)) => {
+                        r.superseded += 1;
+                        if e.seq > seq {
+                            newest.insert(e.block, (slot, e.seq));
+                        }
+                    }
+                    None => {
+                        newest.insert(e.block, (slot, e.seq));
+                    }
+                }
+            }
+        }
+    }
+    if r.superseded > 0 {
+        r.warnings.push(format!("{} superseded versions will be freed by recovery", r.superseded));
+    }
+    if r.pending > 0 {
+        r.warnings.push(format!(
+            "{} entries of writes in flight at the last crash will be verified or rolled back by recovery",
+            r.pending
+        ));
+    }
+    r.superblock = Some(sb);
+    r
+}
+
+/// Superblock, watermark and every live mapping.
+pub fn dump(region: &dyn PmemRegion) -> crate::Result<Dump> {
+    let (sb, copy) = read_superblock(region)?;
+    let layout = sb.layout;
+    let wm = region.word(WATERMARK_OFF).load(Ordering::SeqCst);
+    let s = decode_watermark(wm)
+        .ok_or_else(|| crate::EngineError::Corrupt(format!("watermark word at offset {WATERMARK_OFF} fails its checksum")))?;
+    let mut mappings = Vec::new();
+    for slot in 0..layout.slot_count {
+        if let SlotView::Live { entry: e, dirty } = view_slot(region, &layout, slot, s) {
+            mappings.push(Mapping { slot, block: e.block, seq: e.seq, dirty, zero: e.is_zero(), pending: e.seq > s });
+        }
+    }
+    Ok(Dump { superblock: sb, superblock_copy: copy, watermark: s, mappings })
+}

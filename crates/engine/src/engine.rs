@@ -1,0 +1,1326 @@
+//! The cache engine: request paths over the shards.
+//!
+//! Concurrency: the cache is split into shards, each owning a contiguous
+//! range of slots and the origin blocks of the 1 MiB chunks that hash to it,
+//! so a request touches one or two shards and there is no global lock.
+//! Operations that need several shards lock them in ascending order.
+//!
+//! Data movement (the only copies on the request paths):
+//! - write: payload → new slot (by the caller's `source`, e.g. `recv` from
+//!   the socket, or a non-temporal copy from a caller buffer);
+//! - read hit: slot → caller's `sink` (e.g. `writev` to the socket);
+//! - read miss: origin → new slot (`read_vectored_at` into the slot), then
+//!   as a hit;
+//! - writeback: slot → origin;
+//! - sub-block write: old slot (or origin) → new slot, then the payload.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex, MutexGuard};
+use pmcache_origin::Origin;
+use pmcache_pmem::PmemRegion;
+
+use crate::error::{EngineError, Result};
+use crate::format::*;
+use crate::index::*;
+use crate::stats::{Counters, StatsSnapshot};
+use crate::txn::Sequencer;
+
+/// Tunables for `open`.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Mode to run in; `None` keeps the one recorded in the superblock.
+    pub mode: Option<CacheMode>,
+    /// Largest request that is atomic as a whole (advertised to clients).
+    pub max_request: u32,
+    /// Run writeback in a background thread (tests drive it by hand).
+    pub background_writeback: bool,
+    /// Blocks per writeback batch (one origin flush each).
+    pub writeback_batch: usize,
+    /// Attach even if the origin's identity differs from the superblock.
+    pub force_origin: bool,
+    /// Number of shards (rounded to a power of two); `None` picks by size.
+    pub shards: Option<u32>,
+    /// Insert read misses into the cache. Off, reads never write the cache
+    /// (used to inspect a cache without changing it).
+    pub promote_reads: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            mode: None,
+            max_request: 1 << 20,
+            background_writeback: true,
+            writeback_batch: 256,
+            force_origin: false,
+            shards: None,
+            promote_reads: true,
+        }
+    }
+}
+
+pub(crate) struct Shard {
+    pub(crate) ix: Mutex<ShardIndex>,
+    pub(crate) cv: Condvar,
+}
+
+pub(crate) struct WritebackCtl {
+    pub(crate) kick: Mutex<bool>,
+    pub(crate) cv: Condvar,
+    pub(crate) stop: AtomicBool,
+    pub(crate) thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// The cache. Cheap to share (`Arc`); every method is thread-safe.
+pub struct Engine {
+    pub(crate) region: Arc<dyn PmemRegion>,
+    pub(crate) origin: Arc<dyn Origin>,
+    pub(crate) layout: Layout,
+    pub(crate) size: u64,
+    pub(crate) shards: Box<[Shard]>,
+    /// Global number of each shard's first slot.
+    pub(crate) firsts: Box<[u64]>,
+    pub(crate) shard_mask: u64,
+    pub(crate) chunk_shift: u32,
+    pub(crate) seq: Sequencer,
+    pub(crate) counters: Counters,
+    pub(crate) mode: AtomicU8,
+    pub(crate) cfg: EngineConfig,
+    pub(crate) zeros: Box<[u8]>,
+    pub(crate) sb: Mutex<(Superblock, usize)>,
+    pub(crate) wb: WritebackCtl,
+    pub(crate) closed: AtomicBool,
+}
+
+/// Where a block of a request lives while the request runs.
+#[derive(Clone, Copy)]
+enum Loc {
+    /// A published slot, pinned.
+    Hit { shard: usize, slot: u32, zero: bool },
+    /// Read from the origin into a new slot (pinned) or a bounce buffer.
+    Miss,
+}
+
+/// What a write puts into each block.
+pub(crate) enum Src<'a> {
+    Buf(&'a [u8]),
+    Fill(&'a mut dyn FnMut(&mut [IoSliceMut<'_>]) -> io::Result<()>),
+    Zero,
+}
+
+/// A block of a write in flight: its new slot.
+#[derive(Clone, Copy)]
+pub(crate) struct NewBlock {
+    pub(crate) block: u64,
+    pub(crate) shard: usize,
+    pub(crate) slot: u32,
+    pub(crate) zero: bool,
+    /// Byte range of the block the request covers.
+    pub(crate) lo: u32,
+    pub(crate) hi: u32,
+}
+
+fn mix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// How many free slots a shard tries to keep, so writers rarely wait.
+fn low_water(nslots: u32, max_blocks: u32) -> u32 {
+    (nslots / 16).max(max_blocks).min(nslots / 2)
+}
+
+impl Engine {
+    pub(crate) fn build(
+        region: Arc<dyn PmemRegion>,
+        origin: Arc<dyn Origin>,
+        sb: Superblock,
+        sb_copy: usize,
+        cfg: EngineConfig,
+        last_seq: u64,
+        watermark: u64,
+    ) -> Result<Engine> {
+        let layout = sb.layout;
+        let bs = layout.block_size;
+        if cfg.max_request < bs || cfg.max_request % bs != 0 {
+            return Err(EngineError::Config(format!(
+                "maximum request {} must be a multiple of the block size {bs}",
+                cfg.max_request
+            )));
+        }
+        let max_blocks = cfg.max_request / bs + 1;
+        let slots = layout.slot_count;
+        let mut n = match cfg.shards {
+            Some(n) => n.max(1).next_power_of_two() as u64,
+            None => (slots / (8 * max_blocks as u64)).clamp(1, 64).next_power_of_two(),
+        };
+        while n > 1 && slots / n < 2 * max_blocks as u64 {
+            n /= 2;
+        }
+        if slots / n < 2 * max_blocks as u64 {
+            return Err(EngineError::Config(format!(
+                "cache has {slots} slots; at least {} are needed for requests of {} bytes",
+                2 * max_blocks,
+                cfg.max_request
+            )));
+        }
+        let per = slots / n;
+        let firsts: Box<[u64]> = (0..n).map(|i| i * per).collect();
+        let shards = (0..n)
+            .map(|i| {
+                let first = i * per;
+                let count = if i == n - 1 { slots - first } else { per };
+                Shard { ix: Mutex::new(ShardIndex::new(first, count as u32)), cv: Condvar::new() }
+            })
+            .collect();
+        let chunk_shift = (20u32).saturating_sub(bs.trailing_zeros());
+        let mode = cfg.mode.unwrap_or(sb.mode);
+        Ok(Engine {
+            region,
+            size: origin.size(),
+            origin,
+            layout,
+            shards,
+            firsts,
+            shard_mask: n - 1,
+            chunk_shift,
+            seq: Sequencer::new(last_seq, watermark),
+            counters: Counters::default(),
+            mode: AtomicU8::new(mode.as_u8()),
+            cfg,
+            zeros: vec![0u8; bs as usize].into_boxed_slice(),
+            sb: Mutex::new((sb, sb_copy)),
+            wb: WritebackCtl {
+                kick: Mutex::new(false),
+                cv: Condvar::new(),
+                stop: AtomicBool::new(false),
+                thread: Mutex::new(None),
+            },
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    // ----- small helpers -------------------------------------------------
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.layout.block_size
+    }
+
+    pub fn max_request(&self) -> u32 {
+        self.cfg.max_request
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    pub fn mode(&self) -> CacheMode {
+        CacheMode::from_u8(self.mode.load(Ordering::SeqCst)).unwrap_or_default()
+    }
+
+    pub fn region(&self) -> &Arc<dyn PmemRegion> {
+        &self.region
+    }
+
+    pub(crate) fn bs(&self) -> u64 {
+        self.layout.block_size as u64
+    }
+
+    pub(crate) fn shard_of(&self, block: u64) -> usize {
+        (mix(block >> self.chunk_shift) & self.shard_mask) as usize
+    }
+
+    pub(crate) fn meta(&self, first: u64, s: u32) -> usize {
+        self.layout.meta_off(first + s as u64)
+    }
+
+    pub(crate) fn data(&self, first: u64, s: u32) -> usize {
+        self.layout.data_off(first + s as u64)
+    }
+
+    /// Seq of the incarnation in a slot's metadata.
+    pub(crate) fn slot_seq(&self, first: u64, s: u32) -> u64 {
+        self.region.word(self.meta(first, s) + 8).load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn store_state(&self, first: u64, s: u32, word: u64) {
+        let off = self.meta(first, s);
+        self.region.word(off + W_STATE * 8).store(word, Ordering::Release);
+        self.region.flush(off, META_SIZE);
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(EngineError::OutOfRange { offset, len, size: self.size }),
+        }
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(EngineError::ShuttingDown);
+        }
+        Ok(())
+    }
+
+    /// Distinct shards of a block range, ascending.
+    pub(crate) fn shards_of(&self, b0: u64, b1: u64) -> Vec<usize> {
+        let mut v: Vec<usize> = Vec::new();
+        let mut c = b0 >> self.chunk_shift;
+        while c <= b1 >> self.chunk_shift {
+            v.push((mix(c) & self.shard_mask) as usize);
+            c += 1;
+        }
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    pub(crate) fn lock_all(&self, ids: &[usize]) -> Vec<MutexGuard<'_, ShardIndex>> {
+        ids.iter().map(|&i| self.shards[i].ix.lock()).collect()
+    }
+
+    fn guard_pos(ids: &[usize], shard: usize) -> usize {
+        ids.iter().position(|&i| i == shard).expect("shard locked")
+    }
+
+    // ----- block locks ---------------------------------------------------
+
+    /// Take the writer lock of every block in `[b0, b1]`, waiting as needed.
+    fn lock_writers(&self, b0: u64, b1: u64) {
+        for sh in self.shards_of(b0, b1) {
+            let shard = &self.shards[sh];
+            let mut ix = shard.ix.lock();
+            loop {
+                let busy = (b0..=b1).any(|b| self.shard_of(b) == sh && ix.lock_state(b).writer);
+                if !busy {
+                    break;
+                }
+                shard.cv.wait_for(&mut ix, Duration::from_millis(10));
+            }
+            for b in (b0..=b1).filter(|&b| self.shard_of(b) == sh) {
+                ix.update_lock(b, |l| l.writer = true);
+            }
+        }
+    }
+
+    fn unlock_writers(&self, b0: u64, b1: u64) {
+        for sh in self.shards_of(b0, b1) {
+            let mut ix = self.shards[sh].ix.lock();
+            for b in (b0..=b1).filter(|&b| self.shard_of(b) == sh) {
+                ix.update_lock(b, |l| l.writer = false);
+            }
+            drop(ix);
+            self.shards[sh].cv.notify_all();
+        }
+    }
+
+    /// Take the origin-writer lock of every block (no origin reader or other
+    /// origin writer), all at once so that no two requests can deadlock.
+    pub(crate) fn lock_origin_writers(&self, b0: u64, b1: u64) {
+        let ids = self.shards_of(b0, b1);
+        loop {
+            let mut g = self.lock_all(&ids);
+            let blocked = (b0..=b1).find(|&b| {
+                let l = g[Self::guard_pos(&ids, self.shard_of(b))].lock_state(b);
+                l.origin_writer || l.origin_readers > 0
+            });
+            match blocked {
+                None => {
+                    for b in b0..=b1 {
+                        g[Self::guard_pos(&ids, self.shard_of(b))].update_lock(b, |l| l.origin_writer = true);
+                    }
+                    return;
+                }
+                Some(b) => {
+                    let pos = Self::guard_pos(&ids, self.shard_of(b));
+                    let mut mine = g.swap_remove(pos);
+                    drop(g);
+                    self.shards[self.shard_of(b)].cv.wait_for(&mut mine, Duration::from_millis(5));
+                }
+            }
+        }
+    }
+
+    pub(crate) fn unlock_origin_writers(&self, blocks: impl Iterator<Item = u64>) {
+        for b in blocks {
+            let sh = self.shard_of(b);
+            self.shards[sh].ix.lock().update_lock(b, |l| l.origin_writer = false);
+            self.shards[sh].cv.notify_all();
+        }
+    }
+
+    // ----- slot allocation and reclaim ------------------------------------
+
+    /// Prepare a reclaim batch: every retiring slot (FREE already stored) plus
+    /// up to `victims` clean LRU slots, which get their FREE store now.
+    /// Returns the slots to flush and, per slot, whether it may be freed.
+    fn prepare_reclaim(&self, ix: &mut ShardIndex, victims: usize) -> Vec<(u32, u64, bool)> {
+        let first = ix.first_slot;
+        let durable = self.seq.durable();
+        let mut out: Vec<(u32, u64, bool)> = Vec::with_capacity(ix.retiring.len() + victims);
+        for &(s, seq) in &ix.retiring {
+            out.push((s, seq, ix.pins(s) == 0));
+        }
+        ix.retiring.clear();
+        if victims > 0 {
+            let keys: Vec<u32> = {
+                let ixr: &ShardIndex = ix;
+                ixr.policy.victims(victims, &mut |s| {
+                    let k = ixr.key(s);
+                    k & K_VALID != 0
+                        && k & (K_DIRTY | K_WB) == 0
+                        && ixr.pins(s) == 0
+                        && self.slot_seq(first, s) <= durable
+                })
+            };
+            for s in keys {
+                let seq = self.slot_seq(first, s);
+                ix.remove(s);
+                self.store_state(first, s, STATE_FREE);
+                out.push((s, seq, true));
+                Counters::add(&self.counters.evictions, 1);
+            }
+        }
+        out
+    }
+
+    /// Flush a prepared batch's metadata lines (before a fence).
+    fn flush_reclaim(&self, first: u64, batch: &[(u32, u64, bool)]) {
+        for &(s, _, _) in batch {
+            self.region.flush(self.meta(first, s), META_SIZE);
+        }
+    }
+
+    /// After a fence: free what the batch made durable.
+    fn complete_reclaim(&self, ix: &mut ShardIndex, batch: Vec<(u32, u64, bool)>) {
+        let durable = self.seq.durable();
+        for (s, seq, may_free) in batch {
+            if may_free && seq <= durable {
+                ix.push_free(s);
+            } else {
+                ix.retiring.push((s, seq));
+            }
+        }
+        ix.reclaiming = false;
+    }
+
+    /// Reclaim with a fence of our own. `ix` is re-locked on return.
+    /// False when nothing could be reclaimed or another reclaim runs.
+    fn reclaim_now(&self, shard: usize, ix: &mut MutexGuard<'_, ShardIndex>, victims: usize) -> bool {
+        if ix.reclaiming {
+            return false;
+        }
+        let batch = self.prepare_reclaim(ix, victims);
+        if batch.is_empty() {
+            return false;
+        }
+        ix.reclaiming = true;
+        let first = ix.first_slot;
+        MutexGuard::unlocked(ix, || {
+            self.flush_reclaim(first, &batch);
+            // Include S so slots of recent transactions become reusable too.
+            let staged = self.seq.stage_watermark(&*self.region);
+            self.region.fence();
+            self.seq.end_staged(staged);
+        });
+        self.complete_reclaim(ix, batch);
+        self.shards[shard].cv.notify_all();
+        true
+    }
+
+    /// Take `need` free slots from a shard, reclaiming or waiting for
+    /// writeback as needed. With `wait == false`, gives up instead of waiting.
+    fn alloc(&self, shard: usize, need: usize, wait: bool) -> Result<Option<Vec<u32>>> {
+        let sh = &self.shards[shard];
+        let mut ix = sh.ix.lock();
+        let mut waited = false;
+        loop {
+            if ix.free_len as usize >= need {
+                let v = (0..need).map(|_| ix.pop_free().expect("free count")).collect();
+                return Ok(Some(v));
+            }
+            let want = need - ix.free_len as usize + low_water(ix.nslots(), 0) as usize;
+            if self.reclaim_now(shard, &mut ix, want) {
+                continue;
+            }
+            if !wait {
+                return Ok(None);
+            }
+            self.check_open()?;
+            if !waited {
+                Counters::add(&self.counters.waits_for_space, 1);
+                waited = true;
+            }
+            self.kick_writeback();
+            sh.cv.wait_for(&mut ix, Duration::from_millis(10));
+        }
+    }
+
+    fn release_slots(&self, blocks: &[NewBlock]) {
+        for nb in blocks {
+            let mut ix = self.shards[nb.shard].ix.lock();
+            ix.unpin(nb.slot);
+            ix.push_free(nb.slot);
+        }
+    }
+
+    // ----- reads ----------------------------------------------------------
+
+    /// Read `[offset, offset + len)` and hand the bytes to `sink` as slices
+    /// that point into the cache where possible.
+    pub fn read_with(
+        &self,
+        offset: u64,
+        len: u64,
+        sink: &mut dyn FnMut(&[IoSlice<'_>]) -> io::Result<()>,
+    ) -> Result<()> {
+        self.check_open()?;
+        self.check_range(offset, len)?;
+        if len > self.cfg.max_request as u64 {
+            return Err(EngineError::TooLarge { len, max: self.cfg.max_request as u64 });
+        }
+        if len == 0 {
+            return sink(&[]).map_err(EngineError::Transfer);
+        }
+        let bs = self.bs();
+        let (b0, b1) = (offset / bs, (offset + len - 1) / bs);
+        let ids = self.shards_of(b0, b1);
+        let nblocks = (b1 - b0 + 1) as usize;
+
+        // Look every block up under all shard locks at once, so the request
+        // sees each concurrent write either wholly or not at all.
+        let mut locs: Vec<Loc> = Vec::with_capacity(nblocks);
+        loop {
+            let mut g = self.lock_all(&ids);
+            locs.clear();
+            let mut blocked = None;
+            for b in b0..=b1 {
+                let sh = self.shard_of(b);
+                let ix = &mut g[Self::guard_pos(&ids, sh)];
+                match ix.lookup(b) {
+                    Some(s) if ix.pin(s) => {
+                        ix.policy.touch(s);
+                        locs.push(Loc::Hit { shard: sh, slot: s, zero: ix.key(s) & K_ZERO != 0 })
+                    }
+                    Some(_) => {
+                        blocked = Some(sh);
+                        break;
+                    }
+                    None if ix.lock_state(b).origin_writer => {
+                        blocked = Some(sh);
+                        break;
+                    }
+                    None => locs.push(Loc::Miss),
+                }
+            }
+            match blocked {
+                None => {
+                    for (i, b) in (b0..=b1).enumerate() {
+                        if matches!(locs[i], Loc::Miss) {
+                            g[Self::guard_pos(&ids, self.shard_of(b))].update_lock(b, |l| l.origin_readers += 1);
+                        }
+                    }
+                    break;
+                }
+                Some(sh) => {
+                    for (i, l) in locs.iter().enumerate() {
+                        if let Loc::Hit { shard, slot, .. } = *l {
+                            g[Self::guard_pos(&ids, shard)].unpin(slot);
+                            let _ = i;
+                        }
+                    }
+                    let pos = Self::guard_pos(&ids, sh);
+                    let mut mine = g.swap_remove(pos);
+                    drop(g);
+                    self.shards[sh].cv.wait_for(&mut mine, Duration::from_millis(5));
+                }
+            }
+        }
+
+        let hits = locs.iter().filter(|l| matches!(l, Loc::Hit { .. })).count() as u64;
+        Counters::add(&self.counters.read_hits, hits);
+        Counters::add(&self.counters.read_misses, nblocks as u64 - hits);
+        Counters::add(&self.counters.read_bytes, len);
+
+        let misses = self.fetch_misses(b0, &locs);
+        let result = match misses {
+            Err(e) => Err(e),
+            Ok((filled, bounce)) => {
+                let r = self.emit(offset, len, b0, &locs, &filled, &bounce, sink);
+                for nb in &filled {
+                    let mut ix = self.shards[nb.shard].ix.lock();
+                    ix.unpin(nb.slot);
+                }
+                r
+            }
+        };
+        for l in &locs {
+            if let Loc::Hit { shard, slot, .. } = *l {
+                self.shards[shard].ix.lock().unpin(slot);
+            }
+        }
+        result
+    }
+
+    /// Build the slices of a read and call the sink.
+    #[allow(clippy::too_many_arguments)]
+    fn emit(
+        &self,
+        offset: u64,
+        len: u64,
+        b0: u64,
+        locs: &[Loc],
+        filled: &[NewBlock],
+        bounce: &[(u64, Vec<u8>)],
+        sink: &mut dyn FnMut(&[IoSlice<'_>]) -> io::Result<()>,
+    ) -> Result<()> {
+        let bs = self.bs();
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(locs.len());
+        let (mut fi, mut bi) = (0, 0);
+        for (i, loc) in locs.iter().enumerate() {
+            let b = b0 + i as u64;
+            let lo = if i == 0 { offset - b * bs } else { 0 } as usize;
+            let hi = if b == (offset + len - 1) / bs { offset + len - b * bs } else { bs } as usize;
+            let slot = match *loc {
+                Loc::Hit { zero: true, .. } => None,
+                Loc::Hit { shard, slot, .. } => Some((shard, slot)),
+                Loc::Miss => {
+                    if fi < filled.len() && filled[fi].block == b {
+                        fi += 1;
+                        Some((filled[fi - 1].shard, filled[fi - 1].slot))
+                    } else {
+                        bi += 1;
+                        slices.push(IoSlice::new(&bounce[bi - 1].1[lo..hi]));
+                        continue;
+                    }
+                }
+            };
+            match slot {
+                None => slices.push(IoSlice::new(&self.zeros[lo..hi])),
+                Some((shard, s)) => {
+                    let first = self.firsts[shard];
+                    let off = self.data(first, s) + lo;
+                    // SAFETY: the slot is pinned, and pinned slots are never
+                    // handed to writers (copy-on-write), so nobody writes it
+                    // while this slice lives.
+                    slices.push(IoSlice::new(unsafe { self.region.slice(off, hi - lo) }));
+                }
+            }
+        }
+        sink(&slices).map_err(EngineError::Transfer)
+    }
+
+    /// Fetch the missed blocks from the origin: into new cache slots where
+    /// the mode promotes and there is room, else into bounce buffers.
+    /// Releases the origin-reader locks taken by the lookup.
+    fn fetch_misses(&self, b0: u64, locs: &[Loc]) -> Result<(Vec<NewBlock>, Vec<(u64, Vec<u8>)>)> {
+        let bs = self.bs() as usize;
+        let missing: Vec<u64> =
+            locs.iter().enumerate().filter(|(_, l)| matches!(l, Loc::Miss)).map(|(i, _)| b0 + i as u64).collect();
+        if missing.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let promote = self.cfg.promote_reads && self.mode() != CacheMode::Passthrough;
+        let mut filled: Vec<NewBlock> = Vec::new();
+        let mut bounce: Vec<(u64, Vec<u8>)> = Vec::new();
+        if promote {
+            for sh in self.shards_of(missing[0], *missing.last().unwrap()) {
+                let mine: Vec<u64> = missing.iter().copied().filter(|&b| self.shard_of(b) == sh).collect();
+                if mine.is_empty() {
+                    continue;
+                }
+                match self.alloc(sh, mine.len(), false) {
+                    Ok(Some(slots)) => {
+                        let mut ix = self.shards[sh].ix.lock();
+                        for (&b, &s) in mine.iter().zip(&slots) {
+                            ix.pin(s);
+                            filled.push(NewBlock { block: b, shard: sh, slot: s, zero: false, lo: 0, hi: bs as u32 });
+                        }
+                    }
+                    _ => bounce.extend(mine.iter().map(|&b| (b, vec![0u8; bs]))),
+                }
+            }
+            filled.sort_by_key(|n| n.block);
+            bounce.sort_by_key(|b| b.0);
+        } else {
+            bounce.extend(missing.iter().map(|&b| (b, vec![0u8; bs])));
+        }
+
+        // Origin → slots (or bounce), one vectored request per contiguous run.
+        let mut targets: Vec<(u64, IoSliceMut<'_>)> = Vec::with_capacity(missing.len());
+        let firsts: Vec<u64> = filled.iter().map(|nb| self.firsts[nb.shard]).collect();
+        for (nb, &first) in filled.iter().zip(&firsts) {
+            // SAFETY: the slot was just taken from the free list and is not
+            // published, so this request is its only user.
+            let buf = unsafe { self.region.slice_mut(self.data(first, nb.slot), bs) };
+            targets.push((nb.block, IoSliceMut::new(buf)));
+        }
+        for (b, v) in bounce.iter_mut() {
+            targets.push((*b, IoSliceMut::new(v)));
+        }
+        targets.sort_by_key(|t| t.0);
+        let mut res = Ok(());
+        let mut i = 0;
+        while i < targets.len() && res.is_ok() {
+            let mut j = i + 1;
+            while j < targets.len() && targets[j].0 == targets[j - 1].0 + 1 {
+                j += 1;
+            }
+            let start = targets[i].0;
+            let end = (start + (j - i) as u64) * bs as u64;
+            // The last block may extend past the origin's end: zero the tail.
+            let keep_last = bs - end.saturating_sub(self.size) as usize;
+            let n = j - i;
+            let mut run: Vec<IoSliceMut<'_>> = targets[i..j]
+                .iter_mut()
+                .enumerate()
+                .map(|(k, t)| {
+                    let sl: &mut [u8] = &mut t.1;
+                    if k + 1 == n && keep_last < bs {
+                        sl[keep_last..].fill(0);
+                        IoSliceMut::new(&mut sl[..keep_last])
+                    } else {
+                        IoSliceMut::new(sl)
+                    }
+                })
+                .collect();
+            res = self.origin.read_vectored_at(&mut run, start * bs as u64);
+            if let Err(e) = &res {
+                Counters::add(&self.counters.origin_errors, 1);
+                tracing::warn!(offset = start * bs as u64, error = %e, "origin read failed");
+            }
+            i = j;
+        }
+        drop(targets);
+        for &b in &missing {
+            let sh = self.shard_of(b);
+            self.shards[sh].ix.lock().update_lock(b, |l| l.origin_readers -= 1);
+            self.shards[sh].cv.notify_all();
+        }
+        if let Err(source) = res {
+            self.release_slots(&filled);
+            return Err(EngineError::Origin { offset: missing[0] * bs as u64, source });
+        }
+        if !filled.is_empty() {
+            self.commit_fill(&mut filled, &firsts);
+        }
+        Ok((filled, bounce))
+    }
+
+    /// Publish freshly read blocks as clean cache entries. A block that a
+    /// writer took meanwhile is not published: the writer's version is newer.
+    fn commit_fill(&self, filled: &mut [NewBlock], firsts: &[u64]) {
+        let ids: Vec<usize> = {
+            let mut v: Vec<usize> = filled.iter().map(|n| n.shard).collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        let mut keep = vec![false; filled.len()];
+        {
+            let mut g = self.lock_all(&ids);
+            for (i, nb) in filled.iter().enumerate() {
+                let ix = &mut g[Self::guard_pos(&ids, nb.shard)];
+                if ix.lookup(nb.block).is_none() && !ix.lock_state(nb.block).writer {
+                    ix.update_lock(nb.block, |l| l.writer = true);
+                    keep[i] = true;
+                }
+            }
+        }
+        let count = keep.iter().filter(|&&k| k).count() as u32;
+        if count > 0 {
+            let t = self.seq.begin();
+            for (i, nb) in filled.iter().enumerate() {
+                if keep[i] {
+                    let data_off = self.data(firsts[i], nb.slot);
+                    // SAFETY: unpublished slot owned by this request; read only.
+                    let hash = data_hash(unsafe { self.region.slice(data_off, self.bs() as usize) });
+                    self.region.flush(data_off, self.bs() as usize);
+                    let e = Entry { block: nb.block, seq: t.seq, hash, count, flags: 0 };
+                    self.write_entry(firsts[i], nb.slot, &e, STATE_CLEAN);
+                }
+            }
+            let staged = self.seq.stage_watermark(&*self.region);
+            self.region.fence();
+            self.seq.end(t, staged);
+        }
+        let mut g = self.lock_all(&ids);
+        for (i, nb) in filled.iter().enumerate() {
+            let ix = &mut g[Self::guard_pos(&ids, nb.shard)];
+            if keep[i] {
+                ix.insert(nb.slot, nb.block, 0);
+                ix.policy.insert(nb.slot);
+                ix.update_lock(nb.block, |l| l.writer = false);
+                Counters::add(&self.counters.promotions, 1);
+            } else {
+                // Never got an entry: still durably FREE. The reader keeps
+                // its pin until it has sent the data.
+                ix.retiring.push((nb.slot, 0));
+            }
+        }
+        drop(g);
+        for &sh in &ids {
+            self.shards[sh].cv.notify_all();
+        }
+    }
+
+    /// Read into a caller buffer (a convenience over [`read_with`]).
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let mut pos = 0;
+        self.read_with(offset, buf.len() as u64, &mut |slices| {
+            for s in slices {
+                buf[pos..pos + s.len()].copy_from_slice(s);
+                pos += s.len();
+            }
+            Ok(())
+        })
+    }
+
+    pub(crate) fn write_entry(&self, first: u64, s: u32, e: &Entry, code: u8) {
+        let off = self.meta(first, s);
+        for (i, w) in e.encode().iter().enumerate() {
+            self.region.word(off + i * 8).store(*w, Ordering::Relaxed);
+        }
+        self.region.word(off + W_STATE * 8).store(state_word(e.seq, code), Ordering::Release);
+        self.region.flush(off, META_SIZE);
+    }
+
+    // ----- writes ---------------------------------------------------------
+
+    /// Write `data` at `offset`; durable on return.
+    pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        self.write_src(offset, data.len() as u64, fua, Src::Buf(data))
+    }
+
+    /// Write `[offset, offset + len)`, letting `source` fill the cache slots
+    /// directly (e.g. `recv` from a socket). If `source` fails, nothing is
+    /// written.
+    pub fn write_with(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        source: &mut dyn FnMut(&mut [IoSliceMut<'_>]) -> io::Result<()>,
+    ) -> Result<()> {
+        self.write_src(offset, len, fua, Src::Fill(source))
+    }
+
+    /// Zero `[offset, offset + len)`. Ranges above the maximum request size
+    /// are split; each piece is atomic.
+    pub fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.check_range(offset, len)?;
+        let max = self.cfg.max_request as u64;
+        let mut done = 0;
+        while done < len {
+            let n = max.min(len - done);
+            self.write_src(offset + done, n, fua, Src::Zero)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Discard: the range reads as zeroes afterwards (so nothing older can
+    /// ever reappear), and the origin is zeroed on writeback.
+    pub fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.write_zeroes(offset, len, fua)
+    }
+
+    /// Make acknowledged writes durable where the mode requires: in
+    /// writeback mode they already are (in the cache).
+    pub fn flush(&self) -> Result<()> {
+        self.check_open()?;
+        if self.mode() == CacheMode::Writeback {
+            return Ok(());
+        }
+        self.origin.flush().map_err(|source| {
+            Counters::add(&self.counters.origin_errors, 1);
+            EngineError::Origin { offset: 0, source }
+        })
+    }
+
+    fn write_src(&self, offset: u64, len: u64, fua: bool, src: Src<'_>) -> Result<()> {
+        self.check_open()?;
+        self.check_range(offset, len)?;
+        if len > self.cfg.max_request as u64 {
+            return Err(EngineError::TooLarge { len, max: self.cfg.max_request as u64 });
+        }
+        if let Src::Buf(b) = &src {
+            debug_assert_eq!(b.len() as u64, len);
+        }
+        if len == 0 {
+            if let Src::Fill(f) = src {
+                f(&mut []).map_err(EngineError::Transfer)?;
+            }
+            return Ok(());
+        }
+        let bs = self.bs();
+        let (b0, b1) = (offset / bs, (offset + len - 1) / bs);
+        self.lock_writers(b0, b1);
+        let r = match self.mode() {
+            CacheMode::Writeback => self.cache_write(offset, len, src, b0, b1).map(|nbs| {
+                self.unpin_all(&nbs);
+            }),
+            CacheMode::Writethrough => {
+                self.cache_write(offset, len, src, b0, b1).and_then(|nbs| self.write_through(&nbs, fua))
+            }
+            CacheMode::Writearound | CacheMode::Passthrough => self.origin_write(offset, len, src, fua, b0, b1),
+        };
+        self.unlock_writers(b0, b1);
+        if r.is_ok() {
+            Counters::add(&self.counters.writes, 1);
+            Counters::add(&self.counters.write_bytes, len);
+        }
+        r
+    }
+
+    fn unpin_all(&self, nbs: &[NewBlock]) {
+        for nb in nbs {
+            self.shards[nb.shard].ix.lock().unpin(nb.slot);
+        }
+    }
+
+    /// The copy-on-write transaction. Returns the new blocks, published and
+    /// still pinned. The caller holds the writer locks of `[b0, b1]`.
+    fn cache_write(&self, offset: u64, len: u64, mut src: Src<'_>, b0: u64, b1: u64) -> Result<Vec<NewBlock>> {
+        let bs = self.bs();
+        let end = offset + len;
+        let zero_src = matches!(src, Src::Zero);
+        // 1. Slots, shard by shard in ascending order.
+        let mut nbs: Vec<NewBlock> = (b0..=b1)
+            .map(|b| {
+                let lo = offset.max(b * bs) - b * bs;
+                let hi = end.min((b + 1) * bs) - b * bs;
+                let full = lo == 0 && hi == bs;
+                NewBlock {
+                    block: b,
+                    shard: self.shard_of(b),
+                    slot: 0,
+                    zero: zero_src && full,
+                    lo: lo as u32,
+                    hi: hi as u32,
+                }
+            })
+            .collect();
+        let ids = self.shards_of(b0, b1);
+        let mut got: Vec<NewBlock> = Vec::new();
+        for &sh in &ids {
+            let need = nbs.iter().filter(|n| n.shard == sh).count();
+            let slots = match self.alloc(sh, need, true) {
+                Ok(s) => s.expect("waiting alloc returns slots"),
+                Err(e) => {
+                    self.release_slots(&got);
+                    return Err(e);
+                }
+            };
+            let mut ix = self.shards[sh].ix.lock();
+            for (nb, s) in nbs.iter_mut().filter(|n| n.shard == sh).zip(slots) {
+                nb.slot = s;
+                ix.pin(s);
+                got.push(*nb);
+            }
+        }
+        let firsts: Vec<u64> = ids.iter().map(|&i| self.firsts[i]).collect();
+        let first_of = |sh: usize| firsts[Self::guard_pos(&ids, sh)];
+
+        // 2. Old content for partially covered blocks.
+        for nb in nbs.iter().filter(|n| !n.zero && (n.lo != 0 || n.hi as u64 != bs)) {
+            if let Err(e) = self.fill_old(nb, first_of(nb.shard)) {
+                self.release_slots(&nbs);
+                return Err(e);
+            }
+        }
+
+        // 3. New content, straight into the slots.
+        let mut hashes: Vec<Option<u64>> = vec![None; nbs.len()];
+        match &mut src {
+            Src::Zero => {
+                for nb in nbs.iter().filter(|n| !n.zero) {
+                    let off = self.data(first_of(nb.shard), nb.slot);
+                    // SAFETY: unpublished slot owned by this request.
+                    unsafe { self.region.zero_flush(off + nb.lo as usize, (nb.hi - nb.lo) as usize) };
+                }
+            }
+            Src::Buf(buf) => {
+                let mut pos = 0usize;
+                for (i, nb) in nbs.iter().enumerate() {
+                    let n = (nb.hi - nb.lo) as usize;
+                    let part = &buf[pos..pos + n];
+                    let off = self.data(first_of(nb.shard), nb.slot);
+                    // SAFETY: unpublished slot owned by this request.
+                    unsafe { self.region.copy_flush(off + nb.lo as usize, part) };
+                    if n as u64 == bs {
+                        hashes[i] = Some(data_hash(part));
+                    }
+                    pos += n;
+                }
+            }
+            Src::Fill(f) => {
+                let mut slices: Vec<IoSliceMut<'_>> = nbs
+                    .iter()
+                    .map(|nb| {
+                        let off = self.data(first_of(nb.shard), nb.slot) + nb.lo as usize;
+                        // SAFETY: unpublished slot owned by this request; the
+                        // slices are disjoint (one per slot).
+                        IoSliceMut::new(unsafe { self.region.slice_mut(off, (nb.hi - nb.lo) as usize) })
+                    })
+                    .collect();
+                if let Err(e) = f(&mut slices) {
+                    drop(slices);
+                    self.release_slots(&nbs);
+                    return Err(EngineError::Transfer(e));
+                }
+                drop(slices);
+                for nb in &nbs {
+                    let off = self.data(first_of(nb.shard), nb.slot);
+                    self.region.flush(off + nb.lo as usize, (nb.hi - nb.lo) as usize);
+                }
+            }
+        }
+
+        // 4. Entries, then the one fence that commits the whole request.
+        let t = self.seq.begin();
+        let count = nbs.len() as u32;
+        for (i, nb) in nbs.iter().enumerate() {
+            let first = first_of(nb.shard);
+            let hash = if nb.zero {
+                0
+            } else {
+                hashes[i].unwrap_or_else(|| {
+                    // SAFETY: unpublished slot owned by this request; read only.
+                    data_hash(unsafe { self.region.slice(self.data(first, nb.slot), bs as usize) })
+                })
+            };
+            let e = Entry {
+                block: nb.block,
+                seq: t.seq,
+                hash,
+                count,
+                flags: if nb.zero { FLAG_ZERO } else { 0 },
+            };
+            self.write_entry(first, nb.slot, &e, STATE_DIRTY);
+        }
+        // Piggyback reclaim of retired slots on this fence where a shard runs low.
+        let mut batches: Vec<(usize, Vec<(u32, u64, bool)>)> = Vec::new();
+        for &sh in &ids {
+            let mut ix = self.shards[sh].ix.lock();
+            if !ix.reclaiming && ix.free_len < low_water(ix.nslots(), count) {
+                let want = low_water(ix.nslots(), count) as usize - ix.free_len as usize;
+                let b = self.prepare_reclaim(&mut ix, want);
+                if !b.is_empty() {
+                    ix.reclaiming = true;
+                    let first = ix.first_slot;
+                    drop(ix);
+                    self.flush_reclaim(first, &b);
+                    batches.push((sh, b));
+                }
+            }
+        }
+        let staged = self.seq.stage_watermark(&*self.region);
+        self.region.fence();
+        self.seq.end(t, staged);
+        Counters::add(&self.counters.write_fences, 1);
+
+        // 5. Publish all blocks at once; retire the versions they replace.
+        let mut g = self.lock_all(&ids);
+        for nb in &nbs {
+            let pos = Self::guard_pos(&ids, nb.shard);
+            let ix = &mut g[pos];
+            let first = firsts[pos];
+            if let Some(old) = ix.lookup(nb.block) {
+                let old_seq = self.slot_seq(first, old);
+                ix.remove(old);
+                self.store_state(first, old, STATE_FREE);
+                ix.retiring.push((old, old_seq));
+                Counters::add(&self.counters.write_hits, 1);
+            } else {
+                Counters::add(&self.counters.write_misses, 1);
+            }
+            ix.insert(nb.slot, nb.block, K_DIRTY | if nb.zero { K_ZERO } else { 0 });
+        }
+        for (sh, b) in batches {
+            let pos = Self::guard_pos(&ids, sh);
+            self.complete_reclaim(&mut g[pos], b);
+        }
+        drop(g);
+        for &sh in &ids {
+            self.shards[sh].cv.notify_all();
+        }
+        self.kick_writeback();
+        Ok(nbs)
+    }
+
+    /// Bring the old content of a partially written block into its new slot.
+    fn fill_old(&self, nb: &NewBlock, first: u64) -> Result<()> {
+        let bs = self.bs() as usize;
+        let dst_off = self.data(first, nb.slot);
+        let sh = &self.shards[nb.shard];
+        let old = {
+            let mut ix = sh.ix.lock();
+            loop {
+                match ix.lookup(nb.block) {
+                    Some(s) if ix.pin(s) => break Some((s, ix.key(s) & K_ZERO != 0)),
+                    Some(_) => {
+                        sh.cv.wait_for(&mut ix, Duration::from_millis(1));
+                    }
+                    None if ix.lock_state(nb.block).origin_writer => {
+                        sh.cv.wait_for(&mut ix, Duration::from_millis(5));
+                    }
+                    None => {
+                        ix.update_lock(nb.block, |l| l.origin_readers += 1);
+                        break None;
+                    }
+                }
+            }
+        };
+        match old {
+            Some((s, zero)) => {
+                if zero {
+                    // SAFETY: unpublished slot owned by this request.
+                    unsafe { self.region.zero_flush(dst_off, bs) };
+                } else {
+                    // SAFETY: source is pinned (never written while pinned);
+                    // destination is unpublished and ours; they are distinct.
+                    unsafe {
+                        let src = self.region.slice(self.data(first, s), bs);
+                        self.region.copy_flush(dst_off, src);
+                    }
+                }
+                sh.ix.lock().unpin(s);
+                Ok(())
+            }
+            None => {
+                // SAFETY: unpublished slot owned by this request.
+                let buf = unsafe { self.region.slice_mut(dst_off, bs) };
+                let start = nb.block * bs as u64;
+                let avail = (self.size - start).min(bs as u64) as usize;
+                buf[avail..].fill(0);
+                let r = self.origin.read_at(&mut buf[..avail], start);
+                self.region.flush(dst_off, bs);
+                sh.ix.lock().update_lock(nb.block, |l| l.origin_readers -= 1);
+                sh.cv.notify_all();
+                r.map_err(|source| {
+                    Counters::add(&self.counters.origin_errors, 1);
+                    EngineError::Origin { offset: start, source }
+                })
+            }
+        }
+    }
+
+    /// Writethrough: after the cache commit, write the blocks to the origin
+    /// and mark them clean. The writer locks are held, so no newer version
+    /// can race this one to the origin.
+    fn write_through(&self, nbs: &[NewBlock], fua: bool) -> Result<()> {
+        let (b0, b1) = (nbs[0].block, nbs[nbs.len() - 1].block);
+        self.lock_origin_writers(b0, b1);
+        let r = self.write_blocks_to_origin(nbs).and_then(|()| {
+            if fua {
+                self.origin.flush().map_err(|source| {
+                    Counters::add(&self.counters.origin_errors, 1);
+                    EngineError::Origin { offset: b0 * self.bs(), source }
+                })
+            } else {
+                Ok(())
+            }
+        });
+        if r.is_ok() {
+            // Clean once the origin has it durably; without FUA the next
+            // origin flush (writeback pass or FLUSH) does that.
+            if fua {
+                self.mark_clean(nbs);
+            } else {
+                self.kick_writeback();
+            }
+        }
+        self.unlock_origin_writers(b0..=b1);
+        self.unpin_all(nbs);
+        r
+    }
+
+    /// Write pinned slots to the origin (no flush).
+    pub(crate) fn write_blocks_to_origin(&self, nbs: &[NewBlock]) -> Result<()> {
+        let bs = self.bs();
+        for nb in nbs {
+            let first = self.firsts[nb.shard];
+            let off = nb.block * bs;
+            let n = (self.size - off).min(bs);
+            let r = if nb.zero {
+                self.origin.write_zeroes(off, n, false)
+            } else {
+                // SAFETY: the slot is pinned, so it is not rewritten meanwhile.
+                let data = unsafe { self.region.slice(self.data(first, nb.slot), n as usize) };
+                self.origin.write_at(data, off, false)
+            };
+            if let Err(source) = r {
+                Counters::add(&self.counters.origin_errors, 1);
+                return Err(EngineError::Origin { offset: off, source });
+            }
+        }
+        Ok(())
+    }
+
+    /// Mark published slots clean after their origin copy is durable.
+    pub(crate) fn mark_clean(&self, nbs: &[NewBlock]) {
+        for nb in nbs {
+            let mut ix = self.shards[nb.shard].ix.lock();
+            let k = ix.key(nb.slot);
+            // Only the current version: a superseded slot already has FREE.
+            if k & K_VALID != 0 && k & K_DIRTY != 0 {
+                let first = ix.first_slot;
+                let seq = self.slot_seq(first, nb.slot);
+                self.store_state(first, nb.slot, state_word(seq, STATE_CLEAN));
+                ix.mark_clean(nb.slot);
+                Counters::add(&self.counters.writebacks, 1);
+                Counters::add(&self.counters.writeback_bytes, self.bs());
+            }
+        }
+    }
+
+    /// Writearound / passthrough: drop cached copies durably, then write the
+    /// origin. Blocks with dirty data take the writethrough path instead, so
+    /// the bytes of the block outside the request are not lost.
+    fn origin_write(&self, offset: u64, len: u64, src: Src<'_>, fua: bool, b0: u64, b1: u64) -> Result<()> {
+        let ids = self.shards_of(b0, b1);
+        let any_dirty = {
+            let g = self.lock_all(&ids);
+            (b0..=b1).any(|b| {
+                let ix = &g[Self::guard_pos(&ids, self.shard_of(b))];
+                ix.lookup(b).is_some_and(|s| ix.key(s) & K_DIRTY != 0)
+            })
+        };
+        if any_dirty {
+            let nbs = self.cache_write(offset, len, src, b0, b1)?;
+            return self.write_through(&nbs, fua);
+        }
+        // The payload has to exist before the origin sees any of it; it is
+        // not cached, so it goes through one buffer here.
+        let mut buf = vec![0u8; len as usize];
+        match src {
+            Src::Buf(b) => buf.copy_from_slice(b),
+            Src::Fill(f) => f(&mut [IoSliceMut::new(&mut buf)]).map_err(EngineError::Transfer)?,
+            Src::Zero => {}
+        }
+        self.invalidate(b0, b1)?;
+        self.lock_origin_writers(b0, b1);
+        let r = if buf.iter().all(|&x| x == 0) && len >= self.bs() {
+            self.origin.write_zeroes(offset, len, fua)
+        } else {
+            self.origin.write_at(&buf, offset, fua)
+        };
+        self.unlock_origin_writers(b0..=b1);
+        r.map_err(|source| {
+            Counters::add(&self.counters.origin_errors, 1);
+            EngineError::Origin { offset, source }
+        })
+    }
+
+    /// Durably drop the cached copies of `[b0, b1]` (all clean).
+    fn invalidate(&self, b0: u64, b1: u64) -> Result<()> {
+        let ids = self.shards_of(b0, b1);
+        let mut any = false;
+        {
+            let mut g = self.lock_all(&ids);
+            for b in b0..=b1 {
+                let pos = Self::guard_pos(&ids, self.shard_of(b));
+                let ix = &mut g[pos];
+                if let Some(s) = ix.lookup(b) {
+                    let first = ix.first_slot;
+                    let seq = self.slot_seq(first, s);
+                    ix.remove(s);
+                    self.store_state(first, s, STATE_FREE);
+                    ix.retiring.push((s, seq));
+                    any = true;
+                }
+            }
+        }
+        if any {
+            for &sh in &ids {
+                self.make_retiring_durable(sh)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Make every FREE store of a shard's retiring slots durable now.
+    pub(crate) fn make_retiring_durable(&self, sh: usize) -> Result<()> {
+        let shard = &self.shards[sh];
+        let mut ix = shard.ix.lock();
+        loop {
+            if !ix.reclaiming {
+                if ix.retiring.is_empty() || self.reclaim_now(sh, &mut ix, 0) {
+                    return Ok(());
+                }
+            }
+            self.check_open()?;
+            shard.cv.wait_for(&mut ix, Duration::from_millis(1));
+        }
+    }
+
+    /// Prefetch a range into the cache (NBD_CMD_CACHE).
+    pub fn prefetch(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)?;
+        let max = self.cfg.max_request as u64;
+        let mut done = 0;
+        while done < len {
+            let n = max.min(len - done);
+            self.read_with(offset + done, n, &mut |_| Ok(()))?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    // ----- statistics -----------------------------------------------------
+
+    pub fn stats(&self) -> StatsSnapshot {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = &self.counters;
+        let (mut occupied, mut dirty, mut free) = (0u64, 0u64, 0u64);
+        for sh in self.shards.iter() {
+            let ix = sh.ix.lock();
+            occupied += ix.valid as u64;
+            dirty += ix.dirty as u64;
+            free += ix.free_len as u64 + ix.retiring.len() as u64;
+        }
+        StatsSnapshot {
+            mode: self.mode().to_string(),
+            pmem_mode: self.region.mode().to_string(),
+            block_size: self.layout.block_size,
+            slots: self.layout.slot_count,
+            occupied,
+            dirty,
+            clean: occupied - dirty,
+            free,
+            read_hits: c.read_hits.load(Relaxed),
+            read_misses: c.read_misses.load(Relaxed),
+            write_hits: c.write_hits.load(Relaxed),
+            write_misses: c.write_misses.load(Relaxed),
+            promotions: c.promotions.load(Relaxed),
+            evictions: c.evictions.load(Relaxed),
+            writebacks: c.writebacks.load(Relaxed),
+            writeback_bytes: c.writeback_bytes.load(Relaxed),
+            origin_errors: c.origin_errors.load(Relaxed),
+            writes: c.writes.load(Relaxed),
+            write_fences: c.write_fences.load(Relaxed),
+            read_bytes: c.read_bytes.load(Relaxed),
+            write_bytes: c.write_bytes.load(Relaxed),
+            waits_for_space: c.waits_for_space.load(Relaxed),
+            fences: self.region.fences(),
+            watermark: self.seq.durable(),
+        }
+    }
+
+    /// Number of dirty blocks now.
+    pub fn dirty_blocks(&self) -> u64 {
+        self.shards.iter().map(|s| s.ix.lock().dirty as u64).sum()
+    }
+}

@@ -1,0 +1,26 @@
+use std::io;
+
+/// Everything the engine can report. Messages name what and where.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("origin I/O failed at byte {offset}: {source}")]
+    Origin { offset: u64, source: io::Error },
+    #[error("request {offset}+{len} is beyond the end of the device ({size} bytes)")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("request of {len} bytes exceeds the maximum of {max}")]
+    TooLarge { len: u64, max: u64 },
+    #[error("not a pmcache cache: {0}")]
+    NotACache(String),
+    #[error("corrupt cache metadata: {0}")]
+    Corrupt(String),
+    #[error("cache belongs to origin '{expected}' ({expected_size} bytes), not '{found}' ({found_size} bytes); use --force to attach it anyway")]
+    OriginMismatch { expected: String, expected_size: u64, found: String, found_size: u64 },
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("payload transfer failed: {0}")]
+    Transfer(io::Error),
+    #[error("the cache is shutting down")]
+    ShuttingDown,
+}
+
+pub type Result<T> = std::result::Result<T, EngineError>;

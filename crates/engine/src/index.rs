@@ -1,0 +1,263 @@
+//! The DRAM index of one shard: origin block → slot, slot state, the free
+//! list, the replacement policy and per-block I/O locks.
+//!
+//! Memory per slot: key word 8 B + hash chain 4 B + bucket 4 B (load factor
+//! 1) + LRU links 8 B = 24 B. The free list threads through the chain array,
+//! since a free slot is in no bucket chain.
+
+use std::collections::HashMap;
+
+use crate::policy::{Lru, Policy};
+
+pub const NIL: u32 = u32::MAX;
+
+/// Key word layout: block number in the low 48 bits, flags and pins above.
+pub const BLOCK_MASK: u64 = (1 << 48) - 1;
+pub const K_VALID: u64 = 1 << 48;
+pub const K_DIRTY: u64 = 1 << 49;
+pub const K_ZERO: u64 = 1 << 50;
+/// A writeback of this slot is in flight.
+pub const K_WB: u64 = 1 << 51;
+const PIN_SHIFT: u32 = 52;
+const PIN_ONE: u64 = 1 << PIN_SHIFT;
+pub const MAX_PINS: u64 = (1 << (64 - PIN_SHIFT)) - 1;
+
+/// Per-block coordination for requests in flight (only blocks with activity
+/// have an entry, so this costs nothing per cached block).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BlockLock {
+    /// A write request owns the block (serializes writers and seq order).
+    pub writer: bool,
+    /// Requests reading this block from the origin.
+    pub origin_readers: u32,
+    /// Someone is writing this block to the origin.
+    pub origin_writer: bool,
+}
+
+impl BlockLock {
+    fn idle(&self) -> bool {
+        !self.writer && self.origin_readers == 0 && !self.origin_writer
+    }
+}
+
+pub struct ShardIndex {
+    /// Global number of local slot 0.
+    pub first_slot: u64,
+    keys: Vec<u64>,
+    chain: Vec<u32>,
+    buckets: Vec<u32>,
+    pub policy: Box<dyn Policy>,
+    free_head: u32,
+    pub free_len: u32,
+    /// Superseded slots: FREE stored and flushed, not yet known durable.
+    /// `(local slot, seq of the old incarnation)`.
+    pub retiring: Vec<(u32, u64)>,
+    /// A reclaim batch is between its FREE stores and its fence.
+    pub reclaiming: bool,
+    pub locks: HashMap<u64, BlockLock>,
+    pub dirty: u32,
+    pub valid: u32,
+    /// Writeback scan position.
+    pub wb_cursor: u32,
+}
+
+fn mix(block: u64) -> u64 {
+    let mut x = block.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    x ^= x >> 29;
+    x
+}
+
+impl ShardIndex {
+    pub fn new(first_slot: u64, nslots: u32) -> Self {
+        let n = nslots as usize;
+        ShardIndex {
+            first_slot,
+            keys: vec![0; n],
+            chain: vec![NIL; n],
+            buckets: vec![NIL; n.max(1)],
+            policy: Box::new(Lru::new(nslots)),
+            free_head: NIL,
+            free_len: 0,
+            retiring: Vec::new(),
+            reclaiming: false,
+            locks: HashMap::new(),
+            dirty: 0,
+            valid: 0,
+            wb_cursor: 0,
+        }
+    }
+
+    pub fn nslots(&self) -> u32 {
+        self.keys.len() as u32
+    }
+
+    fn bucket(&self, block: u64) -> usize {
+        ((mix(block) >> 32) * self.buckets.len() as u64 >> 32) as usize
+    }
+
+    pub fn key(&self, s: u32) -> u64 {
+        self.keys[s as usize]
+    }
+
+    pub fn set_flags(&mut self, s: u32, flags: u64) {
+        self.keys[s as usize] |= flags;
+    }
+
+    pub fn clear_flags(&mut self, s: u32, flags: u64) {
+        self.keys[s as usize] &= !flags;
+    }
+
+    pub fn lookup(&self, block: u64) -> Option<u32> {
+        let mut s = self.buckets[self.bucket(block)];
+        while s != NIL {
+            let k = self.keys[s as usize];
+            if k & K_VALID != 0 && k & BLOCK_MASK == block {
+                return Some(s);
+            }
+            s = self.chain[s as usize];
+        }
+        None
+    }
+
+    /// Publish `s` as the current slot of `block`. The caller has removed
+    /// any previous slot of the block.
+    pub fn insert(&mut self, s: u32, block: u64, flags: u64) {
+        debug_assert!(self.lookup(block).is_none());
+        let b = self.bucket(block);
+        let pins = self.keys[s as usize] & !(PIN_ONE - 1);
+        self.keys[s as usize] = block | K_VALID | flags | pins;
+        self.chain[s as usize] = self.buckets[b];
+        self.buckets[b] = s;
+        self.valid += 1;
+        if flags & K_DIRTY != 0 {
+            self.dirty += 1;
+        }
+    }
+
+    /// Unpublish `s` (it stays pinned if it was).
+    pub fn remove(&mut self, s: u32) {
+        let k = self.keys[s as usize];
+        debug_assert!(k & K_VALID != 0);
+        let b = self.bucket(k & BLOCK_MASK);
+        let next = self.chain[s as usize];
+        if self.buckets[b] == s {
+            self.buckets[b] = next;
+        } else {
+            let mut p = self.buckets[b];
+            while self.chain[p as usize] != s {
+                p = self.chain[p as usize];
+            }
+            self.chain[p as usize] = next;
+        }
+        self.chain[s as usize] = NIL;
+        if k & K_DIRTY != 0 {
+            self.dirty -= 1;
+        }
+        self.valid -= 1;
+        self.keys[s as usize] &= !(K_VALID | K_DIRTY | K_ZERO);
+        self.policy.remove(s);
+    }
+
+    pub fn mark_clean(&mut self, s: u32) {
+        if self.keys[s as usize] & K_DIRTY != 0 {
+            self.keys[s as usize] &= !K_DIRTY;
+            self.dirty -= 1;
+            self.policy.insert(s);
+        }
+    }
+
+    pub fn pins(&self, s: u32) -> u64 {
+        self.keys[s as usize] >> PIN_SHIFT
+    }
+
+    /// False when the pin counter is saturated; the caller waits and retries.
+    pub fn pin(&mut self, s: u32) -> bool {
+        if self.pins(s) == MAX_PINS {
+            return false;
+        }
+        self.keys[s as usize] += PIN_ONE;
+        true
+    }
+
+    pub fn unpin(&mut self, s: u32) {
+        debug_assert!(self.pins(s) > 0);
+        self.keys[s as usize] -= PIN_ONE;
+    }
+
+    pub fn push_free(&mut self, s: u32) {
+        debug_assert!(self.keys[s as usize] & K_VALID == 0);
+        self.chain[s as usize] = self.free_head;
+        self.free_head = s;
+        self.free_len += 1;
+    }
+
+    pub fn pop_free(&mut self) -> Option<u32> {
+        let s = self.free_head;
+        if s == NIL {
+            return None;
+        }
+        self.free_head = self.chain[s as usize];
+        self.chain[s as usize] = NIL;
+        self.free_len -= 1;
+        Some(s)
+    }
+
+    pub fn lock_state(&self, block: u64) -> BlockLock {
+        self.locks.get(&block).copied().unwrap_or_default()
+    }
+
+    pub fn update_lock(&mut self, block: u64, f: impl FnOnce(&mut BlockLock)) {
+        let e = self.locks.entry(block).or_default();
+        f(e);
+        if e.idle() {
+            self.locks.remove(&block);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_insert_lookup_remove_free() {
+        let mut ix = ShardIndex::new(0, 16);
+        for s in 0..16 {
+            ix.push_free(s);
+        }
+        let mut used = Vec::new();
+        for b in 0..10u64 {
+            let s = ix.pop_free().unwrap();
+            ix.insert(s, b * 1000, if b % 2 == 0 { K_DIRTY } else { 0 });
+            used.push((b * 1000, s));
+        }
+        assert_eq!(ix.free_len, 6);
+        assert_eq!(ix.dirty, 5);
+        for &(b, s) in &used {
+            assert_eq!(ix.lookup(b), Some(s));
+        }
+        assert_eq!(ix.lookup(1), None);
+        let (b, s) = used[4];
+        assert!(ix.pin(s));
+        ix.remove(s);
+        assert_eq!(ix.lookup(b), None);
+        assert_eq!(ix.pins(s), 1, "pins survive unpublishing");
+        ix.unpin(s);
+        assert_eq!(ix.dirty, 4);
+        for &(b, s) in used.iter().filter(|(b2, _)| *b2 != b) {
+            assert_eq!(ix.lookup(b), Some(s));
+        }
+        ix.mark_clean(used[0].1);
+        assert_eq!(ix.dirty, 3);
+        assert_eq!(ix.policy.len(), 1);
+    }
+
+    #[test]
+    fn block_locks_vanish_when_idle() {
+        let mut ix = ShardIndex::new(0, 4);
+        ix.update_lock(7, |l| l.writer = true);
+        assert!(ix.lock_state(7).writer);
+        ix.update_lock(7, |l| l.writer = false);
+        assert!(ix.locks.is_empty());
+    }
+}

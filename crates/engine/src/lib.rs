@@ -1,0 +1,24 @@
+//! The pmcache engine: a crash-consistent block cache on persistent memory.
+//!
+//! Layers: [`format`] (what is in media), [`index`] and [`policy`] (what is
+//! in DRAM), [`txn`] (sequence numbers and the durable watermark), the
+//! request paths in [`engine`], [`writeback`], and [`recovery`]. The design
+//! and the rules that keep the contract's promises are in [`format`].
+
+pub mod check;
+pub mod engine;
+pub mod error;
+pub mod export;
+pub mod format;
+pub mod index;
+pub mod policy;
+pub mod recovery;
+pub mod stats;
+pub mod txn;
+pub mod writeback;
+
+pub use engine::{Engine, EngineConfig};
+pub use error::{EngineError, Result};
+pub use export::EngineExport;
+pub use format::{CacheMode, Superblock};
+pub use stats::StatsSnapshot;

@@ -1,0 +1,341 @@
+//! Format, open (recovery) and clean shutdown.
+//!
+//! Recovery is the same after a crash and after a clean shutdown, and it is
+//! warm: every committed entry stays cached, dirty exactly when it was.
+//! It reads each slot's 64-byte line once; only entries above the durable
+//! watermark S (the few transactions in flight at the crash) are verified
+//! against their data. Then it durably frees losers and rolled-back entries
+//! *before* raising S over them, so a crash during recovery is harmless.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use pmcache_origin::Origin;
+use pmcache_pmem::PmemRegion;
+
+use crate::engine::{Engine, EngineConfig};
+use crate::error::{EngineError, Result};
+use crate::format::*;
+use crate::index::*;
+
+/// Read the 5 entry words and the state word of a slot.
+pub(crate) fn read_meta(region: &dyn PmemRegion, layout: &Layout, slot: u64) -> ([u64; 5], u64) {
+    let off = layout.meta_off(slot);
+    let mut w = [0u64; 5];
+    for (i, x) in w.iter_mut().enumerate() {
+        *x = region.word(off + i * 8).load(Ordering::Relaxed);
+    }
+    (w, region.word(off + W_STATE * 8).load(Ordering::Relaxed))
+}
+
+/// What a slot holds, judged without its data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SlotView {
+    /// State word FREE (or never written).
+    Free,
+    /// An incarnation torn by a crash (seq > S): free, but not yet marked so.
+    Torn,
+    Live { entry: Entry, dirty: bool },
+    /// State word claims a committed entry (seq ≤ S) that fails its checksum.
+    Corrupt { state_seq: u64 },
+}
+
+pub(crate) fn view_slot(region: &dyn PmemRegion, layout: &Layout, slot: u64, s: u64) -> SlotView {
+    let (w, state) = read_meta(region, layout, slot);
+    let (sseq, code) = split_state(state);
+    if code != STATE_DIRTY && code != STATE_CLEAN {
+        return SlotView::Free;
+    }
+    match Entry::decode(&w) {
+        Some(e) if e.seq & SEQ_MASK == sseq => SlotView::Live { entry: e, dirty: code == STATE_DIRTY },
+        // A torn incarnation in flight at the crash: its slot was durably
+        // FREE before reuse, so a valid-looking state word means either this
+        // incarnation's (seq > S) or corruption.
+        _ if sseq > s => SlotView::Torn,
+        _ => SlotView::Corrupt { state_seq: sseq },
+    }
+}
+
+/// Read both superblock copies; the valid one with the highest generation wins.
+pub fn read_superblock(region: &dyn PmemRegion) -> Result<(Superblock, usize)> {
+    if region.len() < META_OFF {
+        return Err(EngineError::NotACache(format!("{} bytes is too small to hold a superblock", region.len())));
+    }
+    let mut best: Option<(Superblock, usize)> = None;
+    let mut errors = Vec::new();
+    for copy in 0..2 {
+        // SAFETY: nothing writes the superblock while it is being opened.
+        let bytes = unsafe { region.slice(copy * SB_SIZE, SB_SIZE) };
+        match Superblock::decode(bytes) {
+            Ok(sb) => {
+                if best.as_ref().is_none_or(|(b, _)| sb.generation > b.generation) {
+                    best = Some((sb, copy));
+                }
+            }
+            Err(e) => errors.push(format!("superblock copy {} (offset {}): {e}", copy, copy * SB_SIZE)),
+        }
+    }
+    match best {
+        Some((sb, copy)) => {
+            if sb.layout.region_len != region.len() as u64 {
+                return Err(EngineError::Corrupt(format!(
+                    "superblock records a {}-byte cache but the file is {} bytes",
+                    sb.layout.region_len,
+                    region.len()
+                )));
+            }
+            Ok((sb, copy))
+        }
+        None if errors.iter().all(|e| e.contains("bad magic")) => {
+            Err(EngineError::NotACache("no pmcache superblock found".into()))
+        }
+        None => Err(EngineError::Corrupt(errors.join("; "))),
+    }
+}
+
+/// Write the next superblock generation into the other copy.
+pub(crate) fn write_superblock(region: &dyn PmemRegion, sb: &mut Superblock, copy: &mut usize) {
+    sb.generation += 1;
+    let target = 1 - *copy;
+    let bytes = sb.encode();
+    // SAFETY: superblock updates are serialized by the caller's lock.
+    unsafe { region.copy_flush(target * SB_SIZE, &bytes) };
+    region.fence();
+    *copy = target;
+}
+
+impl Engine {
+    /// Lay out a new cache for `origin` on `region`. Existing content is lost.
+    pub fn format(region: &dyn PmemRegion, origin: &dyn Origin, block_size: u32) -> Result<Superblock> {
+        let layout = Layout::compute(region.len() as u64, block_size).map_err(EngineError::Config)?;
+        let fp = origin.fingerprint();
+        if fp.len() > MAX_FINGERPRINT {
+            return Err(EngineError::Config(format!("origin name longer than {MAX_FINGERPRINT} bytes")));
+        }
+        let meta_len = layout.slot_count as usize * META_SIZE;
+        // SAFETY: formatting owns the whole region.
+        unsafe { region.zero_flush(META_OFF, meta_len) };
+        region.word(WATERMARK_OFF).store(encode_watermark(0), Ordering::SeqCst);
+        region.flush(WATERMARK_OFF, 8);
+        let mut sb = Superblock {
+            layout,
+            origin_size: origin.size(),
+            origin_fingerprint: fp,
+            generation: 0,
+            clean_shutdown: true,
+            mode: CacheMode::Writeback,
+            uuid: rand::random(),
+        };
+        let bytes = sb.encode();
+        // SAFETY: formatting owns the whole region.
+        unsafe { region.copy_flush(SB_SIZE, &bytes) };
+        sb.generation = 1;
+        let bytes = sb.encode();
+        // SAFETY: as above.
+        unsafe { region.copy_flush(0, &bytes) };
+        region.fence();
+        Ok(sb)
+    }
+
+    /// Open a cache: check the origin's identity, recover, and (by config)
+    /// start background writeback.
+    pub fn open(region: Arc<dyn PmemRegion>, origin: Arc<dyn Origin>, cfg: EngineConfig) -> Result<Arc<Engine>> {
+        let (mut sb, mut copy) = read_superblock(&*region)?;
+        let fp = origin.fingerprint();
+        if !cfg.force_origin && (sb.origin_size != origin.size() || sb.origin_fingerprint != fp) {
+            return Err(EngineError::OriginMismatch {
+                expected: sb.origin_fingerprint.clone(),
+                expected_size: sb.origin_size,
+                found: fp,
+                found_size: origin.size(),
+            });
+        }
+        if origin.size() != sb.origin_size {
+            // Forced onto a different-sized origin: refuse if any mapping
+            // would fall outside it.
+            tracing::warn!(recorded = sb.origin_size, actual = origin.size(), "origin size differs (forced)");
+        }
+        let layout = sb.layout;
+        let wm = region.word(WATERMARK_OFF).load(Ordering::SeqCst);
+        let s = decode_watermark(wm).ok_or_else(|| {
+            EngineError::Corrupt(format!("watermark word at offset {WATERMARK_OFF} fails its checksum ({wm:#018x})"))
+        })?;
+        let origin_blocks = origin.size().div_ceil(layout.block_size as u64);
+
+        // Pass 1: classify every slot from its metadata alone.
+        let mut trusted: Vec<(u64, Entry, bool)> = Vec::new();
+        let mut unverified: Vec<(u64, Entry, bool)> = Vec::new();
+        let mut to_free: Vec<u64> = Vec::new();
+        let mut max_seq = s;
+        for slot in 0..layout.slot_count {
+            match view_slot(&*region, &layout, slot, s) {
+                SlotView::Free => {}
+                SlotView::Torn => to_free.push(slot),
+                SlotView::Corrupt { state_seq } => {
+                    return Err(EngineError::Corrupt(format!(
+                        "slot {slot} (metadata at offset {}): committed entry (seq {state_seq}) fails its checksum",
+                        layout.meta_off(slot)
+                    )))
+                }
+                SlotView::Live { entry, dirty } => {
+                    max_seq = max_seq.max(entry.seq);
+                    if entry.block >= origin_blocks {
+                        if entry.seq > s {
+                            to_free.push(slot);
+                            continue;
+                        }
+                        return Err(EngineError::Corrupt(format!(
+                            "slot {slot}: maps block {} beyond the origin's {origin_blocks} blocks",
+                            entry.block
+                        )));
+                    }
+                    if entry.seq <= s {
+                        trusted.push((slot, entry, dirty));
+                    } else {
+                        unverified.push((slot, entry, dirty));
+                    }
+                }
+            }
+        }
+
+        // Pass 2: verify what might be torn.
+        let ok_data = |slot: u64, e: &Entry| -> bool {
+            e.is_zero() || {
+                // SAFETY: no other user of the region during recovery.
+                let data = unsafe { region.slice(layout.data_off(slot), layout.block_size as usize) };
+                data_hash(data) == e.hash
+            }
+        };
+        unverified.sort_by_key(|(_, e, _)| e.seq);
+        let mut i = 0;
+        while i < unverified.len() {
+            let mut j = i;
+            while j < unverified.len() && unverified[j].1.seq == unverified[i].1.seq {
+                j += 1;
+            }
+            let group = &unverified[i..j];
+            let whole = group.len() == group[0].1.count as usize
+                && group.iter().all(|(sl, e, _)| e.count == group[0].1.count && ok_data(*sl, e));
+            if whole {
+                trusted.extend_from_slice(group);
+            } else {
+                tracing::info!(seq = group[0].1.seq, found = group.len(), of = group[0].1.count, "rolling back incomplete write");
+                to_free.extend(group.iter().map(|(sl, _, _)| *sl));
+            }
+            i = j;
+        }
+
+        // Pass 3: newest entry per block wins.
+        let engine = Engine::build(region.clone(), origin, sb.clone(), copy, cfg, max_seq, s)?;
+        trusted.sort_by_key(|(_, e, _)| e.seq);
+        for (slot, e, dirty) in &trusted {
+            let sh = engine.shard_of(e.block);
+            let mut ix = engine.shards[sh].ix.lock();
+            let first = ix.first_slot;
+            if *slot < first || *slot >= first + ix.nslots() as u64 {
+                // The block hashes to a shard that does not own this slot
+                // (shard count changed): treat the copy as not cached.
+                if *dirty {
+                    return Err(EngineError::Corrupt(format!(
+                        "slot {slot} holds dirty block {} outside its shard; open with the shard count it was created with",
+                        e.block
+                    )));
+                }
+                to_free.push(*slot);
+                continue;
+            }
+            let local = (*slot - first) as u32;
+            if let Some(old) = ix.lookup(e.block) {
+                ix.remove(old);
+                to_free.push(first + old as u64);
+            }
+            let mut flags = if *dirty { K_DIRTY } else { 0 };
+            if e.is_zero() {
+                flags |= K_ZERO;
+            }
+            ix.insert(local, e.block, flags);
+            if !*dirty {
+                ix.policy.insert(local);
+            }
+        }
+
+        // Durably free losers and rolled-back entries, then raise S.
+        for &slot in &to_free {
+            let off = layout.meta_off(slot);
+            region.word(off + W_STATE * 8).store(STATE_FREE, Ordering::SeqCst);
+            region.flush(off, META_SIZE);
+        }
+        region.fence();
+        engine.seq.seal(&*region);
+        for sh in engine.shards.iter() {
+            let mut ix = sh.ix.lock();
+            for local in (0..ix.nslots()).rev() {
+                if ix.key(local) & K_VALID == 0 {
+                    ix.push_free(local);
+                }
+            }
+        }
+
+        sb.clean_shutdown = false;
+        sb.mode = engine.mode();
+        write_superblock(&*region, &mut sb, &mut copy);
+        *engine.sb.lock() = (sb, copy);
+        let engine = Arc::new(engine);
+        tracing::info!(
+            pmem = %engine.region.mode(),
+            mode = %engine.mode(),
+            slots = layout.slot_count,
+            cached = trusted.len() - to_free.len().min(trusted.len()),
+            dirty = engine.dirty_blocks(),
+            "cache opened"
+        );
+        if engine.cfg.background_writeback {
+            engine.start_writeback();
+        }
+        Ok(engine)
+    }
+
+    /// Switch cache mode. Modes that keep no dirty data first write every
+    /// dirty block back.
+    pub fn set_mode(&self, mode: CacheMode) -> Result<()> {
+        if !mode.keeps_dirty() {
+            self.flush_all(u32::MAX, &mut |_, _| {})?;
+        }
+        self.mode.store(mode.as_u8(), Ordering::SeqCst);
+        let mut g = self.sb.lock();
+        let (sb, copy) = &mut *g;
+        sb.mode = mode;
+        write_superblock(&*self.region, sb, copy);
+        Ok(())
+    }
+
+    /// Clean shutdown: no request may be in flight. Stops writeback, makes S
+    /// cover everything and records the clean shutdown.
+    pub fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.stop_writeback();
+        for sh in 0..self.shards.len() {
+            let mut ix = self.shards[sh].ix.lock();
+            let first = ix.first_slot;
+            for &(s, _) in &ix.retiring {
+                self.region.flush(self.layout.meta_off(first + s as u64), META_SIZE);
+            }
+            ix.retiring.clear();
+        }
+        self.region.fence();
+        self.seq.seal(&*self.region);
+        let mut g = self.sb.lock();
+        let (sb, copy) = &mut *g;
+        sb.clean_shutdown = true;
+        write_superblock(&*self.region, sb, copy);
+        tracing::info!(dirty = self.dirty_blocks(), "cache closed cleanly");
+        Ok(())
+    }
+
+    /// Whether the superblock recorded a clean shutdown when it was opened.
+    pub fn superblock(&self) -> Superblock {
+        self.sb.lock().0.clone()
+    }
+}

@@ -1,0 +1,165 @@
+//! Transaction sequence numbers and the durable watermark S.
+//!
+//! S means "every transaction with seq ≤ S is completely durable". Recovery
+//! trusts entries at or below S and verifies the few above it. S advances
+//! without fences of its own: a committing writer stores the new S into the
+//! watermark line and flushes it just before its own commit fence.
+//!
+//! To know which seqs are complete without a global lock, every transaction
+//! publishes a lower bound of its seq in a registry cell *before* taking the
+//! seq, and clears it after its fence. The smallest published bound, minus
+//! one, is then a safe S: any seq below it has finished its fence.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
+
+use pmcache_pmem::PmemRegion;
+
+use crate::format::{decode_watermark, encode_watermark, SEQ_MASK, WATERMARK_OFF};
+
+const CELLS: usize = 256;
+
+#[repr(align(64))]
+struct Cell(AtomicU64);
+
+pub struct Sequencer {
+    next: AtomicU64,
+    cells: Box<[Cell]>,
+    hint: AtomicUsize,
+    /// Highest S known to be durable in media.
+    durable: AtomicU64,
+}
+
+/// A transaction between taking its seq and its fence.
+pub struct Ticket {
+    cell: usize,
+    pub seq: u64,
+}
+
+impl Sequencer {
+    /// `last` is the highest seq found in media; S is durable at `s`.
+    pub fn new(last: u64, s: u64) -> Self {
+        Sequencer {
+            next: AtomicU64::new(last + 1),
+            cells: (0..CELLS).map(|_| Cell(AtomicU64::new(0))).collect(),
+            hint: AtomicUsize::new(0),
+            durable: AtomicU64::new(s),
+        }
+    }
+
+    pub fn durable(&self) -> u64 {
+        self.durable.load(SeqCst)
+    }
+
+    /// Highest seq handed out so far.
+    pub fn last(&self) -> u64 {
+        self.next.load(SeqCst) - 1
+    }
+
+    pub fn begin(&self) -> Ticket {
+        let start = self.hint.fetch_add(1, SeqCst);
+        let mut i = start % CELLS;
+        loop {
+            let lb = self.next.load(SeqCst);
+            if self.cells[i].0.compare_exchange(0, lb, SeqCst, SeqCst).is_ok() {
+                let seq = self.next.fetch_add(1, SeqCst);
+                assert!(seq < SEQ_MASK, "transaction sequence exhausted");
+                return Ticket { cell: i, seq };
+            }
+            i = (i + 1) % CELLS;
+            if i == start % CELLS {
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    /// The S that may be stored now: one below the oldest transaction in flight.
+    fn safe_s(&self) -> u64 {
+        let mut min = self.next.load(SeqCst);
+        for c in self.cells.iter() {
+            let v = c.0.load(SeqCst);
+            if v != 0 && v < min {
+                min = v;
+            }
+        }
+        min - 1
+    }
+
+    /// Store a larger S into the watermark word if there is one, and flush
+    /// it. Call before the fence; pass the result to [`Sequencer::end`].
+    pub fn stage_watermark(&self, region: &dyn PmemRegion) -> u64 {
+        let s = self.safe_s();
+        if s <= self.durable() {
+            return 0;
+        }
+        let word = region.word(WATERMARK_OFF);
+        let mut cur = word.load(SeqCst);
+        loop {
+            let cur_s = decode_watermark(cur).unwrap_or(0);
+            if cur_s >= s {
+                break;
+            }
+            match word.compare_exchange(cur, encode_watermark(s), SeqCst, SeqCst) {
+                Ok(_) => break,
+                Err(v) => cur = v,
+            }
+        }
+        region.flush(WATERMARK_OFF, 8);
+        s
+    }
+
+    /// After the fence: `staged` (from `stage_watermark`) is durable now.
+    pub fn end(&self, t: Ticket, staged: u64) {
+        self.durable.fetch_max(staged, SeqCst);
+        self.cells[t.cell].0.store(0, SeqCst);
+    }
+
+    /// After a fence issued without a ticket (reclaim).
+    pub fn end_staged(&self, staged: u64) {
+        self.durable.fetch_max(staged, SeqCst);
+    }
+
+    /// Abandon a ticket whose transaction wrote nothing.
+    pub fn cancel(&self, t: Ticket) {
+        self.cells[t.cell].0.store(0, SeqCst);
+    }
+
+    /// Make S durable up to everything handed out so far (no transaction may
+    /// be in flight). Used by recovery and clean shutdown.
+    pub fn seal(&self, region: &dyn PmemRegion) {
+        let s = self.last();
+        region.word(WATERMARK_OFF).store(encode_watermark(s), SeqCst);
+        region.persist(WATERMARK_OFF, 8);
+        self.durable.fetch_max(s, SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pmcache_pmem::SimRegion;
+
+    #[test]
+    fn watermark_never_passes_inflight() {
+        let r = SimRegion::new(16384);
+        let q = Sequencer::new(10, 10);
+        let a = q.begin();
+        let b = q.begin();
+        assert_eq!((a.seq, b.seq), (11, 12));
+        // b commits while a is in flight: S must stay below a.
+        let staged = q.stage_watermark(&r);
+        assert_eq!(staged, 0, "S cannot advance past the in-flight 11");
+        r.fence();
+        q.end(b, staged);
+        let staged = q.stage_watermark(&r);
+        assert_eq!(staged, 0);
+        r.fence();
+        q.end(a, staged);
+        let c = q.begin();
+        let staged = q.stage_watermark(&r);
+        assert_eq!(staged, 12);
+        r.fence();
+        q.end(c, staged);
+        assert_eq!(q.durable(), 12);
+        assert_eq!(decode_watermark(r.word(WATERMARK_OFF).load(SeqCst)), Some(12));
+    }
+}

@@ -1,0 +1,109 @@
+//! What the server serves. The engine implements [`Export`]; the server only
+//! moves bytes between the socket and the slices the export hands it, so a
+//! payload goes from the socket straight into a cache slot and a read hit
+//! goes from the mapping straight to the socket.
+
+use std::io::{self, IoSlice, IoSliceMut};
+
+/// Block-size constraints advertised with NBD_INFO_BLOCK_SIZE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockSizes {
+    pub minimum: u32,
+    pub preferred: u32,
+    pub maximum: u32,
+}
+
+/// Flags of WRITE_ZEROES.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    pub fua: bool,
+    /// NBD_CMD_FLAG_NO_HOLE: the client wants allocated zeroes.
+    pub no_hole: bool,
+    /// NBD_CMD_FLAG_FAST_ZERO: fail with [`ExportError::NotSupported`] unless zeroing is fast.
+    pub fast_zero: bool,
+}
+
+/// One base:allocation extent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub length: u32,
+    /// NBD_STATE_HOLE | NBD_STATE_ZERO bits.
+    pub flags: u32,
+}
+
+/// Errors an export reports; each maps to an NBD error code.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+    #[error("request out of range")]
+    OutOfRange,
+    #[error("not supported")]
+    NotSupported,
+    #[error("no space")]
+    NoSpace,
+    #[error("read-only export")]
+    ReadOnly,
+    /// The payload source (the client's socket) failed: nothing was written,
+    /// and the connection must end.
+    #[error("payload transfer failed: {0}")]
+    Transfer(io::Error),
+}
+
+/// A block device as the NBD server sees it. Must be safe to call from many
+/// connections and threads at once.
+pub trait Export: Send + Sync + 'static {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+
+    fn block_sizes(&self) -> BlockSizes;
+
+    fn read_only(&self) -> bool {
+        false
+    }
+
+    /// True when concurrent connections see one consistent device, so the
+    /// server may advertise CAN_MULTI_CONN.
+    fn multi_conn(&self) -> bool {
+        true
+    }
+
+    /// Read `[offset, offset + len)`. The export calls `sink` exactly once on
+    /// success, with slices that cover the range in order and stay valid for
+    /// the call; the server writes them to the socket from there.
+    /// On `Err`, `sink` was not called.
+    fn read(
+        &self,
+        offset: u64,
+        len: u32,
+        sink: &mut dyn FnMut(&[IoSlice<'_>]) -> io::Result<()>,
+    ) -> Result<(), ExportError>;
+
+    /// Write `[offset, offset + len)`. The export calls `source` exactly once
+    /// with writable slices that cover the range in order; the server fills
+    /// them from the socket. If `source` fails the export writes nothing and
+    /// returns [`ExportError::Transfer`]. Returns once the write is durable.
+    fn write(
+        &self,
+        offset: u64,
+        len: u32,
+        fua: bool,
+        source: &mut dyn FnMut(&mut [IoSliceMut<'_>]) -> io::Result<()>,
+    ) -> Result<(), ExportError>;
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<(), ExportError>;
+
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), ExportError>;
+
+    fn flush(&self) -> Result<(), ExportError>;
+
+    /// Prefetch (NBD_CMD_CACHE).
+    fn cache(&self, offset: u64, len: u64) -> Result<(), ExportError>;
+
+    /// base:allocation extents from `offset`, covering at least one byte and
+    /// at most `len`. `None` means the export does not track allocation.
+    fn block_status(&self, offset: u64, len: u64) -> Option<Result<Vec<Extent>, ExportError>> {
+        let _ = (offset, len);
+        None
+    }
+}

@@ -1,0 +1,59 @@
+//! Origins: the slow, remote, fallible storage that pmcache caches.
+//!
+//! The engine reads misses straight into cache slots and writes dirty slots
+//! straight from the mapping, so every method takes the caller's buffer.
+
+use std::io;
+
+pub mod file;
+pub mod mem;
+pub mod nbd;
+
+pub use file::FileOrigin;
+pub use mem::MemOrigin;
+pub use nbd::NbdOrigin;
+
+/// Storage behind the cache.
+///
+/// Durability follows the block-device model: a write is durable only after
+/// a later successful [`flush`](Origin::flush), or when written with `fua`.
+pub trait Origin: Send + Sync {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+
+    /// A stable identity (canonical path or URI) recorded in the superblock.
+    fn fingerprint(&self) -> String;
+
+    /// Fill `buf` from `offset`. Short reads past the end are errors.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+
+    /// Fill `bufs`, in order, from the contiguous range starting at `offset`.
+    /// Lets a miss land in several non-adjacent cache slots with one request.
+    fn read_vectored_at(&self, bufs: &mut [io::IoSliceMut<'_>], offset: u64) -> io::Result<()> {
+        let mut off = offset;
+        for b in bufs.iter_mut() {
+            self.read_at(b, off)?;
+            off += b.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Write all of `buf` at `offset`; with `fua` it is durable on return.
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()>;
+
+    /// Make `[offset, offset + len)` read as zeroes.
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> io::Result<()>;
+
+    /// Make every completed write durable.
+    fn flush(&self) -> io::Result<()>;
+}
+
+/// Open an origin from a CLI spec: `PATH`, `file:PATH`, `nbd://…` or `nbd+unix://…`.
+pub fn open(spec: &str) -> io::Result<Box<dyn Origin>> {
+    if spec.starts_with("nbd://") || spec.starts_with("nbd+unix://") {
+        Ok(Box::new(NbdOrigin::connect(spec)?))
+    } else {
+        let path = spec.strip_prefix("file:").unwrap_or(spec);
+        Ok(Box::new(FileOrigin::open(path)?))
+    }
+}
