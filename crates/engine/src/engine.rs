@@ -462,8 +462,23 @@ impl Engine {
                 Counters::add(&self.counters.waits_for_space, 1);
                 waited = true;
             }
-            self.kick_writeback();
-            sh.cv.wait_for(&mut ix, Duration::from_millis(10));
+            if self.wb.thread.lock().is_some() {
+                self.kick_writeback();
+                sh.cv.wait_for(&mut ix, Duration::from_millis(10));
+            } else {
+                // No writeback thread (tools, tests): clean a batch ourselves.
+                let r = MutexGuard::unlocked(&mut ix, || self.writeback_step(self.cfg.writeback_batch));
+                match r {
+                    Ok(0) => {
+                        sh.cv.wait_for(&mut ix, Duration::from_millis(1));
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "writeback for space failed; retrying");
+                        sh.cv.wait_for(&mut ix, Duration::from_millis(50));
+                    }
+                }
+            }
         }
     }
 

@@ -276,6 +276,11 @@ impl Engine {
             }
         }
 
+        if engine.mode() != sb.mode && !engine.mode().keeps_dirty() && engine.dirty_blocks() > 0 {
+            // Switching to a mode without dirty data: write it all back first.
+            tracing::info!(from = %sb.mode, to = %engine.mode(), dirty = engine.dirty_blocks(), "writing back before mode switch");
+            engine.flush_all(5, &mut |_, _| {})?;
+        }
         sb.clean_shutdown = false;
         sb.mode = engine.mode();
         write_superblock(&*region, &mut sb, &mut copy);

@@ -30,11 +30,13 @@ struct Variant {
     region_len: usize,
     origin_len: usize,
     ops: usize,
+    /// Crash at every `stride`-th persistence point (offset varies by seed).
+    stride: u64,
 }
 
 /// Small blocks, small cache under eviction pressure: many cheap images.
 const SMALL: Variant =
-    Variant { name: "small", block: 512, max_request: 64 << 10, region_len: 12288 + 700 * 576 + 4096, origin_len: 640 << 10, ops: 80 };
+    Variant { name: "small", block: 512, max_request: 64 << 10, region_len: 12288 + 700 * 576 + 4096, origin_len: 640 << 10, ops: 80, stride: 3 };
 /// 4 KiB blocks and writes up to 1 MiB.
 const LARGE: Variant = Variant {
     name: "large",
@@ -43,6 +45,7 @@ const LARGE: Variant = Variant {
     region_len: 12288 + 600 * 4160 + 8192,
     origin_len: 3 << 20,
     ops: 24,
+    stride: 4,
 };
 
 const ORIGIN_NAME: &str = "crash-origin";
@@ -279,7 +282,7 @@ fn run_seed(v: Variant, seed: u64) -> u64 {
         ..Default::default()
     }));
     let ctx = Ctx { v, origin: origin.clone(), model: model.clone() };
-    let ccfg = CrashConfig::new(seed).images_per_point(3).max_violations(1);
+    let ccfg = CrashConfig::new(seed).images_per_point(3).stride(v.stride).max_violations(1);
     let mut extra = 0u64;
     let mut n = 0u64;
     let report = enumerate(
@@ -314,8 +317,24 @@ fn run_variant(v: Variant, target: u64, first_seed: u64) -> (u64, u64) {
     (images, seeds)
 }
 
+/// Keep large buffers on the heap: every image allocates several
+/// region-sized buffers, and mmap/munmap for each would dominate the run.
+fn tune_malloc() {
+    extern "C" {
+        fn mallopt(param: i32, value: i32) -> i32;
+    }
+    const M_TRIM_THRESHOLD: i32 = -1;
+    const M_MMAP_THRESHOLD: i32 = -3;
+    // SAFETY: mallopt only adjusts glibc allocator thresholds.
+    unsafe {
+        mallopt(M_MMAP_THRESHOLD, 256 << 20);
+        mallopt(M_TRIM_THRESHOLD, 512 << 20);
+    }
+}
+
 #[test]
 fn crash_suite() {
+    tune_malloc();
     let target: u64 = std::env::var("PMCACHE_CRASH_IMAGES").ok().and_then(|s| s.parse().ok()).unwrap_or(20_000);
     let base_seed: u64 = std::env::var("PMCACHE_SEED")
         .ok()
