@@ -6,6 +6,7 @@
 //! since a free slot is in no bucket chain.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::policy::{Lru, Policy};
 
@@ -40,6 +41,27 @@ impl BlockLock {
     }
 }
 
+/// Block numbers are already well spread; SipHash would cost more than the
+/// lock it guards.
+#[derive(Default)]
+pub struct BlockHasher(u64);
+
+impl Hasher for BlockHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8 | b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29);
+    }
+}
+
+pub type BlockMap<V> = HashMap<u64, V, BuildHasherDefault<BlockHasher>>;
+
 pub struct ShardIndex {
     /// Global number of local slot 0.
     pub first_slot: u64,
@@ -54,7 +76,7 @@ pub struct ShardIndex {
     pub retiring: Vec<(u32, u64)>,
     /// A reclaim batch is between its FREE stores and its fence.
     pub reclaiming: bool,
-    pub locks: HashMap<u64, BlockLock>,
+    pub locks: BlockMap<BlockLock>,
     pub dirty: u32,
     pub valid: u32,
     /// Writeback scan position.
@@ -80,7 +102,7 @@ impl ShardIndex {
             free_len: 0,
             retiring: Vec::new(),
             reclaiming: false,
-            locks: HashMap::new(),
+            locks: BlockMap::default(),
             dirty: 0,
             valid: 0,
             wb_cursor: 0,
