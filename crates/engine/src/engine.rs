@@ -362,17 +362,41 @@ impl Engine {
 
     // ----- slot allocation and reclaim ------------------------------------
 
-    /// Prepare a reclaim batch: every retiring slot (FREE already stored) plus
-    /// up to `victims` clean LRU slots, which get their FREE store now.
-    /// Returns the slots to flush and, per slot, whether it may be freed.
+    /// Retire a slot that left the index. Its FREE store waits until the
+    /// watermark covers its seq, so a multi-block transaction stays whole in
+    /// media while recovery might still need to verify it (format rule 2).
+    pub(crate) fn retire(&self, ix: &mut ShardIndex, s: u32, seq: u64) {
+        let freed = seq <= self.seq.durable();
+        if freed {
+            self.store_state(ix.first_slot, s, STATE_FREE);
+        }
+        ix.retiring.push(Retired { slot: s, seq, freed });
+    }
+
+    /// Prepare a reclaim batch: the retiring slots (storing FREE where the
+    /// watermark now allows) plus up to `victims` clean LRU slots, which get
+    /// their FREE store now. Returns the slots to flush and, per slot,
+    /// whether it may be freed after the fence.
     fn prepare_reclaim(&self, ix: &mut ShardIndex, victims: usize) -> Vec<(u32, u64, bool)> {
         let first = ix.first_slot;
         let durable = self.seq.durable();
         let mut out: Vec<(u32, u64, bool)> = Vec::with_capacity(ix.retiring.len() + victims);
-        for &(s, seq) in &ix.retiring {
-            out.push((s, seq, ix.pins(s) == 0));
+        let mut keep: Vec<Retired> = Vec::new();
+        // Blocks with an older version still live in media: their newest
+        // version must not be evicted yet (format rule 3).
+        let mut blocked: Vec<u64> = Vec::new();
+        for r in std::mem::take(&mut ix.retiring) {
+            if !r.freed && r.seq > durable {
+                blocked.push(ix.key(r.slot) & BLOCK_MASK);
+                keep.push(r);
+                continue;
+            }
+            if !r.freed {
+                self.store_state(first, r.slot, STATE_FREE);
+            }
+            out.push((r.slot, r.seq, ix.pins(r.slot) == 0));
         }
-        ix.retiring.clear();
+        ix.retiring = keep;
         if victims > 0 {
             let keys: Vec<u32> = {
                 let ixr: &ShardIndex = ix;
@@ -382,6 +406,7 @@ impl Engine {
                         && k & (K_DIRTY | K_WB) == 0
                         && ixr.pins(s) == 0
                         && self.slot_seq(first, s) <= durable
+                        && !blocked.contains(&(k & BLOCK_MASK))
                 })
             };
             for s in keys {
@@ -409,7 +434,7 @@ impl Engine {
             if may_free && seq <= durable {
                 ix.push_free(s);
             } else {
-                ix.retiring.push((s, seq));
+                ix.retiring.push(Retired { slot: s, seq, freed: true });
             }
         }
         ix.reclaiming = false;
@@ -781,7 +806,7 @@ impl Engine {
             } else {
                 // Never got an entry: still durably FREE. The reader keeps
                 // its pin until it has sent the data.
-                ix.retiring.push((nb.slot, 0));
+                ix.retiring.push(Retired { slot: nb.slot, seq: 0, freed: true });
             }
         }
         drop(g);
@@ -1055,8 +1080,7 @@ impl Engine {
             if let Some(old) = ix.lookup(nb.block) {
                 let old_seq = self.slot_seq(first, old);
                 ix.remove(old);
-                self.store_state(first, old, STATE_FREE);
-                ix.retiring.push((old, old_seq));
+                self.retire(ix, old, old_seq);
                 Counters::add(&self.counters.write_hits, 1);
             } else {
                 Counters::add(&self.counters.write_misses, 1);
@@ -1252,8 +1276,7 @@ impl Engine {
                     let first = ix.first_slot;
                     let seq = self.slot_seq(first, s);
                     ix.remove(s);
-                    self.store_state(first, s, STATE_FREE);
-                    ix.retiring.push((s, seq));
+                    self.retire(ix, s, seq);
                     any = true;
                 }
             }
@@ -1266,13 +1289,27 @@ impl Engine {
         Ok(())
     }
 
-    /// Make every FREE store of a shard's retiring slots durable now.
+    /// Make every retiring slot of a shard durably FREE now (before the
+    /// origin is written behind a dropped cached copy).
     pub(crate) fn make_retiring_durable(&self, sh: usize) -> Result<()> {
         let shard = &self.shards[sh];
         let mut ix = shard.ix.lock();
         loop {
+            if ix.retiring.is_empty() {
+                return Ok(());
+            }
             if !ix.reclaiming {
-                if ix.retiring.is_empty() || self.reclaim_now(sh, &mut ix, 0) {
+                let durable = self.seq.durable();
+                if ix.retiring.iter().any(|r| !r.freed && r.seq > durable) {
+                    // Raise the watermark over the completed transactions.
+                    MutexGuard::unlocked(&mut ix, || {
+                        let staged = self.seq.stage_watermark(&*self.region);
+                        self.region.fence();
+                        self.seq.end_staged(staged);
+                    });
+                    continue;
+                }
+                if self.reclaim_now(sh, &mut ix, 0) && ix.retiring.iter().all(|r| r.freed) {
                     return Ok(());
                 }
             }

@@ -62,6 +62,15 @@ impl Hasher for BlockHasher {
 
 pub type BlockMap<V> = HashMap<u64, V, BuildHasherDefault<BlockHasher>>;
 
+/// A slot leaving the index. Its entry may stay live in media until the
+/// watermark covers its seq (format rule 2); `freed` says FREE was stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retired {
+    pub slot: u32,
+    pub seq: u64,
+    pub freed: bool,
+}
+
 pub struct ShardIndex {
     /// Global number of local slot 0.
     pub first_slot: u64,
@@ -71,9 +80,8 @@ pub struct ShardIndex {
     pub policy: Box<dyn Policy>,
     free_head: u32,
     pub free_len: u32,
-    /// Superseded slots: FREE stored and flushed, not yet known durable.
-    /// `(local slot, seq of the old incarnation)`.
-    pub retiring: Vec<(u32, u64)>,
+    /// Superseded or dropped slots on their way to the free list.
+    pub retiring: Vec<Retired>,
     /// A reclaim batch is between its FREE stores and its fence.
     pub reclaiming: bool,
     pub locks: BlockMap<BlockLock>,

@@ -324,8 +324,9 @@ impl Engine {
         for sh in 0..self.shards.len() {
             let mut ix = self.shards[sh].ix.lock();
             let first = ix.first_slot;
-            for &(s, _) in &ix.retiring {
-                self.region.flush(self.layout.meta_off(first + s as u64), META_SIZE);
+            // Unfreed ones stay live but superseded; recovery frees them.
+            for r in ix.retiring.iter().filter(|r| r.freed) {
+                self.region.flush(self.layout.meta_off(first + r.slot as u64), META_SIZE);
             }
             ix.retiring.clear();
         }

@@ -32,11 +32,14 @@ struct Variant {
     ops: usize,
     /// Crash at every `stride`-th persistence point (offset varies by seed).
     stride: u64,
+    /// Workload threads, each on its own part of the device (so the model
+    /// per thread is exact) but sharing shards, slots, reclaim and writeback.
+    threads: usize,
 }
 
 /// Small blocks, small cache under eviction pressure: many cheap images.
 const SMALL: Variant =
-    Variant { name: "small", block: 512, max_request: 64 << 10, region_len: 12288 + 700 * 576 + 4096, origin_len: 640 << 10, ops: 80, stride: 3 };
+    Variant { name: "small", block: 512, max_request: 64 << 10, region_len: 12288 + 700 * 576 + 4096, origin_len: 640 << 10, ops: 80, stride: 3, threads: 1 };
 /// 4 KiB blocks and writes up to 1 MiB.
 const LARGE: Variant = Variant {
     name: "large",
@@ -46,6 +49,18 @@ const LARGE: Variant = Variant {
     origin_len: 3 << 20,
     ops: 24,
     stride: 4,
+    threads: 1,
+};
+/// Two threads at once: cross-thread flush and fence ordering.
+const CONCURRENT: Variant = Variant {
+    name: "concurrent",
+    block: 512,
+    max_request: 64 << 10,
+    region_len: 12288 + 700 * 576 + 4096,
+    origin_len: 640 << 10,
+    ops: 50,
+    stride: 3,
+    threads: 2,
 };
 
 const ORIGIN_NAME: &str = "crash-origin";
@@ -64,8 +79,8 @@ enum Op {
 #[derive(Default)]
 struct Model {
     acked: Vec<u8>,
-    /// The request in flight: its range and its new content.
-    inflight: Option<(u64, Vec<u8>)>,
+    /// Per workload thread, the request in flight: its range and new content.
+    inflight: Vec<Option<(u64, Vec<u8>)>>,
     /// Blocks some acknowledged or in-flight write touched.
     written: Vec<bool>,
     ops: Vec<String>,
@@ -80,8 +95,8 @@ fn inspect_cfg(v: &Variant) -> EngineConfig {
     EngineConfig { promote_reads: false, ..cfg(v) }
 }
 
-fn gen_ops(v: &Variant, rng: &mut SmallRng) -> Vec<Op> {
-    let size = v.origin_len as u64;
+/// Ops within `[base, base + size)`.
+fn gen_ops(v: &Variant, rng: &mut SmallRng, base: u64, size: u64) -> Vec<Op> {
     let bs = v.block as u64;
     let len = |rng: &mut SmallRng| -> u64 {
         match rng.gen_range(0..100) {
@@ -95,6 +110,7 @@ fn gen_ops(v: &Variant, rng: &mut SmallRng) -> Vec<Op> {
             let l = len(rng).min(size);
             let off = if rng.gen_bool(0.3) { rng.gen_range(0..size / bs) * bs } else { rng.gen_range(0..=size - l) };
             let l = l.min(size - off).max(1);
+            let off = base + off;
             match rng.gen_range(0..100) {
                 0..=54 => {
                     let mut data = vec![0u8; l as usize];
@@ -122,7 +138,7 @@ fn describe(op: &Op) -> String {
     }
 }
 
-fn run_workload(engine: &Engine, ops: &[Op], model: &Mutex<Model>, bs: u64) {
+fn run_workload(engine: &Engine, ops: &[Op], model: &Mutex<Model>, bs: u64, me: usize) {
     for op in ops {
         let (range, new) = match op {
             Op::Write { off, data } => (Some(*off), Some(data.clone())),
@@ -136,7 +152,7 @@ fn run_workload(engine: &Engine, ops: &[Op], model: &Mutex<Model>, bs: u64) {
                 for b in off / bs..=(off + new.len() as u64 - 1) / bs {
                     m.written[b as usize] = true;
                 }
-                m.inflight = Some((off, new.clone()));
+                m.inflight[me] = Some((off, new.clone()));
             }
         }
         match op {
@@ -155,29 +171,34 @@ fn run_workload(engine: &Engine, ops: &[Op], model: &Mutex<Model>, bs: u64) {
             Op::Flush => engine.flush().expect("flush"),
         }
         let mut m = model.lock().unwrap();
-        if let Some((off, new)) = m.inflight.take() {
+        if let Some((off, new)) = m.inflight[me].take() {
             m.acked[off as usize..off as usize + new.len()].copy_from_slice(&new);
         }
     }
 }
 
 /// Contract promises 3–6 on a recovered engine.
-fn verify_content(engine: &Engine, acked: &[u8], inflight: &Option<(u64, Vec<u8>)>) -> Result<Vec<u8>, String> {
+fn verify_content(engine: &Engine, acked: &[u8], inflight: &[Option<(u64, Vec<u8>)>]) -> Result<Vec<u8>, String> {
     let mut got = vec![0u8; acked.len()];
     let step = engine.max_request() as usize;
     for off in (0..acked.len()).step_by(step) {
         let n = step.min(acked.len() - off);
         engine.read(off as u64, &mut got[off..off + n]).map_err(|e| format!("read after recovery: {e}"))?;
     }
-    let (lo, hi, new) = match inflight {
-        Some((off, new)) => (*off as usize, *off as usize + new.len(), Some(new)),
-        None => (0, 0, None),
-    };
-    if got[..lo] != acked[..lo] || got[hi..] != acked[hi..] {
-        let i = (0..acked.len()).find(|&i| (i < lo || i >= hi) && got[i] != acked[i]).unwrap_or(0);
-        return Err(format!("byte {i} outside the in-flight request is {} but {} was acknowledged", got[i], acked[i]));
+    // Outside the requests in flight, exactly what was acknowledged.
+    let mut ranges: Vec<(usize, usize, &Vec<u8>)> =
+        inflight.iter().flatten().map(|(off, new)| (*off as usize, *off as usize + new.len(), new)).collect();
+    ranges.sort_by_key(|r| r.0);
+    let mut pos = 0;
+    for &(lo, hi, _) in ranges.iter().chain(std::iter::once(&(acked.len(), acked.len(), &Vec::new()))) {
+        if got[pos..lo] != acked[pos..lo] {
+            let i = (pos..lo).find(|&i| got[i] != acked[i]).unwrap_or(pos);
+            return Err(format!("byte {i} outside the in-flight requests is {} but {} was acknowledged", got[i], acked[i]));
+        }
+        pos = hi;
     }
-    if let Some(new) = new {
+    // Each request in flight: all old or all new.
+    for (lo, hi, new) in ranges {
         let now = &got[lo..hi];
         if now != &acked[lo..hi] && now != &new[..] {
             let torn = (lo..hi).find(|&i| got[i] != acked[i] && got[i] != new[i - lo]);
@@ -236,6 +257,19 @@ fn check_image(ctx: &Ctx, img: &CrashImage, deep: bool, nested: bool, images: &m
         }
     }
 
+    // Where a wrong byte's block stood in the crash image, for the report.
+    let pre_dump = check::dump(&region).map_err(|e| e.to_string())?;
+    let oimg_copy = oimg.clone();
+    let bsz = ctx.v.block as usize;
+    let explain = move |msg: String| -> String {
+        let Some(byte) = msg.strip_prefix("byte ").and_then(|r| r.split(' ').next()).and_then(|b| b.parse::<usize>().ok())
+        else {
+            return msg;
+        };
+        let block = (byte / bsz) as u64;
+        let maps: Vec<_> = pre_dump.mappings.iter().filter(|m| m.block == block).collect();
+        format!("{msg} [block {block}: crash-image mappings {maps:?}, watermark {}, origin byte {}]", pre_dump.watermark, oimg_copy[byte])
+    };
     let region = Arc::new(region);
     let origin = Arc::new(MemOrigin::from_bytes(oimg).with_name(ORIGIN_NAME));
     let engine = Engine::open(region.clone() as Arc<dyn PmemRegion>, origin.clone(), inspect_cfg(&ctx.v))
@@ -245,7 +279,7 @@ fn check_image(ctx: &Ctx, img: &CrashImage, deep: bool, nested: bool, images: &m
     if let Some(m) = dump.mappings.iter().find(|m| m.dirty && !written[m.block as usize]) {
         return Err(ctx_msg(format!("block {} is dirty but no write touched it", m.block)));
     }
-    let got = verify_content(&engine, acked, inflight).map_err(ctx_msg)?;
+    let got = verify_content(&engine, acked, inflight).map_err(|e| ctx_msg(explain(e)))?;
     if deep {
         // No dirty data lost: write everything back and compare the origin.
         engine.flush_all(0, &mut |_, _| {}).map_err(|e| ctx_msg(format!("flush_all: {e}")))?;
@@ -262,7 +296,7 @@ fn check_image(ctx: &Ctx, img: &CrashImage, deep: bool, nested: bool, images: &m
         if e2.stats().occupied != cached {
             return Err(ctx_msg(format!("restart was not warm: {} cached before, {} after", cached, e2.stats().occupied)));
         }
-        verify_content(&e2, &got, &None).map_err(ctx_msg)?;
+        verify_content(&e2, &got, &[]).map_err(ctx_msg)?;
     }
     Ok(())
 }
@@ -270,7 +304,8 @@ fn check_image(ctx: &Ctx, img: &CrashImage, deep: bool, nested: bool, images: &m
 /// One seed of one variant; returns images checked.
 fn run_seed(v: Variant, seed: u64) -> u64 {
     let mut rng = SmallRng::seed_from_u64(seed);
-    let ops = gen_ops(&v, &mut rng);
+    let part = (v.origin_len / v.threads) as u64 / v.block as u64 * v.block as u64;
+    let ops: Vec<Vec<Op>> = (0..v.threads).map(|t| gen_ops(&v, &mut rng, t as u64 * part, part)).collect();
     let origin = Arc::new(MemOrigin::new(v.origin_len as u64).with_name(ORIGIN_NAME));
     // Format outside the enumeration: crashes inside `format` are not a promise.
     let base = SimRegion::new(v.region_len);
@@ -279,6 +314,7 @@ fn run_seed(v: Variant, seed: u64) -> u64 {
     let model = Arc::new(Mutex::new(Model {
         acked: vec![0; v.origin_len],
         written: vec![false; v.origin_len.div_ceil(v.block as usize)],
+        inflight: vec![None; v.threads],
         ..Default::default()
     }));
     let ctx = Ctx { v, origin: origin.clone(), model: model.clone() };
@@ -290,7 +326,12 @@ fn run_seed(v: Variant, seed: u64) -> u64 {
         SimRegion::from_image(&formatted),
         |r| {
             let e = Engine::open(r.clone() as Arc<dyn PmemRegion>, origin.clone() as Arc<dyn Origin>, cfg(&v)).expect("open");
-            run_workload(&e, &ops, &model, v.block as u64);
+            std::thread::scope(|sc| {
+                for (t, ops) in ops.iter().enumerate() {
+                    let (e, model) = (&e, &model);
+                    sc.spawn(move || run_workload(e, ops, model, v.block as u64, t));
+                }
+            });
         },
         |img| {
             n += 1;
@@ -342,14 +383,16 @@ fn crash_suite() {
         .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs());
     eprintln!("crash suite: base seed {base_seed} (replay with PMCACHE_SEED={base_seed})");
     let t = Instant::now();
-    let small_target = target * 4 / 5;
-    let large_target = target - small_target;
+    let small_target = target * 3 / 5;
+    let conc_target = target / 5;
+    let large_target = target - small_target - conc_target;
     let large = std::thread::spawn(move || run_variant(LARGE, large_target, base_seed));
     let (small_images, small_seeds) = run_variant(SMALL, small_target, base_seed);
+    let (conc_images, conc_seeds) = run_variant(CONCURRENT, conc_target, base_seed);
     let (large_images, large_seeds) = large.join().expect("large variant");
-    let total = small_images + large_images;
+    let total = small_images + large_images + conc_images;
     eprintln!(
-        "small: {small_images} images over {small_seeds} seeds; large: {large_images} images over {large_seeds} seeds; {:.1}s",
+        "small: {small_images} images/{small_seeds} seeds; concurrent: {conc_images}/{conc_seeds}; large: {large_images}/{large_seeds}; {:.1}s",
         t.elapsed().as_secs_f64()
     );
     println!("crash images: {total}, violations: 0");
