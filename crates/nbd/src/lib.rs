@@ -1,0 +1,20 @@
+//! The NBD protocol for pmcache: wire format ([`proto`]), a server for an
+//! [`Export`] ([`server`]), a synchronous client ([`client`]), and an
+//! in-memory export for tests ([`mem`]).
+//!
+//! Data is never copied on its way through the server: WRITE payloads are
+//! read from the socket straight into slices the export provides, and READ
+//! replies are written from the slices the export hands out.
+
+pub mod client;
+pub mod export;
+pub mod mem;
+pub mod net;
+pub mod proto;
+pub mod server;
+
+pub use client::{Client, ClientOptions, Endpoint, NbdUri, ServerError};
+pub use export::{BlockSizes, Export, ExportError, Extent, ZeroFlags};
+pub use mem::{MemExport, MemStats};
+pub use net::Stream;
+pub use server::{Server, ServerConfig, ShutdownHandle, DEFAULT_TCP_ADDR};

@@ -1,0 +1,230 @@
+//! Socket plumbing shared by the server and the client: one stream type
+//! over TCP and Unix sockets, exact vectored reads and writes that loop on
+//! partial I/O, and `poll` for "readable or woken up".
+//!
+//! Both `&TcpStream` and `&UnixStream` implement `Read` and `Write`, so one
+//! stream can be read by one thread while others write replies to it (under
+//! the caller's send lock) without cloning the descriptor.
+
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+/// A connected NBD socket.
+#[derive(Debug)]
+pub enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Self::Tcp(s) => (&*s).read(buf),
+            Self::Unix(s) => (&*s).read(buf),
+        }
+    }
+
+    pub fn read_vectored(&self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+        match self {
+            Self::Tcp(s) => (&*s).read_vectored(bufs),
+            Self::Unix(s) => (&*s).read_vectored(bufs),
+        }
+    }
+
+    pub fn write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Self::Tcp(s) => (&*s).write_vectored(bufs),
+            Self::Unix(s) => (&*s).write_vectored(bufs),
+        }
+    }
+
+    /// Shut down one or both directions. Errors (e.g. already closed) are
+    /// ignored: this is only ever used to end a connection.
+    pub fn shutdown(&self, how: Shutdown) {
+        let _ = match self {
+            Self::Tcp(s) => s.shutdown(how),
+            Self::Unix(s) => s.shutdown(how),
+        };
+    }
+
+    pub fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Self::Tcp(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+            Self::Unix(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+        }
+    }
+
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.set_write_timeout(t),
+            Self::Unix(s) => s.set_write_timeout(t),
+        }
+    }
+
+    pub fn set_nonblocking(&self, nb: bool) -> io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.set_nonblocking(nb),
+            Self::Unix(s) => s.set_nonblocking(nb),
+        }
+    }
+
+    /// A printable peer address for logs.
+    pub fn peer(&self) -> String {
+        match self {
+            Self::Tcp(s) => s
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "tcp:?".into()),
+            Self::Unix(_) => "unix".into(),
+        }
+    }
+
+    /// Read exactly `buf.len()` bytes. EOF before that is `UnexpectedEof`.
+    pub fn read_exact(&self, buf: &mut [u8]) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.read(&mut buf[done..]) {
+                Ok(0) => return Err(eof(done, buf.len())),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Fill every slice completely, in order, with `readv` (straight from
+    /// the socket into the caller's memory; no intermediate buffer).
+    pub fn read_exact_vectored(&self, mut bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let mut done = 0;
+        IoSliceMut::advance_slices(&mut bufs, 0);
+        while !bufs.is_empty() {
+            match self.read_vectored(bufs) {
+                Ok(0) => return Err(eof(done, total)),
+                Ok(n) => {
+                    done += n;
+                    IoSliceMut::advance_slices(&mut bufs, n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Write every slice completely, in order, with `writev`.
+    pub fn write_all_vectored(&self, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+        IoSlice::advance_slices(&mut bufs, 0);
+        while !bufs.is_empty() {
+            match self.write_vectored(bufs) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn write_all(&self, buf: &[u8]) -> io::Result<()> {
+        self.write_all_vectored(&mut [IoSlice::new(buf)])
+    }
+
+    /// Read and drop `n` bytes (the payload of a rejected request), through
+    /// a small scratch buffer: nothing of it is kept or written anywhere.
+    pub fn discard(&self, mut n: u64) -> io::Result<()> {
+        let mut scratch = [0u8; 16 * 1024];
+        while n > 0 {
+            let want = n.min(scratch.len() as u64) as usize;
+            match self.read(&mut scratch[..want]) {
+                Ok(0) => return Err(eof(0, 1)),
+                Ok(got) => n -= got as u64,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl AsRawFd for Stream {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Self::Tcp(s) => s.as_raw_fd(),
+            Self::Unix(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+fn eof(done: usize, want: usize) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        format!("connection closed after {done} of {want} bytes"),
+    )
+}
+
+/// What [`poll_readable`] saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// `fd` has data (or EOF, or an error to report on read).
+    Ready,
+    /// The wake descriptor fired: the server is shutting down.
+    Woken,
+    TimedOut,
+}
+
+/// Wait until `fd` is readable or `wake` is. Used so that threads blocked
+/// waiting for the next request (or connection) notice a shutdown, while
+/// a request already being read is read to its end.
+pub fn poll_readable(
+    fd: RawFd,
+    wake: Option<RawFd>,
+    timeout: Option<Duration>,
+) -> io::Result<Readiness> {
+    let mut fds = [
+        libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: wake.unwrap_or(-1),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    let ms: libc::c_int = match timeout {
+        None => -1,
+        Some(t) => t.as_millis().min(i32::MAX as u128) as libc::c_int,
+    };
+    loop {
+        // SAFETY: `fds` is a valid, initialised array of two pollfd structs
+        // that lives across the call, and the length passed matches it. A
+        // negative fd is ignored by poll(2).
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            return Ok(Readiness::TimedOut);
+        }
+        if fds[1].revents != 0 {
+            return Ok(Readiness::Woken);
+        }
+        return Ok(Readiness::Ready);
+    }
+}

@@ -1,0 +1,1210 @@
+//! The NBD server: fixed newstyle handshake, then the transmission phase
+//! with many requests in flight per connection, answered out of order.
+//!
+//! # Threads
+//! * One accept loop per listener (`serve_tcp` / `serve_unix`).
+//! * One reader thread per connection. It parses every request. A WRITE is
+//!   executed inline: only the reader may consume the socket, and the
+//!   payload goes from the socket straight into the slices the export hands
+//!   to the `source` closure (`readv`, no intermediate buffer).
+//! * A small shared worker pool runs everything else (READ, FLUSH, TRIM,
+//!   WRITE_ZEROES, CACHE, BLOCK_STATUS), so a slow origin read does not stall
+//!   the connection's other requests.
+//!
+//! Replies are written under a per-connection send lock. A READ reply is one
+//! `writev` of the reply header and the slices the export passes to `sink`,
+//! i.e. straight from the export's memory (the cache mapping) to the socket.
+//!
+//! # Bad input
+//! A protocol violation ends that one connection; a bad request gets an
+//! error reply and nothing is executed for it. Nothing here panics on
+//! client input, and a connection never touches another one's state.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Write};
+use std::net::{Shutdown, TcpListener, ToSocketAddrs};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+use tracing::{debug, info, warn};
+
+use crate::export::{BlockSizes, Export, ExportError, ZeroFlags};
+use crate::net::{poll_readable, Readiness, Stream};
+use crate::proto::{self, *};
+
+/// Default TCP listen address (the IANA NBD port on loopback).
+pub const DEFAULT_TCP_ADDR: &str = "127.0.0.1:10809";
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The one export's name. Clients may also ask for "" (the default
+    /// export) and get this one.
+    pub export_name: String,
+    /// Refuse writes even if the export accepts them.
+    pub read_only: bool,
+    /// Sent with NBD_INFO_DESCRIPTION and NBD_OPT_LIST.
+    pub description: Option<String>,
+    /// Threads of the shared worker pool.
+    pub workers: usize,
+    /// Requests one connection may have queued or executing before its
+    /// reader stops reading more (back-pressure).
+    pub max_in_flight: usize,
+    /// Bound on a single socket read or write once a message has started
+    /// (and on handing a reply to a client that does not read). Idle waits
+    /// between requests are not bounded.
+    pub io_timeout: Option<Duration>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            export_name: String::new(),
+            read_only: false,
+            description: None,
+            workers: 8,
+            max_in_flight: 64,
+            io_timeout: Some(Duration::from_secs(60)),
+        }
+    }
+}
+
+/// Stops a running [`Server`]: accept loops return, connections finish the
+/// requests they have read, send the replies and close.
+#[derive(Clone, Debug)]
+pub struct ShutdownHandle {
+    state: Arc<ShutdownState>,
+}
+
+#[derive(Debug)]
+struct ShutdownState {
+    flag: AtomicBool,
+    /// Written once on shutdown and never drained: every thread polling the
+    /// other end sees it readable, level-triggered, forever after.
+    wake_tx: UnixStream,
+    wake_rx: UnixStream,
+}
+
+impl ShutdownHandle {
+    pub fn shutdown(&self) {
+        if !self.state.flag.swap(true, Ordering::SeqCst) {
+            // One byte, never read: see `ShutdownState::wake_tx`.
+            let _ = (&self.state.wake_tx).write(&[1]);
+        }
+    }
+
+    pub fn is_shutdown(&self) -> bool {
+        self.state.flag.load(Ordering::SeqCst)
+    }
+
+    fn wake_fd(&self) -> RawFd {
+        self.state.wake_rx.as_raw_fd()
+    }
+}
+
+/// An NBD server for one export.
+#[derive(Clone)]
+pub struct Server {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    export: Arc<dyn Export>,
+    config: ServerConfig,
+    size: u64,
+    sizes: BlockSizes,
+    read_only: bool,
+    block_status: bool,
+    multi_conn: bool,
+    shutdown: ShutdownHandle,
+    pool: Pool,
+    active: AtomicUsize,
+    next_conn_id: AtomicU64,
+}
+
+impl Server {
+    /// A server for `export`. Fails if the export's block sizes break the
+    /// protocol's rules (clients would reject them).
+    pub fn new(export: Arc<dyn Export>, config: ServerConfig) -> io::Result<Self> {
+        let sizes = export.block_sizes();
+        proto::validate_block_sizes(&sizes).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("export block sizes {sizes:?}: {e}"),
+            )
+        })?;
+        if config.export_name.len() > MAX_STRING_LEN {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "export name longer than 4096 bytes",
+            ));
+        }
+        let size = export.size();
+        // Probe once whether the export tracks allocation; only then is the
+        // base:allocation context offered.
+        let block_status = size > 0 && export.block_status(0, size.min(512)).is_some();
+        let read_only = config.read_only || export.read_only();
+        let multi_conn = export.multi_conn();
+        let (wake_tx, wake_rx) = UnixStream::pair()?;
+        let pool = Pool::new(config.workers.max(1))?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                export,
+                size,
+                sizes,
+                read_only,
+                block_status,
+                multi_conn,
+                shutdown: ShutdownHandle {
+                    state: Arc::new(ShutdownState {
+                        flag: AtomicBool::new(false),
+                        wake_tx,
+                        wake_rx,
+                    }),
+                },
+                pool,
+                active: AtomicUsize::new(0),
+                next_conn_id: AtomicU64::new(1),
+                config,
+            }),
+        })
+    }
+
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.shared.shutdown.clone()
+    }
+
+    /// Connections currently open (handshaking or transmitting).
+    pub fn active_connections(&self) -> usize {
+        self.shared.active.load(Ordering::SeqCst)
+    }
+
+    /// Bind `addr` and serve until shut down.
+    pub fn listen_tcp(&self, addr: impl ToSocketAddrs) -> io::Result<()> {
+        self.serve_tcp(TcpListener::bind(addr)?)
+    }
+
+    /// Bind a Unix socket at `path` (replacing a stale socket file) and
+    /// serve until shut down; the socket file is removed afterwards.
+    pub fn listen_unix(&self, path: impl AsRef<Path>) -> io::Result<()> {
+        let path = path.as_ref();
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            use std::os::unix::fs::FileTypeExt;
+            if meta.file_type().is_socket() && UnixStream::connect(path).is_err() {
+                std::fs::remove_file(path)?;
+            }
+        }
+        let listener = UnixListener::bind(path)?;
+        let r = self.serve_unix(listener);
+        let _ = std::fs::remove_file(path);
+        r
+    }
+
+    /// Serve connections from `listener` until shut down; returns once every
+    /// connection accepted here has finished.
+    pub fn serve_tcp(&self, listener: TcpListener) -> io::Result<()> {
+        listener.set_nonblocking(true)?;
+        let fd = listener.as_raw_fd();
+        self.accept_loop(fd, || {
+            let (s, _) = listener.accept()?;
+            let _ = s.set_nodelay(true);
+            Ok(Stream::Tcp(s))
+        })
+    }
+
+    /// As [`serve_tcp`](Self::serve_tcp), for a Unix socket.
+    pub fn serve_unix(&self, listener: UnixListener) -> io::Result<()> {
+        listener.set_nonblocking(true)?;
+        let fd = listener.as_raw_fd();
+        self.accept_loop(fd, || Ok(Stream::Unix(listener.accept()?.0)))
+    }
+
+    /// Serve one already-connected stream on the calling thread (handshake
+    /// and transmission). Returns when the connection ends.
+    pub fn serve_stream(&self, stream: Stream) {
+        let _ = stream.set_nonblocking(false);
+        self.shared.active.fetch_add(1, Ordering::SeqCst);
+        let id = self.shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
+        // A panic (in the export, say) ends this connection only.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            connection(&self.shared, stream, id)
+        }));
+        if r.is_err() {
+            warn!("nbd[{id}]: connection handler panicked; connection closed");
+        }
+        self.shared.active.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    fn accept_loop(
+        &self,
+        listen_fd: RawFd,
+        accept: impl Fn() -> io::Result<Stream>,
+    ) -> io::Result<()> {
+        let sd = &self.shared.shutdown;
+        let mut conns: Vec<JoinHandle<()>> = Vec::new();
+        let result = loop {
+            if sd.is_shutdown() {
+                break Ok(());
+            }
+            match poll_readable(listen_fd, Some(sd.wake_fd()), None) {
+                Ok(Readiness::Woken) => break Ok(()),
+                Ok(_) => {}
+                Err(e) => break Err(e),
+            }
+            match accept() {
+                Ok(stream) => {
+                    let server = self.clone();
+                    match thread::Builder::new()
+                        .name("nbd-conn".into())
+                        .spawn(move || server.serve_stream(stream))
+                    {
+                        Ok(h) => conns.push(h),
+                        Err(e) => warn!("nbd: cannot spawn connection thread: {e}"),
+                    }
+                }
+                Err(e) => match e.kind() {
+                    io::ErrorKind::WouldBlock
+                    | io::ErrorKind::Interrupted
+                    | io::ErrorKind::ConnectionAborted => {}
+                    _ => {
+                        // EMFILE and friends: back off instead of spinning;
+                        // existing connections keep being served.
+                        warn!("nbd: accept failed: {e}");
+                        thread::sleep(Duration::from_millis(100));
+                    }
+                },
+            }
+            conns.retain(|h| !h.is_finished());
+        };
+        for h in conns {
+            let _ = h.join();
+        }
+        result
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Worker pool
+// ---------------------------------------------------------------------------
+
+type Job = Box<dyn FnOnce() + Send>;
+
+struct PoolQueue {
+    jobs: Mutex<(VecDeque<Job>, bool)>,
+    cv: Condvar,
+}
+
+/// Fixed set of threads running queued jobs; stops when dropped.
+struct Pool {
+    queue: Arc<PoolQueue>,
+}
+
+impl Pool {
+    fn new(n: usize) -> io::Result<Self> {
+        let queue = Arc::new(PoolQueue {
+            jobs: Mutex::new((VecDeque::new(), false)),
+            cv: Condvar::new(),
+        });
+        for _ in 0..n {
+            let q = queue.clone();
+            thread::Builder::new()
+                .name("nbd-worker".into())
+                .spawn(move || loop {
+                    let job = {
+                        let mut g = q.jobs.lock();
+                        loop {
+                            if let Some(j) = g.0.pop_front() {
+                                break j;
+                            }
+                            if g.1 {
+                                return;
+                            }
+                            q.cv.wait(&mut g);
+                        }
+                    };
+                    // A panicking export must not take a worker with it;
+                    // the job's own guard ends the affected connection.
+                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                        warn!("nbd: a request handler panicked");
+                    }
+                })?;
+        }
+        Ok(Self { queue })
+    }
+
+    fn submit(&self, job: Job) {
+        self.queue.jobs.lock().0.push_back(job);
+        self.queue.cv.notify_one();
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.queue.jobs.lock().1 = true;
+        self.queue.cv.notify_all();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Handshake
+// ---------------------------------------------------------------------------
+
+/// What option haggling settled.
+struct Negotiated {
+    structured: bool,
+    /// Context id of base:allocation when the client selected it.
+    meta_context: Option<u32>,
+}
+
+/// Context id we hand out for base:allocation.
+const BASE_ALLOCATION_ID: u32 = 1;
+
+/// A reason to end the connection (logged, never sent).
+#[derive(Debug)]
+struct Hangup(String);
+
+impl From<io::Error> for Hangup {
+    fn from(e: io::Error) -> Self {
+        Hangup(e.to_string())
+    }
+}
+
+fn connection(shared: &Arc<Shared>, stream: Stream, id: u64) {
+    let peer = stream.peer();
+    if let Err(e) = stream.set_timeouts(shared.config.io_timeout) {
+        warn!("nbd[{id}] {peer}: cannot set socket timeouts: {e}");
+    }
+    let stream = Arc::new(stream);
+    match handshake(shared, &stream) {
+        Ok(Some(neg)) => {
+            debug!(
+                "nbd[{id}] {peer}: transmission (structured replies: {})",
+                neg.structured
+            );
+            transmission(shared, stream.clone(), neg, id);
+        }
+        Ok(None) => debug!("nbd[{id}] {peer}: ended during handshake"),
+        Err(Hangup(why)) => info!("nbd[{id}] {peer}: handshake failed: {why}"),
+    }
+    stream.shutdown(Shutdown::Both);
+}
+
+fn transmission_flags(shared: &Shared, structured: bool) -> u16 {
+    let mut f = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_CACHE;
+    if shared.read_only {
+        f |= FLAG_READ_ONLY;
+    } else {
+        f |= FLAG_SEND_FUA | FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES | FLAG_SEND_FAST_ZERO;
+    }
+    if shared.multi_conn {
+        f |= FLAG_CAN_MULTI_CONN;
+    }
+    if structured {
+        // Every read is answered with one data chunk, so DF costs nothing.
+        f |= FLAG_SEND_DF;
+    }
+    f
+}
+
+fn name_matches(shared: &Shared, name: &str) -> bool {
+    name.is_empty() || name == shared.config.export_name
+}
+
+fn send_opt(stream: &Stream, option: u32, reply: u32, data: &[u8]) -> io::Result<()> {
+    stream.write_all(&encode_option_reply(option, reply, data))
+}
+
+/// Option haggling. `Ok(None)`: the client aborted or the server is
+/// shutting down; `Err`: a protocol violation, the connection ends.
+fn handshake(shared: &Shared, stream: &Stream) -> Result<Option<Negotiated>, Hangup> {
+    let wake = Some(shared.shutdown.wake_fd());
+    stream.write_all(&encode_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))?;
+    if poll_readable(stream.as_raw_fd(), wake, None)? == Readiness::Woken {
+        return Ok(None);
+    }
+    let mut b4 = [0u8; 4];
+    stream.read_exact(&mut b4)?;
+    let cflags = parse_client_flags(&b4).map_err(|e| Hangup(format!("client flags: {e}")))?;
+    let fixed = cflags & FLAG_C_FIXED_NEWSTYLE != 0;
+    let no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
+    let mut structured = false;
+    let mut meta_context = None;
+
+    loop {
+        if poll_readable(stream.as_raw_fd(), wake, None)? == Readiness::Woken {
+            return Ok(None);
+        }
+        let mut hb = [0u8; OPTION_HEADER_LEN];
+        stream.read_exact(&mut hb)?;
+        let hdr = OptionHeader::parse(&hb).map_err(|e| Hangup(format!("option header: {e}")))?;
+        let opt = hdr.option;
+        if !fixed && opt != OPT_EXPORT_NAME {
+            return Err(Hangup(format!(
+                "option {opt} without fixed newstyle negotiation"
+            )));
+        }
+        if hdr.length > MAX_OPTION_LEN {
+            // No valid option is this long. Skip a moderately long one and
+            // say so; a huge one is treated as abuse.
+            if hdr.length > 16 * MAX_OPTION_LEN || opt == OPT_EXPORT_NAME {
+                return Err(Hangup(format!("option {opt} of {} bytes", hdr.length)));
+            }
+            stream.discard(hdr.length.into())?;
+            let known = matches!(
+                opt,
+                OPT_ABORT
+                    | OPT_LIST
+                    | OPT_STARTTLS
+                    | OPT_INFO
+                    | OPT_GO
+                    | OPT_STRUCTURED_REPLY
+                    | OPT_LIST_META_CONTEXT
+                    | OPT_SET_META_CONTEXT
+            );
+            let rep = if known {
+                REP_ERR_TOO_BIG
+            } else {
+                REP_ERR_UNSUP
+            };
+            send_opt(stream, opt, rep, b"option data too long")?;
+            continue;
+        }
+        let mut data = vec![0u8; hdr.length as usize];
+        stream.read_exact(&mut data)?;
+        let req = match OptionRequest::parse(opt, &data) {
+            Ok(r) => r,
+            Err(e) => {
+                if opt == OPT_EXPORT_NAME {
+                    return Err(Hangup(format!("EXPORT_NAME: {e}")));
+                }
+                send_opt(stream, opt, REP_ERR_INVALID, e.to_string().as_bytes())?;
+                continue;
+            }
+        };
+        match req {
+            OptionRequest::ExportName(name) => {
+                if !name_matches(shared, &name) {
+                    // EXPORT_NAME cannot carry an error: the spec says hang up.
+                    return Err(Hangup(format!("unknown export {name:?}")));
+                }
+                let flags = transmission_flags(shared, structured);
+                stream.write_all(&encode_export_name_reply(shared.size, flags, no_zeroes))?;
+                return Ok(Some(Negotiated {
+                    structured,
+                    meta_context,
+                }));
+            }
+            OptionRequest::Abort => {
+                let _ = send_opt(stream, opt, REP_ACK, &[]);
+                return Ok(None);
+            }
+            OptionRequest::List => {
+                let desc = shared.config.description.as_deref().unwrap_or("");
+                send_opt(
+                    stream,
+                    opt,
+                    REP_SERVER,
+                    &encode_rep_server(&shared.config.export_name, desc),
+                )?;
+                send_opt(stream, opt, REP_ACK, &[])?;
+            }
+            OptionRequest::StartTls => {
+                send_opt(stream, opt, REP_ERR_UNSUP, b"TLS is not supported")?;
+            }
+            OptionRequest::Info { go, name, requests } => {
+                if !name_matches(shared, &name) {
+                    let msg = format!("no export named {name:?}");
+                    send_opt(stream, opt, REP_ERR_UNKNOWN, msg.as_bytes())?;
+                    continue;
+                }
+                let flags = transmission_flags(shared, structured);
+                let mut infos = vec![
+                    Info::Export {
+                        size: shared.size,
+                        flags,
+                    },
+                    // Always sent: the maximum matters to every client.
+                    Info::BlockSize(shared.sizes),
+                ];
+                if requests.contains(&INFO_NAME) {
+                    infos.push(Info::Name(shared.config.export_name.clone()));
+                }
+                if requests.contains(&INFO_DESCRIPTION) {
+                    if let Some(d) = &shared.config.description {
+                        infos.push(Info::Description(d.clone()));
+                    }
+                }
+                for i in infos {
+                    send_opt(stream, opt, REP_INFO, &i.encode())?;
+                }
+                send_opt(stream, opt, REP_ACK, &[])?;
+                if go {
+                    return Ok(Some(Negotiated {
+                        structured,
+                        meta_context,
+                    }));
+                }
+            }
+            OptionRequest::StructuredReply => {
+                structured = true;
+                send_opt(stream, opt, REP_ACK, &[])?;
+            }
+            OptionRequest::MetaContext {
+                set,
+                export,
+                queries,
+            } => {
+                if !structured {
+                    send_opt(
+                        stream,
+                        opt,
+                        REP_ERR_INVALID,
+                        b"structured replies must be negotiated first",
+                    )?;
+                    continue;
+                }
+                if !name_matches(shared, &export) {
+                    let msg = format!("no export named {export:?}");
+                    send_opt(stream, opt, REP_ERR_UNKNOWN, msg.as_bytes())?;
+                    continue;
+                }
+                // base:allocation is selected by its exact name; a LIST may
+                // also ask for everything (no query) or the whole namespace.
+                let wanted = if queries.is_empty() {
+                    !set
+                } else {
+                    queries
+                        .iter()
+                        .any(|q| q == META_BASE_ALLOCATION || (!set && q == "base:"))
+                };
+                let selected = wanted && shared.block_status;
+                if selected {
+                    let id = if set { BASE_ALLOCATION_ID } else { 0 };
+                    send_opt(
+                        stream,
+                        opt,
+                        REP_META_CONTEXT,
+                        &encode_rep_meta_context(id, META_BASE_ALLOCATION),
+                    )?;
+                }
+                if set {
+                    meta_context = selected.then_some(BASE_ALLOCATION_ID);
+                }
+                send_opt(stream, opt, REP_ACK, &[])?;
+            }
+            OptionRequest::Unknown(code) => {
+                let msg = format!("option {code} is not supported");
+                send_opt(stream, opt, REP_ERR_UNSUP, msg.as_bytes())?;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Transmission
+// ---------------------------------------------------------------------------
+
+/// One connection in the transmission phase, shared by its reader and the
+/// workers executing its requests.
+struct Conn {
+    id: u64,
+    stream: Arc<Stream>,
+    /// Serialises replies: each reply (header + payload) is written whole.
+    send_lock: Mutex<()>,
+    structured: bool,
+    meta_context: Option<u32>,
+    in_flight: Mutex<usize>,
+    in_flight_cv: Condvar,
+    /// A reply could not be sent: the connection is being torn down.
+    broken: AtomicBool,
+}
+
+/// An NBD error to report, with a message for structured replies.
+struct ReplyError {
+    errno: u32,
+    message: String,
+}
+
+impl ReplyError {
+    fn new(errno: u32, message: impl Into<String>) -> Self {
+        Self {
+            errno,
+            message: message.into(),
+        }
+    }
+}
+
+fn map_export_error(e: &ExportError) -> u32 {
+    match e {
+        ExportError::OutOfRange => EINVAL,
+        ExportError::NotSupported => ENOTSUP,
+        ExportError::NoSpace => ENOSPC,
+        ExportError::ReadOnly => EPERM,
+        ExportError::Transfer(_) => EIO,
+        ExportError::Io(io) => match io.raw_os_error() {
+            Some(libc::EPERM | libc::EACCES | libc::EROFS) => EPERM,
+            Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => ENOSPC,
+            Some(libc::ENOMEM) => ENOMEM,
+            Some(libc::EINVAL) => EINVAL,
+            Some(libc::EOVERFLOW) => EOVERFLOW,
+            Some(libc::ENOTSUP) => ENOTSUP,
+            Some(libc::ESHUTDOWN) => ESHUTDOWN,
+            _ => match io.kind() {
+                io::ErrorKind::PermissionDenied => EPERM,
+                io::ErrorKind::InvalidInput => EINVAL,
+                io::ErrorKind::Unsupported => ENOTSUP,
+                io::ErrorKind::OutOfMemory => ENOMEM,
+                io::ErrorKind::StorageFull => ENOSPC,
+                _ => EIO,
+            },
+        },
+    }
+}
+
+impl From<ExportError> for ReplyError {
+    fn from(e: ExportError) -> Self {
+        Self::new(map_export_error(&e), e.to_string())
+    }
+}
+
+impl Conn {
+    /// Write one whole reply; on failure the connection is torn down (the
+    /// reader wakes up from the shutdown and stops).
+    fn send(&self, bufs: &mut [IoSlice<'_>]) -> bool {
+        if self.broken.load(Ordering::SeqCst) {
+            return false;
+        }
+        let _g = self.send_lock.lock();
+        match self.stream.write_all_vectored(bufs) {
+            Ok(()) => true,
+            Err(e) => {
+                debug!("nbd[{}]: sending a reply failed: {e}", self.id);
+                self.break_conn();
+                false
+            }
+        }
+    }
+
+    fn break_conn(&self) {
+        self.broken.store(true, Ordering::SeqCst);
+        self.stream.shutdown(Shutdown::Both);
+    }
+
+    fn send_ok(&self, cookie: u64) -> bool {
+        self.send(&mut [IoSlice::new(&SimpleReply { error: 0, cookie }.encode())])
+    }
+
+    /// An error reply: a structured error chunk when negotiated (it carries
+    /// the message), a simple reply otherwise.
+    fn send_error(&self, cookie: u64, err: &ReplyError) -> bool {
+        debug!(
+            "nbd[{}]: request {cookie:#x} failed: {} ({})",
+            self.id,
+            error_name(err.errno),
+            err.message
+        );
+        if self.structured {
+            let payload = ErrorChunk {
+                error: err.errno,
+                message: err.message.clone(),
+                offset: None,
+            }
+            .encode();
+            let hdr = StructuredReply {
+                flags: REPLY_FLAG_DONE,
+                reply_type: REPLY_TYPE_ERROR,
+                cookie,
+                length: payload.len() as u32,
+            }
+            .encode();
+            self.send(&mut [IoSlice::new(&hdr), IoSlice::new(&payload)])
+        } else {
+            self.send(&mut [IoSlice::new(
+                &SimpleReply {
+                    error: err.errno,
+                    cookie,
+                }
+                .encode(),
+            )])
+        }
+    }
+
+    fn send_result(&self, cookie: u64, r: Result<(), ExportError>) -> bool {
+        match r {
+            Ok(()) => self.send_ok(cookie),
+            Err(e) => self.send_error(cookie, &e.into()),
+        }
+    }
+
+    /// A successful READ reply: header, then the export's slices, in one
+    /// `writev` loop. This is the only place read data is handled, and it
+    /// is not copied: the kernel reads it from the export's memory.
+    fn send_read_data(&self, cookie: u64, offset: u64, len: u32, data: &[IoSlice<'_>]) -> bool {
+        let simple;
+        let structured;
+        let off = offset.to_be_bytes();
+        let mut bufs: Vec<IoSlice<'_>> = Vec::with_capacity(data.len() + 2);
+        if self.structured {
+            if len == 0 {
+                structured = StructuredReply {
+                    flags: REPLY_FLAG_DONE,
+                    reply_type: REPLY_TYPE_NONE,
+                    cookie,
+                    length: 0,
+                }
+                .encode();
+                return self.send(&mut [IoSlice::new(&structured)]);
+            }
+            structured = StructuredReply {
+                flags: REPLY_FLAG_DONE,
+                reply_type: REPLY_TYPE_OFFSET_DATA,
+                cookie,
+                length: len.saturating_add(8),
+            }
+            .encode();
+            bufs.push(IoSlice::new(&structured));
+            bufs.push(IoSlice::new(&off));
+        } else {
+            simple = SimpleReply { error: 0, cookie }.encode();
+            bufs.push(IoSlice::new(&simple));
+        }
+        bufs.extend_from_slice(data);
+        self.send(&mut bufs)
+    }
+
+    fn finish_one(&self) {
+        let mut n = self.in_flight.lock();
+        *n = n.saturating_sub(1);
+        self.in_flight_cv.notify_all();
+    }
+}
+
+/// Marks a dispatched request finished, even if executing it panicked (then
+/// its reply is lost, so the connection is ended rather than left waiting).
+struct FinishGuard<'a>(&'a Conn);
+
+impl Drop for FinishGuard<'_> {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            self.0.break_conn();
+        }
+        self.0.finish_one();
+    }
+}
+
+/// Flags each command accepts. FUA is accepted on every command (the spec
+/// requires that once SEND_FUA is advertised).
+fn allowed_flags(cmd: u16, structured: bool) -> u16 {
+    match cmd {
+        CMD_READ if structured => CMD_FLAG_FUA | CMD_FLAG_DF,
+        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+        CMD_BLOCK_STATUS => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
+        _ => CMD_FLAG_FUA,
+    }
+}
+
+/// Check a request against the export. `Err` is the error to reply with;
+/// nothing is executed for it.
+fn validate(shared: &Shared, conn: &Conn, req: &Request) -> Result<(), ReplyError> {
+    let cmd = req.command;
+    let name = command_name(cmd);
+    if req.flags & !allowed_flags(cmd, conn.structured) != 0 {
+        return Err(ReplyError::new(
+            EINVAL,
+            format!("{name}: unsupported command flags {:#x}", req.flags),
+        ));
+    }
+    let writes = matches!(cmd, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+    if writes && shared.read_only {
+        return Err(ReplyError::new(
+            EPERM,
+            format!("{name}: export is read-only"),
+        ));
+    }
+    if cmd == CMD_FLUSH {
+        return Ok(());
+    }
+    if cmd == CMD_BLOCK_STATUS && conn.meta_context.is_none() {
+        return Err(ReplyError::new(
+            EINVAL,
+            "BLOCK_STATUS without a negotiated metadata context",
+        ));
+    }
+    let in_range = req.end().is_some_and(|end| end <= shared.size);
+    if !in_range {
+        // Writes beyond the end get ENOSPC, everything else EINVAL (spec).
+        let errno = if writes { ENOSPC } else { EINVAL };
+        return Err(ReplyError::new(
+            errno,
+            format!(
+                "{name}: offset {} + length {} is beyond the export size {}",
+                req.offset, req.length, shared.size
+            ),
+        ));
+    }
+    if matches!(cmd, CMD_READ | CMD_WRITE) && req.length > shared.sizes.maximum {
+        return Err(ReplyError::new(
+            EOVERFLOW,
+            format!(
+                "{name}: length {} exceeds the maximum request size {}",
+                req.length, shared.sizes.maximum
+            ),
+        ));
+    }
+    let min = u64::from(shared.sizes.minimum);
+    if min > 1
+        && matches!(cmd, CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES)
+        && (req.offset % min != 0 || u64::from(req.length) % min != 0)
+    {
+        return Err(ReplyError::new(
+            EINVAL,
+            format!("{name}: request not aligned to the minimum block size {min}"),
+        ));
+    }
+    if cmd == CMD_BLOCK_STATUS && req.length == 0 {
+        return Err(ReplyError::new(EINVAL, "BLOCK_STATUS of zero length"));
+    }
+    Ok(())
+}
+
+fn transmission(shared: &Arc<Shared>, stream: Arc<Stream>, neg: Negotiated, id: u64) {
+    let conn = Arc::new(Conn {
+        id,
+        stream,
+        send_lock: Mutex::new(()),
+        structured: neg.structured,
+        meta_context: neg.meta_context,
+        in_flight: Mutex::new(0),
+        in_flight_cv: Condvar::new(),
+        broken: AtomicBool::new(false),
+    });
+    let wake = Some(shared.shutdown.wake_fd());
+    let max_in_flight = shared.config.max_in_flight.max(1);
+    loop {
+        if conn.broken.load(Ordering::SeqCst) {
+            break;
+        }
+        // Back-pressure: do not read more than the connection may queue.
+        {
+            let mut n = conn.in_flight.lock();
+            while *n >= max_in_flight {
+                conn.in_flight_cv.wait(&mut n);
+            }
+        }
+        match poll_readable(conn.stream.as_raw_fd(), wake, None) {
+            Ok(Readiness::Ready) => {}
+            Ok(_) => break, // shutting down: stop reading requests
+            Err(e) => {
+                warn!("nbd[{id}]: poll failed: {e}");
+                break;
+            }
+        }
+        let mut hb = [0u8; REQUEST_LEN];
+        match conn.stream.read(&mut hb) {
+            Ok(0) => {
+                debug!("nbd[{id}]: client closed the connection");
+                break;
+            }
+            Ok(n) => {
+                if let Err(e) = conn.stream.read_exact(&mut hb[n..]) {
+                    debug!("nbd[{id}]: truncated request header: {e}");
+                    break;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                debug!("nbd[{id}]: read failed: {e}");
+                break;
+            }
+        }
+        let req = match Request::parse(&hb) {
+            Ok(r) => r,
+            Err(e) => {
+                info!("nbd[{id}]: bad request header ({e}); closing");
+                break;
+            }
+        };
+        match req.command {
+            CMD_DISC => {
+                debug!("nbd[{id}]: DISC");
+                break;
+            }
+            CMD_WRITE => {
+                if !handle_write(shared, &conn, &req) {
+                    break;
+                }
+            }
+            CMD_READ | CMD_FLUSH | CMD_TRIM | CMD_CACHE | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS => {
+                if let Err(e) = validate(shared, &conn, &req) {
+                    conn.send_error(req.cookie, &e);
+                    continue;
+                }
+                *conn.in_flight.lock() += 1;
+                let (s, c) = (shared.clone(), conn.clone());
+                shared.pool.submit(Box::new(move || {
+                    let _done = FinishGuard(&c);
+                    execute(&s, &c, &req);
+                }));
+            }
+            other => {
+                conn.send_error(
+                    req.cookie,
+                    &ReplyError::new(EINVAL, format!("unknown command {other}")),
+                );
+            }
+        }
+    }
+    // Let queued and executing requests finish and their replies go out
+    // before the socket is closed.
+    let mut n = conn.in_flight.lock();
+    while *n > 0 {
+        conn.in_flight_cv.wait(&mut n);
+    }
+    drop(n);
+    conn.stream.shutdown(Shutdown::Both);
+}
+
+/// What happened to a WRITE payload.
+#[derive(PartialEq, Eq)]
+enum Payload {
+    /// Still in the socket.
+    Unread,
+    /// Read completely into the export's slices.
+    Read,
+    /// Reading it failed part-way: the stream is out of sync.
+    Failed,
+}
+
+/// Execute a WRITE on the reader thread. Returns false when the connection
+/// must end.
+fn handle_write(shared: &Shared, conn: &Conn, req: &Request) -> bool {
+    let len = req.length;
+    if let Err(e) = validate(shared, conn, req) {
+        if len > shared.sizes.maximum {
+            // We will not read an arbitrarily large payload just to throw
+            // it away: answer, then hang up (allowed for a client that
+            // broke the advertised maximum).
+            conn.send_error(req.cookie, &e);
+            return false;
+        }
+        // Skip the payload so the stream stays in sync; nothing is written.
+        if let Err(err) = conn.stream.discard(len.into()) {
+            debug!("nbd[{}]: client left mid-payload: {err}", conn.id);
+            return false;
+        }
+        return conn.send_error(req.cookie, &e);
+    }
+    if len == 0 {
+        return conn.send_ok(req.cookie);
+    }
+    let fua = req.flags & CMD_FLAG_FUA != 0;
+    let mut state = Payload::Unread;
+    let stream = &conn.stream;
+    let result = shared.export.write(req.offset, len, fua, &mut |slices| {
+        if state != Payload::Unread {
+            return Err(io::Error::other("payload source called more than once"));
+        }
+        let total: usize = slices.iter().map(|s| s.len()).sum();
+        if total != len as usize {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("export offered {total} bytes for a {len}-byte write"),
+            ));
+        }
+        // The payload's only copy: socket -> export slices (readv).
+        match stream.read_exact_vectored(slices) {
+            Ok(()) => {
+                state = Payload::Read;
+                Ok(())
+            }
+            Err(e) => {
+                state = Payload::Failed;
+                Err(e)
+            }
+        }
+    });
+    match (state, result) {
+        (Payload::Failed, _) => {
+            debug!(
+                "nbd[{}]: client disconnected during a {len}-byte write payload",
+                conn.id
+            );
+            false
+        }
+        (Payload::Read, Ok(())) => conn.send_ok(req.cookie),
+        (Payload::Read, Err(e)) => conn.send_error(req.cookie, &e.into()),
+        (Payload::Unread, r) => {
+            if conn.stream.discard(len.into()).is_err() {
+                return false;
+            }
+            let err = match r {
+                Err(e) => e.into(),
+                Ok(()) => ReplyError::new(EIO, "export did not take the write payload"),
+            };
+            conn.send_error(req.cookie, &err)
+        }
+    }
+}
+
+/// Run a validated non-WRITE request on a worker and reply.
+fn execute(shared: &Shared, conn: &Conn, req: &Request) {
+    if conn.broken.load(Ordering::SeqCst) {
+        return;
+    }
+    let ex = &shared.export;
+    let fua = req.flags & CMD_FLAG_FUA != 0;
+    let len64 = u64::from(req.length);
+    let cookie = req.cookie;
+    match req.command {
+        CMD_READ => execute_read(shared, conn, req),
+        CMD_FLUSH => {
+            conn.send_result(cookie, ex.flush());
+        }
+        CMD_TRIM => {
+            let r = if len64 == 0 {
+                Ok(())
+            } else {
+                ex.trim(req.offset, len64, fua)
+            };
+            conn.send_result(cookie, r);
+        }
+        CMD_WRITE_ZEROES => {
+            let flags = ZeroFlags {
+                fua,
+                no_hole: req.flags & CMD_FLAG_NO_HOLE != 0,
+                fast_zero: req.flags & CMD_FLAG_FAST_ZERO != 0,
+            };
+            let r = if len64 == 0 {
+                Ok(())
+            } else {
+                ex.write_zeroes(req.offset, len64, flags)
+            };
+            conn.send_result(cookie, r);
+        }
+        CMD_CACHE => {
+            let r = if len64 == 0 {
+                Ok(())
+            } else {
+                ex.cache(req.offset, len64)
+            };
+            conn.send_result(cookie, r);
+        }
+        CMD_BLOCK_STATUS => execute_block_status(shared, conn, req),
+        _ => {
+            conn.send_error(cookie, &ReplyError::new(EINVAL, "unknown command"));
+        }
+    }
+}
+
+fn execute_read(shared: &Shared, conn: &Conn, req: &Request) {
+    #[derive(PartialEq, Eq)]
+    enum Sink {
+        NotCalled,
+        Rejected,
+        Sent,
+        SendFailed,
+    }
+    if req.length == 0 {
+        conn.send_read_data(req.cookie, req.offset, 0, &[]);
+        return;
+    }
+    let mut sink_state = Sink::NotCalled;
+    let r = shared.export.read(req.offset, req.length, &mut |slices| {
+        if sink_state != Sink::NotCalled {
+            return Err(io::Error::other("read sink called more than once"));
+        }
+        let total: usize = slices.iter().map(|s| s.len()).sum();
+        if total != req.length as usize {
+            sink_state = Sink::Rejected;
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "export returned {total} bytes for a {}-byte read",
+                    req.length
+                ),
+            ));
+        }
+        if conn.send_read_data(req.cookie, req.offset, req.length, slices) {
+            sink_state = Sink::Sent;
+            Ok(())
+        } else {
+            sink_state = Sink::SendFailed;
+            Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "sending the reply failed",
+            ))
+        }
+    });
+    match (sink_state, r) {
+        (Sink::Sent | Sink::SendFailed, _) => {}
+        (_, Err(e)) => {
+            conn.send_error(req.cookie, &e.into());
+        }
+        (_, Ok(())) => {
+            conn.send_error(
+                req.cookie,
+                &ReplyError::new(EIO, "export returned no data for the read"),
+            );
+        }
+    }
+}
+
+/// Most descriptors sent in one BLOCK_STATUS reply (the spec lets a server
+/// describe less than asked; this bounds the reply's size).
+const MAX_EXTENTS: usize = 64 * 1024;
+
+fn execute_block_status(shared: &Shared, conn: &Conn, req: &Request) {
+    let Some(id) = conn.meta_context else {
+        conn.send_error(req.cookie, &ReplyError::new(EINVAL, "no metadata context"));
+        return;
+    };
+    let len64 = u64::from(req.length);
+    let extents = match shared.export.block_status(req.offset, len64) {
+        Some(Ok(e)) => e,
+        Some(Err(e)) => {
+            conn.send_error(req.cookie, &e.into());
+            return;
+        }
+        // Status 0 ("allocated, contents unknown") is always a safe answer.
+        None => Vec::new(),
+    };
+    // Keep what the spec allows: non-empty extents whose sum stays within
+    // the request, at most one with REQ_ONE, and at least one in total.
+    let mut out = Vec::new();
+    let mut left = req.length;
+    for mut e in extents {
+        if e.length == 0 {
+            continue;
+        }
+        if left == 0 {
+            break;
+        }
+        e.length = e.length.min(left);
+        left -= e.length;
+        out.push(e);
+        if req.flags & CMD_FLAG_REQ_ONE != 0 || out.len() >= MAX_EXTENTS {
+            break;
+        }
+    }
+    if out.is_empty() {
+        out.push(crate::export::Extent {
+            length: req.length,
+            flags: 0,
+        });
+    }
+    let payload = encode_block_status(id, &out);
+    let hdr = StructuredReply {
+        flags: REPLY_FLAG_DONE,
+        reply_type: REPLY_TYPE_BLOCK_STATUS,
+        cookie: req.cookie,
+        length: payload.len() as u32,
+    }
+    .encode();
+    conn.send(&mut [IoSlice::new(&hdr), IoSlice::new(&payload)]);
+}
