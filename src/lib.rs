@@ -5,3 +5,10 @@ pub use pmcache_engine as engine;
 pub use pmcache_nbd as nbd;
 pub use pmcache_origin as origin;
 pub use pmcache_pmem as pmem;
+
+pub mod cache;
+pub mod cli;
+pub mod commands;
+pub mod control;
+pub mod report;
+pub mod size;

@@ -1,0 +1,432 @@
+//! The command line: argument definitions, and turning every failure into
+//! one line on stderr and a non-zero exit.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use pmcache_engine::CacheMode;
+
+use crate::commands;
+use crate::size::{parse_block_size, parse_size};
+
+/// Where `serve` keeps its files when run without arguments.
+pub const DEFAULT_DIR: &str = "pmcache-data";
+/// The default cache file (relative to the working directory).
+pub const DEFAULT_CACHE: &str = "pmcache-data/cache.pmem";
+/// The default origin file (relative to the working directory).
+pub const DEFAULT_ORIGIN: &str = "pmcache-data/origin.img";
+/// Size of the default cache when it is created.
+pub const DEFAULT_CACHE_SIZE: u64 = 256 << 20;
+/// Size of the default origin when it is created (sparse).
+pub const DEFAULT_ORIGIN_SIZE: u64 = 1 << 30;
+
+const MAIN_HELP: &str = "\
+Examples:
+  pmcache serve                     # ./pmcache-data/ (256 MiB cache, 1 GiB origin), 127.0.0.1:10809
+  pmcache format --cache /dev/pmem0 --origin /dev/sdb
+  pmcache serve --cache /dev/pmem0 --listen 0.0.0.0:10809
+  pmcache stats --cache /dev/pmem0  # counters of the server running on that cache
+  pmcache check --cache /dev/pmem0  # offline consistency check (exit 0 = consistent)
+  pmcache flush --cache /dev/pmem0  # write all dirty data back to the origin
+
+SIZE is a whole number of bytes with an optional suffix K, M, G, T or KiB, MiB, GiB, TiB (all
+powers of 1024). Logging goes to stderr; set RUST_LOG (e.g. RUST_LOG=debug) to change its level.
+
+Exit status: 0 on success, 1 on failure (and when `check` finds a problem), 2 on a bad argument.";
+
+/// Crash-consistent block cache on persistent memory, served over NBD.
+///
+/// pmcache keeps a cache of a slow origin (a file, block device or NBD export) on persistent
+/// memory (or a file standing in for it) and serves the cached volume over the NBD protocol.
+#[derive(Debug, Parser)]
+#[command(name = "pmcache", version, after_help = MAIN_HELP)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    Serve(ServeArgs),
+    Format(FormatArgs),
+    Check(CheckArgs),
+    Dump(DumpArgs),
+    Stats(StatsArgs),
+    Flush(FlushArgs),
+}
+
+fn parse_mode(s: &str) -> Result<CacheMode, String> {
+    s.parse()
+}
+
+const SERVE_HELP: &str = "\
+With no arguments, serve uses ./pmcache-data/: it creates a 256 MiB cache (cache.pmem) and a 1 GiB
+sparse origin (origin.img) where they are missing, formats the new cache, and serves on
+127.0.0.1:10809. A cache file outside /dev/shm or a DAX mount is not pmem, so it is persisted with
+msync unless --assume-pmem; the persistence mode in use is logged at start-up and shown by `stats`.
+
+SIGINT or SIGTERM shut down cleanly: no new connections, requests in flight finish, the cache is
+marked clean. A second signal exits at once (the cache stays consistent, as after a crash).
+
+Examples:
+  pmcache serve
+  pmcache serve --cache /dev/shm/cache.pmem --cache-size 2G --assume-pmem --origin /srv/disk.img
+  pmcache serve --cache /dev/pmem0 --origin nbd://nas.example:10809/vol1 --mode writethrough
+  pmcache serve --cache /dev/pmem0 --socket /run/pmcache/nbd.sock --metrics 127.0.0.1:9109
+
+From another shell:
+  nbdinfo nbd://127.0.0.1:10809
+  qemu-io -f raw nbd://127.0.0.1:10809 -c 'write -P 0xab 0 64k'
+  pmcache stats";
+
+/// Serve a cached origin over NBD.
+#[derive(Debug, Args)]
+#[command(after_help = SERVE_HELP)]
+pub struct ServeArgs {
+    /// Cache file or pmem device [default: ./pmcache-data/cache.pmem]
+    #[arg(long, value_name = "PATH")]
+    pub cache: Option<PathBuf>,
+
+    /// Create and format the cache with this size if the file does not exist
+    /// [default for the default cache: 256MiB]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub cache_size: Option<u64>,
+
+    /// Origin: PATH, file:PATH, nbd://HOST[:PORT]/[EXPORT] or nbd+unix:///[EXPORT]?socket=PATH
+    /// [default: the origin recorded in the cache; ./pmcache-data/origin.img (1 GiB, created
+    /// if missing) for the default cache]
+    #[arg(long, value_name = "PATH|URI")]
+    pub origin: Option<String>,
+
+    /// Cache mode: writeback, writethrough, writearound or passthrough
+    /// [default: the mode the cache last ran in; writeback for a new cache]
+    #[arg(long, value_name = "MODE", value_parser = parse_mode)]
+    pub mode: Option<CacheMode>,
+
+    /// Serve NBD on this TCP address [default: 127.0.0.1:10809]
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "socket")]
+    pub listen: Option<String>,
+
+    /// Serve NBD on this Unix socket instead of TCP
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+
+    /// NBD export name (clients may also ask for the default export "")
+    #[arg(long, value_name = "NAME", default_value = "pmcache")]
+    pub export: String,
+
+    /// Refuse client writes
+    #[arg(long)]
+    pub read_only: bool,
+
+    /// Treat the cache mapping as persistent memory even where the kernel cannot
+    /// map it with MAP_SYNC (DAX): persist with CPU cache flushes instead of msync.
+    /// Only safe on pmem (or for tests, on /dev/shm)
+    #[arg(long)]
+    pub assume_pmem: bool,
+
+    /// Cache block size when a new cache is created (power of two, 512 to 64K)
+    #[arg(long, value_name = "BYTES", value_parser = parse_block_size, default_value = "4096")]
+    pub block_size: u32,
+
+    /// Attach the cache to an origin other than the one it was formatted for,
+    /// and overwrite a --cache file that is not a pmcache cache
+    #[arg(long)]
+    pub force: bool,
+
+    /// Control socket for `pmcache stats` [default: <cache path>.sock]
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics: Option<String>,
+}
+
+const FORMAT_HELP: &str = "\
+The cache records the origin's identity (its canonical path or URI, and its size); `serve` and
+`flush` refuse to attach it to another origin unless --force.
+
+format refuses to overwrite an existing pmcache cache (its dirty data would be lost) or a file
+that holds any data, unless --force. A block device keeps its size (omit --size or give its
+size).
+
+Examples:
+  pmcache format --cache /dev/shm/cache.pmem --size 1G --origin /srv/disk.img --assume-pmem
+  pmcache format --cache /dev/pmem0 --origin nbd://nas.example/vol1 --block-size 64K
+  pmcache format --cache cache.pmem --size 256MiB --origin file:disk.img --force";
+
+/// Create a cache for an origin.
+#[derive(Debug, Args)]
+#[command(after_help = FORMAT_HELP)]
+pub struct FormatArgs {
+    /// Cache file to create (or pmem device to use)
+    #[arg(long, value_name = "PATH")]
+    pub cache: PathBuf,
+
+    /// Cache size (required unless --cache is a block device)
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub size: Option<u64>,
+
+    /// Origin: PATH, file:PATH, nbd://HOST[:PORT]/[EXPORT] or nbd+unix:///[EXPORT]?socket=PATH
+    #[arg(long, value_name = "PATH|URI")]
+    pub origin: String,
+
+    /// Cache block size (power of two, 512 to 64K)
+    #[arg(long, value_name = "BYTES", value_parser = parse_block_size, default_value = "4096")]
+    pub block_size: u32,
+
+    /// Overwrite an existing cache or a file that holds data
+    #[arg(long)]
+    pub force: bool,
+
+    /// Persist with CPU cache flushes even without DAX (see `serve --help`)
+    #[arg(long)]
+    pub assume_pmem: bool,
+}
+
+const CHECK_HELP: &str = "\
+check reads the cache and never writes it. It verifies both superblock copies, the watermark,
+every slot's checksummed metadata, that no block is mapped twice or beyond the origin, and (unless
+--no-data) every cached block's data against its checksum. It cannot run while a server has the
+cache open (stop the server, or use `pmcache stats`).
+
+Exit status: 0 when the cache is consistent, 1 when it is not (the report says what and where)
+or cannot be read.
+
+Examples:
+  pmcache check --cache /dev/pmem0
+  pmcache check --cache cache.pmem --origin /srv/disk.img --no-data";
+
+/// Check a cache offline (read-only).
+#[derive(Debug, Args)]
+#[command(after_help = CHECK_HELP)]
+pub struct CheckArgs {
+    /// Cache file or pmem device
+    #[arg(long, value_name = "PATH")]
+    pub cache: PathBuf,
+
+    /// Also check that the cache belongs to this origin
+    #[arg(long, value_name = "PATH|URI")]
+    pub origin: Option<String>,
+
+    /// Skip verifying cached data against its checksums (faster)
+    #[arg(long)]
+    pub no_data: bool,
+
+    /// Print the report as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+const DUMP_HELP: &str = "\
+Prints the superblock, the durable watermark and every live mapping (slot → origin block, with
+its sequence number and dirty state). Reads the cache and never writes it.
+
+Examples:
+  pmcache dump --cache cache.pmem
+  pmcache dump --cache cache.pmem --json | jq '.mappings[] | select(.dirty)'";
+
+/// Show a cache's metadata: superblock, watermark, mappings and dirty state.
+#[derive(Debug, Args)]
+#[command(after_help = DUMP_HELP)]
+pub struct DumpArgs {
+    /// Cache file or pmem device
+    #[arg(long, value_name = "PATH")]
+    pub cache: PathBuf,
+
+    /// Print JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+const STATS_HELP: &str = "\
+When a server has the cache open, stats asks it over its control socket (<cache>.sock, or
+--control) and shows occupancy, dirty and clean blocks, read and write hits and misses, promotions
+and evictions, writeback progress, origin errors, and the cache and pmem modes. When no server
+runs, it reads occupancy and dirty state from the cache file (counters exist only in a server).
+
+Examples:
+  pmcache stats                                   # the default cache ./pmcache-data/cache.pmem
+  pmcache stats --cache /dev/pmem0 --json
+  pmcache stats --control /run/pmcache/control.sock";
+
+/// Show cache statistics (of a running server, or of a cache file offline).
+#[derive(Debug, Args)]
+#[command(after_help = STATS_HELP)]
+pub struct StatsArgs {
+    /// Cache file [default: ./pmcache-data/cache.pmem]
+    #[arg(long, value_name = "PATH", conflicts_with = "control")]
+    pub cache: Option<PathBuf>,
+
+    /// Control socket of a running server
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+
+    /// Print JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+const FLUSH_HELP: &str = "\
+flush opens the cache (recovering it if it was not shut down cleanly), writes every dirty block to
+the origin, makes the origin durable, and closes the cache cleanly. Afterwards the origin holds all
+acknowledged data and the cache has no dirty blocks. Origin errors are retried with backoff.
+Interrupting flush is safe: what was written back stays clean, the rest stays dirty.
+
+Examples:
+  pmcache flush --cache /dev/pmem0 --origin /dev/sdb
+  pmcache flush --cache cache.pmem                 # the origin recorded in the cache";
+
+/// Write all dirty data back to the origin (with progress) and close the cache cleanly.
+#[derive(Debug, Args)]
+#[command(after_help = FLUSH_HELP)]
+pub struct FlushArgs {
+    /// Cache file or pmem device
+    #[arg(long, value_name = "PATH")]
+    pub cache: PathBuf,
+
+    /// Origin [default: the origin recorded in the cache]
+    #[arg(long, value_name = "PATH|URI")]
+    pub origin: Option<String>,
+
+    /// Flush to an origin other than the one the cache was formatted for
+    #[arg(long)]
+    pub force: bool,
+
+    /// Consecutive origin failures to retry before giving up
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub retries: u32,
+
+    /// Persist with CPU cache flushes even without DAX (see `serve --help`)
+    #[arg(long)]
+    pub assume_pmem: bool,
+}
+
+/// Parse the arguments, run the command and map the outcome to an exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => return clap_error(e),
+    };
+    let serve = matches!(cli.command, Command::Serve(_));
+    init_logging(if serve { "info" } else { "warn" }, serve);
+    let result = match cli.command {
+        Command::Serve(a) => commands::serve::run(a),
+        Command::Format(a) => commands::format::run(a),
+        Command::Check(a) => commands::check::run(a),
+        Command::Dump(a) => commands::dump::run(a),
+        Command::Stats(a) => commands::stats::run(a),
+        Command::Flush(a) => commands::flush::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            error_line(&format!("{e:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Write command output to stdout. A closed pipe (`pmcache dump | head`) is
+/// not an error: the reader has what it wanted.
+pub fn emit(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::anyhow!("cannot write output: {e}"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// One line on stderr, never panicking if stderr is gone.
+pub fn error_line(msg: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "pmcache: error: {msg}");
+}
+
+fn clap_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    match e.kind() {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = e.print();
+            if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        _ => {
+            let rendered = e.render().to_string();
+            let first = rendered
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("invalid arguments");
+            let first = first.trim().trim_start_matches("error: ");
+            error_line(&format!("{first} (see --help)"));
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Log lines held back while `serve` starts (None once released).
+static HELD_LOGS: std::sync::Mutex<Option<Vec<u8>>> = std::sync::Mutex::new(None);
+
+/// Where log lines go: stderr, or the held-back buffer while a server starts.
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut held) = HELD_LOGS.lock() {
+            if let Some(b) = held.as_mut() {
+                b.extend_from_slice(buf);
+                return Ok(buf.len());
+            }
+        }
+        std::io::stderr().write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+/// Print the log lines held back during start-up and log directly from now
+/// on. `serve` calls it once it is up; a start that fails prints only its
+/// one error line (run with RUST_LOG=info to see everything as it happens).
+pub fn release_logs() {
+    use std::io::Write;
+    if let Ok(mut held) = HELD_LOGS.lock() {
+        if let Some(b) = held.take() {
+            let _ = std::io::stderr().write_all(&b);
+        }
+    }
+}
+
+fn init_logging(default_level: &str, hold: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.is_empty() => {
+            EnvFilter::try_new(v).unwrap_or_else(|_| EnvFilter::new(default_level))
+        }
+        _ => {
+            if hold {
+                if let Ok(mut held) = HELD_LOGS.lock() {
+                    *held = Some(Vec::new());
+                }
+            }
+            EnvFilter::new(default_level)
+        }
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(|| LogWriter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .try_init();
+}

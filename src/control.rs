@@ -1,0 +1,250 @@
+//! The control socket of a running server and the metrics endpoint.
+//!
+//! Control protocol (a Unix stream socket, one request per connection): the
+//! client sends one line, the server answers one line and closes.
+//! - `stats` → the statistics as one JSON object
+//! - `ping`  → `pong`
+//! - anything else → `{"error": "..."}`
+//!
+//! Metrics: minimal HTTP/1.x on TCP; `GET /metrics` answers the Prometheus
+//! text format, anything else 404 (or 405 for other methods).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use pmcache_engine::Engine;
+use serde_json::Value;
+
+use crate::report::{live_json, prometheus, ServerInfo};
+
+/// How long one control or metrics client may take to send its request or
+/// read the answer.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Wait until `fd` is readable or `timeout` passes; true when readable.
+fn readable(fd: i32, timeout: Duration) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd on the stack.
+    let rc = unsafe { libc::poll(&mut p, 1, timeout.as_millis() as i32) };
+    rc > 0
+}
+
+/// A background accept loop that stops when `stop` is set.
+pub struct Background {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    socket_file: Option<PathBuf>,
+}
+
+impl Background {
+    /// Stop the loop, wait for it, and remove its socket file (if any).
+    pub fn stop(mut self) {
+        self.stop_inner();
+    }
+
+    fn stop_inner(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if let Some(p) = self.socket_file.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.stop_inner();
+    }
+}
+
+/// Bind a Unix socket at `path` (`what` names it in errors), replacing a
+/// stale socket file left by a process that died, but never a live socket or
+/// a file of another kind.
+pub fn bind_unix(path: &Path, what: &str) -> Result<UnixListener> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            bail!(
+                "{what} {} exists and is not a socket; remove it or choose another path",
+                path.display()
+            );
+        }
+        if UnixStream::connect(path).is_ok() {
+            bail!(
+                "{what} {} is in use by another process; choose another path",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale {what} {}", path.display()))?;
+    }
+    UnixListener::bind(path).map_err(|e| anyhow!("cannot create {what} {}: {e}", path.display()))
+}
+
+/// Serve control requests until stopped.
+pub fn spawn_control(
+    listener: UnixListener,
+    path: PathBuf,
+    engine: Arc<Engine>,
+    info: ServerInfo,
+) -> Result<Background> {
+    listener.set_nonblocking(true)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name("pmcache-control".into())
+        .spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                if !readable(listener.as_raw_fd(), Duration::from_millis(100)) {
+                    continue;
+                }
+                if let Ok((conn, _)) = listener.accept() {
+                    if let Err(e) = control_conn(conn, &engine, &info) {
+                        tracing::debug!(error = %e, "control client");
+                    }
+                }
+            }
+        })?;
+    Ok(Background {
+        stop,
+        thread: Some(thread),
+        socket_file: Some(path),
+    })
+}
+
+fn control_conn(conn: UnixStream, engine: &Engine, info: &ServerInfo) -> std::io::Result<()> {
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    conn.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    let mut line = String::new();
+    BufReader::new((&conn).take(4096)).read_line(&mut line)?;
+    let answer = match line.trim() {
+        "stats" => live_json(&engine.stats(), info).to_string(),
+        "ping" => "pong".to_string(),
+        other => serde_json::json!({ "error": format!("unknown request '{other}' (expected stats or ping)") })
+            .to_string(),
+    };
+    (&conn).write_all(answer.as_bytes())?;
+    (&conn).write_all(b"\n")
+}
+
+/// Ask a running server for its statistics over its control socket.
+pub fn query_stats(path: &Path) -> Result<Value> {
+    let conn = UnixStream::connect(path).map_err(|e| {
+        anyhow!(
+            "cannot reach the server's control socket {}: {e}",
+            path.display()
+        )
+    })?;
+    conn.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    conn.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    (&conn)
+        .write_all(b"stats\n")
+        .with_context(|| format!("control socket {}", path.display()))?;
+    let mut answer = String::new();
+    (&conn)
+        .take(16 << 20)
+        .read_to_string(&mut answer)
+        .with_context(|| format!("control socket {}", path.display()))?;
+    let v: Value = serde_json::from_str(answer.trim()).map_err(|e| {
+        anyhow!(
+            "control socket {} answered something that is not pmcache statistics ({e})",
+            path.display()
+        )
+    })?;
+    if let Some(err) = v.get("error").and_then(Value::as_str) {
+        bail!("control socket {}: {err}", path.display());
+    }
+    Ok(v)
+}
+
+/// Serve `GET /metrics` until stopped.
+pub fn spawn_metrics(
+    listener: TcpListener,
+    engine: Arc<Engine>,
+    info: ServerInfo,
+) -> Result<Background> {
+    listener.set_nonblocking(true)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name("pmcache-metrics".into())
+        .spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                if !readable(listener.as_raw_fd(), Duration::from_millis(100)) {
+                    continue;
+                }
+                if let Ok((conn, _)) = listener.accept() {
+                    if let Err(e) = http_conn(conn, &engine, &info) {
+                        tracing::debug!(error = %e, "metrics client");
+                    }
+                }
+            }
+        })?;
+    Ok(Background {
+        stop,
+        thread: Some(thread),
+        socket_file: None,
+    })
+}
+
+fn http_conn(conn: TcpStream, engine: &Engine, info: &ServerInfo) -> std::io::Result<()> {
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    conn.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    let mut reader = BufReader::new((&conn).take(16 << 10));
+    let mut request = String::new();
+    reader.read_line(&mut request)?;
+    // Consume the headers up to the blank line.
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h)? == 0 || h.trim().is_empty() {
+            break;
+        }
+    }
+    let mut parts = request.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    let (status, ctype, body) = match (method, path) {
+        ("GET", "/metrics") => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            prometheus(engine, info),
+        ),
+        ("GET", "/") => (
+            "200 OK",
+            "text/plain; charset=utf-8",
+            "pmcache: metrics are at /metrics\n".to_string(),
+        ),
+        ("GET", _) => (
+            "404 Not Found",
+            "text/plain; charset=utf-8",
+            "not found; metrics are at /metrics\n".to_string(),
+        ),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain; charset=utf-8",
+            "only GET is supported\n".to_string(),
+        ),
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    (&conn).write_all(head.as_bytes())?;
+    (&conn).write_all(body.as_bytes())
+}

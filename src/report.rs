@@ -1,0 +1,267 @@
+//! Statistics in three forms: JSON (the control socket and `stats --json`),
+//! text for people (`stats`), and the Prometheus exposition format
+//! (`serve --metrics`).
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use pmcache_engine::check::Dump;
+use pmcache_engine::{Engine, StatsSnapshot};
+use serde_json::{json, Map, Value};
+
+use crate::size::human;
+
+/// What a running server says about itself besides the engine's counters.
+#[derive(Debug, Clone)]
+pub struct ServerInfo {
+    pub cache: PathBuf,
+    pub origin: String,
+    pub origin_size: u64,
+    pub endpoint: String,
+    pub export: String,
+    pub read_only: bool,
+    pub started: Instant,
+}
+
+/// Counters that only grow (Prometheus `counter`); the rest are gauges.
+fn is_counter(name: &str) -> bool {
+    !matches!(
+        name,
+        "block_size" | "slots" | "occupied" | "dirty" | "clean" | "free" | "watermark"
+    )
+}
+
+/// The JSON a running server answers `stats` with.
+pub fn live_json(snap: &StatsSnapshot, info: &ServerInfo) -> Value {
+    let mut m = Map::new();
+    m.insert("source".into(), json!("server"));
+    m.insert("pid".into(), json!(std::process::id()));
+    m.insert("cache".into(), json!(info.cache.display().to_string()));
+    m.insert("origin".into(), json!(info.origin));
+    m.insert("origin_size".into(), json!(info.origin_size));
+    m.insert("endpoint".into(), json!(info.endpoint));
+    m.insert("export".into(), json!(info.export));
+    m.insert("read_only".into(), json!(info.read_only));
+    m.insert(
+        "uptime_seconds".into(),
+        json!(info.started.elapsed().as_secs()),
+    );
+    m.insert("mode".into(), json!(snap.mode));
+    m.insert("pmem_mode".into(), json!(snap.pmem_mode));
+    for (name, value, _) in snap.fields() {
+        m.insert(name.into(), json!(value));
+    }
+    Value::Object(m)
+}
+
+/// The JSON for a cache file no server has open, from its metadata.
+pub fn offline_json(cache: &std::path::Path, dump: &Dump) -> Value {
+    let sb = &dump.superblock;
+    // Recovery keeps the newest committed version of each block.
+    let mut newest: std::collections::HashMap<u64, (u64, bool)> = Default::default();
+    let mut pending = 0u64;
+    for m in &dump.mappings {
+        if m.pending {
+            pending += 1;
+            continue;
+        }
+        let e = newest.entry(m.block).or_insert((m.seq, m.dirty));
+        if m.seq > e.0 {
+            *e = (m.seq, m.dirty);
+        }
+    }
+    let occupied = newest.len() as u64;
+    let dirty = newest.values().filter(|(_, d)| *d).count() as u64;
+    let slots = sb.layout.slot_count;
+    json!({
+        "source": "offline",
+        "cache": cache.display().to_string(),
+        "origin": sb.origin_fingerprint,
+        "origin_size": sb.origin_size,
+        "mode": sb.mode.to_string(),
+        "clean_shutdown": sb.clean_shutdown,
+        "block_size": sb.layout.block_size,
+        "slots": slots,
+        "occupied": occupied,
+        "dirty": dirty,
+        "clean": occupied - dirty,
+        "free": slots.saturating_sub(occupied),
+        "pending": pending,
+        "watermark": dump.watermark,
+    })
+}
+
+fn get(v: &Value, k: &str) -> Option<u64> {
+    v.get(k).and_then(Value::as_u64)
+}
+
+fn pct(part: u64, whole: u64) -> String {
+    if whole == 0 {
+        "-".into()
+    } else {
+        format!("{:.1}%", part as f64 * 100.0 / whole as f64)
+    }
+}
+
+/// Text for people, in the spirit of `casadm -P`.
+pub fn render_text(v: &Value) -> String {
+    let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
+    let n = |k: &str| get(v, k).unwrap_or(0);
+    let bs = n("block_size");
+    let mut o = String::new();
+    let live = s("source") == "server";
+    if live {
+        let _ = writeln!(
+            o,
+            "pmcache server (pid {}, up {} s) serving {} export '{}'{}",
+            n("pid"),
+            n("uptime_seconds"),
+            s("endpoint"),
+            s("export"),
+            if v.get("read_only").and_then(Value::as_bool) == Some(true) {
+                " read-only"
+            } else {
+                ""
+            }
+        );
+    } else {
+        let _ = writeln!(o, "cache file (no server running)");
+    }
+    let _ = writeln!(o, "  cache          {}", s("cache"));
+    let _ = writeln!(
+        o,
+        "  origin         {} ({})",
+        s("origin"),
+        human(n("origin_size"))
+    );
+    let _ = writeln!(o, "  cache mode     {}", s("mode"));
+    if live {
+        let _ = writeln!(o, "  pmem mode      {}", s("pmem_mode"));
+    } else {
+        let clean = v.get("clean_shutdown").and_then(Value::as_bool) == Some(true);
+        let _ = writeln!(
+            o,
+            "  last shutdown  {}",
+            if clean {
+                "clean"
+            } else {
+                "not clean (recovery runs at the next open)"
+            }
+        );
+    }
+    let _ = writeln!(o, "  block size     {bs} bytes");
+    let _ = writeln!(o, "Usage");
+    let (slots, occ, dirty, clean) = (n("slots"), n("occupied"), n("dirty"), n("clean"));
+    let _ = writeln!(
+        o,
+        "  occupancy      {occ} / {slots} blocks ({}), {} of {}",
+        pct(occ, slots),
+        human(occ * bs),
+        human(slots * bs)
+    );
+    let _ = writeln!(
+        o,
+        "  dirty          {dirty} blocks ({} of the cache), {}",
+        pct(dirty, slots),
+        human(dirty * bs)
+    );
+    let _ = writeln!(o, "  clean          {clean} blocks ({})", pct(clean, slots));
+    let _ = writeln!(o, "  free           {} blocks", n("free"));
+    if !live {
+        if n("pending") > 0 {
+            let _ = writeln!(
+                o,
+                "  in flight      {} blocks of writes in flight at the last crash (verified at the next open)",
+                n("pending")
+            );
+        }
+        let _ = writeln!(
+            o,
+            "Request counters live in a running server; start `pmcache serve` and run `pmcache stats` again."
+        );
+        return o;
+    }
+    let (rh, rm, wh, wm) = (
+        n("read_hits"),
+        n("read_misses"),
+        n("write_hits"),
+        n("write_misses"),
+    );
+    let _ = writeln!(o, "Requests (blocks)");
+    let _ = writeln!(o, "  read hits      {rh} ({} of reads)", pct(rh, rh + rm));
+    let _ = writeln!(o, "  read misses    {rm}");
+    let _ = writeln!(o, "  write hits     {wh} ({} of writes)", pct(wh, wh + wm));
+    let _ = writeln!(o, "  write misses   {wm}");
+    let _ = writeln!(o, "  promotions     {}", n("promotions"));
+    let _ = writeln!(o, "  evictions      {}", n("evictions"));
+    let _ = writeln!(
+        o,
+        "  client I/O     {} write requests, {} written, {} read",
+        n("writes"),
+        human(n("write_bytes")),
+        human(n("read_bytes"))
+    );
+    let _ = writeln!(o, "Writeback");
+    let _ = writeln!(
+        o,
+        "  written back   {} blocks, {}",
+        n("writebacks"),
+        human(n("writeback_bytes"))
+    );
+    let _ = writeln!(o, "  still dirty    {dirty} blocks");
+    let _ = writeln!(o, "  space waits    {}", n("waits_for_space"));
+    let _ = writeln!(o, "Errors");
+    let _ = writeln!(o, "  origin errors  {}", n("origin_errors"));
+    let _ = writeln!(o, "Persistence");
+    let _ = writeln!(
+        o,
+        "  fences         {} ({} by writes)",
+        n("fences"),
+        n("write_fences")
+    );
+    let _ = writeln!(o, "  watermark      {}", n("watermark"));
+    o
+}
+
+fn escape_label(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Prometheus text exposition format (version 0.0.4).
+pub fn prometheus(engine: &Engine, info: &ServerInfo) -> String {
+    let snap = engine.stats();
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "# HELP pmcache_info cache configuration (always 1)\n# TYPE pmcache_info gauge"
+    );
+    let _ = writeln!(
+        o,
+        "pmcache_info{{mode=\"{}\",pmem_mode=\"{}\",cache=\"{}\",origin=\"{}\"}} 1",
+        escape_label(&snap.mode),
+        escape_label(&snap.pmem_mode),
+        escape_label(&info.cache.display().to_string()),
+        escape_label(&info.origin)
+    );
+    let _ = writeln!(
+        o,
+        "# HELP pmcache_uptime_seconds seconds since the server started\n# TYPE pmcache_uptime_seconds gauge\npmcache_uptime_seconds {}",
+        info.started.elapsed().as_secs()
+    );
+    let _ = writeln!(
+        o,
+        "# HELP pmcache_origin_size origin size in bytes\n# TYPE pmcache_origin_size gauge\npmcache_origin_size {}",
+        info.origin_size
+    );
+    for (name, value, help) in snap.fields() {
+        let kind = if is_counter(name) { "counter" } else { "gauge" };
+        let _ = writeln!(
+            o,
+            "# HELP pmcache_{name} {help}\n# TYPE pmcache_{name} {kind}\npmcache_{name} {value}"
+        );
+    }
+    o
+}

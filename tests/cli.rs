@@ -1,0 +1,1016 @@
+//! The `pmcache` command, end to end: argument errors, format/check/dump/
+//! stats/flush, damaged caches, and `serve` (defaults, signals, locking,
+//! control socket, metrics). Every server is started by these tests, on
+//! loopback, and stopped by PID with bounded waits.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use pmcache::engine::{Engine, EngineConfig};
+use pmcache::nbd::Client;
+use pmcache::origin::FileOrigin;
+use pmcache::pmem::{MapOptions, MappedRegion};
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+
+fn read_file(p: &Path) -> Vec<u8> {
+    std::fs::read(p).expect("read file")
+}
+
+fn flip_bit(p: &Path, offset: u64, bit: u8) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, offset).unwrap();
+    b[0] ^= 1 << bit;
+    f.write_all_at(&b, offset).unwrap();
+}
+
+fn connect(port: u16) -> Client {
+    Client::connect(&format!("nbd://127.0.0.1:{port}")).expect("connect NBD")
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| seed.wrapping_add((i * 7 + i / 4096) as u8))
+        .collect()
+}
+
+/// A cache in `d` with blocks written through a real server and a clean
+/// shutdown. Returns (cache, origin).
+fn cache_with_data(d: &TempDir) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cache, origin) = (d.path("c.pmem"), d.path("o.img"));
+    sparse(&origin, 64 * MIB);
+    format(&cache, "16M", &origin);
+    let port = free_port();
+    let mut s = Server::start(
+        &d.0,
+        &[
+            "--cache",
+            &d.s("c.pmem"),
+            "--assume-pmem",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ],
+        d.path("serve.log"),
+    );
+    s.wait_ready(Duration::from_secs(20));
+    let c = connect(port);
+    c.write(&pattern(1, 64 * 1024), 0, false).unwrap();
+    c.write(&pattern(2, 8192), 5 * MIB, true).unwrap();
+    c.flush().unwrap();
+    drop(c);
+    assert!(s.terminate().success(), "log: {}", s.log_text());
+    (cache, origin)
+}
+
+// ----- bad arguments --------------------------------------------------------
+
+#[test]
+fn bad_sizes_are_refused_and_create_nothing() {
+    let d = TempDir::new("badsize");
+    sparse(&d.path("o.img"), 8 * MIB);
+    for bad in [
+        "12Q",
+        "0",
+        "0M",
+        "1.5G",
+        "-4K",
+        "abc",
+        "",
+        "99999999999999999999",
+        "20000000T",
+    ] {
+        let o = run(&[
+            "format",
+            "--cache",
+            &d.s("c.pmem"),
+            &format!("--size={bad}"),
+            "--origin",
+            &d.s("o.img"),
+        ]);
+        fails_with(&o, "--size");
+        assert_eq!(o.status.code(), Some(2), "bad size {bad:?}");
+        assert!(!d.path("c.pmem").exists(), "size {bad:?} created the cache");
+    }
+    let o = run_in(Some(&d.0), &["serve", "--cache-size", "lots"]);
+    fails_with(&o, "--cache-size");
+    assert!(
+        !d.path("pmcache-data").exists(),
+        "a refused serve created pmcache-data"
+    );
+    let o = run(&[
+        "format",
+        "--cache",
+        &d.s("c.pmem"),
+        "--size",
+        "16M",
+        "--origin",
+        &d.s("o.img"),
+        "--block-size",
+        "3000",
+    ]);
+    fails_with(&o, "power of two");
+    // Too small for the engine: refused before the file is created.
+    let o = run(&[
+        "format",
+        "--cache",
+        &d.s("c.pmem"),
+        "--size",
+        "64K",
+        "--origin",
+        &d.s("o.img"),
+    ]);
+    fails_with(&o, "are needed");
+    assert!(!d.path("c.pmem").exists());
+}
+
+#[test]
+fn bad_mode_and_addresses_are_refused() {
+    let d = TempDir::new("badmode");
+    let o = run_in(Some(&d.0), &["serve", "--mode", "fast"]);
+    fails_with(&o, "unknown cache mode 'fast'");
+    assert_eq!(o.status.code(), Some(2));
+    let o = run_in(Some(&d.0), &["serve", "--listen", "not-an-address"]);
+    fails_with(&o, "--listen");
+    let o = run_in(
+        Some(&d.0),
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:1",
+            "--socket",
+            "/tmp/x.sock",
+        ],
+    );
+    fails_with(&o, "cannot be used with");
+    let o = run_in(Some(&d.0), &["frobnicate"]);
+    fails_with(&o, "frobnicate");
+    assert!(
+        std::fs::read_dir(&d.0).unwrap().next().is_none(),
+        "a refused command left files behind"
+    );
+}
+
+#[test]
+fn help_has_examples() {
+    let o = run(&["serve", "--help"]);
+    ok(&o);
+    let h = stdout(&o);
+    assert!(h.contains("--cache-size"), "{h}");
+    assert!(h.contains("nbdinfo nbd://127.0.0.1:10809"), "{h}");
+    let o = run(&["format", "--help"]);
+    ok(&o);
+    assert!(stdout(&o).contains("Examples:"));
+}
+
+#[test]
+fn missing_cache_is_reported() {
+    let d = TempDir::new("missing");
+    sparse(&d.path("o.img"), 8 * MIB);
+    let missing = d.s("nope.pmem");
+    for args in [
+        vec!["check", "--cache", &missing],
+        vec!["dump", "--cache", &missing],
+        vec!["stats", "--cache", &missing],
+        vec!["flush", "--cache", &missing, "--origin", &d.s("o.img")],
+    ] {
+        let o = run(&args);
+        fails_with(&o, "no such file");
+    }
+    // serve does not create an explicitly named cache unless told its size.
+    let o = run(&[
+        "serve",
+        "--cache",
+        &missing,
+        "--origin",
+        &d.s("o.img"),
+        "--listen",
+        "127.0.0.1:1",
+    ]);
+    fails_with(&o, "--cache-size");
+    assert!(!d.path("nope.pmem").exists());
+    // A missing origin.
+    let o = run(&[
+        "format",
+        "--cache",
+        &d.s("c.pmem"),
+        "--size",
+        "8M",
+        "--origin",
+        &d.s("none.img"),
+    ]);
+    fails_with(&o, "none.img");
+    assert!(!d.path("c.pmem").exists());
+}
+
+#[test]
+fn wrong_origin_is_refused_and_nothing_changes() {
+    let d = TempDir::new("wrongorigin");
+    let (cache, _origin) = cache_with_data(&d);
+    sparse(&d.path("other.img"), 64 * MIB);
+    let before = read_file(&cache);
+    let port = free_port();
+    let o = run(&[
+        "serve",
+        "--cache",
+        &d.s("c.pmem"),
+        "--origin",
+        &d.s("other.img"),
+        "--assume-pmem",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    fails_with(&o, "use --force");
+    let o = run(&[
+        "flush",
+        "--cache",
+        &d.s("c.pmem"),
+        "--origin",
+        &d.s("other.img"),
+    ]);
+    fails_with(&o, "use --force");
+    let o = run(&[
+        "check",
+        "--cache",
+        &d.s("c.pmem"),
+        "--origin",
+        &d.s("other.img"),
+    ]);
+    assert!(!o.status.success());
+    assert!(stdout(&o).contains("origin identity"), "{}", stdout(&o));
+    assert!(
+        before == read_file(&cache),
+        "a refused command modified the cache"
+    );
+    assert!(
+        !d.path("c.pmem.sock").exists(),
+        "refused serve left its control socket"
+    );
+    // --force attaches it anyway.
+    let mut s = Server::start(
+        &d.0,
+        &[
+            "--cache",
+            &d.s("c.pmem"),
+            "--origin",
+            &d.s("other.img"),
+            "--force",
+            "--assume-pmem",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ],
+        d.path("force.log"),
+    );
+    s.wait_ready(Duration::from_secs(20));
+    assert!(s.terminate().success());
+}
+
+#[test]
+fn locked_cache_is_refused() {
+    use std::os::unix::io::AsRawFd;
+    let d = TempDir::new("locked");
+    sparse(&d.path("o.img"), 16 * MIB);
+    format(&d.path("c.pmem"), "8M", &d.path("o.img"));
+    let before = read_file(&d.path("c.pmem"));
+    // Hold the lock the way a server does.
+    let f = std::fs::File::open(d.path("c.pmem")).unwrap();
+    // SAFETY: flock on our own descriptor.
+    assert_eq!(
+        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
+        0
+    );
+    let c = d.s("c.pmem");
+    let o_ = d.s("o.img");
+    let port = format!("127.0.0.1:{}", free_port());
+    for args in [
+        vec!["serve", "--cache", &c, "--origin", &o_, "--listen", &port],
+        vec![
+            "format", "--cache", &c, "--size", "8M", "--origin", &o_, "--force",
+        ],
+        vec!["flush", "--cache", &c, "--origin", &o_],
+        vec!["check", "--cache", &c],
+        vec!["dump", "--cache", &c],
+    ] {
+        let o = run(&args);
+        fails_with(
+            &o,
+            &format!("cache {c} is in use by another pmcache process"),
+        );
+    }
+    drop(f);
+    assert!(before == read_file(&d.path("c.pmem")));
+    ok(&run(&["check", "--cache", &c]));
+}
+
+#[test]
+fn unreachable_nbd_origin_is_reported() {
+    let d = TempDir::new("unreach");
+    let port = free_port();
+    let uri = format!("nbd://127.0.0.1:{port}/vol");
+    let t0 = std::time::Instant::now();
+    let o = run(&[
+        "format",
+        "--cache",
+        &d.s("c.pmem"),
+        "--size",
+        "8M",
+        "--origin",
+        &uri,
+    ]);
+    fails_with(&o, &format!("127.0.0.1:{port}"));
+    assert!(t0.elapsed() < Duration::from_secs(30));
+    assert!(
+        !d.path("c.pmem").exists(),
+        "failed format left a cache file"
+    );
+    let o = run(&[
+        "serve",
+        "--cache",
+        &d.s("c.pmem"),
+        "--cache-size",
+        "8M",
+        "--origin",
+        &uri,
+        "--listen",
+        "127.0.0.1:1",
+    ]);
+    fails_with(&o, "127.0.0.1");
+    assert!(!d.path("c.pmem").exists(), "failed serve left a cache file");
+}
+
+#[test]
+fn format_refuses_existing_cache_and_nonempty_file() {
+    let d = TempDir::new("refuse");
+    sparse(&d.path("o.img"), 16 * MIB);
+    format(&d.path("c.pmem"), "8M", &d.path("o.img"));
+    let before = read_file(&d.path("c.pmem"));
+    let o = run(&[
+        "format",
+        "--cache",
+        &d.s("c.pmem"),
+        "--size",
+        "8M",
+        "--origin",
+        &d.s("o.img"),
+    ]);
+    fails_with(&o, "already holds a pmcache cache");
+    assert!(before == read_file(&d.path("c.pmem")));
+
+    let junk: Vec<u8> = (0..3 * MIB).map(|i| (i * 31 % 251) as u8).collect();
+    std::fs::write(d.path("junk.bin"), &junk).unwrap();
+    let o = run(&[
+        "format",
+        "--cache",
+        &d.s("junk.bin"),
+        "--size",
+        "8M",
+        "--origin",
+        &d.s("o.img"),
+    ]);
+    fails_with(&o, "not empty");
+    assert!(
+        junk == read_file(&d.path("junk.bin")),
+        "refused format changed the file"
+    );
+    // serve refuses to overwrite it as well.
+    let o = run(&[
+        "serve",
+        "--cache",
+        &d.s("junk.bin"),
+        "--origin",
+        &d.s("o.img"),
+        "--listen",
+        "127.0.0.1:1",
+    ]);
+    fails_with(&o, "not a pmcache cache");
+    assert!(junk == read_file(&d.path("junk.bin")));
+
+    // With --force both are overwritten and come out consistent.
+    ok(&run(&[
+        "format",
+        "--cache",
+        &d.s("junk.bin"),
+        "--size",
+        "8M",
+        "--origin",
+        &d.s("o.img"),
+        "--force",
+    ]));
+    assert_eq!(
+        std::fs::metadata(d.path("junk.bin")).unwrap().len(),
+        8 * MIB
+    );
+    ok(&run(&["check", "--cache", &d.s("junk.bin")]));
+    ok(&run(&[
+        "format",
+        "--cache",
+        &d.s("c.pmem"),
+        "--size",
+        "12M",
+        "--origin",
+        &d.s("o.img"),
+        "--force",
+    ]));
+    assert_eq!(
+        dump_json(&d.path("c.pmem"))["superblock"]["region_len"],
+        12 * MIB
+    );
+    // An empty (0-byte) file needs no --force.
+    std::fs::File::create(d.path("empty.pmem")).unwrap();
+    ok(&run(&[
+        "format",
+        "--cache",
+        &d.s("empty.pmem"),
+        "--size",
+        "8M",
+        "--origin",
+        &d.s("o.img"),
+    ]));
+}
+
+#[test]
+fn format_check_dump_stats_offline() {
+    let d = TempDir::new("offline");
+    sparse(&d.path("o.img"), 32 * MIB);
+    let o = run(&[
+        "format",
+        "--cache",
+        &d.s("c.pmem"),
+        "--size",
+        "16MiB",
+        "--origin",
+        &d.s("o.img"),
+        "--block-size",
+        "8K",
+        "--assume-pmem",
+    ]);
+    ok(&o);
+    assert!(stdout(&o).contains("formatted"), "{}", stdout(&o));
+    assert_eq!(std::fs::metadata(d.path("c.pmem")).unwrap().len(), 16 * MIB);
+
+    let o = run(&[
+        "check",
+        "--cache",
+        &d.s("c.pmem"),
+        "--origin",
+        &d.s("o.img"),
+    ]);
+    ok(&o);
+    assert!(stdout(&o).contains("result: consistent"), "{}", stdout(&o));
+    let o = run(&["check", "--cache", &d.s("c.pmem"), "--json", "--no-data"]);
+    ok(&o);
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["consistent"], true);
+
+    let v = dump_json(&d.path("c.pmem"));
+    let sb = &v["superblock"];
+    assert_eq!(sb["block_size"], 8192);
+    assert_eq!(sb["origin_size"], 32 * MIB);
+    let canon = std::fs::canonicalize(d.path("o.img")).unwrap();
+    assert_eq!(sb["origin"], format!("file:{}", canon.display()));
+    assert_eq!(sb["clean_shutdown"], true);
+    assert_eq!(sb["mode"], "writeback");
+    assert_eq!(v["mappings"].as_array().unwrap().len(), 0);
+    let o = run(&["dump", "--cache", &d.s("c.pmem")]);
+    ok(&o);
+    assert!(stdout(&o).contains("clean shutdown yes"), "{}", stdout(&o));
+
+    let o = run(&["stats", "--cache", &d.s("c.pmem"), "--json"]);
+    ok(&o);
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["source"], "offline");
+    assert_eq!(v["occupied"], 0);
+    assert_eq!(v["dirty"], 0);
+    assert!(v["slots"].as_u64().unwrap() > 1000);
+    let o = run(&["stats", "--cache", &d.s("c.pmem")]);
+    ok(&o);
+    assert!(stdout(&o).contains("occupancy"), "{}", stdout(&o));
+}
+
+// ----- damaged caches ---------------------------------------------------------
+
+#[test]
+fn check_detects_bit_flip_in_slot_metadata() {
+    let d = TempDir::new("flipslot");
+    let (cache, _) = cache_with_data(&d);
+    ok(&run(&["check", "--cache", &d.s("c.pmem")]));
+    let v = dump_json(&cache);
+    let maps = v["mappings"].as_array().unwrap();
+    assert!(
+        maps.len() >= 18,
+        "expected the written blocks to be cached: {v}"
+    );
+    let slot = maps[maps.len() / 2]["slot"].as_u64().unwrap();
+    let meta = 12288 + slot * 64;
+    assert_eq!(maps[maps.len() / 2]["meta_offset"].as_u64().unwrap(), meta);
+    flip_bit(&cache, meta + 2, 3); // in the origin block number
+    let before = read_file(&cache);
+    let o = run(&["check", "--cache", &d.s("c.pmem")]);
+    assert_eq!(o.status.code(), Some(1));
+    let out = stdout(&o);
+    assert!(out.contains(&format!("slot {slot}")), "{out}");
+    assert!(out.contains(&format!("offset {meta}")), "{out}");
+    assert!(out.contains("NOT consistent"), "{out}");
+    assert!(stderr(&o).contains(&format!("slot {slot}")));
+    assert!(before == read_file(&cache), "check modified the cache");
+    // The server refuses to serve it rather than serve wrong data.
+    let o = run(&[
+        "serve",
+        "--cache",
+        &d.s("c.pmem"),
+        "--assume-pmem",
+        "--listen",
+        &format!("127.0.0.1:{}", free_port()),
+    ]);
+    fails_with(&o, &format!("slot {slot}"));
+    assert!(
+        before == read_file(&cache),
+        "refused serve modified the cache"
+    );
+}
+
+#[test]
+fn check_detects_bit_flips_in_both_superblocks() {
+    let d = TempDir::new("flipsb");
+    let (cache, _) = cache_with_data(&d);
+    flip_bit(&cache, 10, 0);
+    // One copy damaged: still usable, but reported.
+    let o = run(&["check", "--cache", &d.s("c.pmem")]);
+    let out = stdout(&o);
+    assert!(out.contains("superblock copy 0"), "{out}");
+    flip_bit(&cache, 4096 + 10, 0);
+    let o = run(&["check", "--cache", &d.s("c.pmem")]);
+    assert_eq!(o.status.code(), Some(1));
+    let out = stdout(&o);
+    assert!(out.contains("superblock copy 0 (offset 0)"), "{out}");
+    assert!(out.contains("superblock copy 1 (offset 4096)"), "{out}");
+    let o = run(&["dump", "--cache", &d.s("c.pmem")]);
+    fails_with(&o, "superblock");
+}
+
+#[test]
+fn check_detects_truncation_and_foreign_files() {
+    let d = TempDir::new("trunc");
+    let (cache, _) = cache_with_data(&d);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&cache)
+        .unwrap()
+        .set_len(8 * MIB)
+        .unwrap();
+    let o = run(&["check", "--cache", &d.s("c.pmem")]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stdout(&o).contains(&format!(
+            "{}-byte cache but the file is {} bytes",
+            16 * MIB,
+            8 * MIB
+        )),
+        "{}",
+        stdout(&o)
+    );
+
+    let foreign: Vec<u8> = (0..MIB).map(|i| (i % 253) as u8 ^ 0x5a).collect();
+    std::fs::write(d.path("foreign.bin"), &foreign).unwrap();
+    let o = run(&["check", "--cache", &d.s("foreign.bin")]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stdout(&o).contains("not a pmcache cache"), "{}", stdout(&o));
+    assert!(foreign == read_file(&d.path("foreign.bin")));
+    std::fs::File::create(d.path("empty.bin")).unwrap();
+    let o = run(&["check", "--cache", &d.s("empty.bin")]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stdout(&o).contains("empty"), "{}", stdout(&o));
+}
+
+#[test]
+fn check_detects_damaged_block_data() {
+    let d = TempDir::new("flipdata");
+    let (cache, _) = cache_with_data(&d);
+    let v = dump_json(&cache);
+    let m = &v["mappings"].as_array().unwrap()[0];
+    let data = m["data_offset"].as_u64().unwrap();
+    flip_bit(&cache, data + 100, 6);
+    let o = run(&["check", "--cache", &d.s("c.pmem")]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stdout(&o).contains("data checksum mismatch"),
+        "{}",
+        stdout(&o)
+    );
+    // --no-data skips exactly that verification.
+    ok(&run(&["check", "--cache", &d.s("c.pmem"), "--no-data"]));
+}
+
+// ----- serve ------------------------------------------------------------------
+
+#[test]
+fn serve_defaults_in_a_temp_cwd() {
+    let d = TempDir::new("defaults");
+    let port = free_port();
+    let mut s = Server::start(
+        &d.0,
+        &["--listen", &format!("127.0.0.1:{port}")],
+        d.path("serve.log"),
+    );
+    s.wait_ready(Duration::from_secs(30));
+    let cache = d.path("pmcache-data/cache.pmem");
+    let origin = d.path("pmcache-data/origin.img");
+    assert_eq!(std::fs::metadata(&cache).unwrap().len(), 256 * MIB);
+    assert_eq!(std::fs::metadata(&origin).unwrap().len(), 1 << 30);
+    let log = s.log_text();
+    assert!(log.contains("pmem=msync"), "pmem mode not logged: {log}");
+    let c = connect(port);
+    assert_eq!(c.size(), 1 << 30);
+    let data = pattern(9, 65536);
+    c.write(&data, 3 * MIB, false).unwrap();
+    let mut back = vec![0u8; 65536];
+    c.read(&mut back, 3 * MIB).unwrap();
+    assert!(back == data);
+    drop(c);
+    let st = s.terminate();
+    assert_eq!(st.code(), Some(0), "log: {}", s.log_text());
+    assert!(
+        !d.path("pmcache-data/cache.pmem.sock").exists(),
+        "control socket left behind"
+    );
+    let v = dump_json(&cache);
+    assert_eq!(v["superblock"]["clean_shutdown"], true);
+    // It restarts warm on the same files and still has the data.
+    let mut s = Server::start(
+        &d.0,
+        &["--listen", &format!("127.0.0.1:{port}")],
+        d.path("serve2.log"),
+    );
+    s.wait_ready(Duration::from_secs(30));
+    let c = connect(port);
+    let mut back = vec![0u8; 65536];
+    c.read(&mut back, 3 * MIB).unwrap();
+    assert!(back == data);
+    drop(c);
+    assert_eq!(s.terminate().code(), Some(0));
+}
+
+#[test]
+fn serve_with_no_arguments_listens_on_10809() {
+    assert!(
+        TcpStream::connect_timeout(
+            &"127.0.0.1:10809".parse().unwrap(),
+            Duration::from_millis(500)
+        )
+        .is_err(),
+        "port 10809 is already in use by another program; this test needs it free"
+    );
+    let d = TempDir::new("noargs");
+    let mut s = Server::start_port(&d.0, &[], d.path("serve.log"), Some(10809));
+    s.wait_ready(Duration::from_secs(30));
+    let c = connect(10809);
+    assert_eq!(c.size(), 1 << 30);
+    c.write(b"hello, pmcache", 0, true).unwrap();
+    drop(c);
+    assert!(d.path("pmcache-data/cache.pmem").exists());
+    assert!(d.path("pmcache-data/origin.img").exists());
+    s.signal(libc::SIGINT);
+    let st = s
+        .wait_exit(Duration::from_secs(20))
+        .expect("SIGINT ends the server");
+    assert_eq!(st.code(), Some(0), "log: {}", s.log_text());
+    assert_eq!(
+        dump_json(&d.path("pmcache-data/cache.pmem"))["superblock"]["clean_shutdown"],
+        true
+    );
+}
+
+#[test]
+fn sigterm_drains_and_marks_clean_shutdown() {
+    let d = TempDir::new("sigterm");
+    sparse(&d.path("o.img"), 64 * MIB);
+    format(&d.path("c.pmem"), "16M", &d.path("o.img"));
+    let port = free_port();
+    let args = [
+        "--cache",
+        &d.s("c.pmem"),
+        "--assume-pmem",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+    ];
+    let mut s = Server::start(&d.0, &args, d.path("serve.log"));
+    s.wait_ready(Duration::from_secs(20));
+    // Clients writing while the signal arrives get either a reply or a closed connection.
+    let c = Arc::new(connect(port));
+    let writer = {
+        let c = c.clone();
+        std::thread::spawn(move || {
+            let mut acked = 0u64;
+            for i in 0..2000u64 {
+                if c.write(&pattern(i as u8, 4096), (i % 512) * 4096, false)
+                    .is_err()
+                {
+                    break;
+                }
+                acked += 1;
+            }
+            acked
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let st = s.terminate();
+    let acked = writer.join().unwrap();
+    assert_eq!(st.code(), Some(0), "log: {}", s.log_text());
+    assert!(acked > 0);
+    assert!(s.log_text().contains("SIGTERM"));
+    let v = dump_json(&d.path("c.pmem"));
+    assert_eq!(v["superblock"]["clean_shutdown"], true);
+    ok(&run(&["check", "--cache", &d.s("c.pmem")]));
+}
+
+#[test]
+fn second_serve_on_the_same_cache_is_refused() {
+    let d = TempDir::new("second");
+    sparse(&d.path("o.img"), 64 * MIB);
+    format(&d.path("c.pmem"), "16M", &d.path("o.img"));
+    let port = free_port();
+    let mut s = Server::start(
+        &d.0,
+        &[
+            "--cache",
+            &d.s("c.pmem"),
+            "--assume-pmem",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ],
+        d.path("serve.log"),
+    );
+    s.wait_ready(Duration::from_secs(20));
+    let port2 = free_port();
+    let o = run(&[
+        "serve",
+        "--cache",
+        &d.s("c.pmem"),
+        "--assume-pmem",
+        "--listen",
+        &format!("127.0.0.1:{port2}"),
+        "--control",
+        &d.s("other.sock"),
+    ]);
+    fails_with(
+        &o,
+        &format!(
+            "cache {} is in use by another pmcache process",
+            d.s("c.pmem")
+        ),
+    );
+    assert!(!d.path("other.sock").exists());
+    // The first one is unaffected.
+    let c = connect(port);
+    c.write(&[7u8; 4096], 0, true).unwrap();
+    drop(c);
+    assert_eq!(s.terminate().code(), Some(0));
+}
+
+#[test]
+fn stats_over_the_control_socket_shows_writes() {
+    let d = TempDir::new("stats");
+    sparse(&d.path("o.img"), 64 * MIB);
+    format(&d.path("c.pmem"), "16M", &d.path("o.img"));
+    let port = free_port();
+    let mut s = Server::start(
+        &d.0,
+        &[
+            "--cache",
+            &d.s("c.pmem"),
+            "--assume-pmem",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--mode",
+            "writethrough",
+        ],
+        d.path("serve.log"),
+    );
+    s.wait_ready(Duration::from_secs(20));
+    let c = connect(port);
+    for i in 0..10u64 {
+        c.write(&pattern(i as u8, 8192), i * 8192, false).unwrap();
+    }
+    let mut buf = vec![0u8; 8192];
+    c.read(&mut buf, 0).unwrap();
+    // Found through the cache's lock, without naming the socket.
+    let o = run(&["stats", "--cache", &d.s("c.pmem"), "--json"]);
+    ok(&o);
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["source"], "server");
+    assert_eq!(v["pid"], s.pid());
+    assert_eq!(v["writes"], 10);
+    assert_eq!(v["write_bytes"], 10 * 8192);
+    assert!(v["occupied"].as_u64().unwrap() >= 20);
+    assert!(v["read_hits"].as_u64().unwrap() >= 2);
+    assert_eq!(v["mode"], "writethrough");
+    assert!(
+        v["pmem_mode"].as_str().unwrap().starts_with("assumed pmem"),
+        "{v}"
+    );
+    // And by naming it; human output.
+    let o = run(&["stats", "--control", &d.s("c.pmem.sock")]);
+    ok(&o);
+    let out = stdout(&o);
+    for want in [
+        "occupancy",
+        "dirty",
+        "read hits",
+        "write misses",
+        "evictions",
+        "written back",
+        "origin errors",
+        "writethrough",
+        "assumed pmem",
+    ] {
+        assert!(out.contains(want), "stats lacks {want:?}: {out}");
+    }
+    drop(c);
+    assert_eq!(s.terminate().code(), Some(0));
+    // A dead control socket is a clear error.
+    let o = run(&["stats", "--control", &d.s("c.pmem.sock")]);
+    fails_with(&o, "control socket");
+}
+
+#[test]
+fn metrics_are_served_in_prometheus_format() {
+    let d = TempDir::new("metrics");
+    sparse(&d.path("o.img"), 64 * MIB);
+    format(&d.path("c.pmem"), "16M", &d.path("o.img"));
+    let (port, mport) = (free_port(), free_port());
+    let mut s = Server::start(
+        &d.0,
+        &[
+            "--cache",
+            &d.s("c.pmem"),
+            "--assume-pmem",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--metrics",
+            &format!("127.0.0.1:{mport}"),
+        ],
+        d.path("serve.log"),
+    );
+    s.wait_ready(Duration::from_secs(20));
+    let c = connect(port);
+    c.write(&[1u8; 4096 * 3], 0, false).unwrap();
+    drop(c);
+    let get = |path: &str| -> String {
+        let mut t = TcpStream::connect(("127.0.0.1", mport)).unwrap();
+        t.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(t, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+        let mut r = String::new();
+        t.read_to_string(&mut r).unwrap();
+        r
+    };
+    let r = get("/metrics");
+    assert!(r.starts_with("HTTP/1.1 200 OK"), "{r}");
+    assert!(r.contains("Content-Type: text/plain; version=0.0.4"), "{r}");
+    assert!(
+        r.contains("# HELP pmcache_writes write requests acknowledged"),
+        "{r}"
+    );
+    assert!(r.contains("# TYPE pmcache_writes counter"), "{r}");
+    assert!(r.contains("\npmcache_writes 1\n"), "{r}");
+    assert!(r.contains("\npmcache_write_bytes 12288\n"), "{r}");
+    assert!(r.contains("# TYPE pmcache_dirty gauge"), "{r}");
+    assert!(r.contains("pmcache_info{mode=\"writeback\""), "{r}");
+    // Every sample line is NAME[{labels}] VALUE.
+    let body = r.split("\r\n\r\n").nth(1).unwrap();
+    for line in body.lines().filter(|l| !l.starts_with('#')) {
+        let (name, value) = line.rsplit_once(' ').unwrap();
+        assert!(name.starts_with("pmcache_"), "{line}");
+        assert!(value.parse::<f64>().is_ok(), "{line}");
+    }
+    assert!(get("/nope").starts_with("HTTP/1.1 404"));
+    assert_eq!(s.terminate().code(), Some(0));
+}
+
+#[test]
+fn serve_on_a_unix_socket() {
+    let d = TempDir::new("unix");
+    sparse(&d.path("o.img"), 64 * MIB);
+    format(&d.path("c.pmem"), "16M", &d.path("o.img"));
+    let sock = d.s("nbd.sock");
+    let mut s = Server::start_port(
+        &d.0,
+        &[
+            "--cache",
+            &d.s("c.pmem"),
+            "--assume-pmem",
+            "--socket",
+            &sock,
+            "--read-only",
+            "--export",
+            "vol",
+        ],
+        d.path("serve.log"),
+        None,
+    );
+    let t0 = std::time::Instant::now();
+    let c = loop {
+        if let Ok(c) = Client::connect(&format!("nbd+unix:///vol?socket={sock}")) {
+            break c;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no unix socket: {}",
+            s.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(c.size(), 64 * MIB);
+    assert!(
+        c.write(&[1u8; 512], 0, false).is_err(),
+        "read-only export accepted a write"
+    );
+    drop(c);
+    assert_eq!(s.terminate().code(), Some(0));
+    assert!(!d.path("nbd.sock").exists(), "NBD socket left behind");
+}
+
+// ----- flush ------------------------------------------------------------------
+
+#[test]
+fn flush_writes_everything_back_and_leaves_the_cache_clean() {
+    let d = TempDir::new("flush");
+    let (cache, origin) = (d.path("c.pmem"), d.path("o.img"));
+    sparse(&origin, 32 * MIB);
+    format(&cache, "16M", &origin);
+    // Make dirty blocks with the engine directly and no writeback thread.
+    let mut expect = vec![0u8; 32 * MIB as usize];
+    {
+        let region =
+            Arc::new(MappedRegion::open(&cache, &MapOptions::new().assume_pmem(true)).unwrap());
+        let o = Arc::new(FileOrigin::open(&origin).unwrap());
+        let cfg = EngineConfig {
+            background_writeback: false,
+            ..EngineConfig::default()
+        };
+        let e = Engine::open(region, o, cfg).unwrap();
+        for i in 0..300u64 {
+            let off = (i * 7919 % 8000) * 4096;
+            let data = pattern(i as u8, 4096 * ((i % 3) + 1) as usize);
+            e.write(off, &data, false).unwrap();
+            expect[off as usize..off as usize + data.len()].copy_from_slice(&data);
+        }
+        assert!(e.dirty_blocks() > 100);
+        e.close().unwrap();
+    }
+    let before = dump_json(&cache);
+    let dirty_before = before["dirty"].as_u64().unwrap();
+    assert!(dirty_before > 100, "{dirty_before}");
+    assert!(read_file(&origin) != expect, "origin already held the data");
+
+    let o = run(&[
+        "flush",
+        "--cache",
+        &d.s("c.pmem"),
+        "--origin",
+        &d.s("o.img"),
+        "--assume-pmem",
+    ]);
+    ok(&o);
+    assert!(
+        stdout(&o).contains("0 dirty blocks remain"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(
+        stderr(&o).is_empty(),
+        "progress bar drawn without a TTY: {}",
+        stderr(&o)
+    );
+    let after = dump_json(&cache);
+    assert_eq!(after["dirty"], 0);
+    assert_eq!(after["superblock"]["clean_shutdown"], true);
+    assert!(
+        read_file(&origin) == expect,
+        "origin does not hold the written data"
+    );
+    ok(&run(&["check", "--cache", &d.s("c.pmem")]));
+    let v: Value = serde_json::from_str(&stdout(&run(&[
+        "stats",
+        "--cache",
+        &d.s("c.pmem"),
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(v["dirty"], 0);
+    assert!(
+        v["clean"].as_u64().unwrap() > 0,
+        "the cache should stay warm: {v}"
+    );
+}

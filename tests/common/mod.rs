@@ -1,0 +1,258 @@
+//! Helpers shared by the CLI and kill -9 tests: temp dirs, running the
+//! binary, and servers that are always stopped by PID with bounded waits.
+
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_pmcache")
+}
+
+/// A fresh directory under /dev/shm (or the system temp dir), removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let base = if Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        };
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let p = base.join(format!(
+            "pmcache-test-{tag}-{}-{}-{nanos}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    pub fn s(&self, name: &str) -> String {
+        self.path(name).display().to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Run the binary to completion (bounded: these commands never wait on a
+/// server), in `cwd` if given.
+pub fn run_in(cwd: Option<&Path>, args: &[&str]) -> Output {
+    let mut c = Command::new(bin());
+    c.args(args).env_remove("RUST_LOG").stdin(Stdio::null());
+    if let Some(d) = cwd {
+        c.current_dir(d);
+    }
+    c.output().expect("run pmcache")
+}
+
+pub fn run(args: &[&str]) -> Output {
+    run_in(None, args)
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Assert a successful run, showing its output otherwise.
+pub fn ok(o: &Output) {
+    assert!(
+        o.status.success(),
+        "pmcache failed ({:?})\nstdout: {}\nstderr: {}",
+        o.status,
+        stdout(o),
+        stderr(o)
+    );
+}
+
+/// Assert a failed run with exactly one `pmcache: error:` line on stderr
+/// that contains `needle`.
+pub fn fails_with(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert!(
+        !o.status.success(),
+        "expected failure, got success\nstdout: {}\nstderr: {err}",
+        stdout(o)
+    );
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one stderr line, got: {err}");
+    assert!(
+        lines[0].starts_with("pmcache: error: "),
+        "stderr line is not a pmcache error: {err}"
+    );
+    assert!(
+        lines[0].to_lowercase().contains(&needle.to_lowercase()),
+        "stderr does not mention {needle:?}: {err}"
+    );
+}
+
+/// A loopback TCP port nothing listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind port 0")
+        .local_addr()
+        .expect("local addr")
+        .port()
+}
+
+/// Make a sparse file of `len` bytes.
+pub fn sparse(path: &Path, len: u64) {
+    File::create(path)
+        .and_then(|f| f.set_len(len))
+        .expect("create sparse file");
+}
+
+/// `pmcache format` a cache (assumed pmem, fast on /dev/shm).
+pub fn format(cache: &Path, size: &str, origin: &Path) {
+    ok(&run(&[
+        "format",
+        "--cache",
+        &cache.display().to_string(),
+        "--size",
+        size,
+        "--origin",
+        &origin.display().to_string(),
+        "--assume-pmem",
+    ]));
+}
+
+pub fn dump_json(cache: &Path) -> serde_json::Value {
+    let o = run(&["dump", "--cache", &cache.display().to_string(), "--json"]);
+    ok(&o);
+    serde_json::from_str(&stdout(&o)).expect("dump --json is JSON")
+}
+
+/// A `pmcache serve` child process. Dropping it kills it (SIGKILL) and reaps it.
+pub struct Server {
+    pub child: Child,
+    pub port: Option<u16>,
+    pub log: PathBuf,
+}
+
+impl Server {
+    /// Start `pmcache serve ARGS` in `cwd`, logging to `log`.
+    pub fn start(cwd: &Path, args: &[&str], log: PathBuf) -> Server {
+        let port = args
+            .iter()
+            .position(|a| *a == "--listen")
+            .and_then(|i| args.get(i + 1))
+            .and_then(|a| a.rsplit(':').next())
+            .and_then(|p| p.parse().ok());
+        Self::start_port(cwd, args, log, port)
+    }
+
+    pub fn start_port(cwd: &Path, args: &[&str], log: PathBuf, port: Option<u16>) -> Server {
+        let f = File::create(&log).expect("server log");
+        let child = Command::new(bin())
+            .arg("serve")
+            .args(args)
+            .current_dir(cwd)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().expect("dup log"))
+            .stderr(f)
+            .spawn()
+            .expect("spawn pmcache serve");
+        Server { child, port, log }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Wait until the server accepts TCP connections on its port (or the
+    /// Unix socket `sock` exists and accepts). Panics with its log when it
+    /// exits or does not come up within `timeout`.
+    pub fn wait_ready(&mut self, timeout: Duration) {
+        let port = self.port.expect("server has a TCP port");
+        let t0 = Instant::now();
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("server exited early ({st:?}); log:\n{}", self.log_text());
+            }
+            if TcpStream::connect(("127.0.0.1", port)).is_ok()
+                && self.log_text().contains("serving")
+            {
+                return;
+            }
+            if t0.elapsed() > timeout {
+                panic!(
+                    "server did not come up within {timeout:?}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Wait for the process to exit within `timeout` (None if it did not).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let t0 = Instant::now();
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            if t0.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's PID.
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    /// SIGTERM and wait (bounded) for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        match self.wait_exit(Duration::from_secs(20)) {
+            Some(st) => st,
+            None => panic!("server ignored SIGTERM for 20 s; log:\n{}", self.log_text()),
+        }
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill9(&mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = self.wait_exit(Duration::from_secs(10));
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.signal(libc::SIGKILL);
+            let _ = self.wait_exit(Duration::from_secs(10));
+        }
+    }
+}

@@ -1,0 +1,598 @@
+//! Helpers for the interoperability tests of the `pmcache` binary: private
+//! directories in /dev/shm, servers started as child processes (`pmcache
+//! serve`, nbdkit, qemu-nbd) that are always stopped by PID with bounded
+//! waits, and external tools run with a time limit.
+//!
+//! Same design as `crates/nbd/tests/common/mod.rs` (`launch(&ServerKind) ->
+//! ServerGuard`), but the server under test is the real binary. Kept apart
+//! from `common/mod.rs`, which the CLI and kill -9 tests use.
+
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub const MIB: usize = 1 << 20;
+
+/// The binary under test.
+pub fn pmcache_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_pmcache")
+}
+
+// ---------------------------------------------------------------------------
+// Temporary directories
+// ---------------------------------------------------------------------------
+
+/// A private directory in /dev/shm (the cache files there stand in for
+/// pmem), removed on drop. Paths stay short: Unix socket paths are limited
+/// to 107 bytes.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new() -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = PathBuf::from(format!(
+            "/dev/shm/pmi-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create temp dir in /dev/shm");
+        Self(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    /// `join` as a string, for command lines.
+    pub fn s(&self, name: &str) -> String {
+        self.join(name).display().to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn unix_uri(socket: &Path) -> String {
+    format!("nbd+unix:///?socket={}", socket.display())
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*).
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 56) as u8
+        })
+        .collect()
+}
+
+/// Compare two buffers, naming the first differing byte.
+pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+    if let Some(i) = got.iter().zip(want).position(|(x, y)| x != y) {
+        let n = got[i..]
+            .iter()
+            .zip(&want[i..])
+            .take_while(|(x, y)| x != y)
+            .count();
+        panic!(
+            "{what}: first difference at byte {i} ({n} bytes differ from there): got {:#04x}, want {:#04x}",
+            got[i], want[i]
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Tools
+// ---------------------------------------------------------------------------
+
+/// The Debian package that provides a tool (for the failure message).
+pub fn package_of(tool: &str) -> &'static str {
+    match tool {
+        "qemu-io" | "qemu-img" | "qemu-nbd" => "qemu-utils",
+        "nbdinfo" | "nbdcopy" | "nbdfuse" => "libnbd-bin",
+        "nbdsh" => "python3-libnbd",
+        "nbdkit" => "nbdkit",
+        "fio" => "fio",
+        "fusermount3" => "fuse3",
+        "losetup" | "mount" | "umount" => "mount",
+        "mkfs.ext4" | "fsck.ext4" | "e2fsck" | "debugfs" => "e2fsprogs",
+        "sha256sum" | "sync" => "coreutils",
+        "perf" => "linux-perf",
+        _ => "(unknown package)",
+    }
+}
+
+/// PATH for child processes: /usr/bin first, so that tools written in
+/// Python (nbdsh) get the system python3 that has the `nbd` module.
+pub fn child_path() -> String {
+    format!(
+        "/usr/bin:/usr/sbin:/bin:/sbin:{}",
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+/// Path of `tool`, or a failure that names the package to install. Missing
+/// tools fail the test: CI installs them.
+pub fn require_tool(tool: &str) -> PathBuf {
+    for d in child_path().split(':') {
+        let p = Path::new(d).join(tool);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!(
+        "required tool `{tool}` is not installed; install it with: apt-get install -y {}",
+        package_of(tool)
+    );
+}
+
+/// Run a program with a time limit (killed by PID and the test failed when
+/// it takes longer). Returns its output, whatever its exit status.
+pub fn run_program(program: &Path, args: &[&str], timeout: Duration) -> Output {
+    let name = program.display().to_string();
+    let mut child = Command::new(program)
+        .args(args)
+        .env("PATH", child_path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {name}: {e}"));
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let t_out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{name} {args:?} did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: t_out.join().unwrap_or_default(),
+        stderr: t_err.join().unwrap_or_default(),
+    }
+}
+
+/// Run an external tool (see `require_tool`) with a time limit.
+pub fn run_tool(tool: &str, args: &[&str], timeout: Duration) -> Output {
+    run_program(&require_tool(tool), args, timeout)
+}
+
+fn expect_success(what: &str, args: &[&str], out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "{what} {args:?} failed with {}:\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `run_tool`, asserting success; returns stdout as text.
+pub fn run_ok(tool: &str, args: &[&str], timeout: Duration) -> String {
+    let out = run_tool(tool, args, timeout);
+    expect_success(tool, args, &out)
+}
+
+/// Run a `pmcache` subcommand (check, dump, flush, ...) to completion.
+pub fn pmcache(args: &[&str], timeout: Duration) -> Output {
+    run_program(Path::new(pmcache_bin()), args, timeout)
+}
+
+/// `pmcache`, asserting success; returns stdout as text.
+pub fn pmcache_ok(args: &[&str], timeout: Duration) -> String {
+    let out = pmcache(args, timeout);
+    expect_success("pmcache", args, &out)
+}
+
+// ---------------------------------------------------------------------------
+// Child processes
+// ---------------------------------------------------------------------------
+
+/// A child process with its output in a log file. Stopped on drop by PID:
+/// SIGTERM, then SIGKILL after 5 s.
+pub struct Proc {
+    child: Child,
+    pub name: String,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(program: &Path, args: &[String], log: PathBuf, env: &[(&str, &str)]) -> Proc {
+        let name = program
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let f = File::create(&log).expect("create log file");
+        let mut c = Command::new(program);
+        c.args(args)
+            .env("PATH", child_path())
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().expect("dup log"))
+            .stderr(f);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let child = c
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        Proc { child, name, log }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The exit status if the process has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    pub fn signal(&mut self, sig: i32) {
+        if self.exited().is_none() {
+            // SAFETY: kill(2) on the PID of our own child, which has not been
+            // reaped (try_wait returned None), so the PID cannot be reused.
+            unsafe {
+                libc::kill(self.child.id() as libc::pid_t, sig);
+            }
+        }
+    }
+
+    /// Wait (bounded) for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.exited() {
+                return Some(s);
+            }
+            if start.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGTERM and wait up to `timeout`; fails the test (after SIGKILL) if
+    /// the process ignores it.
+    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        match self.wait_exit(timeout) {
+            Some(s) => s,
+            None => {
+                self.signal(libc::SIGKILL);
+                let _ = self.wait_exit(Duration::from_secs(10));
+                panic!(
+                    "{} (pid {}) ignored SIGTERM for {timeout:?}; log:\n{}",
+                    self.name,
+                    self.pid(),
+                    self.log_text()
+                );
+            }
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.exited().is_some() {
+            return;
+        }
+        self.signal(libc::SIGTERM);
+        if self.wait_exit(Duration::from_secs(5)).is_none() {
+            self.signal(libc::SIGKILL);
+            let _ = self.wait_exit(Duration::from_secs(10));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Servers
+// ---------------------------------------------------------------------------
+
+/// Where a server listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listen {
+    /// A Unix socket in the server's private directory.
+    Unix,
+    /// A free loopback TCP port.
+    Tcp,
+}
+
+/// Which server to start.
+#[derive(Debug, Clone)]
+pub enum ServerKind {
+    /// `pmcache serve --cache CACHE --assume-pmem [--cache-size SIZE]
+    /// [--origin ORIGIN] EXTRA...` on a Unix socket or a loopback port.
+    Pmcache {
+        cache: PathBuf,
+        cache_size: Option<String>,
+        origin: Option<String>,
+        listen: Listen,
+        extra: Vec<String>,
+    },
+    /// Any program that listens on the Unix socket `{socket}` (replaced in
+    /// its arguments, as `{dir}` is by its private directory).
+    Command { program: String, args: Vec<String> },
+}
+
+impl ServerKind {
+    /// pmcache on a Unix socket over `origin` (creating the cache with
+    /// `cache_size` if it does not exist).
+    pub fn pmcache(cache: &Path, cache_size: &str, origin: &str, extra: &[&str]) -> Self {
+        ServerKind::Pmcache {
+            cache: cache.to_path_buf(),
+            cache_size: Some(cache_size.into()),
+            origin: Some(origin.into()),
+            listen: Listen::Unix,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// pmcache reopening an existing cache, with the origin it records.
+    pub fn pmcache_reopen(cache: &Path, extra: &[&str]) -> Self {
+        ServerKind::Pmcache {
+            cache: cache.to_path_buf(),
+            cache_size: None,
+            origin: None,
+            listen: Listen::Unix,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// nbdkit in the foreground on `{socket}` with these plugin arguments.
+    pub fn nbdkit(plugin_args: &[&str]) -> Self {
+        let mut args: Vec<String> = ["--foreground", "--exit-with-parent", "--unix", "{socket}"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.extend(plugin_args.iter().map(|s| s.to_string()));
+        ServerKind::Command {
+            program: "nbdkit".into(),
+            args,
+        }
+    }
+
+    /// qemu-nbd serving a raw file on `{socket}`, for several clients in
+    /// turn and at once.
+    pub fn qemu_nbd(file: &Path) -> Self {
+        ServerKind::Command {
+            program: "qemu-nbd".into(),
+            args: vec![
+                "--persistent".into(),
+                "--shared=8".into(),
+                "--format=raw".into(),
+                "--cache=writeback".into(),
+                "--socket={socket}".into(),
+                file.display().to_string(),
+            ],
+        }
+    }
+}
+
+/// Where clients reach a running server.
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    Unix(PathBuf),
+    Tcp(u16),
+}
+
+/// A running server; stopped by PID on drop (SIGTERM, then SIGKILL).
+pub struct ServerGuard {
+    pub proc: Proc,
+    pub endpoint: Endpoint,
+    pub dir: TempDir,
+}
+
+impl ServerGuard {
+    /// URI of the default export.
+    pub fn uri(&self) -> String {
+        self.uri_export("")
+    }
+
+    /// URI of a named export.
+    pub fn uri_export(&self, name: &str) -> String {
+        match &self.endpoint {
+            Endpoint::Unix(s) => format!("nbd+unix:///{name}?socket={}", s.display()),
+            Endpoint::Tcp(p) => format!("nbd://127.0.0.1:{p}/{name}"),
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        match &self.endpoint {
+            Endpoint::Unix(s) => s,
+            Endpoint::Tcp(_) => panic!("server listens on TCP"),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    pub fn log_text(&self) -> String {
+        self.proc.log_text()
+    }
+
+    /// SIGTERM (a clean shutdown), waiting at most 30 s; asserts that the
+    /// server exits with status 0.
+    pub fn stop(mut self) {
+        let status = self.proc.terminate(Duration::from_secs(30));
+        assert!(
+            status.success(),
+            "{} exited with {status} after SIGTERM; log:\n{}",
+            self.proc.name,
+            self.proc.log_text()
+        );
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0")
+        .local_addr()
+        .expect("local addr")
+        .port()
+}
+
+/// Start a server and wait (bounded) until it accepts connections (and,
+/// for pmcache, has logged that it is serving).
+pub fn launch(kind: &ServerKind) -> ServerGuard {
+    // A free port can be taken by someone else before the server binds it:
+    // try a few.
+    for attempt in 0..3 {
+        match try_launch(kind) {
+            Ok(g) => return g,
+            Err(log) if attempt < 2 && log.contains("cannot listen") => continue,
+            Err(log) => panic!("{log}"),
+        }
+    }
+    unreachable!()
+}
+
+fn try_launch(kind: &ServerKind) -> Result<ServerGuard, String> {
+    let dir = TempDir::new();
+    let log = dir.join("server.log");
+    let (mut proc, endpoint, is_pmcache) = match kind {
+        ServerKind::Pmcache {
+            cache,
+            cache_size,
+            origin,
+            listen,
+            extra,
+        } => {
+            let mut args: Vec<String> = vec![
+                "serve".into(),
+                "--cache".into(),
+                cache.display().to_string(),
+                "--assume-pmem".into(),
+            ];
+            if let Some(s) = cache_size {
+                args.extend(["--cache-size".into(), s.clone()]);
+            }
+            if let Some(o) = origin {
+                args.extend(["--origin".into(), o.clone()]);
+            }
+            let endpoint = match listen {
+                Listen::Unix => {
+                    let s = dir.join("nbd.sock");
+                    args.extend(["--socket".into(), s.display().to_string()]);
+                    Endpoint::Unix(s)
+                }
+                Listen::Tcp => {
+                    let p = free_port();
+                    args.extend(["--listen".into(), format!("127.0.0.1:{p}")]);
+                    Endpoint::Tcp(p)
+                }
+            };
+            args.extend(extra.iter().cloned());
+            let p = Proc::spawn(
+                Path::new(pmcache_bin()),
+                &args,
+                log,
+                &[("RUST_LOG", "info")],
+            );
+            (p, endpoint, true)
+        }
+        ServerKind::Command { program, args } => {
+            let socket = dir.join("nbd.sock");
+            let args: Vec<String> = args
+                .iter()
+                .map(|a| {
+                    a.replace("{socket}", &socket.display().to_string())
+                        .replace("{dir}", &dir.path().display().to_string())
+                })
+                .collect();
+            let p = Proc::spawn(&require_tool(program), &args, log, &[]);
+            (p, Endpoint::Unix(socket), false)
+        }
+    };
+    let start = Instant::now();
+    loop {
+        if let Some(status) = proc.exited() {
+            return Err(format!(
+                "server {} exited with {status} before serving; log:\n{}",
+                proc.name,
+                proc.log_text()
+            ));
+        }
+        let connects = match &endpoint {
+            Endpoint::Unix(s) => UnixStream::connect(s).is_ok(),
+            Endpoint::Tcp(p) => TcpStream::connect(("127.0.0.1", *p)).is_ok(),
+        };
+        if connects && (!is_pmcache || proc.log_text().contains("serving")) {
+            return Ok(ServerGuard {
+                proc,
+                endpoint,
+                dir,
+            });
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            let log = proc.log_text();
+            proc.signal(libc::SIGKILL);
+            let _ = proc.wait_exit(Duration::from_secs(10));
+            return Err(format!(
+                "server {} did not serve within 30 s; log:\n{log}",
+                proc.name
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Make a file of `len` bytes holding `data` at its start (the rest zero).
+pub fn write_file(path: &Path, data: &[u8], len: usize) {
+    let mut v = data.to_vec();
+    v.resize(len, 0);
+    std::fs::write(path, v).expect("write file");
+}
+
+/// A file of `len` pseudo-random bytes, some 256 KiB stretches left zero
+/// (so that zero detection and sparse paths are exercised too).
+pub fn random_image(path: &Path, len: usize, seed: u64) -> Vec<u8> {
+    let mut data = pattern(seed, len);
+    for z in (0..len).step_by(5 * MIB / 2) {
+        let end = (z + MIB / 4).min(len);
+        data[z..end].fill(0);
+    }
+    std::fs::write(path, &data).expect("write image");
+    data
+}
