@@ -105,6 +105,12 @@ enum Loc {
     Miss,
 }
 
+/// A reclaim batch: `(slot, seq of its old incarnation, may be freed)`.
+type Batch = Vec<(u32, u64, bool)>;
+
+/// Blocks a read fetched: into new cache slots, or into bounce buffers.
+type Fetched = (Vec<NewBlock>, Vec<(u64, Vec<u8>)>);
+
 /// What a write puts into each block.
 pub(crate) enum Src<'a> {
     Buf(&'a [u8]),
@@ -158,7 +164,9 @@ impl Engine {
         let slots = layout.slot_count;
         let mut n = match cfg.shards {
             Some(n) => n.max(1).next_power_of_two() as u64,
-            None => (slots / (8 * max_blocks as u64)).clamp(1, 64).next_power_of_two(),
+            None => (slots / (8 * max_blocks as u64))
+                .clamp(1, 64)
+                .next_power_of_two(),
         };
         while n > 1 && slots / n < 2 * max_blocks as u64 {
             n /= 2;
@@ -176,7 +184,10 @@ impl Engine {
             .map(|i| {
                 let first = i * per;
                 let count = if i == n - 1 { slots - first } else { per };
-                Shard { ix: Mutex::new(ShardIndex::new(first, count as u32)), cv: Condvar::new() }
+                Shard {
+                    ix: Mutex::new(ShardIndex::new(first, count as u32)),
+                    cv: Condvar::new(),
+                }
             })
             .collect();
         let chunk_shift = (20u32).saturating_sub(bs.trailing_zeros());
@@ -250,19 +261,27 @@ impl Engine {
 
     /// Seq of the incarnation in a slot's metadata.
     pub(crate) fn slot_seq(&self, first: u64, s: u32) -> u64 {
-        self.region.word(self.meta(first, s) + 8).load(Ordering::Relaxed)
+        self.region
+            .word(self.meta(first, s) + 8)
+            .load(Ordering::Relaxed)
     }
 
     pub(crate) fn store_state(&self, first: u64, s: u32, word: u64) {
         let off = self.meta(first, s);
-        self.region.word(off + W_STATE * 8).store(word, Ordering::Release);
+        self.region
+            .word(off + W_STATE * 8)
+            .store(word, Ordering::Release);
         self.region.flush(off, META_SIZE);
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),
-            _ => Err(EngineError::OutOfRange { offset, len, size: self.size }),
+            _ => Err(EngineError::OutOfRange {
+                offset,
+                len,
+                size: self.size,
+            }),
         }
     }
 
@@ -338,7 +357,8 @@ impl Engine {
             match blocked {
                 None => {
                     for b in b0..=b1 {
-                        g[Self::guard_pos(&ids, self.shard_of(b))].update_lock(b, |l| l.origin_writer = true);
+                        g[Self::guard_pos(&ids, self.shard_of(b))]
+                            .update_lock(b, |l| l.origin_writer = true);
                     }
                     return;
                 }
@@ -346,7 +366,9 @@ impl Engine {
                     let pos = Self::guard_pos(&ids, self.shard_of(b));
                     let mut mine = g.swap_remove(pos);
                     drop(g);
-                    self.shards[self.shard_of(b)].cv.wait_for(&mut mine, Duration::from_millis(5));
+                    self.shards[self.shard_of(b)]
+                        .cv
+                        .wait_for(&mut mine, Duration::from_millis(5));
                 }
             }
         }
@@ -355,7 +377,10 @@ impl Engine {
     pub(crate) fn unlock_origin_writers(&self, blocks: impl Iterator<Item = u64>) {
         for b in blocks {
             let sh = self.shard_of(b);
-            self.shards[sh].ix.lock().update_lock(b, |l| l.origin_writer = false);
+            self.shards[sh]
+                .ix
+                .lock()
+                .update_lock(b, |l| l.origin_writer = false);
             self.shards[sh].cv.notify_all();
         }
     }
@@ -370,14 +395,18 @@ impl Engine {
         if freed {
             self.store_state(ix.first_slot, s, STATE_FREE);
         }
-        ix.retiring.push(Retired { slot: s, seq, freed });
+        ix.retiring.push(Retired {
+            slot: s,
+            seq,
+            freed,
+        });
     }
 
     /// Prepare a reclaim batch: the retiring slots (storing FREE where the
     /// watermark now allows) plus up to `victims` clean LRU slots, which get
     /// their FREE store now. Returns the slots to flush and, per slot,
     /// whether it may be freed after the fence.
-    fn prepare_reclaim(&self, ix: &mut ShardIndex, victims: usize) -> Vec<(u32, u64, bool)> {
+    fn prepare_reclaim(&self, ix: &mut ShardIndex, victims: usize) -> Batch {
         let first = ix.first_slot;
         let durable = self.seq.durable();
         let mut out: Vec<(u32, u64, bool)> = Vec::with_capacity(ix.retiring.len() + victims);
@@ -428,13 +457,17 @@ impl Engine {
     }
 
     /// After a fence: free what the batch made durable.
-    fn complete_reclaim(&self, ix: &mut ShardIndex, batch: Vec<(u32, u64, bool)>) {
+    fn complete_reclaim(&self, ix: &mut ShardIndex, batch: Batch) {
         let durable = self.seq.durable();
         for (s, seq, may_free) in batch {
             if may_free && seq <= durable {
                 ix.push_free(s);
             } else {
-                ix.retiring.push(Retired { slot: s, seq, freed: true });
+                ix.retiring.push(Retired {
+                    slot: s,
+                    seq,
+                    freed: true,
+                });
             }
         }
         ix.reclaiming = false;
@@ -442,7 +475,12 @@ impl Engine {
 
     /// Reclaim with a fence of our own. `ix` is re-locked on return.
     /// False when nothing could be reclaimed or another reclaim runs.
-    fn reclaim_now(&self, shard: usize, ix: &mut MutexGuard<'_, ShardIndex>, victims: usize) -> bool {
+    fn reclaim_now(
+        &self,
+        shard: usize,
+        ix: &mut MutexGuard<'_, ShardIndex>,
+        victims: usize,
+    ) -> bool {
         if ix.reclaiming {
             return false;
         }
@@ -472,7 +510,9 @@ impl Engine {
         let mut waited = false;
         loop {
             if ix.free_len as usize >= need {
-                let v = (0..need).map(|_| ix.pop_free().expect("free count")).collect();
+                let v = (0..need)
+                    .map(|_| ix.pop_free().expect("free count"))
+                    .collect();
                 return Ok(Some(v));
             }
             let want = need - ix.free_len as usize + low_water(ix.nslots(), 0) as usize;
@@ -492,7 +532,8 @@ impl Engine {
                 sh.cv.wait_for(&mut ix, Duration::from_millis(10));
             } else {
                 // No writeback thread (tools, tests): clean a batch ourselves.
-                let r = MutexGuard::unlocked(&mut ix, || self.writeback_step(self.cfg.writeback_batch));
+                let r =
+                    MutexGuard::unlocked(&mut ix, || self.writeback_step(self.cfg.writeback_batch));
                 match r {
                     Ok(0) => {
                         sh.cv.wait_for(&mut ix, Duration::from_millis(1));
@@ -528,7 +569,10 @@ impl Engine {
         self.check_open()?;
         self.check_range(offset, len)?;
         if len > self.cfg.max_request as u64 {
-            return Err(EngineError::TooLarge { len, max: self.cfg.max_request as u64 });
+            return Err(EngineError::TooLarge {
+                len,
+                max: self.cfg.max_request as u64,
+            });
         }
         if len == 0 {
             return sink(&[]).map_err(EngineError::Transfer);
@@ -551,7 +595,11 @@ impl Engine {
                 match ix.lookup(b) {
                     Some(s) if ix.pin(s) => {
                         ix.policy.touch(s);
-                        locs.push(Loc::Hit { shard: sh, slot: s, zero: ix.key(s) & K_ZERO != 0 })
+                        locs.push(Loc::Hit {
+                            shard: sh,
+                            slot: s,
+                            zero: ix.key(s) & K_ZERO != 0,
+                        })
                     }
                     Some(_) => {
                         blocked = Some(sh);
@@ -568,7 +616,8 @@ impl Engine {
                 None => {
                     for (i, b) in (b0..=b1).enumerate() {
                         if matches!(locs[i], Loc::Miss) {
-                            g[Self::guard_pos(&ids, self.shard_of(b))].update_lock(b, |l| l.origin_readers += 1);
+                            g[Self::guard_pos(&ids, self.shard_of(b))]
+                                .update_lock(b, |l| l.origin_readers += 1);
                         }
                     }
                     break;
@@ -583,7 +632,9 @@ impl Engine {
                     let pos = Self::guard_pos(&ids, sh);
                     let mut mine = g.swap_remove(pos);
                     drop(g);
-                    self.shards[sh].cv.wait_for(&mut mine, Duration::from_millis(5));
+                    self.shards[sh]
+                        .cv
+                        .wait_for(&mut mine, Duration::from_millis(5));
                 }
             }
         }
@@ -631,7 +682,11 @@ impl Engine {
         for (i, loc) in locs.iter().enumerate() {
             let b = b0 + i as u64;
             let lo = if i == 0 { offset - b * bs } else { 0 } as usize;
-            let hi = if b == (offset + len - 1) / bs { offset + len - b * bs } else { bs } as usize;
+            let hi = if b == (offset + len - 1) / bs {
+                offset + len - b * bs
+            } else {
+                bs
+            } as usize;
             let slot = match *loc {
                 Loc::Hit { zero: true, .. } => None,
                 Loc::Hit { shard, slot, .. } => Some((shard, slot)),
@@ -664,10 +719,14 @@ impl Engine {
     /// Fetch the missed blocks from the origin: into new cache slots where
     /// the mode promotes and there is room, else into bounce buffers.
     /// Releases the origin-reader locks taken by the lookup.
-    fn fetch_misses(&self, b0: u64, locs: &[Loc]) -> Result<(Vec<NewBlock>, Vec<(u64, Vec<u8>)>)> {
+    fn fetch_misses(&self, b0: u64, locs: &[Loc]) -> Result<Fetched> {
         let bs = self.bs() as usize;
-        let missing: Vec<u64> =
-            locs.iter().enumerate().filter(|(_, l)| matches!(l, Loc::Miss)).map(|(i, _)| b0 + i as u64).collect();
+        let missing: Vec<u64> = locs
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| matches!(l, Loc::Miss))
+            .map(|(i, _)| b0 + i as u64)
+            .collect();
         if missing.is_empty() {
             return Ok((Vec::new(), Vec::new()));
         }
@@ -676,7 +735,11 @@ impl Engine {
         let mut bounce: Vec<(u64, Vec<u8>)> = Vec::new();
         if promote {
             for sh in self.shards_of(missing[0], *missing.last().unwrap()) {
-                let mine: Vec<u64> = missing.iter().copied().filter(|&b| self.shard_of(b) == sh).collect();
+                let mine: Vec<u64> = missing
+                    .iter()
+                    .copied()
+                    .filter(|&b| self.shard_of(b) == sh)
+                    .collect();
                 if mine.is_empty() {
                     continue;
                 }
@@ -685,7 +748,14 @@ impl Engine {
                         let mut ix = self.shards[sh].ix.lock();
                         for (&b, &s) in mine.iter().zip(&slots) {
                             ix.pin(s);
-                            filled.push(NewBlock { block: b, shard: sh, slot: s, zero: false, lo: 0, hi: bs as u32 });
+                            filled.push(NewBlock {
+                                block: b,
+                                shard: sh,
+                                slot: s,
+                                zero: false,
+                                lo: 0,
+                                hi: bs as u32,
+                            });
                         }
                     }
                     _ => bounce.extend(mine.iter().map(|&b| (b, vec![0u8; bs]))),
@@ -745,12 +815,18 @@ impl Engine {
         drop(targets);
         for &b in &missing {
             let sh = self.shard_of(b);
-            self.shards[sh].ix.lock().update_lock(b, |l| l.origin_readers -= 1);
+            self.shards[sh]
+                .ix
+                .lock()
+                .update_lock(b, |l| l.origin_readers -= 1);
             self.shards[sh].cv.notify_all();
         }
         if let Err(source) = res {
             self.release_slots(&filled);
-            return Err(EngineError::Origin { offset: missing[0] * bs as u64, source });
+            return Err(EngineError::Origin {
+                offset: missing[0] * bs as u64,
+                source,
+            });
         }
         if !filled.is_empty() {
             self.commit_fill(&mut filled, &firsts);
@@ -785,9 +861,16 @@ impl Engine {
                 if keep[i] {
                     let data_off = self.data(firsts[i], nb.slot);
                     // SAFETY: unpublished slot owned by this request; read only.
-                    let hash = data_hash(unsafe { self.region.slice(data_off, self.bs() as usize) });
+                    let hash =
+                        data_hash(unsafe { self.region.slice(data_off, self.bs() as usize) });
                     self.region.flush(data_off, self.bs() as usize);
-                    let e = Entry { block: nb.block, seq: t.seq, hash, count, flags: 0 };
+                    let e = Entry {
+                        block: nb.block,
+                        seq: t.seq,
+                        hash,
+                        count,
+                        flags: 0,
+                    };
                     self.write_entry(firsts[i], nb.slot, &e, STATE_CLEAN);
                 }
             }
@@ -806,7 +889,11 @@ impl Engine {
             } else {
                 // Never got an entry: still durably FREE. The reader keeps
                 // its pin until it has sent the data.
-                ix.retiring.push(Retired { slot: nb.slot, seq: 0, freed: true });
+                ix.retiring.push(Retired {
+                    slot: nb.slot,
+                    seq: 0,
+                    freed: true,
+                });
             }
         }
         drop(g);
@@ -832,7 +919,9 @@ impl Engine {
         for (i, w) in e.encode().iter().enumerate() {
             self.region.word(off + i * 8).store(*w, Ordering::Relaxed);
         }
-        self.region.word(off + W_STATE * 8).store(state_word(e.seq, code), Ordering::Release);
+        self.region
+            .word(off + W_STATE * 8)
+            .store(state_word(e.seq, code), Ordering::Release);
         self.region.flush(off, META_SIZE);
     }
 
@@ -893,7 +982,10 @@ impl Engine {
         self.check_open()?;
         self.check_range(offset, len)?;
         if len > self.cfg.max_request as u64 {
-            return Err(EngineError::TooLarge { len, max: self.cfg.max_request as u64 });
+            return Err(EngineError::TooLarge {
+                len,
+                max: self.cfg.max_request as u64,
+            });
         }
         if let Src::Buf(b) = &src {
             debug_assert_eq!(b.len() as u64, len);
@@ -911,10 +1003,12 @@ impl Engine {
             CacheMode::Writeback => self.cache_write(offset, len, src, b0, b1).map(|nbs| {
                 self.unpin_all(&nbs);
             }),
-            CacheMode::Writethrough => {
-                self.cache_write(offset, len, src, b0, b1).and_then(|nbs| self.write_through(&nbs, fua))
+            CacheMode::Writethrough => self
+                .cache_write(offset, len, src, b0, b1)
+                .and_then(|nbs| self.write_through(&nbs, fua)),
+            CacheMode::Writearound | CacheMode::Passthrough => {
+                self.origin_write(offset, len, src, fua, b0, b1)
             }
-            CacheMode::Writearound | CacheMode::Passthrough => self.origin_write(offset, len, src, fua, b0, b1),
         };
         self.unlock_writers(b0, b1);
         if r.is_ok() {
@@ -932,7 +1026,14 @@ impl Engine {
 
     /// The copy-on-write transaction. Returns the new blocks, published and
     /// still pinned. The caller holds the writer locks of `[b0, b1]`.
-    fn cache_write(&self, offset: u64, len: u64, mut src: Src<'_>, b0: u64, b1: u64) -> Result<Vec<NewBlock>> {
+    fn cache_write(
+        &self,
+        offset: u64,
+        len: u64,
+        mut src: Src<'_>,
+        b0: u64,
+        b1: u64,
+    ) -> Result<Vec<NewBlock>> {
         let bs = self.bs();
         let end = offset + len;
         let zero_src = matches!(src, Src::Zero);
@@ -974,7 +1075,10 @@ impl Engine {
         let first_of = |sh: usize| firsts[Self::guard_pos(&ids, sh)];
 
         // 2. Old content for partially covered blocks.
-        for nb in nbs.iter().filter(|n| !n.zero && (n.lo != 0 || n.hi as u64 != bs)) {
+        for nb in nbs
+            .iter()
+            .filter(|n| !n.zero && (n.lo != 0 || n.hi as u64 != bs))
+        {
             if let Err(e) = self.fill_old(nb, first_of(nb.shard)) {
                 self.release_slots(&nbs);
                 return Err(e);
@@ -988,7 +1092,10 @@ impl Engine {
                 for nb in nbs.iter().filter(|n| !n.zero) {
                     let off = self.data(first_of(nb.shard), nb.slot);
                     // SAFETY: unpublished slot owned by this request.
-                    unsafe { self.region.zero_flush(off + nb.lo as usize, (nb.hi - nb.lo) as usize) };
+                    unsafe {
+                        self.region
+                            .zero_flush(off + nb.lo as usize, (nb.hi - nb.lo) as usize)
+                    };
                 }
             }
             Src::Buf(buf) => {
@@ -1012,7 +1119,9 @@ impl Engine {
                         let off = self.data(first_of(nb.shard), nb.slot) + nb.lo as usize;
                         // SAFETY: unpublished slot owned by this request; the
                         // slices are disjoint (one per slot).
-                        IoSliceMut::new(unsafe { self.region.slice_mut(off, (nb.hi - nb.lo) as usize) })
+                        IoSliceMut::new(unsafe {
+                            self.region.slice_mut(off, (nb.hi - nb.lo) as usize)
+                        })
                     })
                     .collect();
                 if let Err(e) = f(&mut slices) {
@@ -1023,7 +1132,8 @@ impl Engine {
                 drop(slices);
                 for nb in &nbs {
                     let off = self.data(first_of(nb.shard), nb.slot);
-                    self.region.flush(off + nb.lo as usize, (nb.hi - nb.lo) as usize);
+                    self.region
+                        .flush(off + nb.lo as usize, (nb.hi - nb.lo) as usize);
                 }
             }
         }
@@ -1051,7 +1161,7 @@ impl Engine {
             self.write_entry(first, nb.slot, &e, STATE_DIRTY);
         }
         // Piggyback reclaim of retired slots on this fence where a shard runs low.
-        let mut batches: Vec<(usize, Vec<(u32, u64, bool)>)> = Vec::new();
+        let mut batches: Vec<(usize, Batch)> = Vec::new();
         for &sh in &ids {
             let mut ix = self.shards[sh].ix.lock();
             if !ix.reclaiming && ix.free_len < low_water(ix.nslots(), count) {
@@ -1085,7 +1195,11 @@ impl Engine {
             } else {
                 Counters::add(&self.counters.write_misses, 1);
             }
-            ix.insert(nb.slot, nb.block, K_DIRTY | if nb.zero { K_ZERO } else { 0 });
+            ix.insert(
+                nb.slot,
+                nb.block,
+                K_DIRTY | if nb.zero { K_ZERO } else { 0 },
+            );
         }
         for (sh, b) in batches {
             let pos = Self::guard_pos(&ids, sh);
@@ -1146,11 +1260,16 @@ impl Engine {
                 buf[avail..].fill(0);
                 let r = self.origin.read_at(&mut buf[..avail], start);
                 self.region.flush(dst_off, bs);
-                sh.ix.lock().update_lock(nb.block, |l| l.origin_readers -= 1);
+                sh.ix
+                    .lock()
+                    .update_lock(nb.block, |l| l.origin_readers -= 1);
                 sh.cv.notify_all();
                 r.map_err(|source| {
                     Counters::add(&self.counters.origin_errors, 1);
-                    EngineError::Origin { offset: start, source }
+                    EngineError::Origin {
+                        offset: start,
+                        source,
+                    }
                 })
             }
         }
@@ -1166,7 +1285,10 @@ impl Engine {
             if fua {
                 self.origin.flush().map_err(|source| {
                     Counters::add(&self.counters.origin_errors, 1);
-                    EngineError::Origin { offset: b0 * self.bs(), source }
+                    EngineError::Origin {
+                        offset: b0 * self.bs(),
+                        source,
+                    }
                 })
             } else {
                 Ok(())
@@ -1202,7 +1324,10 @@ impl Engine {
             };
             if let Err(source) = r {
                 Counters::add(&self.counters.origin_errors, 1);
-                return Err(EngineError::Origin { offset: off, source });
+                return Err(EngineError::Origin {
+                    offset: off,
+                    source,
+                });
             }
         }
         Ok(())
@@ -1228,7 +1353,15 @@ impl Engine {
     /// Writearound / passthrough: drop cached copies durably, then write the
     /// origin. Blocks with dirty data take the writethrough path instead, so
     /// the bytes of the block outside the request are not lost.
-    fn origin_write(&self, offset: u64, len: u64, src: Src<'_>, fua: bool, b0: u64, b1: u64) -> Result<()> {
+    fn origin_write(
+        &self,
+        offset: u64,
+        len: u64,
+        src: Src<'_>,
+        fua: bool,
+        b0: u64,
+        b1: u64,
+    ) -> Result<()> {
         let ids = self.shards_of(b0, b1);
         let any_dirty = {
             let g = self.lock_all(&ids);

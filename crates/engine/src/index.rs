@@ -1,8 +1,8 @@
 //! The DRAM index of one shard: origin block → slot, slot state, the free
 //! list, the replacement policy and per-block I/O locks.
 //!
-//! Memory per slot: key word 8 B + hash chain 4 B + bucket 4 B (load factor
-//! 1) + LRU links 8 B = 24 B. The free list threads through the chain array,
+//! Memory per slot: key word 8 B, hash chain 4 B, bucket 4 B (load factor
+//! one) and LRU links 8 B: 24 B. The free list threads through the chain array,
 //! since a free slot is in no bucket chain.
 
 use std::collections::HashMap;
@@ -122,7 +122,7 @@ impl ShardIndex {
     }
 
     fn bucket(&self, block: u64) -> usize {
-        ((mix(block) >> 32) * self.buckets.len() as u64 >> 32) as usize
+        (((mix(block) >> 32) * self.buckets.len() as u64) >> 32) as usize
     }
 
     pub fn key(&self, s: u32) -> u64 {
