@@ -53,7 +53,11 @@ pub struct Dump {
 /// Validate a cache offline. `origin` is `(fingerprint, size)` of the origin
 /// the operator means to use, if known. With `verify_data`, committed blocks
 /// are checked against their data hashes too.
-pub fn check(region: &dyn PmemRegion, origin: Option<(&str, u64)>, verify_data: bool) -> CheckReport {
+pub fn check(
+    region: &dyn PmemRegion,
+    origin: Option<(&str, u64)>,
+    verify_data: bool,
+) -> CheckReport {
     let mut r = CheckReport::default();
     let (sb, _) = match read_superblock(region) {
         Ok(x) => x,
@@ -82,7 +86,9 @@ pub fn check(region: &dyn PmemRegion, origin: Option<(&str, u64)>, verify_data: 
     let layout = sb.layout;
     let wm = region.word(WATERMARK_OFF).load(Ordering::SeqCst);
     let Some(s) = decode_watermark(wm) else {
-        r.errors.push(format!("watermark word at offset {WATERMARK_OFF} fails its checksum ({wm:#018x})"));
+        r.errors.push(format!(
+            "watermark word at offset {WATERMARK_OFF} fails its checksum ({wm:#018x})"
+        ));
         r.superblock = Some(sb);
         return r;
     };
@@ -144,7 +150,10 @@ pub fn check(region: &dyn PmemRegion, origin: Option<(&str, u64)>, verify_data: 
         }
     }
     if r.superseded > 0 {
-        r.warnings.push(format!("{} superseded versions will be freed by recovery", r.superseded));
+        r.warnings.push(format!(
+            "{} superseded versions will be freed by recovery",
+            r.superseded
+        ));
     }
     if r.pending > 0 {
         r.warnings.push(format!(
@@ -161,13 +170,28 @@ pub fn dump(region: &dyn PmemRegion) -> crate::Result<Dump> {
     let (sb, copy) = read_superblock(region)?;
     let layout = sb.layout;
     let wm = region.word(WATERMARK_OFF).load(Ordering::SeqCst);
-    let s = decode_watermark(wm)
-        .ok_or_else(|| crate::EngineError::Corrupt(format!("watermark word at offset {WATERMARK_OFF} fails its checksum")))?;
+    let s = decode_watermark(wm).ok_or_else(|| {
+        crate::EngineError::Corrupt(format!(
+            "watermark word at offset {WATERMARK_OFF} fails its checksum"
+        ))
+    })?;
     let mut mappings = Vec::new();
     for slot in 0..layout.slot_count {
         if let SlotView::Live { entry: e, dirty } = view_slot(region, &layout, slot, s) {
-            mappings.push(Mapping { slot, block: e.block, seq: e.seq, dirty, zero: e.is_zero(), pending: e.seq > s });
+            mappings.push(Mapping {
+                slot,
+                block: e.block,
+                seq: e.seq,
+                dirty,
+                zero: e.is_zero(),
+                pending: e.seq > s,
+            });
         }
     }
-    Ok(Dump { superblock: sb, superblock_copy: copy, watermark: s, mappings })
+    Ok(Dump {
+        superblock: sb,
+        superblock_copy: copy,
+        watermark: s,
+        mappings,
+    })
 }

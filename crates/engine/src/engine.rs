@@ -266,6 +266,13 @@ impl Engine {
             .load(Ordering::Relaxed)
     }
 
+    /// Store a state word without flushing it (a later reclaim flushes).
+    pub(crate) fn set_state(&self, first: u64, s: u32, word: u64) {
+        self.region
+            .word(self.meta(first, s) + W_STATE * 8)
+            .store(word, Ordering::Release);
+    }
+
     pub(crate) fn store_state(&self, first: u64, s: u32, word: u64) {
         let off = self.meta(first, s);
         self.region
@@ -390,15 +397,18 @@ impl Engine {
     /// Retire a slot that left the index. Its FREE store waits until the
     /// watermark covers its seq, so a multi-block transaction stays whole in
     /// media while recovery might still need to verify it (format rule 2).
+    /// The store is flushed by the reclaim that frees the slot.
     pub(crate) fn retire(&self, ix: &mut ShardIndex, s: u32, seq: u64) {
-        let freed = seq <= self.seq.durable();
-        if freed {
-            self.store_state(ix.first_slot, s, STATE_FREE);
-        }
+        let state = if seq <= self.seq.durable() {
+            self.set_state(ix.first_slot, s, STATE_FREE);
+            RState::Freed
+        } else {
+            RState::Live
+        };
         ix.retiring.push(Retired {
             slot: s,
             seq,
-            freed,
+            state,
         });
     }
 
@@ -411,21 +421,27 @@ impl Engine {
         let durable = self.seq.durable();
         let mut out: Vec<(u32, u64, bool)> = Vec::with_capacity(ix.retiring.len() + victims);
         let mut keep: Vec<Retired> = Vec::new();
-        // Blocks with an older version still live in media: their newest
-        // version must not be evicted yet (format rule 3).
+        // A block's newest version may be evicted only once every older
+        // version is durably FREE (format rule 3). Older versions made FREE
+        // by this batch are not durable before its fence, and the victim's
+        // FREE store could reach media first, so their blocks wait.
         let mut blocked: Vec<u64> = Vec::new();
         for r in std::mem::take(&mut ix.retiring) {
-            if !r.freed && r.seq > durable {
+            if r.state != RState::Durable {
                 blocked.push(ix.key(r.slot) & BLOCK_MASK);
-                keep.push(r);
-                continue;
             }
-            if !r.freed {
-                self.store_state(first, r.slot, STATE_FREE);
+            match r.state {
+                RState::Live if r.seq > durable => keep.push(r),
+                RState::Durable if ix.pins(r.slot) > 0 => keep.push(r),
+                RState::Live => {
+                    self.set_state(first, r.slot, STATE_FREE);
+                    out.push((r.slot, r.seq, ix.pins(r.slot) == 0));
+                }
+                RState::Freed | RState::Durable => out.push((r.slot, r.seq, ix.pins(r.slot) == 0)),
             }
-            out.push((r.slot, r.seq, ix.pins(r.slot) == 0));
         }
         ix.retiring = keep;
+        blocked.sort_unstable();
         if victims > 0 {
             let keys: Vec<u32> = {
                 let ixr: &ShardIndex = ix;
@@ -435,13 +451,13 @@ impl Engine {
                         && k & (K_DIRTY | K_WB) == 0
                         && ixr.pins(s) == 0
                         && self.slot_seq(first, s) <= durable
-                        && !blocked.contains(&(k & BLOCK_MASK))
+                        && blocked.binary_search(&(k & BLOCK_MASK)).is_err()
                 })
             };
             for s in keys {
                 let seq = self.slot_seq(first, s);
                 ix.remove(s);
-                self.store_state(first, s, STATE_FREE);
+                self.set_state(first, s, STATE_FREE);
                 out.push((s, seq, true));
                 Counters::add(&self.counters.evictions, 1);
             }
@@ -458,15 +474,14 @@ impl Engine {
 
     /// After a fence: free what the batch made durable.
     fn complete_reclaim(&self, ix: &mut ShardIndex, batch: Batch) {
-        let durable = self.seq.durable();
-        for (s, seq, may_free) in batch {
-            if may_free && seq <= durable {
-                ix.push_free(s);
+        for (slot, seq, may_free) in batch {
+            if may_free {
+                ix.push_free(slot);
             } else {
                 ix.retiring.push(Retired {
-                    slot: s,
+                    slot,
                     seq,
-                    freed: true,
+                    state: RState::Durable,
                 });
             }
         }
@@ -892,7 +907,7 @@ impl Engine {
                 ix.retiring.push(Retired {
                     slot: nb.slot,
                     seq: 0,
-                    freed: true,
+                    state: RState::Durable,
                 });
             }
         }
@@ -1399,6 +1414,10 @@ impl Engine {
     /// Durably drop the cached copies of `[b0, b1]` (all clean).
     fn invalidate(&self, b0: u64, b1: u64) -> Result<()> {
         let ids = self.shards_of(b0, b1);
+        // Older versions first, so none can outlive the copy dropped here.
+        for &sh in &ids {
+            self.make_retiring_durable(sh)?;
+        }
         let mut any = false;
         {
             let mut g = self.lock_all(&ids);
@@ -1422,18 +1441,21 @@ impl Engine {
         Ok(())
     }
 
-    /// Make every retiring slot of a shard durably FREE now (before the
-    /// origin is written behind a dropped cached copy).
+    /// Make every retiring slot of a shard durably FREE now.
     pub(crate) fn make_retiring_durable(&self, sh: usize) -> Result<()> {
         let shard = &self.shards[sh];
         let mut ix = shard.ix.lock();
         loop {
-            if ix.retiring.is_empty() {
+            if ix.retiring.iter().all(|r| r.state == RState::Durable) {
                 return Ok(());
             }
             if !ix.reclaiming {
                 let durable = self.seq.durable();
-                if ix.retiring.iter().any(|r| !r.freed && r.seq > durable) {
+                if ix
+                    .retiring
+                    .iter()
+                    .any(|r| r.state == RState::Live && r.seq > durable)
+                {
                     // Raise the watermark over the completed transactions.
                     MutexGuard::unlocked(&mut ix, || {
                         let staged = self.seq.stage_watermark(&*self.region);
@@ -1442,8 +1464,8 @@ impl Engine {
                     });
                     continue;
                 }
-                if self.reclaim_now(sh, &mut ix, 0) && ix.retiring.iter().all(|r| r.freed) {
-                    return Ok(());
+                if self.reclaim_now(sh, &mut ix, 0) {
+                    continue;
                 }
             }
             self.check_open()?;

@@ -14,7 +14,12 @@ pub enum EngineError {
     #[error("corrupt cache metadata: {0}")]
     Corrupt(String),
     #[error("cache belongs to origin '{expected}' ({expected_size} bytes), not '{found}' ({found_size} bytes); use --force to attach it anyway")]
-    OriginMismatch { expected: String, expected_size: u64, found: String, found_size: u64 },
+    OriginMismatch {
+        expected: String,
+        expected_size: u64,
+        found: String,
+        found_size: u64,
+    },
     #[error("invalid configuration: {0}")]
     Config(String),
     #[error("payload transfer failed: {0}")]

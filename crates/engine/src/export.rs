@@ -31,7 +31,11 @@ impl Export for EngineExport {
     }
 
     fn block_sizes(&self) -> BlockSizes {
-        BlockSizes { minimum: 1, preferred: self.engine.block_size(), maximum: self.engine.max_request() }
+        BlockSizes {
+            minimum: 1,
+            preferred: self.engine.block_size(),
+            maximum: self.engine.max_request(),
+        }
     }
 
     fn read_only(&self) -> bool {

@@ -167,7 +167,12 @@ impl Layout {
                         "cache of {region_len} bytes is too small for even one {block_size}-byte block"
                     ));
                 }
-                return Ok(Layout { block_size, slot_count: slots, data_offset, region_len });
+                return Ok(Layout {
+                    block_size,
+                    slot_count: slots,
+                    data_offset,
+                    region_len,
+                });
             }
             slots -= 1;
         }
@@ -268,7 +273,8 @@ impl Superblock {
         }
         let origin_fingerprint = String::from_utf8(b[80..80 + n].to_vec())
             .map_err(|_| SbError::Field("fingerprint is not UTF-8".into()))?;
-        let mode = CacheMode::from_u8(b[60]).ok_or_else(|| SbError::Field(format!("mode {}", b[60])))?;
+        let mode =
+            CacheMode::from_u8(b[60]).ok_or_else(|| SbError::Field(format!("mode {}", b[60])))?;
         Ok(Superblock {
             layout,
             origin_size: u64at(40),
@@ -310,7 +316,13 @@ impl Entry {
         if w[4] != entry_crc(w) as u64 {
             return None;
         }
-        Some(Entry { block: w[0], seq: w[1], hash: w[2], count: w[3] as u32, flags: (w[3] >> 32) as u32 })
+        Some(Entry {
+            block: w[0],
+            seq: w[1],
+            hash: w[2],
+            count: w[3] as u32,
+            flags: (w[3] >> 32) as u32,
+        })
     }
 }
 
@@ -391,7 +403,13 @@ mod tests {
 
     #[test]
     fn entry_and_words() {
-        let e = Entry { block: 9, seq: 77, hash: 0xdead, count: 3, flags: FLAG_ZERO };
+        let e = Entry {
+            block: 9,
+            seq: 77,
+            hash: 0xdead,
+            count: 3,
+            flags: FLAG_ZERO,
+        };
         let mut w = e.encode();
         assert_eq!(Entry::decode(&w), Some(e));
         w[2] ^= 1 << 40;

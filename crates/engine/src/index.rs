@@ -62,13 +62,24 @@ impl Hasher for BlockHasher {
 
 pub type BlockMap<V> = HashMap<u64, V, BuildHasherDefault<BlockHasher>>;
 
-/// A slot leaving the index. Its entry may stay live in media until the
-/// watermark covers its seq (format rule 2); `freed` says FREE was stored.
+/// Where a slot leaving the index stands on its way to the free list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RState {
+    /// Its entry stays live in media until the watermark covers its seq
+    /// (format rule 2).
+    Live,
+    /// FREE is stored but not yet known durable.
+    Freed,
+    /// FREE is durable; the slot waits only for its readers.
+    Durable,
+}
+
+/// A slot that left the index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retired {
     pub slot: u32,
     pub seq: u64,
-    pub freed: bool,
+    pub state: RState,
 }
 
 pub struct ShardIndex {

@@ -37,7 +37,13 @@ pub struct Lru {
 
 impl Lru {
     pub fn new(slots: u32) -> Self {
-        Lru { prev: vec![NIL; slots as usize], next: vec![NIL; slots as usize], head: NIL, tail: NIL, len: 0 }
+        Lru {
+            prev: vec![NIL; slots as usize],
+            next: vec![NIL; slots as usize],
+            head: NIL,
+            tail: NIL,
+            len: 0,
+        }
     }
 
     fn linked(&self, s: u32) -> bool {

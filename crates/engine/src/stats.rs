@@ -59,26 +59,66 @@ impl StatsSnapshot {
     /// (name, value, help) for every numeric field, for text, JSON and Prometheus output.
     pub fn fields(&self) -> Vec<(&'static str, u64, &'static str)> {
         vec![
-            ("block_size", self.block_size as u64, "cache block size in bytes"),
+            (
+                "block_size",
+                self.block_size as u64,
+                "cache block size in bytes",
+            ),
             ("slots", self.slots, "cache slots"),
             ("occupied", self.occupied, "slots holding a cached block"),
             ("dirty", self.dirty, "blocks not yet written back"),
             ("clean", self.clean, "cached blocks identical to the origin"),
             ("free", self.free, "unused slots"),
             ("read_hits", self.read_hits, "blocks read from the cache"),
-            ("read_misses", self.read_misses, "blocks read from the origin"),
-            ("write_hits", self.write_hits, "blocks written that were cached"),
-            ("write_misses", self.write_misses, "blocks written that were not cached"),
-            ("promotions", self.promotions, "read misses inserted into the cache"),
-            ("evictions", self.evictions, "clean blocks demoted to make room"),
+            (
+                "read_misses",
+                self.read_misses,
+                "blocks read from the origin",
+            ),
+            (
+                "write_hits",
+                self.write_hits,
+                "blocks written that were cached",
+            ),
+            (
+                "write_misses",
+                self.write_misses,
+                "blocks written that were not cached",
+            ),
+            (
+                "promotions",
+                self.promotions,
+                "read misses inserted into the cache",
+            ),
+            (
+                "evictions",
+                self.evictions,
+                "clean blocks demoted to make room",
+            ),
             ("writebacks", self.writebacks, "dirty blocks written back"),
-            ("writeback_bytes", self.writeback_bytes, "bytes written back"),
-            ("origin_errors", self.origin_errors, "failed origin operations"),
+            (
+                "writeback_bytes",
+                self.writeback_bytes,
+                "bytes written back",
+            ),
+            (
+                "origin_errors",
+                self.origin_errors,
+                "failed origin operations",
+            ),
             ("writes", self.writes, "write requests acknowledged"),
-            ("write_fences", self.write_fences, "fences issued by write requests"),
+            (
+                "write_fences",
+                self.write_fences,
+                "fences issued by write requests",
+            ),
             ("read_bytes", self.read_bytes, "bytes read by clients"),
             ("write_bytes", self.write_bytes, "bytes written by clients"),
-            ("waits_for_space", self.waits_for_space, "writes that waited for writeback"),
+            (
+                "waits_for_space",
+                self.waits_for_space,
+                "writes that waited for writeback",
+            ),
             ("fences", self.fences, "persistence fences issued in total"),
             ("watermark", self.watermark, "durable transaction watermark"),
         ]

@@ -60,7 +60,11 @@ impl Sequencer {
         let mut i = start % CELLS;
         loop {
             let lb = self.next.load(SeqCst);
-            if self.cells[i].0.compare_exchange(0, lb, SeqCst, SeqCst).is_ok() {
+            if self.cells[i]
+                .0
+                .compare_exchange(0, lb, SeqCst, SeqCst)
+                .is_ok()
+            {
                 let seq = self.next.fetch_add(1, SeqCst);
                 assert!(seq < SEQ_MASK, "transaction sequence exhausted");
                 return Ticket { cell: i, seq };
@@ -127,7 +131,9 @@ impl Sequencer {
     /// be in flight). Used by recovery and clean shutdown.
     pub fn seal(&self, region: &dyn PmemRegion) {
         let s = self.last();
-        region.word(WATERMARK_OFF).store(encode_watermark(s), SeqCst);
+        region
+            .word(WATERMARK_OFF)
+            .store(encode_watermark(s), SeqCst);
         region.persist(WATERMARK_OFF, 8);
         self.durable.fetch_max(s, SeqCst);
     }
@@ -160,6 +166,9 @@ mod tests {
         r.fence();
         q.end(c, staged);
         assert_eq!(q.durable(), 12);
-        assert_eq!(decode_watermark(r.word(WATERMARK_OFF).load(SeqCst)), Some(12));
+        assert_eq!(
+            decode_watermark(r.word(WATERMARK_OFF).load(SeqCst)),
+            Some(12)
+        );
     }
 }

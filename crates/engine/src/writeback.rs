@@ -37,7 +37,10 @@ impl Engine {
                 ix.wb_cursor = ix.wb_cursor.wrapping_add(1);
                 scanned += 1;
                 let k = ix.key(s);
-                if k & (K_VALID | K_DIRTY) != (K_VALID | K_DIRTY) || k & K_WB != 0 || ix.pins(s) >= MAX_PINS {
+                if k & (K_VALID | K_DIRTY) != (K_VALID | K_DIRTY)
+                    || k & K_WB != 0
+                    || ix.pins(s) >= MAX_PINS
+                {
                     continue;
                 }
                 let block = k & BLOCK_MASK;
@@ -48,7 +51,14 @@ impl Engine {
                 ix.update_lock(block, |l| l.origin_writer = true);
                 ix.set_flags(s, K_WB);
                 ix.pin(s);
-                batch.push(NewBlock { block, shard: sh, slot: s, zero: k & K_ZERO != 0, lo: 0, hi: 0 });
+                batch.push(NewBlock {
+                    block,
+                    shard: sh,
+                    slot: s,
+                    zero: k & K_ZERO != 0,
+                    lo: 0,
+                    hi: 0,
+                });
             }
         }
         if batch.is_empty() {
@@ -58,7 +68,10 @@ impl Engine {
         let r = self.write_blocks_to_origin(&batch).and_then(|()| {
             self.origin.flush().map_err(|source| {
                 crate::stats::Counters::add(&self.counters.origin_errors, 1);
-                EngineError::Origin { offset: batch[0].block * self.bs(), source }
+                EngineError::Origin {
+                    offset: batch[0].block * self.bs(),
+                    source,
+                }
             })
         });
         if r.is_ok() {

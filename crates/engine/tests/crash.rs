@@ -38,8 +38,16 @@ struct Variant {
 }
 
 /// Small blocks, small cache under eviction pressure: many cheap images.
-const SMALL: Variant =
-    Variant { name: "small", block: 512, max_request: 64 << 10, region_len: 12288 + 700 * 576 + 4096, origin_len: 640 << 10, ops: 80, stride: 3, threads: 1 };
+const SMALL: Variant = Variant {
+    name: "small",
+    block: 512,
+    max_request: 64 << 10,
+    region_len: 12288 + 700 * 576 + 4096,
+    origin_len: 640 << 10,
+    ops: 80,
+    stride: 3,
+    threads: 1,
+};
 /// 4 KiB blocks and writes up to 1 MiB.
 const LARGE: Variant = Variant {
     name: "large",
@@ -87,12 +95,20 @@ struct Model {
 }
 
 fn cfg(v: &Variant) -> EngineConfig {
-    EngineConfig { max_request: v.max_request, background_writeback: false, writeback_batch: 64, ..Default::default() }
+    EngineConfig {
+        max_request: v.max_request,
+        background_writeback: false,
+        writeback_batch: 64,
+        ..Default::default()
+    }
 }
 
 /// For inspecting a recovered cache: reads change nothing.
 fn inspect_cfg(v: &Variant) -> EngineConfig {
-    EngineConfig { promote_reads: false, ..cfg(v) }
+    EngineConfig {
+        promote_reads: false,
+        ..cfg(v)
+    }
 }
 
 /// Ops within `[base, base + size)`.
@@ -108,7 +124,11 @@ fn gen_ops(v: &Variant, rng: &mut SmallRng, base: u64, size: u64) -> Vec<Op> {
     (0..v.ops)
         .map(|_| {
             let l = len(rng).min(size);
-            let off = if rng.gen_bool(0.3) { rng.gen_range(0..size / bs) * bs } else { rng.gen_range(0..=size - l) };
+            let off = if rng.gen_bool(0.3) {
+                rng.gen_range(0..size / bs) * bs
+            } else {
+                rng.gen_range(0..=size - l)
+            };
             let l = l.min(size - off).max(1);
             let off = base + off;
             match rng.gen_range(0..100) {
@@ -142,7 +162,9 @@ fn run_workload(engine: &Engine, ops: &[Op], model: &Mutex<Model>, bs: u64, me: 
     for op in ops {
         let (range, new) = match op {
             Op::Write { off, data } => (Some(*off), Some(data.clone())),
-            Op::Zero { off, len } | Op::Trim { off, len } => (Some(*off), Some(vec![0u8; *len as usize])),
+            Op::Zero { off, len } | Op::Trim { off, len } => {
+                (Some(*off), Some(vec![0u8; *len as usize]))
+            }
             _ => (None, None),
         };
         {
@@ -163,7 +185,10 @@ fn run_workload(engine: &Engine, ops: &[Op], model: &Mutex<Model>, bs: u64, me: 
                 let mut buf = vec![0u8; *len as usize];
                 engine.read(*off, &mut buf).expect("read");
                 let m = model.lock().unwrap();
-                assert!(buf == m.acked[*off as usize..(*off + *len) as usize], "read {off}+{len} returned stale data");
+                assert!(
+                    buf == m.acked[*off as usize..(*off + *len) as usize],
+                    "read {off}+{len} returned stale data"
+                );
             }
             Op::Writeback(n) => {
                 engine.writeback_step(*n).expect("writeback");
@@ -178,22 +203,38 @@ fn run_workload(engine: &Engine, ops: &[Op], model: &Mutex<Model>, bs: u64, me: 
 }
 
 /// Contract promises 3–6 on a recovered engine.
-fn verify_content(engine: &Engine, acked: &[u8], inflight: &[Option<(u64, Vec<u8>)>]) -> Result<Vec<u8>, String> {
+fn verify_content(
+    engine: &Engine,
+    acked: &[u8],
+    inflight: &[Option<(u64, Vec<u8>)>],
+) -> Result<Vec<u8>, String> {
     let mut got = vec![0u8; acked.len()];
     let step = engine.max_request() as usize;
     for off in (0..acked.len()).step_by(step) {
         let n = step.min(acked.len() - off);
-        engine.read(off as u64, &mut got[off..off + n]).map_err(|e| format!("read after recovery: {e}"))?;
+        engine
+            .read(off as u64, &mut got[off..off + n])
+            .map_err(|e| format!("read after recovery: {e}"))?;
     }
     // Outside the requests in flight, exactly what was acknowledged.
-    let mut ranges: Vec<(usize, usize, &Vec<u8>)> =
-        inflight.iter().flatten().map(|(off, new)| (*off as usize, *off as usize + new.len(), new)).collect();
+    let mut ranges: Vec<(usize, usize, &Vec<u8>)> = inflight
+        .iter()
+        .flatten()
+        .map(|(off, new)| (*off as usize, *off as usize + new.len(), new))
+        .collect();
     ranges.sort_by_key(|r| r.0);
     let mut pos = 0;
-    for &(lo, hi, _) in ranges.iter().chain(std::iter::once(&(acked.len(), acked.len(), &Vec::new()))) {
+    for &(lo, hi, _) in
+        ranges
+            .iter()
+            .chain(std::iter::once(&(acked.len(), acked.len(), &Vec::new())))
+    {
         if got[pos..lo] != acked[pos..lo] {
             let i = (pos..lo).find(|&i| got[i] != acked[i]).unwrap_or(pos);
-            return Err(format!("byte {i} outside the in-flight requests is {} but {} was acknowledged", got[i], acked[i]));
+            return Err(format!(
+                "byte {i} outside the in-flight requests is {} but {} was acknowledged",
+                got[i], acked[i]
+            ));
         }
         pos = hi;
     }
@@ -217,7 +258,13 @@ struct Ctx {
     model: Arc<Mutex<Model>>,
 }
 
-fn check_image(ctx: &Ctx, img: &CrashImage, deep: bool, nested: bool, images: &mut u64) -> Result<(), String> {
+fn check_image(
+    ctx: &Ctx,
+    img: &CrashImage,
+    deep: bool,
+    nested: bool,
+    images: &mut u64,
+) -> Result<(), String> {
     // The workload is paused inside a persistence point while we look.
     let m = ctx.model.lock().unwrap();
     let (acked, inflight, written, ops) = (&m.acked, &m.inflight, &m.written, &m.ops);
@@ -226,9 +273,16 @@ fn check_image(ctx: &Ctx, img: &CrashImage, deep: bool, nested: bool, images: &m
     let oimg = ctx.origin.crash_image(|_| orng.gen_bool(0.5));
 
     let region = SimRegion::from_image(&img.bytes);
-    let report = check::check(&region, Some(("mem:crash-origin", ctx.v.origin_len as u64)), true);
+    let report = check::check(
+        &region,
+        Some(("mem:crash-origin", ctx.v.origin_len as u64)),
+        true,
+    );
     if !report.ok() {
-        return Err(ctx_msg(format!("offline check failed on the crash image: {:?}", report.errors)));
+        return Err(ctx_msg(format!(
+            "offline check failed on the crash image: {:?}",
+            report.errors
+        )));
     }
 
     if nested {
@@ -241,13 +295,15 @@ fn check_image(ctx: &Ctx, img: &CrashImage, deep: bool, nested: bool, images: &m
             SimRegion::from_image(&img.bytes),
             move |r| {
                 let o = Arc::new(MemOrigin::from_bytes(oimg2).with_name(ORIGIN_NAME));
-                let e = Engine::open(r.clone() as Arc<dyn PmemRegion>, o, cfg(&v)).expect("recovery");
+                let e =
+                    Engine::open(r.clone() as Arc<dyn PmemRegion>, o, cfg(&v)).expect("recovery");
                 e.close().expect("close");
             },
             |inner| {
                 let r2 = Arc::new(SimRegion::from_image(&inner.bytes));
                 let o = Arc::new(MemOrigin::from_bytes(oimg.clone()).with_name(ORIGIN_NAME));
-                let e = Engine::open(r2, o, inspect_cfg(&ctx.v)).map_err(|e| format!("second recovery: {e}"))?;
+                let e = Engine::open(r2, o, inspect_cfg(&ctx.v))
+                    .map_err(|e| format!("second recovery: {e}"))?;
                 verify_content(&e, acked, inflight).map(|_| ())
             },
         );
@@ -262,39 +318,69 @@ fn check_image(ctx: &Ctx, img: &CrashImage, deep: bool, nested: bool, images: &m
     let oimg_copy = oimg.clone();
     let bsz = ctx.v.block as usize;
     let explain = move |msg: String| -> String {
-        let Some(byte) = msg.strip_prefix("byte ").and_then(|r| r.split(' ').next()).and_then(|b| b.parse::<usize>().ok())
+        let Some(byte) = msg
+            .strip_prefix("byte ")
+            .and_then(|r| r.split(' ').next())
+            .and_then(|b| b.parse::<usize>().ok())
         else {
             return msg;
         };
         let block = (byte / bsz) as u64;
-        let maps: Vec<_> = pre_dump.mappings.iter().filter(|m| m.block == block).collect();
-        format!("{msg} [block {block}: crash-image mappings {maps:?}, watermark {}, origin byte {}]", pre_dump.watermark, oimg_copy[byte])
+        let maps: Vec<_> = pre_dump
+            .mappings
+            .iter()
+            .filter(|m| m.block == block)
+            .collect();
+        format!(
+            "{msg} [block {block}: crash-image mappings {maps:?}, watermark {}, origin byte {}]",
+            pre_dump.watermark, oimg_copy[byte]
+        )
     };
     let region = Arc::new(region);
     let origin = Arc::new(MemOrigin::from_bytes(oimg).with_name(ORIGIN_NAME));
-    let engine = Engine::open(region.clone() as Arc<dyn PmemRegion>, origin.clone(), inspect_cfg(&ctx.v))
-        .map_err(|e| ctx_msg(format!("recovery failed: {e}")))?;
+    let engine = Engine::open(
+        region.clone() as Arc<dyn PmemRegion>,
+        origin.clone(),
+        inspect_cfg(&ctx.v),
+    )
+    .map_err(|e| ctx_msg(format!("recovery failed: {e}")))?;
     // No block is dirty unless a write made it so.
     let dump = check::dump(&*region).map_err(|e| e.to_string())?;
-    if let Some(m) = dump.mappings.iter().find(|m| m.dirty && !written[m.block as usize]) {
-        return Err(ctx_msg(format!("block {} is dirty but no write touched it", m.block)));
+    if let Some(m) = dump
+        .mappings
+        .iter()
+        .find(|m| m.dirty && !written[m.block as usize])
+    {
+        return Err(ctx_msg(format!(
+            "block {} is dirty but no write touched it",
+            m.block
+        )));
     }
     let got = verify_content(&engine, acked, inflight).map_err(|e| ctx_msg(explain(e)))?;
     if deep {
         // No dirty data lost: write everything back and compare the origin.
-        engine.flush_all(0, &mut |_, _| {}).map_err(|e| ctx_msg(format!("flush_all: {e}")))?;
+        engine
+            .flush_all(0, &mut |_, _| {})
+            .map_err(|e| ctx_msg(format!("flush_all: {e}")))?;
         if engine.dirty_blocks() != 0 {
             return Err(ctx_msg("dirty blocks remain after flush_all".into()));
         }
         if origin.current() != got {
-            return Err(ctx_msg("origin differs from the cache after writing everything back".into()));
+            return Err(ctx_msg(
+                "origin differs from the cache after writing everything back".into(),
+            ));
         }
         // Clean restart stays warm and identical.
         let cached = engine.stats().occupied;
         engine.close().map_err(|e| e.to_string())?;
-        let e2 = Engine::open(region.clone() as Arc<dyn PmemRegion>, origin, cfg(&ctx.v)).map_err(|e| e.to_string())?;
+        let e2 = Engine::open(region.clone() as Arc<dyn PmemRegion>, origin, cfg(&ctx.v))
+            .map_err(|e| e.to_string())?;
         if e2.stats().occupied != cached {
-            return Err(ctx_msg(format!("restart was not warm: {} cached before, {} after", cached, e2.stats().occupied)));
+            return Err(ctx_msg(format!(
+                "restart was not warm: {} cached before, {} after",
+                cached,
+                e2.stats().occupied
+            )));
         }
         verify_content(&e2, &got, &[]).map_err(ctx_msg)?;
     }
@@ -305,7 +391,9 @@ fn check_image(ctx: &Ctx, img: &CrashImage, deep: bool, nested: bool, images: &m
 fn run_seed(v: Variant, seed: u64) -> u64 {
     let mut rng = SmallRng::seed_from_u64(seed);
     let part = (v.origin_len / v.threads) as u64 / v.block as u64 * v.block as u64;
-    let ops: Vec<Vec<Op>> = (0..v.threads).map(|t| gen_ops(&v, &mut rng, t as u64 * part, part)).collect();
+    let ops: Vec<Vec<Op>> = (0..v.threads)
+        .map(|t| gen_ops(&v, &mut rng, t as u64 * part, part))
+        .collect();
     let origin = Arc::new(MemOrigin::new(v.origin_len as u64).with_name(ORIGIN_NAME));
     // Format outside the enumeration: crashes inside `format` are not a promise.
     let base = SimRegion::new(v.region_len);
@@ -317,15 +405,27 @@ fn run_seed(v: Variant, seed: u64) -> u64 {
         inflight: vec![None; v.threads],
         ..Default::default()
     }));
-    let ctx = Ctx { v, origin: origin.clone(), model: model.clone() };
-    let ccfg = CrashConfig::new(seed).images_per_point(3).stride(v.stride).max_violations(1);
+    let ctx = Ctx {
+        v,
+        origin: origin.clone(),
+        model: model.clone(),
+    };
+    let ccfg = CrashConfig::new(seed)
+        .images_per_point(3)
+        .stride(v.stride)
+        .max_violations(1);
     let mut extra = 0u64;
     let mut n = 0u64;
     let report = enumerate(
         &ccfg,
         SimRegion::from_image(&formatted),
         |r| {
-            let e = Engine::open(r.clone() as Arc<dyn PmemRegion>, origin.clone() as Arc<dyn Origin>, cfg(&v)).expect("open");
+            let e = Engine::open(
+                r.clone() as Arc<dyn PmemRegion>,
+                origin.clone() as Arc<dyn Origin>,
+                cfg(&v),
+            )
+            .expect("open");
             std::thread::scope(|sc| {
                 for (t, ops) in ops.iter().enumerate() {
                     let (e, model) = (&e, &model);
@@ -376,11 +476,19 @@ fn tune_malloc() {
 #[test]
 fn crash_suite() {
     tune_malloc();
-    let target: u64 = std::env::var("PMCACHE_CRASH_IMAGES").ok().and_then(|s| s.parse().ok()).unwrap_or(20_000);
+    let target: u64 = std::env::var("PMCACHE_CRASH_IMAGES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20_000);
     let base_seed: u64 = std::env::var("PMCACHE_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs());
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+        });
     eprintln!("crash suite: base seed {base_seed} (replay with PMCACHE_SEED={base_seed})");
     let t = Instant::now();
     let small_target = target * 3 / 5;

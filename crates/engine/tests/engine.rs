@@ -14,7 +14,10 @@ use rand::{Rng, SeedableRng};
 const MIB: usize = 1 << 20;
 
 fn manual() -> EngineConfig {
-    EngineConfig { background_writeback: false, ..Default::default() }
+    EngineConfig {
+        background_writeback: false,
+        ..Default::default()
+    }
 }
 
 struct Rig {
@@ -31,7 +34,12 @@ impl Rig {
     }
 
     fn open(&self, cfg: EngineConfig) -> Arc<Engine> {
-        Engine::open(self.region.clone() as Arc<dyn PmemRegion>, self.origin.clone() as Arc<dyn Origin>, cfg).unwrap()
+        Engine::open(
+            self.region.clone() as Arc<dyn PmemRegion>,
+            self.origin.clone() as Arc<dyn Origin>,
+            cfg,
+        )
+        .unwrap()
     }
 }
 
@@ -67,7 +75,10 @@ fn random_ops_match_a_model_with_eviction_and_writeback() {
             6..=8 => {
                 let mut buf = vec![0u8; len];
                 e.read(off, &mut buf).unwrap();
-                assert!(buf == model[off as usize..off as usize + len], "op {i}: read {off}+{len} mismatch");
+                assert!(
+                    buf == model[off as usize..off as usize + len],
+                    "op {i}: read {off}+{len} mismatch"
+                );
             }
             _ => {
                 e.writeback_step(rng.gen_range(1..500)).unwrap();
@@ -79,7 +90,10 @@ fn random_ops_match_a_model_with_eviction_and_writeback() {
     assert!(s.writebacks > 0 && s.promotions > 0 && s.read_hits > 0 && s.read_misses > 0);
     e.flush_all(0, &mut |_, _| {}).unwrap();
     assert_eq!(e.dirty_blocks(), 0);
-    assert!(rig.origin.durable() == model, "origin after writeback differs from what was written");
+    assert!(
+        rig.origin.durable() == model,
+        "origin after writeback differs from what was written"
+    );
     let report = check::check(&*rig.region, Some(("mem:rig", 16 * MIB as u64)), true);
     assert!(report.ok(), "{:?}", report.errors);
 }
@@ -92,16 +106,24 @@ fn one_fence_per_4k_write_at_qd1() {
     let data = pattern(1, 4096);
     // Warm up (the first writes find the free list full).
     for _ in 0..200 {
-        e.write(rng.gen_range(0..1024u64) * 4096, &data, false).unwrap();
+        e.write(rng.gen_range(0..1024u64) * 4096, &data, false)
+            .unwrap();
     }
     let f0 = rig.region.fences();
     let n = 5000;
     for _ in 0..n {
-        e.write(rng.gen_range(0..1024u64) * 4096, &data, false).unwrap();
+        e.write(rng.gen_range(0..1024u64) * 4096, &data, false)
+            .unwrap();
     }
     let fences = rig.region.fences() - f0;
-    assert!(fences <= n, "{fences} fences for {n} writes: more than one per write");
-    assert!(fences >= n, "{fences} fences for {n} writes: a write went unfenced");
+    assert!(
+        fences <= n,
+        "{fences} fences for {n} writes: more than one per write"
+    );
+    assert!(
+        fences >= n,
+        "{fences} fences for {n} writes: a write went unfenced"
+    );
 }
 
 #[test]
@@ -112,15 +134,31 @@ fn superseded_versions_are_freed_and_never_resurrect() {
     let v2 = pattern(2, 4096);
     e.write(0, &v1, false).unwrap();
     e.write(0, &v2, false).unwrap();
-    let live: Vec<_> = check::dump(&*rig.region).unwrap().mappings.into_iter().filter(|m| m.block == 0).collect();
-    assert_eq!(live.len(), 1, "the old version must be FREE as soon as the new one is published: {live:?}");
+    let live: Vec<_> = check::dump(&*rig.region)
+        .unwrap()
+        .mappings
+        .into_iter()
+        .filter(|m| m.block == 0)
+        .collect();
+    assert_eq!(
+        live.len(),
+        1,
+        "the old version must be FREE as soon as the new one is published: {live:?}"
+    );
     // Write back, then push block 0 out of the cache with other traffic.
     e.flush_all(0, &mut |_, _| {}).unwrap();
     let mut buf = vec![0u8; 64 * 1024];
     for off in (MIB as u64..8 * MIB as u64).step_by(64 * 1024) {
         e.read(off, &mut buf).unwrap();
     }
-    assert!(check::dump(&*rig.region).unwrap().mappings.iter().all(|m| m.block != 0), "block 0 was not evicted");
+    assert!(
+        check::dump(&*rig.region)
+            .unwrap()
+            .mappings
+            .iter()
+            .all(|m| m.block != 0),
+        "block 0 was not evicted"
+    );
     // Power loss now: only what is durable survives.
     let img = rig.region.durable_image();
     let r2 = Arc::new(SimRegion::from_image(&img));
@@ -134,7 +172,10 @@ fn superseded_versions_are_freed_and_never_resurrect() {
 #[test]
 fn concurrent_overlapping_writes_and_reads_never_tear() {
     let rig = Rig::new(16 * MIB, 8 * MIB, 4096);
-    let e = rig.open(EngineConfig { background_writeback: true, ..Default::default() });
+    let e = rig.open(EngineConfig {
+        background_writeback: true,
+        ..Default::default()
+    });
     let stop = Arc::new(AtomicBool::new(false));
     // Every write fills [off, off+len) with one byte value; reads check that
     // each block they see holds a single value (whole blocks, no tearing),
@@ -148,7 +189,8 @@ fn concurrent_overlapping_writes_and_reads_never_tear() {
                 let blocks = rng.gen_range(1..16u64);
                 let off = rng.gen_range(0..32u64) * 4096;
                 let val = (t * 80 + (i % 80) as u8).max(1);
-                e.write(off, &vec![val; (blocks * 4096) as usize], false).unwrap();
+                e.write(off, &vec![val; (blocks * 4096) as usize], false)
+                    .unwrap();
             }
         }));
     }
@@ -182,7 +224,7 @@ fn concurrent_overlapping_writes_and_reads_never_tear() {
 fn sub_block_writes_from_threads_do_not_lose_each_other() {
     // Two requests that touch different bytes of the same block must both
     // survive, even though each is a read-modify-write of the block.
-    let rig = Rig::new(8 * MIB, 1 * MIB, 4096);
+    let rig = Rig::new(8 * MIB, MIB, 4096);
     let e = rig.open(manual());
     let hs: Vec<_> = (0..4u64)
         .map(|t| {
@@ -216,7 +258,11 @@ fn origin_failure_keeps_dirty_data_and_serves_cached_blocks() {
     e.write(MIB as u64, &d, false).unwrap();
     let err = e.writeback_step(100).unwrap_err();
     assert!(matches!(err, EngineError::Origin { .. }), "{err}");
-    assert_eq!(e.dirty_blocks(), 32, "dirty data must be kept when the origin fails");
+    assert_eq!(
+        e.dirty_blocks(),
+        32,
+        "dirty data must be kept when the origin fails"
+    );
     // Cached data is served; a miss fails with a clear origin error.
     let mut buf = vec![0u8; d.len()];
     e.read(0, &mut buf).unwrap();
@@ -224,7 +270,10 @@ fn origin_failure_keeps_dirty_data_and_serves_cached_blocks() {
     let err = e.read(4 * MIB as u64, &mut buf).unwrap_err();
     assert!(err.to_string().contains("origin I/O failed"), "{err}");
     assert!(e.stats().origin_errors >= 2);
-    assert!(e.flush_all(1, &mut |_, _| {}).is_err(), "flush must report the failing origin");
+    assert!(
+        e.flush_all(1, &mut |_, _| {}).is_err(),
+        "flush must report the failing origin"
+    );
     rig.origin.set_failing(false);
     e.flush_all(3, &mut |_, _| {}).unwrap();
     assert_eq!(e.dirty_blocks(), 0);
@@ -236,20 +285,31 @@ fn origin_failure_keeps_dirty_data_and_serves_cached_blocks() {
 fn writers_wait_for_writeback_when_the_cache_is_full_of_dirty_data() {
     let rig = Rig::new(3 * MIB, 32 * MIB, 4096);
     rig.origin.set_delay(Duration::from_micros(200));
-    let e = rig.open(EngineConfig { background_writeback: true, writeback_batch: 64, ..Default::default() });
+    let e = rig.open(EngineConfig {
+        background_writeback: true,
+        writeback_batch: 64,
+        ..Default::default()
+    });
     let slots = e.layout().slot_count as usize;
     let total = slots * 4096 * 3;
     let chunk = 256 * 1024;
     for (i, off) in (0..total).step_by(chunk).enumerate() {
-        e.write(off as u64, &pattern(i as u64, chunk), false).unwrap();
+        e.write(off as u64, &pattern(i as u64, chunk), false)
+            .unwrap();
     }
     let s = e.stats();
-    assert!(s.waits_for_space > 0, "writes beyond the cache size must have waited: {s:?}");
+    assert!(
+        s.waits_for_space > 0,
+        "writes beyond the cache size must have waited: {s:?}"
+    );
     rig.origin.set_delay(Duration::ZERO);
     e.flush_all(3, &mut |_, _| {}).unwrap();
     let o = rig.origin.durable();
     for (i, off) in (0..total).step_by(chunk).enumerate() {
-        assert!(o[off..off + chunk] == pattern(i as u64, chunk)[..], "chunk {i} lost");
+        assert!(
+            o[off..off + chunk] == pattern(i as u64, chunk)[..],
+            "chunk {i} lost"
+        );
     }
     e.close().unwrap();
 }
@@ -264,30 +324,47 @@ fn restart_is_warm_and_keeps_dirty_state() {
     e.read(2 * MIB as u64, &mut buf).unwrap();
     let before = e.stats();
     e.close().unwrap();
-    assert!(rig.region.durable_image() == rig.region.volatile_image(), "close left data unflushed");
+    assert!(
+        rig.region.durable_image() == rig.region.volatile_image(),
+        "close left data unflushed"
+    );
     let e = rig.open(manual());
     let after = e.stats();
-    assert_eq!((after.occupied, after.dirty), (before.occupied, before.dirty));
+    assert_eq!(
+        (after.occupied, after.dirty),
+        (before.occupied, before.dirty)
+    );
     assert_eq!(after.dirty, 64 - 16);
     let mut got = vec![0u8; 256 * 1024];
     e.read(0, &mut got).unwrap();
     assert!(got == pattern(1, 256 * 1024));
-    assert_eq!(e.stats().read_misses, 0, "a warm restart serves cached blocks without the origin");
+    assert_eq!(
+        e.stats().read_misses,
+        0,
+        "a warm restart serves cached blocks without the origin"
+    );
 }
 
 #[test]
 fn a_different_origin_is_refused_unless_forced() {
     let rig = Rig::new(3 * MIB, 8 * MIB, 4096);
     let other = Arc::new(MemOrigin::new(8 * MIB as u64).with_name("other"));
-    let err = Engine::open(rig.region.clone() as Arc<dyn PmemRegion>, other.clone() as Arc<dyn Origin>, manual())
-        .err()
-        .expect("must refuse");
+    let err = Engine::open(
+        rig.region.clone() as Arc<dyn PmemRegion>,
+        other.clone() as Arc<dyn Origin>,
+        manual(),
+    )
+    .err()
+    .expect("must refuse");
     assert!(matches!(err, EngineError::OriginMismatch { .. }), "{err}");
     assert!(err.to_string().contains("mem:rig") && err.to_string().contains("--force"));
     let e = Engine::open(
         rig.region.clone() as Arc<dyn PmemRegion>,
         other as Arc<dyn Origin>,
-        EngineConfig { force_origin: true, ..manual() },
+        EngineConfig {
+            force_origin: true,
+            ..manual()
+        },
     )
     .unwrap();
     assert_eq!(e.size(), 8 * MIB as u64);
@@ -309,7 +386,11 @@ fn corruption_is_detected_and_named() {
     let mut bad = clean.clone();
     bad[meta + 3] ^= 0x10;
     let rep = check::check(&SimRegion::from_image(&bad), None, true);
-    assert!(!rep.ok() && rep.errors[0].contains(&format!("slot {slot}")), "{:?}", rep.errors);
+    assert!(
+        !rep.ok() && rep.errors[0].contains(&format!("slot {slot}")),
+        "{:?}",
+        rep.errors
+    );
     let err = Engine::open(
         Arc::new(SimRegion::from_image(&bad)) as Arc<dyn PmemRegion>,
         rig.origin.clone() as Arc<dyn Origin>,
@@ -317,14 +398,21 @@ fn corruption_is_detected_and_named() {
     )
     .err()
     .expect("open must refuse corrupt metadata");
-    assert!(matches!(err, EngineError::Corrupt(_)) && err.to_string().contains(&format!("slot {slot}")), "{err}");
+    assert!(
+        matches!(err, EngineError::Corrupt(_)) && err.to_string().contains(&format!("slot {slot}")),
+        "{err}"
+    );
 
     // A bit flip in cached data is found by the data check.
     let mut bad = clean.clone();
     let data_off = (dump.superblock.layout.data_offset + slot * 4096) as usize;
     bad[data_off + 100] ^= 1;
     let rep = check::check(&SimRegion::from_image(&bad), None, true);
-    assert!(rep.errors.iter().any(|e| e.contains("data checksum")), "{:?}", rep.errors);
+    assert!(
+        rep.errors.iter().any(|e| e.contains("data checksum")),
+        "{:?}",
+        rep.errors
+    );
 
     // Both superblocks damaged; a foreign file.
     let mut bad = clean.clone();
@@ -333,29 +421,49 @@ fn corruption_is_detected_and_named() {
     assert!(!check::check(&SimRegion::from_image(&bad), None, false).ok());
     let foreign = vec![0x5a; 3 * MIB];
     let rep = check::check(&SimRegion::from_image(&foreign), None, false);
-    assert!(rep.errors[0].contains("not a pmcache cache"), "{:?}", rep.errors);
+    assert!(
+        rep.errors[0].contains("not a pmcache cache"),
+        "{:?}",
+        rep.errors
+    );
     // One superblock copy damaged: still opens, with a warning from check.
     let mut one = clean.clone();
     one[10] ^= 1;
     let rep = check::check(&SimRegion::from_image(&one), None, false);
     assert!(rep.ok() && !rep.warnings.is_empty());
     // The wrong origin is reported.
-    let rep = check::check(&SimRegion::from_image(&clean), Some(("file:/elsewhere", 1)), false);
+    let rep = check::check(
+        &SimRegion::from_image(&clean),
+        Some(("file:/elsewhere", 1)),
+        false,
+    );
     assert!(rep.errors.iter().any(|e| e.contains("origin identity")));
 }
 
 #[test]
 fn writethrough_and_passthrough_modes() {
     let rig = Rig::new(4 * MIB, 8 * MIB, 4096);
-    let e = rig.open(EngineConfig { mode: Some(CacheMode::Writethrough), ..manual() });
+    let e = rig.open(EngineConfig {
+        mode: Some(CacheMode::Writethrough),
+        ..manual()
+    });
     let d = pattern(9, 12288);
     e.write(4096, &d, true).unwrap();
-    assert!(rig.origin.durable()[4096..4096 + d.len()] == d[..], "FUA write-through must reach the origin durably");
+    assert!(
+        rig.origin.durable()[4096..4096 + d.len()] == d[..],
+        "FUA write-through must reach the origin durably"
+    );
     assert_eq!(e.dirty_blocks(), 0);
     e.write(65536, &d, false).unwrap();
-    assert!(rig.origin.current()[65536..65536 + d.len()] == d[..], "write-through must reach the origin");
+    assert!(
+        rig.origin.current()[65536..65536 + d.len()] == d[..],
+        "write-through must reach the origin"
+    );
     e.flush().unwrap();
-    assert!(rig.origin.durable()[65536..65536 + d.len()] == d[..], "FLUSH must make it durable");
+    assert!(
+        rig.origin.durable()[65536..65536 + d.len()] == d[..],
+        "FLUSH must make it durable"
+    );
 
     // Back to writeback, leave dirty data, then switch to passthrough.
     e.set_mode(CacheMode::Writeback).unwrap();
@@ -363,7 +471,11 @@ fn writethrough_and_passthrough_modes() {
     e.write(4096, &d2, false).unwrap();
     assert!(e.dirty_blocks() > 0);
     e.set_mode(CacheMode::Passthrough).unwrap();
-    assert_eq!(e.dirty_blocks(), 0, "switching to passthrough writes dirty data back");
+    assert_eq!(
+        e.dirty_blocks(),
+        0,
+        "switching to passthrough writes dirty data back"
+    );
     assert!(rig.origin.durable()[4096..4096 + d2.len()] == d2[..]);
     let d3 = pattern(11, 100);
     e.write(4096 + 50, &d3, false).unwrap();
@@ -386,8 +498,14 @@ fn unaligned_origin_end_and_range_errors() {
     assert!(got == d);
     e.flush_all(0, &mut |_, _| {}).unwrap();
     assert!(rig.origin.durable()[1_000_000 - 5000..] == d[..]);
-    assert!(matches!(e.write(999_999, &[1, 2], false), Err(EngineError::OutOfRange { .. })));
-    assert!(matches!(e.read(u64::MAX - 1, &mut [0u8; 4]), Err(EngineError::OutOfRange { .. })));
+    assert!(matches!(
+        e.write(999_999, &[1, 2], false),
+        Err(EngineError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        e.read(u64::MAX - 1, &mut [0u8; 4]),
+        Err(EngineError::OutOfRange { .. })
+    ));
 }
 
 #[test]
@@ -395,18 +513,27 @@ fn failed_payload_writes_nothing() {
     let rig = Rig::new(3 * MIB, 8 * MIB, 4096);
     let e = rig.open(manual());
     let big = vec![0u8; 2 * MIB];
-    assert!(matches!(e.write(0, &big[..MIB + 1], false), Err(EngineError::TooLarge { .. })));
+    assert!(matches!(
+        e.write(0, &big[..MIB + 1], false),
+        Err(EngineError::TooLarge { .. })
+    ));
     let before = e.stats();
     let err = e
         .write_with(0, 8192, false, &mut |slices| {
             slices[0][..10].fill(7);
-            Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "client went away"))
+            Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "client went away",
+            ))
         })
         .unwrap_err();
     assert!(matches!(err, EngineError::Transfer(_)));
     let mut got = vec![1u8; 8192];
     e.read(0, &mut got).unwrap();
-    assert!(got.iter().all(|&b| b == 0), "a failed payload must not be visible");
+    assert!(
+        got.iter().all(|&b| b == 0),
+        "a failed payload must not be visible"
+    );
     let after = e.stats();
     assert_eq!(after.writes, before.writes);
     assert_eq!(after.dirty, 0);
