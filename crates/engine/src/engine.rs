@@ -517,17 +517,41 @@ impl Engine {
         true
     }
 
-    /// Take `need` free slots from a shard, reclaiming or waiting for
-    /// writeback as needed. With `wait == false`, gives up instead of waiting.
-    fn alloc(&self, shard: usize, need: usize, wait: bool) -> Result<Option<Vec<u32>>> {
+    /// Take `need` free slots from a shard, pinned, reclaiming or waiting
+    /// for writeback as needed. With `wait == false`, gives up instead of
+    /// waiting. With `piggy`, a shard running low also prepares a reclaim
+    /// batch for the caller's next fence (`(request blocks, batches)`).
+    #[allow(clippy::type_complexity)]
+    fn alloc(
+        &self,
+        shard: usize,
+        need: usize,
+        wait: bool,
+        piggy: Option<(u32, &mut Vec<(usize, Batch)>)>,
+    ) -> Result<Option<Vec<u32>>> {
         let sh = &self.shards[shard];
         let mut ix = sh.ix.lock();
         let mut waited = false;
         loop {
             if ix.free_len as usize >= need {
-                let v = (0..need)
-                    .map(|_| ix.pop_free().expect("free count"))
+                let v: Vec<u32> = (0..need)
+                    .map(|_| {
+                        let s = ix.pop_free().expect("free count");
+                        ix.pin(s);
+                        s
+                    })
                     .collect();
+                if let Some((count, batches)) = piggy {
+                    let lw = low_water(ix.nslots(), count);
+                    if !ix.reclaiming && ix.free_len < lw {
+                        let want = (lw - ix.free_len) as usize;
+                        let b = self.prepare_reclaim(&mut ix, want);
+                        if !b.is_empty() {
+                            ix.reclaiming = true;
+                            batches.push((shard, b));
+                        }
+                    }
+                }
                 return Ok(Some(v));
             }
             let want = need - ix.free_len as usize + low_water(ix.nslots(), 0) as usize;
@@ -758,11 +782,9 @@ impl Engine {
                 if mine.is_empty() {
                     continue;
                 }
-                match self.alloc(sh, mine.len(), false) {
+                match self.alloc(sh, mine.len(), false, None) {
                     Ok(Some(slots)) => {
-                        let mut ix = self.shards[sh].ix.lock();
                         for (&b, &s) in mine.iter().zip(&slots) {
-                            ix.pin(s);
                             filled.push(NewBlock {
                                 block: b,
                                 shard: sh,
@@ -1014,18 +1036,20 @@ impl Engine {
         let bs = self.bs();
         let (b0, b1) = (offset / bs, (offset + len - 1) / bs);
         self.lock_writers(b0, b1);
-        let r = match self.mode() {
-            CacheMode::Writeback => self.cache_write(offset, len, src, b0, b1).map(|nbs| {
-                self.unpin_all(&nbs);
-            }),
+        let mode = self.mode();
+        let r = match mode {
+            CacheMode::Writeback => self.cache_write(offset, len, src, b0, b1, true).map(|_| ()),
             CacheMode::Writethrough => self
-                .cache_write(offset, len, src, b0, b1)
+                .cache_write(offset, len, src, b0, b1, false)
                 .and_then(|nbs| self.write_through(&nbs, fua)),
             CacheMode::Writearound | CacheMode::Passthrough => {
                 self.origin_write(offset, len, src, fua, b0, b1)
             }
         };
-        self.unlock_writers(b0, b1);
+        // A successful writeback-mode write released its locks on publish.
+        if mode != CacheMode::Writeback || r.is_err() {
+            self.unlock_writers(b0, b1);
+        }
         if r.is_ok() {
             Counters::add(&self.counters.writes, 1);
             Counters::add(&self.counters.write_bytes, len);
@@ -1039,8 +1063,15 @@ impl Engine {
         }
     }
 
-    /// The copy-on-write transaction. Returns the new blocks, published and
-    /// still pinned. The caller holds the writer locks of `[b0, b1]`.
+    /// The copy-on-write transaction. The caller holds the writer locks of
+    /// `[b0, b1]`. Returns the new blocks, published; with `release` their
+    /// pins and the writer locks are dropped in the same critical section,
+    /// otherwise they stay pinned and locked for the caller.
+    ///
+    /// Ordering for speed: on x86 every locked instruction (mutex, atomic
+    /// read-modify-write) waits for earlier `clwb`s and streaming stores to
+    /// complete, so all of them happen before the persistence stores start,
+    /// and the stretch from the first streaming store to the fence has none.
     fn cache_write(
         &self,
         offset: u64,
@@ -1048,11 +1079,11 @@ impl Engine {
         mut src: Src<'_>,
         b0: u64,
         b1: u64,
+        release: bool,
     ) -> Result<Vec<NewBlock>> {
         let bs = self.bs();
         let end = offset + len;
         let zero_src = matches!(src, Src::Zero);
-        // 1. Slots, shard by shard in ascending order.
         let mut nbs: Vec<NewBlock> = (b0..=b1)
             .map(|b| {
                 let lo = offset.max(b * bs) - b * bs;
@@ -1068,104 +1099,104 @@ impl Engine {
                 }
             })
             .collect();
+        let count = nbs.len() as u32;
         let ids = self.shards_of(b0, b1);
-        let mut got: Vec<NewBlock> = Vec::new();
+
+        // 1. Slots (pinned), shard by shard in ascending order, with a
+        //    reclaim batch that rides on this request's fence where a shard
+        //    runs low.
+        let mut batches: Vec<(usize, Batch)> = Vec::new();
+        let mut got = 0;
         for &sh in &ids {
             let need = nbs.iter().filter(|n| n.shard == sh).count();
-            let slots = match self.alloc(sh, need, true) {
+            let slots = match self.alloc(sh, need, true, Some((count, &mut batches))) {
                 Ok(s) => s.expect("waiting alloc returns slots"),
                 Err(e) => {
-                    self.release_slots(&got);
+                    self.release_slots(&nbs[..got]);
+                    self.abandon_batches(batches);
                     return Err(e);
                 }
             };
-            let mut ix = self.shards[sh].ix.lock();
             for (nb, s) in nbs.iter_mut().filter(|n| n.shard == sh).zip(slots) {
                 nb.slot = s;
-                ix.pin(s);
-                got.push(*nb);
             }
+            got += need;
         }
-        let firsts: Vec<u64> = ids.iter().map(|&i| self.firsts[i]).collect();
-        let first_of = |sh: usize| firsts[Self::guard_pos(&ids, sh)];
+        let first_of = |sh: usize| self.firsts[sh];
+        let fail = |e: EngineError, nbs: &[NewBlock], batches: Vec<(usize, Batch)>| {
+            self.release_slots(nbs);
+            self.abandon_batches(batches);
+            Err(e)
+        };
 
-        // 2. Old content for partially covered blocks.
+        // 2. Old content of partially covered blocks (temporal copies,
+        //    flushed with the rest below).
         for nb in nbs
             .iter()
             .filter(|n| !n.zero && (n.lo != 0 || n.hi as u64 != bs))
         {
             if let Err(e) = self.fill_old(nb, first_of(nb.shard)) {
-                self.release_slots(&nbs);
-                return Err(e);
+                return fail(e, &nbs, batches);
             }
         }
 
-        // 3. New content, straight into the slots.
-        let mut hashes: Vec<Option<u64>> = vec![None; nbs.len()];
-        match &mut src {
-            Src::Zero => {
-                for nb in nbs.iter().filter(|n| !n.zero) {
-                    let off = self.data(first_of(nb.shard), nb.slot);
-                    // SAFETY: unpublished slot owned by this request.
-                    unsafe {
-                        self.region
-                            .zero_flush(off + nb.lo as usize, (nb.hi - nb.lo) as usize)
-                    };
-                }
+        // 3. A payload from outside arrives straight in the slots.
+        if let Src::Fill(f) = &mut src {
+            let mut slices: Vec<IoSliceMut<'_>> = nbs
+                .iter()
+                .map(|nb| {
+                    let off = self.data(first_of(nb.shard), nb.slot) + nb.lo as usize;
+                    // SAFETY: unpublished slot owned by this request; the
+                    // slices are disjoint (one per slot).
+                    IoSliceMut::new(unsafe { self.region.slice_mut(off, (nb.hi - nb.lo) as usize) })
+                })
+                .collect();
+            if let Err(e) = f(&mut slices) {
+                drop(slices);
+                return fail(EngineError::Transfer(e), &nbs, batches);
             }
-            Src::Buf(buf) => {
-                let mut pos = 0usize;
-                for (i, nb) in nbs.iter().enumerate() {
-                    let n = (nb.hi - nb.lo) as usize;
+        }
+
+        // 4. The last locked instructions: the seq and the watermark.
+        let t = self.seq.begin();
+        let staged = self.seq.stage_watermark_deferred(&*self.region);
+
+        // 5. Persistence stores: data, entries, reclaim FREEs, then flushes.
+        let mut pos = 0usize;
+        for nb in &nbs {
+            let first = first_of(nb.shard);
+            let off = self.data(first, nb.slot);
+            let n = (nb.hi - nb.lo) as usize;
+            let partial = n as u64 != bs;
+            let hash = match &src {
+                _ if nb.zero => 0,
+                Src::Buf(buf) => {
                     let part = &buf[pos..pos + n];
-                    let off = self.data(first_of(nb.shard), nb.slot);
                     // SAFETY: unpublished slot owned by this request.
                     unsafe { self.region.copy_flush(off + nb.lo as usize, part) };
-                    if n as u64 == bs {
-                        hashes[i] = Some(data_hash(part));
+                    if partial {
+                        // SAFETY: as above; read only.
+                        data_hash(unsafe { self.region.slice(off, bs as usize) })
+                    } else {
+                        data_hash(part)
                     }
-                    pos += n;
                 }
-            }
-            Src::Fill(f) => {
-                let mut slices: Vec<IoSliceMut<'_>> = nbs
-                    .iter()
-                    .map(|nb| {
-                        let off = self.data(first_of(nb.shard), nb.slot) + nb.lo as usize;
-                        // SAFETY: unpublished slot owned by this request; the
-                        // slices are disjoint (one per slot).
-                        IoSliceMut::new(unsafe {
-                            self.region.slice_mut(off, (nb.hi - nb.lo) as usize)
-                        })
-                    })
-                    .collect();
-                if let Err(e) = f(&mut slices) {
-                    drop(slices);
-                    self.release_slots(&nbs);
-                    return Err(EngineError::Transfer(e));
+                Src::Zero => {
+                    // SAFETY: unpublished slot owned by this request.
+                    unsafe { self.region.zero_flush(off + nb.lo as usize, n) };
+                    // SAFETY: as above; read only.
+                    data_hash(unsafe { self.region.slice(off, bs as usize) })
                 }
-                drop(slices);
-                for nb in &nbs {
-                    let off = self.data(first_of(nb.shard), nb.slot);
-                    self.region
-                        .flush(off + nb.lo as usize, (nb.hi - nb.lo) as usize);
-                }
-            }
-        }
-
-        // 4. Entries, then the one fence that commits the whole request.
-        let t = self.seq.begin();
-        let count = nbs.len() as u32;
-        for (i, nb) in nbs.iter().enumerate() {
-            let first = first_of(nb.shard);
-            let hash = if nb.zero {
-                0
-            } else {
-                hashes[i].unwrap_or_else(|| {
+                Src::Fill(_) => {
                     // SAFETY: unpublished slot owned by this request; read only.
-                    data_hash(unsafe { self.region.slice(self.data(first, nb.slot), bs as usize) })
-                })
+                    data_hash(unsafe { self.region.slice(off, bs as usize) })
+                }
             };
+            pos += n;
+            if partial || matches!(src, Src::Fill(_)) {
+                // Temporal stores (old content, or the kernel's recv).
+                self.region.flush(off, bs as usize);
+            }
             let e = Entry {
                 block: nb.block,
                 seq: t.seq,
@@ -1175,46 +1206,38 @@ impl Engine {
             };
             self.write_entry(first, nb.slot, &e, STATE_DIRTY);
         }
-        // Piggyback reclaim of retired slots on this fence where a shard runs low.
-        let mut batches: Vec<(usize, Batch)> = Vec::new();
-        for &sh in &ids {
-            let mut ix = self.shards[sh].ix.lock();
-            if !ix.reclaiming && ix.free_len < low_water(ix.nslots(), count) {
-                let want = low_water(ix.nslots(), count) as usize - ix.free_len as usize;
-                let b = self.prepare_reclaim(&mut ix, want);
-                if !b.is_empty() {
-                    ix.reclaiming = true;
-                    let first = ix.first_slot;
-                    drop(ix);
-                    self.flush_reclaim(first, &b);
-                    batches.push((sh, b));
-                }
-            }
+        for (sh, b) in &batches {
+            self.flush_reclaim(first_of(*sh), b);
         }
-        let staged = self.seq.stage_watermark(&*self.region);
+        if staged > 0 {
+            self.region.flush(WATERMARK_OFF, 8);
+        }
         self.region.fence();
         self.seq.end(t, staged);
-        Counters::add(&self.counters.write_fences, 1);
 
-        // 5. Publish all blocks at once; retire the versions they replace.
+        // 6. Publish all blocks at once; retire the versions they replace.
         let mut g = self.lock_all(&ids);
+        let (mut hits, mut misses) = (0, 0);
         for nb in &nbs {
             let pos = Self::guard_pos(&ids, nb.shard);
             let ix = &mut g[pos];
-            let first = firsts[pos];
             if let Some(old) = ix.lookup(nb.block) {
-                let old_seq = self.slot_seq(first, old);
+                let old_seq = self.slot_seq(first_of(nb.shard), old);
                 ix.remove(old);
                 self.retire(ix, old, old_seq);
-                Counters::add(&self.counters.write_hits, 1);
+                hits += 1;
             } else {
-                Counters::add(&self.counters.write_misses, 1);
+                misses += 1;
             }
             ix.insert(
                 nb.slot,
                 nb.block,
                 K_DIRTY | if nb.zero { K_ZERO } else { 0 },
             );
+            if release {
+                ix.unpin(nb.slot);
+                ix.update_lock(nb.block, |l| l.writer = false);
+            }
         }
         for (sh, b) in batches {
             let pos = Self::guard_pos(&ids, sh);
@@ -1224,11 +1247,33 @@ impl Engine {
         for &sh in &ids {
             self.shards[sh].cv.notify_all();
         }
+        Counters::add(&self.counters.write_fences, 1);
+        Counters::add(&self.counters.write_hits, hits);
+        Counters::add(&self.counters.write_misses, misses);
         self.kick_writeback();
         Ok(nbs)
     }
 
-    /// Bring the old content of a partially written block into its new slot.
+    /// Give back reclaim batches whose fence never came: their FREE stores
+    /// are done or harmless, but not known durable.
+    fn abandon_batches(&self, batches: Vec<(usize, Batch)>) {
+        for (sh, b) in batches {
+            let mut ix = self.shards[sh].ix.lock();
+            for (slot, seq, _) in b {
+                ix.retiring.push(Retired {
+                    slot,
+                    seq,
+                    state: RState::Freed,
+                });
+            }
+            ix.reclaiming = false;
+            drop(ix);
+            self.shards[sh].cv.notify_all();
+        }
+    }
+
+    /// Bring the old content of a partially written block into its new slot
+    /// (temporal stores; the caller flushes the block).
     fn fill_old(&self, nb: &NewBlock, first: u64) -> Result<()> {
         let bs = self.bs() as usize;
         let dst_off = self.data(first, nb.slot);
@@ -1251,30 +1296,26 @@ impl Engine {
                 }
             }
         };
+        // SAFETY: unpublished slot owned by this request.
+        let dst = unsafe { self.region.slice_mut(dst_off, bs) };
         match old {
-            Some((s, zero)) => {
-                if zero {
-                    // SAFETY: unpublished slot owned by this request.
-                    unsafe { self.region.zero_flush(dst_off, bs) };
-                } else {
-                    // SAFETY: source is pinned (never written while pinned);
-                    // destination is unpublished and ours; they are distinct.
-                    unsafe {
-                        let src = self.region.slice(self.data(first, s), bs);
-                        self.region.copy_flush(dst_off, src);
-                    }
-                }
-                sh.ix.lock().unpin(s);
+            Some((_, true)) => {
+                dst.fill(0);
+                self.unpin_one(nb.shard, old);
+                Ok(())
+            }
+            Some((s, false)) => {
+                // SAFETY: the source is pinned (never written while pinned)
+                // and distinct from the destination.
+                dst.copy_from_slice(unsafe { self.region.slice(self.data(first, s), bs) });
+                self.unpin_one(nb.shard, old);
                 Ok(())
             }
             None => {
-                // SAFETY: unpublished slot owned by this request.
-                let buf = unsafe { self.region.slice_mut(dst_off, bs) };
                 let start = nb.block * bs as u64;
                 let avail = (self.size - start).min(bs as u64) as usize;
-                buf[avail..].fill(0);
-                let r = self.origin.read_at(&mut buf[..avail], start);
-                self.region.flush(dst_off, bs);
+                dst[avail..].fill(0);
+                let r = self.origin.read_at(&mut dst[..avail], start);
                 sh.ix
                     .lock()
                     .update_lock(nb.block, |l| l.origin_readers -= 1);
@@ -1287,6 +1328,12 @@ impl Engine {
                     }
                 })
             }
+        }
+    }
+
+    fn unpin_one(&self, shard: usize, old: Option<(u32, bool)>) {
+        if let Some((s, _)) = old {
+            self.shards[shard].ix.lock().unpin(s);
         }
     }
 
@@ -1386,7 +1433,7 @@ impl Engine {
             })
         };
         if any_dirty {
-            let nbs = self.cache_write(offset, len, src, b0, b1)?;
+            let nbs = self.cache_write(offset, len, src, b0, b1, false)?;
             return self.write_through(&nbs, fua);
         }
         // The payload has to exist before the origin sees any of it; it is

@@ -24,7 +24,8 @@ struct Cell(AtomicU64);
 pub struct Sequencer {
     next: AtomicU64,
     cells: Box<[Cell]>,
-    hint: AtomicUsize,
+    /// Cells in use are all below this mark, so the scan stays short.
+    high: AtomicUsize,
     /// Highest S known to be durable in media.
     durable: AtomicU64,
 }
@@ -41,7 +42,7 @@ impl Sequencer {
         Sequencer {
             next: AtomicU64::new(last + 1),
             cells: (0..CELLS).map(|_| Cell(AtomicU64::new(0))).collect(),
-            hint: AtomicUsize::new(0),
+            high: AtomicUsize::new(0),
             durable: AtomicU64::new(s),
         }
     }
@@ -56,30 +57,29 @@ impl Sequencer {
     }
 
     pub fn begin(&self) -> Ticket {
-        let start = self.hint.fetch_add(1, SeqCst);
-        let mut i = start % CELLS;
         loop {
-            let lb = self.next.load(SeqCst);
-            if self.cells[i]
-                .0
-                .compare_exchange(0, lb, SeqCst, SeqCst)
-                .is_ok()
-            {
-                let seq = self.next.fetch_add(1, SeqCst);
-                assert!(seq < SEQ_MASK, "transaction sequence exhausted");
-                return Ticket { cell: i, seq };
+            for i in 0..CELLS {
+                let lb = self.next.load(SeqCst);
+                if self.cells[i]
+                    .0
+                    .compare_exchange(0, lb, SeqCst, SeqCst)
+                    .is_ok()
+                {
+                    self.high.fetch_max(i + 1, SeqCst);
+                    let seq = self.next.fetch_add(1, SeqCst);
+                    assert!(seq < SEQ_MASK, "transaction sequence exhausted");
+                    return Ticket { cell: i, seq };
+                }
             }
-            i = (i + 1) % CELLS;
-            if i == start % CELLS {
-                std::thread::yield_now();
-            }
+            std::thread::yield_now();
         }
     }
 
     /// The S that may be stored now: one below the oldest transaction in flight.
     fn safe_s(&self) -> u64 {
         let mut min = self.next.load(SeqCst);
-        for c in self.cells.iter() {
+        let high = self.high.load(SeqCst);
+        for c in self.cells[..high].iter() {
             let v = c.0.load(SeqCst);
             if v != 0 && v < min {
                 min = v;
@@ -91,6 +91,17 @@ impl Sequencer {
     /// Store a larger S into the watermark word if there is one, and flush
     /// it. Call before the fence; pass the result to [`Sequencer::end`].
     pub fn stage_watermark(&self, region: &dyn PmemRegion) -> u64 {
+        let s = self.stage_watermark_deferred(region);
+        if s > 0 {
+            region.flush(WATERMARK_OFF, 8);
+        }
+        s
+    }
+
+    /// [`stage_watermark`](Self::stage_watermark) without the flush: the
+    /// caller flushes the watermark line before its fence when this
+    /// returns non-zero.
+    pub fn stage_watermark_deferred(&self, region: &dyn PmemRegion) -> u64 {
         let s = self.safe_s();
         if s <= self.durable() {
             return 0;
@@ -107,7 +118,6 @@ impl Sequencer {
                 Err(v) => cur = v,
             }
         }
-        region.flush(WATERMARK_OFF, 8);
         s
     }
 

@@ -494,9 +494,11 @@ fn crash_suite() {
     let small_target = target * 3 / 5;
     let conc_target = target / 5;
     let large_target = target - small_target - conc_target;
+    // One thread per variant keeps both cores busy to the end.
     let large = std::thread::spawn(move || run_variant(LARGE, large_target, base_seed));
+    let conc = std::thread::spawn(move || run_variant(CONCURRENT, conc_target, base_seed));
     let (small_images, small_seeds) = run_variant(SMALL, small_target, base_seed);
-    let (conc_images, conc_seeds) = run_variant(CONCURRENT, conc_target, base_seed);
+    let (conc_images, conc_seeds) = conc.join().expect("concurrent variant");
     let (large_images, large_seeds) = large.join().expect("large variant");
     let total = small_images + large_images + conc_images;
     eprintln!(
