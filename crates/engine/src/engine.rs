@@ -22,6 +22,7 @@ use std::time::Duration;
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use pmcache_origin::Origin;
 use pmcache_pmem::PmemRegion;
+use smallvec::SmallVec;
 
 use crate::error::{EngineError, Result};
 use crate::format::*;
@@ -104,6 +105,12 @@ enum Loc {
     /// Read from the origin into a new slot (pinned) or a bounce buffer.
     Miss,
 }
+
+/// Shards of one request: one or two (requests are at most 1 MiB chunks).
+pub(crate) type ShardIds = SmallVec<[usize; 4]>;
+/// The blocks of one request, inline for small requests.
+pub(crate) type Blocks = SmallVec<[NewBlock; 4]>;
+type Batches = SmallVec<[(usize, Batch); 2]>;
 
 /// A reclaim batch: `(slot, seq of its old incarnation, may be freed)`.
 type Batch = Vec<(u32, u64, bool)>;
@@ -300,8 +307,8 @@ impl Engine {
     }
 
     /// Distinct shards of a block range, ascending.
-    pub(crate) fn shards_of(&self, b0: u64, b1: u64) -> Vec<usize> {
-        let mut v: Vec<usize> = Vec::new();
+    pub(crate) fn shards_of(&self, b0: u64, b1: u64) -> ShardIds {
+        let mut v = ShardIds::new();
         let mut c = b0 >> self.chunk_shift;
         while c <= b1 >> self.chunk_shift {
             v.push((mix(c) & self.shard_mask) as usize);
@@ -312,7 +319,7 @@ impl Engine {
         v
     }
 
-    pub(crate) fn lock_all(&self, ids: &[usize]) -> Vec<MutexGuard<'_, ShardIndex>> {
+    pub(crate) fn lock_all(&self, ids: &[usize]) -> SmallVec<[MutexGuard<'_, ShardIndex>; 4]> {
         ids.iter().map(|&i| self.shards[i].ix.lock()).collect()
     }
 
@@ -527,14 +534,14 @@ impl Engine {
         shard: usize,
         need: usize,
         wait: bool,
-        piggy: Option<(u32, &mut Vec<(usize, Batch)>)>,
-    ) -> Result<Option<Vec<u32>>> {
+        piggy: Option<(u32, &mut Batches)>,
+    ) -> Result<Option<SmallVec<[u32; 4]>>> {
         let sh = &self.shards[shard];
         let mut ix = sh.ix.lock();
         let mut waited = false;
         loop {
             if ix.free_len as usize >= need {
-                let v: Vec<u32> = (0..need)
+                let v: SmallVec<[u32; 4]> = (0..need)
                     .map(|_| {
                         let s = ix.pop_free().expect("free count");
                         ix.pin(s);
@@ -874,8 +881,8 @@ impl Engine {
     /// Publish freshly read blocks as clean cache entries. A block that a
     /// writer took meanwhile is not published: the writer's version is newer.
     fn commit_fill(&self, filled: &mut [NewBlock], firsts: &[u64]) {
-        let ids: Vec<usize> = {
-            let mut v: Vec<usize> = filled.iter().map(|n| n.shard).collect();
+        let ids: ShardIds = {
+            let mut v: ShardIds = filled.iter().map(|n| n.shard).collect();
             v.sort_unstable();
             v.dedup();
             v
@@ -1080,11 +1087,11 @@ impl Engine {
         b0: u64,
         b1: u64,
         release: bool,
-    ) -> Result<Vec<NewBlock>> {
+    ) -> Result<Blocks> {
         let bs = self.bs();
         let end = offset + len;
         let zero_src = matches!(src, Src::Zero);
-        let mut nbs: Vec<NewBlock> = (b0..=b1)
+        let mut nbs: Blocks = (b0..=b1)
             .map(|b| {
                 let lo = offset.max(b * bs) - b * bs;
                 let hi = end.min((b + 1) * bs) - b * bs;
@@ -1105,7 +1112,7 @@ impl Engine {
         // 1. Slots (pinned), shard by shard in ascending order, with a
         //    reclaim batch that rides on this request's fence where a shard
         //    runs low.
-        let mut batches: Vec<(usize, Batch)> = Vec::new();
+        let mut batches = Batches::new();
         let mut got = 0;
         for &sh in &ids {
             let need = nbs.iter().filter(|n| n.shard == sh).count();
@@ -1123,7 +1130,7 @@ impl Engine {
             got += need;
         }
         let first_of = |sh: usize| self.firsts[sh];
-        let fail = |e: EngineError, nbs: &[NewBlock], batches: Vec<(usize, Batch)>| {
+        let fail = |e: EngineError, nbs: &[NewBlock], batches: Batches| {
             self.release_slots(nbs);
             self.abandon_batches(batches);
             Err(e)
@@ -1256,7 +1263,7 @@ impl Engine {
 
     /// Give back reclaim batches whose fence never came: their FREE stores
     /// are done or harmless, but not known durable.
-    fn abandon_batches(&self, batches: Vec<(usize, Batch)>) {
+    fn abandon_batches(&self, batches: Batches) {
         for (sh, b) in batches {
             let mut ix = self.shards[sh].ix.lock();
             for (slot, seq, _) in b {
