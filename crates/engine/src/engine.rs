@@ -132,6 +132,8 @@ pub(crate) struct NewBlock {
     pub(crate) shard: usize,
     pub(crate) slot: u32,
     pub(crate) zero: bool,
+    /// Already written to the origin (by writethrough): flush only.
+    pub(crate) on_origin: bool,
     /// Byte range of the block the request covers.
     pub(crate) lo: u32,
     pub(crate) hi: u32,
@@ -797,6 +799,7 @@ impl Engine {
                                 shard: sh,
                                 slot: s,
                                 zero: false,
+                                on_origin: false,
                                 lo: 0,
                                 hi: bs as u32,
                             });
@@ -1101,6 +1104,7 @@ impl Engine {
                     shard: self.shard_of(b),
                     slot: 0,
                     zero: zero_src && full,
+                    on_origin: false,
                     lo: lo as u32,
                     hi: hi as u32,
                 }
@@ -1369,6 +1373,12 @@ impl Engine {
             if fua {
                 self.mark_clean(nbs);
             } else {
+                for nb in nbs {
+                    let mut ix = self.shards[nb.shard].ix.lock();
+                    if ix.key(nb.slot) & (K_VALID | K_DIRTY) == K_VALID | K_DIRTY {
+                        ix.set_flags(nb.slot, K_ON_ORIGIN);
+                    }
+                }
                 self.kick_writeback();
             }
         }
@@ -1384,7 +1394,9 @@ impl Engine {
             let first = self.firsts[nb.shard];
             let off = nb.block * bs;
             let n = (self.size - off).min(bs);
-            let r = if nb.zero {
+            let r = if nb.on_origin {
+                Ok(())
+            } else if nb.zero {
                 self.origin.write_zeroes(off, n, false)
             } else {
                 // SAFETY: the slot is pinned, so it is not rewritten meanwhile.

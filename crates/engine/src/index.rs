@@ -19,7 +19,10 @@ pub const K_DIRTY: u64 = 1 << 49;
 pub const K_ZERO: u64 = 1 << 50;
 /// A writeback of this slot is in flight.
 pub const K_WB: u64 = 1 << 51;
-const PIN_SHIFT: u32 = 52;
+/// Writethrough already wrote this version to the origin; writeback only
+/// needs an origin flush before marking it clean.
+pub const K_ON_ORIGIN: u64 = 1 << 52;
+const PIN_SHIFT: u32 = 53;
 const PIN_ONE: u64 = 1 << PIN_SHIFT;
 pub const MAX_PINS: u64 = (1 << (64 - PIN_SHIFT)) - 1;
 
@@ -195,7 +198,7 @@ impl ShardIndex {
             self.dirty -= 1;
         }
         self.valid -= 1;
-        self.keys[s as usize] &= !(K_VALID | K_DIRTY | K_ZERO);
+        self.keys[s as usize] &= !(K_VALID | K_DIRTY | K_ZERO | K_ON_ORIGIN);
         self.policy.remove(s);
     }
 

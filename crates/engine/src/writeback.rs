@@ -56,6 +56,7 @@ impl Engine {
                     shard: sh,
                     slot: s,
                     zero: k & K_ZERO != 0,
+                    on_origin: k & K_ON_ORIGIN != 0,
                     lo: 0,
                     hi: 0,
                 });

@@ -464,6 +464,20 @@ fn writethrough_and_passthrough_modes() {
         rig.origin.durable()[65536..65536 + d.len()] == d[..],
         "FLUSH must make it durable"
     );
+    // Writeback only flushes what write-through already wrote.
+    assert_eq!(
+        e.dirty_blocks(),
+        3,
+        "not clean before an origin flush made it durable"
+    );
+    let writes = rig.origin.write_count();
+    assert_eq!(e.writeback_step(100).unwrap(), 3);
+    assert_eq!(
+        rig.origin.write_count(),
+        writes,
+        "write-through data was written twice"
+    );
+    assert_eq!(e.dirty_blocks(), 0);
 
     // Back to writeback, leave dirty data, then switch to passthrough.
     e.set_mode(CacheMode::Writeback).unwrap();
