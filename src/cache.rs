@@ -12,14 +12,13 @@ use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use pmcache_engine::format::{Layout, Superblock};
 use pmcache_engine::{Engine, EngineError};
 use pmcache_origin::Origin;
-use pmcache_pmem::{MapOptions, MappedRegion, PersistMode, PmemError, PmemRegion};
+use pmcache_pmem::{MapOptions, MappedRegion, PmemError, PmemRegion};
 
 use crate::size::human;
 
@@ -113,115 +112,23 @@ fn file_len(file: &File, path: &Path) -> Result<u64> {
     Ok(meta.len())
 }
 
-/// A read-only mapping of a cache file, for `check`, `dump` and offline
-/// `stats`. Mapped `PROT_READ`: nothing can write the file through it.
-pub struct ReadOnlyRegion {
-    base: *mut u8,
-    len: usize,
+/// Map the file behind `lock` read-only, for `check`, `dump` and offline
+/// `stats`: nothing can write the file through it.
+pub fn map_read_only(lock: &CacheLock) -> Result<MappedRegion> {
+    let path = lock.path();
+    if file_len(lock.file(), path)? == 0 {
+        bail!("{} is empty (0 bytes): not a pmcache cache", path.display());
+    }
+    MappedRegion::map_read_only(path, lock.file()).map_err(pmem_error)
 }
 
-// SAFETY: a read-only shared mapping owned by this value; the pointer is
-// only an address and no method writes through it.
-unsafe impl Send for ReadOnlyRegion {}
-// SAFETY: as above.
-unsafe impl Sync for ReadOnlyRegion {}
-
-impl ReadOnlyRegion {
-    /// Map the file behind `lock` read-only.
-    pub fn map(lock: &CacheLock) -> Result<ReadOnlyRegion> {
-        let path = lock.path();
-        let len = file_len(lock.file(), path)?;
-        if len == 0 {
-            bail!("{} is empty (0 bytes): not a pmcache cache", path.display());
-        }
-        let ulen = usize::try_from(len)
-            .map_err(|_| anyhow!("{} is too large to map ({len} bytes)", path.display()))?;
-        // SAFETY: a fresh read-only shared mapping of a descriptor we own;
-        // the kernel picks the address.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                ulen,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                lock.file().as_raw_fd(),
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            bail!(
-                "cannot map {} read-only: {}",
-                path.display(),
-                std::io::Error::last_os_error()
-            );
-        }
-        Ok(ReadOnlyRegion {
-            base: base.cast(),
-            len: ulen,
-        })
-    }
-
-    /// True when any byte is not zero (a file that holds something).
-    pub fn has_data(&self) -> bool {
-        // SAFETY: the whole mapping, read-only; nothing writes it while we
-        // hold the lock.
-        let bytes = unsafe { std::slice::from_raw_parts(self.base, self.len) };
-        bytes
-            .chunks(1 << 16)
-            .any(|c| c.iter().fold(0u8, |a, &b| a | b) != 0)
-    }
-}
-
-impl Drop for ReadOnlyRegion {
-    fn drop(&mut self) {
-        // SAFETY: base/len are the mapping created in `map`; every borrow of
-        // it ended with the region's life.
-        unsafe {
-            libc::munmap(self.base.cast(), self.len);
-        }
-    }
-}
-
-impl PmemRegion for ReadOnlyRegion {
-    fn len(&self) -> usize {
-        self.len
-    }
-
-    fn mode(&self) -> PersistMode {
-        PersistMode::Msync
-    }
-
-    fn flush(&self, _off: usize, _len: usize) {}
-
-    fn fence(&self) {}
-
-    fn as_ptr(&self) -> *mut u8 {
-        self.base
-    }
-
-    unsafe fn copy_flush(&self, _off: usize, _src: &[u8]) {
-        // The inspection code (check::check, check::dump, read_superblock)
-        // only loads; a store here would be a bug in this program.
-        unreachable!("read-only cache mapping was written")
-    }
-
-    unsafe fn zero_flush(&self, _off: usize, _len: usize) {
-        unreachable!("read-only cache mapping was written")
-    }
-
-    fn word(&self, off: usize) -> &AtomicU64 {
-        assert!(
-            off % 8 == 0 && off + 8 <= self.len,
-            "word {off} out of bounds"
-        );
-        // SAFETY: in bounds and 8-aligned (the mapping is page-aligned);
-        // only ever loaded from.
-        unsafe { &*(self.base.add(off) as *const AtomicU64) }
-    }
-
-    fn fences(&self) -> u64 {
-        0
-    }
+/// True when any byte is not zero (a file that holds something).
+fn has_data(region: &MappedRegion) -> bool {
+    // SAFETY: a read-only mapping; nothing writes it while we hold the lock.
+    let bytes = unsafe { region.slice(0, region.len()) };
+    bytes
+        .chunks(1 << 16)
+        .any(|c| c.iter().fold(0u8, |a, &b| a | b) != 0)
 }
 
 /// What an existing file holds.
@@ -242,11 +149,11 @@ pub fn classify(lock: &CacheLock) -> Result<Contents> {
     if len == 0 {
         return Ok(Contents::Blank { len });
     }
-    let region = ReadOnlyRegion::map(lock)?;
+    let region = map_read_only(lock)?;
     Ok(match pmcache_engine::recovery::read_superblock(&region) {
         Ok((sb, _)) => Contents::Cache(Box::new(sb)),
         Err(EngineError::NotACache(_)) => {
-            if region.has_data() {
+            if has_data(&region) {
                 Contents::Foreign { len }
             } else {
                 Contents::Blank { len }

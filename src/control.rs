@@ -95,6 +95,39 @@ pub fn bind_unix(path: &Path, what: &str) -> Result<UnixListener> {
     UnixListener::bind(path).map_err(|e| anyhow!("cannot create {what} {}: {e}", path.display()))
 }
 
+/// Accept connections on a non-blocking listener and handle them one at a
+/// time until stopped (both services answer in microseconds).
+fn spawn_acceptor<C: 'static>(
+    name: &str,
+    fd: std::os::unix::io::RawFd,
+    mut accept: impl FnMut() -> std::io::Result<C> + Send + 'static,
+    mut handle: impl FnMut(C) -> std::io::Result<()> + Send + 'static,
+    socket_file: Option<PathBuf>,
+) -> Result<Background> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let what = name.to_string();
+    let thread = std::thread::Builder::new()
+        .name(format!("pmcache-{name}"))
+        .spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                if !readable(fd, Duration::from_millis(100)) {
+                    continue;
+                }
+                if let Ok(conn) = accept() {
+                    if let Err(e) = handle(conn) {
+                        tracing::debug!(error = %e, "{what} client");
+                    }
+                }
+            }
+        })?;
+    Ok(Background {
+        stop,
+        thread: Some(thread),
+        socket_file,
+    })
+}
+
 /// Serve control requests until stopped.
 pub fn spawn_control(
     listener: UnixListener,
@@ -103,27 +136,14 @@ pub fn spawn_control(
     info: ServerInfo,
 ) -> Result<Background> {
     listener.set_nonblocking(true)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let s = stop.clone();
-    let thread = std::thread::Builder::new()
-        .name("pmcache-control".into())
-        .spawn(move || {
-            while !s.load(Ordering::SeqCst) {
-                if !readable(listener.as_raw_fd(), Duration::from_millis(100)) {
-                    continue;
-                }
-                if let Ok((conn, _)) = listener.accept() {
-                    if let Err(e) = control_conn(conn, &engine, &info) {
-                        tracing::debug!(error = %e, "control client");
-                    }
-                }
-            }
-        })?;
-    Ok(Background {
-        stop,
-        thread: Some(thread),
-        socket_file: Some(path),
-    })
+    let fd = listener.as_raw_fd();
+    spawn_acceptor(
+        "control",
+        fd,
+        move || listener.accept().map(|(c, _)| c),
+        move |conn| control_conn(conn, &engine, &info),
+        Some(path),
+    )
 }
 
 fn control_conn(conn: UnixStream, engine: &Engine, info: &ServerInfo) -> std::io::Result<()> {
@@ -179,27 +199,14 @@ pub fn spawn_metrics(
     info: ServerInfo,
 ) -> Result<Background> {
     listener.set_nonblocking(true)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let s = stop.clone();
-    let thread = std::thread::Builder::new()
-        .name("pmcache-metrics".into())
-        .spawn(move || {
-            while !s.load(Ordering::SeqCst) {
-                if !readable(listener.as_raw_fd(), Duration::from_millis(100)) {
-                    continue;
-                }
-                if let Ok((conn, _)) = listener.accept() {
-                    if let Err(e) = http_conn(conn, &engine, &info) {
-                        tracing::debug!(error = %e, "metrics client");
-                    }
-                }
-            }
-        })?;
-    Ok(Background {
-        stop,
-        thread: Some(thread),
-        socket_file: None,
-    })
+    let fd = listener.as_raw_fd();
+    spawn_acceptor(
+        "metrics",
+        fd,
+        move || listener.accept().map(|(c, _)| c),
+        move |conn| http_conn(conn, &engine, &info),
+        None,
+    )
 }
 
 fn http_conn(conn: TcpStream, engine: &Engine, info: &ServerInfo) -> std::io::Result<()> {

@@ -6,7 +6,7 @@ use anyhow::Result;
 use pmcache_engine::check::{check, CheckReport};
 use serde_json::json;
 
-use crate::cache::{self, CacheLock, ReadOnlyRegion};
+use crate::cache::{self, CacheLock};
 use crate::cli::CheckArgs;
 use crate::size::human;
 
@@ -19,7 +19,7 @@ pub fn run(a: CheckArgs) -> Result<ExitCode> {
         None => None,
     };
     let lock = CacheLock::acquire(&a.cache, false)?;
-    let report = match ReadOnlyRegion::map(&lock) {
+    let report = match cache::map_read_only(&lock) {
         Ok(region) => check(
             &region,
             origin.as_ref().map(|(f, s)| (f.as_str(), *s)),

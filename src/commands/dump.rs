@@ -8,13 +8,13 @@ use pmcache_engine::check::{dump, Dump};
 use pmcache_engine::format::{Superblock, VERSION};
 use serde_json::{json, Value};
 
-use crate::cache::{CacheLock, ReadOnlyRegion};
+use crate::cache::{self, CacheLock};
 use crate::cli::DumpArgs;
 use crate::size::human;
 
 pub fn run(a: DumpArgs) -> Result<ExitCode> {
     let lock = CacheLock::acquire(&a.cache, false)?;
-    let region = ReadOnlyRegion::map(&lock)?;
+    let region = cache::map_read_only(&lock)?;
     let d = dump(&region).map_err(|e| anyhow!("cache {}: {e}", a.cache.display()))?;
     if a.json {
         crate::cli::emit(&format!("{}\n", dump_json(&d)))?;

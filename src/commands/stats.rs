@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{anyhow, bail, Result};
 use pmcache_engine::check::dump;
 
-use crate::cache::{self, CacheLock, ReadOnlyRegion};
+use crate::cache::{self, CacheLock};
 use crate::cli::{StatsArgs, DEFAULT_CACHE};
 use crate::control::query_stats;
 use crate::report::{offline_json, render_text};
@@ -60,7 +60,7 @@ pub fn run(a: StatsArgs) -> Result<ExitCode> {
             })?
         } else {
             let lock = CacheLock::acquire(&cache, false)?;
-            let region = ReadOnlyRegion::map(&lock)?;
+            let region = cache::map_read_only(&lock)?;
             let d = dump(&region).map_err(|e| anyhow!("cache {}: {e}", cache.display()))?;
             offline_json(&cache, &d)
         }

@@ -30,6 +30,8 @@ pub enum PersistMode {
     Msync,
     /// The crash simulator.
     Simulated,
+    /// Mapped read-only for inspection: nothing can be stored or persisted.
+    ReadOnly,
 }
 
 impl std::fmt::Display for PersistMode {
@@ -39,6 +41,7 @@ impl std::fmt::Display for PersistMode {
             PersistMode::AssumedPmem(k) => write!(f, "assumed pmem ({k})"),
             PersistMode::Msync => write!(f, "msync"),
             PersistMode::Simulated => write!(f, "simulated"),
+            PersistMode::ReadOnly => write!(f, "read-only"),
         }
     }
 }

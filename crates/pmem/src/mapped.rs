@@ -244,6 +244,58 @@ impl MappedRegion {
         Ok(region)
     }
 
+    /// Maps an already open file `PROT_READ`, for inspecting a cache
+    /// without any possibility of changing it (mode [`PersistMode::ReadOnly`]:
+    /// flush and fence do nothing, stores panic, and a stray write through
+    /// the pointer faults).
+    pub fn map_read_only(path: impl AsRef<Path>, file: &File) -> Result<Self, PmemError> {
+        let path = path.as_ref().to_path_buf();
+        let len = file_len(&path, file)?;
+        check_len(&path, len)?;
+        let ulen = usize::try_from(len).map_err(|_| PmemError::TooLarge {
+            path: path.clone(),
+            len,
+        })?;
+        let file = file.try_clone().map_err(|source| PmemError::Io {
+            path: path.clone(),
+            op: "dup",
+            source,
+        })?;
+        // SAFETY: a fresh read-only mapping chosen by the kernel of our own
+        // descriptor; no existing memory is affected.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                ulen,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+            return Err(PmemError::MapFailed { path, len, errno });
+        }
+        Ok(MappedRegion {
+            path,
+            file,
+            base: p.cast(),
+            len: ulen,
+            mode: PersistMode::ReadOnly,
+            fences: AtomicU64::new(0),
+            dirty: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn writable(&self) {
+        assert!(
+            self.mode != PersistMode::ReadOnly,
+            "{}: store to a read-only mapping",
+            self.path.display()
+        );
+    }
+
     /// The path the region was opened from.
     pub fn path(&self) -> &Path {
         &self.path
@@ -357,6 +409,7 @@ impl PmemRegion for MappedRegion {
     fn flush(&self, off: usize, len: usize) {
         self.check_range(off, len);
         match self.mode {
+            PersistMode::ReadOnly => {}
             // SAFETY: in bounds (checked); the kind was detected on this CPU.
             PersistMode::Dax(k) | PersistMode::AssumedPmem(k) => unsafe {
                 flush::flush(k, self.base.add(off), len)
@@ -367,6 +420,7 @@ impl PmemRegion for MappedRegion {
 
     fn fence(&self) {
         match self.mode {
+            PersistMode::ReadOnly => return,
             PersistMode::Dax(_) | PersistMode::AssumedPmem(_) => flush::sfence(),
             _ => self.msync_thread(),
         }
@@ -379,6 +433,7 @@ impl PmemRegion for MappedRegion {
 
     unsafe fn copy_flush(&self, off: usize, src: &[u8]) {
         self.check_range(off, src.len());
+        self.writable();
         // SAFETY: in bounds (checked); exclusivity is the caller's contract;
         // `src` cannot overlap the range it must not concurrently access.
         unsafe {
@@ -396,6 +451,7 @@ impl PmemRegion for MappedRegion {
 
     unsafe fn zero_flush(&self, off: usize, len: usize) {
         self.check_range(off, len);
+        self.writable();
         // SAFETY: in bounds (checked); exclusivity is the caller's contract.
         unsafe {
             match self.mode {

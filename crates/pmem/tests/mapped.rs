@@ -236,3 +236,29 @@ fn out_of_range_flush_panics() {
     let r = MappedRegion::create(&p, 8192, &MapOptions::new()).unwrap();
     r.flush(8190, 4);
 }
+
+#[test]
+fn read_only_mapping_reads_and_refuses_stores() {
+    let p = TempPath::new("ro");
+    let w = MappedRegion::create(&p, 8192, &MapOptions::new()).unwrap();
+    w.word(64)
+        .store(0xfeed, std::sync::atomic::Ordering::SeqCst);
+    w.persist(64, 8);
+    drop(w);
+    let f = std::fs::File::open(&p).unwrap();
+    let r = MappedRegion::map_read_only(&p, &f).unwrap();
+    assert_eq!(r.mode(), PersistMode::ReadOnly);
+    assert_eq!(r.word(64).load(std::sync::atomic::Ordering::SeqCst), 0xfeed);
+    r.flush(0, 64);
+    r.fence();
+    assert_eq!(r.fences(), 0, "a read-only region has nothing to fence");
+    // SAFETY: the panic fires before any store; nothing else maps the file.
+    let stored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe {
+        r.copy_flush(0, &[1, 2, 3])
+    }));
+    assert!(
+        stored.is_err(),
+        "a store to a read-only mapping must be refused"
+    );
+    assert!(std::fs::read(&p).unwrap()[..3] == [0, 0, 0]);
+}
