@@ -29,7 +29,9 @@ impl FileOrigin {
             .write(true)
             .open(path)
             .map_err(|e| with_path(e, "cannot open origin", path))?;
-        let meta = file.metadata().map_err(|e| with_path(e, "cannot stat origin", path))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| with_path(e, "cannot stat origin", path))?;
         let block_device = meta.file_type().is_block_device();
         let size = if block_device {
             let mut f = &file;
@@ -40,11 +42,19 @@ impl FileOrigin {
         } else {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("origin {} is neither a regular file nor a block device", path.display()),
+                format!(
+                    "origin {} is neither a regular file nor a block device",
+                    path.display()
+                ),
             ));
         };
         let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-        Ok(FileOrigin { file, path, size, block_device })
+        Ok(FileOrigin {
+            file,
+            path,
+            size,
+            block_device,
+        })
     }
 
     /// Create a sparse file of `size` bytes (fails if it exists) and open it.
@@ -55,7 +65,8 @@ impl FileOrigin {
             .create_new(true)
             .open(path)
             .map_err(|e| with_path(e, "cannot create origin", path))?;
-        file.set_len(size).map_err(|e| with_path(e, "cannot size origin", path))?;
+        file.set_len(size)
+            .map_err(|e| with_path(e, "cannot size origin", path))?;
         drop(file);
         Self::open(path)
     }

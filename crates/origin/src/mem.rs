@@ -37,7 +37,11 @@ impl MemOrigin {
     /// An origin whose current and durable content is `bytes`.
     pub fn from_bytes(bytes: Vec<u8>) -> Self {
         MemOrigin {
-            state: Mutex::new(State { current: bytes.clone(), durable: bytes, pending: Vec::new() }),
+            state: Mutex::new(State {
+                current: bytes.clone(),
+                durable: bytes,
+                pending: Vec::new(),
+            }),
             fail: AtomicBool::new(false),
             delay_us: AtomicU64::new(0),
             writes: AtomicU64::new(0),
@@ -105,10 +109,15 @@ impl MemOrigin {
     }
 
     fn range(&self, st: &State, offset: u64, len: usize) -> io::Result<std::ops::Range<usize>> {
-        let end = offset.checked_add(len as u64).filter(|&e| e <= st.current.len() as u64);
+        let end = offset
+            .checked_add(len as u64)
+            .filter(|&e| e <= st.current.len() as u64);
         match end {
             Some(end) => Ok(offset as usize..end as usize),
-            None => Err(io::Error::new(io::ErrorKind::InvalidInput, "mem origin access beyond end")),
+            None => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "mem origin access beyond end",
+            )),
         }
     }
 
