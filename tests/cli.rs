@@ -7,7 +7,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +16,6 @@ use pmcache::engine::{Engine, EngineConfig};
 use pmcache::nbd::Client;
 use pmcache::origin::FileOrigin;
 use pmcache::pmem::{MapOptions, MappedRegion};
-use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
 
@@ -37,6 +36,20 @@ fn flip_bit(p: &Path, offset: u64, bit: u8) {
     f.write_all_at(&b, offset).unwrap();
 }
 
+/// `pmcache check` a damaged cache: it must exit with status 1.
+fn check_finds_damage(cache: &str) -> std::process::Output {
+    let o = run(&["check", "--cache", cache]);
+    assert_eq!(o.status.code(), Some(1), "check of {cache}: {}", stdout(&o));
+    o
+}
+
+/// `pmcache serve --cache CACHE --origin ORIGIN EXTRA…` on a port it never
+/// gets to: for a serve that is refused before it listens.
+fn run_refused_serve(cache: &str, origin: &str, extra: &[&str]) -> std::process::Output {
+    let args = ["serve", "--cache", cache, "--origin", origin];
+    run(&[&args[..], extra, &["--listen", "127.0.0.1:1"]].concat())
+}
+
 fn connect(port: u16) -> Client {
     Client::connect(&format!("nbd://127.0.0.1:{port}")).expect("connect NBD")
 }
@@ -49,29 +62,16 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
 
 /// A cache in `d` with blocks written through a real server and a clean
 /// shutdown. Returns (cache, origin).
-fn cache_with_data(d: &TempDir) -> (std::path::PathBuf, std::path::PathBuf) {
-    let (cache, origin) = (d.path("c.pmem"), d.path("o.img"));
-    sparse(&origin, 64 * MIB);
-    format(&cache, "16M", &origin);
+fn cache_with_data(d: &TempDir) -> (PathBuf, PathBuf) {
+    let (cache, origin) = formatted_cache(d, 64 * MIB, "16M");
     let port = free_port();
-    let mut s = Server::start(
-        &d.0,
-        &[
-            "--cache",
-            &d.s("c.pmem"),
-            "--assume-pmem",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ],
-        d.path("serve.log"),
-    );
-    s.wait_ready(Duration::from_secs(20));
+    let mut s = serve_cache(d, port, &[], "serve.log");
     let c = connect(port);
     c.write(&pattern(1, 64 * 1024), 0, false).unwrap();
     c.write(&pattern(2, 8192), 5 * MIB, true).unwrap();
     c.flush().unwrap();
     drop(c);
-    assert!(s.terminate().success(), "log: {}", s.log_text());
+    s.terminate_ok();
     (cache, origin)
 }
 
@@ -110,28 +110,15 @@ fn bad_sizes_are_refused_and_create_nothing() {
         !d.path("pmcache-data").exists(),
         "a refused serve created pmcache-data"
     );
-    let o = run(&[
-        "format",
-        "--cache",
+    let o = run_format(
         &d.s("c.pmem"),
-        "--size",
         "16M",
-        "--origin",
         &d.s("o.img"),
-        "--block-size",
-        "3000",
-    ]);
+        &["--block-size", "3000"],
+    );
     fails_with(&o, "power of two");
     // Too small for the engine: refused before the file is created.
-    let o = run(&[
-        "format",
-        "--cache",
-        &d.s("c.pmem"),
-        "--size",
-        "64K",
-        "--origin",
-        &d.s("o.img"),
-    ]);
+    let o = run_format(&d.s("c.pmem"), "64K", &d.s("o.img"), &[]);
     fails_with(&o, "are needed");
     assert!(!d.path("c.pmem").exists());
 }
@@ -190,27 +177,11 @@ fn missing_cache_is_reported() {
         fails_with(&o, "no such file");
     }
     // serve does not create an explicitly named cache unless told its size.
-    let o = run(&[
-        "serve",
-        "--cache",
-        &missing,
-        "--origin",
-        &d.s("o.img"),
-        "--listen",
-        "127.0.0.1:1",
-    ]);
+    let o = run_refused_serve(&missing, &d.s("o.img"), &[]);
     fails_with(&o, "--cache-size");
     assert!(!d.path("nope.pmem").exists());
     // A missing origin.
-    let o = run(&[
-        "format",
-        "--cache",
-        &d.s("c.pmem"),
-        "--size",
-        "8M",
-        "--origin",
-        &d.s("none.img"),
-    ]);
+    let o = run_format(&d.s("c.pmem"), "8M", &d.s("none.img"), &[]);
     fails_with(&o, "none.img");
     assert!(!d.path("c.pmem").exists());
 }
@@ -222,34 +193,14 @@ fn wrong_origin_is_refused_and_nothing_changes() {
     sparse(&d.path("other.img"), 64 * MIB);
     let before = read_file(&cache);
     let port = free_port();
-    let o = run(&[
-        "serve",
-        "--cache",
-        &d.s("c.pmem"),
-        "--origin",
-        &d.s("other.img"),
-        "--assume-pmem",
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-    ]);
+    let o = run_serve_cache(&d, port, &["--origin", &d.s("other.img")]);
     fails_with(&o, "use --force");
-    let o = run(&[
-        "flush",
-        "--cache",
-        &d.s("c.pmem"),
-        "--origin",
-        &d.s("other.img"),
-    ]);
-    fails_with(&o, "use --force");
-    let o = run(&[
-        "check",
-        "--cache",
-        &d.s("c.pmem"),
-        "--origin",
-        &d.s("other.img"),
-    ]);
+    let (c, other) = (d.s("c.pmem"), d.s("other.img"));
+    let with_other = |cmd: &str| run(&[cmd, "--cache", &c, "--origin", &other]);
+    fails_with(&with_other("flush"), "use --force");
+    let o = with_other("check");
     assert!(!o.status.success());
-    assert!(stdout(&o).contains("origin identity"), "{}", stdout(&o));
+    assert_stdout_has(&o, "origin identity");
     assert!(
         before == read_file(&cache),
         "a refused command modified the cache"
@@ -259,33 +210,18 @@ fn wrong_origin_is_refused_and_nothing_changes() {
         "refused serve left its control socket"
     );
     // --force attaches it anyway.
-    let mut s = Server::start(
-        &d.0,
-        &[
-            "--cache",
-            &d.s("c.pmem"),
-            "--origin",
-            &d.s("other.img"),
-            "--force",
-            "--assume-pmem",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ],
-        d.path("force.log"),
-    );
-    s.wait_ready(Duration::from_secs(20));
-    assert!(s.terminate().success());
+    let mut s = serve_cache(&d, port, &["--origin", &other, "--force"], "force.log");
+    s.terminate_ok();
 }
 
 #[test]
 fn locked_cache_is_refused() {
     use std::os::unix::io::AsRawFd;
     let d = TempDir::new("locked");
-    sparse(&d.path("o.img"), 16 * MIB);
-    format(&d.path("c.pmem"), "8M", &d.path("o.img"));
-    let before = read_file(&d.path("c.pmem"));
+    let (cache, _) = formatted_cache(&d, 16 * MIB, "8M");
+    let before = read_file(&cache);
     // Hold the lock the way a server does.
-    let f = std::fs::File::open(d.path("c.pmem")).unwrap();
+    let f = std::fs::File::open(&cache).unwrap();
     // SAFETY: flock on our own descriptor.
     assert_eq!(
         unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
@@ -310,8 +246,8 @@ fn locked_cache_is_refused() {
         );
     }
     drop(f);
-    assert!(before == read_file(&d.path("c.pmem")));
-    ok(&run(&["check", "--cache", &c]));
+    assert!(before == read_file(&cache));
+    check_ok(&cache);
 }
 
 #[test]
@@ -320,32 +256,14 @@ fn unreachable_nbd_origin_is_reported() {
     let port = free_port();
     let uri = format!("nbd://127.0.0.1:{port}/vol");
     let t0 = std::time::Instant::now();
-    let o = run(&[
-        "format",
-        "--cache",
-        &d.s("c.pmem"),
-        "--size",
-        "8M",
-        "--origin",
-        &uri,
-    ]);
+    let o = run_format(&d.s("c.pmem"), "8M", &uri, &[]);
     fails_with(&o, &format!("127.0.0.1:{port}"));
     assert!(t0.elapsed() < Duration::from_secs(30));
     assert!(
         !d.path("c.pmem").exists(),
         "failed format left a cache file"
     );
-    let o = run(&[
-        "serve",
-        "--cache",
-        &d.s("c.pmem"),
-        "--cache-size",
-        "8M",
-        "--origin",
-        &uri,
-        "--listen",
-        "127.0.0.1:1",
-    ]);
+    let o = run_refused_serve(&d.s("c.pmem"), &uri, &["--cache-size", "8M"]);
     fails_with(&o, "127.0.0.1");
     assert!(!d.path("c.pmem").exists(), "failed serve left a cache file");
 }
@@ -353,125 +271,74 @@ fn unreachable_nbd_origin_is_reported() {
 #[test]
 fn format_refuses_existing_cache_and_nonempty_file() {
     let d = TempDir::new("refuse");
-    sparse(&d.path("o.img"), 16 * MIB);
-    format(&d.path("c.pmem"), "8M", &d.path("o.img"));
-    let before = read_file(&d.path("c.pmem"));
-    let o = run(&[
-        "format",
-        "--cache",
-        &d.s("c.pmem"),
-        "--size",
-        "8M",
-        "--origin",
-        &d.s("o.img"),
-    ]);
+    let (cache, _) = formatted_cache(&d, 16 * MIB, "8M");
+    let before = read_file(&cache);
+    let o = run_format(&d.s("c.pmem"), "8M", &d.s("o.img"), &[]);
     fails_with(&o, "already holds a pmcache cache");
-    assert!(before == read_file(&d.path("c.pmem")));
+    assert!(before == read_file(&cache));
 
     let junk: Vec<u8> = (0..3 * MIB).map(|i| (i * 31 % 251) as u8).collect();
     std::fs::write(d.path("junk.bin"), &junk).unwrap();
-    let o = run(&[
-        "format",
-        "--cache",
-        &d.s("junk.bin"),
-        "--size",
-        "8M",
-        "--origin",
-        &d.s("o.img"),
-    ]);
+    let o = run_format(&d.s("junk.bin"), "8M", &d.s("o.img"), &[]);
     fails_with(&o, "not empty");
     assert!(
         junk == read_file(&d.path("junk.bin")),
         "refused format changed the file"
     );
     // serve refuses to overwrite it as well.
-    let o = run(&[
-        "serve",
-        "--cache",
-        &d.s("junk.bin"),
-        "--origin",
-        &d.s("o.img"),
-        "--listen",
-        "127.0.0.1:1",
-    ]);
+    let o = run_refused_serve(&d.s("junk.bin"), &d.s("o.img"), &[]);
     fails_with(&o, "not a pmcache cache");
     assert!(junk == read_file(&d.path("junk.bin")));
 
     // With --force both are overwritten and come out consistent.
-    ok(&run(&[
-        "format",
-        "--cache",
+    ok(&run_format(
         &d.s("junk.bin"),
-        "--size",
         "8M",
-        "--origin",
         &d.s("o.img"),
-        "--force",
-    ]));
+        &["--force"],
+    ));
     assert_eq!(
         std::fs::metadata(d.path("junk.bin")).unwrap().len(),
         8 * MIB
     );
-    ok(&run(&["check", "--cache", &d.s("junk.bin")]));
-    ok(&run(&[
-        "format",
-        "--cache",
+    check_ok(&d.path("junk.bin"));
+    ok(&run_format(
         &d.s("c.pmem"),
-        "--size",
         "12M",
-        "--origin",
         &d.s("o.img"),
-        "--force",
-    ]));
-    assert_eq!(
-        dump_json(&d.path("c.pmem"))["superblock"]["region_len"],
-        12 * MIB
-    );
+        &["--force"],
+    ));
+    assert_eq!(dump_json(&cache)["superblock"]["region_len"], 12 * MIB);
     // An empty (0-byte) file needs no --force.
     std::fs::File::create(d.path("empty.pmem")).unwrap();
-    ok(&run(&[
-        "format",
-        "--cache",
-        &d.s("empty.pmem"),
-        "--size",
-        "8M",
-        "--origin",
-        &d.s("o.img"),
-    ]));
+    ok(&run_format(&d.s("empty.pmem"), "8M", &d.s("o.img"), &[]));
 }
 
 #[test]
 fn format_check_dump_stats_offline() {
     let d = TempDir::new("offline");
     sparse(&d.path("o.img"), 32 * MIB);
-    let o = run(&[
-        "format",
-        "--cache",
+    let o = run_format(
         &d.s("c.pmem"),
-        "--size",
         "16MiB",
-        "--origin",
         &d.s("o.img"),
-        "--block-size",
-        "8K",
-        "--assume-pmem",
-    ]);
+        &["--block-size", "8K", "--assume-pmem"],
+    );
     ok(&o);
-    assert!(stdout(&o).contains("formatted"), "{}", stdout(&o));
+    assert_stdout_has(&o, "formatted");
     assert_eq!(std::fs::metadata(d.path("c.pmem")).unwrap().len(), 16 * MIB);
 
-    let o = run(&[
-        "check",
-        "--cache",
-        &d.s("c.pmem"),
-        "--origin",
-        &d.s("o.img"),
-    ]);
-    ok(&o);
-    assert!(stdout(&o).contains("result: consistent"), "{}", stdout(&o));
-    let o = run(&["check", "--cache", &d.s("c.pmem"), "--json", "--no-data"]);
-    ok(&o);
-    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    run_prints(
+        &[
+            "check",
+            "--cache",
+            &d.s("c.pmem"),
+            "--origin",
+            &d.s("o.img"),
+        ],
+        "result: consistent",
+    );
+    let v = run_json(&["check", "--cache", &d.s("c.pmem"), "--json", "--no-data"]);
     assert_eq!(v["consistent"], true);
 
     let v = dump_json(&d.path("c.pmem"));
@@ -483,20 +350,14 @@ fn format_check_dump_stats_offline() {
     assert_eq!(sb["clean_shutdown"], true);
     assert_eq!(sb["mode"], "writeback");
     assert_eq!(v["mappings"].as_array().unwrap().len(), 0);
-    let o = run(&["dump", "--cache", &d.s("c.pmem")]);
-    ok(&o);
-    assert!(stdout(&o).contains("clean shutdown yes"), "{}", stdout(&o));
+    run_prints(&["dump", "--cache", &d.s("c.pmem")], "clean shutdown yes");
 
-    let o = run(&["stats", "--cache", &d.s("c.pmem"), "--json"]);
-    ok(&o);
-    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let v = run_json(&["stats", "--cache", &d.s("c.pmem"), "--json"]);
     assert_eq!(v["source"], "offline");
     assert_eq!(v["occupied"], 0);
     assert_eq!(v["dirty"], 0);
     assert!(v["slots"].as_u64().unwrap() > 1000);
-    let o = run(&["stats", "--cache", &d.s("c.pmem")]);
-    ok(&o);
-    assert!(stdout(&o).contains("occupancy"), "{}", stdout(&o));
+    run_prints(&["stats", "--cache", &d.s("c.pmem")], "occupancy");
 }
 
 // ----- damaged caches ---------------------------------------------------------
@@ -505,7 +366,7 @@ fn format_check_dump_stats_offline() {
 fn check_detects_bit_flip_in_slot_metadata() {
     let d = TempDir::new("flipslot");
     let (cache, _) = cache_with_data(&d);
-    ok(&run(&["check", "--cache", &d.s("c.pmem")]));
+    check_ok(&cache);
     let v = dump_json(&cache);
     let maps = v["mappings"].as_array().unwrap();
     assert!(
@@ -517,8 +378,7 @@ fn check_detects_bit_flip_in_slot_metadata() {
     assert_eq!(maps[maps.len() / 2]["meta_offset"].as_u64().unwrap(), meta);
     flip_bit(&cache, meta + 2, 3); // in the origin block number
     let before = read_file(&cache);
-    let o = run(&["check", "--cache", &d.s("c.pmem")]);
-    assert_eq!(o.status.code(), Some(1));
+    let o = check_finds_damage(&d.s("c.pmem"));
     let out = stdout(&o);
     assert!(out.contains(&format!("slot {slot}")), "{out}");
     assert!(out.contains(&format!("offset {meta}")), "{out}");
@@ -526,14 +386,7 @@ fn check_detects_bit_flip_in_slot_metadata() {
     assert!(stderr(&o).contains(&format!("slot {slot}")));
     assert!(before == read_file(&cache), "check modified the cache");
     // The server refuses to serve it rather than serve wrong data.
-    let o = run(&[
-        "serve",
-        "--cache",
-        &d.s("c.pmem"),
-        "--assume-pmem",
-        "--listen",
-        &format!("127.0.0.1:{}", free_port()),
-    ]);
+    let o = run_serve_cache(&d, free_port(), &[]);
     fails_with(&o, &format!("slot {slot}"));
     assert!(
         before == read_file(&cache),
@@ -551,8 +404,7 @@ fn check_detects_bit_flips_in_both_superblocks() {
     let out = stdout(&o);
     assert!(out.contains("superblock copy 0"), "{out}");
     flip_bit(&cache, 4096 + 10, 0);
-    let o = run(&["check", "--cache", &d.s("c.pmem")]);
-    assert_eq!(o.status.code(), Some(1));
+    let o = check_finds_damage(&d.s("c.pmem"));
     let out = stdout(&o);
     assert!(out.contains("superblock copy 0 (offset 0)"), "{out}");
     assert!(out.contains("superblock copy 1 (offset 4096)"), "{out}");
@@ -570,28 +422,20 @@ fn check_detects_truncation_and_foreign_files() {
         .unwrap()
         .set_len(8 * MIB)
         .unwrap();
-    let o = run(&["check", "--cache", &d.s("c.pmem")]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(
-        stdout(&o).contains(&format!(
-            "{}-byte cache but the file is {} bytes",
-            16 * MIB,
-            8 * MIB
-        )),
-        "{}",
-        stdout(&o)
+    let o = check_finds_damage(&d.s("c.pmem"));
+    assert_stdout_has(
+        &o,
+        &format!("{}-byte cache but the file is {} bytes", 16 * MIB, 8 * MIB),
     );
 
     let foreign: Vec<u8> = (0..MIB).map(|i| (i % 253) as u8 ^ 0x5a).collect();
     std::fs::write(d.path("foreign.bin"), &foreign).unwrap();
-    let o = run(&["check", "--cache", &d.s("foreign.bin")]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(stdout(&o).contains("not a pmcache cache"), "{}", stdout(&o));
+    let o = check_finds_damage(&d.s("foreign.bin"));
+    assert_stdout_has(&o, "not a pmcache cache");
     assert!(foreign == read_file(&d.path("foreign.bin")));
     std::fs::File::create(d.path("empty.bin")).unwrap();
-    let o = run(&["check", "--cache", &d.s("empty.bin")]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(stdout(&o).contains("empty"), "{}", stdout(&o));
+    let o = check_finds_damage(&d.s("empty.bin"));
+    assert_stdout_has(&o, "empty");
 }
 
 #[test]
@@ -602,13 +446,8 @@ fn check_detects_damaged_block_data() {
     let m = &v["mappings"].as_array().unwrap()[0];
     let data = m["data_offset"].as_u64().unwrap();
     flip_bit(&cache, data + 100, 6);
-    let o = run(&["check", "--cache", &d.s("c.pmem")]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(
-        stdout(&o).contains("data checksum mismatch"),
-        "{}",
-        stdout(&o)
-    );
+    let o = check_finds_damage(&d.s("c.pmem"));
+    assert_stdout_has(&o, "data checksum mismatch");
     // --no-data skips exactly that verification.
     ok(&run(&["check", "--cache", &d.s("c.pmem"), "--no-data"]));
 }
@@ -639,8 +478,7 @@ fn serve_defaults_in_a_temp_cwd() {
     c.read(&mut back, 3 * MIB).unwrap();
     assert!(back == data);
     drop(c);
-    let st = s.terminate();
-    assert_eq!(st.code(), Some(0), "log: {}", s.log_text());
+    s.terminate_ok();
     assert!(
         !d.path("pmcache-data/cache.pmem.sock").exists(),
         "control socket left behind"
@@ -659,7 +497,7 @@ fn serve_defaults_in_a_temp_cwd() {
     c.read(&mut back, 3 * MIB).unwrap();
     assert!(back == data);
     drop(c);
-    assert_eq!(s.terminate().code(), Some(0));
+    s.terminate_ok();
 }
 
 #[test]
@@ -695,18 +533,9 @@ fn serve_with_no_arguments_listens_on_10809() {
 #[test]
 fn sigterm_drains_and_marks_clean_shutdown() {
     let d = TempDir::new("sigterm");
-    sparse(&d.path("o.img"), 64 * MIB);
-    format(&d.path("c.pmem"), "16M", &d.path("o.img"));
+    let (cache, _) = formatted_cache(&d, 64 * MIB, "16M");
     let port = free_port();
-    let args = [
-        "--cache",
-        &d.s("c.pmem"),
-        "--assume-pmem",
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-    ];
-    let mut s = Server::start(&d.0, &args, d.path("serve.log"));
-    s.wait_ready(Duration::from_secs(20));
+    let mut s = serve_cache(&d, port, &[], "serve.log");
     // Clients writing while the signal arrives get either a reply or a closed connection.
     let c = Arc::new(connect(port));
     let writer = {
@@ -730,40 +559,19 @@ fn sigterm_drains_and_marks_clean_shutdown() {
     assert_eq!(st.code(), Some(0), "log: {}", s.log_text());
     assert!(acked > 0);
     assert!(s.log_text().contains("SIGTERM"));
-    let v = dump_json(&d.path("c.pmem"));
+    let v = dump_json(&cache);
     assert_eq!(v["superblock"]["clean_shutdown"], true);
-    ok(&run(&["check", "--cache", &d.s("c.pmem")]));
+    check_ok(&cache);
 }
 
 #[test]
 fn second_serve_on_the_same_cache_is_refused() {
     let d = TempDir::new("second");
-    sparse(&d.path("o.img"), 64 * MIB);
-    format(&d.path("c.pmem"), "16M", &d.path("o.img"));
+    formatted_cache(&d, 64 * MIB, "16M");
     let port = free_port();
-    let mut s = Server::start(
-        &d.0,
-        &[
-            "--cache",
-            &d.s("c.pmem"),
-            "--assume-pmem",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ],
-        d.path("serve.log"),
-    );
-    s.wait_ready(Duration::from_secs(20));
+    let mut s = serve_cache(&d, port, &[], "serve.log");
     let port2 = free_port();
-    let o = run(&[
-        "serve",
-        "--cache",
-        &d.s("c.pmem"),
-        "--assume-pmem",
-        "--listen",
-        &format!("127.0.0.1:{port2}"),
-        "--control",
-        &d.s("other.sock"),
-    ]);
+    let o = run_serve_cache(&d, port2, &["--control", &d.s("other.sock")]);
     fails_with(
         &o,
         &format!(
@@ -776,29 +584,15 @@ fn second_serve_on_the_same_cache_is_refused() {
     let c = connect(port);
     c.write(&[7u8; 4096], 0, true).unwrap();
     drop(c);
-    assert_eq!(s.terminate().code(), Some(0));
+    s.terminate_ok();
 }
 
 #[test]
 fn stats_over_the_control_socket_shows_writes() {
     let d = TempDir::new("stats");
-    sparse(&d.path("o.img"), 64 * MIB);
-    format(&d.path("c.pmem"), "16M", &d.path("o.img"));
+    formatted_cache(&d, 64 * MIB, "16M");
     let port = free_port();
-    let mut s = Server::start(
-        &d.0,
-        &[
-            "--cache",
-            &d.s("c.pmem"),
-            "--assume-pmem",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--mode",
-            "writethrough",
-        ],
-        d.path("serve.log"),
-    );
-    s.wait_ready(Duration::from_secs(20));
+    let mut s = serve_cache(&d, port, &["--mode", "writethrough"], "serve.log");
     let c = connect(port);
     for i in 0..10u64 {
         c.write(&pattern(i as u8, 8192), i * 8192, false).unwrap();
@@ -806,9 +600,7 @@ fn stats_over_the_control_socket_shows_writes() {
     let mut buf = vec![0u8; 8192];
     c.read(&mut buf, 0).unwrap();
     // Found through the cache's lock, without naming the socket.
-    let o = run(&["stats", "--cache", &d.s("c.pmem"), "--json"]);
-    ok(&o);
-    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let v = run_json(&["stats", "--cache", &d.s("c.pmem"), "--json"]);
     assert_eq!(v["source"], "server");
     assert_eq!(v["pid"], s.pid());
     assert_eq!(v["writes"], 10);
@@ -838,7 +630,7 @@ fn stats_over_the_control_socket_shows_writes() {
         assert!(out.contains(want), "stats lacks {want:?}: {out}");
     }
     drop(c);
-    assert_eq!(s.terminate().code(), Some(0));
+    s.terminate_ok();
     // A dead control socket is a clear error.
     let o = run(&["stats", "--control", &d.s("c.pmem.sock")]);
     fails_with(&o, "control socket");
@@ -847,23 +639,10 @@ fn stats_over_the_control_socket_shows_writes() {
 #[test]
 fn metrics_are_served_in_prometheus_format() {
     let d = TempDir::new("metrics");
-    sparse(&d.path("o.img"), 64 * MIB);
-    format(&d.path("c.pmem"), "16M", &d.path("o.img"));
+    formatted_cache(&d, 64 * MIB, "16M");
     let (port, mport) = (free_port(), free_port());
-    let mut s = Server::start(
-        &d.0,
-        &[
-            "--cache",
-            &d.s("c.pmem"),
-            "--assume-pmem",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--metrics",
-            &format!("127.0.0.1:{mport}"),
-        ],
-        d.path("serve.log"),
-    );
-    s.wait_ready(Duration::from_secs(20));
+    let metrics = format!("127.0.0.1:{mport}");
+    let mut s = serve_cache(&d, port, &["--metrics", &metrics], "serve.log");
     let c = connect(port);
     c.write(&[1u8; 4096 * 3], 0, false).unwrap();
     drop(c);
@@ -895,14 +674,13 @@ fn metrics_are_served_in_prometheus_format() {
         assert!(value.parse::<f64>().is_ok(), "{line}");
     }
     assert!(get("/nope").starts_with("HTTP/1.1 404"));
-    assert_eq!(s.terminate().code(), Some(0));
+    s.terminate_ok();
 }
 
 #[test]
 fn serve_on_a_unix_socket() {
     let d = TempDir::new("unix");
-    sparse(&d.path("o.img"), 64 * MIB);
-    format(&d.path("c.pmem"), "16M", &d.path("o.img"));
+    formatted_cache(&d, 64 * MIB, "16M");
     let sock = d.s("nbd.sock");
     let mut s = Server::start_port(
         &d.0,
@@ -937,7 +715,7 @@ fn serve_on_a_unix_socket() {
         "read-only export accepted a write"
     );
     drop(c);
-    assert_eq!(s.terminate().code(), Some(0));
+    s.terminate_ok();
     assert!(!d.path("nbd.sock").exists(), "NBD socket left behind");
 }
 
@@ -946,9 +724,7 @@ fn serve_on_a_unix_socket() {
 #[test]
 fn flush_writes_everything_back_and_leaves_the_cache_clean() {
     let d = TempDir::new("flush");
-    let (cache, origin) = (d.path("c.pmem"), d.path("o.img"));
-    sparse(&origin, 32 * MIB);
-    format(&cache, "16M", &origin);
+    let (cache, origin) = formatted_cache(&d, 32 * MIB, "16M");
     // Make dirty blocks with the engine directly and no writeback thread.
     let mut expect = vec![0u8; 32 * MIB as usize];
     {
@@ -974,20 +750,8 @@ fn flush_writes_everything_back_and_leaves_the_cache_clean() {
     assert!(dirty_before > 100, "{dirty_before}");
     assert!(read_file(&origin) != expect, "origin already held the data");
 
-    let o = run(&[
-        "flush",
-        "--cache",
-        &d.s("c.pmem"),
-        "--origin",
-        &d.s("o.img"),
-        "--assume-pmem",
-    ]);
-    ok(&o);
-    assert!(
-        stdout(&o).contains("0 dirty blocks remain"),
-        "{}",
-        stdout(&o)
-    );
+    let o = flush_ok(&cache, &origin);
+    assert_stdout_has(&o, "0 dirty blocks remain");
     assert!(
         stderr(&o).is_empty(),
         "progress bar drawn without a TTY: {}",
@@ -1000,14 +764,8 @@ fn flush_writes_everything_back_and_leaves_the_cache_clean() {
         read_file(&origin) == expect,
         "origin does not hold the written data"
     );
-    ok(&run(&["check", "--cache", &d.s("c.pmem")]));
-    let v: Value = serde_json::from_str(&stdout(&run(&[
-        "stats",
-        "--cache",
-        &d.s("c.pmem"),
-        "--json",
-    ])))
-    .unwrap();
+    check_ok(&cache);
+    let v = run_json(&["stats", "--cache", &d.s("c.pmem"), "--json"]);
     assert_eq!(v["dirty"], 0);
     assert!(
         v["clean"].as_u64().unwrap() > 0,

@@ -104,12 +104,20 @@ struct Model {
     acked_writes: AtomicU64,
 }
 
+/// Totals over all verifications: blocks checked, in-flight writes found
+/// present, found absent.
+#[derive(Default)]
+struct Tally {
+    verified: u64,
+    present: u64,
+    absent: u64,
+}
+
 impl Model {
     /// Check every tracked block (read through `read`) against the model,
     /// then make what was observed the new expectation: an in-flight write
-    /// that survived is durable now. Returns (blocks checked, in-flight
-    /// writes found present, found absent).
-    fn verify(&self, read: &dyn Fn(&mut [u8], u64), what: &str) -> (u64, u64, u64) {
+    /// that survived is durable now. Adds what it found to `tally`.
+    fn verify(&self, read: &dyn Fn(&mut [u8], u64), what: &str, tally: &mut Tally) {
         let total = THREADS as u64 * PER_THREAD;
         let mut buf = vec![0u8; (PER_THREAD as usize) * BS];
         let (mut present, mut absent) = (0, 0);
@@ -150,7 +158,9 @@ impl Model {
                 }
             }
         }
-        (total, present, absent)
+        tally.verified += total;
+        tally.present += present;
+        tally.absent += absent;
     }
 }
 
@@ -207,21 +217,19 @@ fn client_opts() -> ClientOptions {
 
 fn start(d: &TempDir, round: usize) -> (Server, u16) {
     let port = free_port();
-    let mut s = Server::start(
-        &d.0,
-        &[
-            "--cache",
-            &d.s("c.pmem"),
-            "--origin",
-            &d.s("o.img"),
-            "--assume-pmem",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ],
-        d.path(&format!("serve-{round}.log")),
+    let s = serve_cache(
+        d,
+        port,
+        &["--origin", &d.s("o.img")],
+        &format!("serve-{round}.log"),
     );
-    s.wait_ready(Duration::from_secs(20));
     (s, port)
+}
+
+/// An NBD connection to the server on `port`, with bounded timeouts.
+fn connect(port: u16, what: &str) -> Client {
+    Client::connect_with(&format!("nbd://127.0.0.1:{port}"), &client_opts())
+        .unwrap_or_else(|e| panic!("{what}: {e:?}"))
 }
 
 /// Write under load and SIGKILL the server after a random pause.
@@ -229,10 +237,7 @@ fn load_and_kill(s: &mut Server, port: u16, model: &Arc<Model>, rng: &mut SmallR
     let stop = Arc::new(AtomicBool::new(false));
     let threads: Vec<_> = (0..THREADS)
         .map(|t| {
-            let c = Arc::new(
-                Client::connect_with(&format!("nbd://127.0.0.1:{port}"), &client_opts())
-                    .expect("connect"),
-            );
+            let c = Arc::new(connect(port, "connect"));
             let (m, st, seed) = (model.clone(), stop.clone(), rng.gen());
             std::thread::spawn(move || writer(c, m, t, seed, st))
         })
@@ -246,8 +251,7 @@ fn load_and_kill(s: &mut Server, port: u16, model: &Arc<Model>, rng: &mut SmallR
 }
 
 fn read_via_nbd(port: u16) -> impl Fn(&mut [u8], u64) {
-    let c = Client::connect_with(&format!("nbd://127.0.0.1:{port}"), &client_opts())
-        .expect("connect for verification");
+    let c = connect(port, "connect for verification");
     move |buf, off| c.read(buf, off).expect("read for verification")
 }
 
@@ -261,64 +265,47 @@ fn acknowledged_writes_survive_kill_9() {
     let mut rng = SmallRng::seed_from_u64(seed);
     let t0 = Instant::now();
     let d = TempDir::new("kill9");
-    sparse(&d.path("o.img"), 64 << 20);
     // An 8 MiB cache (about 1,900 slots) for 8 MiB of hot blocks: writes also
     // wait for writeback and evict, so the kills land in every path.
-    format(&d.path("c.pmem"), "8M", &d.path("o.img"));
+    let (cache, origin_path) = formatted_cache(&d, 64 << 20, "8M");
     let model = Arc::new(Model {
         logs: (0..THREADS).map(|_| Mutex::new(Log::default())).collect(),
         salt: seed,
         acked_writes: AtomicU64::new(0),
     });
-    let (mut verified, mut present, mut absent) = (0u64, 0u64, 0u64);
+    let mut tally = Tally::default();
 
     for round in 0..ROUNDS {
         let (mut s, port) = start(&d, round);
-        let (v, p, a) = model.verify(&read_via_nbd(port), &format!("round {round} (seed {seed})"));
-        verified += v;
-        present += p;
-        absent += a;
+        let what = format!("round {round} (seed {seed})");
+        model.verify(&read_via_nbd(port), &what, &mut tally);
         load_and_kill(&mut s, port, &model, &mut rng);
     }
 
     // Through flush: kill once more under load, write back offline, and
     // compare the origin file itself.
-    let (s, port) = start(&d, ROUNDS);
-    let (v, p, a) = model.verify(&read_via_nbd(port), "before the final kill");
-    verified += v;
-    present += p;
-    absent += a;
-    let mut s = s;
+    let (mut s, port) = start(&d, ROUNDS);
+    model.verify(&read_via_nbd(port), "before the final kill", &mut tally);
     load_and_kill(&mut s, port, &model, &mut rng);
-    let o = run(&[
-        "flush",
-        "--cache",
-        &d.s("c.pmem"),
-        "--origin",
-        &d.s("o.img"),
-        "--assume-pmem",
-    ]);
-    ok(&o);
-    assert_eq!(
-        dump_json(&d.path("c.pmem"))["dirty"],
-        0,
-        "flush left dirty blocks"
-    );
-    let origin = std::fs::read(d.path("o.img")).expect("read origin");
+    flush_ok(&cache, &origin_path);
+    assert_eq!(dump_json(&cache)["dirty"], 0, "flush left dirty blocks");
+    let origin = std::fs::read(&origin_path).expect("read origin");
     let read_origin = |buf: &mut [u8], off: u64| {
         buf.copy_from_slice(&origin[off as usize..off as usize + buf.len()]);
     };
-    let (v, p, a) = model.verify(&read_origin, "origin file after flush");
-    verified += v;
-    present += p;
-    absent += a;
+    model.verify(&read_origin, "origin file after flush", &mut tally);
+    let Tally {
+        verified,
+        present,
+        absent,
+    } = tally;
     // Nothing outside the tracked blocks was written.
     let tracked = THREADS * PER_THREAD as usize * BS;
     assert!(
         origin[tracked..].iter().all(|&b| b == 0),
         "origin written outside the test's blocks"
     );
-    ok(&run(&["check", "--cache", &d.s("c.pmem")]));
+    check_ok(&cache);
 
     let acked = model.acked_writes.load(Ordering::Relaxed);
     eprintln!(

@@ -124,24 +124,101 @@ pub fn sparse(path: &Path, len: u64) {
         .expect("create sparse file");
 }
 
+/// Run `pmcache format --cache CACHE --size SIZE --origin ORIGIN EXTRA…`.
+pub fn run_format(cache: &str, size: &str, origin: &str, extra: &[&str]) -> Output {
+    let args = [
+        "format", "--cache", cache, "--size", size, "--origin", origin,
+    ];
+    run(&[&args[..], extra].concat())
+}
+
 /// `pmcache format` a cache (assumed pmem, fast on /dev/shm).
 pub fn format(cache: &Path, size: &str, origin: &Path) {
-    ok(&run(&[
-        "format",
+    ok(&run_format(
+        &cache.display().to_string(),
+        size,
+        &origin.display().to_string(),
+        &["--assume-pmem"],
+    ));
+}
+
+/// A sparse origin `o.img` of `origin_len` bytes in `d` and a cache
+/// `c.pmem` of `size` formatted for it. Returns (cache, origin).
+pub fn formatted_cache(d: &TempDir, origin_len: u64, size: &str) -> (PathBuf, PathBuf) {
+    let (cache, origin) = (d.path("c.pmem"), d.path("o.img"));
+    sparse(&origin, origin_len);
+    format(&cache, size, &origin);
+    (cache, origin)
+}
+
+/// `pmcache flush` a cache to its origin (assumed pmem), asserting success.
+pub fn flush_ok(cache: &Path, origin: &Path) -> Output {
+    let o = run(&[
+        "flush",
         "--cache",
         &cache.display().to_string(),
-        "--size",
-        size,
         "--origin",
         &origin.display().to_string(),
         "--assume-pmem",
-    ]));
+    ]);
+    ok(&o);
+    o
+}
+
+/// `pmcache check` a cache, asserting that it passes.
+pub fn check_ok(cache: &Path) {
+    ok(&run(&["check", "--cache", &cache.display().to_string()]));
+}
+
+/// Run a command that prints JSON, asserting success; returns the JSON.
+pub fn run_json(args: &[&str]) -> serde_json::Value {
+    let o = run(args);
+    ok(&o);
+    serde_json::from_str(&stdout(&o))
+        .unwrap_or_else(|e| panic!("{args:?} did not print JSON ({e}): {}", stdout(&o)))
 }
 
 pub fn dump_json(cache: &Path) -> serde_json::Value {
-    let o = run(&["dump", "--cache", &cache.display().to_string(), "--json"]);
+    run_json(&["dump", "--cache", &cache.display().to_string(), "--json"])
+}
+
+/// Assert that a run printed `want` on stdout, showing stdout otherwise.
+pub fn assert_stdout_has(o: &Output, want: &str) {
+    let out = stdout(o);
+    assert!(out.contains(want), "stdout lacks {want:?}: {out}");
+}
+
+/// Run, asserting success and that stdout contains `want`.
+pub fn run_prints(args: &[&str], want: &str) -> Output {
+    let o = run(args);
     ok(&o);
-    serde_json::from_str(&stdout(&o)).expect("dump --json is JSON")
+    assert_stdout_has(&o, want);
+    o
+}
+
+/// Runs `f` with the arguments that serve `d`'s cache `c.pmem` (assumed
+/// pmem) on loopback `port`, followed by `extra`.
+fn with_serve_args<R>(d: &TempDir, port: u16, extra: &[&str], f: impl FnOnce(&[&str]) -> R) -> R {
+    let (cache, listen) = (d.s("c.pmem"), format!("127.0.0.1:{port}"));
+    let args = ["--cache", &cache, "--assume-pmem", "--listen", &listen];
+    f(&[&args[..], extra].concat())
+}
+
+/// `pmcache serve` `d`'s cache `c.pmem` (assumed pmem) on loopback `port`
+/// with `extra` arguments, in `d`, logging to `log` there; returns once it
+/// serves (within 20 s).
+pub fn serve_cache(d: &TempDir, port: u16, extra: &[&str], log: &str) -> Server {
+    let mut s = with_serve_args(d, port, extra, |args| {
+        Server::start(&d.0, args, d.path(log))
+    });
+    s.wait_ready(Duration::from_secs(20));
+    s
+}
+
+/// The arguments of [`serve_cache`] as a command run to completion: for
+/// a serve that is refused.
+pub fn run_serve_cache(d: &TempDir, port: u16, extra: &[&str]) -> Output {
+    with_serve_args(d, port, extra, |args| run(&[&["serve"], args].concat()))
 }
 
 /// A `pmcache serve` child process. Dropping it kills it (SIGKILL) and reaps it.
@@ -239,6 +316,12 @@ impl Server {
             Some(st) => st,
             None => panic!("server ignored SIGTERM for 20 s; log:\n{}", self.log_text()),
         }
+    }
+
+    /// SIGTERM and assert a clean exit (status 0), showing the log otherwise.
+    pub fn terminate_ok(&mut self) {
+        let st = self.terminate();
+        assert_eq!(st.code(), Some(0), "log: {}", self.log_text());
     }
 
     /// SIGKILL and reap.

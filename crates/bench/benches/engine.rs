@@ -25,7 +25,7 @@ use std::hint::black_box;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Barrier};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use pmcache_bench::{bench_dir, median, rss_anon, PmemBlk, Rng, TempPath};
 use pmcache_engine::{Engine, EngineConfig};
@@ -43,11 +43,52 @@ fn manual() -> EngineConfig {
     }
 }
 
-fn rounds(default: usize) -> usize {
-    std::env::var("PMCACHE_BENCH_ROUNDS")
+/// The number in environment variable `name`, or `default`.
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+fn rounds(default: usize) -> usize {
+    env_or("PMCACHE_BENCH_ROUNDS", default)
+}
+
+/// A scratch file `pmcache-bench-PID-NAME` in `dir`, removed on drop.
+fn scratch(dir: &Path, name: &str) -> TempPath {
+    TempPath::new(dir, &format!("pmcache-bench-{}-{name}", std::process::id()))
+}
+
+/// A libpmemblk pool of `len` bytes in 4 KiB blocks, in a scratch file of `dir`.
+fn pmemblk_pool(dir: &Path, len: u64) -> (TempPath, PmemBlk) {
+    let path = scratch(dir, "pmemblk");
+    let blk = PmemBlk::create(path.path(), BS, len as usize).expect("pmemblk pool");
+    (path, blk)
+}
+
+/// `Engine::open` on the cache `region` for `origin`, without a writeback thread.
+fn open_engine(region: &Arc<MappedRegion>, origin: &Arc<FileOrigin>) -> Arc<Engine> {
+    Engine::open(
+        region.clone() as Arc<dyn PmemRegion>,
+        origin.clone() as Arc<dyn Origin>,
+        manual(),
+    )
+    .expect("open")
+}
+
+/// [`open_engine`], timed, with the anonymous memory it added.
+/// Returns (engine, open time, RssAnon delta in bytes).
+fn open_engine_measured(
+    region: &Arc<MappedRegion>,
+    origin: &Arc<FileOrigin>,
+) -> (Arc<Engine>, Duration, u64) {
+    let before = rss_anon();
+    let t = Instant::now();
+    let e = open_engine(region, origin);
+    let dt = t.elapsed();
+    let after = rss_anon();
+    (e, dt, after - before)
 }
 
 /// Run `threads` threads of `ops` operations each, all starting together;
@@ -97,8 +138,22 @@ struct Row {
     engine: f64,
     peer_name: String,
     peer: f64,
-    target: &'static str,
+    target: String,
     pass: bool,
+}
+
+impl Row {
+    /// A row whose target is `engine >= factor * peer`.
+    fn at_least(name: String, engine: f64, peer_name: &str, peer: f64, factor: f64) -> Row {
+        Row {
+            name,
+            engine,
+            peer_name: peer_name.into(),
+            peer,
+            target: format!(">= {factor}x"),
+            pass: engine >= factor * peer,
+        }
+    }
 }
 
 fn print_rows(title: &str, unit: &str, rows: &[Row]) {
@@ -125,9 +180,8 @@ fn small_engine(
     dir: &Path,
     cache_len: u64,
 ) -> ((TempPath, TempPath), Arc<MappedRegion>, Arc<Engine>) {
-    let pid = std::process::id();
-    let cache_path = TempPath::new(dir, &format!("pmcache-bench-{pid}-cache"));
-    let origin_path = TempPath::new(dir, &format!("pmcache-bench-{pid}-origin"));
+    let cache_path = scratch(dir, "cache");
+    let origin_path = scratch(dir, "origin");
     let region = Arc::new(
         MappedRegion::create(
             cache_path.path(),
@@ -139,12 +193,7 @@ fn small_engine(
     let origin =
         Arc::new(FileOrigin::create_sparse(origin_path.path(), 4 * GIB).expect("create origin"));
     Engine::format(&*region, &*origin, BS as u32).expect("format");
-    let engine = Engine::open(
-        region.clone() as Arc<dyn PmemRegion>,
-        origin.clone() as Arc<dyn Origin>,
-        manual(),
-    )
-    .expect("open");
+    let engine = open_engine(&region, &origin);
     ((cache_path, origin_path), region, engine)
 }
 
@@ -153,11 +202,7 @@ fn small_engine(
 fn section_profile(what: &str, ops: usize) {
     let ws_blocks: u64 = 64 * 1024;
     if what == "blkwrite" || what == "blkread" {
-        let pool_path = TempPath::new(
-            &bench_dir(),
-            &format!("pmcache-bench-{}-pmemblk", std::process::id()),
-        );
-        let blk = PmemBlk::create(pool_path.path(), BS, GIB as usize).expect("pmemblk pool");
+        let (_pool_path, blk) = pmemblk_pool(&bench_dir(), GIB);
         let buf = new_block(0xa5);
         for b in 0..ws_blocks {
             blk.write(&buf.0, b);
@@ -219,17 +264,15 @@ fn section_small(quick: bool) {
     let nrounds = rounds(if quick { 3 } else { 7 });
     let wops = if quick { 10_000 } else { 40_000 };
     let rops = if quick { 50_000 } else { 200_000 };
-    let pid = std::process::id();
 
     let (_files, region, engine) = small_engine(&dir, cache_len);
 
     // The peer: a libpmemblk pool of the same size.
-    let pool_path = TempPath::new(&dir, &format!("pmcache-bench-{pid}-pmemblk"));
-    let blk = PmemBlk::create(pool_path.path(), BS, cache_len as usize).expect("pmemblk pool");
+    let (_pool_path, blk) = pmemblk_pool(&dir, cache_len);
     assert!(blk.nblock() as u64 >= ws_blocks, "pool too small");
 
     // memcpy: a plain mapping of the cache's size.
-    let plain_path = TempPath::new(&dir, &format!("pmcache-bench-{pid}-plain"));
+    let plain_path = scratch(&dir, "plain");
     let plain = MappedRegion::create(
         plain_path.path(),
         cache_len,
@@ -376,14 +419,13 @@ fn section_small(quick: bool) {
     let mut rows = Vec::new();
     for (i, &t) in tcounts.iter().enumerate() {
         let (e, p) = (median(&ew[i]), median(&bw[i]));
-        rows.push(Row {
-            name: format!("durable 4 KiB random write, {t} thread(s), QD1 each"),
-            engine: e,
-            peer_name: "pmemblk_write".into(),
-            peer: p,
-            target: ">= 2x",
-            pass: e >= 2.0 * p,
-        });
+        rows.push(Row::at_least(
+            format!("durable 4 KiB random write, {t} thread(s), QD1 each"),
+            e,
+            "pmemblk_write",
+            p,
+            2.0,
+        ));
     }
     print_rows("## writes (operations/s, all threads)", "op/s", &rows);
 
@@ -396,22 +438,9 @@ fn section_small(quick: bool) {
             ("read_with (no-op sink)", &en[i]),
         ] {
             let e = median(v);
-            rows.push(Row {
-                name: format!("4 KiB random read hit, {name}, {t} thread(s)"),
-                engine: e,
-                peer_name: "pmemblk_read".into(),
-                peer: b,
-                target: ">= 3x",
-                pass: e >= 3.0 * b,
-            });
-            rows.push(Row {
-                name: format!("4 KiB random read hit, {name}, {t} thread(s)"),
-                engine: e,
-                peer_name: "memcpy".into(),
-                peer: m,
-                target: ">= 0.5x",
-                pass: e >= 0.5 * m,
-            });
+            let row = format!("4 KiB random read hit, {name}, {t} thread(s)");
+            rows.push(Row::at_least(row.clone(), e, "pmemblk_read", b, 3.0));
+            rows.push(Row::at_least(row, e, "memcpy", m, 0.5));
         }
     }
     print_rows("## reads (operations/s, all threads)", "op/s", &rows);
@@ -459,21 +488,12 @@ fn section_big_format(cache: &Path, origin: &Path) {
     let region = open_region(cache);
     let origin = open_origin(origin);
     Engine::format(&*region, &*origin, BS as u32).expect("format");
-    let before = rss_anon();
-    let t = Instant::now();
-    let e = Engine::open(
-        region.clone() as Arc<dyn PmemRegion>,
-        origin.clone() as Arc<dyn Origin>,
-        manual(),
-    )
-    .expect("open");
-    let dt = t.elapsed();
-    let after = rss_anon();
+    let (e, dt, rss) = open_engine_measured(&region, &origin);
     let slots = e.layout().slot_count;
     println!(
         "RESULT empty_open slots={slots} rss_anon_delta={} bytes_per_slot={:.2} open_s={:.3}",
-        after - before,
-        (after - before) as f64 / slots as f64,
+        rss,
+        rss as f64 / slots as f64,
         dt.as_secs_f64()
     );
     e.close().unwrap();
@@ -485,12 +505,7 @@ fn section_big_format(cache: &Path, origin: &Path) {
 fn section_big_fill(cache: &Path, origin: &Path) {
     let region = open_region(cache);
     let origin = open_origin(origin);
-    let e = Engine::open(
-        region.clone() as Arc<dyn PmemRegion>,
-        origin.clone() as Arc<dyn Origin>,
-        manual(),
-    )
-    .expect("open");
+    let e = open_engine(&region, &origin);
     let nblocks = e.size() / BS as u64;
     // A random permutation of the origin's blocks.
     let mut order: Vec<u32> = (0..nblocks as u32).collect();
@@ -534,16 +549,7 @@ fn section_big_reopen(cache: &Path, origin: &Path) {
     let region = open_region(cache);
     let origin = open_origin(origin);
     let map_s = t0.elapsed().as_secs_f64();
-    let before = rss_anon();
-    let t = Instant::now();
-    let e = Engine::open(
-        region.clone() as Arc<dyn PmemRegion>,
-        origin.clone() as Arc<dyn Origin>,
-        manual(),
-    )
-    .expect("open");
-    let dt = t.elapsed();
-    let after = rss_anon();
+    let (e, dt, rss) = open_engine_measured(&region, &origin);
     let st = e.stats();
     println!(
         "RESULT reopen open_s={:.4} map_s={map_s:.4} slots={} occupied={} dirty={} rss_anon_delta={} bytes_per_slot={:.2}",
@@ -551,8 +557,8 @@ fn section_big_reopen(cache: &Path, origin: &Path) {
         st.slots,
         st.occupied,
         st.dirty,
-        after - before,
-        (after - before) as f64 / st.slots as f64
+        rss,
+        rss as f64 / st.slots as f64
     );
     let mut rng = Rng::new(rand_seed());
     let buf = new_block(0x77);
@@ -618,10 +624,7 @@ fn shm_free(dir: &Path) -> u64 {
 
 fn section_big(quick: bool) {
     let dir = bench_dir();
-    let gib: u64 = std::env::var("PMCACHE_BENCH_BIG_GIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(16);
+    let gib: u64 = env_or("PMCACHE_BENCH_BIG_GIB", 16);
     let len = gib * GIB;
     // Touched: metadata (1/64 of the file) + a 16th of the blocks with data
     // in the cache, plus what writeback puts into the origin.
@@ -631,9 +634,8 @@ fn section_big(quick: bool) {
         println!("big: {} has {} MiB free, {} MiB needed for a {gib} GiB cache; skipped (set PMCACHE_BENCH_BIG_GIB)", dir.display(), free / MIB, need / MIB);
         return;
     }
-    let pid = std::process::id();
-    let cache = TempPath::new(&dir, &format!("pmcache-bench-{pid}-big-cache"));
-    let origin = TempPath::new(&dir, &format!("pmcache-bench-{pid}-big-origin"));
+    let cache = scratch(&dir, "big-cache");
+    let origin = scratch(&dir, "big-origin");
     // Sparse files: the cache file is mapped without prefault.
     std::fs::File::create(cache.path())
         .unwrap()

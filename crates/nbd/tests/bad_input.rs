@@ -6,11 +6,33 @@ mod common;
 
 use std::time::Duration;
 
-use common::{pattern, InProc, Raw};
+use common::{go_request, mem_export, pattern, wait_until, InProc, Raw};
 use pmcache_nbd::proto::*;
-use pmcache_nbd::{BlockSizes, Client, MemExport, ServerConfig};
+use pmcache_nbd::{Client, MemExport, ServerConfig};
 
 const SIZE: usize = 1 << 20;
+
+/// An option with a hand-made body: the header says `payload.len()` bytes.
+fn raw_option(option: u32, payload: &[u8]) -> Vec<u8> {
+    let mut v = OptionHeader {
+        option,
+        length: payload.len() as u32,
+    }
+    .encode()
+    .to_vec();
+    v.extend_from_slice(payload);
+    v
+}
+
+/// NBD_OPT_SET_META_CONTEXT of base:allocation on the default export.
+fn set_base_allocation() -> Vec<u8> {
+    OptionRequest::MetaContext {
+        set: true,
+        export: String::new(),
+        queries: vec![META_BASE_ALLOCATION.into()],
+    }
+    .encode()
+}
 
 /// A server with a 64 KiB maximum request, plus a bystander client whose
 /// data is checked after every abuse.
@@ -22,12 +44,7 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Self {
-        let export = MemExport::new(SIZE).with_block_sizes(BlockSizes {
-            minimum: 1,
-            preferred: 4096,
-            maximum: 64 * 1024,
-        });
-        let srv = InProc::start(export, ServerConfig::default());
+        let srv = InProc::start(mem_export(SIZE, 1, 64 * 1024), ServerConfig::default());
         let bystander = Client::connect(&srv.uri()).unwrap();
         let data = pattern(77, 8192);
         bystander.write(&data, 0, false).unwrap();
@@ -122,36 +139,15 @@ fn unknown_and_invalid_options_get_error_replies() {
     assert!(!msg.is_empty(), "error replies carry a message");
 
     // Known option, invalid data.
-    let mut bad = OptionHeader {
-        option: OPT_GO,
-        length: 5,
-    }
-    .encode()
-    .to_vec();
-    bad.extend_from_slice(&[0, 0, 0, 9, b'x']);
-    r.send(&bad);
+    r.send(&raw_option(OPT_GO, &[0, 0, 0, 9, b'x']));
     let (h, _) = r.option_reply();
     assert_eq!((h.option, h.reply_type), (OPT_GO, REP_ERR_INVALID));
 
-    let mut bad = OptionHeader {
-        option: OPT_LIST,
-        length: 3,
-    }
-    .encode()
-    .to_vec();
-    bad.extend_from_slice(b"abc");
-    r.send(&bad);
+    r.send(&raw_option(OPT_LIST, b"abc"));
     assert_eq!(r.option_reply().0.reply_type, REP_ERR_INVALID);
 
     // Too long for any valid option: skipped and refused.
-    let mut big = OptionHeader {
-        option: OPT_INFO,
-        length: 100_000,
-    }
-    .encode()
-    .to_vec();
-    big.extend(vec![0u8; 100_000]);
-    r.send(&big);
+    r.send(&raw_option(OPT_INFO, &vec![0u8; 100_000]));
     assert_eq!(r.option_reply().0.reply_type, REP_ERR_TOO_BIG);
 
     // STARTTLS is not offered.
@@ -159,25 +155,11 @@ fn unknown_and_invalid_options_get_error_replies() {
     assert_eq!(r.option_reply().0.reply_type, REP_ERR_UNSUP);
 
     // Meta contexts need structured replies first.
-    r.send(
-        &OptionRequest::MetaContext {
-            set: true,
-            export: String::new(),
-            queries: vec![META_BASE_ALLOCATION.into()],
-        }
-        .encode(),
-    );
+    r.send(&set_base_allocation());
     assert_eq!(r.option_reply().0.reply_type, REP_ERR_INVALID);
 
     // Unknown export in GO is an error reply, not a hang-up.
-    r.send(
-        &OptionRequest::Info {
-            go: true,
-            name: "missing".into(),
-            requests: vec![],
-        }
-        .encode(),
-    );
+    r.send(&go_request("missing"));
     let (h, msg) = r.option_reply();
     assert_eq!(h.reply_type, REP_ERR_UNKNOWN);
     assert!(String::from_utf8_lossy(&msg).contains("missing"));
@@ -190,22 +172,11 @@ fn unknown_and_invalid_options_get_error_replies() {
     assert_eq!(r.option_reply().0.reply_type, REP_ACK);
 
     // After all that, the same connection can still enter transmission.
-    r.send(
-        &OptionRequest::Info {
-            go: true,
-            name: String::new(),
-            requests: vec![],
-        }
-        .encode(),
-    );
+    r.send(&go_request(""));
     let mut saw_block_size = false;
-    loop {
-        let (h, d) = r.option_reply();
-        if h.reply_type == REP_ACK {
-            break;
-        }
-        assert_eq!(h.reply_type, REP_INFO);
-        if let Info::BlockSize(bs) = Info::parse(&d).unwrap() {
+    // Every reply up to the ACK is an INFO (go_infos checks that).
+    for info in r.go_infos() {
+        if let Info::BlockSize(bs) = info {
             assert_eq!(bs.maximum, 64 * 1024);
             saw_block_size = true;
         }
@@ -301,28 +272,14 @@ fn structured_errors_and_block_status() {
     r.greet();
     r.send(&OptionRequest::StructuredReply.encode());
     assert_eq!(r.option_reply().0.reply_type, REP_ACK);
-    r.send(
-        &OptionRequest::MetaContext {
-            set: true,
-            export: String::new(),
-            queries: vec![META_BASE_ALLOCATION.into()],
-        }
-        .encode(),
-    );
+    r.send(&set_base_allocation());
     let (h, d) = r.option_reply();
     assert_eq!(h.reply_type, REP_META_CONTEXT);
     let (id, name) = parse_rep_meta_context(&d).unwrap();
     assert_eq!(name, META_BASE_ALLOCATION);
     assert_eq!(r.option_reply().0.reply_type, REP_ACK);
-    r.send(
-        &OptionRequest::Info {
-            go: true,
-            name: String::new(),
-            requests: vec![],
-        }
-        .encode(),
-    );
-    while r.option_reply().0.reply_type != REP_ACK {}
+    r.send(&go_request(""));
+    r.go_infos();
 
     // A READ error must be a structured error chunk.
     r.request(CMD_READ, 0, 1, SIZE as u64, 1);
@@ -397,10 +354,9 @@ fn oversized_write_and_disconnect_mid_payload_write_nothing() {
     r.send(&[0x66; 30_000]);
     drop(r);
     // Give the server a moment to notice, then check nothing landed.
-    let start = std::time::Instant::now();
-    while fx.srv.server.active_connections() > 1 && start.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until(Duration::from_secs(5), Duration::from_millis(10), || {
+        fx.srv.server.active_connections() <= 1
+    });
     assert_eq!(
         fx.srv.server.active_connections(),
         1,

@@ -28,6 +28,13 @@ fn json_field(json: &str, key: &str) -> Option<String> {
     Some(rest[..end].trim().trim_matches('"').to_string())
 }
 
+/// Each `(key, value)` is a field of `json` with that value.
+fn assert_json_fields(json: &str, want: &[(&str, &str)]) {
+    for &(k, v) in want {
+        assert_eq!(json_field(json, k).as_deref(), Some(v), "{k} in {json}");
+    }
+}
+
 fn assert_same(a: &[u8], b: &[u8], what: &str) {
     assert_eq!(a.len(), b.len(), "{what}: lengths differ");
     if let Some(i) = a.iter().zip(b).position(|(x, y)| x != y) {
@@ -49,46 +56,67 @@ fn make_image(dir: &TempDir, name: &str, size: usize, seed: u64) -> (std::path::
     (path, data)
 }
 
+/// A round trip through the export with a copying `tool`: a new test image
+/// of `size` bytes goes in (`tool INTO… IMAGE URI`), comes back out to a
+/// file (`tool OUT_OF… URI FILE`), and the file must be the image. Returns
+/// the directory, the image's path and its data.
+fn copy_in_and_out(
+    tool: &str,
+    into: &[&str],
+    out_of: &[&str],
+    uri: &str,
+    size: usize,
+    seed: u64,
+) -> (TempDir, std::path::PathBuf, Vec<u8>) {
+    let dir = TempDir::new();
+    let (src, data) = make_image(&dir, "src.img", size, seed);
+    run_ok(tool, &[into, &[src.to_str().unwrap(), uri]].concat(), T);
+    let out = dir.join("out.img");
+    run_ok(tool, &[out_of, &[uri, out.to_str().unwrap()]].concat(), T);
+    assert_same(
+        &std::fs::read(&out).unwrap(),
+        &data,
+        &format!("{tool} round trip"),
+    );
+    (dir, src, data)
+}
+
+/// nbdkit in the foreground on the test's socket, with `args` after those.
+fn nbdkit(args: &[&str]) -> ServerKind {
+    let fixed = ["--foreground", "--exit-with-parent", "--unix", "{socket}"];
+    ServerKind::Command {
+        program: "nbdkit".into(),
+        args: fixed.iter().chain(args).map(|a| a.to_string()).collect(),
+    }
+}
+
 #[test]
 fn nbdinfo_reports_size_flags_and_block_sizes() {
     let srv = launch(&server_under_test("64M"));
     let uri = srv.uri();
     let json = run_ok("nbdinfo", &["--json", &uri], T);
-    assert_eq!(
-        json_field(&json, "export-size").as_deref(),
-        Some("67108864"),
-        "{json}"
+    assert_json_fields(
+        &json,
+        &[
+            ("export-size", "67108864"),
+            ("protocol", "newstyle-fixed"),
+            ("is_read_only", "false"),
+            ("can_flush", "true"),
+            ("can_fua", "true"),
+            ("can_trim", "true"),
+            ("can_zero", "true"),
+            ("can_fast_zero", "true"),
+            ("can_cache", "true"),
+            ("can_multi_conn", "true"),
+            ("structured", "true"),
+        ],
     );
-    assert_eq!(
-        json_field(&json, "protocol").as_deref(),
-        Some("newstyle-fixed"),
-        "{json}"
-    );
-    for (k, v) in [
-        ("is_read_only", "false"),
-        ("can_flush", "true"),
-        ("can_fua", "true"),
-        ("can_trim", "true"),
-        ("can_zero", "true"),
-        ("can_fast_zero", "true"),
-        ("can_cache", "true"),
-        ("can_multi_conn", "true"),
-        ("structured", "true"),
-    ] {
-        assert_eq!(json_field(&json, k).as_deref(), Some(v), "{k} in {json}");
-    }
-    let min: u64 = json_field(&json, "block_size_minimum")
-        .unwrap()
-        .parse()
-        .unwrap();
-    let pref: u64 = json_field(&json, "block_size_preferred")
-        .unwrap()
-        .parse()
-        .unwrap();
-    let max: u64 = json_field(&json, "block_size_maximum")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let [min, pref, max] = [
+        "block_size_minimum",
+        "block_size_preferred",
+        "block_size_maximum",
+    ]
+    .map(|k| -> u64 { json_field(&json, k).unwrap().parse().unwrap() });
     assert!(min.is_power_of_two() && pref >= min, "{json}");
     assert!(
         max >= MIB as u64,
@@ -120,15 +148,9 @@ fn nbdinfo_lists_exports_and_maps_allocation() {
     });
     let base = srv.uri();
     let list = run_ok("nbdinfo", &["--list", "--json", &base], T);
-    assert_eq!(
-        json_field(&list, "export-name").as_deref(),
-        Some("disk0"),
-        "{list}"
-    );
-    assert_eq!(
-        json_field(&list, "description").as_deref(),
-        Some("ram disk"),
-        "{list}"
+    assert_json_fields(
+        &list,
+        &[("export-name", "disk0"), ("description", "ram disk")],
     );
     let uri = format!("nbd+unix:///disk0?socket={}", srv.socket.display());
     let c = Client::connect(&uri).unwrap();
@@ -206,37 +228,14 @@ fn qemu_io_unaligned_and_spanning_patterns() {
 fn qemu_img_convert_in_and_out() {
     let srv = launch(&server_under_test("16M"));
     let uri = srv.uri();
-    let dir = TempDir::new();
-    let (src, data) = make_image(&dir, "src.img", 16 * MIB, 7);
-    run_ok(
+    let (_dir, src, _) = copy_in_and_out(
         "qemu-img",
-        &[
-            "convert",
-            "-n",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            src.to_str().unwrap(),
-            &uri,
-        ],
-        T,
+        &["convert", "-n", "-f", "raw", "-O", "raw"],
+        &["convert", "-f", "raw", "-O", "raw"],
+        &uri,
+        16 * MIB,
+        7,
     );
-    let out = dir.join("out.img");
-    run_ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &uri,
-            out.to_str().unwrap(),
-        ],
-        T,
-    );
-    assert_same(&std::fs::read(&out).unwrap(), &data, "qemu-img round trip");
     run_ok(
         "qemu-img",
         &[
@@ -251,42 +250,21 @@ fn qemu_img_convert_in_and_out() {
         T,
     );
     let info = run_ok("qemu-img", &["info", "--output=json", &uri], T);
-    assert_eq!(
-        json_field(&info, "virtual-size").as_deref(),
-        Some("16777216"),
-        "{info}"
-    );
+    assert_json_fields(&info, &[("virtual-size", "16777216")]);
 }
 
 #[test]
 fn nbdcopy_round_trip_with_several_connections() {
     let srv = launch(&server_under_test("32M"));
     let uri = srv.uri();
-    let dir = TempDir::new();
-    let (src, data) = make_image(&dir, "src.img", 32 * MIB, 11);
-    run_ok(
+    let (_dir, _, data) = copy_in_and_out(
         "nbdcopy",
-        &[
-            "--connections=4",
-            "--requests=16",
-            "--flush",
-            src.to_str().unwrap(),
-            &uri,
-        ],
-        T,
+        &["--connections=4", "--requests=16", "--flush"],
+        &["--connections=4", "--requests=16"],
+        &uri,
+        32 * MIB,
+        11,
     );
-    let out = dir.join("out.img");
-    run_ok(
-        "nbdcopy",
-        &[
-            "--connections=4",
-            "--requests=16",
-            &uri,
-            out.to_str().unwrap(),
-        ],
-        T,
-    );
-    assert_same(&std::fs::read(&out).unwrap(), &data, "nbdcopy round trip");
     // And through our client.
     let c = Client::connect(&uri).unwrap();
     let mut b = vec![0u8; 32 * MIB];
@@ -432,17 +410,7 @@ fn exercise_client(uri: &str) {
 
 #[test]
 fn our_client_against_nbdkit_memory() {
-    let srv = launch(&ServerKind::Command {
-        program: "nbdkit".into(),
-        args: vec![
-            "--foreground".into(),
-            "--exit-with-parent".into(),
-            "--unix".into(),
-            "{socket}".into(),
-            "memory".into(),
-            "32M".into(),
-        ],
-    });
+    let srv = launch(&nbdkit(&["memory", "32M"]));
     exercise_client(&srv.uri());
 }
 
@@ -450,22 +418,15 @@ fn our_client_against_nbdkit_memory() {
 fn our_client_honours_nbdkit_block_size_policy() {
     // nbdkit fails every misaligned or oversized request here, so this
     // passes only if the client aligns and splits correctly.
-    let srv = launch(&ServerKind::Command {
-        program: "nbdkit".into(),
-        args: vec![
-            "--foreground".into(),
-            "--exit-with-parent".into(),
-            "--unix".into(),
-            "{socket}".into(),
-            "--filter=blocksize-policy".into(),
-            "memory".into(),
-            "32M".into(),
-            "blocksize-minimum=512".into(),
-            "blocksize-preferred=4096".into(),
-            "blocksize-maximum=65536".into(),
-            "blocksize-error-policy=error".into(),
-        ],
-    });
+    let srv = launch(&nbdkit(&[
+        "--filter=blocksize-policy",
+        "memory",
+        "32M",
+        "blocksize-minimum=512",
+        "blocksize-preferred=4096",
+        "blocksize-maximum=65536",
+        "blocksize-error-policy=error",
+    ]));
     let c = Client::connect(&srv.uri()).unwrap();
     let bs = c.block_sizes();
     assert_eq!((bs.minimum, bs.maximum), (512, 65536));

@@ -10,11 +10,10 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{pattern, InProc, TempDir};
+use common::{mem_export, pattern, InProc, TempDir};
 use pmcache_nbd::proto::*;
 use pmcache_nbd::{
-    BlockSizes, Client, ClientOptions, Endpoint, MemExport, NbdUri, Server, ServerConfig,
-    ServerError,
+    Client, ClientOptions, Endpoint, MemExport, NbdUri, Server, ServerConfig, ServerError,
 };
 
 const MIB: usize = 1 << 20;
@@ -100,12 +99,7 @@ fn simple_replies_work_too() {
 
 #[test]
 fn requests_larger_than_the_maximum_are_split() {
-    let export = MemExport::new(4 * MIB).with_block_sizes(BlockSizes {
-        minimum: 1,
-        preferred: 4096,
-        maximum: 64 * 1024,
-    });
-    let srv = InProc::start(export, ServerConfig::default());
+    let srv = InProc::start(mem_export(4 * MIB, 1, 64 * 1024), ServerConfig::default());
     let c = Client::connect(&srv.uri()).unwrap();
     assert_eq!(c.block_sizes().maximum, 64 * 1024);
     let data = pattern(3, MIB + 10);
@@ -123,12 +117,7 @@ fn requests_larger_than_the_maximum_are_split() {
 
 #[test]
 fn minimum_block_size_is_honoured() {
-    let export = MemExport::new(MIB).with_block_sizes(BlockSizes {
-        minimum: 512,
-        preferred: 4096,
-        maximum: 1 << 20,
-    });
-    let srv = InProc::start(export, ServerConfig::default());
+    let srv = InProc::start(mem_export(MIB, 512, 1 << 20), ServerConfig::default());
     let c = Client::connect(&srv.uri()).unwrap();
     assert_eq!(c.block_sizes().minimum, 512);
     let data = pattern(4, 4096);

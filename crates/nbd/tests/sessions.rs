@@ -11,9 +11,9 @@ use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{pattern, InProc};
+use common::{go_request, mem_export, pattern, serve_unix, wait_until, InProc};
 use pmcache_nbd::proto::*;
 use pmcache_nbd::{
     BlockSizes, Client, Export, ExportError, Extent, MemExport, Server, ServerConfig, Stream,
@@ -64,14 +64,7 @@ fn session(rng: &mut Rng, size: u64) -> Vec<u8> {
     if rng.below(4) == 0 {
         v.extend(OptionRequest::ExportName(String::new()).encode());
     } else {
-        v.extend(
-            OptionRequest::Info {
-                go: true,
-                name: String::new(),
-                requests: vec![],
-            }
-            .encode(),
-        );
+        v.extend(go_request(""));
     }
     for i in 0..rng.below(12) {
         let command = rng.below(9) as u16;
@@ -141,14 +134,12 @@ fn run_session(server: &Server, input: Vec<u8>) -> Vec<u8> {
     });
     let s = server.clone();
     let conn = std::thread::spawn(move || s.serve_stream(Stream::Unix(ours)));
-    let start = Instant::now();
-    while !conn.is_finished() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "server connection hung"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    assert!(
+        wait_until(Duration::from_secs(20), Duration::from_millis(1), || {
+            conn.is_finished()
+        }),
+        "server connection hung"
+    );
     conn.join().expect("server connection panicked");
     sender.join().unwrap();
     drain.join().unwrap()
@@ -157,11 +148,7 @@ fn run_session(server: &Server, input: Vec<u8>) -> Vec<u8> {
 #[test]
 fn random_sessions_never_panic_or_hang() {
     let size = 256 * 1024;
-    let export = Arc::new(MemExport::new(size).with_block_sizes(BlockSizes {
-        minimum: 1,
-        preferred: 4096,
-        maximum: 64 * 1024,
-    }));
+    let export = Arc::new(mem_export(size, 1, 64 * 1024));
     let server = Server::new(
         export.clone(),
         ServerConfig {
@@ -186,12 +173,8 @@ fn random_sessions_never_panic_or_hang() {
     );
     assert_eq!(server.active_connections(), 0);
     // The server is still healthy for a well-behaved client.
-    let dir = common::TempDir::new();
-    let sock = dir.join("s.sock");
-    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
     let handle = server.shutdown_handle();
-    let s = server.clone();
-    let t = std::thread::spawn(move || s.serve_unix(listener));
+    let (_dir, sock, t) = serve_unix(&server);
     let c = Client::connect(&common::unix_uri(&sock)).unwrap();
     let d = pattern(42, 10_000);
     c.write(&d, 1234, true).unwrap();
@@ -251,17 +234,13 @@ impl Export for Panicky {
 
 #[test]
 fn a_panicking_export_ends_only_its_connection() {
-    let dir = common::TempDir::new();
-    let sock = dir.join("p.sock");
     let server = Server::new(
         Arc::new(Panicky(MemExport::new(1 << 20))),
         ServerConfig::default(),
     )
     .unwrap();
     let handle = server.shutdown_handle();
-    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
-    let s = server.clone();
-    let t = std::thread::spawn(move || s.serve_unix(listener));
+    let (_dir, sock, t) = serve_unix(&server);
     let uri = common::unix_uri(&sock);
     let bystander = Client::connect(&uri).unwrap();
     bystander.write(b"safe", 4096, false).unwrap();
@@ -292,14 +271,7 @@ fn in_process_server_survives_abrupt_clients() {
     let full = {
         let mut v = 3u32.to_be_bytes().to_vec();
         v.extend(OptionRequest::StructuredReply.encode());
-        v.extend(
-            OptionRequest::Info {
-                go: true,
-                name: String::new(),
-                requests: vec![],
-            }
-            .encode(),
-        );
+        v.extend(go_request(""));
         v.extend(
             Request {
                 flags: 0,
@@ -320,10 +292,9 @@ fn in_process_server_survives_abrupt_clients() {
         s.write_all(&full[..cut]).unwrap();
         drop(s);
     }
-    let start = Instant::now();
-    while srv.server.active_connections() > 0 && start.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_until(Duration::from_secs(10), Duration::from_millis(5), || {
+        srv.server.active_connections() == 0
+    });
     assert_eq!(srv.server.active_connections(), 0);
     assert_eq!(
         srv.export.stats().writes,

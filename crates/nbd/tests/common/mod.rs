@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use pmcache_nbd::proto::*;
-use pmcache_nbd::{MemExport, Server, ServerConfig, ShutdownHandle};
+use pmcache_nbd::{BlockSizes, MemExport, Server, ServerConfig, ShutdownHandle};
 
 // ---------------------------------------------------------------------------
 // Temporary directories
@@ -68,9 +68,55 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Poll `done` every `poll` until it is true or `limit` has passed; returns
+/// whether it became true.
+pub fn wait_until(limit: Duration, poll: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if done() {
+            return true;
+        }
+        if start.elapsed() >= limit {
+            return false;
+        }
+        std::thread::sleep(poll);
+    }
+}
+
+/// The encoded NBD_OPT_GO for export `name`, with no information requests.
+pub fn go_request(name: &str) -> Vec<u8> {
+    OptionRequest::Info {
+        go: true,
+        name: name.into(),
+        requests: vec![],
+    }
+    .encode()
+}
+
 // ---------------------------------------------------------------------------
 // In-process server
 // ---------------------------------------------------------------------------
+
+/// A RAM export of `size` bytes with the given minimum and maximum block
+/// sizes (preferred: 4096).
+pub fn mem_export(size: usize, minimum: u32, maximum: u32) -> MemExport {
+    MemExport::new(size).with_block_sizes(BlockSizes {
+        minimum,
+        preferred: 4096,
+        maximum,
+    })
+}
+
+/// Serve `server` on a Unix socket `s.sock` in a new temporary directory,
+/// in a thread. Returns (the directory, the socket, the thread).
+pub fn serve_unix(server: &Server) -> (TempDir, PathBuf, JoinHandle<std::io::Result<()>>) {
+    let dir = TempDir::new();
+    let socket = dir.join("s.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+    let s = server.clone();
+    let thread = std::thread::spawn(move || s.serve_unix(listener));
+    (dir, socket, thread)
+}
 
 /// A [`Server`] over a [`MemExport`] on a Unix socket in this process.
 pub struct InProc {
@@ -84,14 +130,10 @@ pub struct InProc {
 
 impl InProc {
     pub fn start(export: MemExport, config: ServerConfig) -> Self {
-        let dir = TempDir::new();
-        let socket = dir.join("s.sock");
         let export = Arc::new(export);
         let server = Server::new(export.clone(), config).expect("server");
         let handle = server.shutdown_handle();
-        let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
-        let s = server.clone();
-        let thread = std::thread::spawn(move || s.serve_unix(listener));
+        let (dir, socket, thread) = serve_unix(&server);
         Self {
             export,
             server,
@@ -114,14 +156,12 @@ impl InProc {
     pub fn stop(&mut self) -> std::io::Result<()> {
         self.handle.shutdown();
         let t = self.thread.take().expect("running");
-        let start = Instant::now();
-        while !t.is_finished() {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "server did not shut down within 20 s"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        assert!(
+            wait_until(Duration::from_secs(20), Duration::from_millis(10), || {
+                t.is_finished()
+            }),
+            "server did not shut down within 20 s"
+        );
         t.join().expect("server thread panicked")
     }
 }
@@ -131,10 +171,9 @@ impl Drop for InProc {
         if self.thread.is_some() {
             self.handle.shutdown();
             if let Some(t) = self.thread.take() {
-                let start = Instant::now();
-                while !t.is_finished() && start.elapsed() < Duration::from_secs(20) {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
+                wait_until(Duration::from_secs(20), Duration::from_millis(10), || {
+                    t.is_finished()
+                });
                 if t.is_finished() {
                     let _ = t.join();
                 }
@@ -193,12 +232,11 @@ impl Drop for ServerGuard {
         unsafe {
             libc::kill(pid, libc::SIGTERM);
         }
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(5) {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let child = &mut self.child;
+        if wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+            matches!(child.try_wait(), Ok(Some(_)))
+        }) {
+            return;
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -229,10 +267,32 @@ pub fn example_path(name: &str) -> PathBuf {
     p
 }
 
+/// PATH with /usr/bin first: where tools are looked up, and the PATH they
+/// run with.
+fn tool_search_path() -> String {
+    format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default())
+}
+
+/// Start `program` with `args` and [`tool_search_path`], stdin closed,
+/// stdout to `stdout`, stderr piped.
+fn spawn_tool(
+    program: &Path,
+    args: &[impl AsRef<std::ffi::OsStr>],
+    stdout: Stdio,
+) -> std::io::Result<Child> {
+    Command::new(program)
+        .args(args)
+        .env("PATH", tool_search_path())
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .spawn()
+}
+
 /// Path of `tool` in PATH (with /usr/bin first), or a failure that says
 /// what to install. Missing tools fail the test: CI installs them.
 pub fn require_tool(tool: &str) -> PathBuf {
-    let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
+    let path = tool_search_path();
     for d in path.split(':') {
         let p = Path::new(d).join(tool);
         if p.is_file() {
@@ -269,16 +329,7 @@ pub fn launch(kind: &ServerKind) -> ServerGuard {
             args.iter().map(|a| subst(a)).collect(),
         ),
     };
-    let mut child = Command::new(&program)
-        .args(&args)
-        .env(
-            "PATH",
-            format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
+    let mut child = spawn_tool(&program, &args, Stdio::null())
         .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
     let start = Instant::now();
     loop {
@@ -309,42 +360,29 @@ pub fn launch(kind: &ServerKind) -> ServerGuard {
     }
     // Nothing reads stderr from here on: let it go to /dev/null-like drain
     // in a thread so a chatty server never blocks on a full pipe.
-    if let Some(mut s) = child.stderr.take() {
-        std::thread::spawn(move || {
-            let mut sink = Vec::new();
-            let _ = s.read_to_end(&mut sink);
-        });
+    if let Some(s) = child.stderr.take() {
+        drain(s);
     }
     ServerGuard { child, socket, dir }
+}
+
+/// Read `r` to its end in a thread; the thread returns what it read.
+fn drain(mut r: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = r.read_to_end(&mut v);
+        v
+    })
 }
 
 /// Run a tool with a time limit; fails the test if it is missing or takes
 /// too long. Returns its output, whatever its exit status.
 pub fn run_tool(tool: &str, args: &[&str], timeout: Duration) -> Output {
     let program = require_tool(tool);
-    let mut child = Command::new(&program)
-        .args(args)
-        .env(
-            "PATH",
-            format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
+    let mut child = spawn_tool(&program, args, Stdio::piped())
         .unwrap_or_else(|e| panic!("cannot run {tool}: {e}"));
-    let mut out = child.stdout.take().expect("stdout");
-    let mut err = child.stderr.take().expect("stderr");
-    let t_out = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err.read_to_end(&mut v);
-        v
-    });
+    let t_out = drain(child.stdout.take().expect("stdout"));
+    let t_err = drain(child.stderr.take().expect("stderr"));
     let start = Instant::now();
     let status = loop {
         if let Some(s) = child.try_wait().expect("wait") {
@@ -428,24 +466,27 @@ impl Raw {
             let (h, _) = self.option_reply();
             assert_eq!(h.reply_type, REP_ACK);
         }
-        self.send(
-            &OptionRequest::Info {
-                go: true,
-                name: String::new(),
-                requests: vec![],
-            }
-            .encode(),
-        );
-        let mut export = None;
+        self.send(&go_request(""));
+        // The last INFO_EXPORT counts.
+        self.go_infos()
+            .into_iter()
+            .rev()
+            .find_map(|i| match i {
+                Info::Export { size, flags } => Some((size, flags)),
+                _ => None,
+            })
+            .expect("INFO_EXPORT")
+    }
+
+    /// Read the replies to a GO up to its ACK: every one before it must be
+    /// an INFO reply. Returns the information they carry, in order.
+    pub fn go_infos(&mut self) -> Vec<Info> {
+        let mut infos = Vec::new();
         loop {
             let (h, d) = self.option_reply();
             match h.reply_type {
-                REP_INFO => {
-                    if let Info::Export { size, flags } = Info::parse(&d).unwrap() {
-                        export = Some((size, flags));
-                    }
-                }
-                REP_ACK => return export.expect("INFO_EXPORT"),
+                REP_INFO => infos.push(Info::parse(&d).unwrap()),
+                REP_ACK => return infos,
                 other => panic!("unexpected GO reply {other:#x}"),
             }
         }
