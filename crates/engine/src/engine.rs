@@ -452,17 +452,13 @@ impl Engine {
         ix.retiring = keep;
         blocked.sort_unstable();
         if victims > 0 {
-            let keys: Vec<u32> = {
-                let ixr: &ShardIndex = ix;
-                ixr.policy.victims(victims, &mut |s| {
-                    let k = ixr.key(s);
-                    k & K_VALID != 0
-                        && k & (K_DIRTY | K_WB) == 0
-                        && ixr.pins(s) == 0
-                        && self.slot_seq(first, s) <= durable
-                        && blocked.binary_search(&(k & BLOCK_MASK)).is_err()
-                })
-            };
+            let keys = ix.pick_victims(victims, |s, k| {
+                k & K_VALID != 0
+                    && k & (K_DIRTY | K_WB) == 0
+                    && key_pins(k) == 0
+                    && self.slot_seq(first, s) <= durable
+                    && blocked.binary_search(&(k & BLOCK_MASK)).is_err()
+            });
             for s in keys {
                 let seq = self.slot_seq(first, s);
                 ix.remove(s);
@@ -642,7 +638,7 @@ impl Engine {
                 let ix = &mut g[Self::guard_pos(&ids, sh)];
                 match ix.lookup(b) {
                     Some(s) if ix.pin(s) => {
-                        ix.policy.touch(s);
+                        ix.touch(s);
                         locs.push(Loc::Hit {
                             shard: sh,
                             slot: s,

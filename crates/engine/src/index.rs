@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
-use crate::policy::{Lru, Policy};
+use crate::policy::{Lru, Policy, Verdict};
 
 pub const NIL: u32 = u32::MAX;
 
@@ -22,8 +22,14 @@ pub const K_WB: u64 = 1 << 51;
 /// Writethrough already wrote this version to the origin; writeback only
 /// needs an origin flush before marking it clean.
 pub const K_ON_ORIGIN: u64 = 1 << 52;
-const PIN_SHIFT: u32 = 53;
+/// Read since the policy last considered it (second chance).
+pub const K_REF: u64 = 1 << 53;
+const PIN_SHIFT: u32 = 54;
 const PIN_ONE: u64 = 1 << PIN_SHIFT;
+/// Readers pinning a slot, from its key word.
+pub fn key_pins(k: u64) -> u64 {
+    k >> PIN_SHIFT
+}
 pub const MAX_PINS: u64 = (1 << (64 - PIN_SHIFT)) - 1;
 
 /// Per-block coordination for requests in flight (only blocks with activity
@@ -198,7 +204,7 @@ impl ShardIndex {
             self.dirty -= 1;
         }
         self.valid -= 1;
-        self.keys[s as usize] &= !(K_VALID | K_DIRTY | K_ZERO | K_ON_ORIGIN);
+        self.keys[s as usize] &= !(K_VALID | K_DIRTY | K_ZERO | K_ON_ORIGIN | K_REF);
         self.policy.remove(s);
     }
 
@@ -210,8 +216,30 @@ impl ShardIndex {
         }
     }
 
+    /// A read hit: one bit in the key word the lookup just loaded.
+    pub fn touch(&mut self, s: u32) {
+        self.keys[s as usize] |= K_REF;
+    }
+
+    /// Up to `max` clean slots to evict, for which `usable(slot, key)` holds;
+    /// referenced ones get a second chance instead.
+    pub fn pick_victims(&mut self, max: usize, usable: impl Fn(u32, u64) -> bool) -> Vec<u32> {
+        let keys = &mut self.keys;
+        self.policy.victims(max, &mut |s| {
+            let k = keys[s as usize];
+            if !usable(s, k) {
+                Verdict::Skip
+            } else if k & K_REF != 0 {
+                keys[s as usize] &= !K_REF;
+                Verdict::Spare
+            } else {
+                Verdict::Take
+            }
+        })
+    }
+
     pub fn pins(&self, s: u32) -> u64 {
-        self.keys[s as usize] >> PIN_SHIFT
+        key_pins(self.keys[s as usize])
     }
 
     /// False when the pin counter is saturated; the caller waits and retries.

@@ -3,18 +3,32 @@
 //! Only clean, published slots are known to the policy; dirty slots are not
 //! evictable until writeback cleans them, so keeping them out of the list
 //! keeps victim selection O(1). Slot numbers are shard-local.
+//!
+//! A hit does not call the policy at all: the index sets a reference bit in
+//! the slot's key word, which the lookup has just loaded. The policy sees
+//! the bit when it looks for victims (see [`Verdict::Spare`]), so hits cost
+//! no list relinking and no extra cache misses.
+
+/// What the caller says of an eviction candidate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Evict it.
+    Take,
+    /// Not now (pinned, being written back, ...).
+    Skip,
+    /// It was used since it was last considered: give it another round.
+    Spare,
+}
 
 /// A replacement policy for one shard.
 pub trait Policy: Send {
     /// `slot` became clean and evictable (most recently used).
     fn insert(&mut self, slot: u32);
-    /// `slot` was read; move it towards the protected end.
-    fn touch(&mut self, slot: u32);
     /// `slot` is no longer evictable (dirtied, invalidated or evicted).
     fn remove(&mut self, slot: u32);
-    /// Up to `max` eviction candidates, least valuable first, for which
-    /// `usable` holds. The caller removes the ones it takes.
-    fn victims(&self, max: usize, usable: &mut dyn FnMut(u32) -> bool) -> Vec<u32>;
+    /// Up to `max` eviction candidates, least valuable first, as judged by
+    /// `judge`. The caller removes the ones it takes.
+    fn victims(&mut self, max: usize, judge: &mut dyn FnMut(u32) -> Verdict) -> Vec<u32>;
     /// Number of evictable slots.
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
@@ -24,7 +38,9 @@ pub trait Policy: Send {
 
 const NIL: u32 = u32::MAX;
 
-/// Exact LRU as an intrusive doubly linked list: 8 bytes per slot.
+/// LRU with second chance (CLOCK order kept as a list): an intrusive doubly
+/// linked list, 8 bytes per slot. Slots enter at the most recently used
+/// end; a referenced slot reaching the old end moves back to the front.
 pub struct Lru {
     prev: Vec<u32>,
     next: Vec<u32>,
@@ -88,29 +104,28 @@ impl Policy for Lru {
         self.push_front(slot);
     }
 
-    fn touch(&mut self, slot: u32) {
-        if self.linked(slot) && self.head != slot {
-            self.unlink(slot);
-            self.push_front(slot);
-        }
-    }
-
     fn remove(&mut self, slot: u32) {
         if self.linked(slot) {
             self.unlink(slot);
         }
     }
 
-    fn victims(&self, max: usize, usable: &mut dyn FnMut(u32) -> bool) -> Vec<u32> {
+    fn victims(&mut self, max: usize, judge: &mut dyn FnMut(u32) -> Verdict) -> Vec<u32> {
         let mut out = Vec::new();
         let mut s = self.tail;
         // Bound the walk so a list full of pinned slots cannot stall a writer.
         let mut budget = max.saturating_mul(4).max(64);
         while s != NIL && out.len() < max && budget > 0 {
-            if usable(s) {
-                out.push(s);
+            let older = self.prev[s as usize];
+            match judge(s) {
+                Verdict::Take => out.push(s),
+                Verdict::Skip => {}
+                Verdict::Spare => {
+                    self.unlink(s);
+                    self.push_front(s);
+                }
             }
-            s = self.prev[s as usize];
+            s = older;
             budget -= 1;
         }
         out
@@ -126,16 +141,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lru_order() {
+    fn lru_order_with_second_chance() {
         let mut l = Lru::new(8);
         for s in 0..5 {
             l.insert(s);
         }
-        l.touch(0);
-        assert_eq!(l.victims(3, &mut |_| true), vec![1, 2, 3]);
+        assert_eq!(l.victims(3, &mut |_| Verdict::Take), vec![0, 1, 2]);
+        // Slot 0 was referenced: it moves to the front and 1 goes first.
+        let mut referenced = [true, false, false, false, false];
+        let v = l.victims(2, &mut |s| {
+            if std::mem::take(&mut referenced[s as usize]) {
+                Verdict::Spare
+            } else {
+                Verdict::Take
+            }
+        });
+        assert_eq!(v, vec![1, 2]);
+        assert_eq!(l.victims(5, &mut |_| Verdict::Take), vec![1, 2, 3, 4, 0]);
         l.remove(2);
-        assert_eq!(l.victims(3, &mut |_| true), vec![1, 3, 4]);
-        assert_eq!(l.victims(2, &mut |s| s != 1), vec![3, 4]);
+        assert_eq!(l.victims(3, &mut |_| Verdict::Take), vec![1, 3, 4]);
+        assert_eq!(
+            l.victims(2, &mut |s| if s == 1 {
+                Verdict::Skip
+            } else {
+                Verdict::Take
+            }),
+            vec![3, 4]
+        );
         assert_eq!(l.len(), 4);
         l.remove(2);
         assert_eq!(l.len(), 4, "removing an unlinked slot is a no-op");
@@ -143,6 +175,6 @@ mod tests {
             l.remove(s);
         }
         assert!(l.is_empty());
-        assert!(l.victims(1, &mut |_| true).is_empty());
+        assert!(l.victims(1, &mut |_| Verdict::Take).is_empty());
     }
 }
