@@ -610,6 +610,28 @@ impl Engine {
         len: u64,
         sink: &mut dyn FnMut(&[IoSlice<'_>]) -> io::Result<()>,
     ) -> Result<()> {
+        self.read_impl(offset, len, sink, false).map(|_| ())
+    }
+
+    /// [`read_with`](Self::read_with) if every block is cached and nothing
+    /// must wait; `Ok(false)` (sink not called) otherwise. Lets the NBD
+    /// connection thread answer hits without a hand-off.
+    pub fn try_read_cached(
+        &self,
+        offset: u64,
+        len: u64,
+        sink: &mut dyn FnMut(&[IoSlice<'_>]) -> io::Result<()>,
+    ) -> Result<bool> {
+        self.read_impl(offset, len, sink, true)
+    }
+
+    fn read_impl(
+        &self,
+        offset: u64,
+        len: u64,
+        sink: &mut dyn FnMut(&[IoSlice<'_>]) -> io::Result<()>,
+        cached_only: bool,
+    ) -> Result<bool> {
         self.check_open()?;
         self.check_range(offset, len)?;
         if len > self.cfg.max_request as u64 {
@@ -619,7 +641,7 @@ impl Engine {
             });
         }
         if len == 0 {
-            return sink(&[]).map_err(EngineError::Transfer);
+            return sink(&[]).map(|()| true).map_err(EngineError::Transfer);
         }
         let bs = self.bs();
         let (b0, b1) = (offset / bs, (offset + len - 1) / bs);
@@ -653,8 +675,20 @@ impl Engine {
                         blocked = Some(sh);
                         break;
                     }
+                    None if cached_only => {
+                        blocked = Some(sh);
+                        break;
+                    }
                     None => locs.push(Loc::Miss),
                 }
+            }
+            if cached_only && blocked.is_some() {
+                for l in &locs {
+                    if let Loc::Hit { shard, slot, .. } = *l {
+                        g[Self::guard_pos(&ids, shard)].unpin(slot);
+                    }
+                }
+                return Ok(false);
             }
             match blocked {
                 None => {
@@ -705,7 +739,7 @@ impl Engine {
                 self.shards[shard].ix.lock().unpin(slot);
             }
         }
-        result
+        result.map(|()| true)
     }
 
     /// Build the slices of a read and call the sink.

@@ -51,6 +51,19 @@ impl Export for EngineExport {
         Ok(self.engine.read_with(offset, len as u64, sink)?)
     }
 
+    fn try_read(
+        &self,
+        offset: u64,
+        len: u32,
+        sink: &mut dyn FnMut(&[IoSlice<'_>]) -> io::Result<()>,
+    ) -> Option<Result<(), ExportError>> {
+        match self.engine.try_read_cached(offset, len as u64, sink) {
+            Ok(true) => Some(Ok(())),
+            Ok(false) => None,
+            Err(e) => Some(Err(e.into())),
+        }
+    }
+
     fn write(
         &self,
         offset: u64,

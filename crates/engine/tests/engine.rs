@@ -552,3 +552,38 @@ fn failed_payload_writes_nothing() {
     assert_eq!(after.writes, before.writes);
     assert_eq!(after.dirty, 0);
 }
+
+#[test]
+fn try_read_cached_serves_hits_and_declines_misses() {
+    let rig = Rig::new(4 * MIB, 8 * MIB, 4096);
+    let e = rig.open(manual());
+    let d = pattern(21, 8192);
+    e.write(4096, &d, false).unwrap();
+    let mut got = Vec::new();
+    let served = e
+        .try_read_cached(4096 + 100, 5000, &mut |slices| {
+            slices.iter().for_each(|s| got.extend_from_slice(s));
+            Ok(())
+        })
+        .unwrap();
+    assert!(served && got == d[100..5100], "a hit must be served whole");
+    let before = e.stats();
+    let mut called = false;
+    // The range spans a cached and an uncached block: declined as a whole.
+    let served = e
+        .try_read_cached(8192, 8192, &mut |_| {
+            called = true;
+            Ok(())
+        })
+        .unwrap();
+    assert!(
+        !served && !called,
+        "a miss must be left to the slow path untouched"
+    );
+    let after = e.stats();
+    assert_eq!(
+        (after.read_misses, after.promotions),
+        (before.read_misses, before.promotions)
+    );
+    assert_eq!(rig.origin.write_count() + rig.origin.flush_count(), 0);
+}

@@ -79,6 +79,20 @@ pub trait Export: Send + Sync + 'static {
         sink: &mut dyn FnMut(&[IoSlice<'_>]) -> io::Result<()>,
     ) -> Result<(), ExportError>;
 
+    /// Serve a read at once if that needs no slow I/O (say, a cache hit),
+    /// so the connection thread can answer it without a hand-off to a worker.
+    /// `None` means "not now": `sink` was not called and the server sends
+    /// the request to [`read`](Self::read) on a worker.
+    fn try_read(
+        &self,
+        offset: u64,
+        len: u32,
+        sink: &mut dyn FnMut(&[IoSlice<'_>]) -> io::Result<()>,
+    ) -> Option<Result<(), ExportError>> {
+        let _ = (offset, len, sink);
+        None
+    }
+
     /// Write `[offset, offset + len)`. The export calls `source` exactly once
     /// with writable slices that cover the range in order; the server fills
     /// them from the socket. If `source` fails the export writes nothing and

@@ -945,6 +945,15 @@ fn transmission(shared: &Arc<Shared>, stream: Arc<Stream>, neg: Negotiated, id: 
                     conn.send_error(req.cookie, &e);
                     continue;
                 }
+                // A read the export can answer at once (a cache hit) is
+                // answered here: a hand-off to a worker costs more than it.
+                if req.command == CMD_READ
+                    && serve_read(&conn, &req, |sink| {
+                        shared.export.try_read(req.offset, req.length, sink)
+                    })
+                {
+                    continue;
+                }
                 *conn.in_flight.lock() += 1;
                 let (s, c) = (shared.clone(), conn.clone());
                 shared.pool.submit(Box::new(move || {
@@ -1103,6 +1112,21 @@ fn execute(shared: &Shared, conn: &Conn, req: &Request) {
 }
 
 fn execute_read(shared: &Shared, conn: &Conn, req: &Request) {
+    serve_read(conn, req, |sink| {
+        Some(shared.export.read(req.offset, req.length, sink))
+    });
+}
+
+/// Run `read` with a sink that sends the reply straight from the export's
+/// slices (`writev`), and answer errors. False when `read` declined
+/// (returned `None`); then nothing was sent.
+fn serve_read(
+    conn: &Conn,
+    req: &Request,
+    read: impl FnOnce(
+        &mut dyn FnMut(&[IoSlice<'_>]) -> io::Result<()>,
+    ) -> Option<Result<(), ExportError>>,
+) -> bool {
     #[derive(PartialEq, Eq)]
     enum Sink {
         NotCalled,
@@ -1112,10 +1136,10 @@ fn execute_read(shared: &Shared, conn: &Conn, req: &Request) {
     }
     if req.length == 0 {
         conn.send_read_data(req.cookie, req.offset, 0, &[]);
-        return;
+        return true;
     }
     let mut sink_state = Sink::NotCalled;
-    let r = shared.export.read(req.offset, req.length, &mut |slices| {
+    let r = read(&mut |slices| {
         if sink_state != Sink::NotCalled {
             return Err(io::Error::other("read sink called more than once"));
         }
@@ -1141,6 +1165,9 @@ fn execute_read(shared: &Shared, conn: &Conn, req: &Request) {
             ))
         }
     });
+    let Some(r) = r else {
+        return false;
+    };
     match (sink_state, r) {
         (Sink::Sent | Sink::SendFailed, _) => {}
         (_, Err(e)) => {
@@ -1153,6 +1180,7 @@ fn execute_read(shared: &Shared, conn: &Conn, req: &Request) {
             );
         }
     }
+    true
 }
 
 /// Most descriptors sent in one BLOCK_STATUS reply (the spec lets a server
