@@ -421,9 +421,9 @@ impl Engine {
         });
     }
 
-    /// Prepare a reclaim batch: the retiring slots (storing FREE where the
-    /// watermark now allows) plus up to `victims` clean LRU slots, which get
-    /// their FREE store now. Returns the slots to flush and, per slot,
+    /// Prepare a reclaim batch of up to `victims` free slots: the retiring
+    /// slots (storing FREE where the watermark now allows), then clean LRU
+    /// slots for the rest, which get their FREE store now. Returns the slots to flush and, per slot,
     /// whether it may be freed after the fence.
     fn prepare_reclaim(&self, ix: &mut ShardIndex, victims: usize) -> Batch {
         let first = ix.first_slot;
@@ -451,6 +451,8 @@ impl Engine {
         }
         ix.retiring = keep;
         blocked.sort_unstable();
+        // Retired slots count towards what is wanted: evict only the rest.
+        let victims = victims.saturating_sub(out.iter().filter(|o| o.2).count());
         if victims > 0 {
             let keys = ix.pick_victims(victims, |s, k| {
                 k & K_VALID != 0
