@@ -1419,31 +1419,38 @@ impl Engine {
         r
     }
 
-    /// Write pinned slots to the origin (no flush).
+    /// Write pinned slots to the origin (no flush), straight from the
+    /// mapping, as one batch so origins can keep many requests in flight.
     pub(crate) fn write_blocks_to_origin(&self, nbs: &[NewBlock]) -> Result<()> {
         let bs = self.bs();
-        for nb in nbs {
-            let first = self.firsts[nb.shard];
+        let mut pieces: Vec<(u64, &[u8])> = Vec::with_capacity(nbs.len());
+        for nb in nbs.iter().filter(|nb| !nb.on_origin) {
             let off = nb.block * bs;
             let n = (self.size - off).min(bs);
-            let r = if nb.on_origin {
-                Ok(())
-            } else if nb.zero {
-                self.origin.write_zeroes(off, n, false)
+            if nb.zero {
+                self.origin.write_zeroes(off, n, false).map_err(|source| {
+                    Counters::add(&self.counters.origin_errors, 1);
+                    EngineError::Origin {
+                        offset: off,
+                        source,
+                    }
+                })?;
             } else {
                 // SAFETY: the slot is pinned, so it is not rewritten meanwhile.
-                let data = unsafe { self.region.slice(self.data(first, nb.slot), n as usize) };
-                self.origin.write_at(data, off, false)
-            };
-            if let Err(source) = r {
-                Counters::add(&self.counters.origin_errors, 1);
-                return Err(EngineError::Origin {
-                    offset: off,
-                    source,
-                });
+                let data = unsafe {
+                    self.region
+                        .slice(self.data(self.firsts[nb.shard], nb.slot), n as usize)
+                };
+                pieces.push((off, data));
             }
         }
-        Ok(())
+        self.origin.write_many(&pieces).map_err(|source| {
+            Counters::add(&self.counters.origin_errors, 1);
+            EngineError::Origin {
+                offset: pieces.first().map_or(0, |p| p.0),
+                source,
+            }
+        })
     }
 
     /// Mark published slots clean after their origin copy is durable.

@@ -492,6 +492,68 @@ impl Client {
         self.read_aligned(buf, offset)
     }
 
+    /// Fill `bufs` from consecutive bytes at `offset`, with every request
+    /// in flight at once and each reply landing in its own buffer (a cache
+    /// miss spread over non-adjacent slots costs one round trip, not one
+    /// per slot).
+    pub fn read_vectored(&self, bufs: &mut [io::IoSliceMut<'_>], offset: u64) -> io::Result<()> {
+        let min = u64::from(self.inner.sizes.minimum);
+        let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        self.check_range("read", offset, total)?;
+        if offset % min != 0 || bufs.iter().any(|b| b.len() as u64 % min != 0) {
+            let mut off = offset;
+            for b in bufs.iter_mut() {
+                self.read(b, off)?;
+                off += b.len() as u64;
+            }
+            return Ok(());
+        }
+        let max = self.inner.max_request as usize;
+        let mut tickets = Vec::new();
+        let mut err = None;
+        let mut off = offset;
+        'submit: for b in bufs.iter_mut() {
+            for chunk in b.chunks_mut(max) {
+                let n = chunk.len();
+                match self.submit(CMD_READ, 0, off, n as u32, None, Some(chunk)) {
+                    Ok(t) => tickets.push(t),
+                    Err(e) => {
+                        err = Some(e);
+                        break 'submit;
+                    }
+                }
+                off += n as u64;
+            }
+        }
+        collect(tickets, err)
+    }
+
+    /// Write every `(offset, data)` piece, with all requests in flight at
+    /// once. Not durable until a FLUSH.
+    pub fn write_many(&self, pieces: &[(u64, &[u8])]) -> io::Result<()> {
+        for &(off, data) in pieces {
+            self.check_range("write", off, data.len() as u64)?;
+            self.check_aligned("write", off, data.len() as u64)?;
+        }
+        let max = self.inner.max_request as usize;
+        let mut tickets = Vec::new();
+        let mut err = None;
+        'submit: for &(offset, data) in pieces {
+            let mut off = offset;
+            for chunk in data.chunks(max) {
+                match self.submit(CMD_WRITE, 0, off, chunk.len() as u32, Some(chunk), None) {
+                    Ok(t) => tickets.push(t),
+                    Err(e) => {
+                        err = Some(e);
+                        break 'submit;
+                    }
+                }
+                off += chunk.len() as u64;
+            }
+        }
+        collect(tickets, err)
+    }
+
     fn read_aligned(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let max = self.inner.max_request as usize;
         let mut tickets = Vec::new();

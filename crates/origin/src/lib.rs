@@ -41,6 +41,16 @@ pub trait Origin: Send + Sync {
     /// Write all of `buf` at `offset`; with `fua` it is durable on return.
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()>;
 
+    /// Write each `(offset, data)` piece (no FUA). Origins that can have
+    /// several requests in flight override this: writeback hands over a
+    /// whole batch at once.
+    fn write_many(&self, pieces: &[(u64, &[u8])]) -> io::Result<()> {
+        for &(off, data) in pieces {
+            self.write_at(data, off, false)?;
+        }
+        Ok(())
+    }
+
     /// Make `[offset, offset + len)` read as zeroes.
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> io::Result<()>;
 

@@ -233,6 +233,18 @@ impl Origin for NbdOrigin {
         })
     }
 
+    fn read_vectored_at(&self, bufs: &mut [io::IoSliceMut<'_>], offset: u64) -> io::Result<()> {
+        self.with_client("read", |c, _| c.read_vectored(bufs, offset))
+    }
+
+    fn write_many(&self, pieces: &[(u64, &[u8])]) -> io::Result<()> {
+        self.with_client("write", |c, gen| {
+            c.write_many(pieces)?;
+            self.note_unflushed(gen);
+            Ok(())
+        })
+    }
+
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
         self.with_client("write_zeroes", |c, gen| {
             c.write_zeroes(offset, len, fua)?;
@@ -366,6 +378,41 @@ mod tests {
         // Out of range is refused before it is sent.
         let e = o.read_at(&mut b, (1 << 20) - 3).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+    }
+
+    #[test]
+    fn batched_writes_and_scattered_reads_in_flight_together() {
+        let dir = Dir::new();
+        let (sock, uri) = uri(&dir);
+        let export = Arc::new(MemExport::new(1 << 20));
+        let _srv = Running::start(export.clone(), &sock);
+        let o = NbdOrigin::connect(&uri).unwrap();
+        let blocks: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i + 1; 4096]).collect();
+        let pieces: Vec<(u64, &[u8])> = blocks
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (i as u64 * 8192, &b[..]))
+            .collect();
+        o.write_many(&pieces).unwrap();
+        for (i, b) in blocks.iter().enumerate() {
+            assert_eq!(export.snapshot(i * 8192, 4096), *b);
+        }
+        // Three separate buffers filled from one contiguous range.
+        let (mut a, mut b, mut c) = (vec![0u8; 4096], vec![0u8; 4096], vec![0u8; 8192]);
+        let mut bufs = [
+            io::IoSliceMut::new(&mut a),
+            io::IoSliceMut::new(&mut b),
+            io::IoSliceMut::new(&mut c),
+        ];
+        o.read_vectored_at(&mut bufs, 8192).unwrap();
+        assert!(a.iter().all(|&x| x == 2) && b.iter().all(|&x| x == 0));
+        assert!(c[..4096].iter().all(|&x| x == 3) && c[4096..].iter().all(|&x| x == 0));
+        // An unaligned scatter still lands byte-exact.
+        let (mut d, mut e) = (vec![0u8; 100], vec![0u8; 5000]);
+        let mut bufs = [io::IoSliceMut::new(&mut d), io::IoSliceMut::new(&mut e)];
+        o.read_vectored_at(&mut bufs, 8192 - 50).unwrap();
+        assert!(d[..50].iter().all(|&x| x == 0) && d[50..].iter().all(|&x| x == 2));
+        assert!(e[..4046].iter().all(|&x| x == 2) && e[4046..].iter().all(|&x| x == 0));
     }
 
     #[test]
