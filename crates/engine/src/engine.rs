@@ -1293,7 +1293,9 @@ impl Engine {
         Counters::add(&self.counters.write_fences, 1);
         Counters::add(&self.counters.write_hits, hits);
         Counters::add(&self.counters.write_misses, misses);
-        self.kick_writeback();
+        // No kick here: waking the writeback thread for every write costs a
+        // context switch per request. It polls, and writers short of space
+        // kick it.
         Ok(nbs)
     }
 
@@ -1411,7 +1413,6 @@ impl Engine {
                         ix.set_flags(nb.slot, K_ON_ORIGIN);
                     }
                 }
-                self.kick_writeback();
             }
         }
         self.unlock_origin_writers(b0..=b1);

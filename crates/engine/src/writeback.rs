@@ -171,7 +171,14 @@ impl Engine {
     }
 }
 
-/// Eager writeback with exponential backoff on origin errors. Dirty data is
+/// Dirty share of the cache (percent) below which writeback trickles, as
+/// dm-writecache's high watermark (50%): an idle cache still drains, but a
+/// busy one keeps its CPU and origin bandwidth for clients.
+const WRITEBACK_PERCENT: u64 = 50;
+/// Pause between batches while trickling: at most a batch per pause.
+const TRICKLE_PAUSE: Duration = Duration::from_millis(100);
+
+/// Writeback with exponential backoff on origin errors. Dirty data is
 /// never dropped: a failing batch stays dirty and is retried.
 fn writeback_loop(engine: std::sync::Weak<Engine>) {
     let mut backoff = Duration::from_millis(10);
@@ -188,7 +195,16 @@ fn writeback_loop(engine: std::sync::Weak<Engine>) {
                 }
                 *k = false;
             }
-            Ok(_) => backoff = Duration::from_millis(10),
+            Ok(_) => {
+                backoff = Duration::from_millis(10);
+                // Below the mark write back at a trickle; above it (or when
+                // writers wait for space and kick), at full speed.
+                let dirty = e.dirty_blocks();
+                if dirty * 100 < e.layout.slot_count * WRITEBACK_PERCENT {
+                    drop(e);
+                    std::thread::sleep(TRICKLE_PAUSE);
+                }
+            }
             Err(err) => {
                 tracing::warn!(error = %err, retry_in = ?backoff, "writeback failed; dirty data kept, retrying");
                 let mut k = e.wb.kick.lock();
