@@ -40,6 +40,16 @@ fn check_cache(cache: &Path) {
 
 /// `pmcache flush` of a stopped server's cache to `origin`; afterwards the
 /// cache must have no dirty block left.
+/// `pmcache flush` to a file origin, then the file must hold exactly `expect`.
+fn flush_and_compare_origin(cache: &Path, origin: &Path, expect: &[u8]) {
+    flush_cache(cache, &s(origin));
+    assert_same(
+        &std::fs::read(origin).unwrap(),
+        expect,
+        "origin file after pmcache flush",
+    );
+}
+
 fn flush_cache(cache: &Path, origin: &str) {
     pmcache_ok(
         &[
@@ -166,13 +176,8 @@ fn qemu_io_unaligned_spanning_writes_survive_restart_and_reach_the_origin_file()
     srv.stop();
 
     // Writeback: after `pmcache flush` the origin file holds every byte.
-    flush_cache(&cache, &s(&origin));
+    flush_and_compare_origin(&cache, &origin, &model);
     check_cache(&cache);
-    assert_same(
-        &std::fs::read(&origin).unwrap(),
-        &model,
-        "origin file after pmcache flush",
-    );
 }
 
 // ---------------------------------------------------------------------------
@@ -217,12 +222,7 @@ fn qemu_img_convert_in_and_out_through_a_smaller_cache() {
     assert_eq!(v["virtual-size"].as_u64(), Some(32 * MIB as u64), "{info}");
     srv.stop();
 
-    flush_cache(&cache, &s(&origin));
-    assert_same(
-        &std::fs::read(&origin).unwrap(),
-        &data,
-        "origin file after flush",
-    );
+    flush_and_compare_origin(&cache, &origin, &data);
 }
 
 // ---------------------------------------------------------------------------
@@ -370,12 +370,7 @@ fn nbdcopy_round_trip_with_four_connections_over_tcp() {
     );
     assert_same(&std::fs::read(&out).unwrap(), &data, "nbdcopy round trip");
     srv.stop();
-    flush_cache(&cache, &s(&origin));
-    assert_same(
-        &std::fs::read(&origin).unwrap(),
-        &data,
-        "origin file after flush",
-    );
+    flush_and_compare_origin(&cache, &origin, &data);
 }
 
 // ---------------------------------------------------------------------------
@@ -444,12 +439,7 @@ print("NBDSH-OK")
     srv.stop();
     // Zeroes and trims are written back: the origin shows zeroes there, so
     // nothing older can reappear once the cache lets go of those blocks.
-    flush_cache(&cache, &s(&origin));
-    assert_same(
-        &std::fs::read(&origin).unwrap(),
-        &model,
-        "origin file after flush",
-    );
+    flush_and_compare_origin(&cache, &origin, &model);
 }
 
 // ---------------------------------------------------------------------------
