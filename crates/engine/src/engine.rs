@@ -685,11 +685,7 @@ impl Engine {
                 }
             }
             if cached_only && blocked.is_some() {
-                for l in &locs {
-                    if let Loc::Hit { shard, slot, .. } = *l {
-                        g[Self::guard_pos(&ids, shard)].unpin(slot);
-                    }
-                }
+                Self::unpin_hits(&ids, &mut g, &locs);
                 return Ok(false);
             }
             match blocked {
@@ -703,12 +699,7 @@ impl Engine {
                     break;
                 }
                 Some(sh) => {
-                    for (i, l) in locs.iter().enumerate() {
-                        if let Loc::Hit { shard, slot, .. } = *l {
-                            g[Self::guard_pos(&ids, shard)].unpin(slot);
-                            let _ = i;
-                        }
-                    }
+                    Self::unpin_hits(&ids, &mut g, &locs);
                     let pos = Self::guard_pos(&ids, sh);
                     let mut mine = g.swap_remove(pos);
                     drop(g);
@@ -742,6 +733,15 @@ impl Engine {
             }
         }
         result.map(|()| true)
+    }
+
+    /// Drop the pins a lookup took, with its shard locks still held.
+    fn unpin_hits(ids: &[usize], g: &mut [MutexGuard<'_, ShardIndex>], locs: &[Loc]) {
+        for l in locs {
+            if let Loc::Hit { shard, slot, .. } = *l {
+                g[Self::guard_pos(ids, shard)].unpin(slot);
+            }
+        }
     }
 
     /// Build the slices of a read and call the sink.
