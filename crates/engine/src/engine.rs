@@ -74,6 +74,7 @@ pub(crate) struct WritebackCtl {
     pub(crate) cv: Condvar,
     pub(crate) stop: AtomicBool,
     pub(crate) thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    pub(crate) rotor: std::sync::atomic::AtomicUsize,
 }
 
 /// The cache. Cheap to share (`Arc`); every method is thread-safe.
@@ -221,6 +222,7 @@ impl Engine {
                 cv: Condvar::new(),
                 stop: AtomicBool::new(false),
                 thread: Mutex::new(None),
+                rotor: Default::default(),
             },
             closed: AtomicBool::new(false),
         })

@@ -425,7 +425,7 @@ impl Engine {
         Ok(())
     }
 
-    /// Whether the superblock recorded a clean shutdown when it was opened.
+    /// The superblock as last written (mode, generation, clean-shutdown flag).
     pub fn superblock(&self) -> Superblock {
         self.sb.lock().0.clone()
     }

@@ -92,10 +92,9 @@ impl Engine {
         r.map(|()| batch.len())
     }
 
+    /// Where the next batch starts, so shards take turns.
     fn wb_rotor(&self) -> usize {
-        use std::sync::atomic::AtomicUsize;
-        static ROTOR: AtomicUsize = AtomicUsize::new(0);
-        ROTOR.fetch_add(1, Ordering::Relaxed)
+        self.wb.rotor.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Wake the background writer.
