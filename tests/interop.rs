@@ -97,6 +97,25 @@ fn qemu_io(uri: &str, cmds: &[String]) -> String {
     text
 }
 
+/// A sparse origin file of `len` bytes and where its cache goes.
+fn sparse_origin(dir: &TempDir, len: u64) -> (PathBuf, PathBuf) {
+    let origin = dir.join("origin.img");
+    std::fs::File::create(&origin)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+    (origin, dir.join("cache.pmem"))
+}
+
+/// An origin file full of pattern `seed` (so bytes no client wrote are
+/// recognisable), where its cache goes, and the model of its content.
+fn data_origin(dir: &TempDir, seed: u64, len: usize) -> (PathBuf, PathBuf, Vec<u8>) {
+    let origin = dir.join("origin.img");
+    let model = pattern(seed, len);
+    std::fs::write(&origin, &model).unwrap();
+    (origin, dir.join("cache.pmem"), model)
+}
+
 /// A qemu-io pattern write of `len` bytes of `byte` at `off`, and the model.
 fn pattern_write(model: &mut [u8], cmds: &mut Vec<String>, byte: u8, off: usize, len: usize) {
     cmds.push(format!("write -P {byte:#x} {off} {len}"));
@@ -110,11 +129,8 @@ fn pattern_write(model: &mut [u8], cmds: &mut Vec<String>, byte: u8, off: usize,
 #[test]
 fn qemu_io_unaligned_spanning_writes_survive_restart_and_reach_the_origin_file() {
     let dir = TempDir::new();
-    let origin = dir.join("origin.img");
-    let cache = dir.join("cache.pmem");
     // The origin holds data: bytes no client wrote must read as the origin's.
-    let mut model = pattern(21, 16 * MIB);
-    std::fs::write(&origin, &model).unwrap();
+    let (origin, cache, mut model) = data_origin(&dir, 21, 16 * MIB);
 
     let srv = launch(&ServerKind::pmcache(&cache, "32M", &s(&origin), &[]));
     let uri = srv.uri();
@@ -187,12 +203,7 @@ fn qemu_io_unaligned_spanning_writes_survive_restart_and_reach_the_origin_file()
 #[test]
 fn qemu_img_convert_in_and_out_through_a_smaller_cache() {
     let dir = TempDir::new();
-    let origin = dir.join("origin.img");
-    let cache = dir.join("cache.pmem");
-    std::fs::File::create(&origin)
-        .unwrap()
-        .set_len(32 * MIB as u64)
-        .unwrap();
+    let (origin, cache) = sparse_origin(&dir, 32 * MIB as u64);
     let src = dir.join("src.img");
     let data = random_image(&src, 32 * MIB, 7);
 
@@ -334,12 +345,7 @@ print("RO-OK")
 #[test]
 fn nbdcopy_round_trip_with_four_connections_over_tcp() {
     let dir = TempDir::new();
-    let origin = dir.join("origin.img");
-    let cache = dir.join("cache.pmem");
-    std::fs::File::create(&origin)
-        .unwrap()
-        .set_len(32 * MIB as u64)
-        .unwrap();
+    let (origin, cache) = sparse_origin(&dir, 32 * MIB as u64);
     let src = dir.join("src.img");
     let data = random_image(&src, 32 * MIB, 11);
     let srv = launch(&ServerKind::Pmcache {
@@ -380,11 +386,8 @@ fn nbdcopy_round_trip_with_four_connections_over_tcp() {
 #[test]
 fn nbdsh_flush_fua_trim_and_zeroes_reach_the_origin() {
     let dir = TempDir::new();
-    let origin = dir.join("origin.img");
-    let cache = dir.join("cache.pmem");
     // A non-zero origin: zeroes read back can only come from the zeroing.
-    let mut model = pattern(5, 16 * MIB);
-    std::fs::write(&origin, &model).unwrap();
+    let (origin, cache, mut model) = data_origin(&dir, 5, 16 * MIB);
     let srv = launch(&ServerKind::pmcache(&cache, "32M", &s(&origin), &[]));
     let uri = srv.uri();
     let m = MIB;
@@ -462,12 +465,7 @@ fn fio_randwrite_verify_then_verify_only_after_restart() {
         "fio was built without the nbd engine (apt-get install -y fio)"
     );
     let dir = TempDir::new();
-    let origin = dir.join("origin.img");
-    let cache = dir.join("cache.pmem");
-    std::fs::File::create(&origin)
-        .unwrap()
-        .set_len(64 * MIB as u64)
-        .unwrap();
+    let (origin, cache) = sparse_origin(&dir, 64 * MIB as u64);
     let srv = launch(&ServerKind::pmcache(&cache, "48M", &s(&origin), &[]));
     let job = |uri: &str, extra: &[&str]| {
         let uri_arg = format!("--uri={uri}");
@@ -657,12 +655,7 @@ fn ext4_on_the_export_survives_a_restart() {
     require_tool("mkfs.ext4");
     require_tool("fsck.ext4");
     let dir = TempDir::new();
-    let origin = dir.join("origin.img");
-    let cache = dir.join("cache.pmem");
-    std::fs::File::create(&origin)
-        .unwrap()
-        .set_len(128 * MIB as u64)
-        .unwrap();
+    let (origin, cache) = sparse_origin(&dir, 128 * MIB as u64);
     let mnt = dir.join("mnt");
     let srv = launch(&ServerKind::pmcache(&cache, "64M", &s(&origin), &[]));
 
