@@ -284,12 +284,10 @@ impl Engine {
             .store(word, Ordering::Release);
     }
 
+    /// Store a state word and flush its line.
     pub(crate) fn store_state(&self, first: u64, s: u32, word: u64) {
-        let off = self.meta(first, s);
-        self.region
-            .word(off + W_STATE * 8)
-            .store(word, Ordering::Release);
-        self.region.flush(off, META_SIZE);
+        self.set_state(first, s, word);
+        self.region.flush(self.meta(first, s), META_SIZE);
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
@@ -1000,9 +998,7 @@ impl Engine {
         for (i, w) in e.encode().iter().enumerate() {
             self.region.word(off + i * 8).store(*w, Ordering::Relaxed);
         }
-        self.region
-            .word(off + W_STATE * 8)
-            .store(state_word(e.seq, code), Ordering::Release);
+        self.set_state(first, s, state_word(e.seq, code));
         self.region.flush(off, META_SIZE);
     }
 
