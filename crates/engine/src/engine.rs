@@ -720,10 +720,7 @@ impl Engine {
             Err(e) => Err(e),
             Ok((filled, bounce)) => {
                 let r = self.emit(offset, len, b0, &locs, &filled, &bounce, sink);
-                for nb in &filled {
-                    let mut ix = self.shards[nb.shard].ix.lock();
-                    ix.unpin(nb.slot);
-                }
+                self.unpin_all(&filled);
                 r
             }
         };
