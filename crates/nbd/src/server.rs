@@ -886,6 +886,9 @@ fn transmission(shared: &Arc<Shared>, stream: Arc<Stream>, neg: Negotiated, id: 
     });
     let wake = Some(shared.shutdown.wake_fd());
     let max_in_flight = shared.config.max_in_flight.max(1);
+    let mut hb = [0u8; REQUEST_LEN];
+    // Bytes of the next request header already in `hb`.
+    let mut have = 0;
     loop {
         if conn.broken.load(Ordering::SeqCst) {
             break;
@@ -897,32 +900,37 @@ fn transmission(shared: &Arc<Shared>, stream: Arc<Stream>, neg: Negotiated, id: 
                 conn.in_flight_cv.wait(&mut n);
             }
         }
-        match poll_readable(conn.stream.as_raw_fd(), wake, None) {
-            Ok(Readiness::Ready) => {}
-            Ok(_) => break, // shutting down: stop reading requests
-            Err(e) => {
-                warn!("nbd[{id}]: poll failed: {e}");
+        // The next header may have arrived with the last WRITE's payload;
+        // otherwise take what is there, and only poll when nothing is.
+        if have == 0 {
+            if shared.shutdown.is_shutdown() {
                 break;
             }
-        }
-        let mut hb = [0u8; REQUEST_LEN];
-        match conn.stream.read(&mut hb) {
-            Ok(0) => {
-                debug!("nbd[{id}]: client closed the connection");
-                break;
-            }
-            Ok(n) => {
-                if let Err(e) = conn.stream.read_exact(&mut hb[n..]) {
-                    debug!("nbd[{id}]: truncated request header: {e}");
+            match conn.stream.read_nowait(&mut hb) {
+                Ok(Some(0)) => {
+                    debug!("nbd[{id}]: client closed the connection");
+                    break;
+                }
+                Ok(Some(n)) => have = n,
+                Ok(None) => match poll_readable(conn.stream.as_raw_fd(), wake, None) {
+                    Ok(Readiness::Ready) => continue,
+                    Ok(_) => break, // shutting down: stop reading requests
+                    Err(e) => {
+                        warn!("nbd[{id}]: poll failed: {e}");
+                        break;
+                    }
+                },
+                Err(e) => {
+                    debug!("nbd[{id}]: read failed: {e}");
                     break;
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                debug!("nbd[{id}]: read failed: {e}");
-                break;
-            }
         }
+        if let Err(e) = conn.stream.read_exact(&mut hb[have..]) {
+            debug!("nbd[{id}]: truncated request header: {e}");
+            break;
+        }
+        have = 0;
         let req = match Request::parse(&hb) {
             Ok(r) => r,
             Err(e) => {
@@ -935,11 +943,10 @@ fn transmission(shared: &Arc<Shared>, stream: Arc<Stream>, neg: Negotiated, id: 
                 debug!("nbd[{id}]: DISC");
                 break;
             }
-            CMD_WRITE => {
-                if !handle_write(shared, &conn, &req) {
-                    break;
-                }
-            }
+            CMD_WRITE => match handle_write(shared, &conn, &req, &mut hb) {
+                Some(n) => have = n,
+                None => break,
+            },
             CMD_READ | CMD_FLUSH | CMD_TRIM | CMD_CACHE | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS => {
                 if let Err(e) = validate(shared, &conn, &req) {
                     conn.send_error(req.cookie, &e);
@@ -990,9 +997,11 @@ enum Payload {
     Failed,
 }
 
-/// Execute a WRITE on the reader thread. Returns false when the connection
-/// must end.
-fn handle_write(shared: &Shared, conn: &Conn, req: &Request) -> bool {
+/// Execute a WRITE on the reader thread. Returns how many bytes of the next
+/// request header arrived with the payload (into `next`), or `None` when the
+/// connection must end.
+fn handle_write(shared: &Shared, conn: &Conn, req: &Request, next: &mut [u8]) -> Option<usize> {
+    let ok = |sent: bool| sent.then_some(0);
     let len = req.length;
     if let Err(e) = validate(shared, conn, req) {
         if len > shared.sizes.maximum {
@@ -1000,20 +1009,21 @@ fn handle_write(shared: &Shared, conn: &Conn, req: &Request) -> bool {
             // it away: answer, then hang up (allowed for a client that
             // broke the advertised maximum).
             conn.send_error(req.cookie, &e);
-            return false;
+            return None;
         }
         // Skip the payload so the stream stays in sync; nothing is written.
         if let Err(err) = conn.stream.discard(len.into()) {
             debug!("nbd[{}]: client left mid-payload: {err}", conn.id);
-            return false;
+            return None;
         }
-        return conn.send_error(req.cookie, &e);
+        return ok(conn.send_error(req.cookie, &e));
     }
     if len == 0 {
-        return conn.send_ok(req.cookie);
+        return ok(conn.send_ok(req.cookie));
     }
     let fua = req.flags & CMD_FLAG_FUA != 0;
     let mut state = Payload::Unread;
+    let mut extra = 0;
     let stream = &conn.stream;
     let result = shared.export.write(req.offset, len, fua, &mut |slices| {
         if state != Payload::Unread {
@@ -1026,10 +1036,12 @@ fn handle_write(shared: &Shared, conn: &Conn, req: &Request) -> bool {
                 format!("export offered {total} bytes for a {len}-byte write"),
             ));
         }
-        // The payload's only copy: socket -> export slices (readv).
-        match stream.read_exact_vectored(slices) {
-            Ok(()) => {
+        // The payload's only copy: socket -> export slices (readv), which
+        // also picks up the next header if it is already there.
+        match stream.read_exact_vectored_then(slices, next) {
+            Ok(n) => {
                 state = Payload::Read;
+                extra = n;
                 Ok(())
             }
             Err(e) => {
@@ -1038,19 +1050,19 @@ fn handle_write(shared: &Shared, conn: &Conn, req: &Request) -> bool {
             }
         }
     });
-    match (state, result) {
+    let sent = match (state, result) {
         (Payload::Failed, _) => {
             debug!(
                 "nbd[{}]: client disconnected during a {len}-byte write payload",
                 conn.id
             );
-            false
+            return None;
         }
         (Payload::Read, Ok(())) => conn.send_ok(req.cookie),
         (Payload::Read, Err(e)) => conn.send_error(req.cookie, &e.into()),
         (Payload::Unread, r) => {
             if conn.stream.discard(len.into()).is_err() {
-                return false;
+                return None;
             }
             let err = match r {
                 Err(e) => e.into(),
@@ -1058,7 +1070,8 @@ fn handle_write(shared: &Shared, conn: &Conn, req: &Request) -> bool {
             };
             conn.send_error(req.cookie, &err)
         }
-    }
+    };
+    sent.then_some(extra)
 }
 
 /// Run a validated non-WRITE request on a worker and reply.
