@@ -496,3 +496,49 @@ fn shutdown_waits_for_a_write_in_progress() {
     srv.stop().unwrap();
     assert_eq!(srv.export.snapshot(1000, 8), b"halfdone");
 }
+
+/// WRITEs whose payloads and next headers share packets, with a header
+/// split across two sends, are each applied and answered: the server reads
+/// the next header together with a payload.
+#[test]
+fn pipelined_writes_with_headers_in_the_payload_packets() {
+    let srv = InProc::mem(MIB);
+    let mut r = common::Raw::connect(&srv.socket);
+    r.handshake(false);
+    let req = |command, cookie, offset, length| {
+        Request {
+            flags: 0,
+            command,
+            cookie,
+            offset,
+            length,
+        }
+        .encode()
+    };
+    let mut wire = Vec::new();
+    wire.extend_from_slice(&req(CMD_WRITE, 1, 0, 5));
+    wire.extend_from_slice(b"hello");
+    wire.extend_from_slice(&req(CMD_WRITE, 2, 4096, 4));
+    wire.extend_from_slice(b"abcd");
+    let third = req(CMD_WRITE, 3, 8000, 3);
+    wire.extend_from_slice(&third[..10]);
+    r.send(&wire);
+    std::thread::sleep(Duration::from_millis(50));
+    let mut wire = third[10..].to_vec();
+    wire.extend_from_slice(b"xyz");
+    wire.extend_from_slice(&req(CMD_READ, 4, 0, 5));
+    r.send(&wire);
+    let mut cookies = Vec::new();
+    for _ in 0..3 {
+        let rep = r.simple_reply();
+        assert_eq!(rep.error, 0, "write {} failed", rep.cookie);
+        cookies.push(rep.cookie);
+    }
+    cookies.sort_unstable();
+    assert_eq!(cookies, [1, 2, 3]);
+    let rep = r.simple_reply();
+    assert_eq!((rep.cookie, rep.error), (4, 0));
+    assert_eq!(r.recv(5), b"hello");
+    assert_eq!(srv.export.snapshot(4096, 4), b"abcd");
+    assert_eq!(srv.export.snapshot(8000, 3), b"xyz");
+}
