@@ -9,6 +9,7 @@ use std::sync::atomic::AtomicU64;
 
 pub mod error;
 pub mod flush;
+pub mod hash;
 pub mod mapped;
 pub mod sim;
 
@@ -91,6 +92,18 @@ pub trait PmemRegion: Send + Sync {
     /// # Safety
     /// No other thread may access `[off, off + src.len())` concurrently.
     unsafe fn copy_flush(&self, off: usize, src: &[u8]);
+
+    /// [`copy_flush`](Self::copy_flush), returning [`hash::xxh3_64`] of
+    /// `src`. Regions with streaming stores override it to hash while
+    /// copying, reading `src` once.
+    ///
+    /// # Safety
+    /// As [`copy_flush`](Self::copy_flush).
+    unsafe fn copy_flush_hash(&self, off: usize, src: &[u8]) -> u64 {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.copy_flush(off, src) };
+        hash::xxh3_64(src)
+    }
 
     /// Zero `[off, off + len)` and leave it flushed (a fence is still needed).
     ///

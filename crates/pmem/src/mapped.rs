@@ -8,7 +8,7 @@
 
 use crate::error::PmemError;
 use crate::flush::{self, FlushKind};
-use crate::{PersistMode, PmemRegion, LINE};
+use crate::{hash, PersistMode, PmemRegion, LINE};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -449,6 +449,26 @@ impl PmemRegion for MappedRegion {
         }
     }
 
+    unsafe fn copy_flush_hash(&self, off: usize, src: &[u8]) -> u64 {
+        self.check_range(off, src.len());
+        self.writable();
+        if let PersistMode::Dax(_) | PersistMode::AssumedPmem(_) = self.mode {
+            // Where `copy_flush` would stream, stream and hash in one pass;
+            // `copy_nt_hash` declines what it does not handle.
+            if src.len() >= flush::NT_THRESHOLD {
+                // SAFETY: in bounds (checked); exclusivity is the caller's
+                // contract; `src` cannot overlap the range it must not
+                // concurrently access. Streaming stores need no flush.
+                if let Some(h) = unsafe { hash::copy_nt_hash(self.base.add(off), src) } {
+                    return h;
+                }
+            }
+        }
+        // SAFETY: forwarded from the caller.
+        unsafe { self.copy_flush(off, src) };
+        hash::xxh3_64(src)
+    }
+
     unsafe fn zero_flush(&self, off: usize, len: usize) {
         self.check_range(off, len);
         self.writable();
@@ -631,6 +651,45 @@ mod tests {
         r.touch_pages();
         // SAFETY: no writer.
         assert_eq!(unsafe { r.slice(0, data.len()) }, &data[..]);
+    }
+
+    /// Both persistence modes, streamed (fused) and not, aligned and not:
+    /// the bytes land and the hash is xxhash-rust's.
+    #[test]
+    fn copy_flush_hash_copies_and_hashes() {
+        let src: Vec<u8> = (0..20_000u32).map(|i| (i * 31 + 7) as u8).collect();
+        for assume_pmem in [true, false] {
+            let path = PathBuf::from(format!(
+                "/dev/shm/pmcache-pmem-unit-cfh-{}-{assume_pmem}",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_file(&path);
+            let opts = MapOptions::new().assume_pmem(assume_pmem);
+            let r = MappedRegion::create(&path, 1 << 16, &opts).unwrap();
+            let _ = std::fs::remove_file(&path);
+            for &off in &[0usize, 8, 64, 4096] {
+                for &len in &[0usize, 100, 241, 2047, 2048, 4096, 4160, 8000, 16384] {
+                    let data = &src[len % 7..len % 7 + len];
+                    // SAFETY: in bounds; this thread is the only user.
+                    unsafe {
+                        r.zero_flush(0, r.len());
+                        r.fence();
+                        let h = r.copy_flush_hash(off, data);
+                        r.fence();
+                        assert_eq!(h, xxhash_rust::xxh3::xxh3_64(data), "off {off} len {len}");
+                        assert_eq!(r.slice(off, len), data, "off {off} len {len}");
+                        assert!(r.slice(0, off).iter().all(|&b| b == 0));
+                        assert!(r
+                            .slice(off + len, r.len() - off - len)
+                            .iter()
+                            .all(|&b| b == 0));
+                    }
+                }
+            }
+            if !assume_pmem {
+                assert!(r.dirty.lock().is_empty(), "msync mode recorded and synced");
+            }
+        }
     }
 
     #[test]
