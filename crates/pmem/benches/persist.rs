@@ -2,7 +2,8 @@
 //! with `assume_pmem` (so flushes are real clwb/clflushopt instructions).
 //!
 //! `cargo bench -p pmcache-pmem --bench persist` (add `-- quick` for a
-//! short run). `PMCACHE_BENCH_DIR` overrides /dev/shm.
+//! short run, `-- hash` for the block-hash section alone).
+//! `PMCACHE_BENCH_DIR` overrides /dev/shm.
 //!
 //! Two destinations: "cold" walks a 256 MiB region (larger than any LLC), as
 //! cache data writes do; "hot" rewrites the same place, as metadata does.
@@ -11,10 +12,11 @@
 //! machine noise hits all alike.
 
 use pmcache_pmem::flush::{self, FlushKind, NtIsa, NT_THRESHOLD};
+use pmcache_pmem::hash;
 use pmcache_pmem::sim::image_rng;
 use pmcache_pmem::{MapOptions, MappedRegion, PersistMode, PmemRegion, SimRegion};
 use std::hint::black_box;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 const REGION: usize = 256 << 20;
 const KIB: usize = 1024;
@@ -24,6 +26,14 @@ enum Variant {
     Memcpy,
     TemporalFlush(FlushKind),
     Nt(NtIsa),
+    /// `xxhash_rust::xxh3::xxh3_64` of the source alone (no copy).
+    HashRef,
+    /// `hash::xxh3_64` of the source alone (no copy).
+    HashOurs,
+    /// Selected streaming copy + sfence, then `xxhash_rust` of the source.
+    NtThenHashRef,
+    /// `hash::copy_nt_hash` (fused) + sfence.
+    NtHash,
 }
 
 impl Variant {
@@ -32,6 +42,10 @@ impl Variant {
             Variant::Memcpy => "memcpy".into(),
             Variant::TemporalFlush(k) => format!("copy+{k}+sfence"),
             Variant::Nt(i) => format!("nt-{i}+sfence"),
+            Variant::HashRef => "xxhash-rust xxh3".into(),
+            Variant::HashOurs => "hash::xxh3_64".into(),
+            Variant::NtThenHashRef => "nt+sfence, xxhash-rust".into(),
+            Variant::NtHash => "copy_nt_hash+sfence".into(),
         }
     }
 }
@@ -62,27 +76,79 @@ impl Bench {
             } else {
                 0
             };
-            let src = &self.src[..size];
             // SAFETY: `off + size <= REGION`, the mapping's length; this
-            // thread is the only user of the mapping; `src` is a separate
-            // heap buffer.
-            unsafe {
-                let dst = base.add(off);
-                match v {
-                    Variant::Memcpy => std::ptr::copy_nonoverlapping(src.as_ptr(), dst, size),
-                    Variant::TemporalFlush(k) => {
-                        flush::copy_temporal_flush(k, dst, src);
-                        flush::sfence();
-                    }
-                    Variant::Nt(isa) => {
-                        flush::copy_nt(self.kind, isa, dst, src);
-                        flush::sfence();
-                    }
-                }
-            }
+            // thread is the only user of the mapping.
+            unsafe { self.op(v, base.add(off), size) };
             black_box(base);
         }
         t.elapsed().as_nanos() as f64 / ops as f64
+    }
+
+    /// As [`run`](Self::run) (cold, aligned), but with `gap` of idle
+    /// spinning before each operation and each timed alone, so streaming
+    /// stores of the previous one have drained: the latency of one isolated
+    /// write rather than the throughput of back-to-back ones. The clock's
+    /// own cost (`Instant` pair, measured alike) is subtracted.
+    fn run_spaced(&mut self, v: Option<Variant>, size: usize, ops: usize, gap: Duration) -> f64 {
+        let step = size.next_multiple_of(64) + 64;
+        let mut total = Duration::ZERO;
+        for _ in 0..ops {
+            if self.cursor + step + 64 > REGION {
+                self.cursor = 0;
+            }
+            let off = self.cursor;
+            self.cursor += step;
+            let idle = Instant::now();
+            while idle.elapsed() < gap {
+                std::hint::spin_loop();
+            }
+            let t = Instant::now();
+            if let Some(v) = v {
+                // SAFETY: as in `run`.
+                unsafe { self.op(v, self.region.as_ptr().add(off), size) };
+            }
+            total += t.elapsed();
+        }
+        total.as_nanos() as f64 / ops as f64
+    }
+
+    /// One operation of `v` on `size` bytes of the source to `dst`.
+    ///
+    /// # Safety
+    /// `dst` is in the mapping with `size` bytes after it, and this thread is
+    /// its only user (`src` is a separate heap buffer).
+    unsafe fn op(&self, v: Variant, dst: *mut u8, size: usize) {
+        let src = &self.src[..size];
+        // SAFETY: per the contract.
+        unsafe {
+            match v {
+                Variant::Memcpy => std::ptr::copy_nonoverlapping(src.as_ptr(), dst, size),
+                Variant::TemporalFlush(k) => {
+                    flush::copy_temporal_flush(k, dst, src);
+                    flush::sfence();
+                }
+                Variant::Nt(isa) => {
+                    flush::copy_nt(self.kind, isa, dst, src);
+                    flush::sfence();
+                }
+                Variant::HashRef => {
+                    black_box(xxhash_rust::xxh3::xxh3_64(black_box(src)));
+                }
+                Variant::HashOurs => {
+                    black_box(hash::xxh3_64(black_box(src)));
+                }
+                Variant::NtThenHashRef => {
+                    flush::copy_nt(self.kind, NtIsa::detect(), dst, src);
+                    flush::sfence();
+                    black_box(xxhash_rust::xxh3::xxh3_64(src));
+                }
+                Variant::NtHash => {
+                    let h = hash::copy_nt_hash(dst, src).expect("fast case");
+                    flush::sfence();
+                    black_box(h);
+                }
+            }
+        }
     }
 }
 
@@ -140,6 +206,7 @@ fn measure(
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "quick");
+    let only_hash = args.iter().any(|a| a == "hash");
     // `cargo bench` passes `--bench`; anything else (`cargo test --benches`,
     // a bare run) only checks that the bench works.
     let smoke = !args.iter().any(|a| a == "--bench") && !quick;
@@ -204,6 +271,11 @@ fn main() {
         for cold in [true, false] {
             b.run(v, 64 * KIB, 1024, cold, 0);
         }
+    }
+
+    if only_hash {
+        hash_section(&mut b, rounds, bytes);
+        return;
     }
 
     // 1. The three headline sizes: memcpy vs copy+flush vs streaming.
@@ -337,9 +409,74 @@ fn main() {
         show(clear),
         fmt_size(NT_THRESHOLD)
     );
+    hash_section(&mut b, rounds, bytes);
     drop(b);
     prefault_section(&dir);
     sim_section(if smoke { 2 } else { 200 });
+}
+
+/// The block hash of a 4 KiB data write: xxhash-rust (SSE2 as built)
+/// against `hash::xxh3_64` (runtime dispatch), alone and after / fused with
+/// the streaming copy to a cold destination.
+fn hash_section(b: &mut Bench, rounds: usize, bytes: usize) {
+    const SIZE: usize = 4 * KIB;
+    // The section is cheap (well under a second at 101 rounds); more rounds
+    // than `quick` gives steady the spaced figures, which vary most.
+    let rounds = if rounds > 1 { rounds.max(41) } else { rounds };
+    let vars = [
+        Variant::HashRef,
+        Variant::HashOurs,
+        Variant::NtThenHashRef,
+        Variant::NtHash,
+    ];
+    // SAFETY: a probe into the bench mapping (page-aligned base, 4 KiB in
+    // bounds), overwritten by the runs below.
+    if unsafe { hash::copy_nt_hash(b.region.as_ptr(), &b.src[..SIZE]) }.is_none() {
+        println!("\n## block hash: copy_nt_hash declines on this CPU (no AVX2), skipped");
+        return;
+    }
+    flush::sfence();
+    println!(
+        "\n## block hash ({}), 4 KiB, cold destination (256 MiB walk), source hot",
+        hash::implementation()
+    );
+    let r = measure(b, &vars, SIZE, true, 0, rounds, bytes);
+    // Back to back, a cold streaming copy runs at memory write bandwidth
+    // and the hashes hide behind it; an engine write does other work in
+    // between, so also time each operation alone after an idle gap.
+    const GAP: Duration = Duration::from_micros(1);
+    let ops = (bytes / SIZE).clamp(16, 1024);
+    let mut spaced = vec![Vec::new(); vars.len()];
+    let mut clock = Vec::new();
+    for _ in 0..rounds {
+        clock.push(b.run_spaced(None, SIZE, ops, GAP));
+        for (i, &v) in vars.iter().enumerate() {
+            spaced[i].push(b.run_spaced(Some(v), SIZE, ops, GAP));
+        }
+    }
+    let clock = median(clock);
+    let spaced: Vec<f64> = spaced.into_iter().map(|s| median(s) - clock).collect();
+    println!(
+        "{:<26} {:>13} {:>13}   (spaced: {} idle before each op; clock cost {} subtracted)",
+        "variant",
+        "back-to-back",
+        "spaced",
+        fmt_ns(GAP.as_nanos() as f64),
+        fmt_ns(clock)
+    );
+    for (((label, v), ns), sp) in ["(a)", "(b)", "(c)", "(d)"]
+        .iter()
+        .zip(&vars)
+        .zip(&r)
+        .zip(&spaced)
+    {
+        println!(
+            "{label} {:<22} {:>13} {:>13}",
+            v.name(),
+            fmt_ns(*ns),
+            fmt_ns(*sp)
+        );
+    }
 }
 
 /// First-touch page faults against a prefaulted mapping.
