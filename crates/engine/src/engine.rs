@@ -27,7 +27,7 @@ use smallvec::SmallVec;
 use crate::error::{EngineError, Result};
 use crate::format::*;
 use crate::index::*;
-use crate::stats::{Counters, StatsSnapshot};
+use crate::stats::{Counters, Ctr, StatsSnapshot};
 use crate::txn::Sequencer;
 
 /// Tunables for `open`.
@@ -310,6 +310,9 @@ impl Engine {
 
     /// Distinct shards of a block range, ascending.
     pub(crate) fn shards_of(&self, b0: u64, b1: u64) -> ShardIds {
+        if b0 >> self.chunk_shift == b1 >> self.chunk_shift {
+            return smallvec::smallvec![self.shard_of(b0)];
+        }
         let mut v = ShardIds::new();
         let mut c = b0 >> self.chunk_shift;
         while c <= b1 >> self.chunk_shift {
@@ -332,8 +335,12 @@ impl Engine {
     // ----- block locks ---------------------------------------------------
 
     /// Take the writer lock of every block in `[b0, b1]`, waiting as needed.
-    fn lock_writers(&self, b0: u64, b1: u64) {
-        for sh in self.shards_of(b0, b1) {
+    /// When the range lies in one shard, that shard stays locked for the
+    /// caller (so the request's slots come in the same critical section).
+    fn lock_writers(&self, b0: u64, b1: u64) -> Option<MutexGuard<'_, ShardIndex>> {
+        let ids = self.shards_of(b0, b1);
+        let mut held = None;
+        for &sh in &ids {
             let shard = &self.shards[sh];
             let mut ix = shard.ix.lock();
             loop {
@@ -346,7 +353,11 @@ impl Engine {
             for b in (b0..=b1).filter(|&b| self.shard_of(b) == sh) {
                 ix.update_lock(b, |l| l.writer = true);
             }
+            if ids.len() == 1 {
+                held = Some(ix);
+            }
         }
+        held
     }
 
     fn unlock_writers(&self, b0: u64, b1: u64) {
@@ -466,7 +477,7 @@ impl Engine {
                 ix.remove(s);
                 self.set_state(first, s, STATE_FREE);
                 out.push((s, seq, true));
-                Counters::add(&self.counters.evictions, 1);
+                self.counters.add(Ctr::Evictions, 1);
             }
         }
         out
@@ -536,8 +547,20 @@ impl Engine {
         wait: bool,
         piggy: Option<(u32, &mut Batches)>,
     ) -> Result<Option<SmallVec<[u32; 4]>>> {
+        self.alloc_locked(shard, self.shards[shard].ix.lock(), need, wait, piggy)
+    }
+
+    /// [`alloc`](Self::alloc) with the shard's lock already taken.
+    #[allow(clippy::type_complexity)]
+    fn alloc_locked(
+        &self,
+        shard: usize,
+        mut ix: MutexGuard<'_, ShardIndex>,
+        need: usize,
+        wait: bool,
+        piggy: Option<(u32, &mut Batches)>,
+    ) -> Result<Option<SmallVec<[u32; 4]>>> {
         let sh = &self.shards[shard];
-        let mut ix = sh.ix.lock();
         let mut waited = false;
         loop {
             if ix.free_len as usize >= need {
@@ -570,7 +593,7 @@ impl Engine {
             }
             self.check_open()?;
             if !waited {
-                Counters::add(&self.counters.waits_for_space, 1);
+                self.counters.add(Ctr::WaitsForSpace, 1);
                 waited = true;
             }
             if self.wb.thread.lock().is_some() {
@@ -711,9 +734,9 @@ impl Engine {
         }
 
         let hits = locs.iter().filter(|l| matches!(l, Loc::Hit { .. })).count() as u64;
-        Counters::add(&self.counters.read_hits, hits);
-        Counters::add(&self.counters.read_misses, nblocks as u64 - hits);
-        Counters::add(&self.counters.read_bytes, len);
+        self.counters.add(Ctr::ReadHits, hits);
+        self.counters.add(Ctr::ReadMisses, nblocks as u64 - hits);
+        self.counters.add(Ctr::ReadBytes, len);
 
         let misses = self.fetch_misses(b0, &locs);
         let result = match misses {
@@ -883,7 +906,7 @@ impl Engine {
                 .collect();
             res = self.origin.read_vectored_at(&mut run, start * bs as u64);
             if let Err(e) = &res {
-                Counters::add(&self.counters.origin_errors, 1);
+                self.counters.add(Ctr::OriginErrors, 1);
                 tracing::warn!(offset = start * bs as u64, error = %e, "origin read failed");
             }
             i = j;
@@ -961,7 +984,7 @@ impl Engine {
                 ix.insert(nb.slot, nb.block, 0);
                 ix.policy.insert(nb.slot);
                 ix.update_lock(nb.block, |l| l.writer = false);
-                Counters::add(&self.counters.promotions, 1);
+                self.counters.add(Ctr::Promotions, 1);
             } else {
                 // Never got an entry: still durably FREE. The reader keeps
                 // its pin until it has sent the data.
@@ -1047,7 +1070,7 @@ impl Engine {
             return Ok(());
         }
         self.origin.flush().map_err(|source| {
-            Counters::add(&self.counters.origin_errors, 1);
+            self.counters.add(Ctr::OriginErrors, 1);
             EngineError::Origin { offset: 0, source }
         })
     }
@@ -1072,14 +1095,17 @@ impl Engine {
         }
         let bs = self.bs();
         let (b0, b1) = (offset / bs, (offset + len - 1) / bs);
-        self.lock_writers(b0, b1);
+        let held = self.lock_writers(b0, b1);
         let mode = self.mode();
         let r = match mode {
-            CacheMode::Writeback => self.cache_write(offset, len, src, b0, b1, true).map(|_| ()),
+            CacheMode::Writeback => self
+                .cache_write(offset, len, src, b0, b1, true, held)
+                .map(|_| ()),
             CacheMode::Writethrough => self
-                .cache_write(offset, len, src, b0, b1, false)
+                .cache_write(offset, len, src, b0, b1, false, held)
                 .and_then(|nbs| self.write_through(&nbs, fua)),
             CacheMode::Writearound | CacheMode::Passthrough => {
+                drop(held);
                 self.origin_write(offset, len, src, fua, b0, b1)
             }
         };
@@ -1088,8 +1114,8 @@ impl Engine {
             self.unlock_writers(b0, b1);
         }
         if r.is_ok() {
-            Counters::add(&self.counters.writes, 1);
-            Counters::add(&self.counters.write_bytes, len);
+            self.counters.add(Ctr::Writes, 1);
+            self.counters.add(Ctr::WriteBytes, len);
         }
         r
     }
@@ -1109,6 +1135,9 @@ impl Engine {
     /// read-modify-write) waits for earlier `clwb`s and streaming stores to
     /// complete, so all of them happen before the persistence stores start,
     /// and the stretch from the first streaming store to the fence has none.
+    /// `held` is the lock of the request's only shard, if [`lock_writers`]
+    /// kept it.
+    #[allow(clippy::too_many_arguments)]
     fn cache_write(
         &self,
         offset: u64,
@@ -1117,6 +1146,7 @@ impl Engine {
         b0: u64,
         b1: u64,
         release: bool,
+        mut held: Option<MutexGuard<'_, ShardIndex>>,
     ) -> Result<Blocks> {
         let bs = self.bs();
         let end = offset + len;
@@ -1144,10 +1174,26 @@ impl Engine {
         //    reclaim batch that rides on this request's fence where a shard
         //    runs low.
         let mut batches = Batches::new();
+        let mut early: SmallVec<[Option<(u32, u64)>; 4]> = SmallVec::new();
         let mut got = 0;
         for &sh in &ids {
             let need = nbs.iter().filter(|n| n.shard == sh).count();
-            let slots = match self.alloc(sh, need, true, Some((count, &mut batches))) {
+            let piggy = Some((count, &mut batches));
+            let r = match held.take() {
+                Some(ix) => {
+                    // Load the seqs of the entries this request replaces
+                    // now: media reads (cache misses) that the copy below
+                    // overlaps, instead of stalls at publish.
+                    let first = self.firsts[sh];
+                    early.extend(
+                        nbs.iter()
+                            .map(|nb| ix.lookup(nb.block).map(|s| (s, self.slot_seq(first, s)))),
+                    );
+                    self.alloc_locked(sh, ix, need, true, piggy)
+                }
+                None => self.alloc(sh, need, true, piggy),
+            };
+            let slots = match r {
                 Ok(s) => s.expect("waiting alloc returns slots"),
                 Err(e) => {
                     self.release_slots(&nbs[..got]);
@@ -1256,11 +1302,17 @@ impl Engine {
         // 6. Publish all blocks at once; retire the versions they replace.
         let mut g = self.lock_all(&ids);
         let (mut hits, mut misses) = (0, 0);
-        for nb in &nbs {
+        for (i, nb) in nbs.iter().enumerate() {
             let pos = Self::guard_pos(&ids, nb.shard);
             let ix = &mut g[pos];
             if let Some(old) = ix.lookup(nb.block) {
-                let old_seq = self.slot_seq(first_of(nb.shard), old);
+                // The writer lock kept the block's entry in place since step
+                // 1 unless it was evicted; a slot that holds it again is a
+                // new incarnation, so compare seqs only for the same slot.
+                let old_seq = match early.get(i) {
+                    Some(&Some((s, q))) if s == old => q,
+                    _ => self.slot_seq(first_of(nb.shard), old),
+                };
                 ix.remove(old);
                 self.retire(ix, old, old_seq);
                 hits += 1;
@@ -1285,9 +1337,9 @@ impl Engine {
         for &sh in &ids {
             self.shards[sh].cv.notify_all();
         }
-        Counters::add(&self.counters.write_fences, 1);
-        Counters::add(&self.counters.write_hits, hits);
-        Counters::add(&self.counters.write_misses, misses);
+        self.counters.add(Ctr::WriteFences, 1);
+        self.counters.add(Ctr::WriteHits, hits);
+        self.counters.add(Ctr::WriteMisses, misses);
         // No kick here: waking the writeback thread for every write costs a
         // context switch per request. It polls, and writers short of space
         // kick it.
@@ -1361,7 +1413,7 @@ impl Engine {
                     .update_lock(nb.block, |l| l.origin_readers -= 1);
                 sh.cv.notify_all();
                 r.map_err(|source| {
-                    Counters::add(&self.counters.origin_errors, 1);
+                    self.counters.add(Ctr::OriginErrors, 1);
                     EngineError::Origin {
                         offset: start,
                         source,
@@ -1386,7 +1438,7 @@ impl Engine {
         let r = self.write_blocks_to_origin(nbs).and_then(|()| {
             if fua {
                 self.origin.flush().map_err(|source| {
-                    Counters::add(&self.counters.origin_errors, 1);
+                    self.counters.add(Ctr::OriginErrors, 1);
                     EngineError::Origin {
                         offset: b0 * self.bs(),
                         source,
@@ -1425,7 +1477,7 @@ impl Engine {
             let n = (self.size - off).min(bs);
             if nb.zero {
                 self.origin.write_zeroes(off, n, false).map_err(|source| {
-                    Counters::add(&self.counters.origin_errors, 1);
+                    self.counters.add(Ctr::OriginErrors, 1);
                     EngineError::Origin {
                         offset: off,
                         source,
@@ -1441,7 +1493,7 @@ impl Engine {
             }
         }
         self.origin.write_many(&pieces).map_err(|source| {
-            Counters::add(&self.counters.origin_errors, 1);
+            self.counters.add(Ctr::OriginErrors, 1);
             EngineError::Origin {
                 offset: pieces.first().map_or(0, |p| p.0),
                 source,
@@ -1460,8 +1512,8 @@ impl Engine {
                 let seq = self.slot_seq(first, nb.slot);
                 self.store_state(first, nb.slot, state_word(seq, STATE_CLEAN));
                 ix.mark_clean(nb.slot);
-                Counters::add(&self.counters.writebacks, 1);
-                Counters::add(&self.counters.writeback_bytes, self.bs());
+                self.counters.add(Ctr::Writebacks, 1);
+                self.counters.add(Ctr::WritebackBytes, self.bs());
             }
         }
     }
@@ -1487,7 +1539,7 @@ impl Engine {
             })
         };
         if any_dirty {
-            let nbs = self.cache_write(offset, len, src, b0, b1, false)?;
+            let nbs = self.cache_write(offset, len, src, b0, b1, false, None)?;
             return self.write_through(&nbs, fua);
         }
         // The payload has to exist before the origin sees any of it; it is
@@ -1507,7 +1559,7 @@ impl Engine {
         };
         self.unlock_origin_writers(b0..=b1);
         r.map_err(|source| {
-            Counters::add(&self.counters.origin_errors, 1);
+            self.counters.add(Ctr::OriginErrors, 1);
             EngineError::Origin { offset, source }
         })
     }
@@ -1590,7 +1642,6 @@ impl Engine {
     // ----- statistics -----------------------------------------------------
 
     pub fn stats(&self) -> StatsSnapshot {
-        use std::sync::atomic::Ordering::Relaxed;
         let c = &self.counters;
         let (mut occupied, mut dirty, mut free) = (0u64, 0u64, 0u64);
         for sh in self.shards.iter() {
@@ -1608,20 +1659,20 @@ impl Engine {
             dirty,
             clean: occupied - dirty,
             free,
-            read_hits: c.read_hits.load(Relaxed),
-            read_misses: c.read_misses.load(Relaxed),
-            write_hits: c.write_hits.load(Relaxed),
-            write_misses: c.write_misses.load(Relaxed),
-            promotions: c.promotions.load(Relaxed),
-            evictions: c.evictions.load(Relaxed),
-            writebacks: c.writebacks.load(Relaxed),
-            writeback_bytes: c.writeback_bytes.load(Relaxed),
-            origin_errors: c.origin_errors.load(Relaxed),
-            writes: c.writes.load(Relaxed),
-            write_fences: c.write_fences.load(Relaxed),
-            read_bytes: c.read_bytes.load(Relaxed),
-            write_bytes: c.write_bytes.load(Relaxed),
-            waits_for_space: c.waits_for_space.load(Relaxed),
+            read_hits: c.get(Ctr::ReadHits),
+            read_misses: c.get(Ctr::ReadMisses),
+            write_hits: c.get(Ctr::WriteHits),
+            write_misses: c.get(Ctr::WriteMisses),
+            promotions: c.get(Ctr::Promotions),
+            evictions: c.get(Ctr::Evictions),
+            writebacks: c.get(Ctr::Writebacks),
+            writeback_bytes: c.get(Ctr::WritebackBytes),
+            origin_errors: c.get(Ctr::OriginErrors),
+            writes: c.get(Ctr::Writes),
+            write_fences: c.get(Ctr::WriteFences),
+            read_bytes: c.get(Ctr::ReadBytes),
+            write_bytes: c.get(Ctr::WriteBytes),
+            waits_for_space: c.get(Ctr::WaitsForSpace),
             fences: self.region.fences(),
             watermark: self.seq.durable(),
         }

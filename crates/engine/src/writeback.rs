@@ -68,7 +68,7 @@ impl Engine {
         batch.sort_by_key(|nb| nb.block);
         let r = self.write_blocks_to_origin(&batch).and_then(|()| {
             self.origin.flush().map_err(|source| {
-                crate::stats::Counters::add(&self.counters.origin_errors, 1);
+                self.counters.add(crate::stats::Ctr::OriginErrors, 1);
                 EngineError::Origin {
                     offset: batch[0].block * self.bs(),
                     source,
