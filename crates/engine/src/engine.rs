@@ -164,7 +164,7 @@ impl Engine {
     ) -> Result<Engine> {
         let layout = sb.layout;
         let bs = layout.block_size;
-        if cfg.max_request < bs || cfg.max_request % bs != 0 {
+        if cfg.max_request < bs || !cfg.max_request.is_multiple_of(bs) {
             return Err(EngineError::Config(format!(
                 "maximum request {} must be a multiple of the block size {bs}",
                 cfg.max_request
@@ -1256,13 +1256,14 @@ impl Engine {
                 _ if nb.zero => 0,
                 Src::Buf(buf) => {
                     let part = &buf[pos..pos + n];
-                    // SAFETY: unpublished slot owned by this request.
-                    unsafe { self.region.copy_flush(off + nb.lo as usize, part) };
                     if partial {
+                        // SAFETY: unpublished slot owned by this request.
+                        unsafe { self.region.copy_flush(off + nb.lo as usize, part) };
                         // SAFETY: as above; read only.
                         data_hash(unsafe { self.region.slice(off, bs as usize) })
                     } else {
-                        data_hash(part)
+                        // SAFETY: unpublished slot owned by this request.
+                        unsafe { self.region.copy_flush_hash(off, part) }
                     }
                 }
                 Src::Zero => {

@@ -40,8 +40,6 @@
 //! 4. Per block, seq order is commit order (writers of a block are
 //!    serialized while they take a seq), so recovery keeps the highest seq.
 
-use xxhash_rust::xxh3::xxh3_64;
-
 /// Superblock magic.
 pub const MAGIC: [u8; 8] = *b"PMCACHE\x01";
 /// On-media format version.
@@ -346,9 +344,9 @@ pub fn split_state(w: u64) -> (u64, u8) {
     (w & SEQ_MASK, (w >> 56) as u8)
 }
 
-/// Hash that detects a torn block.
+/// Hash that detects a torn block: XXH3-64, with the CPU's widest vectors.
 pub fn data_hash(data: &[u8]) -> u64 {
-    xxh3_64(data)
+    pmcache_pmem::hash::xxh3_64(data)
 }
 
 /// The watermark word: seq in the low 56 bits, crc8 of it in the top byte.

@@ -435,7 +435,13 @@ fn run_seed(v: Variant, seed: u64) -> u64 {
         },
         |img| {
             n += 1;
-            check_image(&ctx, img, n % 29 == 0, n % 97 == 0, &mut extra)
+            check_image(
+                &ctx,
+                img,
+                n.is_multiple_of(29),
+                n.is_multiple_of(97),
+                &mut extra,
+            )
         },
     );
     assert!(

@@ -455,7 +455,7 @@ impl Client {
 
     fn check_aligned(&self, what: &str, offset: u64, len: u64) -> io::Result<()> {
         let min = u64::from(self.inner.sizes.minimum);
-        if offset % min != 0 || len % min != 0 {
+        if !offset.is_multiple_of(min) || !len.is_multiple_of(min) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
@@ -476,7 +476,7 @@ impl Client {
         }
         self.check_range("read", offset, len)?;
         let min = u64::from(self.inner.sizes.minimum);
-        if offset % min != 0 || len % min != 0 {
+        if !offset.is_multiple_of(min) || !len.is_multiple_of(min) {
             let start = offset / min * min;
             let end = offset
                 .saturating_add(len)
@@ -500,7 +500,8 @@ impl Client {
         let min = u64::from(self.inner.sizes.minimum);
         let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         self.check_range("read", offset, total)?;
-        if offset % min != 0 || bufs.iter().any(|b| b.len() as u64 % min != 0) {
+        if !offset.is_multiple_of(min) || bufs.iter().any(|b| !(b.len() as u64).is_multiple_of(min))
+        {
             let mut off = offset;
             for b in bufs.iter_mut() {
                 self.read(b, off)?;

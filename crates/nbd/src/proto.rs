@@ -737,7 +737,7 @@ pub fn validate_block_sizes(bs: &BlockSizes) -> Result<(), ProtoError> {
     if !bs.preferred.is_power_of_two() || bs.preferred < bs.minimum {
         return Err(ProtoError::Invalid("preferred block size is invalid"));
     }
-    if bs.maximum < bs.minimum || bs.maximum % bs.minimum != 0 {
+    if bs.maximum < bs.minimum || !bs.maximum.is_multiple_of(bs.minimum) {
         return Err(ProtoError::Invalid(
             "maximum block size is not a multiple of the minimum",
         ));
@@ -1015,7 +1015,7 @@ pub fn encode_block_status(context_id: u32, extents: &[Extent]) -> Vec<u8> {
 pub fn parse_block_status(payload: &[u8]) -> Result<(u32, Vec<Extent>), ProtoError> {
     let mut r = WireReader::new(payload);
     let id = r.u32()?;
-    if r.remaining() == 0 || r.remaining() % 8 != 0 {
+    if r.remaining() == 0 || !r.remaining().is_multiple_of(8) {
         return Err(ProtoError::Invalid(
             "block status payload is not 4 + a positive multiple of 8 bytes",
         ));

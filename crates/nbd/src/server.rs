@@ -860,7 +860,7 @@ fn validate(shared: &Shared, conn: &Conn, req: &Request) -> Result<(), ReplyErro
     let min = u64::from(shared.sizes.minimum);
     if min > 1
         && matches!(cmd, CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES)
-        && (req.offset % min != 0 || u64::from(req.length) % min != 0)
+        && (!req.offset.is_multiple_of(min) || u64::from(req.length) % min != 0)
     {
         return Err(ReplyError::new(
             EINVAL,

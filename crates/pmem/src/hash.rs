@@ -7,9 +7,7 @@
 //! 240 bytes (XXH3's "long" path, where a 4 KiB block's time goes) use the
 //! widest vectors the CPU has, and everything else goes to xxhash-rust.
 //!
-//! AVX-512 needs the `avx512` cargo feature: its intrinsics are stable only
-//! from Rust 1.89 and the workspace's MSRV is 1.85. Measured on the
-//! development machine (Zen 5 class), a hot 4 KiB block hashes in ~50 ns
+//! Measured on the development machine (Zen 5 class), a hot 4 KiB block hashes in ~50 ns
 //! with it, ~73 ns with AVX2 and ~113 ns in xxhash-rust (SSE2); the fused
 //! streaming copy is bound by the copy either way.
 //!
@@ -73,9 +71,7 @@ static SECRET: Secret = Secret([
 /// Which implementation of the long path runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Variant {
-    /// 512-bit vectors: one register holds all eight accumulators (only
-    /// with the `avx512` feature).
-    #[cfg_attr(not(feature = "avx512"), allow(dead_code))]
+    /// 512-bit vectors: one register holds all eight accumulators.
     Avx512,
     /// 256-bit vectors.
     Avx2,
@@ -103,7 +99,7 @@ impl Variant {
     /// Whether this CPU can run `self`.
     pub(crate) fn available(self) -> bool {
         match self {
-            #[cfg(all(target_arch = "x86_64", feature = "avx512"))]
+            #[cfg(target_arch = "x86_64")]
             Variant::Avx512 => is_x86_feature_detected!("avx512f"),
             #[cfg(target_arch = "x86_64")]
             Variant::Avx2 => is_x86_feature_detected!("avx2"),
@@ -139,7 +135,7 @@ pub(crate) fn xxh3_64_with(v: Variant, data: &[u8]) -> u64 {
         // one stripe, as the long path needs; the null destination is never
         // written without COPY.
         match v {
-            #[cfg(all(target_arch = "x86_64", feature = "avx512"))]
+            #[cfg(target_arch = "x86_64")]
             Variant::Avx512 => {
                 return unsafe { x86::avx512::long::<false>(data, std::ptr::null_mut()) }
             }
@@ -180,7 +176,11 @@ pub unsafe fn copy_nt_hash(dst: *mut u8, src: &[u8]) -> Option<u64> {
 /// As [`copy_nt_hash`].
 pub(crate) unsafe fn copy_nt_hash_with(v: Variant, dst: *mut u8, src: &[u8]) -> Option<u64> {
     let len = src.len();
-    if len <= MID_SIZE_MAX || len % STRIPE != 0 || dst as usize % STRIPE != 0 || !v.available() {
+    if len <= MID_SIZE_MAX
+        || !len.is_multiple_of(STRIPE)
+        || !(dst as usize).is_multiple_of(STRIPE)
+        || !v.available()
+    {
         return None;
     }
     // SAFETY: the caller guarantees `dst` is writable for `len` bytes and
@@ -188,7 +188,7 @@ pub(crate) unsafe fn copy_nt_hash_with(v: Variant, dst: *mut u8, src: &[u8]) -> 
     // (checked above), as the streaming loops require; `v` runs on this CPU
     // (checked).
     match v {
-        #[cfg(all(target_arch = "x86_64", feature = "avx512"))]
+        #[cfg(target_arch = "x86_64")]
         Variant::Avx512 => Some(unsafe { x86::avx512::long::<true>(src, dst) }),
         #[cfg(target_arch = "x86_64")]
         Variant::Avx2 => Some(unsafe { x86::long_avx2::<true>(src, dst) }),
@@ -214,7 +214,7 @@ fn merge_accs(acc: &[u64; 8], len: usize) -> u64 {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    //! The long path in AVX2 and (with the feature) AVX-512. Both share one
+    //! The long path in AVX2 and AVX-512. Both share one
     //! loop ([`long`]) through the [`Lanes`] trait; `COPY` also streams each
     //! stripe to a destination from the registers it was loaded into.
     //!
@@ -255,7 +255,7 @@ mod x86 {
     #[inline(always)]
     unsafe fn long<L: Lanes, const COPY: bool>(src: &[u8], dst: *mut u8) -> u64 {
         let len = src.len();
-        debug_assert!(len > STRIPE && (!COPY || len % STRIPE == 0));
+        debug_assert!(len > STRIPE && (!COPY || len.is_multiple_of(STRIPE)));
         let p = src.as_ptr();
         let s = SECRET.0.as_ptr();
         // Whole blocks, then the stripes of the last block except the final
@@ -389,11 +389,7 @@ mod x86 {
         }
     }
 
-    /// The AVX-512 variant, behind the `avx512` feature: its intrinsics
-    /// need Rust 1.89, above the workspace MSRV (1.85), which clippy's
-    /// `incompatible_msrv` would otherwise (rightly) flag.
-    #[cfg(feature = "avx512")]
-    #[allow(clippy::incompatible_msrv)]
+    /// The AVX-512 variant (its intrinsics are stable from Rust 1.89).
     pub(super) mod avx512 {
         use super::{Lanes, INIT_ACC, PRIME32_1};
         use std::arch::x86_64::*;
@@ -514,7 +510,8 @@ mod tests {
                 let got = copy_nt_hash_with(v, base, data);
                 crate::flush::sfence();
                 let all = std::slice::from_raw_parts(base, total);
-                let fast = data.len() > 240 && data.len() % 64 == 0 && v != Variant::Portable;
+                let fast =
+                    data.len() > 240 && data.len().is_multiple_of(64) && v != Variant::Portable;
                 if fast {
                     assert_eq!(got, Some(want), "copy {v:?}, {what}, len {}", data.len());
                     assert_eq!(&all[..data.len()], data, "copy {v:?} bytes, {what}");
@@ -630,7 +627,7 @@ mod tests {
         assert!(v.available());
         assert_eq!(Variant::detect(), v, "cached");
         #[cfg(target_arch = "x86_64")]
-        if cfg!(feature = "avx512") && is_x86_feature_detected!("avx512f") {
+        if is_x86_feature_detected!("avx512f") {
             assert_eq!(v, Variant::Avx512);
         } else if is_x86_feature_detected!("avx2") {
             assert_eq!(v, Variant::Avx2);

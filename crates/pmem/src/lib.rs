@@ -141,7 +141,7 @@ pub trait PmemRegion: Send + Sync {
     /// The aligned 8-byte word at `off`, for failure-atomic metadata stores.
     fn word(&self, off: usize) -> &AtomicU64 {
         assert!(
-            off % 8 == 0 && off + 8 <= self.len(),
+            off.is_multiple_of(8) && off + 8 <= self.len(),
             "pmem word {off} misaligned or out of bounds"
         );
         // SAFETY: in bounds and 8-aligned (the mapping base is page-aligned);
