@@ -1013,13 +1013,19 @@ impl Engine {
         })
     }
 
+    /// Write a slot's whole entry line (the slot is free and owned by the
+    /// caller). Streaming stores: the line is never read first.
     pub(crate) fn write_entry(&self, first: u64, s: u32, e: &Entry, code: u8) {
-        let off = self.meta(first, s);
-        for (i, w) in e.encode().iter().enumerate() {
-            self.region.word(off + i * 8).store(*w, Ordering::Relaxed);
+        let mut words = [0u64; META_SIZE / 8];
+        words[..5].copy_from_slice(&e.encode());
+        words[W_STATE] = state_word(e.seq, code);
+        let mut line = [0u8; META_SIZE];
+        for (b, w) in line.chunks_exact_mut(8).zip(words) {
+            b.copy_from_slice(&w.to_ne_bytes());
         }
-        self.set_state(first, s, state_word(e.seq, code));
-        self.region.flush(off, META_SIZE);
+        // SAFETY: a free slot's entry belongs to the request that took the
+        // slot; no one reads it before it is published.
+        unsafe { self.region.copy_flush_nt(self.meta(first, s), &line) };
     }
 
     // ----- writes ---------------------------------------------------------

@@ -93,6 +93,18 @@ pub trait PmemRegion: Send + Sync {
     /// No other thread may access `[off, off + src.len())` concurrently.
     unsafe fn copy_flush(&self, off: usize, src: &[u8]);
 
+    /// [`copy_flush`](Self::copy_flush) with streaming stores at any size
+    /// where the mode has them. For a small record that fills whole lines
+    /// (a slot entry), this spares the read-for-ownership of a cold line,
+    /// which a temporal store and its flush would wait for.
+    ///
+    /// # Safety
+    /// As [`copy_flush`](Self::copy_flush).
+    unsafe fn copy_flush_nt(&self, off: usize, src: &[u8]) {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.copy_flush(off, src) }
+    }
+
     /// [`copy_flush`](Self::copy_flush), returning [`hash::xxh3_64`] of
     /// `src`. Regions with streaming stores override it to hash while
     /// copying, reading `src` once.

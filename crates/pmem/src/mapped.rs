@@ -449,6 +449,21 @@ impl PmemRegion for MappedRegion {
         }
     }
 
+    unsafe fn copy_flush_nt(&self, off: usize, src: &[u8]) {
+        match self.mode {
+            PersistMode::Dax(k) | PersistMode::AssumedPmem(k) => {
+                self.check_range(off, src.len());
+                self.writable();
+                // SAFETY: in bounds (checked); exclusivity is the caller's
+                // contract; `src` cannot overlap the range it must not
+                // concurrently access.
+                unsafe { flush::copy_nt(k, flush::NtIsa::detect(), self.base.add(off), src) }
+            }
+            // SAFETY: forwarded from the caller.
+            _ => unsafe { self.copy_flush(off, src) },
+        }
+    }
+
     unsafe fn copy_flush_hash(&self, off: usize, src: &[u8]) -> u64 {
         self.check_range(off, src.len());
         self.writable();
@@ -653,10 +668,11 @@ mod tests {
         assert_eq!(unsafe { r.slice(0, data.len()) }, &data[..]);
     }
 
-    /// Both persistence modes, streamed (fused) and not, aligned and not:
-    /// the bytes land and the hash is xxhash-rust's.
+    /// Both persistence modes, streamed (fused) and not, aligned and not,
+    /// through `copy_flush_hash` and `copy_flush_nt`: the bytes land exactly
+    /// and the hash is xxhash-rust's.
     #[test]
-    fn copy_flush_hash_copies_and_hashes() {
+    fn copy_flush_hash_and_nt_copy_exactly() {
         let src: Vec<u8> = (0..20_000u32).map(|i| (i * 31 + 7) as u8).collect();
         for assume_pmem in [true, false] {
             let path = PathBuf::from(format!(
@@ -667,16 +683,23 @@ mod tests {
             let opts = MapOptions::new().assume_pmem(assume_pmem);
             let r = MappedRegion::create(&path, 1 << 16, &opts).unwrap();
             let _ = std::fs::remove_file(&path);
-            for &off in &[0usize, 8, 64, 4096] {
-                for &len in &[0usize, 100, 241, 2047, 2048, 4096, 4160, 8000, 16384] {
+            let cases = [0usize, 8, 64, 4096]
+                .into_iter()
+                .flat_map(|off| [(off, false), (off, true)]);
+            for (off, nt) in cases {
+                for &len in &[0usize, 64, 100, 241, 2047, 2048, 4096, 4160, 8000, 16384] {
                     let data = &src[len % 7..len % 7 + len];
                     // SAFETY: in bounds; this thread is the only user.
                     unsafe {
                         r.zero_flush(0, r.len());
                         r.fence();
-                        let h = r.copy_flush_hash(off, data);
+                        if nt {
+                            r.copy_flush_nt(off, data);
+                        } else {
+                            let h = r.copy_flush_hash(off, data);
+                            assert_eq!(h, xxhash_rust::xxh3::xxh3_64(data), "off {off} len {len}");
+                        }
                         r.fence();
-                        assert_eq!(h, xxhash_rust::xxh3::xxh3_64(data), "off {off} len {len}");
                         assert_eq!(r.slice(off, len), data, "off {off} len {len}");
                         assert!(r.slice(0, off).iter().all(|&b| b == 0));
                         assert!(r
