@@ -234,6 +234,26 @@ fn section_profile(what: &str, ops: usize) {
             b.0.copy_from_slice(unsafe { region.slice(off, BS) });
             black_box(&*b);
         }),
+        // The persistence floor of a write: what a slot's data and entry
+        // cost with no engine around them (fused copy + hash, a streaming
+        // 64-byte entry, one fence), into random free slots.
+        "rawwrite" => {
+            let layout = engine.layout();
+            let free0 = ws_blocks as usize + 1;
+            run_threads(1, ops, |rng, b| {
+                b.0[..8].copy_from_slice(&rng.next_u64().to_le_bytes());
+                let s = free0 + rng.below(slots - free0 as u64) as usize;
+                // SAFETY: slots past the working set are free and unused by
+                // the engine meanwhile; only this thread writes them.
+                unsafe {
+                    let h = region.copy_flush_hash(data0 + s * BS, &b.0);
+                    let mut line = [0u8; 64];
+                    line[..8].copy_from_slice(&h.to_le_bytes());
+                    region.copy_flush_nt(layout.meta_off(s as u64), &line);
+                }
+                region.fence();
+            })
+        }
         "write" => run_threads(1, ops, |rng, b| {
             b.0[..8].copy_from_slice(&rng.next_u64().to_le_bytes());
             engine
