@@ -913,7 +913,8 @@ fn transmission(shared: &Arc<Shared>, stream: Arc<Stream>, neg: Negotiated, id: 
                 }
                 Ok(Some(n)) => have = n,
                 Ok(None) => match poll_readable(conn.stream.as_raw_fd(), wake, None) {
-                    Ok(Readiness::Ready) => continue,
+                    // Readable: the blocking read below takes the header.
+                    Ok(Readiness::Ready) => {}
                     Ok(_) => break, // shutting down: stop reading requests
                     Err(e) => {
                         warn!("nbd[{id}]: poll failed: {e}");
@@ -927,7 +928,7 @@ fn transmission(shared: &Arc<Shared>, stream: Arc<Stream>, neg: Negotiated, id: 
             }
         }
         if let Err(e) = conn.stream.read_exact(&mut hb[have..]) {
-            debug!("nbd[{id}]: truncated request header: {e}");
+            debug!("nbd[{id}]: connection ended before a whole request header: {e}");
             break;
         }
         have = 0;
