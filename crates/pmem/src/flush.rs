@@ -457,9 +457,16 @@ unsafe fn plain_lines(dst: *mut u8, src: Option<*const u8>, lines: usize) {
 mod tests {
     use super::*;
 
+    /// One cache line, aligned as one.
+    #[derive(Clone, Copy)]
+    #[repr(C, align(64))]
+    struct Line([u8; 64]);
+
     /// A 64-aligned buffer, so tests control the misalignment exactly.
-    fn aligned(len: usize) -> Vec<[u8; 64]> {
-        vec![[0u8; 64]; len.div_ceil(64) + 2]
+    fn aligned(len: usize) -> Vec<Line> {
+        let v = vec![Line([0u8; 64]); len.div_ceil(64) + 2];
+        assert_eq!(v.as_ptr() as usize % 64, 0);
+        v
     }
 
     #[test]
