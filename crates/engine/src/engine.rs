@@ -465,21 +465,18 @@ impl Engine {
         // Retired slots count towards what is wanted: evict only the rest.
         let victims = victims.saturating_sub(out.iter().filter(|o| o.2).count());
         if victims > 0 {
-            // Entries the watermark may not cover stay (format rule 2).
-            ix.prune_recent(durable);
-            let young: SmallVec<[u32; 8]> = ix.recent_slots().collect();
             let keys = ix.pick_victims(victims, |s, k| {
                 k & K_VALID != 0
                     && k & (K_DIRTY | K_WB) == 0
                     && key_pins(k) == 0
-                    && !young.contains(&s)
+                    && self.slot_seq(first, s) <= durable
                     && blocked.binary_search(&(k & BLOCK_MASK)).is_err()
             });
             for s in keys {
+                let seq = self.slot_seq(first, s);
                 ix.remove(s);
                 self.set_state(first, s, STATE_FREE);
-                // Covered by the watermark: no seq to wait for.
-                out.push((s, 0, true));
+                out.push((s, seq, true));
                 self.counters.add(Ctr::Evictions, 1);
             }
         }
@@ -957,10 +954,8 @@ impl Engine {
             }
         }
         let count = keep.iter().filter(|&&k| k).count() as u32;
-        let mut seq = 0;
         if count > 0 {
             let t = self.seq.begin();
-            seq = t.seq;
             for (i, nb) in filled.iter().enumerate() {
                 if keep[i] {
                     let data_off = self.data(firsts[i], nb.slot);
@@ -987,7 +982,6 @@ impl Engine {
             let ix = &mut g[Self::guard_pos(&ids, nb.shard)];
             if keep[i] {
                 ix.insert(nb.slot, nb.block, 0);
-                ix.note_recent(nb.slot, seq);
                 ix.policy.insert(nb.slot);
                 ix.update_lock(nb.block, |l| l.writer = false);
                 self.counters.add(Ctr::Promotions, 1);
@@ -1186,12 +1180,23 @@ impl Engine {
         //    reclaim batch that rides on this request's fence where a shard
         //    runs low.
         let mut batches = Batches::new();
+        let mut early: SmallVec<[Option<(u32, u64)>; 4]> = SmallVec::new();
         let mut got = 0;
         for &sh in &ids {
             let need = nbs.iter().filter(|n| n.shard == sh).count();
             let piggy = Some((count, &mut batches));
             let r = match held.take() {
-                Some(ix) => self.alloc_locked(sh, ix, need, true, piggy),
+                Some(ix) => {
+                    // Load the seqs of the entries this request replaces
+                    // now: media reads (cache misses) that the copy below
+                    // overlaps, instead of stalls at publish.
+                    let first = self.firsts[sh];
+                    early.extend(
+                        nbs.iter()
+                            .map(|nb| ix.lookup(nb.block).map(|s| (s, self.slot_seq(first, s)))),
+                    );
+                    self.alloc_locked(sh, ix, need, true, piggy)
+                }
                 None => self.alloc(sh, need, true, piggy),
             };
             let slots = match r {
@@ -1299,21 +1304,22 @@ impl Engine {
             self.region.flush(WATERMARK_OFF, 8);
         }
         self.region.fence();
-        let seq = t.seq;
         self.seq.end(t, staged);
 
         // 6. Publish all blocks at once; retire the versions they replace.
         let mut g = self.lock_all(&ids);
         let (mut hits, mut misses) = (0, 0);
-        let durable = self.seq.durable();
-        for &sh in &ids {
-            g[Self::guard_pos(&ids, sh)].prune_recent(durable);
-        }
-        for nb in &nbs {
+        for (i, nb) in nbs.iter().enumerate() {
             let pos = Self::guard_pos(&ids, nb.shard);
             let ix = &mut g[pos];
             if let Some(old) = ix.lookup(nb.block) {
-                let old_seq = ix.pending_seq(old);
+                // The writer lock kept the block's entry in place since step
+                // 1 unless it was evicted; a slot that holds it again is a
+                // new incarnation, so compare seqs only for the same slot.
+                let old_seq = match early.get(i) {
+                    Some(&Some((s, q))) if s == old => q,
+                    _ => self.slot_seq(first_of(nb.shard), old),
+                };
                 ix.remove(old);
                 self.retire(ix, old, old_seq);
                 hits += 1;
@@ -1325,7 +1331,6 @@ impl Engine {
                 nb.block,
                 K_DIRTY | if nb.zero { K_ZERO } else { 0 },
             );
-            ix.note_recent(nb.slot, seq);
             if release {
                 ix.unpin(nb.slot);
                 ix.update_lock(nb.block, |l| l.writer = false);
@@ -1580,8 +1585,8 @@ impl Engine {
                 let pos = Self::guard_pos(&ids, self.shard_of(b));
                 let ix = &mut g[pos];
                 if let Some(s) = ix.lookup(b) {
-                    ix.prune_recent(self.seq.durable());
-                    let seq = ix.pending_seq(s);
+                    let first = ix.first_slot;
+                    let seq = self.slot_seq(first, s);
                     ix.remove(s);
                     self.retire(ix, s, seq);
                     any = true;

@@ -102,10 +102,6 @@ pub struct ShardIndex {
     pub free_len: u32,
     /// Superseded or dropped slots on their way to the free list.
     pub retiring: Vec<Retired>,
-    /// `(slot, seq)` of the indexed entries the watermark may not cover
-    /// yet: a few, not one per block. Every other entry's seq is at most
-    /// the watermark, so retiring it needs no read of its seq from media.
-    recent: Vec<(u32, u64)>,
     /// A reclaim batch is between its FREE stores and its fence.
     pub reclaiming: bool,
     pub locks: BlockMap<BlockLock>,
@@ -133,7 +129,6 @@ impl ShardIndex {
             free_head: NIL,
             free_len: 0,
             retiring: Vec::new(),
-            recent: Vec::new(),
             reclaiming: false,
             locks: BlockMap::default(),
             dirty: 0,
@@ -190,31 +185,7 @@ impl ShardIndex {
     }
 
     /// Unpublish `s` (it stays pinned if it was).
-    /// Slot `s` was just given an entry of `seq`, newer than the watermark.
-    pub fn note_recent(&mut self, s: u32, seq: u64) {
-        self.recent.push((s, seq));
-    }
-
-    /// Forget the recent entries the watermark `durable` now covers.
-    pub fn prune_recent(&mut self, durable: u64) {
-        self.recent.retain(|r| r.1 > durable);
-    }
-
-    /// The seq of indexed slot `s`'s entry if the watermark may not cover
-    /// it yet (call [`prune_recent`](Self::prune_recent) first), else 0.
-    pub fn pending_seq(&self, s: u32) -> u64 {
-        self.recent.iter().find(|r| r.0 == s).map_or(0, |r| r.1)
-    }
-
-    /// Slots whose entries the watermark may not cover yet.
-    pub fn recent_slots(&self) -> impl Iterator<Item = u32> + '_ {
-        self.recent.iter().map(|r| r.0)
-    }
-
     pub fn remove(&mut self, s: u32) {
-        if !self.recent.is_empty() {
-            self.recent.retain(|r| r.0 != s);
-        }
         let k = self.keys[s as usize];
         debug_assert!(k & K_VALID != 0);
         let b = self.bucket(k & BLOCK_MASK);
@@ -319,28 +290,6 @@ impl ShardIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn recent_entries_until_the_watermark_covers_them() {
-        let mut ix = ShardIndex::new(0, 8);
-        for s in 0..8 {
-            ix.push_free(s);
-        }
-        let (a, b) = (ix.pop_free().unwrap(), ix.pop_free().unwrap());
-        ix.insert(a, 10, K_DIRTY);
-        ix.note_recent(a, 5);
-        ix.insert(b, 11, K_DIRTY);
-        ix.note_recent(b, 7);
-        ix.prune_recent(4);
-        assert_eq!((ix.pending_seq(a), ix.pending_seq(b)), (5, 7));
-        ix.prune_recent(5);
-        assert_eq!((ix.pending_seq(a), ix.pending_seq(b)), (0, 7));
-        assert_eq!(ix.recent_slots().collect::<Vec<_>>(), [b]);
-        // A slot leaving the index is forgotten, so its next entry starts afresh.
-        ix.remove(b);
-        assert_eq!(ix.pending_seq(b), 0);
-        assert_eq!(ix.recent_slots().count(), 0);
-    }
 
     #[test]
     fn index_insert_lookup_remove_free() {
