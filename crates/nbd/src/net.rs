@@ -102,30 +102,12 @@ impl Stream {
         Ok(())
     }
 
-    /// Fill every slice completely, in order, with `readv` (straight from
-    /// the socket into the caller's memory; no intermediate buffer).
-    pub fn read_exact_vectored(&self, mut bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
-        let total: usize = bufs.iter().map(|b| b.len()).sum();
-        let mut done = 0;
-        IoSliceMut::advance_slices(&mut bufs, 0);
-        while !bufs.is_empty() {
-            match self.read_vectored(bufs) {
-                Ok(0) => return Err(eof(done, total)),
-                Ok(n) => {
-                    done += n;
-                    IoSliceMut::advance_slices(&mut bufs, n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    }
-
-    /// Fill every slice of `bufs` completely, and in the same `readv` take
-    /// up to `extra.len()` more bytes if they have already arrived (the next
-    /// request's header), without waiting for them. Returns how many extra
-    /// bytes were read. Saves a system call per pipelined WRITE.
+    /// Fill every slice of `bufs` completely with `readv` (straight from the
+    /// socket into the caller's memory; no intermediate buffer), and in the
+    /// same `readv` take up to `extra.len()` more bytes if they have already
+    /// arrived (the next request's header), without waiting for them.
+    /// Returns how many extra bytes were read. Saves a system call per
+    /// pipelined WRITE.
     pub fn read_exact_vectored_then(
         &self,
         bufs: &mut [IoSliceMut<'_>],
