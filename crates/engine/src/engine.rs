@@ -1188,8 +1188,9 @@ impl Engine {
             let r = match held.take() {
                 Some(ix) => {
                     // Load the seqs of the entries this request replaces
-                    // now: media reads (cache misses) that the copy below
-                    // overlaps, instead of stalls at publish.
+                    // now, before any streaming store: a miss here does not
+                    // sit behind the fence at publish. (Profiles show it
+                    // still stalls; the copy does not hide it.)
                     let first = self.firsts[sh];
                     early.extend(
                         nbs.iter()
