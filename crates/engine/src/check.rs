@@ -1,7 +1,6 @@
 //! Offline inspection: `check` (a cache_check for our format) and `dump`.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 
 use pmcache_pmem::PmemRegion;
 
@@ -84,13 +83,13 @@ pub fn check(
         }
     }
     let layout = sb.layout;
-    let wm = region.word(WATERMARK_OFF).load(Ordering::SeqCst);
-    let Some(s) = decode_watermark(wm) else {
-        r.errors.push(format!(
-            "watermark word at offset {WATERMARK_OFF} fails its checksum ({wm:#018x})"
-        ));
-        r.superblock = Some(sb);
-        return r;
+    let s = match read_watermark(region) {
+        Ok(s) => s,
+        Err(e) => {
+            r.errors.push(e);
+            r.superblock = Some(sb);
+            return r;
+        }
     };
     r.watermark = Some(s);
     let origin_blocks = sb.origin_size.div_ceil(layout.block_size as u64);
@@ -169,12 +168,7 @@ pub fn check(
 pub fn dump(region: &dyn PmemRegion) -> crate::Result<Dump> {
     let (sb, copy) = read_superblock(region)?;
     let layout = sb.layout;
-    let wm = region.word(WATERMARK_OFF).load(Ordering::SeqCst);
-    let s = decode_watermark(wm).ok_or_else(|| {
-        crate::EngineError::Corrupt(format!(
-            "watermark word at offset {WATERMARK_OFF} fails its checksum"
-        ))
-    })?;
+    let s = read_watermark(region).map_err(crate::EngineError::Corrupt)?;
     let mut mappings = Vec::new();
     for slot in 0..layout.slot_count {
         if let SlotView::Live { entry: e, dirty } = view_slot(region, &layout, slot, s) {

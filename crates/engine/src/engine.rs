@@ -519,7 +519,7 @@ impl Engine {
         }
         let batch = self.prepare_reclaim(ix, victims);
         if batch.is_empty() {
-            return false;
+            return self.raise_watermark(ix);
         }
         ix.reclaiming = true;
         let first = ix.first_slot;
@@ -533,6 +533,30 @@ impl Engine {
         self.complete_reclaim(ix, batch);
         self.shards[shard].cv.notify_all();
         true
+    }
+
+    /// A fence that only raises S, when retiring slots wait for S and S can
+    /// rise. Writers retire slots under their own seq, which only a later
+    /// fence covers; with no later writer, a waiting allocator must issue
+    /// that fence itself. `ix` is re-locked on return. True if S rose.
+    fn raise_watermark(&self, ix: &mut MutexGuard<'_, ShardIndex>) -> bool {
+        let durable = self.seq.durable();
+        let waiting = ix
+            .retiring
+            .iter()
+            .any(|r| r.state == RState::Live && r.seq > durable);
+        if !waiting {
+            return false;
+        }
+        let staged = MutexGuard::unlocked(ix, || {
+            let staged = self.seq.stage_watermark(&*self.region);
+            if staged > 0 {
+                self.region.fence();
+                self.seq.end_staged(staged);
+            }
+            staged
+        });
+        staged > 0
     }
 
     /// Take `need` free slots from a shard, pinned, reclaiming or waiting
@@ -1180,24 +1204,12 @@ impl Engine {
         //    reclaim batch that rides on this request's fence where a shard
         //    runs low.
         let mut batches = Batches::new();
-        let mut early: SmallVec<[Option<(u32, u64)>; 4]> = SmallVec::new();
         let mut got = 0;
         for &sh in &ids {
             let need = nbs.iter().filter(|n| n.shard == sh).count();
             let piggy = Some((count, &mut batches));
             let r = match held.take() {
-                Some(ix) => {
-                    // Load the seqs of the entries this request replaces
-                    // now, before any streaming store: a miss here does not
-                    // sit behind the fence at publish. (Profiles show it
-                    // still stalls; the copy does not hide it.)
-                    let first = self.firsts[sh];
-                    early.extend(
-                        nbs.iter()
-                            .map(|nb| ix.lookup(nb.block).map(|s| (s, self.slot_seq(first, s)))),
-                    );
-                    self.alloc_locked(sh, ix, need, true, piggy)
-                }
+                Some(ix) => self.alloc_locked(sh, ix, need, true, piggy),
                 None => self.alloc(sh, need, true, piggy),
             };
             let slots = match r {
@@ -1248,9 +1260,11 @@ impl Engine {
             }
         }
 
-        // 4. The last locked instructions: the seq and the watermark.
+        // 4. The last locked instructions (taking the seq); S goes into this
+        //    writer's own watermark line with the persistence stores.
         let t = self.seq.begin();
-        let staged = self.seq.stage_watermark_deferred(&*self.region);
+        let seq = t.seq;
+        let staged = self.seq.stage_watermark_own(&t, &*self.region);
 
         // 5. Persistence stores: data, entries, reclaim FREEs, then flushes.
         let mut pos = 0usize;
@@ -1301,28 +1315,21 @@ impl Engine {
         for (sh, b) in &batches {
             self.flush_reclaim(first_of(*sh), b);
         }
-        if staged > 0 {
-            self.region.flush(WATERMARK_OFF, 8);
-        }
         self.region.fence();
         self.seq.end(t, staged);
 
         // 6. Publish all blocks at once; retire the versions they replace.
         let mut g = self.lock_all(&ids);
         let (mut hits, mut misses) = (0, 0);
-        for (i, nb) in nbs.iter().enumerate() {
+        for nb in &nbs {
             let pos = Self::guard_pos(&ids, nb.shard);
             let ix = &mut g[pos];
             if let Some(old) = ix.lookup(nb.block) {
-                // The writer lock kept the block's entry in place since step
-                // 1 unless it was evicted; a slot that holds it again is a
-                // new incarnation, so compare seqs only for the same slot.
-                let old_seq = match early.get(i) {
-                    Some(&Some((s, q))) if s == old => q,
-                    _ => self.slot_seq(first_of(nb.shard), old),
-                };
+                // Retire under this transaction's seq rather than the old
+                // version's: it is larger, so the FREE store waits at least
+                // as long as rule 2 asks, and no cold entry line is read.
                 ix.remove(old);
-                self.retire(ix, old, old_seq);
+                self.retire(ix, old, seq);
                 hits += 1;
             } else {
                 misses += 1;
@@ -1611,18 +1618,7 @@ impl Engine {
                 return Ok(());
             }
             if !ix.reclaiming {
-                let durable = self.seq.durable();
-                if ix
-                    .retiring
-                    .iter()
-                    .any(|r| r.state == RState::Live && r.seq > durable)
-                {
-                    // Raise the watermark over the completed transactions.
-                    MutexGuard::unlocked(&mut ix, || {
-                        let staged = self.seq.stage_watermark(&*self.region);
-                        self.region.fence();
-                        self.seq.end_staged(staged);
-                    });
+                if self.raise_watermark(&mut ix) {
                     continue;
                 }
                 if self.reclaim_now(sh, &mut ix, 0) {

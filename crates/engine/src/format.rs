@@ -3,7 +3,7 @@
 //! ```text
 //! offset 0       superblock copy A (4 KiB)   } updated alternately, highest valid
 //! offset 4096    superblock copy B (4 KiB)   } generation wins
-//! offset 8192    watermark word S (8 bytes, own 4 KiB page)
+//! offset 8192    watermark page: 64 lines, S is the largest valid word
 //! offset 12288   slot metadata: one 64-byte line per slot
 //! data_offset    slot data: slot_count × block_size, aligned to max(block, 4 KiB)
 //! ```
@@ -27,7 +27,10 @@
 //! and only entries above S are checked — by data hash, and for multi-block
 //! transactions by finding all `count` entries. S advances by piggybacking
 //! on the commit fences (see `txn.rs`), so the check touches a handful of
-//! slots, never the whole cache.
+//! slots, never the whole cache. Line 0 of the watermark page is raised by
+//! compare-and-swap; lines 1..64 belong one each to the writers in flight,
+//! which store S with a streaming store (no read, no flush of a shared
+//! line) and never lower their own line. Unused lines are zero.
 //!
 //! **Rules that keep the promises** (enforced by the engine):
 //! 1. A slot enters the free list only with a durable FREE state word, so a
@@ -40,14 +43,18 @@
 //! 4. Per block, seq order is commit order (writers of a block are
 //!    serialized while they take a seq), so recovery keeps the highest seq.
 
+use pmcache_pmem::PmemRegion;
+
 /// Superblock magic.
 pub const MAGIC: [u8; 8] = *b"PMCACHE\x01";
 /// On-media format version.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Size of one superblock copy.
 pub const SB_SIZE: usize = 4096;
-/// Offset of the watermark word.
+/// Offset of the watermark page; line 0's first word is the shared word.
 pub const WATERMARK_OFF: usize = 2 * SB_SIZE;
+/// Lines in the watermark page.
+pub const WM_LINES: usize = SB_SIZE / 64;
 /// Offset of slot metadata.
 pub const META_OFF: usize = 3 * SB_SIZE;
 /// Bytes of metadata per slot (one cache line).
@@ -360,6 +367,33 @@ pub fn decode_watermark(w: u64) -> Option<u64> {
     (encode_watermark(s) == w).then_some(s)
 }
 
+/// Offset of watermark line `i`.
+pub fn wm_line_off(i: usize) -> usize {
+    WATERMARK_OFF + i * 64
+}
+
+/// S: the largest valid word of the watermark page. Line 0 must be valid;
+/// other lines are zero or valid.
+pub fn read_watermark(region: &dyn PmemRegion) -> Result<u64, String> {
+    let mut s = None;
+    for i in 0..WM_LINES {
+        let w = region
+            .word(wm_line_off(i))
+            .load(std::sync::atomic::Ordering::SeqCst);
+        match decode_watermark(w) {
+            Some(v) => s = Some(s.unwrap_or(0).max(v)),
+            None if w == 0 && i > 0 => {}
+            None => {
+                return Err(format!(
+                    "watermark word at offset {} fails its checksum ({w:#018x})",
+                    wm_line_off(i)
+                ))
+            }
+        }
+    }
+    s.ok_or_else(|| "no watermark".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -397,6 +431,24 @@ mod tests {
         }
         assert!(Layout::compute(4096, 4096).is_err());
         assert!(Layout::compute(1 << 20, 1000).is_err());
+    }
+
+    #[test]
+    fn watermark_is_the_largest_valid_line() {
+        let r = pmcache_pmem::SimRegion::new(3 * SB_SIZE);
+        assert!(read_watermark(&r).is_err(), "line 0 must be valid");
+        let set = |i: usize, w: u64| {
+            r.word(wm_line_off(i))
+                .store(w, std::sync::atomic::Ordering::SeqCst)
+        };
+        set(0, encode_watermark(5));
+        assert_eq!(read_watermark(&r), Ok(5));
+        set(7, encode_watermark(9));
+        set(WM_LINES - 1, encode_watermark(8));
+        assert_eq!(read_watermark(&r), Ok(9));
+        set(3, encode_watermark(4) ^ 1);
+        let e = read_watermark(&r).unwrap_err();
+        assert!(e.contains(&wm_line_off(3).to_string()), "{e}");
     }
 
     #[test]

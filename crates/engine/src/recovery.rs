@@ -140,6 +140,8 @@ impl Engine {
         let meta_len = layout.slot_count as usize * META_SIZE;
         // SAFETY: formatting owns the whole region.
         unsafe { region.zero_flush(META_OFF, meta_len) };
+        // SAFETY: formatting owns the whole region.
+        unsafe { region.zero_flush(WATERMARK_OFF, SB_SIZE) };
         region
             .word(WATERMARK_OFF)
             .store(encode_watermark(0), Ordering::SeqCst);
@@ -191,12 +193,7 @@ impl Engine {
             );
         }
         let layout = sb.layout;
-        let wm = region.word(WATERMARK_OFF).load(Ordering::SeqCst);
-        let s = decode_watermark(wm).ok_or_else(|| {
-            EngineError::Corrupt(format!(
-                "watermark word at offset {WATERMARK_OFF} fails its checksum ({wm:#018x})"
-            ))
-        })?;
+        let s = read_watermark(&*region).map_err(EngineError::Corrupt)?;
         let origin_blocks = origin.size().div_ceil(layout.block_size as u64);
 
         // Pass 1: classify every slot from its metadata alone.
@@ -405,18 +402,22 @@ impl Engine {
             return Ok(());
         }
         self.stop_writeback();
+        // S covers every transaction once sealed, so every superseded
+        // version may then be durably FREE: the media keeps one version per
+        // block and the next open has nothing to clean up.
+        self.region.fence();
+        self.seq.seal(&*self.region);
         for sh in 0..self.shards.len() {
             let mut ix = self.shards[sh].ix.lock();
             let first = ix.first_slot;
-            // Unfreed ones stay live but superseded; recovery frees them.
-            for r in ix.retiring.iter().filter(|r| r.state == RState::Freed) {
+            for r in ix.retiring.iter().filter(|r| r.state != RState::Durable) {
+                self.set_state(first, r.slot, STATE_FREE);
                 self.region
                     .flush(self.layout.meta_off(first + r.slot as u64), META_SIZE);
             }
             ix.retiring.clear();
         }
         self.region.fence();
-        self.seq.seal(&*self.region);
         let mut g = self.sb.lock();
         let (sb, copy) = &mut *g;
         sb.clean_shutdown = true;

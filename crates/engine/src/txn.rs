@@ -2,8 +2,13 @@
 //!
 //! S means "every transaction with seq ≤ S is completely durable". Recovery
 //! trusts entries at or below S and verifies the few above it. S advances
-//! without fences of its own: a committing writer stores the new S into the
-//! watermark line and flushes it just before its own commit fence.
+//! without fences of its own: a committing writer stores the new S into its
+//! own watermark line, with a streaming store just before its commit fence.
+//! One shared word would need a read-modify-write and a flush of a line
+//! that every writer touches, which costs more than the rest of the
+//! bookkeeping of a write. A line is owned by a registry cell, so its
+//! stores are ordered by the cell's hand-over, and each store is above the
+//! durable S that covers the previous owner's store: no line goes down.
 //!
 //! To know which seqs are complete without a global lock, every transaction
 //! publishes a lower bound of its seq in a registry cell *before* taking the
@@ -14,9 +19,12 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 
 use pmcache_pmem::PmemRegion;
 
-use crate::format::{decode_watermark, encode_watermark, SEQ_MASK, WATERMARK_OFF};
+use crate::format::{
+    decode_watermark, encode_watermark, wm_line_off, SEQ_MASK, WATERMARK_OFF, WM_LINES,
+};
 
-const CELLS: usize = 256;
+/// One cell per watermark line after the shared line 0.
+const CELLS: usize = WM_LINES - 1;
 
 #[repr(align(64))]
 struct Cell(AtomicU64);
@@ -88,20 +96,10 @@ impl Sequencer {
         min - 1
     }
 
-    /// Store a larger S into the watermark word if there is one, and flush
-    /// it. Call before the fence; pass the result to [`Sequencer::end`].
+    /// Raise line 0 of the watermark page to a larger S if there is one, and
+    /// flush it. Call before the fence; pass the result to
+    /// [`Sequencer::end`] or [`Sequencer::end_staged`].
     pub fn stage_watermark(&self, region: &dyn PmemRegion) -> u64 {
-        let s = self.stage_watermark_deferred(region);
-        if s > 0 {
-            region.flush(WATERMARK_OFF, 8);
-        }
-        s
-    }
-
-    /// [`stage_watermark`](Self::stage_watermark) without the flush: the
-    /// caller flushes the watermark line before its fence when this
-    /// returns non-zero.
-    pub fn stage_watermark_deferred(&self, region: &dyn PmemRegion) -> u64 {
         let s = self.safe_s();
         if s <= self.durable() {
             return 0;
@@ -118,6 +116,23 @@ impl Sequencer {
                 Err(v) => cur = v,
             }
         }
+        region.flush(WATERMARK_OFF, 8);
+        s
+    }
+
+    /// Store a larger S, if there is one, into the ticket's own watermark
+    /// line with a streaming store (nothing to flush). Call before the
+    /// fence; pass the result to [`Sequencer::end`].
+    pub fn stage_watermark_own(&self, t: &Ticket, region: &dyn PmemRegion) -> u64 {
+        let s = self.safe_s();
+        if s <= self.durable() {
+            return 0;
+        }
+        let mut line = [0u8; 64];
+        line[..8].copy_from_slice(&encode_watermark(s).to_le_bytes());
+        // SAFETY: line `1 + cell` is written only by the ticket holding the
+        // cell; the previous holder's store completed at its fence.
+        unsafe { region.copy_flush_nt(wm_line_off(1 + t.cell), &line) };
         s
     }
 
@@ -179,6 +194,32 @@ mod tests {
         assert_eq!(
             decode_watermark(r.word(WATERMARK_OFF).load(SeqCst)),
             Some(12)
+        );
+    }
+
+    #[test]
+    fn writers_raise_s_in_their_own_lines() {
+        let r = SimRegion::new(16384);
+        r.word(WATERMARK_OFF).store(encode_watermark(10), SeqCst);
+        r.persist(WATERMARK_OFF, 8);
+        let q = Sequencer::new(10, 10);
+        let a = q.begin();
+        let staged = q.stage_watermark_own(&a, &r);
+        assert_eq!(staged, 0, "nothing completed above 10 yet");
+        r.fence();
+        q.end(a, staged);
+        let b = q.begin();
+        let staged = q.stage_watermark_own(&b, &r);
+        assert_eq!(staged, 11);
+        r.fence();
+        q.end(b, staged);
+        assert_eq!(q.durable(), 11);
+        let after_crash = SimRegion::from_image(&r.durable_image());
+        assert_eq!(crate::format::read_watermark(&after_crash), Ok(11));
+        assert_eq!(
+            decode_watermark(after_crash.word(WATERMARK_OFF).load(SeqCst)),
+            Some(10),
+            "the shared line is not touched by writers"
         );
     }
 }
