@@ -147,6 +147,11 @@ fn mix(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Requests up to this many blocks take their shard locks before their
+/// persistence stores (see `cache_write`). Larger ones would hold readers
+/// of those shards off for the whole copy.
+const LOCK_EARLY_BLOCKS: usize = 8;
+
 /// How many free slots a shard tries to keep, so writers rarely wait.
 fn low_water(nslots: u32, max_blocks: u32) -> u32 {
     (nslots / 16).max(max_blocks).min(nslots / 2)
@@ -420,8 +425,7 @@ impl Engine {
     /// The store is flushed by the reclaim that frees the slot.
     pub(crate) fn retire(&self, ix: &mut ShardIndex, s: u32, seq: u64) {
         let state = if seq <= self.seq.durable() {
-            self.set_state(ix.first_slot, s, STATE_FREE);
-            RState::Freed
+            RState::Covered
         } else {
             RState::Live
         };
@@ -433,9 +437,10 @@ impl Engine {
     }
 
     /// Prepare a reclaim batch of up to `victims` free slots: the retiring
-    /// slots (storing FREE where the watermark now allows), then clean LRU
-    /// slots for the rest, which get their FREE store now. Returns the slots to flush and, per slot,
-    /// whether it may be freed after the fence.
+    /// slots the watermark now allows, then clean LRU slots for the rest.
+    /// Returns the slots whose FREE [`flush_reclaim`](Self::flush_reclaim)
+    /// stores before the fence and, per slot, whether it may be freed after
+    /// the fence.
     fn prepare_reclaim(&self, ix: &mut ShardIndex, victims: usize) -> Batch {
         let first = ix.first_slot;
         let durable = self.seq.durable();
@@ -453,11 +458,9 @@ impl Engine {
             match r.state {
                 RState::Live if r.seq > durable => keep.push(r),
                 RState::Durable if ix.pins(r.slot) > 0 => keep.push(r),
-                RState::Live => {
-                    self.set_state(first, r.slot, STATE_FREE);
-                    out.push((r.slot, r.seq, ix.pins(r.slot) == 0));
+                RState::Live | RState::Covered | RState::Durable => {
+                    out.push((r.slot, r.seq, ix.pins(r.slot) == 0))
                 }
-                RState::Freed | RState::Durable => out.push((r.slot, r.seq, ix.pins(r.slot) == 0)),
             }
         }
         ix.retiring = keep;
@@ -475,7 +478,6 @@ impl Engine {
             for s in keys {
                 let seq = self.slot_seq(first, s);
                 ix.remove(s);
-                self.set_state(first, s, STATE_FREE);
                 out.push((s, seq, true));
                 self.counters.add(Ctr::Evictions, 1);
             }
@@ -483,10 +485,13 @@ impl Engine {
         out
     }
 
-    /// Flush a prepared batch's metadata lines (before a fence).
+    /// Store FREE into a prepared batch's state words (before a fence), by
+    /// the thread that fences. Streaming stores: a retired slot's entry line
+    /// is cold, and a temporal store would read it from media first.
     fn flush_reclaim(&self, first: u64, batch: &[(u32, u64, bool)]) {
         for &(s, _, _) in batch {
-            self.region.flush(self.meta(first, s), META_SIZE);
+            self.region
+                .store_word_flush(self.meta(first, s) + W_STATE * 8, STATE_FREE);
         }
     }
 
@@ -571,7 +576,7 @@ impl Engine {
         wait: bool,
         piggy: Option<(u32, &mut Batches)>,
     ) -> Result<Option<SmallVec<[u32; 4]>>> {
-        self.alloc_locked(shard, self.shards[shard].ix.lock(), need, wait, piggy)
+        self.alloc_locked(shard, &mut self.shards[shard].ix.lock(), need, wait, piggy)
     }
 
     /// [`alloc`](Self::alloc) with the shard's lock already taken.
@@ -579,7 +584,7 @@ impl Engine {
     fn alloc_locked(
         &self,
         shard: usize,
-        mut ix: MutexGuard<'_, ShardIndex>,
+        ix: &mut MutexGuard<'_, ShardIndex>,
         need: usize,
         wait: bool,
         piggy: Option<(u32, &mut Batches)>,
@@ -599,7 +604,7 @@ impl Engine {
                     let lw = low_water(ix.nslots(), count);
                     if !ix.reclaiming && ix.free_len < lw {
                         let want = (lw - ix.free_len) as usize;
-                        let b = self.prepare_reclaim(&mut ix, want);
+                        let b = self.prepare_reclaim(ix, want);
                         if !b.is_empty() {
                             ix.reclaiming = true;
                             batches.push((shard, b));
@@ -609,7 +614,7 @@ impl Engine {
                 return Ok(Some(v));
             }
             let want = need - ix.free_len as usize + low_water(ix.nslots(), 0) as usize;
-            if self.reclaim_now(shard, &mut ix, want) {
+            if self.reclaim_now(shard, ix, want) {
                 continue;
             }
             if !wait {
@@ -622,19 +627,18 @@ impl Engine {
             }
             if self.wb.thread.lock().is_some() {
                 self.kick_writeback();
-                sh.cv.wait_for(&mut ix, Duration::from_millis(10));
+                sh.cv.wait_for(ix, Duration::from_millis(10));
             } else {
                 // No writeback thread (tools, tests): clean a batch ourselves.
-                let r =
-                    MutexGuard::unlocked(&mut ix, || self.writeback_step(self.cfg.writeback_batch));
+                let r = MutexGuard::unlocked(ix, || self.writeback_step(self.cfg.writeback_batch));
                 match r {
                     Ok(0) => {
-                        sh.cv.wait_for(&mut ix, Duration::from_millis(1));
+                        sh.cv.wait_for(ix, Duration::from_millis(1));
                     }
                     Ok(_) => {}
                     Err(e) => {
                         tracing::warn!(error = %e, "writeback for space failed; retrying");
-                        sh.cv.wait_for(&mut ix, Duration::from_millis(50));
+                        sh.cv.wait_for(ix, Duration::from_millis(50));
                     }
                 }
             }
@@ -1203,13 +1207,29 @@ impl Engine {
         // 1. Slots (pinned), shard by shard in ascending order, with a
         //    reclaim batch that rides on this request's fence where a shard
         //    runs low.
+        //    A small request publishes under shard locks taken before its
+        //    persistence stores: the first locked instruction after the
+        //    fence waits for the stores to drain, so the index work done
+        //    before it is hidden. A one-shard request of whole blocks from
+        //    memory keeps the lock from its allocation on.
+        let lock_early = nbs.len() <= LOCK_EARLY_BLOCKS;
+        let hold = lock_early
+            && !matches!(src, Src::Fill(_))
+            && nbs.iter().all(|n| n.lo == 0 && n.hi as u64 == bs);
+        let mut kept = None;
         let mut batches = Batches::new();
         let mut got = 0;
         for &sh in &ids {
             let need = nbs.iter().filter(|n| n.shard == sh).count();
             let piggy = Some((count, &mut batches));
             let r = match held.take() {
-                Some(ix) => self.alloc_locked(sh, ix, need, true, piggy),
+                Some(mut ix) => {
+                    let r = self.alloc_locked(sh, &mut ix, need, true, piggy);
+                    if hold && r.is_ok() {
+                        kept = Some(ix);
+                    }
+                    r
+                }
                 None => self.alloc(sh, need, true, piggy),
             };
             let slots = match r {
@@ -1260,8 +1280,14 @@ impl Engine {
             }
         }
 
-        // 4. The last locked instructions (taking the seq); S goes into this
-        //    writer's own watermark line with the persistence stores.
+        // 4. The last locked instructions (shard locks, taking the seq); S
+        //    goes into this writer's own watermark line with the
+        //    persistence stores.
+        let mut g = match kept {
+            Some(ix) => smallvec::smallvec![ix],
+            None if lock_early => self.lock_all(&ids),
+            None => SmallVec::new(),
+        };
         let t = self.seq.begin();
         let seq = t.seq;
         let staged = self.seq.stage_watermark_own(&t, &*self.region);
@@ -1316,10 +1342,11 @@ impl Engine {
             self.flush_reclaim(first_of(*sh), b);
         }
         self.region.fence();
-        self.seq.end(t, staged);
 
         // 6. Publish all blocks at once; retire the versions they replace.
-        let mut g = self.lock_all(&ids);
+        if g.is_empty() {
+            g = self.lock_all(&ids);
+        }
         let (mut hits, mut misses) = (0, 0);
         for nb in &nbs {
             let pos = Self::guard_pos(&ids, nb.shard);
@@ -1348,6 +1375,7 @@ impl Engine {
             let pos = Self::guard_pos(&ids, sh);
             self.complete_reclaim(&mut g[pos], b);
         }
+        self.seq.end(t, staged);
         drop(g);
         for &sh in &ids {
             self.shards[sh].cv.notify_all();
@@ -1370,7 +1398,7 @@ impl Engine {
                 ix.retiring.push(Retired {
                     slot,
                     seq,
-                    state: RState::Freed,
+                    state: RState::Covered,
                 });
             }
             ix.reclaiming = false;

@@ -77,8 +77,8 @@ pub enum RState {
     /// Its entry stays live in media until the watermark covers its seq
     /// (format rule 2).
     Live,
-    /// FREE is stored but not yet known durable.
-    Freed,
+    /// S covers it: the next reclaim stores FREE.
+    Covered,
     /// FREE is durable; the slot waits only for its readers.
     Durable,
 }
@@ -205,7 +205,11 @@ impl ShardIndex {
         }
         self.valid -= 1;
         self.keys[s as usize] &= !(K_VALID | K_DIRTY | K_ZERO | K_ON_ORIGIN | K_REF);
-        self.policy.remove(s);
+        // Only clean slots are in the policy; skipping dirty ones spares a
+        // cold line of its links on every overwrite of a dirty block.
+        if k & K_DIRTY == 0 {
+            self.policy.remove(s);
+        }
     }
 
     pub fn mark_clean(&mut self, s: u32) {

@@ -1,7 +1,5 @@
 //! Counters, in the spirit of `casadm -P` and dm-cache status.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-
 /// The engine's event counters.
 #[derive(Debug, Clone, Copy)]
 pub enum Ctr {
@@ -22,49 +20,20 @@ pub enum Ctr {
 }
 
 const NCTR: usize = Ctr::WaitsForSpace as usize + 1;
-const STRIPES: usize = 16;
 
-/// One thread's copy of every counter, on lines of its own.
-#[repr(align(128))]
+/// The engine's counters, striped per thread (see [`pmcache_pmem::counter`]).
 #[derive(Default)]
-struct Stripe([AtomicU64; NCTR]);
-
-/// Counters striped by thread: hot paths on different cores never write the
-/// same cache line, so counting costs no line transfer per request.
-pub struct Counters {
-    stripes: Box<[Stripe]>,
-}
-
-impl Default for Counters {
-    fn default() -> Self {
-        Self {
-            stripes: (0..STRIPES).map(|_| Stripe::default()).collect(),
-        }
-    }
-}
-
-/// This thread's stripe, assigned round-robin on first use.
-fn stripe() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static MINE: usize = NEXT.fetch_add(1, Relaxed) % STRIPES;
-    }
-    MINE.with(|s| *s)
-}
+pub struct Counters(pmcache_pmem::counter::Counters<NCTR>);
 
 impl Counters {
     pub fn add(&self, c: Ctr, n: u64) {
-        if n == 0 {
-            return;
+        if n != 0 {
+            self.0.add(c as usize, n);
         }
-        self.stripes[stripe()].0[c as usize].fetch_add(n, Relaxed);
     }
 
     pub fn get(&self, c: Ctr) -> u64 {
-        self.stripes
-            .iter()
-            .map(|s| s.0[c as usize].load(Relaxed))
-            .sum()
+        self.0.get(c as usize)
     }
 }
 

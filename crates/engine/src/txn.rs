@@ -15,7 +15,10 @@
 //! seq, and clears it after its fence. The smallest published bound, minus
 //! one, is then a safe S: any seq below it has finished its fence.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{
+    AtomicU64, AtomicUsize,
+    Ordering::{Release, SeqCst},
+};
 
 use pmcache_pmem::PmemRegion;
 
@@ -73,7 +76,11 @@ impl Sequencer {
                     .compare_exchange(0, lb, SeqCst, SeqCst)
                     .is_ok()
                 {
-                    self.high.fetch_max(i + 1, SeqCst);
+                    // Locked instructions are dear here: raise `high` only
+                    // when this cell lies above it.
+                    if self.high.load(SeqCst) <= i {
+                        self.high.fetch_max(i + 1, SeqCst);
+                    }
                     let seq = self.next.fetch_add(1, SeqCst);
                     assert!(seq < SEQ_MASK, "transaction sequence exhausted");
                     return Ticket { cell: i, seq };
@@ -138,8 +145,13 @@ impl Sequencer {
 
     /// After the fence: `staged` (from `stage_watermark`) is durable now.
     pub fn end(&self, t: Ticket, staged: u64) {
-        self.durable.fetch_max(staged, SeqCst);
-        self.cells[t.cell].0.store(0, SeqCst);
+        if staged > self.durable() {
+            self.durable.fetch_max(staged, SeqCst);
+        }
+        // Release: the cell's next holder sees `durable` above this holder's
+        // line (the cell hand-over of `stage_watermark_own`). A scan that
+        // still sees the old bound only keeps S lower.
+        self.cells[t.cell].0.store(0, Release);
     }
 
     /// After a fence issued without a ticket (reclaim).

@@ -39,6 +39,7 @@
 
 use crate::LINE;
 use std::fmt;
+use std::sync::atomic::AtomicU64;
 use std::sync::OnceLock;
 
 /// Copies and zeroings of at least this many bytes use streaming stores.
@@ -197,6 +198,14 @@ pub unsafe fn copy_nt(kind: FlushKind, isa: NtIsa, dst: *mut u8, src: &[u8]) {
     unsafe { nt(kind, isa, dst, Some(src.as_ptr()), src.len()) }
 }
 
+/// Stores `v` into the word `w` with one streaming store (`movnti`): the
+/// line is not read first, so storing into a cold line does not wait for
+/// memory. Still needs [`sfence`]. Only where a streaming ISA exists
+/// (the mapping's persistence mode says so); a plain store elsewhere.
+pub fn store_word_nt(w: &AtomicU64, v: u64) {
+    imp::store_word_nt(w, v);
+}
+
 /// Streaming zero, as [`copy_nt`].
 ///
 /// # Safety
@@ -303,6 +312,15 @@ mod imp {
         // SAFETY: sfence only orders this thread's stores; it touches no
         // memory or registers.
         unsafe { asm!("sfence", options(nostack, preserves_flags)) }
+    }
+
+    #[inline]
+    pub(super) fn store_word_nt(w: &std::sync::atomic::AtomicU64, v: u64) {
+        // SAFETY: `w` is a valid, 8-aligned word, so `movnti` is one
+        // single-copy-atomic 8-byte store, as an atomic store would be.
+        unsafe {
+            asm!("movnti [{}], {}", in(reg) w.as_ptr(), in(reg) v, options(nostack, preserves_flags))
+        }
     }
 
     /// # Safety
@@ -430,6 +448,10 @@ mod imp {
 
     pub(super) unsafe fn flush_lines(_kind: FlushKind, _first: *const u8, _lines: usize) {
         fence(Ordering::SeqCst);
+    }
+
+    pub(super) fn store_word_nt(w: &std::sync::atomic::AtomicU64, v: u64) {
+        w.store(v, Ordering::SeqCst);
     }
 
     pub(super) unsafe fn nt_lines(_isa: NtIsa, dst: *mut u8, src: Option<*const u8>, lines: usize) {

@@ -7,6 +7,7 @@
 
 use std::sync::atomic::AtomicU64;
 
+pub mod counter;
 pub mod error;
 pub mod flush;
 pub mod hash;
@@ -159,6 +160,14 @@ pub trait PmemRegion: Send + Sync {
         // SAFETY: in bounds and 8-aligned (the mapping base is page-aligned);
         // AtomicU64 permits shared concurrent access.
         unsafe { &*(self.as_ptr().add(off) as *const AtomicU64) }
+    }
+
+    /// Store `v` into the word at `off` and leave it flushed (a fence is
+    /// still needed). Regions with streaming stores use one, which spares
+    /// the read-for-ownership of a cold line (a FREE state word).
+    fn store_word_flush(&self, off: usize, v: u64) {
+        self.word(off).store(v, std::sync::atomic::Ordering::SeqCst);
+        self.flush(off, 8);
     }
 
     /// Number of fences issued so far (statistics: fences per write).

@@ -16,7 +16,7 @@ use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::thread::ThreadId;
 
 /// The smallest region that can be mapped (one page; mmap refuses 0 bytes).
@@ -102,7 +102,7 @@ pub struct MappedRegion {
     base: *mut u8,
     len: usize,
     mode: PersistMode,
-    fences: AtomicU64,
+    fences: crate::counter::Counters<1>,
     /// Msync mode only: byte ranges each thread flushed since its last fence.
     dirty: Mutex<HashMap<ThreadId, Vec<(usize, usize)>>>,
 }
@@ -234,7 +234,7 @@ impl MappedRegion {
             base,
             len: ulen,
             mode,
-            fences: AtomicU64::new(0),
+            fences: Default::default(),
             dirty: Mutex::new(HashMap::new()),
         };
         if opts.prefault {
@@ -283,7 +283,7 @@ impl MappedRegion {
             base: p.cast(),
             len: ulen,
             mode: PersistMode::ReadOnly,
-            fences: AtomicU64::new(0),
+            fences: Default::default(),
             dirty: Mutex::new(HashMap::new()),
         })
     }
@@ -424,7 +424,7 @@ impl PmemRegion for MappedRegion {
             PersistMode::Dax(_) | PersistMode::AssumedPmem(_) => flush::sfence(),
             _ => self.msync_thread(),
         }
-        self.fences.fetch_add(1, Ordering::Relaxed);
+        self.fences.add(0, 1);
     }
 
     fn as_ptr(&self) -> *mut u8 {
@@ -461,6 +461,20 @@ impl PmemRegion for MappedRegion {
             }
             // SAFETY: forwarded from the caller.
             _ => unsafe { self.copy_flush(off, src) },
+        }
+    }
+
+    fn store_word_flush(&self, off: usize, v: u64) {
+        let w = self.word(off);
+        match self.mode {
+            PersistMode::Dax(_) | PersistMode::AssumedPmem(_) => {
+                self.writable();
+                flush::store_word_nt(w, v);
+            }
+            _ => {
+                w.store(v, Ordering::SeqCst);
+                self.flush(off, 8);
+            }
         }
     }
 
@@ -502,7 +516,7 @@ impl PmemRegion for MappedRegion {
     }
 
     fn fences(&self) -> u64 {
-        self.fences.load(Ordering::Relaxed)
+        self.fences.get(0)
     }
 }
 
@@ -649,6 +663,29 @@ mod tests {
         r.fence();
         assert!(r.dirty.lock().is_empty());
         assert_eq!(r.fences(), 2);
+    }
+
+    /// A streamed word lands whole and leaves its neighbours alone, in
+    /// both the streaming and the msync mode.
+    #[test]
+    fn store_word_flush_writes_one_word() {
+        for assume in [true, false] {
+            let path = PathBuf::from(format!(
+                "/dev/shm/pmcache-pmem-unit-word-{}-{assume}",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_file(&path);
+            let opts = MapOptions::new().assume_pmem(assume);
+            let r = MappedRegion::create(&path, 1 << 16, &opts).unwrap();
+            let _ = std::fs::remove_file(&path);
+            r.word(4096).store(u64::MAX, Ordering::SeqCst);
+            r.word(4112).store(u64::MAX, Ordering::SeqCst);
+            r.store_word_flush(4104, 0x0123_4567_89ab_cdef);
+            r.fence();
+            assert_eq!(r.word(4104).load(Ordering::SeqCst), 0x0123_4567_89ab_cdef);
+            assert_eq!(r.word(4096).load(Ordering::SeqCst), u64::MAX);
+            assert_eq!(r.word(4112).load(Ordering::SeqCst), u64::MAX);
+        }
     }
 
     /// The fallback prefault path must leave the contents alone.

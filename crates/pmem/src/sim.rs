@@ -98,7 +98,7 @@ pub struct SimRegion {
     volatile_buf: Vec<u8>,
     state: Mutex<State>,
     points: AtomicU64,
-    fences: AtomicU64,
+    fences: crate::counter::Counters<1>,
     hook: Mutex<HookSlot>,
     has_hook: AtomicBool,
     /// The thread running the hook, whose own persistence points skip it.
@@ -158,7 +158,7 @@ impl SimRegion {
                 pending: HashMap::new(),
             }),
             points: AtomicU64::new(0),
-            fences: AtomicU64::new(0),
+            fences: Default::default(),
             hook: Mutex::new(HookSlot {
                 hook: None,
                 generation: 0,
@@ -450,7 +450,7 @@ impl PmemRegion for SimRegion {
 
     fn fence(&self) {
         self.point(|| self.fence_thread());
-        self.fences.fetch_add(1, Ordering::Relaxed);
+        self.fences.add(0, 1);
     }
 
     fn as_ptr(&self) -> *mut u8 {
@@ -482,7 +482,7 @@ impl PmemRegion for SimRegion {
     }
 
     fn fences(&self) -> u64 {
-        self.fences.load(Ordering::Relaxed)
+        self.fences.get(0)
     }
 }
 
