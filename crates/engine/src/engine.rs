@@ -67,6 +67,8 @@ impl Default for EngineConfig {
 pub(crate) struct Shard {
     pub(crate) ix: Mutex<ShardIndex>,
     pub(crate) cv: Condvar,
+    /// `ShardIndex::buckets_base`, readable without the lock.
+    buckets: (usize, usize),
 }
 
 pub(crate) struct WritebackCtl {
@@ -199,8 +201,10 @@ impl Engine {
             .map(|i| {
                 let first = i * per;
                 let count = if i == n - 1 { slots - first } else { per };
+                let ix = ShardIndex::new(first, count as u32);
                 Shard {
-                    ix: Mutex::new(ShardIndex::new(first, count as u32)),
+                    buckets: ix.buckets_base(),
+                    ix: Mutex::new(ix),
                     cv: Condvar::new(),
                 }
             })
@@ -344,6 +348,12 @@ impl Engine {
     /// caller (so the request's slots come in the same critical section).
     fn lock_writers(&self, b0: u64, b1: u64) -> Option<MutexGuard<'_, ShardIndex>> {
         let ids = self.shards_of(b0, b1);
+        // The publish looks these buckets up after the fence; start the
+        // (likely cold) loads now, before the locks.
+        for b in b0..=b1.min(b0 + 3) {
+            let (base, n) = self.shards[self.shard_of(b)].buckets;
+            pmcache_pmem::flush::prefetch((base + bucket_index(b, n) * 4) as *const u8);
+        }
         let mut held = None;
         for &sh in &ids {
             let shard = &self.shards[sh];

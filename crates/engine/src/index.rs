@@ -117,6 +117,11 @@ fn mix(block: u64) -> u64 {
     x
 }
 
+/// The bucket of `block` among `n`.
+pub fn bucket_index(block: u64, n: usize) -> usize {
+    (((mix(block) >> 32) * n as u64) >> 32) as usize
+}
+
 impl ShardIndex {
     pub fn new(first_slot: u64, nslots: u32) -> Self {
         let n = nslots as usize;
@@ -142,7 +147,14 @@ impl ShardIndex {
     }
 
     fn bucket(&self, block: u64) -> usize {
-        (((mix(block) >> 32) * self.buckets.len() as u64) >> 32) as usize
+        bucket_index(block, self.buckets.len())
+    }
+
+    /// Address of bucket 0 and the bucket count, so that a request can
+    /// prefetch its bucket before it takes the lock (the bucket array never
+    /// moves after construction).
+    pub fn buckets_base(&self) -> (usize, usize) {
+        (self.buckets.as_ptr() as usize, self.buckets.len())
     }
 
     pub fn key(&self, s: u32) -> u64 {

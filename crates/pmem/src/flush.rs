@@ -206,6 +206,20 @@ pub fn store_word_nt(w: &AtomicU64, v: u64) {
     imp::store_word_nt(w, v);
 }
 
+/// Hint that the line at `addr` is needed soon. Never faults, whatever
+/// `addr` is, and changes no data.
+#[inline]
+pub fn prefetch(addr: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch of any address is architecturally harmless: it
+    // cannot fault and writes nothing.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(addr.cast())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = addr;
+}
+
 /// Streaming zero, as [`copy_nt`].
 ///
 /// # Safety
