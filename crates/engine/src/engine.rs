@@ -286,16 +286,16 @@ impl Engine {
             .load(Ordering::Relaxed)
     }
 
-    /// Store a state word without flushing it (a later reclaim flushes).
-    pub(crate) fn set_state(&self, first: u64, s: u32, word: u64) {
-        self.region
-            .word(self.meta(first, s) + W_STATE * 8)
-            .store(word, Ordering::Release);
+    /// Offset of a slot's state word.
+    fn state_off(&self, first: u64, s: u32) -> usize {
+        self.meta(first, s) + W_STATE * 8
     }
 
     /// Store a state word and flush its line.
     pub(crate) fn store_state(&self, first: u64, s: u32, word: u64) {
-        self.set_state(first, s, word);
+        self.region
+            .word(self.state_off(first, s))
+            .store(word, Ordering::Release);
         self.region.flush(self.meta(first, s), META_SIZE);
     }
 
@@ -432,7 +432,7 @@ impl Engine {
     /// Retire a slot that left the index. Its FREE store waits until the
     /// watermark covers its seq, so a multi-block transaction stays whole in
     /// media while recovery might still need to verify it (format rule 2).
-    /// The store is flushed by the reclaim that frees the slot.
+    /// The reclaim that frees the slot makes the store.
     pub(crate) fn retire(&self, ix: &mut ShardIndex, s: u32, seq: u64) {
         let state = if seq <= self.seq.durable() {
             RState::Covered
@@ -501,7 +501,7 @@ impl Engine {
     fn flush_reclaim(&self, first: u64, batch: &[(u32, u64, bool)]) {
         for &(s, _, _) in batch {
             self.region
-                .store_word_flush(self.meta(first, s) + W_STATE * 8, STATE_FREE);
+                .store_word_flush(self.state_off(first, s), STATE_FREE);
         }
     }
 
@@ -1399,8 +1399,8 @@ impl Engine {
         Ok(nbs)
     }
 
-    /// Give back reclaim batches whose fence never came: their FREE stores
-    /// are done or harmless, but not known durable.
+    /// Give back reclaim batches that failed before their FREE stores: the
+    /// slots wait for the next reclaim, which stores FREE for them.
     fn abandon_batches(&self, batches: Batches) {
         for (sh, b) in batches {
             let mut ix = self.shards[sh].ix.lock();

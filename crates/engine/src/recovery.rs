@@ -411,9 +411,7 @@ impl Engine {
             let mut ix = self.shards[sh].ix.lock();
             let first = ix.first_slot;
             for r in ix.retiring.iter().filter(|r| r.state != RState::Durable) {
-                self.set_state(first, r.slot, STATE_FREE);
-                self.region
-                    .flush(self.layout.meta_off(first + r.slot as u64), META_SIZE);
+                self.store_state(first, r.slot, STATE_FREE);
             }
             ix.retiring.clear();
         }
