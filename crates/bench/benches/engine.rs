@@ -198,14 +198,38 @@ fn small_engine(
 }
 
 /// For `perf record`: only the engine, one kind of operation, many times.
-/// `profile write|read|read_with N`.
+/// `profile write|coldwrite|read|read_with|rawwrite|rawslot|blkwrite|coldblkwrite|blkread N`.
 fn section_profile(what: &str, ops: usize) {
     let ws_blocks: u64 = 64 * 1024;
-    if what == "blkwrite" || what == "blkread" {
+    // `cold*`: rounds of 40,000 operations, each after a 256 MiB sweep that
+    // evicts the CPU caches, as the read rounds of `-- small` do.
+    let sweep_buf = vec![1u8; 256 * MIB as usize];
+    let sweep = || {
+        black_box(sweep_buf.iter().step_by(64).map(|&x| x as u64).sum::<u64>());
+    };
+    let cold = |f: &(dyn Fn(&mut Rng, &mut Block) + Sync)| -> f64 {
+        let (mut done, mut secs) = (0usize, 0f64);
+        while done < ops {
+            sweep();
+            let n = (ops - done).min(40_000);
+            secs += n as f64 / run_threads(1, n, f);
+            done += n;
+        }
+        ops as f64 / secs
+    };
+    if what == "blkwrite" || what == "blkread" || what == "coldblkwrite" {
         let (_pool_path, blk) = pmemblk_pool(&bench_dir(), GIB);
         let buf = new_block(0xa5);
         for b in 0..ws_blocks {
             blk.write(&buf.0, b);
+        }
+        if what == "coldblkwrite" {
+            let r = cold(&|rng, b| {
+                b.0[..8].copy_from_slice(&rng.next_u64().to_le_bytes());
+                blk.write(&b.0, rng.below(ws_blocks));
+            });
+            println!("{what}: {r:.0} op/s");
+            return;
         }
         let r = run_threads(1, ops, |rng, b| {
             if what == "blkwrite" {
@@ -254,6 +278,12 @@ fn section_profile(what: &str, ops: usize) {
                 region.fence();
             })
         }
+        "coldwrite" => cold(&|rng, b| {
+            b.0[..8].copy_from_slice(&rng.next_u64().to_le_bytes());
+            engine
+                .write(rng.below(ws_blocks) * BS as u64, &b.0, false)
+                .unwrap();
+        }),
         "write" => run_threads(1, ops, |rng, b| {
             b.0[..8].copy_from_slice(&rng.next_u64().to_le_bytes());
             engine
@@ -425,8 +455,8 @@ fn section_small(quick: bool) {
             mr[i].push(memcpy_read(t));
         }
         eprintln!(
-            "round {round}: write 1t engine {:.0}/s pmemblk {:.0}/s; read 1t engine {:.0}/s pmemblk {:.0}/s memcpy {:.0}/s",
-            ew[0][round], bw[0][round], er[0][round], br[0][round], mr[0][round]
+            "round {round}: write 1t engine {:.0}/s pmemblk {:.0}/s, 2t engine {:.0}/s pmemblk {:.0}/s; read 1t engine {:.0}/s pmemblk {:.0}/s memcpy {:.0}/s",
+            ew[0][round], bw[0][round], ew[1][round], bw[1][round], er[0][round], br[0][round], mr[0][round]
         );
     }
 
