@@ -460,29 +460,31 @@ impl Engine {
         let first = ix.first_slot;
         let durable = self.seq.durable();
         let mut out: Vec<(u32, u64, bool)> = Vec::with_capacity(ix.retiring.len() + victims);
-        let mut keep: Vec<Retired> = Vec::new();
         // A block's newest version may be evicted only once every older
         // version is durably FREE (format rule 3). Older versions made FREE
         // by this batch are not durable before its fence, and the victim's
         // FREE store could reach media first, so their blocks wait.
         let mut blocked: Vec<u64> = Vec::new();
-        for r in std::mem::take(&mut ix.retiring) {
+        // Filtered in place: the list keeps its capacity from batch to batch.
+        let mut retiring = std::mem::take(&mut ix.retiring);
+        retiring.retain(|r| {
             if r.state != RState::Durable {
                 blocked.push(ix.key(r.slot) & BLOCK_MASK);
             }
-            match r.state {
-                RState::Live if r.seq > durable => keep.push(r),
-                RState::Durable if ix.pins(r.slot) > 0 => keep.push(r),
-                RState::Live | RState::Covered | RState::Durable => {
-                    out.push((r.slot, r.seq, ix.pins(r.slot) == 0))
-                }
+            let keep = match r.state {
+                RState::Live => r.seq > durable,
+                RState::Covered => false,
+                RState::Durable => ix.pins(r.slot) > 0,
+            };
+            if !keep {
+                out.push((r.slot, r.seq, ix.pins(r.slot) == 0));
             }
-        }
-        ix.retiring = keep;
-        blocked.sort_unstable();
+            keep
+        });
         // Retired slots count towards what is wanted: evict only the rest.
         let victims = victims.saturating_sub(out.iter().filter(|o| o.2).count());
         if victims > 0 {
+            blocked.sort_unstable();
             let keys = ix.pick_victims(victims, |s, k| {
                 k & K_VALID != 0
                     && k & (K_DIRTY | K_WB) == 0
@@ -497,6 +499,7 @@ impl Engine {
                 self.counters.add(Ctr::Evictions, 1);
             }
         }
+        ix.retiring = retiring;
         out
     }
 
@@ -515,7 +518,10 @@ impl Engine {
         // Highest slot first onto the LIFO free list, so that writers take
         // the batch in ascending order and neighbouring slots share their
         // index lines and page-table entries instead of each missing alone.
-        batch.sort_unstable_by_key(|b| std::cmp::Reverse(b.0));
+        // A small early batch is warm already and not worth sorting.
+        if batch.len() > 2 * RECLAIM_EARLY {
+            batch.sort_unstable_by_key(|b| std::cmp::Reverse(b.0));
+        }
         for (slot, seq, may_free) in batch {
             if may_free {
                 ix.push_free(slot);
