@@ -17,7 +17,7 @@
 
 use std::sync::atomic::{
     AtomicU64, AtomicUsize,
-    Ordering::{Release, SeqCst},
+    Ordering::{Relaxed, Release, SeqCst},
 };
 
 use pmcache_pmem::PmemRegion;
@@ -28,6 +28,10 @@ use crate::format::{
 
 /// One cell per watermark line after the shared line 0.
 const CELLS: usize = WM_LINES - 1;
+/// Cells owned by the threads with a counter stripe; the rest are claimed
+/// per transaction.
+const OWNED: usize = pmcache_pmem::counter::STRIPES;
+const _: () = assert!(OWNED < CELLS);
 
 #[repr(align(64))]
 struct Cell(AtomicU64);
@@ -68,26 +72,43 @@ impl Sequencer {
     }
 
     pub fn begin(&self) -> Ticket {
+        // A thread with a counter stripe owns the cell of the same number:
+        // a plain store claims it, and the seq's `fetch_add` orders that
+        // store before any scan that sees the seq handed out. Only the owner
+        // writes the cell, so it is busy only if this thread already holds
+        // a ticket; a second one then takes a shared cell.
+        if let Some(i) = pmcache_pmem::counter::thread_stripe() {
+            let cell = &self.cells[i].0;
+            if cell.load(Relaxed) == 0 {
+                cell.store(self.next.load(SeqCst), Release);
+                return self.take_seq(i);
+            }
+        }
         loop {
-            for i in 0..CELLS {
+            for i in OWNED..CELLS {
                 let lb = self.next.load(SeqCst);
                 if self.cells[i]
                     .0
                     .compare_exchange(0, lb, SeqCst, SeqCst)
                     .is_ok()
                 {
-                    // Locked instructions are dear here: raise `high` only
-                    // when this cell lies above it.
-                    if self.high.load(SeqCst) <= i {
-                        self.high.fetch_max(i + 1, SeqCst);
-                    }
-                    let seq = self.next.fetch_add(1, SeqCst);
-                    assert!(seq < SEQ_MASK, "transaction sequence exhausted");
-                    return Ticket { cell: i, seq };
+                    return self.take_seq(i);
                 }
             }
             std::thread::yield_now();
         }
+    }
+
+    /// With cell `i` published: make the scans cover it, then take a seq.
+    fn take_seq(&self, i: usize) -> Ticket {
+        // Locked instructions are dear here: raise `high` only when this
+        // cell lies above it.
+        if self.high.load(SeqCst) <= i {
+            self.high.fetch_max(i + 1, SeqCst);
+        }
+        let seq = self.next.fetch_add(1, SeqCst);
+        assert!(seq < SEQ_MASK, "transaction sequence exhausted");
+        Ticket { cell: i, seq }
     }
 
     /// The S that may be stored now: one below the oldest transaction in flight.
@@ -207,6 +228,40 @@ mod tests {
             decode_watermark(r.word(WATERMARK_OFF).load(SeqCst)),
             Some(12)
         );
+    }
+
+    #[test]
+    fn s_covers_only_fenced_seqs_with_more_threads_than_owned_cells() {
+        use std::sync::atomic::AtomicBool;
+        const THREADS: usize = OWNED + 8;
+        const PER: usize = 2_000;
+        let r = SimRegion::new(16384);
+        let q = Sequencer::new(0, 0);
+        let fenced: Vec<AtomicBool> = (0..=THREADS * PER)
+            .map(|_| AtomicBool::new(false))
+            .collect();
+        std::thread::scope(|sc| {
+            for _ in 0..THREADS {
+                sc.spawn(|| {
+                    for _ in 0..PER {
+                        let t = q.begin();
+                        let staged = q.stage_watermark_own(&t, &r);
+                        // Everything S claims must have passed its fence.
+                        for s in staged.saturating_sub(32).max(1)..=staged {
+                            assert!(fenced[s as usize].load(SeqCst), "S {staged} covers {s}");
+                        }
+                        fenced[t.seq as usize].store(true, SeqCst);
+                        q.end(t, staged);
+                    }
+                });
+            }
+        });
+        assert_eq!(
+            q.last(),
+            (THREADS * PER) as u64,
+            "every seq handed out once"
+        );
+        assert!(fenced[1..].iter().all(|f| f.load(SeqCst)));
     }
 
     #[test]

@@ -45,6 +45,15 @@ fn owned() -> Option<usize> {
     MINE.try_with(|c| c.0).ok().flatten()
 }
 
+/// The stripe (below [`STRIPES`]) this thread owns for its lifetime, if
+/// any. Other per-thread structures may use it as an index: no other live
+/// thread has the same one, and a later owner's claim is ordered after this
+/// thread's exit.
+#[inline]
+pub fn thread_stripe() -> Option<usize> {
+    owned()
+}
+
 #[repr(align(128))]
 struct Stripe<const N: usize>([AtomicU64; N]);
 
