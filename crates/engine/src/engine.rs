@@ -626,15 +626,8 @@ impl Engine {
                     })
                     .collect();
                 if let Some((count, batches)) = piggy {
-                    let lw = low_water(ix.nslots(), count);
-                    let low = ix.free_len < lw;
-                    if !ix.reclaiming && (low || ix.retiring.len() >= RECLAIM_EARLY) {
-                        let want = lw.saturating_sub(ix.free_len) as usize;
-                        let b = self.prepare_reclaim(ix, want);
-                        if !b.is_empty() {
-                            ix.reclaiming = true;
-                            batches.push((shard, b));
-                        }
+                    if let Some(b) = self.piggyback_batch(ix, count) {
+                        batches.push((shard, b));
                     }
                 }
                 return Ok(Some(v));
@@ -669,6 +662,22 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// A reclaim batch to ride on the caller's next fence, when the shard
+    /// runs low or has enough retired slots (`count`: the request's blocks).
+    fn piggyback_batch(&self, ix: &mut ShardIndex, count: u32) -> Option<Batch> {
+        let lw = low_water(ix.nslots(), count);
+        if ix.reclaiming || (ix.free_len >= lw && ix.retiring.len() < RECLAIM_EARLY) {
+            return None;
+        }
+        let want = lw.saturating_sub(ix.free_len) as usize;
+        let b = self.prepare_reclaim(ix, want);
+        if b.is_empty() {
+            return None;
+        }
+        ix.reclaiming = true;
+        Some(b)
     }
 
     fn release_slots(&self, blocks: &[NewBlock]) {
@@ -1086,7 +1095,82 @@ impl Engine {
 
     /// Write `data` at `offset`; durable on return.
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        let bs = self.bs();
+        if data.len() as u64 == bs
+            && offset.is_multiple_of(bs)
+            && self.mode() == CacheMode::Writeback
+        {
+            self.check_open()?;
+            self.check_range(offset, bs)?;
+            if let Some(r) = self.write_block_fast(offset / bs, data) {
+                return r;
+            }
+        }
         self.write_src(offset, data.len() as u64, fua, Src::Buf(data))
+    }
+
+    /// The most common request, one whole block from memory in writeback
+    /// mode, without the general path's bookkeeping. The shard stays locked
+    /// from the slot's allocation to its publish, so no other writer can
+    /// come between and the block needs no writer lock. The transaction is
+    /// the one `cache_write` makes for a single block. `None` when this
+    /// does not apply now (a writer holds the block, or the shard has no
+    /// free slot); the general path then takes the request.
+    fn write_block_fast(&self, b: u64, data: &[u8]) -> Option<Result<()>> {
+        let sh = self.shard_of(b);
+        let shard = &self.shards[sh];
+        let (base, n) = shard.buckets;
+        pmcache_pmem::flush::prefetch((base + bucket_index(b, n) * 4) as *const u8);
+        let mut ix = shard.ix.lock();
+        if ix.free_len == 0 || (!ix.locks.is_empty() && ix.lock_state(b).writer) {
+            return None;
+        }
+        let slot = ix.pop_free().expect("free count");
+        let batch = self.piggyback_batch(&mut ix, 1);
+        let first = ix.first_slot;
+        let t = self.seq.begin();
+        let staged = self.seq.stage_watermark_own(&t, &*self.region);
+        // SAFETY: a free slot, taken under the shard lock and unpublished.
+        let hash = unsafe { self.region.copy_flush_hash(self.data(first, slot), data) };
+        let e = Entry {
+            block: b,
+            seq: t.seq,
+            hash,
+            count: 1,
+            flags: 0,
+        };
+        self.write_entry(first, slot, &e, STATE_DIRTY);
+        if let Some(batch) = &batch {
+            self.flush_reclaim(first, batch);
+        }
+        self.region.fence();
+        let hit = match ix.lookup(b) {
+            Some(old) => {
+                ix.remove(old);
+                self.retire(&mut ix, old, t.seq);
+                true
+            }
+            None => false,
+        };
+        ix.insert(slot, b, K_DIRTY);
+        if let Some(batch) = batch {
+            self.complete_reclaim(&mut ix, batch);
+        }
+        self.seq.end(t, staged);
+        drop(ix);
+        shard.cv.notify_all();
+        self.counters.add(Ctr::WriteFences, 1);
+        self.counters.add(
+            if hit {
+                Ctr::WriteHits
+            } else {
+                Ctr::WriteMisses
+            },
+            1,
+        );
+        self.counters.add(Ctr::Writes, 1);
+        self.counters.add(Ctr::WriteBytes, data.len() as u64);
+        Some(Ok(()))
     }
 
     /// Write `[offset, offset + len)`, letting `source` fill the cache slots

@@ -123,8 +123,11 @@ fn gen_ops(v: &Variant, rng: &mut SmallRng, base: u64, size: u64) -> Vec<Op> {
     };
     (0..v.ops)
         .map(|_| {
-            let l = len(rng).min(size);
-            let off = if rng.gen_bool(0.3) {
+            // One aligned whole block: what most clients send, and the
+            // engine's fast path.
+            let whole = rng.gen_range(0..100) < 15;
+            let l = if whole { bs } else { len(rng) }.min(size);
+            let off = if whole || rng.gen_bool(0.3) {
                 rng.gen_range(0..size / bs) * bs
             } else {
                 rng.gen_range(0..=size - l)

@@ -296,6 +296,13 @@ fn origin_failure_keeps_dirty_data_and_serves_cached_blocks() {
 
 #[test]
 fn writers_wait_for_writeback_when_the_cache_is_full_of_dirty_data() {
+    // Large requests, then single blocks (which take another path).
+    for chunk in [256 * 1024, 4096] {
+        fill_beyond_the_cache(chunk);
+    }
+}
+
+fn fill_beyond_the_cache(chunk: usize) {
     let rig = Rig::new(3 * MIB, 32 * MIB, 4096);
     rig.origin.set_delay(Duration::from_micros(200));
     let e = rig.open(EngineConfig {
@@ -305,7 +312,6 @@ fn writers_wait_for_writeback_when_the_cache_is_full_of_dirty_data() {
     });
     let slots = e.layout().slot_count as usize;
     let total = slots * 4096 * 3;
-    let chunk = 256 * 1024;
     for (i, off) in (0..total).step_by(chunk).enumerate() {
         e.write(off as u64, &pattern(i as u64, chunk), false)
             .unwrap();
@@ -313,7 +319,7 @@ fn writers_wait_for_writeback_when_the_cache_is_full_of_dirty_data() {
     let s = e.stats();
     assert!(
         s.waits_for_space > 0,
-        "writes beyond the cache size must have waited: {s:?}"
+        "writes of {chunk} beyond the cache size must have waited: {s:?}"
     );
     rig.origin.set_delay(Duration::ZERO);
     e.flush_all(3, &mut |_, _| {}).unwrap();
@@ -321,7 +327,7 @@ fn writers_wait_for_writeback_when_the_cache_is_full_of_dirty_data() {
     for (i, off) in (0..total).step_by(chunk).enumerate() {
         assert!(
             o[off..off + chunk] == pattern(i as u64, chunk)[..],
-            "chunk {i} lost"
+            "chunk {i} of {chunk} lost"
         );
     }
     e.close().unwrap();
