@@ -733,6 +733,11 @@ impl Engine {
         }
         let bs = self.bs();
         let (b0, b1) = (offset / bs, (offset + len - 1) / bs);
+        if b0 == b1 {
+            if let Some(r) = self.read_block_hit(offset, len, sink) {
+                return r.map(|()| true);
+            }
+        }
         let ids = self.shards_of(b0, b1);
         let nblocks = (b1 - b0 + 1) as usize;
 
@@ -818,6 +823,56 @@ impl Engine {
         result.map(|()| true)
     }
 
+    /// A read within one cached block, without the general path's
+    /// bookkeeping (what `read_impl` does for a request that hits).
+    /// `None` on a miss or a saturated pin count; the general path then
+    /// takes the request.
+    fn read_block_hit(
+        &self,
+        offset: u64,
+        len: u64,
+        sink: &mut dyn FnMut(&[IoSlice<'_>]) -> io::Result<()>,
+    ) -> Option<Result<()>> {
+        let bs = self.bs();
+        let b = offset / bs;
+        let sh = self.shard_of(b);
+        let shard = &self.shards[sh];
+        let (base, n) = shard.buckets;
+        pmcache_pmem::flush::prefetch((base + bucket_index(b, n) * 4) as *const u8);
+        let mut ix = shard.ix.lock();
+        let s = ix.lookup(b)?;
+        if !ix.pin(s) {
+            return None;
+        }
+        ix.touch(s);
+        let zero = ix.key(s) & K_ZERO != 0;
+        let first = ix.first_slot;
+        drop(ix);
+        self.counters.add(Ctr::ReadHits, 1);
+        self.counters.add(Ctr::ReadBytes, len);
+        let lo = (offset - b * bs) as usize;
+        let bytes = if zero {
+            &self.zeros[lo..lo + len as usize]
+        } else {
+            // SAFETY: pinned above; unpinned after the sink returns.
+            unsafe { self.pinned_bytes(first, s, lo, len as usize) }
+        };
+        let r = sink(&[IoSlice::new(bytes)]).map_err(EngineError::Transfer);
+        shard.ix.lock().unpin(s);
+        Some(r)
+    }
+
+    /// Bytes of a slot's data.
+    ///
+    /// # Safety
+    /// The caller holds a pin on the slot (or owns it, after a fill) until
+    /// it drops the slice: pinned slots are never handed to writers
+    /// (copy-on-write), so nobody writes the bytes meanwhile.
+    unsafe fn pinned_bytes(&self, first: u64, s: u32, lo: usize, len: usize) -> &[u8] {
+        // SAFETY: as the caller guarantees.
+        unsafe { self.region.slice(self.data(first, s) + lo, len) }
+    }
+
     /// Drop the pins a lookup took, with its shard locks still held.
     fn unpin_hits(ids: &[usize], g: &mut [MutexGuard<'_, ShardIndex>], locs: &[Loc]) {
         for l in locs {
@@ -867,12 +922,10 @@ impl Engine {
             match slot {
                 None => slices.push(IoSlice::new(&self.zeros[lo..hi])),
                 Some((shard, s)) => {
-                    let first = self.firsts[shard];
-                    let off = self.data(first, s) + lo;
-                    // SAFETY: the slot is pinned, and pinned slots are never
-                    // handed to writers (copy-on-write), so nobody writes it
-                    // while this slice lives.
-                    slices.push(IoSlice::new(unsafe { self.region.slice(off, hi - lo) }));
+                    // SAFETY: hits are pinned and filled slots owned by
+                    // this request until after the sink returns.
+                    let bytes = unsafe { self.pinned_bytes(self.firsts[shard], s, lo, hi - lo) };
+                    slices.push(IoSlice::new(bytes));
                 }
             }
         }
