@@ -284,7 +284,9 @@ fn section_profile(what: &str, ops: usize) {
                 .write(rng.below(ws_blocks) * BS as u64, &b.0, false)
                 .unwrap();
         }),
-        "write" => run_threads(1, ops, |rng, b| {
+        // PMCACHE_PROFILE_THREADS=3 on 2 cores: writers preempted
+        // mid-transaction, as on a busy host.
+        "write" => run_threads(env_or("PMCACHE_PROFILE_THREADS", 1), ops, |rng, b| {
             b.0[..8].copy_from_slice(&rng.next_u64().to_le_bytes());
             engine
                 .write(rng.below(ws_blocks) * BS as u64, &b.0, false)

@@ -459,6 +459,7 @@ impl Engine {
     fn prepare_reclaim(&self, ix: &mut ShardIndex, victims: usize) -> Batch {
         let first = ix.first_slot;
         let durable = self.seq.durable();
+        ix.reclaim_durable = durable;
         let mut out: Vec<(u32, u64, bool)> = Vec::with_capacity(ix.retiring.len() + victims);
         // A block's newest version may be evicted only once every older
         // version is durably FREE (format rule 3). Older versions made FREE
@@ -565,17 +566,14 @@ impl Engine {
         true
     }
 
-    /// A fence that only raises S, when retiring slots wait for S and S can
-    /// rise. Writers retire slots under their own seq, which only a later
-    /// fence covers; with no later writer, a waiting allocator must issue
-    /// that fence itself. `ix` is re-locked on return. True if S rose.
+    /// A fence that only raises S, when S lags the seqs handed out. Retired
+    /// slots wait for S to cover their seq, and so do eviction victims;
+    /// writers raise S only now and then (see `Sequencer::
+    /// stage_watermark_own`), so with no later writer a waiting allocator
+    /// must issue that fence itself. `ix` is re-locked on return. True if
+    /// S rose.
     fn raise_watermark(&self, ix: &mut MutexGuard<'_, ShardIndex>) -> bool {
-        let durable = self.seq.durable();
-        let waiting = ix
-            .retiring
-            .iter()
-            .any(|r| r.state == RState::Live && r.seq > durable);
-        if !waiting {
+        if self.seq.last() <= self.seq.durable() {
             return false;
         }
         let staged = MutexGuard::unlocked(ix, || {
@@ -668,7 +666,11 @@ impl Engine {
     /// runs low or has enough retired slots (`count`: the request's blocks).
     fn piggyback_batch(&self, ix: &mut ShardIndex, count: u32) -> Option<Batch> {
         let lw = low_water(ix.nslots(), count);
-        if ix.reclaiming || (ix.free_len >= lw && ix.retiring.len() < RECLAIM_EARLY) {
+        // While a slow or preempted transaction holds S back, nothing new
+        // can be freed; rescanning the growing list on every write would
+        // make each write cost as much as the list is long.
+        let early = ix.retiring.len() >= RECLAIM_EARLY && self.seq.durable() > ix.reclaim_durable;
+        if ix.reclaiming || (ix.free_len >= lw && !early) {
             return None;
         }
         let want = lw.saturating_sub(ix.free_len) as usize;

@@ -104,6 +104,9 @@ pub struct ShardIndex {
     pub retiring: Vec<Retired>,
     /// A reclaim batch is between its FREE stores and its fence.
     pub reclaiming: bool,
+    /// The durable S when a reclaim batch was last prepared: retired slots
+    /// wait for S, so an early reclaim is pointless until S has moved.
+    pub reclaim_durable: u64,
     pub locks: BlockMap<BlockLock>,
     pub dirty: u32,
     pub valid: u32,
@@ -135,6 +138,7 @@ impl ShardIndex {
             free_len: 0,
             retiring: Vec::new(),
             reclaiming: false,
+            reclaim_durable: 0,
             locks: BlockMap::default(),
             dirty: 0,
             valid: 0,
