@@ -71,6 +71,15 @@ pub(crate) struct Shard {
     buckets: (usize, usize),
 }
 
+impl Shard {
+    /// Start loading the (likely cold) bucket of `block` before the lock,
+    /// so the lookup under it does not wait for the line.
+    fn prefetch_bucket(&self, block: u64) {
+        let (base, n) = self.buckets;
+        pmcache_pmem::flush::prefetch((base + bucket_index(block, n) * 4) as *const u8);
+    }
+}
+
 pub(crate) struct WritebackCtl {
     pub(crate) kick: Mutex<bool>,
     pub(crate) cv: Condvar,
@@ -356,8 +365,7 @@ impl Engine {
         // The publish looks these buckets up after the fence; start the
         // (likely cold) loads now, before the locks.
         for b in b0..=b1.min(b0 + 3) {
-            let (base, n) = self.shards[self.shard_of(b)].buckets;
-            pmcache_pmem::flush::prefetch((base + bucket_index(b, n) * 4) as *const u8);
+            self.shards[self.shard_of(b)].prefetch_bucket(b);
         }
         let mut held = None;
         for &sh in &ids {
@@ -839,8 +847,7 @@ impl Engine {
         let b = offset / bs;
         let sh = self.shard_of(b);
         let shard = &self.shards[sh];
-        let (base, n) = shard.buckets;
-        pmcache_pmem::flush::prefetch((base + bucket_index(b, n) * 4) as *const u8);
+        shard.prefetch_bucket(b);
         let mut ix = shard.ix.lock();
         let s = ix.lookup(b)?;
         if !ix.pin(s) {
@@ -1174,8 +1181,7 @@ impl Engine {
     fn write_block_fast(&self, b: u64, data: &[u8]) -> Option<Result<()>> {
         let sh = self.shard_of(b);
         let shard = &self.shards[sh];
-        let (base, n) = shard.buckets;
-        pmcache_pmem::flush::prefetch((base + bucket_index(b, n) * 4) as *const u8);
+        shard.prefetch_bucket(b);
         let mut ix = shard.ix.lock();
         if ix.free_len == 0 || (!ix.locks.is_empty() && ix.lock_state(b).writer) {
             return None;
@@ -1199,15 +1205,7 @@ impl Engine {
             self.flush_reclaim(first, batch);
         }
         self.region.fence();
-        let hit = match ix.lookup(b) {
-            Some(old) => {
-                ix.remove(old);
-                self.retire(&mut ix, old, t.seq);
-                true
-            }
-            None => false,
-        };
-        ix.insert(slot, b, K_DIRTY);
+        let hit = self.publish(&mut ix, slot, b, K_DIRTY, t.seq);
         if let Some(batch) = batch {
             self.complete_reclaim(&mut ix, batch);
         }
@@ -1516,21 +1514,12 @@ impl Engine {
         for nb in &nbs {
             let pos = Self::guard_pos(&ids, nb.shard);
             let ix = &mut g[pos];
-            if let Some(old) = ix.lookup(nb.block) {
-                // Retire under this transaction's seq rather than the old
-                // version's: it is larger, so the FREE store waits at least
-                // as long as rule 2 asks, and no cold entry line is read.
-                ix.remove(old);
-                self.retire(ix, old, seq);
+            let flags = K_DIRTY | if nb.zero { K_ZERO } else { 0 };
+            if self.publish(ix, nb.slot, nb.block, flags, seq) {
                 hits += 1;
             } else {
                 misses += 1;
             }
-            ix.insert(
-                nb.slot,
-                nb.block,
-                K_DIRTY | if nb.zero { K_ZERO } else { 0 },
-            );
             if release {
                 ix.unpin(nb.slot);
                 ix.update_lock(nb.block, |l| l.writer = false);
@@ -1552,6 +1541,21 @@ impl Engine {
         // context switch per request. It polls, and writers short of space
         // kick it.
         Ok(nbs)
+    }
+
+    /// After a write's fence: make `slot` the current version of `block`
+    /// and retire the version it replaces. True if there was one.
+    fn publish(&self, ix: &mut ShardIndex, slot: u32, block: u64, flags: u64, seq: u64) -> bool {
+        let old = ix.lookup(block);
+        if let Some(old) = old {
+            // Retire under this transaction's seq rather than the old
+            // version's: it is larger, so the FREE store waits at least as
+            // long as rule 2 asks, and no cold entry line is read.
+            ix.remove(old);
+            self.retire(ix, old, seq);
+        }
+        ix.insert(slot, block, flags);
+        old.is_some()
     }
 
     /// Give back reclaim batches that failed before their FREE stores: the

@@ -40,18 +40,13 @@ thread_local! {
     static MINE: Claim = Claim::take();
 }
 
-/// The owned stripe of this thread, or `None` (shared stripe).
-fn owned() -> Option<usize> {
-    MINE.try_with(|c| c.0).ok().flatten()
-}
-
-/// The stripe (below [`STRIPES`]) this thread owns for its lifetime, if
-/// any. Other per-thread structures may use it as an index: no other live
-/// thread has the same one, and a later owner's claim is ordered after this
-/// thread's exit.
+/// The stripe (below [`STRIPES`]) this thread owns for its lifetime, or
+/// `None` (it counts in the shared stripe). Other per-thread structures may
+/// use it as an index: no other live thread has the same one, and a later
+/// owner's claim is ordered after this thread's exit.
 #[inline]
 pub fn thread_stripe() -> Option<usize> {
-    owned()
+    MINE.try_with(|c| c.0).ok().flatten()
 }
 
 #[repr(align(128))]
@@ -77,7 +72,7 @@ impl<const N: usize> Counters<N> {
     /// Add `n` to counter `c`.
     #[inline]
     pub fn add(&self, c: usize, n: u64) {
-        match owned() {
+        match thread_stripe() {
             Some(i) => {
                 // Only this thread writes stripe `i` while it holds the claim.
                 let a = &self.stripes[i].0[c];
