@@ -203,14 +203,11 @@ fn section_profile(what: &str, ops: usize) {
     let ws_blocks: u64 = 64 * 1024;
     // `cold*`: rounds of 40,000 operations, each after a 256 MiB sweep that
     // evicts the CPU caches, as the read rounds of `-- small` do.
-    let sweep_buf = vec![1u8; 256 * MIB as usize];
-    let sweep = || {
-        black_box(sweep_buf.iter().step_by(64).map(|&x| x as u64).sum::<u64>());
-    };
     let cold = |f: &(dyn Fn(&mut Rng, &mut Block) + Sync)| -> f64 {
+        let sweep_buf = vec![1u8; 256 * MIB as usize];
         let (mut done, mut secs) = (0usize, 0f64);
         while done < ops {
-            sweep();
+            black_box(sweep_buf.iter().step_by(64).map(|&x| x as u64).sum::<u64>());
             let n = (ops - done).min(40_000);
             secs += n as f64 / run_threads(1, n, f);
             done += n;
@@ -223,22 +220,15 @@ fn section_profile(what: &str, ops: usize) {
         for b in 0..ws_blocks {
             blk.write(&buf.0, b);
         }
-        if what == "coldblkwrite" {
-            let r = cold(&|rng, b| {
-                b.0[..8].copy_from_slice(&rng.next_u64().to_le_bytes());
-                blk.write(&b.0, rng.below(ws_blocks));
-            });
-            println!("{what}: {r:.0} op/s");
-            return;
-        }
-        let r = run_threads(1, ops, |rng, b| {
-            if what == "blkwrite" {
-                b.0[..8].copy_from_slice(&rng.next_u64().to_le_bytes());
-                blk.write(&b.0, rng.below(ws_blocks));
-            } else {
-                blk.read(&mut b.0, rng.below(ws_blocks));
-            }
-        });
+        let write = |rng: &mut Rng, b: &mut Block| {
+            b.0[..8].copy_from_slice(&rng.next_u64().to_le_bytes());
+            blk.write(&b.0, rng.below(ws_blocks));
+        };
+        let r = match what {
+            "coldblkwrite" => cold(&write),
+            "blkwrite" => run_threads(1, ops, write),
+            _ => run_threads(1, ops, |rng, b| blk.read(&mut b.0, rng.below(ws_blocks))),
+        };
         println!("{what}: {r:.0} op/s");
         return;
     }
@@ -247,6 +237,12 @@ fn section_profile(what: &str, ops: usize) {
     for b in 0..ws_blocks {
         engine.write(b * BS as u64, &buf.0, false).unwrap();
     }
+    let write = |rng: &mut Rng, b: &mut Block| {
+        b.0[..8].copy_from_slice(&rng.next_u64().to_le_bytes());
+        engine
+            .write(rng.below(ws_blocks) * BS as u64, &b.0, false)
+            .unwrap();
+    };
     let slots = engine.layout().slot_count;
     let data0 = engine.layout().data_offset as usize;
     let region = engine.region().clone();
@@ -278,20 +274,10 @@ fn section_profile(what: &str, ops: usize) {
                 region.fence();
             })
         }
-        "coldwrite" => cold(&|rng, b| {
-            b.0[..8].copy_from_slice(&rng.next_u64().to_le_bytes());
-            engine
-                .write(rng.below(ws_blocks) * BS as u64, &b.0, false)
-                .unwrap();
-        }),
+        "coldwrite" => cold(&write),
         // PMCACHE_PROFILE_THREADS=3 on 2 cores: writers preempted
         // mid-transaction, as on a busy host.
-        "write" => run_threads(env_or("PMCACHE_PROFILE_THREADS", 1), ops, |rng, b| {
-            b.0[..8].copy_from_slice(&rng.next_u64().to_le_bytes());
-            engine
-                .write(rng.below(ws_blocks) * BS as u64, &b.0, false)
-                .unwrap();
-        }),
+        "write" => run_threads(env_or("PMCACHE_PROFILE_THREADS", 1), ops, write),
         "read" => run_threads(1, ops, |rng, b| {
             engine
                 .read(rng.below(ws_blocks) * BS as u64, &mut b.0)
