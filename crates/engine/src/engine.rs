@@ -26,6 +26,7 @@ use smallvec::SmallVec;
 
 use crate::error::{EngineError, Result};
 use crate::format::*;
+use crate::hooks::{HookFn, HookPoint, Hooks};
 use crate::index::*;
 use crate::stats::{Counters, Ctr, StatsSnapshot};
 use crate::txn::Sequencer;
@@ -107,6 +108,7 @@ pub struct Engine {
     pub(crate) sb: Mutex<(Superblock, usize)>,
     pub(crate) wb: WritebackCtl,
     pub(crate) closed: AtomicBool,
+    pub(crate) hooks: Hooks,
 }
 
 /// Where a block of a request lives while the request runs.
@@ -248,10 +250,22 @@ impl Engine {
                 rotor: Default::default(),
             },
             closed: AtomicBool::new(false),
+            hooks: Hooks::default(),
         })
     }
 
     // ----- small helpers -------------------------------------------------
+
+    /// Install (or remove) a test hook; see [`HookPoint`]. For tests that
+    /// must force one interleaving of concurrent requests.
+    #[doc(hidden)]
+    pub fn set_test_hook(&self, f: Option<HookFn>) {
+        self.hooks.install(f);
+    }
+
+    fn test_hook(&self, point: HookPoint) {
+        self.hooks.run(point);
+    }
 
     pub fn size(&self) -> u64 {
         self.size
@@ -1037,15 +1051,12 @@ impl Engine {
             i = j;
         }
         drop(targets);
-        for &b in &missing {
-            let sh = self.shard_of(b);
-            self.shards[sh]
-                .ix
-                .lock()
-                .update_lock(b, |l| l.origin_readers -= 1);
-            self.shards[sh].cv.notify_all();
-        }
+        // Bounce buffers publish nothing: their reader locks can go now. A
+        // filled block keeps its lock until `commit_fill` has decided, under
+        // the same shard lock, whether its data may still be published.
+        self.release_origin_readers(bounce.iter().map(|b| b.0));
         if let Err(source) = res {
+            self.release_origin_readers(filled.iter().map(|nb| nb.block));
             self.release_slots(&filled);
             return Err(EngineError::Origin {
                 offset: missing[0] * bs as u64,
@@ -1053,13 +1064,32 @@ impl Engine {
             });
         }
         if !filled.is_empty() {
+            self.test_hook(HookPoint::FillRead);
             self.commit_fill(&mut filled, &firsts);
         }
         Ok((filled, bounce))
     }
 
+    fn release_origin_readers(&self, blocks: impl Iterator<Item = u64>) {
+        for b in blocks {
+            let sh = self.shard_of(b);
+            self.shards[sh]
+                .ix
+                .lock()
+                .update_lock(b, |l| l.origin_readers -= 1);
+            self.shards[sh].cv.notify_all();
+        }
+    }
+
     /// Publish freshly read blocks as clean cache entries. A block that a
     /// writer took meanwhile is not published: the writer's version is newer.
+    ///
+    /// The caller still holds each block's origin-reader lock, so since the
+    /// read no origin write (writeback, writethrough, writearound) can have
+    /// changed the block on the origin; a newer version can only be in the
+    /// index or under a writer lock, which the check below sees. The reader
+    /// lock is dropped in the same critical section as that check, and a
+    /// kept block holds the writer lock from there to its publish.
     fn commit_fill(&self, filled: &mut [NewBlock], firsts: &[u64]) {
         let ids: ShardIds = {
             let mut v: ShardIds = filled.iter().map(|n| n.shard).collect();
@@ -1072,11 +1102,17 @@ impl Engine {
             let mut g = self.lock_all(&ids);
             for (i, nb) in filled.iter().enumerate() {
                 let ix = &mut g[Self::guard_pos(&ids, nb.shard)];
-                if ix.lookup(nb.block).is_none() && !ix.lock_state(nb.block).writer {
+                let lock = ix.lock_state(nb.block);
+                assert!(lock.origin_readers > 0 && !lock.origin_writer);
+                ix.update_lock(nb.block, |l| l.origin_readers -= 1);
+                if ix.lookup(nb.block).is_none() && !lock.writer {
                     ix.update_lock(nb.block, |l| l.writer = true);
                     keep[i] = true;
                 }
             }
+        }
+        for &sh in &ids {
+            self.shards[sh].cv.notify_all();
         }
         let count = keep.iter().filter(|&&k| k).count() as u32;
         if count > 0 {

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pmcache_engine::{check, CacheMode, Engine, EngineConfig, EngineError};
+use pmcache_engine::{check, CacheMode, Engine, EngineConfig, EngineError, HookPoint};
 use pmcache_origin::{MemOrigin, Origin};
 use pmcache_pmem::{PmemRegion, SimRegion};
 use rand::rngs::SmallRng;
@@ -605,4 +605,136 @@ fn try_read_cached_serves_hits_and_declines_misses() {
         (before.read_misses, before.promotions)
     );
     assert_eq!(rig.origin.write_count() + rig.origin.flush_count(), 0);
+}
+
+/// Pauses the first read miss at [`HookPoint::FillRead`] (after its origin
+/// read, before it publishes) until [`Pause::release`].
+struct Pause {
+    armed: AtomicBool,
+    state: std::sync::Mutex<(bool, bool)>,
+    cv: std::sync::Condvar,
+}
+
+impl Pause {
+    fn install(e: &Engine) -> Arc<Pause> {
+        let p = Arc::new(Pause {
+            armed: AtomicBool::new(true),
+            state: std::sync::Mutex::new((false, false)),
+            cv: std::sync::Condvar::new(),
+        });
+        let hook = p.clone();
+        e.set_test_hook(Some(Arc::new(move |point| {
+            if point == HookPoint::FillRead && hook.armed.swap(false, Ordering::SeqCst) {
+                let mut st = hook.state.lock().unwrap();
+                st.0 = true;
+                hook.cv.notify_all();
+                while !st.1 {
+                    st = hook.cv.wait(st).unwrap();
+                }
+            }
+        })));
+        p
+    }
+
+    fn wait_reached(&self) {
+        let mut st = self.state.lock().unwrap();
+        while !st.0 {
+            st = self.cv.wait(st).unwrap();
+        }
+    }
+
+    fn release(&self) {
+        self.state.lock().unwrap().1 = true;
+        self.cv.notify_all();
+    }
+}
+
+/// A miss that read old data from the origin must not publish it after a
+/// newer write has reached the origin and left the cache (issue 11's
+/// stale-fill race, writeback mode): the reader is held between its origin
+/// read and its publish while a write, its writeback and an eviction run.
+#[test]
+fn a_read_miss_never_publishes_data_older_than_a_write_that_overtook_it() {
+    let rig = Rig::new(MIB, 8 * MIB, 4096);
+    let e = rig.open(EngineConfig {
+        max_request: 64 << 10,
+        shards: Some(1),
+        ..manual()
+    });
+    let x = 5 * 4096u64;
+    let pause = Pause::install(&e);
+    let reader = {
+        let e = e.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            e.read(x, &mut buf).unwrap();
+        })
+    };
+    pause.wait_reached();
+    let d1 = pattern(77, 4096);
+    e.write(x, &d1, false).unwrap();
+    // Write X back and push it out of the cache with other blocks, as far as
+    // the engine lets us while the reader is held.
+    let filler = {
+        let e = e.clone();
+        std::thread::spawn(move || {
+            let slots = e.layout().slot_count;
+            for i in 0..3 * slots {
+                let b = 64 + i % 1500;
+                e.write(b * 4096, &pattern(b, 4096), false).unwrap();
+                if i % 16 == 0 {
+                    e.writeback_step(64).unwrap();
+                }
+            }
+        })
+    };
+    filler.join().unwrap();
+    pause.release();
+    reader.join().unwrap();
+    let mut got = vec![0u8; 4096];
+    e.read(x, &mut got).unwrap();
+    assert!(
+        got == d1,
+        "a read returned data older than an acknowledged write"
+    );
+    e.flush_all(0, &mut |_, _| {}).unwrap();
+    assert!(rig.origin.current()[x as usize..x as usize + 4096] == d1[..]);
+}
+
+/// The same race in writearound mode: the write goes to the origin while
+/// the reader is held, and must win.
+#[test]
+fn a_read_miss_never_publishes_data_older_than_a_writearound_write() {
+    let rig = Rig::new(MIB, 8 * MIB, 4096);
+    let e = rig.open(EngineConfig {
+        mode: Some(CacheMode::Writearound),
+        max_request: 64 << 10,
+        ..manual()
+    });
+    let x = 9 * 4096u64;
+    let pause = Pause::install(&e);
+    let reader = {
+        let e = e.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            e.read(x, &mut buf).unwrap();
+        })
+    };
+    pause.wait_reached();
+    let d1 = pattern(78, 4096);
+    let writer = {
+        let (e, d1) = (e.clone(), d1.clone());
+        std::thread::spawn(move || e.write(x, &d1, false).unwrap())
+    };
+    // Give the write every chance to finish before the reader publishes.
+    std::thread::sleep(Duration::from_millis(200));
+    pause.release();
+    reader.join().unwrap();
+    writer.join().unwrap();
+    let mut got = vec![0u8; 4096];
+    e.read(x, &mut got).unwrap();
+    assert!(
+        got == d1,
+        "a read returned data older than an acknowledged write"
+    );
 }
