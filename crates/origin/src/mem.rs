@@ -23,6 +23,9 @@ struct State {
 pub struct MemOrigin {
     state: Mutex<State>,
     fail: AtomicBool,
+    /// Fail one operation in this many at random (0: never).
+    fail_one_in: AtomicU64,
+    ops: AtomicU64,
     delay_us: AtomicU64,
     writes: AtomicU64,
     flushes: AtomicU64,
@@ -43,6 +46,8 @@ impl MemOrigin {
                 pending: Vec::new(),
             }),
             fail: AtomicBool::new(false),
+            fail_one_in: AtomicU64::new(0),
+            ops: AtomicU64::new(0),
             delay_us: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
@@ -59,6 +64,12 @@ impl MemOrigin {
     /// Make every operation fail (origin down) until switched back.
     pub fn set_failing(&self, fail: bool) {
         self.fail.store(fail, Ordering::SeqCst);
+    }
+
+    /// Fail about one operation in `n` (a flaky origin); 0 turns it off.
+    /// Which ones fail follows a fixed sequence, so runs are repeatable.
+    pub fn set_fail_one_in(&self, n: u64) {
+        self.fail_one_in.store(n, Ordering::SeqCst);
     }
 
     /// Add latency to every operation (a slow NAS).
@@ -104,6 +115,12 @@ impl MemOrigin {
         }
         if self.fail.load(Ordering::SeqCst) {
             return Err(io::Error::other("injected origin failure"));
+        }
+        let n = self.fail_one_in.load(Ordering::Relaxed);
+        // Fibonacci hashing of the operation number: failures spread evenly.
+        let op = self.ops.fetch_add(1, Ordering::Relaxed);
+        if n > 0 && (op.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % n == 0 {
+            return Err(io::Error::other("injected intermittent origin failure"));
         }
         Ok(())
     }
