@@ -119,7 +119,7 @@ impl MemOrigin {
         let n = self.fail_one_in.load(Ordering::Relaxed);
         // Fibonacci hashing of the operation number: failures spread evenly.
         let op = self.ops.fetch_add(1, Ordering::Relaxed);
-        if n > 0 && (op.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % n == 0 {
+        if n > 0 && (op.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32).is_multiple_of(n) {
             return Err(io::Error::other("injected intermittent origin failure"));
         }
         Ok(())
