@@ -42,6 +42,8 @@ pub struct EngineConfig {
     pub background_writeback: bool,
     /// Blocks per writeback batch (one origin flush each).
     pub writeback_batch: usize,
+    /// Pause between batches while the dirty share is low (trickle).
+    pub writeback_pause: Duration,
     /// Attach even if the origin's identity differs from the superblock.
     pub force_origin: bool,
     /// Number of shards (rounded to a power of two); `None` picks by size.
@@ -58,6 +60,7 @@ impl Default for EngineConfig {
             max_request: 1 << 20,
             background_writeback: true,
             writeback_batch: 256,
+            writeback_pause: Duration::from_millis(100),
             force_origin: false,
             shards: None,
             promote_reads: true,

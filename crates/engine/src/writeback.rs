@@ -174,8 +174,6 @@ impl Engine {
 /// dm-writecache's high watermark (50%): an idle cache still drains, but a
 /// busy one keeps its CPU and origin bandwidth for clients.
 const WRITEBACK_PERCENT: u64 = 50;
-/// Pause between batches while trickling: at most a batch per pause.
-const TRICKLE_PAUSE: Duration = Duration::from_millis(100);
 
 /// Writeback with exponential backoff on origin errors. Dirty data is
 /// never dropped: a failing batch stays dirty and is retried.
@@ -200,8 +198,9 @@ fn writeback_loop(engine: std::sync::Weak<Engine>) {
                 // writers wait for space and kick), at full speed.
                 let dirty = e.dirty_blocks();
                 if dirty * 100 < e.layout.slot_count * WRITEBACK_PERCENT {
+                    let pause = e.cfg.writeback_pause;
                     drop(e);
-                    std::thread::sleep(TRICKLE_PAUSE);
+                    std::thread::sleep(pause);
                 }
             }
             Err(err) => {

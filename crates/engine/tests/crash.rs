@@ -1,12 +1,17 @@
 //! Simulated power loss at every persistence point (contract §3).
 //!
-//! Random workloads (writes of 1 byte to 1 MiB, overwrites, zeroes, trims,
-//! reads, writeback, eviction) run against the engine on the crash
+//! Random workloads (writes of 1 byte to 1 MiB, from memory and through the
+//! NBD receive path, with and without FUA; overwrites, zeroes, trims, reads,
+//! writeback, eviction, mode switches) run against the engine on the crash
 //! simulator. At each persistence point, crash images are reopened and
 //! checked against a model of what was acknowledged: promises 3–6, the
-//! offline check, no lost dirty data, no spurious dirty blocks; some images
-//! also crash their own recovery, and some are written back in full and the
-//! origin compared.
+//! offline check, no lost dirty data, no spurious dirty blocks, a warm cache
+//! whose dirty set is exactly the media's, and clean blocks that the origin
+//! really holds; some images also crash their own recovery, and some are
+//! written back in full and the origin compared. Variants cover several
+//! shards with requests across them, the background writeback thread, a
+//! flaky origin, every cache mode, and crash → recover → write → crash
+//! chains several generations deep.
 //!
 //! `PMCACHE_CRASH_IMAGES=N` sets the total number of images (default
 //! 20,000). A violation prints the seed; `PMCACHE_SEED=<seed>` replays it.
@@ -14,8 +19,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use std::time::Duration;
+
 use pmcache_engine::check;
-use pmcache_engine::{Engine, EngineConfig};
+use pmcache_engine::{CacheMode, Engine, EngineConfig};
 use pmcache_origin::{MemOrigin, Origin};
 use pmcache_pmem::sim::{enumerate, CrashConfig, CrashImage};
 use pmcache_pmem::{PmemRegion, SimRegion};
@@ -35,11 +42,22 @@ struct Variant {
     /// Workload threads, each on its own part of the device (so the model
     /// per thread is exact) but sharing shards, slots, reclaim and writeback.
     threads: usize,
+    shards: u32,
+    /// Run the background writeback thread during the workload.
+    background_writeback: bool,
+    /// Fail one origin request in this many (0: a healthy origin).
+    origin_fail_one_in: u64,
+    /// Switch among all four cache modes during the workload.
+    modes: bool,
+    /// The origin keeps every write it accepted (a NAS that did not lose
+    /// power); otherwise unflushed origin writes may be lost as well.
+    origin_survives: bool,
+    /// Crash → recover → more writes → crash, this many times.
+    generations: usize,
 }
 
-/// Small blocks, small cache under eviction pressure: many cheap images.
-const SMALL: Variant = Variant {
-    name: "small",
+const BASE: Variant = Variant {
+    name: "",
     block: 512,
     max_request: 64 << 10,
     region_len: 12288 + 700 * 576 + 4096,
@@ -47,6 +65,18 @@ const SMALL: Variant = Variant {
     ops: 80,
     stride: 3,
     threads: 1,
+    shards: 1,
+    background_writeback: false,
+    origin_fail_one_in: 0,
+    modes: false,
+    origin_survives: false,
+    generations: 1,
+};
+
+/// Small blocks, small cache under eviction pressure: many cheap images.
+const SMALL: Variant = Variant {
+    name: "small",
+    ..BASE
 };
 /// 4 KiB blocks and writes up to 1 MiB.
 const LARGE: Variant = Variant {
@@ -57,30 +87,75 @@ const LARGE: Variant = Variant {
     origin_len: 3 << 20,
     ops: 24,
     stride: 4,
-    threads: 1,
+    ..BASE
 };
 /// Two threads at once: cross-thread flush and fence ordering.
 const CONCURRENT: Variant = Variant {
     name: "concurrent",
-    block: 512,
-    max_request: 64 << 10,
-    region_len: 12288 + 700 * 576 + 4096,
-    origin_len: 640 << 10,
     ops: 50,
-    stride: 3,
     threads: 2,
+    ..BASE
+};
+/// What production runs: four shards over a 4 MiB origin (requests cross
+/// the 1 MiB chunks that map to shards), the background writeback thread,
+/// a flaky origin, and three generations of crash and recovery.
+const PRODUCTION: Variant = Variant {
+    name: "production",
+    region_len: 12288 + 1200 * 576 + 4096,
+    origin_len: 4 << 20,
+    ops: 20,
+    threads: 2,
+    stride: 5,
+    shards: 4,
+    background_writeback: true,
+    origin_fail_one_in: 40,
+    generations: 3,
+    ..BASE
+};
+/// Every cache mode, switched at random, with FUA and a flaky origin.
+const MODES: Variant = Variant {
+    name: "modes",
+    region_len: 12288 + 1200 * 576 + 4096,
+    origin_len: 2 << 20,
+    ops: 24,
+    stride: 9,
+    threads: 2,
+    shards: 4,
+    background_writeback: true,
+    origin_fail_one_in: 50,
+    modes: true,
+    origin_survives: true,
+    ..BASE
 };
 
 const ORIGIN_NAME: &str = "crash-origin";
 
 #[derive(Clone, Debug)]
 enum Op {
-    Write { off: u64, data: Vec<u8> },
-    Zero { off: u64, len: u64 },
-    Trim { off: u64, len: u64 },
-    Read { off: u64, len: u64 },
+    /// `recv`: through `write_with`, as the NBD server receives a payload.
+    Write {
+        off: u64,
+        data: Vec<u8>,
+        fua: bool,
+        recv: bool,
+    },
+    Zero {
+        off: u64,
+        len: u64,
+        fua: bool,
+    },
+    Trim {
+        off: u64,
+        len: u64,
+        fua: bool,
+    },
+    Read {
+        off: u64,
+        len: u64,
+    },
     Writeback(usize),
     Flush,
+    SetMode(CacheMode),
 }
 
 /// What clients were told, as seen at a crash.
@@ -94,19 +169,34 @@ struct Model {
     ops: Vec<String>,
 }
 
+/// For opening crash images: no background thread, so every persistence
+/// point comes from the thread being checked.
 fn cfg(v: &Variant) -> EngineConfig {
     EngineConfig {
         max_request: v.max_request,
         background_writeback: false,
         writeback_batch: 64,
+        shards: Some(v.shards),
         ..Default::default()
     }
 }
 
-/// For inspecting a recovered cache: reads change nothing.
+/// For the workload.
+fn workload_cfg(v: &Variant) -> EngineConfig {
+    EngineConfig {
+        background_writeback: v.background_writeback,
+        writeback_pause: Duration::from_micros(200),
+        writeback_batch: 16,
+        ..cfg(v)
+    }
+}
+
+/// For inspecting a recovered cache: reads change nothing, and reads of
+/// clean blocks come from the cache whatever mode it was left in.
 fn inspect_cfg(v: &Variant) -> EngineConfig {
     EngineConfig {
         promote_reads: false,
+        mode: Some(CacheMode::Writeback),
         ..cfg(v)
     }
 }
@@ -132,18 +222,43 @@ fn gen_ops(v: &Variant, rng: &mut SmallRng, base: u64, size: u64) -> Vec<Op> {
             } else {
                 rng.gen_range(0..=size - l)
             };
+            // Across a 1 MiB chunk boundary (two shards) where there is one.
+            let chunks = (base + size) >> 20;
+            let off = if chunks > base >> 20 && rng.gen_bool(0.3) {
+                let edge = rng.gen_range((base >> 20) + 1..=chunks) << 20;
+                (edge - base)
+                    .saturating_sub(rng.gen_range(1..=l))
+                    .min(size - 1)
+            } else {
+                off
+            };
             let l = l.min(size - off).max(1);
             let off = base + off;
+            let fua = rng.gen_bool(0.15);
             match rng.gen_range(0..100) {
                 0..=54 => {
                     let mut data = vec![0u8; l as usize];
                     rng.fill(&mut data[..]);
-                    Op::Write { off, data }
+                    let recv = rng.gen_bool(0.5);
+                    Op::Write {
+                        off,
+                        data,
+                        fua,
+                        recv,
+                    }
                 }
-                55..=62 => Op::Zero { off, len: l },
-                63..=67 => Op::Trim { off, len: l },
+                55..=62 => Op::Zero { off, len: l, fua },
+                63..=67 => Op::Trim { off, len: l, fua },
                 68..=82 => Op::Read { off, len: l },
-                83..=97 => Op::Writeback(rng.gen_range(1..200)),
+                83..=93 => Op::Writeback(rng.gen_range(1..200)),
+                94..=96 if v.modes => Op::SetMode(
+                    [
+                        CacheMode::Writeback,
+                        CacheMode::Writethrough,
+                        CacheMode::Writearound,
+                        CacheMode::Passthrough,
+                    ][rng.gen_range(0..4)],
+                ),
                 _ => Op::Flush,
             }
         })
@@ -152,20 +267,54 @@ fn gen_ops(v: &Variant, rng: &mut SmallRng, base: u64, size: u64) -> Vec<Op> {
 
 fn describe(op: &Op) -> String {
     match op {
-        Op::Write { off, data } => format!("write {off}+{}", data.len()),
-        Op::Zero { off, len } => format!("zero {off}+{len}"),
-        Op::Trim { off, len } => format!("trim {off}+{len}"),
+        Op::Write {
+            off,
+            data,
+            fua,
+            recv,
+        } => format!("write {off}+{} fua={fua} recv={recv}", data.len()),
+        Op::Zero { off, len, fua } => format!("zero {off}+{len} fua={fua}"),
+        Op::Trim { off, len, fua } => format!("trim {off}+{len} fua={fua}"),
         Op::Read { off, len } => format!("read {off}+{len}"),
         Op::Writeback(n) => format!("writeback {n}"),
         Op::Flush => "flush".into(),
+        Op::SetMode(m) => format!("mode {m}"),
     }
+}
+
+/// Retry what a flaky origin failed, as a client would; an error that
+/// persists is a bug.
+fn retry<T>(what: &str, mut f: impl FnMut() -> pmcache_engine::Result<T>) -> T {
+    let mut last = None;
+    for _ in 0..5000 {
+        match f() {
+            Ok(t) => return t,
+            Err(e) => last = Some(e),
+        }
+    }
+    panic!("{what} kept failing: {last:?}");
+}
+
+/// A write as the NBD server does it: the payload arrives into the slices
+/// the engine hands out.
+fn write_recv(engine: &Engine, off: u64, data: &[u8], fua: bool) -> pmcache_engine::Result<()> {
+    engine.write_with(off, data.len() as u64, fua, &mut |slices| {
+        let mut pos = 0;
+        for s in slices.iter_mut() {
+            let n = s.len();
+            s.copy_from_slice(&data[pos..pos + n]);
+            pos += n;
+        }
+        assert_eq!(pos, data.len(), "slices cover the payload");
+        Ok(())
+    })
 }
 
 fn run_workload(engine: &Engine, ops: &[Op], model: &Mutex<Model>, bs: u64, me: usize) {
     for op in ops {
         let (range, new) = match op {
-            Op::Write { off, data } => (Some(*off), Some(data.clone())),
-            Op::Zero { off, len } | Op::Trim { off, len } => {
+            Op::Write { off, data, .. } => (Some(*off), Some(data.clone())),
+            Op::Zero { off, len, .. } | Op::Trim { off, len, .. } => {
                 (Some(*off), Some(vec![0u8; *len as usize]))
             }
             _ => (None, None),
@@ -181,22 +330,33 @@ fn run_workload(engine: &Engine, ops: &[Op], model: &Mutex<Model>, bs: u64, me: 
             }
         }
         match op {
-            Op::Write { off, data } => engine.write(*off, data, false).expect("write"),
-            Op::Zero { off, len } => engine.write_zeroes(*off, *len, false).expect("zero"),
-            Op::Trim { off, len } => engine.trim(*off, *len, false).expect("trim"),
+            Op::Write {
+                off,
+                data,
+                fua,
+                recv: true,
+            } => retry("write", || write_recv(engine, *off, data, *fua)),
+            Op::Write { off, data, fua, .. } => retry("write", || engine.write(*off, data, *fua)),
+            Op::Zero { off, len, fua } => retry("zero", || engine.write_zeroes(*off, *len, *fua)),
+            Op::Trim { off, len, fua } => retry("trim", || engine.trim(*off, *len, *fua)),
             Op::Read { off, len } => {
                 let mut buf = vec![0u8; *len as usize];
-                engine.read(*off, &mut buf).expect("read");
+                retry("read", || engine.read(*off, &mut buf));
                 let m = model.lock().unwrap();
                 assert!(
                     buf == m.acked[*off as usize..(*off + *len) as usize],
                     "read {off}+{len} returned stale data"
                 );
             }
+            // A failed writeback or flush keeps everything dirty: nothing
+            // for the model to learn.
             Op::Writeback(n) => {
-                engine.writeback_step(*n).expect("writeback");
+                let _ = engine.writeback_step(*n);
             }
-            Op::Flush => engine.flush().expect("flush"),
+            Op::Flush => {
+                let _ = engine.flush();
+            }
+            Op::SetMode(m) => retry("mode switch", || engine.set_mode(*m)),
         }
         let mut m = model.lock().unwrap();
         if let Some((off, new)) = m.inflight[me].take() {
@@ -261,9 +421,94 @@ struct Ctx {
     model: Arc<Mutex<Model>>,
 }
 
+/// What the origin holds after the crash.
+fn origin_image(ctx: &Ctx, img: &CrashImage) -> Vec<u8> {
+    if ctx.v.origin_survives {
+        return ctx.origin.current();
+    }
+    let mut orng = SmallRng::seed_from_u64(img.child_seed());
+    ctx.origin.crash_image(|_| orng.gen_bool(0.5))
+}
+
+/// Recovery keeps the cache warm and its dirty set exact: every block whose
+/// newest version in the crash image is committed is still cached, as dirty
+/// as it was; a block with newer versions still in flight ends up on one of
+/// those or on the committed one. And a block recovered clean is what the
+/// origin holds.
+fn check_warm_and_exact(
+    engine: &Engine,
+    before: &check::Dump,
+    after: &check::Dump,
+    content: &[u8],
+    origin: &[u8],
+    bs: usize,
+) -> Result<(), String> {
+    use std::collections::HashMap;
+    let mut cands: HashMap<u64, Vec<&check::Mapping>> = HashMap::new();
+    for m in &before.mappings {
+        cands.entry(m.block).or_default().push(m);
+    }
+    let mut now: HashMap<u64, &check::Mapping> = HashMap::new();
+    for m in &after.mappings {
+        let e = now.entry(m.block).or_insert(m);
+        if m.seq > e.seq {
+            *e = m;
+        }
+    }
+    for (block, vs) in &cands {
+        let committed = vs.iter().filter(|m| !m.pending).max_by_key(|m| m.seq);
+        let floor = committed.map_or(0, |m| m.seq);
+        let allowed: Vec<&&check::Mapping> = vs.iter().filter(|m| m.seq >= floor).collect();
+        match now.get(block) {
+            None if committed.is_some() => {
+                return Err(format!(
+                    "block {block} was cached ({committed:?}) but recovery dropped it"
+                ))
+            }
+            Some(m)
+                if !allowed
+                    .iter()
+                    .any(|c| c.seq == m.seq && c.dirty == m.dirty && c.zero == m.zero) =>
+            {
+                return Err(format!(
+                    "block {block} recovered as {m:?}; the crash image allowed {allowed:?}"
+                ))
+            }
+            _ => {}
+        }
+    }
+    if let Some(m) = now.values().find(|m| !cands.contains_key(&m.block)) {
+        return Err(format!("recovery produced a mapping from nothing: {m:?}"));
+    }
+    // The engine's own view (DRAM) agrees with the media it recovered.
+    let st = engine.stats();
+    let dirty = now.values().filter(|m| m.dirty).count() as u64;
+    if (st.occupied, st.dirty) != (now.len() as u64, dirty) {
+        return Err(format!(
+            "recovered engine has {} cached / {} dirty blocks; its media maps {} / {}",
+            st.occupied,
+            st.dirty,
+            now.len(),
+            dirty
+        ));
+    }
+    for m in now.values().filter(|m| !m.dirty) {
+        let lo = m.block as usize * bs;
+        let hi = (lo + bs).min(content.len());
+        if content[lo..hi] != origin[lo..hi] {
+            return Err(format!(
+                "block {} is clean in the cache but the origin holds other data",
+                m.block
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn check_image(
     ctx: &Ctx,
     img: &CrashImage,
+    oimg: Vec<u8>,
     deep: bool,
     nested: bool,
     images: &mut u64,
@@ -272,8 +517,6 @@ fn check_image(
     let m = ctx.model.lock().unwrap();
     let (acked, inflight, written, ops) = (&m.acked, &m.inflight, &m.written, &m.ops);
     let ctx_msg = |e: String| format!("{e}; last ops: {:?}", &ops[ops.len().saturating_sub(4)..]);
-    let mut orng = SmallRng::seed_from_u64(img.child_seed());
-    let oimg = ctx.origin.crash_image(|_| orng.gen_bool(0.5));
 
     let region = SimRegion::from_image(&img.bytes);
     let report = check::check(
@@ -318,9 +561,10 @@ fn check_image(
 
     // Where a wrong byte's block stood in the crash image, for the report.
     let pre_dump = check::dump(&region).map_err(|e| e.to_string())?;
-    let oimg_copy = oimg.clone();
+    // The origin as recovery found it: an inspecting open writes nothing to it.
+    let oimg_kept = oimg.clone();
     let bsz = ctx.v.block as usize;
-    let explain = move |msg: String| -> String {
+    let explain = |msg: String| -> String {
         let Some(byte) = msg
             .strip_prefix("byte ")
             .and_then(|r| r.split(' ').next())
@@ -336,7 +580,7 @@ fn check_image(
             .collect();
         format!(
             "{msg} [block {block}: crash-image mappings {maps:?}, watermark {}, origin byte {}]",
-            pre_dump.watermark, oimg_copy[byte]
+            pre_dump.watermark, oimg_kept[byte]
         )
     };
     let region = Arc::new(region);
@@ -360,6 +604,7 @@ fn check_image(
         )));
     }
     let got = verify_content(&engine, acked, inflight).map_err(|e| ctx_msg(explain(e)))?;
+    check_warm_and_exact(&engine, &pre_dump, &dump, &got, &oimg_kept, bsz).map_err(ctx_msg)?;
     if deep {
         // No dirty data lost: write everything back and compare the origin.
         engine
@@ -390,21 +635,83 @@ fn check_image(
     Ok(())
 }
 
-/// One seed of one variant; returns images checked.
+/// Where a generation starts: a cache image, the origin's content, and
+/// what the model knows.
+struct Start {
+    cache: Vec<u8>,
+    origin: Vec<u8>,
+    /// Content as the previous generation's recovery showed it.
+    content: Vec<u8>,
+    written: Vec<bool>,
+}
+
+/// One seed of one variant, every generation; returns images checked.
 fn run_seed(v: Variant, seed: u64) -> u64 {
+    let origin = MemOrigin::new(v.origin_len as u64).with_name(ORIGIN_NAME);
+    // Format outside the enumeration: crashes inside `format` are not a promise.
+    let base = SimRegion::new(v.region_len);
+    Engine::format(&base, &origin, v.block).expect("format");
+    let mut start = Start {
+        cache: base.durable_image(),
+        origin: origin.current(),
+        content: vec![0; v.origin_len],
+        written: vec![false; v.origin_len.div_ceil(v.block as usize)],
+    };
+    let mut images = 0;
+    for generation in 0..v.generations {
+        let chain = generation + 1 < v.generations;
+        let (n, next) = run_generation(v, seed, generation, &start, chain);
+        images += n;
+        let Some(next) = next else { break };
+        start = next;
+    }
+    images
+}
+
+/// The cache a crash image recovers to, as the next generation's start.
+fn recovered(v: &Variant, cache: Vec<u8>, origin: Vec<u8>, written: Vec<bool>) -> Start {
+    let region = Arc::new(SimRegion::from_image(&cache));
+    let o = Arc::new(MemOrigin::from_bytes(origin.clone()).with_name(ORIGIN_NAME));
+    let e = Engine::open(region.clone() as Arc<dyn PmemRegion>, o, inspect_cfg(v))
+        .expect("recovery of the chosen image");
+    let content = read_all(&e, v.origin_len);
+    Start {
+        cache,
+        origin,
+        content,
+        written,
+    }
+}
+
+fn read_all(e: &Engine, len: usize) -> Vec<u8> {
+    let mut got = vec![0u8; len];
+    let step = e.max_request() as usize;
+    for off in (0..len).step_by(step) {
+        let n = step.min(len - off);
+        e.read(off as u64, &mut got[off..off + n]).expect("read");
+    }
+    got
+}
+
+/// One enumeration from `start`. With `chain`, also picks one crash image
+/// at random to start the next generation from.
+fn run_generation(
+    v: Variant,
+    base_seed: u64,
+    generation: usize,
+    start: &Start,
+    chain: bool,
+) -> (u64, Option<Start>) {
+    let seed = base_seed ^ (generation as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     let mut rng = SmallRng::seed_from_u64(seed);
     let part = (v.origin_len / v.threads) as u64 / v.block as u64 * v.block as u64;
     let ops: Vec<Vec<Op>> = (0..v.threads)
         .map(|t| gen_ops(&v, &mut rng, t as u64 * part, part))
         .collect();
-    let origin = Arc::new(MemOrigin::new(v.origin_len as u64).with_name(ORIGIN_NAME));
-    // Format outside the enumeration: crashes inside `format` are not a promise.
-    let base = SimRegion::new(v.region_len);
-    Engine::format(&base, &*origin, v.block).expect("format");
-    let formatted = base.durable_image();
+    let origin = Arc::new(MemOrigin::from_bytes(start.origin.clone()).with_name(ORIGIN_NAME));
     let model = Arc::new(Mutex::new(Model {
-        acked: vec![0; v.origin_len],
-        written: vec![false; v.origin_len.div_ceil(v.block as usize)],
+        acked: start.content.clone(),
+        written: start.written.clone(),
         inflight: vec![None; v.threads],
         ..Default::default()
     }));
@@ -419,28 +726,40 @@ fn run_seed(v: Variant, seed: u64) -> u64 {
         .max_violations(1);
     let mut extra = 0u64;
     let mut n = 0u64;
+    let mut chosen: Option<(Vec<u8>, Vec<u8>, Vec<bool>)> = None;
+    let mut pick = SmallRng::seed_from_u64(seed ^ 0xC4A1);
     let report = enumerate(
         &ccfg,
-        SimRegion::from_image(&formatted),
+        SimRegion::from_image(&start.cache),
         |r| {
             let e = Engine::open(
                 r.clone() as Arc<dyn PmemRegion>,
                 origin.clone() as Arc<dyn Origin>,
-                cfg(&v),
+                workload_cfg(&v),
             )
             .expect("open");
+            origin.set_fail_one_in(v.origin_fail_one_in);
             std::thread::scope(|sc| {
                 for (t, ops) in ops.iter().enumerate() {
                     let (e, model) = (&e, &model);
                     sc.spawn(move || run_workload(e, ops, model, v.block as u64, t));
                 }
             });
+            e.stop_writeback();
+            origin.set_fail_one_in(0);
         },
         |img| {
             n += 1;
+            let oimg = origin_image(&ctx, img);
+            // Reservoir sampling: each image is equally likely to be chosen.
+            if chain && pick.gen_range(0..n) == 0 {
+                let written = ctx.model.lock().unwrap().written.clone();
+                chosen = Some((img.bytes.clone(), oimg.clone(), written));
+            }
             check_image(
                 &ctx,
                 img,
+                oimg,
                 n.is_multiple_of(29),
                 n.is_multiple_of(97),
                 &mut extra,
@@ -449,10 +768,12 @@ fn run_seed(v: Variant, seed: u64) -> u64 {
     );
     assert!(
         report.is_ok(),
-        "crash violation in variant {} (replay with PMCACHE_SEED={seed}): {report}",
-        v.name
+        "crash violation in variant {}, generation {} (replay with PMCACHE_SEED={base_seed}): {report}",
+        v.name,
+        generation + 1
     );
-    report.images + extra
+    let next = chosen.map(|(cache, origin, written)| recovered(&v, cache, origin, written));
+    (report.images + extra, next)
 }
 
 fn run_variant(v: Variant, target: u64, first_seed: u64) -> (u64, u64) {
@@ -500,20 +821,41 @@ fn crash_suite() {
         });
     eprintln!("crash suite: base seed {base_seed} (replay with PMCACHE_SEED={base_seed})");
     let t = Instant::now();
-    let small_target = target * 3 / 5;
-    let conc_target = target / 5;
-    let large_target = target - small_target - conc_target;
-    // One thread per variant keeps both cores busy to the end.
-    let large = std::thread::spawn(move || run_variant(LARGE, large_target, base_seed));
-    let conc = std::thread::spawn(move || run_variant(CONCURRENT, conc_target, base_seed));
-    let (small_images, small_seeds) = run_variant(SMALL, small_target, base_seed);
-    let (conc_images, conc_seeds) = conc.join().expect("concurrent variant");
-    let (large_images, large_seeds) = large.join().expect("large variant");
-    let total = small_images + large_images + conc_images;
-    eprintln!(
-        "small: {small_images} images/{small_seeds} seeds; concurrent: {conc_images}/{conc_seeds}; large: {large_images}/{large_seeds}; {:.1}s",
-        t.elapsed().as_secs_f64()
-    );
+    // Share of the images per variant (percent), and one thread per pair of
+    // variants keeps both cores busy to the end.
+    let plan = [
+        (SMALL, 35),
+        (PRODUCTION, 15),
+        (LARGE, 10),
+        (CONCURRENT, 20),
+        (MODES, 20),
+    ];
+    let only = std::env::var("PMCACHE_CRASH_VARIANTS").ok();
+    let run = move |vs: &[(Variant, u64)]| -> Vec<(Variant, u64, u64, f64)> {
+        vs.iter()
+            .filter(|(v, _)| {
+                only.as_ref()
+                    .is_none_or(|o| o.split(',').any(|n| n == v.name))
+            })
+            .map(|&(v, pct)| {
+                let t = Instant::now();
+                let (images, seeds) = run_variant(v, target * pct / 100, base_seed);
+                (v, images, seeds, t.elapsed().as_secs_f64())
+            })
+            .collect()
+    };
+    let (first, second) = plan.split_at(2);
+    let second = second.to_vec();
+    let run2 = run.clone();
+    let other = std::thread::spawn(move || run2(&second));
+    let mut results = run(first);
+    results.extend(other.join().expect("variants"));
+    let mut total = 0;
+    for (v, images, seeds, secs) in &results {
+        eprintln!("{}: {images} images / {seeds} seeds in {secs:.1}s", v.name);
+        total += images;
+    }
+    eprintln!("{:.1}s", t.elapsed().as_secs_f64());
     println!("crash images: {total}, violations: 0");
-    assert!(total >= target);
+    assert!(total >= target || std::env::var("PMCACHE_CRASH_VARIANTS").is_ok());
 }

@@ -117,9 +117,14 @@ impl MemOrigin {
             return Err(io::Error::other("injected origin failure"));
         }
         let n = self.fail_one_in.load(Ordering::Relaxed);
-        // Fibonacci hashing of the operation number: failures spread evenly.
-        let op = self.ops.fetch_add(1, Ordering::Relaxed);
-        if n > 0 && (op.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32).is_multiple_of(n) {
+        // A strong mix of the operation number: a retry loop that issues the
+        // same number of operations each round must not land on the same
+        // outcome each time (Fibonacci hashing did, at some strides).
+        let mut z = self.ops.fetch_add(1, Ordering::Relaxed);
+        for k in [0xBF58_476D_1CE4_E5B9u64, 0x94D0_49BB_1331_11EB] {
+            z = (z ^ (z >> 31)).wrapping_mul(k);
+        }
+        if n > 0 && (z >> 32).is_multiple_of(n) {
             return Err(io::Error::other("injected intermittent origin failure"));
         }
         Ok(())

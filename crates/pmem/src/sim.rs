@@ -8,7 +8,11 @@
 //! on another thread does nothing for them, as on real hardware. A crash
 //! image is the durable image plus, for every aligned 8-byte word that may
 //! have reached media, an independent random choice between the durable
-//! value and the newer ones (the volatile value, or a pending snapshot).
+//! value and the newer ones: the volatile value, or any value the word held
+//! since it was last durable that the simulator saw (every snapshot a flush
+//! took, including ones a later flush of the same line replaced, and what a
+//! `copy_flush` or `zero_flush` overwrote), since a line can be written
+//! back with any of them before the fence.
 //!
 //! Crash images are built by comparing the whole volatile image with the
 //! durable one, so stores the simulator never saw (the kernel `recv`-ing
@@ -74,8 +78,12 @@ struct State {
     /// Seq of the snapshot that last made each line durable.
     line_seq: Vec<u64>,
     next_seq: u64,
-    /// Flushed-but-unfenced lines, per thread.
+    /// Flushed-but-unfenced lines, per thread: the newest snapshot of each.
     pending: HashMap<ThreadId, LineMap>,
+    /// Per thread, values lines held since they were last durable that a
+    /// newer snapshot replaced in `pending`: they may have landed too, and a
+    /// fence makes them moot.
+    older: HashMap<ThreadId, Vec<(usize, Snap)>>,
 }
 
 struct HookSlot {
@@ -156,6 +164,7 @@ impl SimRegion {
                 line_seq: vec![0; padded / LINE],
                 next_seq: 1,
                 pending: HashMap::new(),
+                older: HashMap::new(),
             }),
             points: AtomicU64::new(0),
             fences: Default::default(),
@@ -221,10 +230,13 @@ impl SimRegion {
         let st = self.state.lock();
         // Snapshots that could still land (newer than the durable line),
         // in line order so one pass over the image merges them in.
-        let mut snaps: Vec<(usize, &[u64; WORDS_PER_LINE])> = st
-            .pending
+        let newest = st.pending.values().flat_map(|m| m.iter());
+        let older = st
+            .older
             .values()
-            .flat_map(|m| m.iter())
+            .flat_map(|v| v.iter().map(|(l, s)| (l, s)));
+        let mut snaps: Vec<(usize, &[u64; WORDS_PER_LINE])> = newest
+            .chain(older)
             .filter(|(&line, snap)| snap.seq > st.line_seq[line])
             .map(|(&line, snap)| (line, &snap.words))
             .collect();
@@ -319,7 +331,8 @@ impl SimRegion {
     }
 
     /// Snapshots every line overlapping `[off, off + len)` into this
-    /// thread's pending set.
+    /// thread's pending set. A line's earlier pending snapshot with other
+    /// content moves to `older`: it may have been written back already.
     fn snapshot(&self, off: usize, len: usize) {
         if len == 0 {
             return;
@@ -329,20 +342,61 @@ impl SimRegion {
         let mut st = self.state.lock();
         let seq = st.next_seq;
         st.next_seq += 1;
-        let map = st.pending.entry(std::thread::current().id()).or_default();
+        let me = std::thread::current().id();
+        let map = st.pending.entry(me).or_default();
         map.reserve(last + 1 - first);
+        let mut replaced = Vec::new();
         for line in first..=last {
             let mut words = [0u64; WORDS_PER_LINE];
             for (j, w) in words.iter_mut().enumerate() {
                 *w = self.vword(line * WORDS_PER_LINE + j);
             }
-            map.insert(line, Snap { seq, words });
+            if let Some(old) = map.insert(line, Snap { seq, words }) {
+                if old.words != words {
+                    replaced.push((line, old));
+                }
+            }
+        }
+        if !replaced.is_empty() {
+            st.older.entry(me).or_default().extend(replaced);
+        }
+    }
+
+    /// Records what `[off, off + len)` holds now, before a store through
+    /// the region overwrites it: lines that differ from media may already
+    /// have been written back with this content.
+    fn note_overwritten(&self, off: usize, len: usize) {
+        if len == 0 {
+            return;
+        }
+        let mut st = self.state.lock();
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        let mut seen = Vec::new();
+        for line in off / LINE..=(off + len - 1) / LINE {
+            let mut words = [0u64; WORDS_PER_LINE];
+            let mut differs = false;
+            for (j, w) in words.iter_mut().enumerate() {
+                *w = self.vword(line * WORDS_PER_LINE + j);
+                differs |= *w != word_at(&st.durable[line * LINE..], j);
+            }
+            if differs {
+                seen.push((line, Snap { seq, words }));
+            }
+        }
+        if !seen.is_empty() {
+            st.older
+                .entry(std::thread::current().id())
+                .or_default()
+                .extend(seen);
         }
     }
 
     fn fence_thread(&self) {
         let mut st = self.state.lock();
-        let Some(map) = st.pending.remove(&std::thread::current().id()) else {
+        let me = std::thread::current().id();
+        st.older.remove(&me);
+        let Some(map) = st.pending.remove(&me) else {
             return;
         };
         for (line, snap) in map {
@@ -460,6 +514,7 @@ impl PmemRegion for SimRegion {
     unsafe fn copy_flush(&self, off: usize, src: &[u8]) {
         self.check_range(off, src.len());
         self.point(|| {
+            self.note_overwritten(off, src.len());
             // SAFETY: in bounds (checked); exclusivity is the caller's contract.
             unsafe {
                 std::ptr::copy_nonoverlapping(
@@ -475,6 +530,7 @@ impl PmemRegion for SimRegion {
     unsafe fn zero_flush(&self, off: usize, len: usize) {
         self.check_range(off, len);
         self.point(|| {
+            self.note_overwritten(off, len);
             // SAFETY: in bounds (checked); exclusivity is the caller's contract.
             unsafe { std::ptr::write_bytes(self.volatile.as_ptr().add(off), 0, len) };
             self.snapshot(off, len);
@@ -1030,6 +1086,41 @@ mod tests {
         assert_eq!(r.crash_state().pending_words(), 0);
         assert_eq!(r.fences(), 1);
         assert_eq!(r.persist_points(), 2);
+    }
+
+    /// A word flushed as 1, then stored and flushed as 2 and 3 before the
+    /// fence, may land as any of them (or stay 0); after the fence only 3.
+    #[test]
+    fn every_value_since_the_last_fence_may_land() {
+        let r = SimRegion::new(64);
+        for v in 1..=3u64 {
+            r.word(8).store(v, Ordering::Relaxed);
+            r.flush(8, 8);
+        }
+        let st = r.crash_state();
+        let mut rng = image_rng(2, 0, 0);
+        let seen: std::collections::HashSet<u8> = (0..400).map(|_| st.image(&mut rng)[8]).collect();
+        assert_eq!(seen, [0u8, 1, 2, 3].into_iter().collect());
+        r.fence();
+        assert_eq!(r.crash_state().pending_words(), 0);
+        assert_eq!(r.durable_image()[8], 3);
+    }
+
+    /// What a `copy_flush` overwrote may have reached media before it: a
+    /// store that was never flushed is uncertain until the fence.
+    #[test]
+    fn an_overwritten_unflushed_value_may_land() {
+        let r = SimRegion::new(64);
+        r.word(16).store(9, Ordering::Relaxed);
+        // SAFETY: single-threaded test, in bounds.
+        unsafe { r.copy_flush(16, &4u64.to_ne_bytes()) };
+        let st = r.crash_state();
+        let mut rng = image_rng(3, 0, 0);
+        let seen: std::collections::HashSet<u8> =
+            (0..400).map(|_| st.image(&mut rng)[16]).collect();
+        assert_eq!(seen, [0u8, 4, 9].into_iter().collect());
+        r.fence();
+        assert_eq!(r.crash_state().pending_words(), 0);
     }
 
     #[test]
