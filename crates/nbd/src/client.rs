@@ -8,7 +8,7 @@
 //! waits), so there is no intermediate copy on the read path either.
 
 use std::collections::HashMap;
-use std::io::{self, IoSlice};
+use std::io::{self, IoSlice, IoSliceMut};
 use std::marker::PhantomData;
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
@@ -244,7 +244,9 @@ struct Op {
     command: u16,
     offset: u64,
     length: u32,
-    buf: Option<RawBuf>,
+    /// Where a READ's data goes: consecutive pieces of the caller's memory
+    /// (empty for other commands).
+    buf: Vec<RawBuf>,
     state: Mutex<OpState>,
     cv: Condvar,
 }
@@ -509,24 +511,99 @@ impl Client {
             }
             return Ok(());
         }
+        // Consecutive buffers share a request up to the server's maximum:
+        // one round trip for a miss however many slots it lands in.
         let max = self.inner.max_request as usize;
-        let mut tickets = Vec::new();
-        let mut err = None;
+        let mut groups: Vec<(u64, usize, Vec<&mut [u8]>)> = Vec::new();
         let mut off = offset;
-        'submit: for b in bufs.iter_mut() {
+        for b in bufs.iter_mut() {
             for chunk in b.chunks_mut(max) {
                 let n = chunk.len();
-                match self.submit(CMD_READ, 0, off, n as u32, None, Some(chunk)) {
-                    Ok(t) => tickets.push(t),
-                    Err(e) => {
-                        err = Some(e);
-                        break 'submit;
+                match groups.last_mut() {
+                    Some((_, len, g)) if *len + n <= max => {
+                        *len += n;
+                        g.push(chunk);
                     }
+                    _ => groups.push((off, n, vec![chunk])),
                 }
                 off += n as u64;
             }
         }
+        let mut tickets = Vec::with_capacity(groups.len());
+        let mut err = None;
+        for (off, len, g) in groups {
+            match self.submit_v(CMD_READ, 0, off, len as u32, &[], g) {
+                Ok(t) => tickets.push(t),
+                Err(e) => {
+                    err = Some(e);
+                    break;
+                }
+            }
+        }
         collect(tickets, err)
+    }
+
+    /// Write each run: `(offset, buffers)` whose bytes follow each other on
+    /// the export from `offset`, gathered into as few requests as the
+    /// server's maximum allows, all in flight at once. Not durable until a
+    /// FLUSH. One result per run, so a caller can retry only what failed.
+    pub fn write_runs(&self, runs: &[(u64, &[IoSlice<'_>])]) -> Vec<io::Result<()>> {
+        let max = self.inner.max_request as usize;
+        let mut per_run: Vec<Vec<Ticket<'_>>> = Vec::with_capacity(runs.len());
+        let mut results: Vec<Option<io::Error>> = Vec::with_capacity(runs.len());
+        for &(offset, bufs) in runs {
+            let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+            let mut tickets = Vec::new();
+            let checked = self
+                .check_range("write", offset, len)
+                .and_then(|()| self.check_aligned("write", offset, len));
+            let err = match checked {
+                Err(e) => Some(e),
+                Ok(()) => self.submit_run(offset, bufs, max, &mut tickets).err(),
+            };
+            per_run.push(tickets);
+            results.push(err);
+        }
+        per_run
+            .into_iter()
+            .zip(results)
+            .map(|(tickets, err)| collect(tickets, err))
+            .collect()
+    }
+
+    /// Submit one run as requests of at most `max` bytes.
+    fn submit_run<'a>(
+        &'a self,
+        offset: u64,
+        bufs: &[IoSlice<'_>],
+        max: usize,
+        tickets: &mut Vec<Ticket<'a>>,
+    ) -> io::Result<()> {
+        let mut off = offset;
+        let mut part: Vec<IoSlice<'_>> = Vec::new();
+        let mut part_len = 0;
+        let pieces = bufs.iter().flat_map(|b| b.chunks(max));
+        for piece in pieces.map(Some).chain(std::iter::once(None)) {
+            let full = piece.is_none_or(|p| part_len + p.len() > max);
+            if full && part_len > 0 {
+                tickets.push(self.submit_v(
+                    CMD_WRITE,
+                    0,
+                    off,
+                    part_len as u32,
+                    &part,
+                    Vec::new(),
+                )?);
+                off += part_len as u64;
+                part.clear();
+                part_len = 0;
+            }
+            if let Some(p) = piece {
+                part.push(IoSlice::new(p));
+                part_len += p.len();
+            }
+        }
+        Ok(())
     }
 
     /// Write every `(offset, data)` piece, with all requests in flight at
@@ -703,16 +780,48 @@ impl Client {
         payload: Option<&[u8]>,
         dest: Option<&'a mut [u8]>,
     ) -> io::Result<Ticket<'a>> {
+        let payload = payload.map(IoSlice::new);
+        self.submit_v(
+            command,
+            flags,
+            offset,
+            length,
+            payload.as_slice(),
+            dest.into_iter().collect(),
+        )
+    }
+
+    /// [`submit`](Self::submit) with the payload gathered from, or the
+    /// reply's data scattered into, several buffers: one request however
+    /// many cache slots it spans.
+    fn submit_v<'a>(
+        &'a self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        payload: &[IoSlice<'_>],
+        dest: Vec<&'a mut [u8]>,
+    ) -> io::Result<Ticket<'a>> {
         let inner = &*self.inner;
+        debug_assert!(
+            dest.is_empty() || dest.iter().map(|d| d.len()).sum::<usize>() == length as usize
+        );
+        debug_assert!(
+            payload.is_empty() || payload.iter().map(|p| p.len()).sum::<usize>() == length as usize
+        );
         let cookie = inner.next_cookie.fetch_add(1, Ordering::Relaxed);
         let op = Arc::new(Op {
             command,
             offset,
             length,
-            buf: dest.map(|b| RawBuf {
-                ptr: b.as_mut_ptr(),
-                len: b.len(),
-            }),
+            buf: dest
+                .into_iter()
+                .map(|b| RawBuf {
+                    ptr: b.as_mut_ptr(),
+                    len: b.len(),
+                })
+                .collect(),
             state: Mutex::new(OpState {
                 done: false,
                 result: None,
@@ -742,11 +851,12 @@ impl Client {
             length,
         }
         .encode();
+        let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(1 + payload.len());
+        iov.push(IoSlice::new(&hdr));
+        iov.extend(payload.iter().map(|p| IoSlice::new(p)));
         let sent = {
             let _g = inner.send_lock.lock();
-            inner
-                .stream
-                .write_all_vectored(&mut [IoSlice::new(&hdr), IoSlice::new(payload.unwrap_or(&[]))])
+            inner.stream.write_all_vectored(&mut iov)
         };
         if let Err(e) = sent {
             // The stream may be out of sync now: end the connection. The
@@ -755,6 +865,25 @@ impl Client {
         }
         Ok(ticket)
     }
+}
+
+/// Fill every buffer from the stream, with as few system calls as it takes.
+fn read_exact_scatter(stream: &Stream, mut bufs: &mut [IoSliceMut<'_>]) -> io::Result<()> {
+    IoSliceMut::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match stream.read_vectored(bufs) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed in the middle of a reply",
+                ))
+            }
+            Ok(n) => IoSliceMut::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn collect(tickets: Vec<Ticket<'_>>, mut err: Option<io::Error>) -> io::Result<()> {
@@ -875,53 +1004,64 @@ impl Inner {
         .into_io()
     }
 
-    /// Read `n` bytes of reply data straight into the op's buffer at `at`.
-    fn read_into(&self, op: &Op, at: u64, n: usize) -> io::Result<()> {
-        let Some(raw) = &op.buf else {
-            return Err(proto_err(
-                &self.uri,
-                "reply",
-                "data for a request without a buffer",
-            ));
-        };
+    /// The op's buffer bytes `[at, at + n)`, as slices of its pieces.
+    ///
+    /// # Safety
+    /// Only the reader thread may call this, for an op still in flight, and
+    /// must drop the slices before it completes the op: `RawBuf`s describe
+    /// the caller's `&mut [u8]`s, borrowed by a `Ticket` that does not let
+    /// the caller continue (or the buffers be freed) until the op is
+    /// completed, and no other reference to that memory is used meanwhile.
+    unsafe fn op_slices<'o>(
+        &self,
+        op: &'o Op,
+        at: u64,
+        n: usize,
+    ) -> io::Result<Vec<IoSliceMut<'o>>> {
+        let total: usize = op.buf.iter().map(|b| b.len).sum();
         let at = usize::try_from(at).unwrap_or(usize::MAX);
-        if at > raw.len || n > raw.len - at {
+        if op.buf.is_empty() || at > total || n > total - at {
             return Err(proto_err(
                 &self.uri,
                 "reply",
-                "data outside the requested range",
+                "data outside the requested range or for a request without a buffer",
             ));
         }
-        // SAFETY: `raw` describes the caller's `&mut [u8]`, borrowed by a
-        // `Ticket` that does not let the caller continue (or the buffer be
-        // freed) until this op is completed, which only this (the reader)
-        // thread does, after its last access. `at + n <= raw.len` was
-        // checked above, so the slice is in bounds, and no other reference
-        // to that memory is used meanwhile.
-        let dst = unsafe { std::slice::from_raw_parts_mut(raw.ptr.add(at), n) };
-        self.stream.read_exact(dst)
+        let (mut skip, mut left) = (at, n);
+        let mut out = Vec::new();
+        for raw in &op.buf {
+            if left == 0 {
+                break;
+            }
+            if skip >= raw.len {
+                skip -= raw.len;
+                continue;
+            }
+            let take = (raw.len - skip).min(left);
+            // SAFETY: `skip + take <= raw.len`, so the slice lies in the
+            // piece; exclusivity as the caller guarantees.
+            let s = unsafe { std::slice::from_raw_parts_mut(raw.ptr.add(skip), take) };
+            out.push(IoSliceMut::new(s));
+            left -= take;
+            skip = 0;
+        }
+        Ok(out)
+    }
+
+    /// Read `n` bytes of reply data straight into the op's buffer at `at`.
+    fn read_into(&self, op: &Op, at: u64, n: usize) -> io::Result<()> {
+        // SAFETY: called on the reader thread for an op in flight; the
+        // slices are dropped before this returns.
+        let mut dst = unsafe { self.op_slices(op, at, n)? };
+        read_exact_scatter(&self.stream, &mut dst)
     }
 
     fn zero_into(&self, op: &Op, at: u64, n: usize) -> io::Result<()> {
-        let Some(raw) = &op.buf else {
-            return Err(proto_err(
-                &self.uri,
-                "reply",
-                "hole for a request without a buffer",
-            ));
-        };
-        let at = usize::try_from(at).unwrap_or(usize::MAX);
-        if at > raw.len || n > raw.len - at {
-            return Err(proto_err(
-                &self.uri,
-                "reply",
-                "hole outside the requested range",
-            ));
+        // SAFETY: as in `read_into`.
+        let dst = unsafe { self.op_slices(op, at, n)? };
+        for mut d in dst {
+            d.fill(0);
         }
-        // SAFETY: as in `read_into`: exclusive use by the reader thread of
-        // an in-bounds part of a buffer kept alive by its waiting caller.
-        let dst = unsafe { std::slice::from_raw_parts_mut(raw.ptr.add(at), n) };
-        dst.fill(0);
         Ok(())
     }
 

@@ -75,6 +75,42 @@ impl FileOrigin {
         &self.path
     }
 
+    /// All of `bufs` at `offset`, with as few `pwritev` calls as it takes.
+    fn pwritev_all(&self, bufs: &[io::IoSlice<'_>], offset: u64) -> io::Result<()> {
+        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        self.check_range(offset, len)?;
+        let mut owned: Vec<io::IoSlice<'_>> = bufs.to_vec();
+        let (mut bufs, mut off) = (&mut owned[..], offset);
+        io::IoSlice::advance_slices(&mut bufs, 0);
+        while !bufs.is_empty() {
+            let n = bufs.len().min(1024) as libc::c_int;
+            // SAFETY: `bufs` are valid `iovec`s (IoSlice is ABI-compatible
+            // with iovec) of at most 1024 entries (IOV_MAX); pwritev reads them.
+            let rc = unsafe {
+                libc::pwritev(
+                    self.file.as_raw_fd(),
+                    bufs.as_ptr().cast(),
+                    n,
+                    off as libc::off_t,
+                )
+            };
+            match rc {
+                0 => return Err(io::ErrorKind::WriteZero.into()),
+                n if n > 0 => {
+                    io::IoSlice::advance_slices(&mut bufs, n as usize);
+                    off += n as u64;
+                }
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),
@@ -107,6 +143,46 @@ impl Origin for FileOrigin {
             self.file.sync_data()?;
         }
         Ok(())
+    }
+
+    fn read_vectored_at(&self, bufs: &mut [io::IoSliceMut<'_>], offset: u64) -> io::Result<()> {
+        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        self.check_range(offset, len)?;
+        let (mut bufs, mut off) = (bufs, offset);
+        io::IoSliceMut::advance_slices(&mut bufs, 0);
+        while !bufs.is_empty() {
+            let n = bufs.len().min(1024) as libc::c_int;
+            // SAFETY: `bufs` are valid, writable `iovec`s (IoSliceMut is
+            // ABI-compatible with iovec) of at most 1024 entries (IOV_MAX).
+            let rc = unsafe {
+                libc::preadv(
+                    self.file.as_raw_fd(),
+                    bufs.as_ptr().cast(),
+                    n,
+                    off as libc::off_t,
+                )
+            };
+            match rc {
+                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                n if n > 0 => {
+                    io::IoSliceMut::advance_slices(&mut bufs, n as usize);
+                    off += n as u64;
+                }
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn write_runs(&self, runs: &[(u64, &[io::IoSlice<'_>])]) -> Vec<io::Result<()>> {
+        runs.iter()
+            .map(|&(offset, bufs)| self.pwritev_all(bufs, offset))
+            .collect()
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
@@ -147,5 +223,34 @@ impl Origin for FileOrigin {
 
     fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gathered_runs_and_scattered_reads_round_trip() {
+        let path = std::env::temp_dir().join(format!("pmcache-origin-{}.img", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let o = FileOrigin::create_sparse(&path, 1 << 20).unwrap();
+        let slots: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i + 1; 4096]).collect();
+        let run: Vec<io::IoSlice<'_>> = slots.iter().map(|b| io::IoSlice::new(b)).collect();
+        let results = o.write_runs(&[(8192, &run[..]), (1 << 20, &run[..1])]);
+        assert!(results[0].is_ok(), "{:?}", results[0]);
+        assert!(results[1].is_err(), "a run past the end fails alone");
+        let mut back = vec![vec![0u8; 4096]; 5];
+        let mut bufs: Vec<io::IoSliceMut<'_>> =
+            back.iter_mut().map(|b| io::IoSliceMut::new(b)).collect();
+        o.read_vectored_at(&mut bufs, 8192).unwrap();
+        assert_eq!(back, slots);
+        let mut head = vec![9u8; 8192];
+        o.read_at(&mut head, 0).unwrap();
+        assert!(
+            head.iter().all(|&b| b == 0),
+            "nothing written before the run"
+        );
+        std::fs::remove_file(&path).unwrap();
     }
 }

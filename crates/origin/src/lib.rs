@@ -51,6 +51,23 @@ pub trait Origin: Send + Sync {
         Ok(())
     }
 
+    /// Write each run: `(offset, buffers)` whose bytes follow each other
+    /// from `offset` (adjacent cache slots merged into one origin write).
+    /// No FUA. One result per run, so a caller retries only what failed.
+    /// Origins that can have many requests in flight override this.
+    fn write_runs(&self, runs: &[(u64, &[io::IoSlice<'_>])]) -> Vec<io::Result<()>> {
+        runs.iter()
+            .map(|&(offset, bufs)| {
+                let mut off = offset;
+                for b in bufs {
+                    self.write_at(b, off, false)?;
+                    off += b.len() as u64;
+                }
+                Ok(())
+            })
+            .collect()
+    }
+
     /// Make `[offset, offset + len)` read as zeroes.
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> io::Result<()>;
 

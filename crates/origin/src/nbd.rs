@@ -245,6 +245,32 @@ impl Origin for NbdOrigin {
         })
     }
 
+    fn write_runs(&self, runs: &[(u64, &[io::IoSlice<'_>])]) -> Vec<io::Result<()>> {
+        // A lost connection fails every run: reconnect and send them all
+        // again (rewriting the same data is harmless). Errors the server
+        // answered stay per run.
+        let r = self.with_client("write", |c, gen| {
+            let results = c.write_runs(runs);
+            if !c.is_connected() {
+                if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
+                    return Err(e);
+                }
+                return Err(io::Error::other("connection lost during writeback"));
+            }
+            if results.iter().any(|r| r.is_ok()) {
+                self.note_unflushed(gen);
+            }
+            Ok(results)
+        });
+        match r {
+            Ok(results) => results,
+            Err(e) => runs
+                .iter()
+                .map(|_| Err(io::Error::new(e.kind(), e.to_string())))
+                .collect(),
+        }
+    }
+
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
         self.with_client("write_zeroes", |c, gen| {
             c.write_zeroes(offset, len, fua)?;
@@ -413,6 +439,42 @@ mod tests {
         o.read_vectored_at(&mut bufs, 8192 - 50).unwrap();
         assert!(d[..50].iter().all(|&x| x == 0) && d[50..].iter().all(|&x| x == 2));
         assert!(e[..4046].iter().all(|&x| x == 2) && e[4046..].iter().all(|&x| x == 0));
+    }
+
+    /// A miss over many slots is one READ, a run of adjacent slots one
+    /// WRITE; a run the server rejects fails alone.
+    #[test]
+    fn scattered_reads_and_gathered_runs_are_one_request_each() {
+        let dir = Dir::new();
+        let (sock, uri) = uri(&dir);
+        let export = Arc::new(MemExport::new(4 << 20));
+        let _srv = Running::start(export.clone(), &sock);
+        let o = NbdOrigin::connect(&uri).unwrap();
+        let slots: Vec<Vec<u8>> = (0..64u8).map(|i| vec![i ^ 0x5a; 4096]).collect();
+        let run: Vec<io::IoSlice<'_>> = slots.iter().map(|b| io::IoSlice::new(b)).collect();
+        let bad = [io::IoSlice::new(&slots[0])];
+        let before = export.stats();
+        let results = o.write_runs(&[(65536, &run[..]), (8 << 20, &bad[..]), (0, &run[..2])]);
+        assert!(results[0].is_ok() && results[1].is_err() && results[2].is_ok());
+        assert_eq!(
+            export.stats().writes - before.writes,
+            2,
+            "one WRITE per run"
+        );
+        for (i, b) in slots.iter().enumerate() {
+            assert_eq!(export.snapshot(65536 + i * 4096, 4096), *b);
+        }
+        let mut back: Vec<Vec<u8>> = vec![vec![0u8; 4096]; 64];
+        let mut bufs: Vec<io::IoSliceMut<'_>> =
+            back.iter_mut().map(|b| io::IoSliceMut::new(b)).collect();
+        let before = export.stats();
+        o.read_vectored_at(&mut bufs, 65536).unwrap();
+        assert_eq!(
+            export.stats().reads - before.reads,
+            1,
+            "one READ for 64 slots"
+        );
+        assert_eq!(back, slots);
     }
 
     #[test]
