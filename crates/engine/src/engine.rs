@@ -59,7 +59,7 @@ impl Default for EngineConfig {
             mode: None,
             max_request: 1 << 20,
             background_writeback: true,
-            writeback_batch: 256,
+            writeback_batch: 1024,
             writeback_pause: Duration::from_millis(100),
             force_origin: false,
             shards: None,

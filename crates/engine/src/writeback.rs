@@ -5,6 +5,7 @@
 //! never written to the origin by two parties at once (origin-writer lock),
 //! nor while a reader is fetching it from the origin.
 
+use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,10 +15,56 @@ use crate::error::{EngineError, Result};
 use crate::index::*;
 
 impl Engine {
-    /// Write back up to `max` dirty blocks with one origin flush. Returns how
-    /// many became clean. On an origin error nothing is marked clean and the
-    /// blocks stay dirty for the next attempt.
+    /// Write back up to `max` dirty blocks with one origin flush. Adjacent
+    /// blocks go to the origin as one write, and every write is in flight at
+    /// once. A write that fails leaves its blocks dirty for the next step
+    /// and costs the others nothing: they still become clean after the
+    /// flush. Returns how many became clean; an error only when none did.
     pub fn writeback_step(&self, max: usize) -> Result<usize> {
+        let batch = self.take_dirty(max);
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        let (written, mut err) = self.write_back(&batch);
+        let mut cleaned = 0;
+        if written.iter().any(|&w| w) {
+            match self.origin.flush() {
+                Ok(()) => {
+                    let done: Vec<NewBlock> = batch
+                        .iter()
+                        .zip(&written)
+                        .filter(|(_, &w)| w)
+                        .map(|(nb, _)| *nb)
+                        .collect();
+                    self.mark_clean(&done);
+                    // Make the CLEAN states durable so the dirty set after a
+                    // crash is exact.
+                    self.region.fence();
+                    cleaned = done.len();
+                }
+                Err(source) => {
+                    self.counters.add(crate::stats::Ctr::OriginErrors, 1);
+                    err = Some(EngineError::Origin {
+                        offset: batch[0].block * self.bs(),
+                        source,
+                    });
+                }
+            }
+        }
+        self.release_writeback(&batch);
+        match err {
+            Some(e) if cleaned == 0 => Err(e),
+            Some(e) => {
+                tracing::debug!(error = %e, cleaned, "writeback step partly failed; the rest stays dirty");
+                Ok(cleaned)
+            }
+            None => Ok(cleaned),
+        }
+    }
+
+    /// Up to `max` dirty blocks, in block order, each pinned, marked as in
+    /// writeback and holding its origin-writer lock.
+    fn take_dirty(&self, max: usize) -> Vec<NewBlock> {
         let mut batch: Vec<NewBlock> = Vec::new();
         let n = self.shards.len();
         let start = self.wb_rotor();
@@ -62,25 +109,72 @@ impl Engine {
                 });
             }
         }
-        if batch.is_empty() {
-            return Ok(0);
-        }
         batch.sort_by_key(|nb| nb.block);
-        let r = self.write_blocks_to_origin(&batch).and_then(|()| {
-            self.origin.flush().map_err(|source| {
-                self.counters.add(crate::stats::Ctr::OriginErrors, 1);
-                EngineError::Origin {
-                    offset: batch[0].block * self.bs(),
-                    source,
+        batch
+    }
+
+    /// Write a sorted batch to the origin (no flush): runs of adjacent data
+    /// blocks as single writes, all in flight together; runs of zero blocks
+    /// as single WRITE_ZEROES. Per block, whether the origin now has it; and
+    /// the first error.
+    fn write_back(&self, batch: &[NewBlock]) -> (Vec<bool>, Option<EngineError>) {
+        let bs = self.bs();
+        let mut written: Vec<bool> = batch.iter().map(|nb| nb.on_origin).collect();
+        let mut err = None;
+        let mut data_runs: Vec<(std::ops::Range<usize>, Vec<io::IoSlice<'_>>)> = Vec::new();
+        for run in runs(batch) {
+            let nb0 = &batch[run.start];
+            let off = nb0.block * bs;
+            let end = ((batch[run.end - 1].block + 1) * bs).min(self.size);
+            if nb0.zero {
+                match self.origin.write_zeroes(off, end - off, false) {
+                    Ok(()) => written[run.clone()].fill(true),
+                    Err(source) => {
+                        err.get_or_insert(self.origin_error(off, source));
+                    }
                 }
-            })
-        });
-        if r.is_ok() {
-            self.mark_clean(&batch);
-            // Make the CLEAN states durable so the dirty set after a crash is exact.
-            self.region.fence();
+                continue;
+            }
+            let bufs = batch[run.clone()]
+                .iter()
+                .map(|nb| {
+                    let n = (self.size - nb.block * bs).min(bs) as usize;
+                    // SAFETY: the slot is pinned, so it is not rewritten
+                    // until the batch is released.
+                    let data = unsafe {
+                        self.region
+                            .slice(self.data(self.firsts[nb.shard], nb.slot), n)
+                    };
+                    io::IoSlice::new(data)
+                })
+                .collect();
+            data_runs.push((run, bufs));
         }
-        for nb in &batch {
+        let reqs: Vec<(u64, &[io::IoSlice<'_>])> = data_runs
+            .iter()
+            .map(|(r, bufs)| (batch[r.start].block * bs, &bufs[..]))
+            .collect();
+        let results = self.origin.write_runs(&reqs);
+        assert_eq!(results.len(), reqs.len(), "one result per run");
+        for ((run, _), r) in data_runs.iter().zip(results) {
+            match r {
+                Ok(()) => written[run.clone()].fill(true),
+                Err(source) => {
+                    err.get_or_insert(self.origin_error(batch[run.start].block * bs, source));
+                }
+            }
+        }
+        (written, err)
+    }
+
+    fn origin_error(&self, offset: u64, source: io::Error) -> EngineError {
+        self.counters.add(crate::stats::Ctr::OriginErrors, 1);
+        tracing::warn!(offset, error = %source, "origin write failed during writeback");
+        EngineError::Origin { offset, source }
+    }
+
+    fn release_writeback(&self, batch: &[NewBlock]) {
+        for nb in batch {
             let mut ix = self.shards[nb.shard].ix.lock();
             ix.clear_flags(nb.slot, K_WB);
             ix.unpin(nb.slot);
@@ -89,12 +183,20 @@ impl Engine {
         for sh in self.shards.iter() {
             sh.cv.notify_all();
         }
-        r.map(|()| batch.len())
     }
 
     /// Where the next batch starts, so shards take turns.
     fn wb_rotor(&self) -> usize {
         self.wb.rotor.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Sleep up to `d`, or until a writer that waits for space kicks.
+    fn wait_for_kick(&self, d: Duration) {
+        let mut k = self.wb.kick.lock();
+        if !*k && !self.wb.stop.load(Ordering::SeqCst) {
+            self.wb.cv.wait_for(&mut k, d);
+        }
+        *k = false;
     }
 
     /// Wake the background writer.
@@ -113,7 +215,7 @@ impl Engine {
         let total = self.dirty_blocks();
         let mut done = 0u64;
         let mut failures = 0u32;
-        let mut backoff = Duration::from_millis(10);
+        let mut backoff = BACKOFF_START;
         loop {
             if self.dirty_blocks() == 0 {
                 progress(total.max(done), total.max(done));
@@ -124,7 +226,7 @@ impl Engine {
                 Ok(n) => {
                     done += n as u64;
                     failures = 0;
-                    backoff = Duration::from_millis(10);
+                    backoff = BACKOFF_START;
                     progress(done.min(total), total);
                 }
                 Err(e) => {
@@ -134,7 +236,7 @@ impl Engine {
                     }
                     tracing::warn!(error = %e, retry_in = ?backoff, "writeback failed; retrying");
                     std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
             }
         }
@@ -170,6 +272,32 @@ impl Engine {
     }
 }
 
+/// Longest run merged into one origin write, in blocks.
+const MAX_RUN: usize = 256;
+
+/// Index ranges of `batch` (sorted by block) that form runs: adjacent
+/// blocks of the same kind (data or zero) that the origin does not have yet.
+fn runs(batch: &[NewBlock]) -> Vec<std::ops::Range<usize>> {
+    let mut out: Vec<std::ops::Range<usize>> = Vec::new();
+    for (i, nb) in batch.iter().enumerate() {
+        if nb.on_origin {
+            continue;
+        }
+        match out.last_mut() {
+            Some(r)
+                if r.end == i
+                    && r.len() < MAX_RUN
+                    && batch[i - 1].block + 1 == nb.block
+                    && batch[i - 1].zero == nb.zero =>
+            {
+                r.end = i + 1
+            }
+            _ => out.push(i..i + 1),
+        }
+    }
+    out
+}
+
 /// Dirty share of the cache (percent) below which writeback trickles, as
 /// dm-writecache's high watermark (50%): an idle cache still drains, but a
 /// busy one keeps its CPU and origin bandwidth for clients.
@@ -178,40 +306,46 @@ const WRITEBACK_PERCENT: u64 = 50;
 /// Writeback with exponential backoff on origin errors. Dirty data is
 /// never dropped: a failing batch stays dirty and is retried.
 fn writeback_loop(engine: std::sync::Weak<Engine>) {
-    let mut backoff = Duration::from_millis(10);
+    let mut backoff = BACKOFF_START;
     loop {
         let Some(e) = engine.upgrade() else { return };
         if e.wb.stop.load(Ordering::SeqCst) {
             return;
         }
-        match e.writeback_step(e.cfg.writeback_batch) {
-            Ok(0) => {
-                let mut k = e.wb.kick.lock();
-                if !*k {
-                    e.wb.cv.wait_for(&mut k, Duration::from_millis(100));
-                }
-                *k = false;
-            }
+        let pause = match e.writeback_step(e.cfg.writeback_batch) {
+            Ok(0) => Duration::from_millis(100),
             Ok(_) => {
-                backoff = Duration::from_millis(10);
-                // Below the mark write back at a trickle; above it (or when
-                // writers wait for space and kick), at full speed.
-                let dirty = e.dirty_blocks();
-                if dirty * 100 < e.layout.slot_count * WRITEBACK_PERCENT {
-                    let pause = e.cfg.writeback_pause;
-                    drop(e);
-                    std::thread::sleep(pause);
-                }
+                backoff = BACKOFF_START;
+                trickle_pause(e.cfg.writeback_pause, e.dirty_blocks(), e.layout.slot_count)
             }
             Err(err) => {
+                // Nothing in the batch went through: the origin is down, or
+                // every write in it failed. Back off, further each time.
                 tracing::warn!(error = %err, retry_in = ?backoff, "writeback failed; dirty data kept, retrying");
-                let mut k = e.wb.kick.lock();
-                if !e.wb.stop.load(Ordering::SeqCst) {
-                    e.wb.cv.wait_for(&mut k, backoff);
-                }
-                *k = false;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                let b = backoff;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                b
             }
+        };
+        if !pause.is_zero() {
+            e.wait_for_kick(pause);
         }
     }
+}
+
+/// First and longest pause after a writeback step that cleaned nothing
+/// because of origin errors. A step that cleans anything resets it, so an
+/// isolated error costs one short pause.
+const BACKOFF_START: Duration = Duration::from_millis(5);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Pause after a batch: none at or above the dirty mark; below it, longer
+/// the less is dirty, so an idle cache still drains and a busy one leaves
+/// the origin to its clients.
+fn trickle_pause(base: Duration, dirty: u64, slots: u64) -> Duration {
+    let mark = slots * WRITEBACK_PERCENT / 100;
+    if dirty >= mark || mark == 0 {
+        return Duration::ZERO;
+    }
+    base.mul_f64((mark - dirty) as f64 / mark as f64)
 }

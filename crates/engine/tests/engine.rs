@@ -738,3 +738,81 @@ fn a_read_miss_never_publishes_data_older_than_a_writearound_write() {
         "a read returned data older than an acknowledged write"
     );
 }
+
+/// Writeback merges adjacent dirty blocks into one origin write per run.
+#[test]
+fn writeback_merges_adjacent_blocks_into_one_write() {
+    let rig = Rig::new(4 * MIB, 8 * MIB, 4096);
+    let e = rig.open(manual());
+    let d = pattern(21, 64 * 4096);
+    e.write(MIB as u64, &d, false).unwrap();
+    e.write(3 * MIB as u64, &d[..4096], false).unwrap();
+    let (writes, flushes) = (rig.origin.write_count(), rig.origin.flush_count());
+    assert_eq!(e.writeback_step(1000).unwrap(), 65);
+    assert_eq!(rig.origin.write_count() - writes, 2, "one write per run");
+    assert_eq!(rig.origin.flush_count() - flushes, 1, "one flush per batch");
+    assert!(rig.origin.durable()[MIB..MIB + d.len()] == d[..]);
+    assert_eq!(e.dirty_blocks(), 0);
+}
+
+/// A failed origin write costs only its own run: the rest of the batch
+/// becomes clean, and the failed blocks stay dirty until a retry succeeds.
+#[test]
+fn a_failed_writeback_write_fails_only_its_run() {
+    let rig = Rig::new(4 * MIB, 8 * MIB, 4096);
+    let e = rig.open(manual());
+    let mut model = rig.origin.current();
+    for i in 0..24usize {
+        let d = pattern(100 + i as u64, 4096);
+        let off = i * 3 * 4096;
+        e.write(off as u64, &d, false).unwrap();
+        model[off..off + 4096].copy_from_slice(&d);
+    }
+    rig.origin.set_fail_one_in(4);
+    let mut partial = false;
+    for _ in 0..200 {
+        if e.dirty_blocks() == 0 {
+            break;
+        }
+        let before = e.dirty_blocks();
+        if let Ok(n) = e.writeback_step(1000) {
+            assert_eq!(before - e.dirty_blocks(), n as u64);
+            partial |= n > 0 && (n as u64) < before;
+        }
+    }
+    rig.origin.set_fail_one_in(0);
+    assert_eq!(
+        e.dirty_blocks(),
+        0,
+        "every block is written back in the end"
+    );
+    assert!(
+        partial,
+        "some step cleaned part of its batch despite errors"
+    );
+    assert!(rig.origin.durable() == model);
+}
+
+/// A failed flush leaves the whole batch dirty.
+#[test]
+fn a_failed_writeback_flush_cleans_nothing() {
+    let rig = Rig::new(4 * MIB, 8 * MIB, 4096);
+    let e = rig.open(manual());
+    e.write(0, &pattern(5, 8 * 4096), false).unwrap();
+    // Fail the flush only: let the writes through first.
+    let o = rig.origin.clone();
+    let fails_flush = std::thread::spawn(move || {
+        while o.write_count() == 0 {
+            std::thread::yield_now();
+        }
+        o.set_failing(true);
+    });
+    rig.origin.set_delay(Duration::from_millis(20));
+    let r = e.writeback_step(1000);
+    fails_flush.join().unwrap();
+    rig.origin.set_failing(false);
+    rig.origin.set_delay(Duration::ZERO);
+    assert!(r.is_err(), "the flush failed: {r:?}");
+    assert_eq!(e.dirty_blocks(), 8);
+    assert_eq!(e.writeback_step(1000).unwrap(), 8);
+}

@@ -179,6 +179,16 @@ impl Origin for MemOrigin {
         self.store(buf.to_vec(), offset, fua)
     }
 
+    /// One store (and one chance to fail) per run, as one request would be.
+    fn write_runs(&self, runs: &[(u64, &[io::IoSlice<'_>])]) -> Vec<io::Result<()>> {
+        runs.iter()
+            .map(|&(offset, bufs)| {
+                let data: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+                self.store(data, offset, false)
+            })
+            .collect()
+    }
+
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
         let len = usize::try_from(len).map_err(|_| io::Error::other("zero range too large"))?;
         self.store(vec![0; len], offset, fua)
