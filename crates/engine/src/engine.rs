@@ -28,8 +28,12 @@ use crate::error::{EngineError, Result};
 use crate::format::*;
 use crate::hooks::{HookFn, HookPoint, Hooks};
 use crate::index::*;
+use crate::sequential::Streams;
 use crate::stats::{Counters, Ctr, StatsSnapshot};
 use crate::txn::Sequencer;
+
+/// bcache's default: a stream of 4 MiB is a scan, not a working set.
+pub const DEFAULT_SEQUENTIAL_CUTOFF: u64 = 4 << 20;
 
 /// Tunables for `open`.
 #[derive(Debug, Clone)]
@@ -51,6 +55,9 @@ pub struct EngineConfig {
     /// Insert read misses into the cache. Off, reads never write the cache
     /// (used to inspect a cache without changing it).
     pub promote_reads: bool,
+    /// Bytes a sequential stream moves through the cache before the rest of
+    /// it bypasses the cache (bcache's `sequential_cutoff`); 0: never.
+    pub sequential_cutoff: u64,
 }
 
 impl Default for EngineConfig {
@@ -64,6 +71,7 @@ impl Default for EngineConfig {
             force_origin: false,
             shards: None,
             promote_reads: true,
+            sequential_cutoff: DEFAULT_SEQUENTIAL_CUTOFF,
         }
     }
 }
@@ -112,6 +120,7 @@ pub struct Engine {
     pub(crate) wb: WritebackCtl,
     pub(crate) closed: AtomicBool,
     pub(crate) hooks: Hooks,
+    pub(crate) streams: Streams,
 }
 
 /// Where a block of a request lives while the request runs.
@@ -242,7 +251,6 @@ impl Engine {
             seq: Sequencer::new(last_seq, watermark),
             counters: Counters::default(),
             mode: AtomicU8::new(mode.as_u8()),
-            cfg,
             zeros: vec![0u8; bs as usize].into_boxed_slice(),
             sb: Mutex::new((sb, sb_copy)),
             wb: WritebackCtl {
@@ -254,6 +262,8 @@ impl Engine {
             },
             closed: AtomicBool::new(false),
             hooks: Hooks::default(),
+            streams: Streams::new(cfg.sequential_cutoff),
+            cfg,
         })
     }
 
@@ -832,8 +842,15 @@ impl Engine {
         self.counters.add(Ctr::ReadHits, hits);
         self.counters.add(Ctr::ReadMisses, nblocks as u64 - hits);
         self.counters.add(Ctr::ReadBytes, len);
+        // A scan's misses go around the cache: hits are still served from it.
+        let promotes = self.cfg.promote_reads && self.mode() != CacheMode::Passthrough;
+        let bypass = promotes && hits < nblocks as u64 && self.streams.bypass(offset, len, false);
+        if bypass {
+            self.counters.add(Ctr::BypassReads, 1);
+            self.counters.add(Ctr::BypassBytes, len);
+        }
 
-        let misses = self.fetch_misses(b0, &locs);
+        let misses = self.fetch_misses(b0, &locs, !bypass);
         let result = match misses {
             Err(e) => Err(e),
             Ok((filled, bounce)) => {
@@ -961,7 +978,7 @@ impl Engine {
     /// Fetch the missed blocks from the origin: into new cache slots where
     /// the mode promotes and there is room, else into bounce buffers.
     /// Releases the origin-reader locks taken by the lookup.
-    fn fetch_misses(&self, b0: u64, locs: &[Loc]) -> Result<Fetched> {
+    fn fetch_misses(&self, b0: u64, locs: &[Loc], promote: bool) -> Result<Fetched> {
         let bs = self.bs() as usize;
         let missing: Vec<u64> = locs
             .iter()
@@ -972,7 +989,7 @@ impl Engine {
         if missing.is_empty() {
             return Ok((Vec::new(), Vec::new()));
         }
-        let promote = self.cfg.promote_reads && self.mode() != CacheMode::Passthrough;
+        let promote = promote && self.cfg.promote_reads && self.mode() != CacheMode::Passthrough;
         let mut filled: Vec<NewBlock> = Vec::new();
         let mut bounce: Vec<(u64, Vec<u8>)> = Vec::new();
         if promote {
@@ -1332,7 +1349,8 @@ impl Engine {
         let bs = self.bs();
         let (b0, b1) = (offset / bs, (offset + len - 1) / bs);
         let held = self.lock_writers(b0, b1);
-        let mode = self.mode();
+        let mode = self.bypass_mode(offset, len, &src);
+        let fua = fua || (mode == CacheMode::Writearound && self.mode() == CacheMode::Writeback);
         let r = match mode {
             CacheMode::Writeback => self
                 .cache_write(offset, len, src, b0, b1, true, held)
@@ -1354,6 +1372,23 @@ impl Engine {
             self.counters.add(Ctr::WriteBytes, len);
         }
         r
+    }
+
+    /// The mode a write runs in: its cache's, or writearound for a write
+    /// that continues a sequential stream past the cutoff. Writearound keeps
+    /// every promise (cached copies are updated or dropped, dirty blocks go
+    /// through the cache); in writeback mode such a write carries FUA, since
+    /// an acknowledged write must be durable without a FLUSH.
+    fn bypass_mode(&self, offset: u64, len: u64, src: &Src<'_>) -> CacheMode {
+        let mode = self.mode();
+        let cached = matches!(mode, CacheMode::Writeback | CacheMode::Writethrough);
+        // Zeroes cost the cache no data: they are not worth a bypass.
+        if cached && !matches!(src, Src::Zero) && self.streams.bypass(offset, len, true) {
+            self.counters.add(Ctr::BypassWrites, 1);
+            self.counters.add(Ctr::BypassBytes, len);
+            return CacheMode::Writearound;
+        }
+        mode
     }
 
     fn unpin_all(&self, nbs: &[NewBlock]) {
@@ -1850,7 +1885,9 @@ impl Engine {
         let shard = &self.shards[sh];
         let mut ix = shard.ix.lock();
         loop {
-            if ix.retiring.iter().all(|r| r.state == RState::Durable) {
+            // A reclaim in flight has taken its batch off the list, and our
+            // slots may be in it: their FREE is durable only after its fence.
+            if !ix.reclaiming && ix.retiring.iter().all(|r| r.state == RState::Durable) {
                 return Ok(());
             }
             if !ix.reclaiming {
@@ -1913,6 +1950,9 @@ impl Engine {
             read_bytes: c.get(Ctr::ReadBytes),
             write_bytes: c.get(Ctr::WriteBytes),
             waits_for_space: c.get(Ctr::WaitsForSpace),
+            bypass_reads: c.get(Ctr::BypassReads),
+            bypass_writes: c.get(Ctr::BypassWrites),
+            bypass_bytes: c.get(Ctr::BypassBytes),
             fences: self.region.fences(),
             watermark: self.seq.durable(),
         }

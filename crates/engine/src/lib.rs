@@ -14,6 +14,7 @@ pub mod hooks;
 pub mod index;
 pub mod policy;
 pub mod recovery;
+mod sequential;
 pub mod stats;
 pub mod txn;
 pub mod writeback;

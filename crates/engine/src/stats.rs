@@ -17,9 +17,12 @@ pub enum Ctr {
     ReadBytes,
     WriteBytes,
     WaitsForSpace,
+    BypassReads,
+    BypassWrites,
+    BypassBytes,
 }
 
-const NCTR: usize = Ctr::WaitsForSpace as usize + 1;
+const NCTR: usize = Ctr::BypassBytes as usize + 1;
 
 /// The engine's counters, striped per thread (see [`pmcache_pmem::counter`]).
 #[derive(Default)]
@@ -62,6 +65,9 @@ pub struct StatsSnapshot {
     pub read_bytes: u64,
     pub write_bytes: u64,
     pub waits_for_space: u64,
+    pub bypass_reads: u64,
+    pub bypass_writes: u64,
+    pub bypass_bytes: u64,
     pub fences: u64,
     pub watermark: u64,
 }
@@ -129,6 +135,21 @@ impl StatsSnapshot {
                 "waits_for_space",
                 self.waits_for_space,
                 "writes that waited for writeback",
+            ),
+            (
+                "bypass_reads",
+                self.bypass_reads,
+                "read requests of sequential streams served around the cache",
+            ),
+            (
+                "bypass_writes",
+                self.bypass_writes,
+                "write requests of sequential streams sent to the origin directly",
+            ),
+            (
+                "bypass_bytes",
+                self.bypass_bytes,
+                "bytes of bypassed requests",
             ),
             ("fences", self.fences, "persistence fences issued in total"),
             ("watermark", self.watermark, "durable transaction watermark"),

@@ -177,6 +177,8 @@ fn cfg(v: &Variant) -> EngineConfig {
         background_writeback: false,
         writeback_batch: 64,
         shards: Some(v.shards),
+        // Short, so the workloads' sequential runs bypass the cache.
+        sequential_cutoff: 8 * v.block as u64,
         ..Default::default()
     }
 }
@@ -211,17 +213,23 @@ fn gen_ops(v: &Variant, rng: &mut SmallRng, base: u64, size: u64) -> Vec<Op> {
             _ => rng.gen_range(1..=v.max_request as u64),
         }
     };
+    let mut next = 0u64;
     (0..v.ops)
         .map(|_| {
             // One aligned whole block: what most clients send, and the
             // engine's fast path.
             let whole = rng.gen_range(0..100) < 15;
             let l = if whole { bs } else { len(rng) }.min(size);
-            let off = if whole || rng.gen_bool(0.3) {
+            let off = if next + l <= size && rng.gen_bool(0.3) {
+                // Where the last op ended: sequential streams, which bypass
+                // the cache past the cutoff.
+                next
+            } else if whole || rng.gen_bool(0.3) {
                 rng.gen_range(0..size / bs) * bs
             } else {
                 rng.gen_range(0..=size - l)
             };
+            next = off + l;
             // Across a 1 MiB chunk boundary (two shards) where there is one.
             let chunks = (base + size) >> 20;
             let off = if chunks > base >> 20 && rng.gen_bool(0.3) {
@@ -516,7 +524,7 @@ fn check_image(
     // The workload is paused inside a persistence point while we look.
     let m = ctx.model.lock().unwrap();
     let (acked, inflight, written, ops) = (&m.acked, &m.inflight, &m.written, &m.ops);
-    let ctx_msg = |e: String| format!("{e}; last ops: {:?}", &ops[ops.len().saturating_sub(4)..]);
+    let ctx_msg = |e: String| format!("{e}; last ops: {:?}", &ops[ops.len().saturating_sub(8)..]);
 
     let region = SimRegion::from_image(&img.bytes);
     let report = check::check(

@@ -816,3 +816,102 @@ fn a_failed_writeback_flush_cleans_nothing() {
     assert_eq!(e.dirty_blocks(), 8);
     assert_eq!(e.writeback_step(1000).unwrap(), 8);
 }
+
+/// A cold sequential scan past the cutoff is served around the cache: the
+/// hot set stays cached and the scan's data is still right.
+#[test]
+fn a_sequential_scan_bypasses_the_cache_and_spares_the_hot_set() {
+    let rig = Rig::new(8 * MIB, 64 * MIB, 4096);
+    let data = pattern(31, 64 * MIB);
+    rig.origin.write_at(&data, 0, true).unwrap();
+    let e = rig.open(manual());
+    // The hot set: 64 scattered blocks, read twice.
+    let hot: Vec<u64> = (0..64u64).map(|i| (i * 97 % 1024) * 4096).collect();
+    let mut buf = vec![0u8; 4096];
+    for &h in hot.iter().chain(&hot) {
+        e.read(h, &mut buf).unwrap();
+    }
+    let before = e.stats();
+    let mut chunk = vec![0u8; MIB];
+    for i in 8..56usize {
+        e.read((i * MIB) as u64, &mut chunk).unwrap();
+        assert!(
+            chunk == data[i * MIB..(i + 1) * MIB],
+            "scan read {i} MiB wrong"
+        );
+    }
+    let after = e.stats();
+    assert!(after.bypass_reads >= 40, "{after:?}");
+    assert!(
+        after.promotions - before.promotions <= 5 * 256,
+        "only the scan's first cutoff's worth is promoted: {}",
+        after.promotions - before.promotions
+    );
+    let hits = after.read_hits;
+    for &h in &hot {
+        e.read(h, &mut buf).unwrap();
+        assert!(buf == data[h as usize..h as usize + 4096]);
+    }
+    assert_eq!(
+        e.stats().read_hits - hits,
+        64,
+        "the hot set is still cached"
+    );
+}
+
+/// A sequential write stream past the cutoff goes to the origin durably,
+/// and leaves no older cached or dirty copy behind to resurrect.
+#[test]
+fn a_sequential_write_stream_bypasses_without_resurrecting_old_copies() {
+    let rig = Rig::new(8 * MIB, 64 * MIB, 4096);
+    let e = rig.open(manual());
+    // Old dirty and clean copies inside the range the stream will cover.
+    let old = pattern(40, 8192);
+    e.write(10 * MIB as u64, &old, false).unwrap();
+    e.write(12 * MIB as u64, &old, false).unwrap();
+    e.writeback_step(1000).unwrap();
+    e.write(12 * MIB as u64, &old[..4096], false).unwrap();
+    assert!(e.dirty_blocks() > 0);
+    let new = pattern(41, 16 * MIB);
+    for i in 0..16usize {
+        e.write(((i + 1) * MIB) as u64, &new[i * MIB..(i + 1) * MIB], false)
+            .unwrap();
+    }
+    let st = e.stats();
+    assert!(st.bypass_writes >= 10, "{st:?}");
+    let durable = rig.origin.durable();
+    assert!(
+        durable[6 * MIB..17 * MIB] == new[5 * MIB..],
+        "bypassed writes in writeback mode are durable on the origin when acknowledged"
+    );
+    let mut got = vec![0u8; 16 * MIB];
+    for i in 0..16usize {
+        e.read(((i + 1) * MIB) as u64, &mut got[i * MIB..(i + 1) * MIB])
+            .unwrap();
+    }
+    assert!(got == new, "reads after the stream see only its data");
+    e.flush_all(0, &mut |_, _| {}).unwrap();
+    assert!(
+        rig.origin.durable()[MIB..17 * MIB] == new[..],
+        "writeback resurrected an old copy"
+    );
+}
+
+#[test]
+fn a_zero_cutoff_never_bypasses() {
+    let rig = Rig::new(8 * MIB, 64 * MIB, 4096);
+    let e = rig.open(EngineConfig {
+        sequential_cutoff: 0,
+        ..manual()
+    });
+    let d = pattern(50, MIB);
+    for i in 0..16u64 {
+        e.write(i * MIB as u64, &d, false).unwrap();
+    }
+    let mut buf = vec![0u8; MIB];
+    for i in 16..48u64 {
+        e.read(i * MIB as u64, &mut buf).unwrap();
+    }
+    let st = e.stats();
+    assert_eq!((st.bypass_reads, st.bypass_writes), (0, 0));
+}

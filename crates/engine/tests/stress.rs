@@ -206,6 +206,18 @@ impl Rig {
         self.failure.lock().unwrap().get_or_insert(e);
     }
 
+    /// A sequential stream of 8-block requests, past the bypass cutoff.
+    fn burst(&self, rng: &mut SmallRng, b0: u64) {
+        let write = rng.gen_bool(0.5);
+        for i in 0..8 {
+            if write {
+                self.write(rng, b0 + i * 8, 8, Kind::Write);
+            } else {
+                self.read(b0 + i * 8, 8);
+            }
+        }
+    }
+
     fn worker(&self, seed: u64) {
         let mut rng = SmallRng::seed_from_u64(seed);
         while !self.stop.load(Ordering::Relaxed) {
@@ -215,6 +227,10 @@ impl Rig {
                 rng.gen_range(2..=8)
             };
             let b0 = rng.gen_range(0..=HOT - n);
+            if rng.gen_bool(0.03) {
+                self.burst(&mut rng, b0.min(HOT - 64));
+                continue;
+            }
             match rng.gen_range(0..100) {
                 0..=39 => self.write(&mut rng, b0, n, Kind::Write),
                 40..=44 => self.write(&mut rng, b0, n, Kind::Zero),
@@ -244,6 +260,8 @@ fn run_mode(mode: CacheMode, ms: u64, seed: u64) -> Result<(), String> {
             mode: Some(mode),
             max_request: 64 << 10,
             writeback_batch: 32,
+            // Short, so the workers' sequential bursts bypass the cache.
+            sequential_cutoff: 64 << 10,
             ..Default::default()
         },
     )
@@ -284,14 +302,16 @@ fn run_mode(mode: CacheMode, ms: u64, seed: u64) -> Result<(), String> {
     let st = rig.engine.stats();
     eprintln!(
         "{mode}: {} writes, {} reads hit / {} missed, {} promotions, {} evictions, \
-         {} written back, {} origin errors",
+         {} written back, {} origin errors, {} / {} reads / writes bypassed",
         st.writes,
         st.read_hits,
         st.read_misses,
         st.promotions,
         st.evictions,
         st.writebacks,
-        st.origin_errors
+        st.origin_errors,
+        st.bypass_reads,
+        st.bypass_writes
     );
     assert!(
         st.writes > 100 && st.read_misses > 100,

@@ -1,0 +1,127 @@
+//! Sequential detection, as bcache's sequential cutoff: once a stream of
+//! reads or writes has moved more than the cutoff, the rest of it bypasses
+//! the cache, so a backup or a copy runs at the origin's speed and does not
+//! push the hot set out of the cache.
+//!
+//! A stream is a run of requests in one direction whose offsets follow each
+//! other. Requests of a deep queue start nearly, not exactly, in order, so
+//! a request continues a stream when it starts at the stream's end, up to
+//! two of its own lengths behind it or one ahead: random I/O lands there too
+//! seldom to build a stream before it leaves the table.
+
+use parking_lot::Mutex;
+
+/// Streams followed at once (LRU-replaced), as Open CAS's stream table.
+const STREAMS: usize = 16;
+
+#[derive(Clone, Copy, Default)]
+struct Stream {
+    /// Highest end offset seen.
+    end: u64,
+    /// Bytes moved by the stream so far.
+    bytes: u64,
+    write: bool,
+    /// For LRU replacement.
+    last_used: u64,
+    live: bool,
+}
+
+pub(crate) struct Streams {
+    cutoff: u64,
+    table: Mutex<([Stream; STREAMS], u64)>,
+}
+
+impl Streams {
+    /// `cutoff` 0 turns detection off.
+    pub(crate) fn new(cutoff: u64) -> Streams {
+        Streams {
+            cutoff,
+            table: Mutex::new(([Stream::default(); STREAMS], 0)),
+        }
+    }
+
+    /// Record a request; true if it belongs to a stream that has already
+    /// moved more than the cutoff, so it should bypass the cache.
+    pub(crate) fn bypass(&self, offset: u64, len: u64, write: bool) -> bool {
+        if self.cutoff == 0 || len == 0 {
+            return false;
+        }
+        let mut g = self.table.lock();
+        let (table, clock) = &mut *g;
+        *clock += 1;
+        let now = *clock;
+        let near = |s: &Stream| {
+            s.live
+                && s.write == write
+                && offset <= s.end.saturating_add(len)
+                && offset >= s.end.saturating_sub(2 * len)
+        };
+        // Of several candidates, the longest stream: a short stale entry
+        // in its path must not split it.
+        if let Some(s) = table.iter_mut().filter(|s| near(s)).max_by_key(|s| s.bytes) {
+            let before = s.bytes;
+            // Only a request that moves the stream forward counts; one
+            // behind it is a late member, not progress.
+            if offset >= s.end {
+                s.bytes = s.bytes.saturating_add(len);
+                s.end = offset.saturating_add(len);
+            }
+            s.last_used = now;
+            return before >= self.cutoff;
+        }
+        let victim = table
+            .iter_mut()
+            .min_by_key(|s| (s.live, s.last_used))
+            .expect("the stream table is not empty");
+        *victim = Stream {
+            end: offset.saturating_add(len),
+            bytes: len,
+            write,
+            last_used: now,
+            live: true,
+        };
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stream_bypasses_after_the_cutoff_and_random_io_never_does() {
+        let s = Streams::new(4 << 20);
+        let mib = 1u64 << 20;
+        let decisions: Vec<bool> = (0..8).map(|i| s.bypass(i * mib, mib, false)).collect();
+        assert_eq!(
+            decisions,
+            [false, false, false, false, true, true, true, true]
+        );
+        // Writes are a different stream.
+        assert!(!s.bypass(8 * mib, mib, true));
+        // Out of order within the window still counts.
+        let t = Streams::new(2 * mib);
+        for i in [0u64, 2, 1, 3, 4] {
+            t.bypass(100 * mib + i * mib, mib, false);
+        }
+        assert!(t.bypass(105 * mib, mib, false));
+        // Random requests over 1 GiB, small or large, never make a stream.
+        for len in [4096u64, mib] {
+            let r = Streams::new(4 << 20);
+            let mut x = 12345u64;
+            for _ in 0..100_000 {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let off = (x >> 34) % (1 << 30) / len * len;
+                assert!(!r.bypass(off, len, false), "random {len}-byte I/O bypassed");
+            }
+        }
+    }
+
+    #[test]
+    fn off_means_never() {
+        let s = Streams::new(0);
+        assert!((0..100u64).all(|i| !s.bypass(i << 20, 1 << 20, true)));
+    }
+}
