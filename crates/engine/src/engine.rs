@@ -182,6 +182,9 @@ const LOCK_EARLY_BLOCKS: usize = 8;
 /// caches, and the free list's top stays a small, hot set.
 const RECLAIM_EARLY: usize = 32;
 
+/// Tries of an origin read before a read fails (pauses of 1, 4, 16 ms).
+const READ_ATTEMPTS: u32 = 4;
+
 /// How many free slots a shard tries to keep, so writers rarely wait.
 fn low_water(nslots: u32, max_blocks: u32) -> u32 {
     (nslots / 16).max(max_blocks).min(nslots / 2)
@@ -1063,11 +1066,7 @@ impl Engine {
                     }
                 })
                 .collect();
-            res = self.origin.read_vectored_at(&mut run, start * bs as u64);
-            if let Err(e) = &res {
-                self.counters.add(Ctr::OriginErrors, 1);
-                tracing::warn!(offset = start * bs as u64, error = %e, "origin read failed");
-            }
+            res = self.origin_read_retrying(&mut run, start * bs as u64);
             i = j;
         }
         drop(targets);
@@ -1088,6 +1087,30 @@ impl Engine {
             self.commit_fill(&mut filled, &firsts);
         }
         Ok((filled, bounce))
+    }
+
+    /// An origin read, tried again after short pauses before the client
+    /// sees an error: one failed request of a flaky origin costs a retry,
+    /// not a failed read.
+    fn origin_read_retrying(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()> {
+        let mut pause = Duration::from_millis(1);
+        let mut attempt = 1;
+        loop {
+            match self.origin.read_vectored_at(bufs, offset) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    self.counters.add(Ctr::OriginErrors, 1);
+                    if attempt >= READ_ATTEMPTS || self.check_open().is_err() {
+                        tracing::warn!(offset, error = %e, attempt, "origin read failed");
+                        return Err(e);
+                    }
+                    tracing::debug!(offset, error = %e, attempt, "origin read failed; retrying");
+                }
+            }
+            std::thread::sleep(pause);
+            pause *= 4;
+            attempt += 1;
+        }
     }
 
     fn release_origin_readers(&self, blocks: impl Iterator<Item = u64>) {
@@ -1693,17 +1716,14 @@ impl Engine {
                 let start = nb.block * bs as u64;
                 let avail = (self.size - start).min(bs as u64) as usize;
                 dst[avail..].fill(0);
-                let r = self.origin.read_at(&mut dst[..avail], start);
+                let r = self.origin_read_retrying(&mut [IoSliceMut::new(&mut dst[..avail])], start);
                 sh.ix
                     .lock()
                     .update_lock(nb.block, |l| l.origin_readers -= 1);
                 sh.cv.notify_all();
-                r.map_err(|source| {
-                    self.counters.add(Ctr::OriginErrors, 1);
-                    EngineError::Origin {
-                        offset: start,
-                        source,
-                    }
+                r.map_err(|source| EngineError::Origin {
+                    offset: start,
+                    source,
                 })
             }
         }

@@ -915,3 +915,31 @@ fn a_zero_cutoff_never_bypasses() {
     let st = e.stats();
     assert_eq!((st.bypass_reads, st.bypass_writes), (0, 0));
 }
+
+/// Reads that need a flaky origin retry before they fail the client.
+#[test]
+fn reads_retry_a_flaky_origin_before_failing() {
+    let rig = Rig::new(8 * MIB, 8 * MIB, 4096);
+    let data = pattern(60, 8 * MIB);
+    rig.origin.write_at(&data, 0, true).unwrap();
+    let e = rig.open(manual());
+    rig.origin.set_fail_one_in(3);
+    let mut failed = 0;
+    let mut buf = vec![0u8; 4096];
+    for b in 0..300usize {
+        // Sub-block writes read the rest of their block from the origin too.
+        let r = if b % 3 == 0 {
+            e.write((b * 4096 + 100) as u64, &[7u8; 10], false)
+        } else {
+            e.read((b * 4096) as u64, &mut buf).map(|()| {
+                assert!(buf == data[b * 4096..(b + 1) * 4096]);
+            })
+        };
+        failed += r.is_err() as u32;
+    }
+    rig.origin.set_fail_one_in(0);
+    // One in three origin requests fails: without retries about 100 of 300
+    // requests would; with four tries, about 4.
+    assert!(failed <= 15, "{failed} of 300 requests failed");
+    assert!(e.stats().origin_errors >= 50);
+}
