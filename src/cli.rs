@@ -142,6 +142,12 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics at http://HOST:PORT/metrics
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics: Option<String>,
+
+    /// A sequential stream of reads or writes that has moved this much goes
+    /// around the cache from then on (as bcache's sequential_cutoff): its
+    /// misses are not cached and its writes go to the origin. 0 turns it off
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "4MiB")]
+    pub sequential_cutoff: u64,
 }
 
 const FORMAT_HELP: &str = "\

@@ -202,6 +202,13 @@ pub fn render_text(v: &Value) -> String {
         human(n("write_bytes")),
         human(n("read_bytes"))
     );
+    let _ = writeln!(
+        o,
+        "  bypassed       {} read and {} write requests of sequential streams, {}",
+        n("bypass_reads"),
+        n("bypass_writes"),
+        human(n("bypass_bytes"))
+    );
     let _ = writeln!(o, "Writeback");
     let _ = writeln!(
         o,

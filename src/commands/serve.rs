@@ -320,6 +320,7 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
             max_request: cache::MAX_REQUEST,
             background_writeback: true,
             force_origin: a.force,
+            sequential_cutoff: a.sequential_cutoff,
             ..EngineConfig::default()
         };
         let engine = Engine::open(region, origin.clone(), cfg)
