@@ -142,7 +142,22 @@ type Batches = SmallVec<[(usize, Batch); 2]>;
 type Batch = Vec<(u32, u64, bool)>;
 
 /// Blocks a read fetched: into new cache slots, or into bounce buffers.
-type Fetched = (Vec<NewBlock>, Vec<(u64, Vec<u8>)>);
+type Fetched = (Vec<NewBlock>, Bounce);
+
+/// Missed blocks read without a cache slot (not promoted, or no room): one
+/// buffer for all of them, a block each, in block order.
+#[derive(Default)]
+struct Bounce {
+    blocks: Vec<u64>,
+    buf: Vec<u8>,
+}
+
+impl Bounce {
+    fn new(blocks: Vec<u64>, bs: usize) -> Bounce {
+        let buf = vec![0u8; blocks.len() * bs];
+        Bounce { blocks, buf }
+    }
+}
 
 /// What a write puts into each block.
 pub(crate) enum Src<'a> {
@@ -937,7 +952,7 @@ impl Engine {
         b0: u64,
         locs: &[Loc],
         filled: &[NewBlock],
-        bounce: &[(u64, Vec<u8>)],
+        bounce: &Bounce,
         sink: &mut dyn FnMut(&[IoSlice<'_>]) -> io::Result<()>,
     ) -> Result<()> {
         let bs = self.bs();
@@ -960,7 +975,9 @@ impl Engine {
                         Some((filled[fi - 1].shard, filled[fi - 1].slot))
                     } else {
                         bi += 1;
-                        slices.push(IoSlice::new(&bounce[bi - 1].1[lo..hi]));
+                        let at = (bi - 1) * bs as usize;
+                        debug_assert_eq!(bounce.blocks[bi - 1], b);
+                        slices.push(IoSlice::new(&bounce.buf[at + lo..at + hi]));
                         continue;
                     }
                 }
@@ -990,11 +1007,11 @@ impl Engine {
             .map(|(i, _)| b0 + i as u64)
             .collect();
         if missing.is_empty() {
-            return Ok((Vec::new(), Vec::new()));
+            return Ok((Vec::new(), Bounce::default()));
         }
         let promote = promote && self.cfg.promote_reads && self.mode() != CacheMode::Passthrough;
         let mut filled: Vec<NewBlock> = Vec::new();
-        let mut bounce: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut unslotted: Vec<u64> = Vec::new();
         if promote {
             for sh in self.shards_of(missing[0], *missing.last().unwrap()) {
                 let mine: Vec<u64> = missing
@@ -1019,13 +1036,13 @@ impl Engine {
                             });
                         }
                     }
-                    _ => bounce.extend(mine.iter().map(|&b| (b, vec![0u8; bs]))),
+                    _ => unslotted.extend(&mine),
                 }
             }
             filled.sort_by_key(|n| n.block);
-            bounce.sort_by_key(|b| b.0);
+            unslotted.sort_unstable();
         } else {
-            bounce.extend(missing.iter().map(|&b| (b, vec![0u8; bs])));
+            unslotted.extend(&missing);
         }
 
         // Origin → slots (or bounce), one vectored request per contiguous run.
@@ -1037,7 +1054,8 @@ impl Engine {
             let buf = unsafe { self.region.slice_mut(self.data(first, nb.slot), bs) };
             targets.push((nb.block, IoSliceMut::new(buf)));
         }
-        for (b, v) in bounce.iter_mut() {
+        let mut bounce = Bounce::new(unslotted, bs);
+        for (b, v) in bounce.blocks.iter().zip(bounce.buf.chunks_exact_mut(bs)) {
             targets.push((*b, IoSliceMut::new(v)));
         }
         targets.sort_by_key(|t| t.0);
@@ -1073,7 +1091,7 @@ impl Engine {
         // Bounce buffers publish nothing: their reader locks can go now. A
         // filled block keeps its lock until `commit_fill` has decided, under
         // the same shard lock, whether its data may still be published.
-        self.release_origin_readers(bounce.iter().map(|b| b.0));
+        self.release_origin_readers(bounce.blocks.iter().copied());
         if let Err(source) = res {
             self.release_origin_readers(filled.iter().map(|nb| nb.block));
             self.release_slots(&filled);

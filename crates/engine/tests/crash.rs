@@ -833,9 +833,9 @@ fn crash_suite() {
     // variants keeps both cores busy to the end.
     let plan = [
         (SMALL, 35),
-        (PRODUCTION, 15),
+        (PRODUCTION, 10),
         (LARGE, 10),
-        (CONCURRENT, 20),
+        (CONCURRENT, 25),
         (MODES, 20),
     ];
     let only = std::env::var("PMCACHE_CRASH_VARIANTS").ok();
@@ -852,7 +852,7 @@ fn crash_suite() {
             })
             .collect()
     };
-    let (first, second) = plan.split_at(2);
+    let (first, second) = plan.split_at(3);
     let second = second.to_vec();
     let run2 = run.clone();
     let other = std::thread::spawn(move || run2(&second));
