@@ -1,0 +1,705 @@
+#!/usr/bin/env python3
+"""Origin-path benchmark matrix (issue 14, deliverable 5): pmcache against its slow origin.
+
+Each workload row runs the same fio job (nbd engine) through three setups, in one run:
+  origin    the origin alone
+  pmcache   pmcache serve (64 MiB cache in /dev/shm, --assume-pmem) in front of the origin
+  nbdcache  nbdkit's cache filter in front of the origin (nbd plugin; cache=writeback, or
+            cache=writethrough for the writethrough row; cache-on-read=true,
+            cache-max-size=64M, default thresholds high 95% / low 80%, default block size
+            64 KiB; its cache file lives in /dev/shm via TMPDIR)
+Every cell (origin model x row x setup x rep) starts from scratch: a fresh origin (new memory
+plugin, so empty), a freshly formatted pmcache cache or a fresh nbdkit cache, all on Unix
+sockets in a temporary directory under /dev/shm that is removed afterwards. Servers are
+stopped by PID (SIGTERM, then SIGKILL after a bounded wait).
+
+Origin models (--origins, default both), nbdkit memory plugin, 1 GiB:
+  delay  delay filter, 1 ms on every read, write, zero and trim: a slow-latency NAS.
+  rate   rate filter rate=8G (bits/s: 1 GiB/s) with burstiness=0.1: a fast link.
+         `rate` limits the TOTAL bandwidth across all connections of that nbdkit (global; the
+         per-connection limit would be connection-rate), with separate buckets for reads and
+         writes; zero and trim are free. The default burstiness (2 s) lets an idle origin
+         burst 2 GiB, which makes 5 s runs read up to ~1.6 GiB/s; 0.1 s keeps it at 1 GiB/s.
+         No latency is added by default: the delay filter of nbdkit 1.32 counts in whole
+         milliseconds and parses "0.2ms" as 0 ms without complaint (sscanf "%u"), so the
+         intended 0.2 ms cannot be expressed; --rate-delay MS adds a delay filter with MS
+         (whole) milliseconds on every read, write, zero and trim.
+nbdkit serves 16 requests at a time per connection (its default thread pool), so the delay
+origin tops out near 16 K IOPS for small requests.
+
+Rows (label: fio job; target for pmcache/origin):
+  seqwrite_1m_qd8         1 MiB sequential write QD8 over 1 GiB (time based): a 64 MiB cache
+                          must write back at the rate it absorbs. Write-absorbing: >= 0.95x.
+  seqread_1m_qd8_cold     1 MiB sequential read QD8 over 1 GiB; the origin is filled first (fio
+                          1 MiB writes straight to the origin), the cache is fresh. Passthrough:
+                          >= 0.9x.
+  randread_4k_qd32_cold   4 KiB random read QD32 over 1 GiB (origin filled first), fresh cache:
+                          nearly every read misses. Passthrough: >= 0.9x.
+  randwrite_4k_qd32_full  4 KiB random write QD32 over 512 MiB (8x the cache), after an untimed
+                          fill run of the same job (--fill seconds) so the cache is full and
+                          writeback is the steady state. Write-absorbing: >= 0.95x.
+  randrw_4k_qd32_full     4 KiB random 50/50 read/write QD32 over 512 MiB after the same fill;
+                          read + write IOPS. Write-absorbing: >= 0.95x.
+  randwrite_4k_qd1_room   4 KiB random write QD1 over 32 MiB (fits the cache). Helping: >= 5x.
+  randread_4k_qd32_warm   4 KiB random read QD32 over 32 MiB (origin filled first) after one
+                          sequential read pass through the setup. Helping: >= 5x.
+  wt_randwrite_4k_qd32    4 KiB random write QD32 over 1 GiB with pmcache --mode writethrough
+                          (nbdkit: cache=writethrough). Passthrough: >= 0.9x.
+  flaky_copy_1pct         nbdcopy --flush of a 160 MiB random file from /dev/shm into the export,
+  flaky_copy_10pct        with the error filter on the origin failing 1% (10%) of reads and
+                          writes (error-pread-rate, error-pwrite-rate; EIO after the delay).
+                          Metric: seconds, and the ratio pmcache with errors / pmcache on the
+                          same origin without errors (one error-free copy per origin model
+                          serves both rows). Target <= 3x (1%), <= 10x (10%). A copy is stopped
+                          after --copy-timeout seconds, or when pmcache makes no progress (its
+                          write_bytes and writeback_bytes counters stay the same) for --stall
+                          seconds, and reported as "> N s". The origin alone and the nbdkit cache
+                          with errors are run too, for information: the origin alone is expected
+                          to fail. In writeback mode pmcache answers FLUSH once the data is
+                          persistent in the cache, so the copy ends when the last 64 MiB are in
+                          the cache (the rest was written back during the copy to make room);
+                          nbdkit's writeback cache writes all its dirty blocks on FLUSH.
+1 MiB rows report GiB/s, 4 KiB rows IOPS; ratios are of those. Each fio job runs --runtime
+seconds after a 1 s ramp. With --reps N every cell runs N times (setups interleaved) and the
+median is reported. A cell that fails (server does not start, fio errors or hangs past its
+timeout, copy fails) is recorded with its command and error text, and the run goes on.
+
+Usage: bench/origin_bench.py [--runtime S] [--reps N] [--cases A,B] [--origins delay,rate]
+                             [--fill S] [--copy-timeout S] [--stall S] [--rate-delay MS]
+                             [--pmcache PATH] [--out FILE.json]
+  --cases         only these rows (comma-separated labels; default all)
+  --origins       origin models (default delay,rate)
+  --fill          seconds of the untimed fill run of the *_full rows (default 3)
+  --copy-timeout  bound on one nbdcopy (default 120)
+  --stall         stop a pmcache copy after this many seconds without progress (default 15)
+  --rate-delay    whole milliseconds of delay added to the rate origin (default 0)
+  --pmcache       the pmcache binary (default target/release/pmcache under the repository)
+  --out           write everything (raw numbers, ratios, failures, pmcache stats) as JSON
+Example: python3 bench/origin_bench.py --reps 1 --runtime 5 --out origin.json
+Needs: nbdkit (memory plugin; delay, rate, error and cache filters; nbd plugin), fio with the
+nbd engine, nbdcopy (libnbd-bin), and a release build (cargo build --release -p pmcache).
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ORIGIN_SIZE = "1G"
+CACHE_SIZE = "64M"
+COPY_SIZE = 160 << 20
+RAMP_S = 1
+ORIGIN_MODELS = {
+    # name: nbdkit filters (first = nearest the client) and their parameters
+    "delay": (["delay"], ["delay-read=1ms", "delay-write=1ms", "delay-zero=1ms", "delay-trim=1ms"]),
+    "rate": (["rate"], ["rate=8G", "burstiness=0.1"]),  # --rate-delay adds a delay filter
+}
+RATE_DELAY_MS = [0]  # set from --rate-delay
+# target kinds: (comparison, threshold)
+TARGETS = {"passthrough": (">=", 0.9), "absorb": (">=", 0.95), "help": (">=", 5.0)}
+SETUPS = ("origin", "pmcache", "nbdcache")
+# pmcache (tracing) warning/error lines, nbdkit error lines, panics
+LOG_PROBLEM = re.compile(r"^\S+\s+(WARN|ERROR)\s|^nbdkit: .*: error: |panicked")
+
+
+class Row:
+    """One fio workload row."""
+
+    def __init__(self, label, rw, bs, qd, area, target, prep=None, fill_origin=None, mode="writeback"):
+        self.label, self.rw, self.bs, self.qd, self.area = label, rw, bs, qd, area
+        self.target = target
+        self.prep = prep              # None, "fill" (untimed run of the job) or "warm" (read pass)
+        self.fill_origin = fill_origin  # area written straight to the origin before the cache starts
+        self.mode = mode              # pmcache --mode / nbdkit cache=
+        self.unit = "GiB/s" if bs == "1M" else "IOPS"
+
+
+ROWS = [
+    Row("seqwrite_1m_qd8", "write", "1M", 8, "1G", "absorb"),
+    Row("seqread_1m_qd8_cold", "read", "1M", 8, "1G", "passthrough", fill_origin="1G"),
+    Row("randread_4k_qd32_cold", "randread", "4k", 32, "1G", "passthrough", fill_origin="1G"),
+    Row("randwrite_4k_qd32_full", "randwrite", "4k", 32, "512M", "absorb", prep="fill"),
+    Row("randrw_4k_qd32_full", "randrw", "4k", 32, "512M", "absorb", prep="fill"),
+    Row("randwrite_4k_qd1_room", "randwrite", "4k", 1, "32M", "help"),
+    Row("randread_4k_qd32_warm", "randread", "4k", 32, "32M", "help", prep="warm", fill_origin="32M"),
+    Row("wt_randwrite_4k_qd32", "randwrite", "4k", 32, "1G", "passthrough", mode="writethrough"),
+]
+COPY_ROWS = [("flaky_copy_1pct", "1%", 3.0), ("flaky_copy_10pct", "10%", 10.0)]
+ALL_LABELS = [r.label for r in ROWS] + [c[0] for c in COPY_ROWS]
+
+
+class CellFailed(Exception):
+    """A setup failed; the message says which command and how."""
+
+
+def uri_of(sock):
+    return f"nbd+unix:///?socket={sock}"
+
+
+def tail(path, n=15):
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+    except OSError:
+        return ""
+
+
+def wait_socket(path, proc, log, timeout=30):
+    """Wait until the server accepts connections on its Unix socket."""
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise CellFailed(f"server exited early ({proc.returncode}): {' '.join(proc.args)}\n{tail(log)}")
+        if os.path.exists(path):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(path)
+                return
+            except OSError:
+                pass
+            finally:
+                s.close()
+        time.sleep(0.05)
+    raise CellFailed(f"socket {path} did not accept connections within {timeout} s: {' '.join(proc.args)}")
+
+
+class Servers:
+    """Child servers of one cell, each stopped by its own PID (SIGTERM, bounded wait, SIGKILL)."""
+
+    def __init__(self, tmp):
+        self.tmp = tmp
+        self.procs = []
+        self.notes = []
+
+    def log_path(self, name):
+        return os.path.join(self.tmp, name + ".log")
+
+    def start(self, name, args, env=None):
+        sock = os.path.join(self.tmp, name + ".sock")
+        full = [a.replace("{sock}", sock) for a in args]
+        log_path = self.log_path(name)
+        with open(log_path, "w") as log:
+            p = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
+        self.procs.append((name, p))
+        wait_socket(sock, p, log_path)
+        return sock, p
+
+    def stop_all(self, grace=5):
+        for name, p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=grace)
+                except subprocess.TimeoutExpired:
+                    self.notes.append(f"{name} (pid {p.pid}) ignored SIGTERM for {grace} s: killed")
+                    print(f"  {self.notes[-1]}", file=sys.stderr, flush=True)
+                    p.kill()
+                    p.wait()
+            elif p.returncode not in (0, -signal.SIGTERM):
+                self.notes.append(f"{name} had exited with status {p.returncode}")
+        self.procs = []
+
+
+def run(cmd, timeout, what):
+    """Run a command; CellFailed with its command and output on error or timeout."""
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"")[-2000:]
+        raise CellFailed(f"{what} timed out after {timeout} s: {' '.join(cmd)}\n"
+                         f"{out.decode(errors='replace') if isinstance(out, bytes) else out}")
+    if r.returncode != 0:
+        raise CellFailed(f"{what} failed ({r.returncode}): {' '.join(cmd)}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    return r
+
+
+def fio(sock, rw, bs, qd, size, runtime=None, extra=(), timeout=None):
+    """One fio job with the nbd engine; returns IOPS (read + write), bandwidth, latencies."""
+    cmd = ["fio", "--name=job", "--ioengine=nbd", f"--uri={uri_of(sock)}", f"--rw={rw}", f"--bs={bs}",
+           f"--iodepth={qd}", f"--size={size}", "--output-format=json", "--randrepeat=0", "--norandommap",
+           *extra]
+    if rw == "randrw":
+        cmd.append("--rwmixread=50")
+    if runtime:
+        cmd += ["--time_based", f"--runtime={runtime}", f"--ramp_time={RAMP_S}"]
+    r = run(cmd, timeout or (runtime or 0) + RAMP_S + 60, "fio")
+    out = r.stdout
+    try:
+        job = json.loads(out[out.index("{"):])["jobs"][0]
+    except (ValueError, KeyError, IndexError) as e:
+        raise CellFailed(f"fio output unreadable ({e}): {' '.join(cmd)}\n{out[-2000:]}\n{r.stderr[-2000:]}")
+    if job.get("error"):
+        raise CellFailed(f"fio job error {job['error']}: {' '.join(cmd)}\n{r.stderr[-2000:]}")
+    res = {"iops": 0.0, "gib_s": 0.0}
+    for side in ("read", "write"):
+        s = job[side]
+        if s["io_bytes"] == 0 and s["total_ios"] == 0:
+            continue
+        pct = s["clat_ns"].get("percentile", {})
+        res["iops"] += s["iops"]
+        res["gib_s"] += s["bw_bytes"] / (1 << 30)
+        res[f"{side}_iops"] = s["iops"]
+        res[f"{side}_p50_us"] = pct.get("50.000000", 0) / 1000
+        res[f"{side}_p99_us"] = pct.get("99.000000", 0) / 1000
+    return res
+
+
+def origin_args(model, error_rate=None):
+    filters, params = ORIGIN_MODELS[model]
+    filters = list(filters)
+    params = list(params)
+    if model == "rate" and RATE_DELAY_MS[0]:
+        d = f"{RATE_DELAY_MS[0]}ms"
+        filters.append("delay")
+        params += [f"delay-read={d}", f"delay-write={d}", f"delay-zero={d}", f"delay-trim={d}"]
+    if error_rate:
+        filters.append("error")  # nearest the plugin: a failing request still pays the delay
+        params += [f"error-pread-rate={error_rate}", f"error-pwrite-rate={error_rate}"]
+    return (["nbdkit", "--foreground", "--exit-with-parent", "-U", "{sock}"]
+            + [f"--filter={f}" for f in filters] + ["memory", ORIGIN_SIZE] + params)
+
+
+class Cell:
+    """One setup in front of one fresh origin, in its own directory; use as a context manager."""
+
+    def __init__(self, root, name, model, setup, pmcache, mode="writeback", error_rate=None):
+        self.tmp = tempfile.mkdtemp(prefix=name[:24] + "-", dir=root)
+        self.servers = Servers(self.tmp)
+        self.model, self.setup, self.pmcache, self.mode = model, setup, pmcache, mode
+        self.error_rate = error_rate
+        self.cache = os.path.join(self.tmp, "cache.pmem")
+        self.origin_sock = None
+        self.sock = None
+        self.info = {}
+
+    def __enter__(self):
+        return self
+
+    def start_origin(self):
+        self.origin_sock, _ = self.servers.start("origin", origin_args(self.model, self.error_rate))
+        self.sock = self.origin_sock
+        return self.origin_sock
+
+    def start_front(self):
+        """Start the cache in front of the origin (nothing to do for the origin alone)."""
+        if self.setup == "pmcache":
+            run([self.pmcache, "format", "--cache", self.cache, "--size", CACHE_SIZE, "--origin",
+                 uri_of(self.origin_sock), "--assume-pmem", "--force"], 60, "pmcache format")
+            self.sock, self.pm_proc = self.servers.start(
+                "pmcache", [self.pmcache, "serve", "--cache", self.cache, "--socket", "{sock}",
+                            "--assume-pmem", "--mode", self.mode])
+        elif self.setup == "nbdcache":
+            self.sock, self.nc_proc = self.servers.start(
+                "nbdcache", ["nbdkit", "--foreground", "--exit-with-parent", "-U", "{sock}", "--filter=cache",
+                             "nbd", f"socket={self.origin_sock}", f"cache={self.mode}", "cache-on-read=true",
+                             f"cache-max-size={CACHE_SIZE}"],
+                env=dict(os.environ, TMPDIR=self.tmp))
+        return self.sock
+
+    def collect(self):
+        """Server-side facts worth keeping: pmcache stats and log warnings, nbdkit cache file size."""
+        if self.setup == "pmcache" and getattr(self, "pm_proc", None) and self.pm_proc.poll() is None:
+            st = pm_stats(self.pmcache, self.cache)
+            if st is not None:
+                self.info["pmcache_stats"] = st
+        if self.setup == "nbdcache" and getattr(self, "nc_proc", None) and self.nc_proc.poll() is None:
+            fd_dir = f"/proc/{self.nc_proc.pid}/fd"
+            try:
+                for fd in os.listdir(fd_dir):
+                    target = os.readlink(os.path.join(fd_dir, fd))
+                    if target.startswith(self.tmp) and "(deleted)" in target:
+                        st = os.stat(os.path.join(fd_dir, fd))
+                        self.info["nbdcache_file_bytes"] = st.st_blocks * 512
+            except OSError:
+                pass
+
+    def log_findings(self):
+        """Warning and error lines from the server logs (first few, and how many)."""
+        found = {}
+        for name in ("pmcache", "nbdcache", "origin"):
+            path = self.servers.log_path(name)
+            if not os.path.exists(path):
+                continue
+            with open(path, errors="replace") as f:
+                lines = [l.rstrip() for l in f if LOG_PROBLEM.search(l)
+                         and "handshake" not in l]  # wait_socket's probe connects and hangs up
+            if lines:
+                found[name] = {"count": len(lines), "first": lines[:5], "last": lines[-3:]}
+        return found
+
+    def __exit__(self, *exc):
+        try:
+            self.collect()
+        except Exception as e:  # facts are best effort
+            self.info["collect_error"] = repr(e)
+        self.servers.stop_all()
+        if self.servers.notes:
+            self.info["stop_notes"] = self.servers.notes
+        logs = self.log_findings()
+        if logs:
+            self.info["log"] = logs
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        return False
+
+
+def run_fio_cell(root, model, row, setup, a):
+    """Measure one row on one setup from a fresh state; returns a result dict (or error)."""
+    mode = row.mode
+    with Cell(root, f"{row.label}-{setup}", model, setup, a.pmcache, mode) as c:
+        res = {}
+        try:
+            c.start_origin()
+            if row.fill_origin:
+                fio(c.origin_sock, "write", "1M", 8, row.fill_origin, extra=("--refill_buffers",), timeout=120)
+            sock = c.start_front()
+            if row.prep == "fill":
+                t0 = time.time()
+                fio(sock, row.rw, row.bs, row.qd, row.area, runtime=a.fill, timeout=a.fill + 60)
+                res["fill_s"] = round(time.time() - t0, 2)
+            elif row.prep == "warm":
+                t0 = time.time()
+                fio(sock, "read", "1M", 8, row.area, timeout=120)
+                res["warm_s"] = round(time.time() - t0, 2)
+            res.update(fio(sock, row.rw, row.bs, row.qd, row.area, runtime=a.runtime))
+        except CellFailed as e:
+            res["error"] = str(e)
+            if setup != "origin":
+                res["server_log_tail"] = tail(c.servers.log_path(setup))
+    res.update(c.info)
+    return res
+
+
+def pm_stats(pmcache, cache):
+    """The running server's counters (pmcache stats --json), or None."""
+    try:
+        r = subprocess.run([pmcache, "stats", "--cache", cache, "--json"], capture_output=True, text=True,
+                           timeout=10)
+        return json.loads(r.stdout) if r.returncode == 0 else None
+    except (subprocess.TimeoutExpired, json.JSONDecodeError):
+        return None
+
+
+def nbdcopy(src, sock, timeout, progress=None, stall=None):
+    """Copy src into the export and flush it.
+
+    Returns (seconds, None) or (None, error text). progress() (optional) returns a value that
+    changes while the server makes progress; if it stays the same for `stall` seconds the copy
+    is stopped and reported as stalled (so a stuck setup costs `stall` seconds, not `timeout`).
+    """
+    cmd = ["nbdcopy", "--flush", src, uri_of(sock)]
+    t0 = time.time()
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last, last_change = None, t0
+    why = None
+    while p.poll() is None:
+        now = time.time()
+        if now - t0 > timeout:
+            why = f"> {timeout} s (timed out)"
+            break
+        if progress is not None:
+            v = progress()
+            if v != last:
+                last, last_change = v, now
+            elif now - last_change > stall:
+                why = (f"> {now - t0:.0f} s (stalled: no progress for {stall} s, "
+                       f"since t={last_change - t0:.0f} s; last counters {last})")
+                break
+        time.sleep(0.5)
+    if why:
+        p.kill()
+        p.communicate()
+        return None, f"{why}: {' '.join(cmd)}"
+    _, err = p.communicate()
+    dt = time.time() - t0
+    if p.returncode != 0:
+        return None, f"failed ({p.returncode}) after {dt:.1f} s: {' '.join(cmd)}\n{err.strip()[-1500:]}"
+    return dt, None
+
+
+def run_copy_cell(root, model, setup, error_rate, src, a):
+    label = f"copy-{setup}-{(error_rate or '0').rstrip('%')}"
+    with Cell(root, label, model, setup, a.pmcache, error_rate=error_rate) as c:
+        res = {"error_rate": error_rate or "0%"}
+        try:
+            c.start_origin()
+            sock = c.start_front()
+            progress = None
+            if setup == "pmcache":
+                def progress():
+                    st = pm_stats(a.pmcache, c.cache) or {}
+                    return (st.get("write_bytes"), st.get("writeback_bytes"))
+            t0 = time.time()
+            secs, err = nbdcopy(src, sock, a.copy_timeout, progress, a.stall)
+            if err:
+                res["error"] = err
+                res["timed_out"] = err.startswith(">")
+                res["gave_up_after_s"] = round(time.time() - t0, 1)
+                if setup != "origin":
+                    res["server_log_tail"] = tail(c.servers.log_path(setup))
+            else:
+                res["seconds"] = secs
+        except CellFailed as e:
+            res["error"] = str(e)
+    res.update(c.info)
+    return res
+
+
+def median(runs, key):
+    ok = [r for r in runs if key in r and "error" not in r]
+    if not ok:
+        return runs[0] if runs else {"error": "not run"}
+    order = sorted(ok, key=lambda r: r[key])
+    pick = dict(order[len(order) // 2])
+    if len(ok) < len(runs):
+        pick["failed_reps"] = [r["error"] for r in runs if "error" in r]
+    return pick
+
+
+def metric(row, r):
+    if "error" in r:
+        return None
+    return r["gib_s"] if row.unit == "GiB/s" else r["iops"]
+
+
+def verdict(value, target):
+    op, thr = target
+    if value is None:
+        return "n/a"
+    ok = value >= thr if op == ">=" else value <= thr
+    return "pass" if ok else "**miss**"
+
+
+def fmt_ratio(r):
+    if r is None:
+        return "n/a"
+    return f"{r:.2f}x" if r >= 0.1 else f"{r:.3f}x"
+
+
+def fmt(v, unit):
+    if v is None:
+        return "FAIL"
+    if unit == "GiB/s":
+        return f"{v:.2f} GiB/s"
+    if unit == "s":
+        return f"{v:.1f} s"
+    return f"{v:,.0f}"
+
+
+def fio_rows(model, rows, a, root, results):
+    for row in rows:
+        runs = {s: [] for s in SETUPS}
+        for rep in range(a.reps):
+            for s in SETUPS:
+                t0 = time.time()
+                r = run_fio_cell(root, model, row, s, a)
+                r["cell_s"] = round(time.time() - t0, 1)
+                runs[s].append(r)
+                v = metric(row, r)
+                status = fmt(v, row.unit) if v is not None else "FAILED: " + r["error"].splitlines()[0][:150]
+                print(f"  {model:5} {row.label:24} {s:8} rep {rep + 1}: {status}  ({r['cell_s']} s)", flush=True)
+        key = "gib_s" if row.unit == "GiB/s" else "iops"
+        case = {s: median(runs[s], key) for s in SETUPS}
+        case["runs"] = runs
+        case["unit"] = row.unit
+        vals = {s: metric(row, case[s]) for s in SETUPS}
+        pm = vals["pmcache"]
+        case["pmcache_vs_origin"] = pm / vals["origin"] if pm is not None and vals["origin"] else None
+        case["pmcache_vs_nbdcache"] = pm / vals["nbdcache"] if pm is not None and vals["nbdcache"] else None
+        op, thr = TARGETS[row.target]
+        case["target"] = f"pmcache/origin {op} {thr}x ({row.target})"
+        case["result"] = verdict(case["pmcache_vs_origin"], TARGETS[row.target])
+        if pm is None:
+            case["result"] = "**miss** (pmcache failed)"
+        results["origins"][model]["rows"][row.label] = case
+
+
+def copy_rows(model, copies, a, root, results, src):
+    """The flaky copies: pmcache with errors against pmcache without; the others for information."""
+    out = results["origins"][model]["rows"]
+    base_runs = []
+    for rep in range(a.reps):
+        r = run_copy_cell(root, model, "pmcache", None, src, a)
+        base_runs.append(r)
+        print(f"  {model:5} {'copy, no errors':24} pmcache  rep {rep + 1}: "
+              f"{fmt(r.get('seconds'), 's') if 'seconds' in r else 'FAILED: ' + r['error'].splitlines()[0][:150]}",
+              flush=True)
+    base = median(base_runs, "seconds")
+    ref = run_copy_cell(root, model, "origin", None, src, a)
+    print(f"  {model:5} {'copy, no errors':24} origin   : "
+          f"{fmt(ref.get('seconds'), 's') if 'seconds' in ref else 'FAILED: ' + ref['error'].splitlines()[0][:150]}",
+          flush=True)
+    for label, rate, limit in copies:
+        runs = {s: [] for s in SETUPS}
+        for rep in range(a.reps):
+            for s in ("pmcache", "origin", "nbdcache"):
+                if s != "pmcache" and rep > 0:
+                    continue  # the peers are for information only
+                r = run_copy_cell(root, model, s, rate, src, a)
+                runs[s].append(r)
+                status = fmt(r["seconds"], "s") if "seconds" in r else "FAILED: " + r["error"].splitlines()[0][:150]
+                print(f"  {model:5} {label:24} {s:8} rep {rep + 1}: {status}", flush=True)
+        case = {s: median(runs[s], "seconds") for s in SETUPS}
+        case["runs"] = runs
+        case["pmcache_no_errors"] = base
+        case["pmcache_no_errors_runs"] = base_runs
+        case["origin_no_errors"] = ref
+        case["unit"] = "s"
+        pm, b = case["pmcache"].get("seconds"), base.get("seconds")
+        case["errors_vs_no_errors"] = pm / b if pm is not None and b else None
+        case["target"] = f"pmcache with errors / without <= {limit}x"
+        if pm is None and case["pmcache"].get("timed_out") and b:
+            case["errors_vs_no_errors_lower_bound"] = case["pmcache"]["gave_up_after_s"] / b
+        case["result"] = verdict(case["errors_vs_no_errors"], ("<=", limit))
+        if case["errors_vs_no_errors"] is None:
+            err = case["pmcache"].get("error", "")
+            case["result"] = ("**miss** (stalled)" if "stalled" in err else
+                              "**miss** (timed out)" if case["pmcache"].get("timed_out") else
+                              "**miss** (failed)" if err else "n/a")
+        out[label] = case
+
+
+def table(results, models, rows, copies):
+    lines = ["| origin | row | unit | origin | pmcache | nbdkit-cache | pmcache/origin | pmcache/nbdkit-cache "
+             "| target | result |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for model in models:
+        got = results["origins"][model]["rows"]
+        for row in rows:
+            c = got[row.label]
+            vals = [fmt(metric(row, c[s]), row.unit) for s in SETUPS]
+            r1 = c["pmcache_vs_origin"]
+            r2 = c["pmcache_vs_nbdcache"]
+            op, thr = TARGETS[row.target]
+            lines.append(f"| {model} | {row.label} | {row.unit} | {' | '.join(vals)} | "
+                         f"{fmt_ratio(r1)} | {fmt_ratio(r2)} | "
+                         f"{op} {thr}x | {c['result']} |")
+    if copies:
+        lines += ["", "| origin | row | pmcache, no errors | pmcache, with errors | errors / no errors | target "
+                  "| result | origin alone, with errors | nbdkit-cache, with errors |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+
+        def cell(r):
+            if "seconds" in r:
+                return f"{r['seconds']:.1f} s"
+            if r.get("timed_out"):
+                return f"> {r['gave_up_after_s']:.0f} s" + (" (stalled)" if "stalled" in r["error"] else "")
+            return "FAIL"
+
+        for model in models:
+            got = results["origins"][model]["rows"]
+            for label, _, limit in copies:
+                c = got[label]
+                ratio = c["errors_vs_no_errors"]
+                if ratio is not None:
+                    rs = f"{ratio:.2f}x"
+                elif "errors_vs_no_errors_lower_bound" in c:
+                    rs = f"> {c['errors_vs_no_errors_lower_bound']:.1f}x"
+                else:
+                    rs = "n/a"
+                lines.append(f"| {model} | {label} | {cell(c['pmcache_no_errors'])} | {cell(c['pmcache'])} | {rs} "
+                             f"| <= {limit}x | {c['result']} | {cell(c['origin'])} | {cell(c['nbdcache'])} |")
+    return "\n".join(lines)
+
+
+def failures(results):
+    """Every failed cell: (origin model, row, setup, error text)."""
+    out = []
+    for model, o in results["origins"].items():
+        for label, c in o["rows"].items():
+            for s, runs in c.get("runs", {}).items():
+                for r in runs:
+                    if "error" in r:
+                        expected = label.startswith("flaky_copy") and s != "pmcache"
+                        out.append((model, label, s + (" (expected: no retries)" if expected else ""), r["error"]))
+            for r in c.get("pmcache_no_errors_runs", []):
+                if "error" in r:
+                    out.append((model, label, "pmcache (no errors)", r["error"]))
+    return out
+
+
+def make_source(root):
+    path = os.path.join(root, "copy-src.bin")
+    with open(path, "wb") as f:
+        for _ in range(COPY_SIZE >> 20):
+            f.write(os.urandom(1 << 20))
+    return path
+
+
+def main():
+    ap = argparse.ArgumentParser(description="pmcache origin-path benchmark matrix (see the docstring)")
+    ap.add_argument("--runtime", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--cases", default="")
+    ap.add_argument("--origins", default="delay,rate")
+    ap.add_argument("--fill", type=int, default=3)
+    ap.add_argument("--copy-timeout", type=int, default=120)
+    ap.add_argument("--stall", type=int, default=15)
+    ap.add_argument("--rate-delay", type=int, default=0, metavar="MS")
+    ap.add_argument("--pmcache", default=os.path.join(ROOT, "target", "release", "pmcache"))
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    a.pmcache = os.path.abspath(a.pmcache)
+    RATE_DELAY_MS[0] = a.rate_delay
+    wanted = [c for c in a.cases.split(",") if c]
+    bad = [c for c in wanted if c not in ALL_LABELS]
+    if bad:
+        sys.exit(f"no such case {', '.join(bad)}: choose from {', '.join(ALL_LABELS)}")
+    rows = [r for r in ROWS if not wanted or r.label in wanted]
+    copies = [c for c in COPY_ROWS if not wanted or c[0] in wanted]
+    models = [m for m in a.origins.split(",") if m]
+    if not models or any(m not in ORIGIN_MODELS for m in models):
+        sys.exit(f"--origins: choose from {', '.join(ORIGIN_MODELS)}")
+    for tool in ("nbdkit", "fio", "nbdcopy"):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} is required (apt-get install -y nbdkit fio libnbd-bin)")
+    if not os.path.exists(a.pmcache):
+        sys.exit(f"{a.pmcache} not found: cargo build --release -p pmcache")
+
+    results = {"runtime_s": a.runtime, "ramp_s": RAMP_S, "reps": a.reps, "fill_s": a.fill,
+               "copy_timeout_s": a.copy_timeout, "stall_s": a.stall, "cache_size": CACHE_SIZE, "origin_size": ORIGIN_SIZE,
+               "copy_bytes": COPY_SIZE, "pmcache": a.pmcache,
+               "origin_models": {m: " ".join(origin_args(m)) for m in models}, "origins": {}}
+    root = tempfile.mkdtemp(prefix="pmob-", dir="/dev/shm")
+    t_start = time.time()
+    try:
+        src = make_source(root) if copies else None
+        for model in models:
+            results["origins"][model] = {"rows": {}}
+            print(f"origin model {model}: {' '.join(origin_args(model))}", flush=True)
+            fio_rows(model, rows, a, root, results)
+            if copies:
+                copy_rows(model, copies, a, root, results, src)
+    except KeyboardInterrupt:
+        print("interrupted: reporting what ran", file=sys.stderr)
+        results["interrupted"] = True
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    results["elapsed_s"] = round(time.time() - t_start, 1)
+    done = [m for m in models if m in results["origins"]]
+    ran_rows = [r for r in rows if all(r.label in results["origins"][m]["rows"] for m in done)]
+    ran_copies = [c for c in copies if all(c[0] in results["origins"][m]["rows"] for m in done)]
+    md = table(results, done, ran_rows, ran_copies)
+    results["table_md"] = md
+    print()
+    print(md)
+    fails = failures(results)
+    results["failures"] = [{"origin": m, "row": l, "setup": s, "error": e} for m, l, s, e in fails]
+    if fails:
+        print("\nFailed cells:")
+        for m, l, s, e in fails:
+            print(f"- {m} {l} {s}: {e.splitlines()[0] if e else ''}")
+    print(f"\nwhole matrix: {results['elapsed_s']:.0f} s")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
