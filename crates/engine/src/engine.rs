@@ -197,8 +197,9 @@ const LOCK_EARLY_BLOCKS: usize = 8;
 /// caches, and the free list's top stays a small, hot set.
 const RECLAIM_EARLY: usize = 32;
 
-/// Tries of an origin read before a read fails (pauses of 1, 4, 16 ms).
-const READ_ATTEMPTS: u32 = 4;
+/// Tries of an origin read (or a writearound write) before the request
+/// fails (pauses of 1, 4, 16 ms).
+const ORIGIN_ATTEMPTS: u32 = 4;
 
 /// How many free slots a shard tries to keep, so writers rarely wait.
 fn low_water(nslots: u32, max_blocks: u32) -> u32 {
@@ -1107,28 +1108,39 @@ impl Engine {
         Ok((filled, bounce))
     }
 
-    /// An origin read, tried again after short pauses before the client
+    /// An origin request, tried again after short pauses before the client
     /// sees an error: one failed request of a flaky origin costs a retry,
-    /// not a failed read.
-    fn origin_read_retrying(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()> {
+    /// not a failed client request.
+    fn origin_retrying<T>(
+        &self,
+        what: &str,
+        offset: u64,
+        mut op: impl FnMut() -> io::Result<T>,
+    ) -> io::Result<T> {
         let mut pause = Duration::from_millis(1);
         let mut attempt = 1;
         loop {
-            match self.origin.read_vectored_at(bufs, offset) {
-                Ok(()) => return Ok(()),
+            match op() {
+                Ok(v) => return Ok(v),
                 Err(e) => {
                     self.counters.add(Ctr::OriginErrors, 1);
-                    if attempt >= READ_ATTEMPTS || self.check_open().is_err() {
-                        tracing::warn!(offset, error = %e, attempt, "origin read failed");
+                    if attempt >= ORIGIN_ATTEMPTS || self.check_open().is_err() {
+                        tracing::warn!(offset, error = %e, attempt, "origin {what} failed");
                         return Err(e);
                     }
-                    tracing::debug!(offset, error = %e, attempt, "origin read failed; retrying");
+                    tracing::debug!(offset, error = %e, attempt, "origin {what} failed; retrying");
                 }
             }
             std::thread::sleep(pause);
             pause *= 4;
             attempt += 1;
         }
+    }
+
+    fn origin_read_retrying(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()> {
+        self.origin_retrying("read", offset, || {
+            self.origin.read_vectored_at(bufs, offset)
+        })
     }
 
     fn release_origin_readers(&self, blocks: impl Iterator<Item = u64>) {
@@ -1401,7 +1413,9 @@ impl Engine {
                 .and_then(|nbs| self.write_through(&nbs, fua)),
             CacheMode::Writearound | CacheMode::Passthrough => {
                 drop(held);
-                self.origin_write(offset, len, src, fua, b0, b1)
+                // A bypassed write of a writeback cache may land in the cache.
+                let fallback = mode != self.mode() && self.mode() == CacheMode::Writeback;
+                self.origin_write(offset, len, src, fua, b0, b1, fallback)
             }
         };
         // A successful writeback-mode write released its locks on publish.
@@ -1845,6 +1859,11 @@ impl Engine {
     /// Writearound / passthrough: drop cached copies durably, then write the
     /// origin. Blocks with dirty data take the writethrough path instead, so
     /// the bytes of the block outside the request are not lost.
+    ///
+    /// With `fallback` (a bypassed write of a writeback cache), an origin
+    /// that fails keeps the write in the cache as dirty data instead of
+    /// failing it: a bypass is an optimisation, never a new way to fail.
+    #[allow(clippy::too_many_arguments)]
     fn origin_write(
         &self,
         offset: u64,
@@ -1853,6 +1872,7 @@ impl Engine {
         fua: bool,
         b0: u64,
         b1: u64,
+        fallback: bool,
     ) -> Result<()> {
         let ids = self.shards_of(b0, b1);
         let any_dirty = {
@@ -1864,7 +1884,15 @@ impl Engine {
         };
         if any_dirty {
             let nbs = self.cache_write(offset, len, src, b0, b1, false, None)?;
-            return self.write_through(&nbs, fua);
+            // Committed to the cache: with `fallback` that is enough, and a
+            // failed origin write leaves the blocks dirty for writeback.
+            return match self.write_through(&nbs, fua) {
+                Err(e) if fallback => {
+                    tracing::debug!(offset, error = %e, "bypassed write kept in the cache");
+                    Ok(())
+                }
+                r => r,
+            };
         }
         // The payload has to exist before the origin sees any of it; it is
         // not cached, so it goes through one buffer here.
@@ -1876,15 +1904,27 @@ impl Engine {
         }
         self.invalidate(b0, b1)?;
         self.lock_origin_writers(b0, b1);
-        let r = if buf.iter().all(|&x| x == 0) && len >= self.bs() {
-            self.origin.write_zeroes(offset, len, fua)
-        } else {
-            self.origin.write_at(&buf, offset, fua)
-        };
+        let r = self.origin_write_retrying(&buf, offset, fua);
         self.unlock_origin_writers(b0..=b1);
-        r.map_err(|source| {
-            self.counters.add(Ctr::OriginErrors, 1);
-            EngineError::Origin { offset, source }
+        match r {
+            Err(e) if fallback => {
+                tracing::debug!(offset, error = %e, "bypassed write kept in the cache");
+                let nbs = self.cache_write(offset, len, Src::Buf(&buf), b0, b1, false, None)?;
+                self.unpin_all(&nbs);
+                Ok(())
+            }
+            r => r.map_err(|source| EngineError::Origin { offset, source }),
+        }
+    }
+
+    fn origin_write_retrying(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        let zero = buf.iter().all(|&x| x == 0) && buf.len() as u64 >= self.bs();
+        self.origin_retrying("write", offset, || {
+            if zero {
+                self.origin.write_zeroes(offset, buf.len() as u64, fua)
+            } else {
+                self.origin.write_at(buf, offset, fua)
+            }
         })
     }
 

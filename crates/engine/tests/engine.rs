@@ -943,3 +943,35 @@ fn reads_retry_a_flaky_origin_before_failing() {
     assert!(failed <= 15, "{failed} of 300 requests failed");
     assert!(e.stats().origin_errors >= 50);
 }
+
+/// A bypassed write whose origin fails is kept in the cache (writeback
+/// mode): the client never sees an error the cache could have absorbed.
+#[test]
+fn a_bypassed_write_falls_back_to_the_cache_when_the_origin_fails() {
+    let rig = Rig::new(32 * MIB, 64 * MIB, 4096);
+    let e = rig.open(manual());
+    let d = pattern(70, 16 * MIB);
+    for i in 0..8usize {
+        e.write((i * MIB) as u64, &d[i * MIB..(i + 1) * MIB], false)
+            .unwrap();
+    }
+    assert!(e.stats().bypass_writes > 0);
+    rig.origin.set_failing(true);
+    for i in 8..12usize {
+        e.write((i * MIB) as u64, &d[i * MIB..(i + 1) * MIB], false)
+            .expect("absorbed by the cache");
+    }
+    // What the cache absorbed reads back while the origin is still down.
+    let mut got = vec![0u8; MIB];
+    for i in 8..12usize {
+        e.read((i * MIB) as u64, &mut got).unwrap();
+        assert!(got == d[i * MIB..(i + 1) * MIB], "MiB {i}");
+    }
+    rig.origin.set_failing(false);
+    for i in 0..12usize {
+        e.read((i * MIB) as u64, &mut got).unwrap();
+        assert!(got == d[i * MIB..(i + 1) * MIB], "MiB {i}");
+    }
+    e.flush_all(0, &mut |_, _| {}).unwrap();
+    assert!(rig.origin.durable()[..12 * MIB] == d[..12 * MIB]);
+}
