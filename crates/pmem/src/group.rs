@@ -1,0 +1,160 @@
+//! Group commit for msync mode: threads that fence at the same time share
+//! one persistence call.
+//!
+//! A fencing thread adds its page ranges to the open batch and waits until
+//! that batch is synced. If no sync is running, it becomes the leader: it
+//! closes the batch, syncs the hull of everything in it with one call, and
+//! wakes the batch's members when that call has returned. Members that
+//! arrive while a sync runs gather in the next batch, which one of them
+//! leads as soon as the running sync finishes. So N concurrent fences cost
+//! about two sync calls, not N, and nobody returns before the call that
+//! covered its ranges has returned.
+
+use parking_lot::{Condvar, Mutex};
+
+/// Shared state of one region's group commit.
+#[derive(Default)]
+pub(crate) struct GroupCommit {
+    st: Mutex<State>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct State {
+    /// Ranges of the open batch (not yet handed to a sync).
+    pending: Vec<(usize, usize)>,
+    /// Number of the open batch; batches are synced in this order.
+    open: u64,
+    /// Every batch up to this one has been synced.
+    done: u64,
+    /// A leader is syncing a closed batch.
+    syncing: bool,
+    /// A sync failed: durability can no longer be promised to anyone.
+    failed: Option<String>,
+}
+
+impl GroupCommit {
+    /// Make `ranges` durable: return once a `sync(start, end)` call whose
+    /// `[start, end)` covers all of them has returned `Ok`. `sync` is called
+    /// by whichever caller leads the batch, never under the state lock.
+    /// After a failed sync every caller, now and later, gets the error.
+    pub(crate) fn commit(
+        &self,
+        ranges: &[(usize, usize)],
+        sync: impl Fn(usize, usize) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let mut g = self.st.lock();
+        // Batch 0 is "nothing synced yet"; the first batch is 1.
+        g.open = g.open.max(1);
+        g.pending.extend_from_slice(ranges);
+        let mine = g.open;
+        loop {
+            if let Some(e) = &g.failed {
+                return Err(e.clone());
+            }
+            if g.done >= mine {
+                return Ok(());
+            }
+            if g.syncing {
+                self.cv.wait(&mut g);
+                continue;
+            }
+            // Lead: close the open batch and sync it without the lock, so
+            // later callers can gather in the next batch meanwhile.
+            let batch = g.open;
+            g.open += 1;
+            g.syncing = true;
+            let taken = std::mem::take(&mut g.pending);
+            let r = parking_lot::MutexGuard::unlocked(&mut g, || match hull(&taken) {
+                Some((s, e)) => sync(s, e),
+                None => Ok(()),
+            });
+            g.syncing = false;
+            match r {
+                Ok(()) => g.done = batch,
+                Err(e) => g.failed = Some(e),
+            }
+            self.cv.notify_all();
+        }
+    }
+}
+
+/// The smallest range covering all of `ranges`. One call over the hull
+/// costs one persistence round (msync is an fdatasync of the range, and
+/// clean pages inside it cost nothing), where one call per range would pay
+/// a device flush for each.
+fn hull(ranges: &[(usize, usize)]) -> Option<(usize, usize)> {
+    let s = ranges.iter().map(|r| r.0).min()?;
+    let e = ranges.iter().map(|r| r.1).max()?;
+    Some((s, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// Nobody returns before a sync that covered its ranges has returned,
+    /// and concurrent committers share syncs.
+    #[test]
+    fn committers_return_only_after_their_sync_and_share_it() {
+        const THREADS: usize = 8;
+        const ROUNDS: usize = 20;
+        let gc = Arc::new(GroupCommit::default());
+        // Event clock: a sync's completion and a commit's return each take
+        // a tick, so "returned after" is a comparison of ticks.
+        let clock = Arc::new(AtomicU64::new(0));
+        // (start, end, tick at which the sync returned)
+        let log = Arc::new(Mutex::new(Vec::<(usize, usize, u64)>::new()));
+        let calls = Arc::new(AtomicUsize::new(0));
+        std::thread::scope(|s| {
+            for t in 0..THREADS {
+                let (gc, clock, log, calls) = (&gc, &clock, &log, &calls);
+                s.spawn(move || {
+                    for r in 0..ROUNDS {
+                        let range = (t * 4096 + r, t * 4096 + r + 1);
+                        gc.commit(&[range], |a, b| {
+                            calls.fetch_add(1, Ordering::SeqCst);
+                            // A slow device: others pile up meanwhile.
+                            std::thread::sleep(Duration::from_millis(2));
+                            let tick = clock.fetch_add(1, Ordering::SeqCst);
+                            log.lock().push((a, b, tick));
+                            Ok(())
+                        })
+                        .unwrap();
+                        let ret = clock.fetch_add(1, Ordering::SeqCst);
+                        let covered = log
+                            .lock()
+                            .iter()
+                            .any(|&(a, b, tick)| a <= range.0 && range.1 <= b && tick < ret);
+                        assert!(covered, "thread {t} round {r} returned before its sync");
+                    }
+                });
+            }
+        });
+        let n = calls.load(Ordering::SeqCst);
+        assert!(
+            n < THREADS * ROUNDS / 2,
+            "{n} syncs for {} commits: no sharing",
+            THREADS * ROUNDS
+        );
+    }
+
+    /// A failed sync fails its batch and every later commit.
+    #[test]
+    fn a_failed_sync_fails_everyone_after() {
+        let gc = GroupCommit::default();
+        let e = gc.commit(&[(0, 4096)], |_, _| Err("EIO".into()));
+        assert_eq!(e, Err("EIO".to_string()));
+        let later = gc.commit(&[(4096, 8192)], |_, _| Ok(()));
+        assert_eq!(later, Err("EIO".to_string()));
+    }
+
+    #[test]
+    fn hull_spans_all_ranges() {
+        assert_eq!(hull(&[]), None);
+        assert_eq!(hull(&[(8192, 12288), (0, 4096)]), Some((0, 12288)));
+    }
+}
