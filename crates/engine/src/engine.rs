@@ -350,6 +350,12 @@ impl Engine {
         }
     }
 
+    /// Persistence is a system call (msync mode), not a CPU fence: worth
+    /// sharing between writers, and never worth holding a lock across.
+    fn fence_is_syscall(&self) -> bool {
+        self.region.mode() == pmcache_pmem::PersistMode::Msync
+    }
+
     fn check_open(&self) -> Result<()> {
         if self.closed.load(Ordering::SeqCst) {
             return Err(EngineError::ShuttingDown);
@@ -1184,9 +1190,12 @@ impl Engine {
     /// Write `data` at `offset`; durable on return.
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         let bs = self.bs();
+        // The fast path holds its shard's lock across the fence; with msync
+        // that would serialize the shard's writers (see `cache_stage`).
         if data.len() as u64 == bs
             && offset.is_multiple_of(bs)
             && self.mode() == CacheMode::Writeback
+            && !self.fence_is_syscall()
         {
             self.check_open()?;
             self.check_range(offset, bs)?;
@@ -1434,7 +1443,10 @@ impl Engine {
         //    fence waits for the stores to drain, so the index work done
         //    before it is hidden. A one-shard request of whole blocks from
         //    memory keeps the lock from its allocation on.
-        let lock_early = nbs.len() <= LOCK_EARLY_BLOCKS;
+        // Not where a fence is a system call: a shard lock held across an
+        // msync would keep every other writer of the shard from reaching
+        // its own fence, and so from sharing the msync (group commit).
+        let lock_early = nbs.len() <= LOCK_EARLY_BLOCKS && !self.fence_is_syscall();
         let hold = lock_early && !src_fill && nbs.iter().all(|n| n.lo == 0 && n.hi as u64 == bs);
         let mut kept = None;
         let mut batches = Batches::new();
