@@ -25,7 +25,6 @@ pub(crate) const MAX_SYNCS: usize = 8;
 #[derive(Default)]
 pub(crate) struct GroupCommit {
     st: Mutex<State>,
-    cv: Condvar,
 }
 
 #[derive(Default)]
@@ -40,10 +39,16 @@ struct State {
     failed: Option<String>,
 }
 
+/// Members of a batch sleep on its own condvar, so each wakes once: when
+/// its batch is synced, or (one of the open batch's members) to lead it when
+/// a sync slot frees up. One condvar for all would wake every waiter at
+/// every sync, a context switch each, which on a small machine costs more
+/// than the syncs.
 #[derive(Default)]
 struct Batch {
     /// Set (under the state lock) once a sync of the whole batch returned.
     synced: AtomicBool,
+    cv: Condvar,
 }
 
 impl GroupCommit {
@@ -68,7 +73,7 @@ impl GroupCommit {
             }
             // Lead while the batch is still open and a sync may start.
             if !Arc::ptr_eq(&mine, &g.open) || g.syncing >= MAX_SYNCS {
-                self.cv.wait(&mut g);
+                mine.cv.wait(&mut g);
                 continue;
             }
             // Close the batch and sync it without the lock, so later
@@ -83,9 +88,14 @@ impl GroupCommit {
             g.syncing -= 1;
             match r {
                 Ok(()) => mine.synced.store(true, Ordering::Relaxed),
-                Err(e) => g.failed = Some(e),
+                Err(e) => {
+                    g.failed = Some(e);
+                    g.open.cv.notify_all();
+                }
             }
-            self.cv.notify_all();
+            mine.cv.notify_all();
+            // A sync slot is free: one member of the open batch leads it.
+            g.open.cv.notify_one();
         }
     }
 }
