@@ -352,7 +352,7 @@ impl Engine {
 
     /// Persistence is a system call (msync mode), not a CPU fence: worth
     /// sharing between writers, and never worth holding a lock across.
-    fn fence_is_syscall(&self) -> bool {
+    pub(crate) fn fence_is_syscall(&self) -> bool {
         self.region.mode() == pmcache_pmem::PersistMode::Msync
     }
 

@@ -130,4 +130,8 @@ impl PendingWrite for StagedWrite {
     fn commit(self: Box<Self>) -> Result<(), ExportError> {
         Ok(StagedWrite::commit(*self)?)
     }
+
+    fn commit_is_quick(&self) -> bool {
+        StagedWrite::commit_is_quick(self)
+    }
 }

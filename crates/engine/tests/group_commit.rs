@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use pmcache_engine::{Engine, EngineConfig};
+use pmcache_engine::{Engine, EngineConfig, Stage};
 use pmcache_origin::{MemOrigin, Origin};
 use pmcache_pmem::{MapOptions, MappedRegion, PersistMode, PmemRegion};
 
@@ -63,5 +63,17 @@ fn concurrent_writers_share_msyncs() {
     for blk in 0..writes {
         e.read(blk * 4096, &mut b).unwrap();
         assert!(b.iter().all(|&x| x == (blk % 251) as u8 + 1), "block {blk}");
+    }
+    // A staged write's commit msyncs: the server must not run it on the
+    // connection's thread.
+    match e.stage_write(0, 4096, false, &mut |s| {
+        s[0].fill(9);
+        Ok(())
+    }) {
+        Ok(Stage::Staged(w)) => {
+            assert!(!w.commit_is_quick());
+            w.commit().unwrap();
+        }
+        _ => panic!("stage of a free block failed"),
     }
 }

@@ -93,6 +93,10 @@ fn after_crash(region: &SimRegion, origin: &Arc<MemOrigin>) -> Arc<Engine> {
 fn a_staged_write_is_invisible_until_committed_and_durable_after() {
     let (region, origin, e) = rig(CacheMode::Writeback);
     let w = staged(&e, 2 * BS, 2 * BS, 0xab);
+    assert!(
+        w.commit_is_quick(),
+        "writeback on (simulated) pmem: a fence"
+    );
     assert!(read(&e, 2 * BS, 2 * BS).iter().all(|&b| b == 0));
     let crashed = after_crash(&region, &origin);
     assert!(read(&crashed, 2 * BS, 2 * BS).iter().all(|&b| b == 0));
@@ -198,6 +202,10 @@ fn a_failed_payload_stages_nothing() {
 fn a_writethrough_commit_writes_the_origin() {
     let (_r, origin, e) = rig(CacheMode::Writethrough);
     let w = staged(&e, 5 * BS, 2 * BS, 0x5a);
+    assert!(
+        !w.commit_is_quick(),
+        "a writethrough commit waits for the origin"
+    );
     let mut o = vec![0u8; 2 * BS];
     origin.read_at(&mut o, 5 * BS as u64).unwrap();
     assert!(

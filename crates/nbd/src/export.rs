@@ -56,6 +56,14 @@ pub trait PendingWrite: Send {
     /// Finish the write; returns once it is durable (what
     /// [`Export::write`] promises on return).
     fn commit(self: Box<Self>) -> Result<(), ExportError>;
+
+    /// True when the commit never waits: no system call, no origin I/O,
+    /// nothing another request holds for long (say, a CPU fence on pmem).
+    /// The server then commits on the connection's thread, where a hand-off
+    /// to a worker would cost more than the commit.
+    fn commit_is_quick(&self) -> bool {
+        false
+    }
 }
 
 /// What [`Export::stage_write`] did.

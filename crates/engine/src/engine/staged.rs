@@ -145,6 +145,12 @@ impl Engine {
 }
 
 impl StagedWrite {
+    /// The commit never waits: writeback mode (no origin write) with a
+    /// fence that is a CPU instruction, not an msync.
+    pub fn commit_is_quick(&self) -> bool {
+        self.mode == CacheMode::Writeback && !self.engine.fence_is_syscall()
+    }
+
     /// The second half: persist and publish the slots and, in writethrough
     /// mode, write the origin. Returns once the write is durable as the
     /// mode requires (what one [`Engine::write_with`] call promises).
