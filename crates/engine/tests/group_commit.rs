@@ -37,7 +37,7 @@ fn concurrent_writers_share_msyncs() {
         },
     )
     .unwrap();
-    // More writers than msyncs may run at once (8), so some must share.
+    // Far more writers than msyncs may run at once, so most must share.
     const THREADS: u64 = 32;
     const WRITES: u64 = 10;
     let before = region.syncs();
