@@ -8,9 +8,10 @@
 //!   ones behind it. For a WRITE it stages the write (the export takes cache
 //!   slots without waiting), receives the payload from the socket straight
 //!   into them (`readv`, no intermediate buffer), and hands the commit
-//!   (persistence, origin write, reply) to the commit pool. A write the
-//!   export cannot stage without waiting is received into a buffer and made
-//!   by a worker that may wait.
+//!   (persistence, origin write, reply) to the commit pool, unless the
+//!   export says the commit cannot wait (one CPU fence on pmem): that one
+//!   it runs itself. A write the export cannot stage without waiting is
+//!   received into a buffer and made by a worker that may wait.
 //! * Two worker pools shared by all connections, each growing on demand up
 //!   to `max_workers`: one for commits, one for everything else (reads that
 //!   miss, buffered writes, FLUSH, TRIM, WRITE_ZEROES, CACHE, BLOCK_STATUS).
