@@ -32,6 +32,9 @@ use crate::sequential::Streams;
 use crate::stats::{Counters, Ctr, StatsSnapshot};
 use crate::txn::Sequencer;
 
+mod staged;
+pub use staged::{Stage, StagedWrite};
+
 /// bcache's default: a stream of 4 MiB is a scan, not a working set.
 pub const DEFAULT_SEQUENTIAL_CUTOFF: u64 = 4 << 20;
 
@@ -165,6 +168,29 @@ pub(crate) enum Src<'a> {
     Fill(&'a mut dyn FnMut(&mut [IoSliceMut<'_>]) -> io::Result<()>),
     Zero,
 }
+
+/// What a staged write's slots hold besides what staging put there.
+#[derive(Clone, Copy)]
+pub(crate) enum Filled<'a> {
+    /// The payload, still to copy in.
+    Buf(&'a [u8]),
+    /// Zeroes, still to store.
+    Zero,
+    /// Already in the slots (received into them).
+    InSlots,
+}
+
+/// A write between its two halves: slots taken, pinned and filled; the
+/// writer locks of its blocks held.
+pub(crate) struct Staging {
+    pub(crate) nbs: Blocks,
+    batches: Batches,
+    ids: ShardIds,
+    lock_early: bool,
+}
+
+/// The request's only shard, when a stage keeps it locked for the commit.
+type Kept<'s> = Option<MutexGuard<'s, ShardIndex>>;
 
 /// A block of a write in flight: its new slot.
 #[derive(Clone, Copy)]
@@ -368,6 +394,12 @@ impl Engine {
                 size: self.size,
             }),
         }
+    }
+
+    /// Persistence is a system call (msync mode), not a CPU fence: worth
+    /// sharing between writers, and never worth holding a lock across.
+    pub(crate) fn fence_is_syscall(&self) -> bool {
+        self.region.mode() == pmcache_pmem::PersistMode::Msync
     }
 
     fn check_open(&self) -> Result<()> {
@@ -1267,9 +1299,12 @@ impl Engine {
     /// Write `data` at `offset`; durable on return.
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         let bs = self.bs();
+        // The fast path holds its shard's lock across the fence; with msync
+        // that would serialize the shard's writers (see `cache_stage`).
         if data.len() as u64 == bs
             && offset.is_multiple_of(bs)
             && self.mode() == CacheMode::Writeback
+            && !self.fence_is_syscall()
         {
             self.check_open()?;
             self.check_range(offset, bs)?;
@@ -1463,6 +1498,12 @@ impl Engine {
     /// and the stretch from the first streaming store to the fence has none.
     /// `held` is the lock of the request's only shard, if [`lock_writers`]
     /// kept it.
+    /// The copy-on-write transaction. The caller holds the writer locks of
+    /// `[b0, b1]`. Returns the new blocks, published; with `release` their
+    /// pins and the writer locks are dropped in the same critical section,
+    /// otherwise they stay pinned and locked for the caller.
+    /// `held` is the lock of the request's only shard, if [`lock_writers`]
+    /// kept it.
     #[allow(clippy::too_many_arguments)]
     fn cache_write(
         &self,
@@ -1472,11 +1513,38 @@ impl Engine {
         b0: u64,
         b1: u64,
         release: bool,
-        mut held: Option<MutexGuard<'_, ShardIndex>>,
+        held: Option<MutexGuard<'_, ShardIndex>>,
     ) -> Result<Blocks> {
+        let (st, kept) = self
+            .cache_stage(offset, len, &mut src, b0, b1, held, true)?
+            .expect("a waiting stage returns slots");
+        let data = match src {
+            Src::Buf(b) => Filled::Buf(b),
+            Src::Zero => Filled::Zero,
+            Src::Fill(_) => Filled::InSlots,
+        };
+        Ok(self.cache_commit(st, kept, data, release))
+    }
+
+    /// The first half of [`cache_write`]: slots, old content of partial
+    /// blocks, and a payload from outside, received straight into the
+    /// slots. `None` when `wait` is false and a shard has no free slot now
+    /// (nothing is then held). Without `wait` every block must be whole.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn cache_stage<'s>(
+        &'s self,
+        offset: u64,
+        len: u64,
+        src: &mut Src<'_>,
+        b0: u64,
+        b1: u64,
+        mut held: Option<MutexGuard<'s, ShardIndex>>,
+        wait: bool,
+    ) -> Result<Option<(Staging, Kept<'s>)>> {
         let bs = self.bs();
         let end = offset + len;
         let zero_src = matches!(src, Src::Zero);
+        let src_fill = matches!(src, Src::Fill(_));
         let mut nbs: Blocks = (b0..=b1)
             .map(|b| {
                 let lo = offset.max(b * bs) - b * bs;
@@ -1504,38 +1572,48 @@ impl Engine {
         //    fence waits for the stores to drain, so the index work done
         //    before it is hidden. A one-shard request of whole blocks from
         //    memory keeps the lock from its allocation on.
-        let lock_early = nbs.len() <= LOCK_EARLY_BLOCKS;
-        let hold = lock_early
-            && !matches!(src, Src::Fill(_))
-            && nbs.iter().all(|n| n.lo == 0 && n.hi as u64 == bs);
+        // Not where a fence is a system call: a shard lock held across an
+        // msync would keep every other writer of the shard from reaching
+        // its own fence, and so from sharing the msync (group commit).
+        let lock_early = nbs.len() <= LOCK_EARLY_BLOCKS && !self.fence_is_syscall();
+        let hold = lock_early && !src_fill && nbs.iter().all(|n| n.lo == 0 && n.hi as u64 == bs);
         let mut kept = None;
         let mut batches = Batches::new();
-        let mut got = 0;
-        for &sh in &ids {
+        for (k, &sh) in ids.iter().enumerate() {
             let need = nbs.iter().filter(|n| n.shard == sh).count();
             let piggy = Some((count, &mut batches));
-            let r = match held.take() {
-                Some(mut ix) => {
-                    let r = self.alloc_locked(sh, &mut ix, need, true, piggy);
-                    if hold && r.is_ok() {
-                        kept = Some(ix);
-                    }
-                    r
-                }
-                None => self.alloc(sh, need, true, piggy),
+            let was_held = held.is_some();
+            let mut ix = held.take().unwrap_or_else(|| self.shards[sh].ix.lock());
+            // Without waiting, only slots that are free now: no reclaim
+            // (it fences) and no wait for writeback.
+            let r = if !wait && (ix.free_len as usize) < need {
+                Ok(None)
+            } else {
+                self.alloc_locked(sh, &mut ix, need, wait, piggy)
             };
+            if hold && was_held && matches!(r, Ok(Some(_))) {
+                kept = Some(ix);
+            } else {
+                drop(ix);
+            }
             let slots = match r {
-                Ok(s) => s.expect("waiting alloc returns slots"),
-                Err(e) => {
-                    self.release_slots(&nbs[..got]);
+                Ok(Some(s)) => s,
+                Ok(None) | Err(_) => {
+                    // The blocks are in block order, not shard order: give
+                    // back the slots of the shards done so far.
+                    let taken: Blocks = nbs
+                        .iter()
+                        .filter(|n| ids[..k].contains(&n.shard))
+                        .copied()
+                        .collect();
+                    self.release_slots(&taken);
                     self.abandon_batches(batches);
-                    return Err(e);
+                    return r.map(|_| None);
                 }
             };
             for (nb, s) in nbs.iter_mut().filter(|n| n.shard == sh).zip(slots) {
                 nb.slot = s;
             }
-            got += need;
         }
         let first_of = |sh: usize| self.firsts[sh];
         let fail = |e: EngineError, nbs: &[NewBlock], batches: Batches| {
@@ -1550,13 +1628,14 @@ impl Engine {
             .iter()
             .filter(|n| !n.zero && (n.lo != 0 || n.hi as u64 != bs))
         {
+            debug_assert!(wait, "staging without waiting takes whole blocks only");
             if let Err(e) = self.fill_old(nb, first_of(nb.shard)) {
                 return fail(e, &nbs, batches);
             }
         }
 
         // 3. A payload from outside arrives straight in the slots.
-        if let Src::Fill(f) = &mut src {
+        if let Src::Fill(f) = src {
             let mut slices: Vec<IoSliceMut<'_>> = nbs
                 .iter()
                 .map(|nb| {
@@ -1571,6 +1650,38 @@ impl Engine {
                 return fail(EngineError::Transfer(e), &nbs, batches);
             }
         }
+        let st = Staging {
+            nbs,
+            batches,
+            ids,
+            lock_early,
+        };
+        Ok(Some((st, kept)))
+    }
+
+    /// The second half of [`cache_write`]: persistence stores, one fence,
+    /// publish.
+    ///
+    /// Ordering for speed: on x86 every locked instruction (mutex, atomic
+    /// read-modify-write) waits for earlier `clwb`s and streaming stores to
+    /// complete, so all of them happen before the persistence stores start,
+    /// and the stretch from the first streaming store to the fence has none.
+    pub(crate) fn cache_commit(
+        &self,
+        st: Staging,
+        kept: Kept<'_>,
+        data: Filled<'_>,
+        release: bool,
+    ) -> Blocks {
+        let Staging {
+            nbs,
+            batches,
+            ids,
+            lock_early,
+        } = st;
+        let bs = self.bs();
+        let count = nbs.len() as u32;
+        let first_of = |sh: usize| self.firsts[sh];
 
         // 4. The last locked instructions (shard locks, taking the seq); S
         //    goes into this writer's own watermark line with the
@@ -1591,9 +1702,9 @@ impl Engine {
             let off = self.data(first, nb.slot);
             let n = (nb.hi - nb.lo) as usize;
             let partial = n as u64 != bs;
-            let hash = match &src {
+            let hash = match data {
                 _ if nb.zero => 0,
-                Src::Buf(buf) => {
+                Filled::Buf(buf) => {
                     let part = &buf[pos..pos + n];
                     if partial {
                         // SAFETY: unpublished slot owned by this request.
@@ -1605,19 +1716,19 @@ impl Engine {
                         unsafe { self.region.copy_flush_hash(off, part) }
                     }
                 }
-                Src::Zero => {
+                Filled::Zero => {
                     // SAFETY: unpublished slot owned by this request.
                     unsafe { self.region.zero_flush(off + nb.lo as usize, n) };
                     // SAFETY: as above; read only.
                     data_hash(unsafe { self.region.slice(off, bs as usize) })
                 }
-                Src::Fill(_) => {
+                Filled::InSlots => {
                     // SAFETY: unpublished slot owned by this request; read only.
                     data_hash(unsafe { self.region.slice(off, bs as usize) })
                 }
             };
             pos += n;
-            if partial || matches!(src, Src::Fill(_)) {
+            if partial || matches!(data, Filled::InSlots) {
                 // Temporal stores (old content, or the kernel's recv).
                 self.region.flush(off, bs as usize);
             }
@@ -1669,7 +1780,7 @@ impl Engine {
         // No kick here: waking the writeback thread for every write costs a
         // context switch per request. It polls, and writers short of space
         // kick it.
-        Ok(nbs)
+        nbs
     }
 
     /// After a write's fence: make `slot` the current version of `block`

@@ -2,9 +2,11 @@
 
 use std::io::{self, IoSlice, IoSliceMut};
 
-use pmcache_nbd::export::{BlockSizes, Export, ExportError, Extent, ZeroFlags};
+use pmcache_nbd::export::{
+    BlockSizes, Export, ExportError, Extent, PendingWrite, Staged, ZeroFlags,
+};
 
-use crate::engine::Engine;
+use crate::engine::{Engine, Stage, StagedWrite};
 use crate::error::EngineError;
 
 impl From<EngineError> for ExportError {
@@ -77,6 +79,24 @@ impl Export for EngineExport {
         Ok(self.engine.write_with(offset, len as u64, fua, source)?)
     }
 
+    fn stage_write(
+        &self,
+        offset: u64,
+        len: u32,
+        fua: bool,
+        source: &mut dyn FnMut(&mut [IoSliceMut<'_>]) -> io::Result<()>,
+    ) -> Result<Staged, ExportError> {
+        if self.read_only {
+            return Err(ExportError::ReadOnly);
+        }
+        Ok(
+            match self.engine.stage_write(offset, len as u64, fua, source)? {
+                Stage::Staged(w) => Staged::Pending(w),
+                Stage::WouldWait => Staged::WouldWait,
+            },
+        )
+    }
+
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<(), ExportError> {
         if self.read_only {
             return Err(ExportError::ReadOnly);
@@ -103,5 +123,15 @@ impl Export for EngineExport {
     fn block_status(&self, offset: u64, len: u64) -> Option<Result<Vec<Extent>, ExportError>> {
         let _ = (offset, len);
         None
+    }
+}
+
+impl PendingWrite for StagedWrite {
+    fn commit(self: Box<Self>) -> Result<(), ExportError> {
+        Ok(StagedWrite::commit(*self)?)
+    }
+
+    fn commit_is_quick(&self) -> bool {
+        StagedWrite::commit_is_quick(self)
     }
 }

@@ -19,7 +19,7 @@ pub mod stats;
 pub mod txn;
 pub mod writeback;
 
-pub use engine::{Engine, EngineConfig};
+pub use engine::{Engine, EngineConfig, Stage, StagedWrite};
 pub use error::{EngineError, Result};
 pub use export::EngineExport;
 pub use format::{CacheMode, Superblock};

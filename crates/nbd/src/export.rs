@@ -50,6 +50,30 @@ pub enum ExportError {
     Transfer(io::Error),
 }
 
+/// A write whose payload the export holds, not yet acknowledged. Until
+/// committed it is neither visible nor durable; dropping it writes nothing.
+pub trait PendingWrite: Send {
+    /// Finish the write; returns once it is durable (what
+    /// [`Export::write`] promises on return).
+    fn commit(self: Box<Self>) -> Result<(), ExportError>;
+
+    /// True when the commit never waits: no system call, no origin I/O,
+    /// nothing another request holds for long (say, a CPU fence on pmem).
+    /// The server then commits on the connection's thread, where a hand-off
+    /// to a worker would cost more than the commit.
+    fn commit_is_quick(&self) -> bool {
+        false
+    }
+}
+
+/// What [`Export::stage_write`] did.
+pub enum Staged {
+    /// The payload is in; commit it.
+    Pending(Box<dyn PendingWrite>),
+    /// Staging would wait: nothing received, nothing held.
+    WouldWait,
+}
+
 /// A block device as the NBD server sees it. Must be safe to call from many
 /// connections and threads at once.
 pub trait Export: Send + Sync + 'static {
@@ -104,6 +128,25 @@ pub trait Export: Send + Sync + 'static {
         fua: bool,
         source: &mut dyn FnMut(&mut [IoSliceMut<'_>]) -> io::Result<()>,
     ) -> Result<(), ExportError>;
+
+    /// The first half of a write, for a server that receives payloads on
+    /// one thread and finishes writes on others: take what the write needs
+    /// *without waiting* and let `source` fill it, as [`write`](Self::write)
+    /// does; [`PendingWrite::commit`] does the rest. [`Staged::WouldWait`]
+    /// means that taking it would wait (say, for free space or an
+    /// overlapping write): `source` was not called, nothing is held, and
+    /// the server should buffer the payload and call `write` where waiting
+    /// is fine. The default never stages.
+    fn stage_write(
+        &self,
+        offset: u64,
+        len: u32,
+        fua: bool,
+        source: &mut dyn FnMut(&mut [IoSliceMut<'_>]) -> io::Result<()>,
+    ) -> Result<Staged, ExportError> {
+        let _ = (offset, len, fua, source);
+        Ok(Staged::WouldWait)
+    }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<(), ExportError>;
 

@@ -14,7 +14,7 @@ pub mod proto;
 pub mod server;
 
 pub use client::{Client, ClientOptions, Endpoint, NbdUri, ServerError};
-pub use export::{BlockSizes, Export, ExportError, Extent, ZeroFlags};
+pub use export::{BlockSizes, Export, ExportError, Extent, PendingWrite, Staged, ZeroFlags};
 pub use mem::{MemExport, MemStats};
 pub use net::Stream;
 pub use server::{Server, ServerConfig, ShutdownHandle, DEFAULT_TCP_ADDR};

@@ -3,14 +3,21 @@
 //!
 //! # Threads
 //! * One accept loop per listener (`serve_tcp` / `serve_unix`).
-//! * One reader thread per connection. It parses every request. A WRITE is
-//!   executed inline: only the reader may consume the socket, and the
-//!   payload goes from the socket straight into the slices the export hands
-//!   to the `source` closure (`readv`, no intermediate buffer).
-//! * A small shared worker pool runs everything else (READ, FLUSH, TRIM,
-//!   WRITE_ZEROES, CACHE, BLOCK_STATUS), so a slow origin read does not stall
-//!   the connection's other requests.
+//! * One reader thread per connection. It parses every request and does
+//!   only what needs the socket, so a request that waits never holds up the
+//!   ones behind it. For a WRITE it stages the write (the export takes cache
+//!   slots without waiting), receives the payload from the socket straight
+//!   into them (`readv`, no intermediate buffer), and hands the commit
+//!   (persistence, origin write, reply) to the commit pool, unless the
+//!   export says the commit cannot wait (one CPU fence on pmem): that one
+//!   it runs itself. A write the export cannot stage without waiting is
+//!   received into a buffer and made by a worker that may wait.
+//! * Two worker pools shared by all connections, each growing on demand up
+//!   to `max_workers`: one for commits, one for everything else (reads that
+//!   miss, buffered writes, FLUSH, TRIM, WRITE_ZEROES, CACHE, BLOCK_STATUS).
+//!   Commits never wait for queued work, so they always get threads.
 //!
+//! Requests finish and are answered in any order, as the protocol allows.
 //! Replies are written under a per-connection send lock. A READ reply is one
 //! `writev` of the reply header and the slices the export passes to `sink`,
 //! i.e. straight from the export's memory (the cache mapping) to the socket.
@@ -21,7 +28,7 @@
 //! client input, and a connection never touches another one's state.
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice, Write};
+use std::io::{self, IoSlice, IoSliceMut, Write};
 use std::net::{Shutdown, TcpListener, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -34,7 +41,7 @@ use std::time::Duration;
 use parking_lot::{Condvar, Mutex};
 use tracing::{debug, info, warn};
 
-use crate::export::{BlockSizes, Export, ExportError, ZeroFlags};
+use crate::export::{BlockSizes, Export, ExportError, Staged, ZeroFlags};
 use crate::net::{poll_readable, Readiness, Stream};
 use crate::proto::{self, *};
 
@@ -51,8 +58,12 @@ pub struct ServerConfig {
     pub read_only: bool,
     /// Sent with NBD_INFO_DESCRIPTION and NBD_OPT_LIST.
     pub description: Option<String>,
-    /// Threads of the shared worker pool.
+    /// Threads the shared worker pool keeps (it grows on demand).
     pub workers: usize,
+    /// Most threads in each of the two worker pools (requests, and write
+    /// commits). Enough for every request of a few busy connections to
+    /// block on the origin at once.
+    pub max_workers: usize,
     /// Requests one connection may have queued or executing before its
     /// reader stops reading more (back-pressure).
     pub max_in_flight: usize,
@@ -69,6 +80,7 @@ impl Default for ServerConfig {
             read_only: false,
             description: None,
             workers: 8,
+            max_workers: 256,
             max_in_flight: 64,
             io_timeout: Some(Duration::from_secs(60)),
         }
@@ -123,7 +135,13 @@ struct Shared {
     block_status: bool,
     multi_conn: bool,
     shutdown: ShutdownHandle,
+    /// Reads, buffered writes and everything else that may wait.
     pool: Pool,
+    /// Second halves of staged writes. They never wait for a queued job
+    /// (only for running ones, the origin and persistence), so while the
+    /// staged writes they finish hold writer locks, jobs in `pool` waiting
+    /// for those locks cannot starve them of threads.
+    commits: Pool,
     active: AtomicUsize,
     next_conn_id: AtomicU64,
 }
@@ -152,7 +170,8 @@ impl Server {
         let read_only = config.read_only || export.read_only();
         let multi_conn = export.multi_conn();
         let (wake_tx, wake_rx) = UnixStream::pair()?;
-        let pool = Pool::new(config.workers.max(1))?;
+        let pool = Pool::new("nbd-worker", config.workers, config.max_workers)?;
+        let commits = Pool::new("nbd-commit", 2, config.max_workers)?;
         Ok(Self {
             shared: Arc::new(Shared {
                 export,
@@ -169,6 +188,7 @@ impl Server {
                     }),
                 },
                 pool,
+                commits,
                 active: AtomicUsize::new(0),
                 next_conn_id: AtomicU64::new(1),
                 config,
@@ -295,58 +315,119 @@ impl Server {
 
 type Job = Box<dyn FnOnce() + Send>;
 
-struct PoolQueue {
-    jobs: Mutex<(VecDeque<Job>, bool)>,
-    cv: Condvar,
+/// How long a worker above a pool's minimum stays idle before it exits.
+const WORKER_IDLE: Duration = Duration::from_secs(10);
+
+struct PoolState {
+    jobs: VecDeque<Job>,
+    stop: bool,
+    threads: usize,
+    idle: usize,
 }
 
-/// Fixed set of threads running queued jobs; stops when dropped.
+struct PoolQueue {
+    st: Mutex<PoolState>,
+    cv: Condvar,
+    min: usize,
+    max: usize,
+    name: &'static str,
+}
+
+/// Threads running queued jobs, from `min` up to `max`: a job that finds
+/// no idle worker gets a new one, so jobs that block (an origin round
+/// trip, a persistence call) do not queue behind each other while the
+/// pool has room. Extra workers exit after [`WORKER_IDLE`]; all stop when
+/// the pool is dropped.
 struct Pool {
     queue: Arc<PoolQueue>,
 }
 
 impl Pool {
-    fn new(n: usize) -> io::Result<Self> {
+    fn new(name: &'static str, min: usize, max: usize) -> io::Result<Self> {
+        let min = min.max(1);
         let queue = Arc::new(PoolQueue {
-            jobs: Mutex::new((VecDeque::new(), false)),
+            st: Mutex::new(PoolState {
+                jobs: VecDeque::new(),
+                stop: false,
+                threads: min,
+                idle: 0,
+            }),
             cv: Condvar::new(),
+            min,
+            max: max.max(min),
+            name,
         });
-        for _ in 0..n {
-            let q = queue.clone();
-            thread::Builder::new()
-                .name("nbd-worker".into())
-                .spawn(move || loop {
-                    let job = {
-                        let mut g = q.jobs.lock();
-                        loop {
-                            if let Some(j) = g.0.pop_front() {
-                                break j;
-                            }
-                            if g.1 {
-                                return;
-                            }
-                            q.cv.wait(&mut g);
-                        }
-                    };
-                    // A panicking export must not take a worker with it;
-                    // the job's own guard ends the affected connection.
-                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
-                        warn!("nbd: a request handler panicked");
-                    }
-                })?;
+        for _ in 0..min {
+            spawn_worker(&queue)?;
         }
         Ok(Self { queue })
     }
 
     fn submit(&self, job: Job) {
-        self.queue.jobs.lock().0.push_back(job);
-        self.queue.cv.notify_one();
+        let q = &self.queue;
+        let grow = {
+            let mut g = q.st.lock();
+            g.jobs.push_back(job);
+            // Idle workers take queued jobs; more jobs than idle workers
+            // means a new worker, while the pool has room.
+            let grow = g.jobs.len() > g.idle && g.threads < q.max;
+            if grow {
+                g.threads += 1;
+            }
+            grow
+        };
+        q.cv.notify_one();
+        if grow {
+            if let Err(e) = spawn_worker(q) {
+                // The queued job runs on an existing worker instead.
+                warn!("nbd: cannot start a {} worker: {e}", q.name);
+                q.st.lock().threads -= 1;
+            }
+        }
+    }
+}
+
+fn spawn_worker(q: &Arc<PoolQueue>) -> io::Result<()> {
+    let q = q.clone();
+    thread::Builder::new()
+        .name(q.name.into())
+        .spawn(move || {
+            while let Some(job) = next_job(&q) {
+                // A panicking export must not take a worker with it; the
+                // job's own guard ends the affected connection.
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                    warn!("nbd: a request handler panicked");
+                }
+            }
+        })
+        .map(drop)
+}
+
+/// The next job for a worker; `None` when the worker should exit (the pool
+/// stopped, or the worker idled out above the minimum).
+fn next_job(q: &PoolQueue) -> Option<Job> {
+    let mut g = q.st.lock();
+    loop {
+        if let Some(j) = g.jobs.pop_front() {
+            return Some(j);
+        }
+        if g.stop {
+            g.threads -= 1;
+            return None;
+        }
+        g.idle += 1;
+        let timed_out = q.cv.wait_for(&mut g, WORKER_IDLE).timed_out();
+        g.idle -= 1;
+        if timed_out && g.jobs.is_empty() && g.threads > q.min {
+            g.threads -= 1;
+            return None;
+        }
     }
 }
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        self.queue.jobs.lock().1 = true;
+        self.queue.st.lock().stop = true;
         self.queue.cv.notify_all();
     }
 }
@@ -962,12 +1043,8 @@ fn transmission(shared: &Arc<Shared>, stream: Arc<Stream>, neg: Negotiated, id: 
                 {
                     continue;
                 }
-                *conn.in_flight.lock() += 1;
-                let (s, c) = (shared.clone(), conn.clone());
-                shared.pool.submit(Box::new(move || {
-                    let _done = FinishGuard(&c);
-                    execute(&s, &c, &req);
-                }));
+                let s = shared.clone();
+                dispatch(&shared.pool, &conn, move |c| execute(&s, c, &req));
             }
             other => {
                 conn.send_error(
@@ -987,8 +1064,19 @@ fn transmission(shared: &Arc<Shared>, stream: Arc<Stream>, neg: Negotiated, id: 
     conn.stream.shutdown(Shutdown::Both);
 }
 
+/// Run `job` on a worker of `pool`, counted in the connection's in-flight
+/// requests until it has finished.
+fn dispatch(pool: &Pool, conn: &Arc<Conn>, job: impl FnOnce(&Conn) + Send + 'static) {
+    *conn.in_flight.lock() += 1;
+    let c = conn.clone();
+    pool.submit(Box::new(move || {
+        let _done = FinishGuard(&c);
+        job(&c);
+    }));
+}
+
 /// What happened to a WRITE payload.
-#[derive(PartialEq, Eq)]
+#[derive(PartialEq, Eq, Clone, Copy)]
 enum Payload {
     /// Still in the socket.
     Unread,
@@ -998,11 +1086,60 @@ enum Payload {
     Failed,
 }
 
-/// Execute a WRITE on the reader thread. Returns how many bytes of the next
-/// request header arrived with the payload (into `next`), or `None` when the
+/// The `source` of a write whose payload is still in the socket: the
+/// payload's only copy, socket -> export slices (`readv`), which also picks
+/// up the next request header if it is already there.
+struct SocketSource<'a> {
+    stream: &'a Stream,
+    len: u32,
+    next: &'a mut [u8],
+    state: Payload,
+    /// Bytes of the next header read with the payload.
+    extra: usize,
+}
+
+impl SocketSource<'_> {
+    fn fill(&mut self, slices: &mut [IoSliceMut<'_>]) -> io::Result<()> {
+        if self.state != Payload::Unread {
+            return Err(io::Error::other("payload source called more than once"));
+        }
+        let total: usize = slices.iter().map(|s| s.len()).sum();
+        if total != self.len as usize {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("export offered {total} bytes for a {}-byte write", self.len),
+            ));
+        }
+        match self.stream.read_exact_vectored_then(slices, self.next) {
+            Ok(n) => {
+                self.state = Payload::Read;
+                self.extra = n;
+                Ok(())
+            }
+            Err(e) => {
+                self.state = Payload::Failed;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// A WRITE: the reader thread does only what needs the socket. It stages
+/// the write (the export takes slots without waiting), receives the payload
+/// straight into them, and leaves the commit (persistence, the origin
+/// write, the reply) to a commit worker, so the next request is read while
+/// this one finishes. A write that cannot be staged without waiting (no free
+/// slot, an overlapping write in progress, a partial block, a mode that
+/// writes the origin first) is received into a buffer of its own and made
+/// by a worker that may wait. Returns how many bytes of the next request
+/// header arrived with the payload (into `next`), or `None` when the
 /// connection must end.
-fn handle_write(shared: &Shared, conn: &Conn, req: &Request, next: &mut [u8]) -> Option<usize> {
-    let ok = |sent: bool| sent.then_some(0);
+fn handle_write(
+    shared: &Arc<Shared>,
+    conn: &Arc<Conn>,
+    req: &Request,
+    next: &mut [u8],
+) -> Option<usize> {
     let len = req.length;
     if let Err(e) = validate(shared, conn, req) {
         if len > shared.sizes.maximum {
@@ -1013,66 +1150,125 @@ fn handle_write(shared: &Shared, conn: &Conn, req: &Request, next: &mut [u8]) ->
             return None;
         }
         // Skip the payload so the stream stays in sync; nothing is written.
-        if let Err(err) = conn.stream.discard(len.into()) {
-            debug!("nbd[{}]: client left mid-payload: {err}", conn.id);
-            return None;
-        }
-        return ok(conn.send_error(req.cookie, &e));
+        return skip_payload(conn, req, &e);
     }
     if len == 0 {
-        return ok(conn.send_ok(req.cookie));
+        return conn.send_ok(req.cookie).then_some(0);
     }
     let fua = req.flags & CMD_FLAG_FUA != 0;
-    let mut state = Payload::Unread;
-    let mut extra = 0;
-    let stream = &conn.stream;
-    let result = shared.export.write(req.offset, len, fua, &mut |slices| {
-        if state != Payload::Unread {
-            return Err(io::Error::other("payload source called more than once"));
-        }
-        let total: usize = slices.iter().map(|s| s.len()).sum();
-        if total != len as usize {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("export offered {total} bytes for a {len}-byte write"),
-            ));
-        }
-        // The payload's only copy: socket -> export slices (readv), which
-        // also picks up the next header if it is already there.
-        match stream.read_exact_vectored_then(slices, next) {
-            Ok(n) => {
-                state = Payload::Read;
-                extra = n;
-                Ok(())
-            }
-            Err(e) => {
-                state = Payload::Failed;
-                Err(e)
-            }
-        }
-    });
-    let sent = match (state, result) {
+    let mut src = SocketSource {
+        stream: &conn.stream,
+        len,
+        next,
+        state: Payload::Unread,
+        extra: 0,
+    };
+    let staged = shared
+        .export
+        .stage_write(req.offset, len, fua, &mut |slices| src.fill(slices));
+    let cookie = req.cookie;
+    match (src.state, staged) {
         (Payload::Failed, _) => {
             debug!(
                 "nbd[{}]: client disconnected during a {len}-byte write payload",
                 conn.id
             );
-            return None;
+            None
         }
-        (Payload::Read, Ok(())) => conn.send_ok(req.cookie),
-        (Payload::Read, Err(e)) => conn.send_error(req.cookie, &e.into()),
-        (Payload::Unread, r) => {
-            if conn.stream.discard(len.into()).is_err() {
-                return None;
-            }
+        (Payload::Read, Ok(Staged::Pending(w))) if w.commit_is_quick() => {
+            // Nothing to wait for (a fence on pmem): cheaper here than a
+            // hand-off, and it blocks nothing behind it.
+            conn.send_result(cookie, w.commit()).then_some(src.extra)
+        }
+        (Payload::Read, Ok(Staged::Pending(w))) => {
+            dispatch(&shared.commits, conn, move |c| {
+                c.send_result(cookie, w.commit());
+            });
+            Some(src.extra)
+        }
+        (Payload::Unread, Ok(Staged::WouldWait)) => buffer_write(shared, conn, req, src.next),
+        (Payload::Read, r) => {
+            // Received, but the export failed (or broke its contract by
+            // declining after taking the payload): nothing is written.
             let err = match r {
                 Err(e) => e.into(),
-                Ok(()) => ReplyError::new(EIO, "export did not take the write payload"),
+                Ok(_) => ReplyError::new(EIO, "export declined a received write"),
             };
-            conn.send_error(req.cookie, &err)
+            conn.send_error(cookie, &err).then_some(src.extra)
+        }
+        (Payload::Unread, r) => {
+            // Nothing received, so nothing can have been written (a pending
+            // write without its payload is dropped unwritten).
+            let err = match r {
+                Err(e) => e.into(),
+                Ok(_) => ReplyError::new(EIO, "export did not take the write payload"),
+            };
+            skip_payload(conn, req, &err)
+        }
+    }
+}
+
+/// Skip a rejected WRITE's payload and answer `err`.
+fn skip_payload(conn: &Conn, req: &Request, err: &ReplyError) -> Option<usize> {
+    if let Err(e) = conn.stream.discard(req.length.into()) {
+        debug!("nbd[{}]: client left mid-payload: {e}", conn.id);
+        return None;
+    }
+    conn.send_error(req.cookie, err).then_some(0)
+}
+
+/// A WRITE that would wait to be staged: receive the payload into a buffer
+/// (the reader must not wait) and let a worker make the write, waiting as
+/// long as it must. The buffer is this request's one extra copy; at most
+/// `max_in_flight` of them exist per connection (back-pressure).
+fn buffer_write(
+    shared: &Arc<Shared>,
+    conn: &Arc<Conn>,
+    req: &Request,
+    next: &mut [u8],
+) -> Option<usize> {
+    let mut buf = vec![0u8; req.length as usize];
+    let extra = match conn
+        .stream
+        .read_exact_vectored_then(&mut [IoSliceMut::new(&mut buf)], next)
+    {
+        Ok(n) => n,
+        Err(e) => {
+            debug!("nbd[{}]: client left mid-payload: {e}", conn.id);
+            return None;
         }
     };
-    sent.then_some(extra)
+    let s = shared.clone();
+    let req = *req;
+    dispatch(&shared.pool, conn, move |c| {
+        let fua = req.flags & CMD_FLAG_FUA != 0;
+        let r = s.export.write(req.offset, req.length, fua, &mut |slices| {
+            copy_into(&buf, slices)
+        });
+        c.send_result(req.cookie, r);
+    });
+    Some(extra)
+}
+
+/// Copy `buf` into `slices`, which must be exactly as long.
+fn copy_into(buf: &[u8], slices: &mut [IoSliceMut<'_>]) -> io::Result<()> {
+    let total: usize = slices.iter().map(|s| s.len()).sum();
+    if total != buf.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "export offered {total} bytes for a {}-byte write",
+                buf.len()
+            ),
+        ));
+    }
+    let mut pos = 0;
+    for s in slices.iter_mut() {
+        let n = s.len();
+        s.copy_from_slice(&buf[pos..pos + n]);
+        pos += n;
+    }
+    Ok(())
 }
 
 /// Run a validated non-WRITE request on a worker and reply.

@@ -10,6 +10,7 @@ use std::sync::atomic::AtomicU64;
 pub mod counter;
 pub mod error;
 pub mod flush;
+mod group;
 pub mod hash;
 pub mod mapped;
 pub mod sim;

@@ -1,0 +1,193 @@
+//! Writes in two halves, so a server can receive a payload straight into
+//! its cache slots on the connection's reader thread and leave the rest
+//! (fence, publish, the writethrough origin write) to another thread while
+//! the reader goes on with the next request.
+//!
+//! The first half never waits: it takes the writer locks and free slots
+//! only if they are available now, and otherwise takes nothing and says
+//! [`Stage::WouldWait`]; the caller then receives the payload into a buffer
+//! of its own and makes an ordinary [`Engine::write`] on a thread that may
+//! wait. Between the halves the staged write holds the writer locks of its
+//! blocks, so overlapping writes are ordered exactly as the one-call write
+//! orders them, and nothing of it is visible or durable: dropping it
+//! without a commit writes nothing.
+
+use std::io::{self, IoSliceMut};
+use std::sync::Arc;
+
+use parking_lot::MutexGuard;
+
+use super::{Engine, Filled, Src, Staging};
+use crate::error::{EngineError, Result};
+use crate::format::CacheMode;
+use crate::index::ShardIndex;
+use crate::stats::Ctr;
+
+/// What [`Engine::stage_write`] did.
+pub enum Stage {
+    /// The payload is in the slots; [`StagedWrite::commit`] finishes it.
+    Staged(Box<StagedWrite>),
+    /// It would have to wait (a writer holds a block, no free slot, a
+    /// partial block to merge, or a mode that writes the origin first).
+    /// `source` was not called and nothing is held.
+    WouldWait,
+}
+
+/// A write whose payload is in its (unpublished) slots and whose blocks'
+/// writer locks are held. Dropping it without [`commit`](Self::commit)
+/// gives everything back and writes nothing.
+pub struct StagedWrite {
+    engine: Arc<Engine>,
+    /// Taken by `commit`; `Some` means the drop must give it back.
+    st: Option<Staging>,
+    mode: CacheMode,
+    len: u64,
+    fua: bool,
+    b0: u64,
+    b1: u64,
+}
+
+impl Engine {
+    /// The first half of a write of `[offset, offset + len)` whose payload
+    /// `source` puts straight into the cache slots, without ever waiting.
+    /// Errors are those of [`write_with`](Self::write_with); after
+    /// [`EngineError::Transfer`] nothing is held or written.
+    pub fn stage_write(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        source: &mut dyn FnMut(&mut [IoSliceMut<'_>]) -> io::Result<()>,
+    ) -> Result<Stage> {
+        self.check_open()?;
+        self.check_range(offset, len)?;
+        if len > self.cfg.max_request as u64 {
+            return Err(EngineError::TooLarge {
+                len,
+                max: self.cfg.max_request as u64,
+            });
+        }
+        let mode = self.mode();
+        let bs = self.bs();
+        // Partial blocks merge old content (maybe from the origin), and
+        // writearound / passthrough write the origin before anything else:
+        // both may wait, so they take the one-call path.
+        let whole = len > 0 && offset.is_multiple_of(bs) && (offset + len).is_multiple_of(bs);
+        if !whole || !matches!(mode, CacheMode::Writeback | CacheMode::Writethrough) {
+            return Ok(Stage::WouldWait);
+        }
+        // A sequential stream past the cutoff goes around the cache, which
+        // the one-call path does (it sees the same stream again).
+        if self.streams.bypass(offset, len, true) {
+            return Ok(Stage::WouldWait);
+        }
+        let (b0, b1) = (offset / bs, (offset + len - 1) / bs);
+        let Some(held) = self.try_lock_writers(b0, b1) else {
+            return Ok(Stage::WouldWait);
+        };
+        let mut src = Src::Fill(source);
+        match self.cache_stage(offset, len, &mut src, b0, b1, held, false) {
+            Ok(Some((st, kept))) => {
+                // A payload received into the slots never keeps its shard
+                // locked (the lock would stall everyone during the recv).
+                debug_assert!(kept.is_none());
+                drop(kept);
+                Ok(Stage::Staged(Box::new(StagedWrite {
+                    engine: self.clone(),
+                    st: Some(st),
+                    mode,
+                    len,
+                    fua,
+                    b0,
+                    b1,
+                })))
+            }
+            Ok(None) => {
+                self.unlock_writers(b0, b1);
+                Ok(Stage::WouldWait)
+            }
+            Err(e) => {
+                self.unlock_writers(b0, b1);
+                Err(e)
+            }
+        }
+    }
+
+    /// [`lock_writers`](Self::lock_writers) without waiting: `None` (and
+    /// nothing taken) when a writer holds one of the blocks.
+    fn try_lock_writers(&self, b0: u64, b1: u64) -> Option<Option<MutexGuard<'_, ShardIndex>>> {
+        let ids = self.shards_of(b0, b1);
+        let mut held = None;
+        for (k, &sh) in ids.iter().enumerate() {
+            let mut ix = self.shards[sh].ix.lock();
+            let mine = |b: &u64| self.shard_of(*b) == sh;
+            if (b0..=b1).filter(mine).any(|b| ix.lock_state(b).writer) {
+                drop(ix);
+                self.unlock_writers_in(&ids[..k], b0, b1);
+                return None;
+            }
+            for b in (b0..=b1).filter(mine) {
+                ix.update_lock(b, |l| l.writer = true);
+            }
+            if ids.len() == 1 {
+                held = Some(ix);
+            }
+        }
+        Some(held)
+    }
+
+    /// Drop the writer locks of the blocks of `[b0, b1]` in shards `ids`.
+    fn unlock_writers_in(&self, ids: &[usize], b0: u64, b1: u64) {
+        for &sh in ids {
+            let mut ix = self.shards[sh].ix.lock();
+            for b in (b0..=b1).filter(|&b| self.shard_of(b) == sh) {
+                ix.update_lock(b, |l| l.writer = false);
+            }
+            drop(ix);
+            self.shards[sh].cv.notify_all();
+        }
+    }
+}
+
+impl StagedWrite {
+    /// The commit never waits: writeback mode (no origin write) with a
+    /// fence that is a CPU instruction, not an msync.
+    pub fn commit_is_quick(&self) -> bool {
+        self.mode == CacheMode::Writeback && !self.engine.fence_is_syscall()
+    }
+
+    /// The second half: persist and publish the slots and, in writethrough
+    /// mode, write the origin. Returns once the write is durable as the
+    /// mode requires (what one [`Engine::write_with`] call promises).
+    pub fn commit(mut self) -> Result<()> {
+        let Some(st) = self.st.take() else {
+            return Ok(());
+        };
+        let e = &*self.engine;
+        let writeback = self.mode == CacheMode::Writeback;
+        // In writeback mode the publish releases pins and writer locks.
+        let nbs = e.cache_commit(st, None, Filled::InSlots, writeback);
+        let r = if writeback {
+            Ok(())
+        } else {
+            let r = e.write_through(&nbs, self.fua);
+            e.unlock_writers(self.b0, self.b1);
+            r
+        };
+        if r.is_ok() {
+            e.counters.add(Ctr::Writes, 1);
+            e.counters.add(Ctr::WriteBytes, self.len);
+        }
+        r
+    }
+}
+
+impl Drop for StagedWrite {
+    fn drop(&mut self) {
+        if let Some(st) = self.st.take() {
+            self.engine.release_slots(&st.nbs);
+            self.engine.abandon_batches(st.batches);
+            self.engine.unlock_writers(self.b0, self.b1);
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! Msync mode (a cache file on a disk): concurrent writers share msyncs.
+
+use std::sync::Arc;
+
+use pmcache_engine::{Engine, EngineConfig, Stage};
+use pmcache_origin::{MemOrigin, Origin};
+use pmcache_pmem::{MapOptions, MappedRegion, PersistMode, PmemRegion};
+
+const MIB: u64 = 1 << 20;
+
+/// Removed on drop.
+struct TempFile(std::path::PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn concurrent_writers_share_msyncs() {
+    // On the disk (not tmpfs), so an msync takes long enough for writers
+    // to meet.
+    let file = TempFile(
+        std::env::temp_dir().join(format!("pmcache-group-commit-{}.pmem", std::process::id())),
+    );
+    let region = Arc::new(MappedRegion::create(&file.0, 8 * MIB, &MapOptions::new()).unwrap());
+    assert_eq!(region.mode(), PersistMode::Msync);
+    let origin = Arc::new(MemOrigin::new(64 * MIB).with_name("gc"));
+    Engine::format(&*region, &*origin, 4096).unwrap();
+    let e = Engine::open(
+        region.clone() as Arc<dyn PmemRegion>,
+        origin.clone() as Arc<dyn Origin>,
+        EngineConfig {
+            background_writeback: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // Far more writers than msyncs may run at once, so most must share.
+    const THREADS: u64 = 32;
+    const WRITES: u64 = 10;
+    let before = region.syncs();
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let e = &e;
+            s.spawn(move || {
+                for i in 0..WRITES {
+                    let b = t * WRITES + i;
+                    e.write(b * 4096, &[(b % 251) as u8 + 1; 4096], false)
+                        .unwrap();
+                }
+            });
+        }
+    });
+    let syncs = region.syncs() - before;
+    let writes = THREADS * WRITES;
+    assert!(
+        syncs < writes / 2,
+        "{syncs} msyncs for {writes} concurrent writes: writers do not share them"
+    );
+    let mut b = [0u8; 4096];
+    for blk in 0..writes {
+        e.read(blk * 4096, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == (blk % 251) as u8 + 1), "block {blk}");
+    }
+    // A staged write's commit msyncs: the server must not run it on the
+    // connection's thread.
+    match e.stage_write(0, 4096, false, &mut |s| {
+        s[0].fill(9);
+        Ok(())
+    }) {
+        Ok(Stage::Staged(w)) => {
+            assert!(!w.commit_is_quick());
+            w.commit().unwrap();
+        }
+        _ => panic!("stage of a free block failed"),
+    }
+}
