@@ -57,16 +57,20 @@ enum Plan {
     },
 }
 
+/// What the first signal does: stop the server, and stop writes waiting
+/// for space (an origin that is down may never free any).
+type Stop = Arc<dyn Fn() + Send + Sync>;
+
 /// SIGINT/SIGTERM: the first asks the server to stop, a second exits at once.
 struct Signals {
     requested: Arc<AtomicBool>,
-    handle: Arc<Mutex<Option<ShutdownHandle>>>,
+    handle: Arc<Mutex<Option<Stop>>>,
 }
 
 impl Signals {
     fn install() -> Result<Signals> {
         let requested = Arc::new(AtomicBool::new(false));
-        let handle: Arc<Mutex<Option<ShutdownHandle>>> = Arc::new(Mutex::new(None));
+        let handle: Arc<Mutex<Option<Stop>>> = Arc::new(Mutex::new(None));
         let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
             .context("cannot install signal handlers")?;
         let (r, h) = (requested.clone(), handle.clone());
@@ -86,8 +90,8 @@ impl Signals {
                         signal = name,
                         "shutting down: no new connections, finishing requests in flight"
                     );
-                    if let Some(h) = h.lock().ok().and_then(|g| g.clone()) {
-                        h.shutdown();
+                    if let Some(stop) = h.lock().ok().and_then(|g| g.clone()) {
+                        stop();
                     }
                 }
             })
@@ -95,14 +99,17 @@ impl Signals {
         Ok(Signals { requested, handle })
     }
 
-    /// Hand over the server's shutdown handle (shutting down at once if a
-    /// signal came first).
-    fn arm(&self, h: ShutdownHandle) {
+    /// Hand over what stops the server (run at once if a signal came first).
+    fn arm(&self, h: ShutdownHandle, engine: Arc<Engine>) {
+        let stop: Stop = Arc::new(move || {
+            h.shutdown();
+            engine.stop_waiting();
+        });
         if let Ok(mut g) = self.handle.lock() {
-            *g = Some(h.clone());
+            *g = Some(stop.clone());
         }
         if self.requested.load(Ordering::SeqCst) {
-            h.shutdown();
+            stop();
         }
     }
 }
@@ -373,7 +380,7 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
         Some(l) => Some(control::spawn_metrics(l, engine.clone(), info.clone())?),
         None => None,
     };
-    signals.arm(server.shutdown_handle());
+    signals.arm(server.shutdown_handle(), engine.clone());
     crate::cli::release_logs();
     tracing::info!(
         endpoint = %info.endpoint,

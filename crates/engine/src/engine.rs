@@ -124,6 +124,8 @@ pub struct Engine {
     pub(crate) closed: AtomicBool,
     pub(crate) hooks: Hooks,
     pub(crate) streams: Streams,
+    /// Set on shutdown: writes that would wait for space give up instead.
+    stop_waits: AtomicBool,
 }
 
 /// Where a block of a request lives while the request runs.
@@ -308,6 +310,7 @@ impl Engine {
             closed: AtomicBool::new(false),
             hooks: Hooks::default(),
             streams: Streams::new(cfg.sequential_cutoff),
+            stop_waits: AtomicBool::new(false),
             cfg,
         })
     }
@@ -400,6 +403,16 @@ impl Engine {
     /// sharing between writers, and never worth holding a lock across.
     pub(crate) fn fence_is_syscall(&self) -> bool {
         self.region.mode() == pmcache_pmem::PersistMode::Msync
+    }
+
+    /// Shutting down: writes waiting for space (which a failing origin may
+    /// never give) fail from now on, with nothing written, so the requests
+    /// in flight can drain. Everything else still completes.
+    pub fn stop_waiting(&self) {
+        self.stop_waits.store(true, Ordering::SeqCst);
+        for sh in self.shards.iter() {
+            sh.cv.notify_all();
+        }
     }
 
     fn check_open(&self) -> Result<()> {
@@ -724,6 +737,9 @@ impl Engine {
                 return Ok(None);
             }
             self.check_open()?;
+            if self.stop_waits.load(Ordering::SeqCst) {
+                return Err(EngineError::ShuttingDown);
+            }
             if !waited {
                 self.counters.add(Ctr::WaitsForSpace, 1);
                 waited = true;

@@ -975,3 +975,40 @@ fn a_bypassed_write_falls_back_to_the_cache_when_the_origin_fails() {
     e.flush_all(0, &mut |_, _| {}).unwrap();
     assert!(rig.origin.durable()[..12 * MIB] == d[..12 * MIB]);
 }
+
+/// On shutdown, a write that waits for space behind an origin that is down
+/// gives up with an error (nothing written) so the server can drain.
+#[test]
+fn stop_waiting_ends_writes_waiting_for_space() {
+    let rig = Rig::new(MIB, 16 * MIB, 4096);
+    let e = rig.open(EngineConfig {
+        max_request: 64 << 10,
+        sequential_cutoff: 0,
+        ..Default::default()
+    });
+    rig.origin.set_failing(true);
+    let d = pattern(80, 64 << 10);
+    // Fill the cache with dirty data the origin will not take.
+    let mut off = 0u64;
+    let waiter = loop {
+        let (e2, d2) = (e.clone(), d.clone());
+        let h = std::thread::spawn(move || e2.write(off, &d2, false));
+        std::thread::sleep(Duration::from_millis(50));
+        if !h.is_finished() {
+            break h;
+        }
+        h.join().unwrap().unwrap();
+        off += d.len() as u64;
+        assert!(off < 16 * MIB as u64, "the cache never filled");
+    };
+    e.stop_waiting();
+    let r = waiter.join().unwrap();
+    assert!(
+        matches!(r, Err(EngineError::ShuttingDown)),
+        "a waiting write fails on shutdown: {r:?}"
+    );
+    rig.origin.set_failing(false);
+    let mut got = vec![1u8; d.len()];
+    e.read(off, &mut got).unwrap();
+    assert!(got.iter().all(|&b| b == 0), "the failed write left nothing");
+}
