@@ -2022,21 +2022,31 @@ impl Engine {
             };
         }
         // The payload has to exist before the origin sees any of it; it is
-        // not cached, so it goes through one buffer here.
-        let mut buf = vec![0u8; len as usize];
-        match src {
-            Src::Buf(b) => buf.copy_from_slice(b),
-            Src::Fill(f) => f(&mut [IoSliceMut::new(&mut buf)]).map_err(EngineError::Transfer)?,
-            Src::Zero => {}
-        }
+        // not cached, so one received from the socket goes through a buffer.
+        // Whole blocks of zeroes go as WRITE_ZEROES; smaller ones as data.
+        let zero = matches!(src, Src::Zero) && len >= self.bs();
+        let owned: Vec<u8>;
+        let buf: &[u8] = match src {
+            Src::Buf(b) => b,
+            Src::Fill(f) => {
+                let mut v = vec![0u8; len as usize];
+                f(&mut [IoSliceMut::new(&mut v)]).map_err(EngineError::Transfer)?;
+                owned = v;
+                &owned
+            }
+            Src::Zero => {
+                owned = vec![0u8; len as usize];
+                &owned
+            }
+        };
         self.invalidate(b0, b1)?;
         self.lock_origin_writers(b0, b1);
-        let r = self.origin_write_retrying(&buf, offset, fua);
+        let r = self.origin_write_retrying(buf, offset, fua, zero);
         self.unlock_origin_writers(b0..=b1);
         match r {
             Err(e) if fallback => {
                 tracing::debug!(offset, error = %e, "bypassed write kept in the cache");
-                let nbs = self.cache_write(offset, len, Src::Buf(&buf), b0, b1, false, None)?;
+                let nbs = self.cache_write(offset, len, Src::Buf(buf), b0, b1, false, None)?;
                 self.unpin_all(&nbs);
                 Ok(())
             }
@@ -2044,8 +2054,13 @@ impl Engine {
         }
     }
 
-    fn origin_write_retrying(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
-        let zero = buf.iter().all(|&x| x == 0) && buf.len() as u64 >= self.bs();
+    fn origin_write_retrying(
+        &self,
+        buf: &[u8],
+        offset: u64,
+        fua: bool,
+        zero: bool,
+    ) -> io::Result<()> {
         self.origin_retrying("write", offset, || {
             if zero {
                 self.origin.write_zeroes(offset, buf.len() as u64, fua)

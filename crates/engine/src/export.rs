@@ -79,6 +79,13 @@ impl Export for EngineExport {
         Ok(self.engine.write_with(offset, len as u64, fua, source)?)
     }
 
+    fn write_from(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), ExportError> {
+        if self.read_only {
+            return Err(ExportError::ReadOnly);
+        }
+        Ok(self.engine.write(offset, data, fua)?)
+    }
+
     fn stage_write(
         &self,
         offset: u64,

@@ -129,6 +129,30 @@ pub trait Export: Send + Sync + 'static {
         source: &mut dyn FnMut(&mut [IoSliceMut<'_>]) -> io::Result<()>,
     ) -> Result<(), ExportError>;
 
+    /// [`write`](Self::write) of a payload the server already holds in
+    /// memory (it could not be staged). Exports that can use the bytes in
+    /// place override this; the default copies them into `write`'s slices.
+    fn write_from(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), ExportError> {
+        let len = u32::try_from(data.len())
+            .map_err(|_| ExportError::Io(io::Error::other("write payload over 4 GiB")))?;
+        self.write(offset, len, fua, &mut |slices| {
+            let mut pos = 0;
+            for s in slices.iter_mut() {
+                let n = s.len().min(data.len() - pos);
+                s[..n].copy_from_slice(&data[pos..pos + n]);
+                pos += n;
+            }
+            if pos == data.len() {
+                Ok(())
+            } else {
+                Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "slices shorter than the payload",
+                ))
+            }
+        })
+    }
+
     /// The first half of a write, for a server that receives payloads on
     /// one thread and finishes writes on others: take what the write needs
     /// *without waiting* and let `source` fill it, as [`write`](Self::write)

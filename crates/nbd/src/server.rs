@@ -1242,33 +1242,10 @@ fn buffer_write(
     let req = *req;
     dispatch(&shared.pool, conn, move |c| {
         let fua = req.flags & CMD_FLAG_FUA != 0;
-        let r = s.export.write(req.offset, req.length, fua, &mut |slices| {
-            copy_into(&buf, slices)
-        });
+        let r = s.export.write_from(req.offset, &buf, fua);
         c.send_result(req.cookie, r);
     });
     Some(extra)
-}
-
-/// Copy `buf` into `slices`, which must be exactly as long.
-fn copy_into(buf: &[u8], slices: &mut [IoSliceMut<'_>]) -> io::Result<()> {
-    let total: usize = slices.iter().map(|s| s.len()).sum();
-    if total != buf.len() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!(
-                "export offered {total} bytes for a {}-byte write",
-                buf.len()
-            ),
-        ));
-    }
-    let mut pos = 0;
-    for s in slices.iter_mut() {
-        let n = s.len();
-        s.copy_from_slice(&buf[pos..pos + n]);
-        pos += n;
-    }
-    Ok(())
 }
 
 /// Run a validated non-WRITE request on a worker and reply.
