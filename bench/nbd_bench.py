@@ -59,12 +59,13 @@ def uri_of(sock):
     return f"nbd+unix:///?socket={sock}"
 
 
-def wait_socket(path, proc, timeout=60):
-    """Wait until the server accepts connections on its Unix socket."""
+def wait_socket(path, proc, timeout=60, fail=RuntimeError, detail=lambda: ""):
+    """Wait until the server accepts connections on its Unix socket; raise `fail` if it exits
+    first (with `detail()`, e.g. its log's tail) or does not accept within `timeout` s."""
     end = time.time() + timeout
     while time.time() < end:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited early ({proc.returncode}): {' '.join(proc.args)}")
+            raise fail(f"server exited early ({proc.returncode}): {' '.join(proc.args)}\n{detail()}")
         if os.path.exists(path):
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -75,7 +76,7 @@ def wait_socket(path, proc, timeout=60):
             finally:
                 s.close()
         time.sleep(0.05)
-    raise RuntimeError(f"socket {path} did not accept connections within {timeout} s")
+    raise fail(f"socket {path} did not accept connections within {timeout} s: {' '.join(proc.args)}")
 
 
 class Servers:

@@ -86,11 +86,14 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import nbd_bench  # noqa: E402
+from nbd_bench import uri_of  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ORIGIN_SIZE = "1G"
@@ -140,10 +143,6 @@ class CellFailed(Exception):
     """A setup failed; the message says which command and how."""
 
 
-def uri_of(sock):
-    return f"nbd+unix:///?socket={sock}"
-
-
 def tail(path, n=15):
     try:
         with open(path, errors="replace") as f:
@@ -153,22 +152,8 @@ def tail(path, n=15):
 
 
 def wait_socket(path, proc, log, timeout=30):
-    """Wait until the server accepts connections on its Unix socket."""
-    end = time.time() + timeout
-    while time.time() < end:
-        if proc.poll() is not None:
-            raise CellFailed(f"server exited early ({proc.returncode}): {' '.join(proc.args)}\n{tail(log)}")
-        if os.path.exists(path):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                s.connect(path)
-                return
-            except OSError:
-                pass
-            finally:
-                s.close()
-        time.sleep(0.05)
-    raise CellFailed(f"socket {path} did not accept connections within {timeout} s: {' '.join(proc.args)}")
+    """nbd_bench's wait, failing the cell with the server's log tail."""
+    nbd_bench.wait_socket(path, proc, timeout, fail=CellFailed, detail=lambda: tail(log))
 
 
 class Servers:

@@ -415,6 +415,19 @@ impl Engine {
         }
     }
 
+    /// An open cache, a range inside the origin, at most one atomic request.
+    fn check_request(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_open()?;
+        self.check_range(offset, len)?;
+        if len > self.cfg.max_request as u64 {
+            return Err(EngineError::TooLarge {
+                len,
+                max: self.cfg.max_request as u64,
+            });
+        }
+        Ok(())
+    }
+
     fn check_open(&self) -> Result<()> {
         if self.closed.load(Ordering::SeqCst) {
             return Err(EngineError::ShuttingDown);
@@ -824,14 +837,7 @@ impl Engine {
         sink: &mut dyn FnMut(&[IoSlice<'_>]) -> io::Result<()>,
         cached_only: bool,
     ) -> Result<bool> {
-        self.check_open()?;
-        self.check_range(offset, len)?;
-        if len > self.cfg.max_request as u64 {
-            return Err(EngineError::TooLarge {
-                len,
-                max: self.cfg.max_request as u64,
-            });
-        }
+        self.check_request(offset, len)?;
         if len == 0 {
             return sink(&[]).map(|()| true).map_err(EngineError::Transfer);
         }
@@ -1433,14 +1439,7 @@ impl Engine {
     }
 
     fn write_src(&self, offset: u64, len: u64, fua: bool, src: Src<'_>) -> Result<()> {
-        self.check_open()?;
-        self.check_range(offset, len)?;
-        if len > self.cfg.max_request as u64 {
-            return Err(EngineError::TooLarge {
-                len,
-                max: self.cfg.max_request as u64,
-            });
-        }
+        self.check_request(offset, len)?;
         if let Src::Buf(b) = &src {
             debug_assert_eq!(b.len() as u64, len);
         }

@@ -83,29 +83,19 @@ impl FileOrigin {
         let (mut bufs, mut off) = (&mut owned[..], offset);
         io::IoSlice::advance_slices(&mut bufs, 0);
         while !bufs.is_empty() {
-            let n = bufs.len().min(1024) as libc::c_int;
             // SAFETY: `bufs` are valid `iovec`s (IoSlice is ABI-compatible
-            // with iovec) of at most 1024 entries (IOV_MAX); pwritev reads them.
+            // with iovec), at most IOV_MAX of them; pwritev only reads them.
             let rc = unsafe {
                 libc::pwritev(
                     self.file.as_raw_fd(),
                     bufs.as_ptr().cast(),
-                    n,
+                    iov_count(bufs.len()),
                     off as libc::off_t,
                 )
             };
-            match rc {
-                0 => return Err(io::ErrorKind::WriteZero.into()),
-                n if n > 0 => {
-                    io::IoSlice::advance_slices(&mut bufs, n as usize);
-                    off += n as u64;
-                }
-                _ => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
-                }
+            if let Some(n) = moved(rc, io::ErrorKind::WriteZero)? {
+                io::IoSlice::advance_slices(&mut bufs, n);
+                off += n as u64;
             }
         }
         Ok(())
@@ -118,6 +108,28 @@ impl FileOrigin {
                 io::ErrorKind::InvalidInput,
                 format!("origin access {offset}+{len} beyond end {}", self.size),
             )),
+        }
+    }
+}
+
+/// At most IOV_MAX iovecs per call.
+fn iov_count(n: usize) -> libc::c_int {
+    n.min(1024) as libc::c_int
+}
+
+/// What one `preadv`/`pwritev` did: the bytes moved, `None` if a signal
+/// interrupted it, or the error (`at_zero` when it moved nothing).
+fn moved(rc: isize, at_zero: io::ErrorKind) -> io::Result<Option<usize>> {
+    match rc {
+        0 => Err(at_zero.into()),
+        n if n > 0 => Ok(Some(n as usize)),
+        _ => {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                Ok(None)
+            } else {
+                Err(e)
+            }
         }
     }
 }
@@ -151,29 +163,19 @@ impl Origin for FileOrigin {
         let (mut bufs, mut off) = (bufs, offset);
         io::IoSliceMut::advance_slices(&mut bufs, 0);
         while !bufs.is_empty() {
-            let n = bufs.len().min(1024) as libc::c_int;
             // SAFETY: `bufs` are valid, writable `iovec`s (IoSliceMut is
-            // ABI-compatible with iovec) of at most 1024 entries (IOV_MAX).
+            // ABI-compatible with iovec), at most IOV_MAX of them.
             let rc = unsafe {
                 libc::preadv(
                     self.file.as_raw_fd(),
                     bufs.as_ptr().cast(),
-                    n,
+                    iov_count(bufs.len()),
                     off as libc::off_t,
                 )
             };
-            match rc {
-                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-                n if n > 0 => {
-                    io::IoSliceMut::advance_slices(&mut bufs, n as usize);
-                    off += n as u64;
-                }
-                _ => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
-                }
+            if let Some(n) = moved(rc, io::ErrorKind::UnexpectedEof)? {
+                io::IoSliceMut::advance_slices(&mut bufs, n);
+                off += n as u64;
             }
         }
         Ok(())

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use parking_lot::MutexGuard;
 
 use super::{Engine, Filled, Src, Staging};
-use crate::error::{EngineError, Result};
+use crate::error::Result;
 use crate::format::CacheMode;
 use crate::index::ShardIndex;
 use crate::stats::Ctr;
@@ -59,14 +59,7 @@ impl Engine {
         fua: bool,
         source: &mut dyn FnMut(&mut [IoSliceMut<'_>]) -> io::Result<()>,
     ) -> Result<Stage> {
-        self.check_open()?;
-        self.check_range(offset, len)?;
-        if len > self.cfg.max_request as u64 {
-            return Err(EngineError::TooLarge {
-                len,
-                max: self.cfg.max_request as u64,
-            });
-        }
+        self.check_request(offset, len)?;
         let mode = self.mode();
         let bs = self.bs();
         // Partial blocks merge old content (maybe from the origin), and
