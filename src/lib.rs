@@ -10,5 +10,6 @@ pub mod cache;
 pub mod cli;
 pub mod commands;
 pub mod control;
+pub mod export;
 pub mod report;
 pub mod size;

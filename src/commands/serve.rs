@@ -15,7 +15,9 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use pmcache_engine::format::Superblock;
-use pmcache_engine::{Engine, EngineConfig, EngineExport};
+use pmcache_engine::{Engine, EngineConfig};
+
+use crate::export::EngineExport;
 use pmcache_nbd::server::{Server, ServerConfig, ShutdownHandle, DEFAULT_TCP_ADDR};
 use pmcache_origin::FileOrigin;
 use pmcache_pmem::{PersistMode, PmemRegion};

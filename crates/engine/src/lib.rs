@@ -8,7 +8,6 @@
 pub mod check;
 pub mod engine;
 pub mod error;
-pub mod export;
 pub mod format;
 pub mod hooks;
 pub mod index;
@@ -21,7 +20,6 @@ pub mod writeback;
 
 pub use engine::{Engine, EngineConfig, Stage, StagedWrite};
 pub use error::{EngineError, Result};
-pub use export::EngineExport;
 pub use format::{CacheMode, Superblock};
 pub use hooks::HookPoint;
 pub use stats::StatsSnapshot;

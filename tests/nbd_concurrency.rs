@@ -7,7 +7,8 @@
 
 use std::sync::Arc;
 
-use pmcache_engine::{CacheMode, Engine, EngineConfig, EngineExport};
+use pmcache::export::EngineExport;
+use pmcache_engine::{CacheMode, Engine, EngineConfig};
 use pmcache_nbd::{Client, Server, ServerConfig};
 use pmcache_origin::{MemOrigin, Origin};
 use pmcache_pmem::{MapOptions, MappedRegion, PmemRegion, SimRegion};

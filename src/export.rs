@@ -1,23 +1,21 @@
-//! The engine as an NBD export.
+//! The engine as an NBD export: the adapter between the protocol and the
+//! engine, which knows nothing of NBD.
 
 use std::io::{self, IoSlice, IoSliceMut};
 
+use pmcache_engine::{Engine, EngineError, Stage, StagedWrite};
 use pmcache_nbd::export::{
     BlockSizes, Export, ExportError, Extent, PendingWrite, Staged, ZeroFlags,
 };
 
-use crate::engine::{Engine, Stage, StagedWrite};
-use crate::error::EngineError;
-
-impl From<EngineError> for ExportError {
-    fn from(e: EngineError) -> Self {
-        match e {
-            EngineError::OutOfRange { .. } => ExportError::OutOfRange,
-            EngineError::TooLarge { .. } => ExportError::OutOfRange,
-            EngineError::Transfer(e) => ExportError::Transfer(e),
-            EngineError::ShuttingDown => ExportError::Io(io::Error::other("shutting down")),
-            other => ExportError::Io(io::Error::other(other.to_string())),
-        }
+/// What the server's client is told for an engine error.
+fn to_export(e: EngineError) -> ExportError {
+    match e {
+        EngineError::OutOfRange { .. } => ExportError::OutOfRange,
+        EngineError::TooLarge { .. } => ExportError::OutOfRange,
+        EngineError::Transfer(e) => ExportError::Transfer(e),
+        EngineError::ShuttingDown => ExportError::Io(io::Error::other("shutting down")),
+        other => ExportError::Io(io::Error::other(other.to_string())),
     }
 }
 
@@ -50,7 +48,9 @@ impl Export for EngineExport {
         len: u32,
         sink: &mut dyn FnMut(&[IoSlice<'_>]) -> io::Result<()>,
     ) -> Result<(), ExportError> {
-        Ok(self.engine.read_with(offset, len as u64, sink)?)
+        self.engine
+            .read_with(offset, len as u64, sink)
+            .map_err(to_export)
     }
 
     fn try_read(
@@ -62,7 +62,7 @@ impl Export for EngineExport {
         match self.engine.try_read_cached(offset, len as u64, sink) {
             Ok(true) => Some(Ok(())),
             Ok(false) => None,
-            Err(e) => Some(Err(e.into())),
+            Err(e) => Some(Err(to_export(e))),
         }
     }
 
@@ -76,14 +76,16 @@ impl Export for EngineExport {
         if self.read_only {
             return Err(ExportError::ReadOnly);
         }
-        Ok(self.engine.write_with(offset, len as u64, fua, source)?)
+        self.engine
+            .write_with(offset, len as u64, fua, source)
+            .map_err(to_export)
     }
 
     fn write_from(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), ExportError> {
         if self.read_only {
             return Err(ExportError::ReadOnly);
         }
-        Ok(self.engine.write(offset, data, fua)?)
+        self.engine.write(offset, data, fua).map_err(to_export)
     }
 
     fn stage_write(
@@ -96,12 +98,14 @@ impl Export for EngineExport {
         if self.read_only {
             return Err(ExportError::ReadOnly);
         }
-        Ok(
-            match self.engine.stage_write(offset, len as u64, fua, source)? {
-                Stage::Staged(w) => Staged::Pending(w),
-                Stage::WouldWait => Staged::WouldWait,
-            },
-        )
+        let stage = self
+            .engine
+            .stage_write(offset, len as u64, fua, source)
+            .map_err(to_export)?;
+        Ok(match stage {
+            Stage::Staged(w) => Staged::Pending(Box::new(Pending(w))),
+            Stage::WouldWait => Staged::WouldWait,
+        })
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<(), ExportError> {
@@ -109,22 +113,24 @@ impl Export for EngineExport {
             return Err(ExportError::ReadOnly);
         }
         // Zeroing is a metadata-only write in the cache: always fast.
-        Ok(self.engine.write_zeroes(offset, len, flags.fua)?)
+        self.engine
+            .write_zeroes(offset, len, flags.fua)
+            .map_err(to_export)
     }
 
     fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), ExportError> {
         if self.read_only {
             return Err(ExportError::ReadOnly);
         }
-        Ok(self.engine.trim(offset, len, fua)?)
+        self.engine.trim(offset, len, fua).map_err(to_export)
     }
 
     fn flush(&self) -> Result<(), ExportError> {
-        Ok(self.engine.flush()?)
+        self.engine.flush().map_err(to_export)
     }
 
     fn cache(&self, offset: u64, len: u64) -> Result<(), ExportError> {
-        Ok(self.engine.prefetch(offset, len)?)
+        self.engine.prefetch(offset, len).map_err(to_export)
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Option<Result<Vec<Extent>, ExportError>> {
@@ -133,12 +139,15 @@ impl Export for EngineExport {
     }
 }
 
-impl PendingWrite for StagedWrite {
+/// A staged engine write, as the server's pending write.
+struct Pending(Box<StagedWrite>);
+
+impl PendingWrite for Pending {
     fn commit(self: Box<Self>) -> Result<(), ExportError> {
-        Ok(StagedWrite::commit(*self)?)
+        StagedWrite::commit(*self.0).map_err(to_export)
     }
 
     fn commit_is_quick(&self) -> bool {
-        StagedWrite::commit_is_quick(self)
+        self.0.commit_is_quick()
     }
 }
