@@ -2,6 +2,7 @@
 //! stats/flush, damaged caches, and `serve` (defaults, signals, locking,
 //! control socket, metrics). Every server is started by these tests, on
 //! loopback, and stopped by PID with bounded waits.
+#![allow(clippy::unwrap_used)] // tests and benchmarks may panic on failure
 
 mod common;
 
@@ -223,10 +224,8 @@ fn locked_cache_is_refused() {
     // Hold the lock the way a server does.
     let f = std::fs::File::open(&cache).unwrap();
     // SAFETY: flock on our own descriptor.
-    assert_eq!(
-        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
-        0
-    );
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    assert_eq!(rc, 0);
     let c = d.s("c.pmem");
     let o_ = d.s("o.img");
     let port = format!("127.0.0.1:{}", free_port());

@@ -7,6 +7,7 @@
 //! /dev/shm directories or on a free loopback port; cache files live in
 //! /dev/shm and are opened with --assume-pmem. A missing tool fails the test
 //! and names the Debian package to install.
+#![allow(clippy::unwrap_used)] // tests and benchmarks may panic on failure
 
 #[path = "common/nbd.rs"]
 mod nbd;

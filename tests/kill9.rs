@@ -5,6 +5,7 @@
 //! must hold exactly the acknowledged data.
 //!
 //! Reproduce a run with PMCACHE_KILL9_SEED=<seed> (printed at the start).
+#![allow(clippy::unwrap_used)] // tests and benchmarks may panic on failure
 
 mod common;
 

@@ -4,6 +4,7 @@
 //! (partial blocks), and reads, in writeback mode on (simulated) pmem, in
 //! msync mode, and in writethrough mode. Every request stays atomic, and
 //! what each thread wrote last to its own blocks is what is read back.
+#![allow(clippy::unwrap_used)] // tests and benchmarks may panic on failure
 
 use std::sync::Arc;
 

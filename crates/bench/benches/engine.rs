@@ -20,6 +20,7 @@
 //! section name) so that anonymous memory measured in one is not disturbed
 //! by another. Every figure is the median over rounds; within a round the
 //! engine and its peers run back to back, so machine noise hits all alike.
+#![allow(clippy::unwrap_used)] // tests and benchmarks may panic on failure
 
 use std::hint::black_box;
 use std::path::{Path, PathBuf};

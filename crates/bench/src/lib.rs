@@ -145,7 +145,7 @@ impl Rng {
 /// Median of a non-empty list.
 pub fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
-    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    s.sort_by(f64::total_cmp);
     let n = s.len();
     assert!(n > 0, "median of nothing");
     if n % 2 == 1 {

@@ -1068,7 +1068,8 @@ impl Engine {
         let mut filled: Vec<NewBlock> = Vec::new();
         let mut unslotted: Vec<u64> = Vec::new();
         if promote {
-            for sh in self.shards_of(missing[0], *missing.last().unwrap()) {
+            let (first, last) = (missing[0], missing[missing.len() - 1]);
+            for sh in self.shards_of(first, last) {
                 let mine: Vec<u64> = missing
                     .iter()
                     .copied()

@@ -256,8 +256,9 @@ impl Superblock {
         if b.len() < SB_SIZE || b[0..8] != MAGIC {
             return Err(SbError::Magic);
         }
-        let u32at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
-        let u64at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+        // In bounds: `b` holds at least SB_SIZE bytes (checked above).
+        let u32at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        let u64at = |o: usize| u64::from_le_bytes(std::array::from_fn(|i| b[o + i]));
         let version = u32at(8);
         if version != VERSION {
             return Err(SbError::Version(version));

@@ -15,6 +15,7 @@
 //!
 //! `PMCACHE_CRASH_IMAGES=N` sets the total number of images (default
 //! 20,000). A violation prints the seed; `PMCACHE_SEED=<seed>` replays it.
+#![allow(clippy::unwrap_used)] // tests and benchmarks may panic on failure
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;

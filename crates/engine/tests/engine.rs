@@ -1,5 +1,6 @@
 //! Engine behaviour: data paths, modes, writeback, origin failures,
 //! concurrency, restart and corruption handling.
+#![allow(clippy::unwrap_used)] // tests and benchmarks may panic on failure
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

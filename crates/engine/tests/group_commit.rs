@@ -1,4 +1,5 @@
 //! Msync mode (a cache file on a disk): concurrent writers share msyncs.
+#![allow(clippy::unwrap_used)] // tests and benchmarks may panic on failure
 
 use std::sync::Arc;
 

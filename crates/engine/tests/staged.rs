@@ -1,6 +1,7 @@
 //! Writes in two halves (`stage_write` + `commit`): the first half never
 //! waits, holds the blocks between the halves, and writes nothing unless
 //! committed; a commit is as durable as a one-call write.
+#![allow(clippy::unwrap_used)] // tests and benchmarks may panic on failure
 
 use std::io::IoSliceMut;
 use std::sync::Arc;

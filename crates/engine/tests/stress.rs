@@ -12,6 +12,7 @@
 //! a miss's origin read and its publish, where the stale-fill race lived.
 //!
 //! `PMCACHE_STRESS_MS` sets the time per mode (default 1,500 ms).
+#![allow(clippy::unwrap_used)] // tests and benchmarks may panic on failure
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

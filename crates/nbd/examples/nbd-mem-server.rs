@@ -6,6 +6,7 @@
 //!                [--description TEXT]
 //! ```
 //! SIZE accepts K, M, G suffixes (powers of 1024). It serves until killed.
+#![allow(clippy::unwrap_used)] // tests and benchmarks may panic on failure
 
 use std::process::ExitCode;
 use std::sync::Arc;

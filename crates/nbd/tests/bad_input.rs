@@ -1,6 +1,7 @@
 //! Bad input over raw sockets (contract §7): each case gets the protocol's
 //! error reply or the end of that one connection; nothing is written for a
 //! rejected request, and a second connection keeps working throughout.
+#![allow(clippy::unwrap_used)] // tests and benchmarks may panic on failure
 
 mod common;
 

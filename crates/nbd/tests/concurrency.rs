@@ -2,6 +2,7 @@
 //! write that waits (for space, the origin, a persistence call) blocks
 //! neither reads nor other writes behind it, replies come out of order, and
 //! clients that leave, flood or reuse handles end only their own connection.
+#![allow(clippy::unwrap_used)] // tests and benchmarks may panic on failure
 
 mod common;
 

@@ -5,6 +5,7 @@
 //! (swap that one function to test another server), and our client against
 //! real servers (nbdkit, qemu-nbd). A missing tool fails the test with the
 //! package to install.
+#![allow(clippy::unwrap_used)] // tests and benchmarks may panic on failure
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! Wire-format tests: encoders round-trip through the parsers, parsers
 //! reject truncated and garbage input, and no input makes them panic.
+#![allow(clippy::unwrap_used)] // tests and benchmarks may panic on failure
 
 use pmcache_nbd::proto::*;
 use pmcache_nbd::{BlockSizes, Extent};

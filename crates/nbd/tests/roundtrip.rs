@@ -1,5 +1,6 @@
 //! Our client against our server: data round trips, splitting, concurrency,
 //! out-of-order replies, errors, URIs and graceful shutdown.
+#![allow(clippy::unwrap_used)] // tests and benchmarks may panic on failure
 
 mod common;
 

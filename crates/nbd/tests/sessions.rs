@@ -4,6 +4,7 @@
 //! connection. None may panic or hang it, and afterwards the server still
 //! serves a well-behaved client correctly. Also: a panicking export only
 //! ends its own connection.
+#![allow(clippy::unwrap_used)] // tests and benchmarks may panic on failure
 
 mod common;
 

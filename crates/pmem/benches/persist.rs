@@ -10,6 +10,7 @@
 //! The source is always hot. Each figure is the median of many short rounds
 //! (about 2 MiB copied each), the variants interleaved within a round so
 //! machine noise hits all alike.
+#![allow(clippy::unwrap_used)] // tests and benchmarks may panic on failure
 
 use pmcache_pmem::flush::{self, FlushKind, NtIsa, NT_THRESHOLD};
 use pmcache_pmem::hash;

@@ -342,9 +342,9 @@ mod imp {
     /// available on this CPU.
     pub(super) unsafe fn flush_lines(kind: FlushKind, first: *const u8, lines: usize) {
         // One loop per instruction so the match is outside the hot loop.
-        // SAFETY (all three): the caller guarantees every flushed address
-        // is mapped and the instruction exists; a flush changes no data.
         // Not `nomem`: the compiler must not move stores past the flush.
+        // SAFETY: (all three) the caller guarantees every flushed address
+        // is mapped and the instruction exists; a flush changes no data.
         unsafe {
             match kind {
                 FlushKind::Clwb => {

@@ -131,16 +131,19 @@ pub fn xxh3_64(data: &[u8]) -> u64 {
 /// [`xxh3_64`] with a chosen variant (xxhash-rust if it is unavailable).
 pub(crate) fn xxh3_64_with(v: Variant, data: &[u8]) -> u64 {
     if data.len() > MID_SIZE_MAX && v.available() {
-        // SAFETY: `v` runs on this CPU (checked); the input is longer than
-        // one stripe, as the long path needs; the null destination is never
-        // written without COPY.
         match v {
             #[cfg(target_arch = "x86_64")]
             Variant::Avx512 => {
-                return unsafe { x86::avx512::long::<false>(data, std::ptr::null_mut()) }
+                // SAFETY: `v` runs on this CPU (checked); the input is longer
+                // than one stripe, as the long path needs; the null
+                // destination is never written without COPY.
+                return unsafe { x86::avx512::long::<false>(data, std::ptr::null_mut()) };
             }
             #[cfg(target_arch = "x86_64")]
-            Variant::Avx2 => return unsafe { x86::long_avx2::<false>(data, std::ptr::null_mut()) },
+            Variant::Avx2 => {
+                // SAFETY: as for AVX-512 above.
+                return unsafe { x86::long_avx2::<false>(data, std::ptr::null_mut()) };
+            }
             _ => {}
         }
     }
@@ -183,14 +186,15 @@ pub(crate) unsafe fn copy_nt_hash_with(v: Variant, dst: *mut u8, src: &[u8]) -> 
     {
         return None;
     }
-    // SAFETY: the caller guarantees `dst` is writable for `len` bytes and
-    // exclusive; it is 64-aligned and `len` is a whole number of stripes
-    // (checked above), as the streaming loops require; `v` runs on this CPU
-    // (checked).
     match v {
         #[cfg(target_arch = "x86_64")]
+        // SAFETY: the caller guarantees `dst` is writable for `len` bytes
+        // and exclusive; it is 64-aligned and `len` is a whole number of
+        // stripes (checked above), as the streaming loops require; `v` runs
+        // on this CPU (checked).
         Variant::Avx512 => Some(unsafe { x86::avx512::long::<true>(src, dst) }),
         #[cfg(target_arch = "x86_64")]
+        // SAFETY: as for AVX-512 above.
         Variant::Avx2 => Some(unsafe { x86::long_avx2::<true>(src, dst) }),
         _ => None,
     }

@@ -1,5 +1,6 @@
 //! MappedRegion on real files: modes, errors that name the path, msync
 //! persistence across reopen, fence counting.
+#![allow(clippy::unwrap_used)] // tests and benchmarks may panic on failure
 
 use pmcache_pmem::flush::FlushKind;
 use pmcache_pmem::{MapOptions, MappedRegion, PersistMode, PmemError, PmemRegion};

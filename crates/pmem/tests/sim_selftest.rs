@@ -5,6 +5,7 @@
 //! an 8-byte commit word at offset 0 is set to the record's sequence number.
 //! Recovery reads the commit word; the record it names must hold exactly
 //! that record's content, and no acknowledged record may be lost.
+#![allow(clippy::unwrap_used)] // tests and benchmarks may panic on failure
 
 use pmcache_pmem::sim::{self, CrashConfig, CrashImage, CrashReport};
 use pmcache_pmem::{PmemRegion, SimRegion};
