@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use pmcache_engine::CacheMode;
 
 use crate::commands;
-use crate::size::{parse_block_size, parse_size};
+use crate::size::{parse_block_size, parse_size, parse_size_or_zero};
 
 /// Where `serve` keeps its files when run without arguments.
 pub const DEFAULT_DIR: &str = "pmcache-data";
@@ -146,7 +146,7 @@ pub struct ServeArgs {
     /// A sequential stream of reads or writes that has moved this much goes
     /// around the cache from then on (as bcache's sequential_cutoff): its
     /// misses are not cached and its writes go to the origin. 0 turns it off
-    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "4MiB")]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_or_zero, default_value = "4MiB")]
     pub sequential_cutoff: u64,
 }
 

@@ -42,6 +42,15 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok(bytes)
 }
 
+/// A SIZE where 0 means "off" (e.g. `--sequential-cutoff 0`).
+pub fn parse_size_or_zero(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    if !t.is_empty() && t.bytes().all(|b| b == b'0') {
+        return Ok(0);
+    }
+    parse_size(s)
+}
+
 /// Parse a cache block size: a SIZE that is a power of two from 512 to 64 KiB.
 pub fn parse_block_size(s: &str) -> Result<u32, String> {
     let n = parse_size(s)?;
@@ -79,6 +88,16 @@ pub fn human(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_is_a_size_only_where_it_means_off() {
+        assert_eq!(parse_size_or_zero("0"), Ok(0));
+        assert_eq!(parse_size_or_zero("000"), Ok(0));
+        assert_eq!(parse_size_or_zero("4MiB"), Ok(4 << 20));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size_or_zero("0x").is_err());
+        assert!(parse_size_or_zero("").is_err());
+    }
 
     #[test]
     fn accepts_suffixes() {
