@@ -112,6 +112,7 @@ pub fn package_of(tool: &str) -> &'static str {
         "nbdsh" => "python3-libnbd",
         "nbdkit" => "nbdkit",
         "fio" => "fio",
+        "certtool" | "psktool" => "gnutls-bin",
         "fusermount3" => "fuse3",
         "losetup" | "mount" | "umount" => "mount",
         "mkfs.ext4" | "fsck.ext4" | "e2fsck" | "debugfs" => "e2fsprogs",

@@ -1,0 +1,529 @@
+//! TLS (NBD_OPT_STARTTLS) of the real `pmcache serve` with GnuTLS-based
+//! clients (libnbd's nbdinfo, nbdcopy and Python binding): X.509 and PSK
+//! credentials made here with certtool and psktool, `--tls require`, and
+//! each way a client can be refused. A refused client ends only its own
+//! connection (a TLS client connected meanwhile keeps working) and writes
+//! nothing (the export is unchanged afterwards).
+
+#[path = "common/nbd.rs"]
+mod nbd;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nbd::*;
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(90);
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// A certtool template file.
+fn template(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, body).unwrap();
+    p
+}
+
+fn certtool(args: &[&str]) {
+    run_ok("certtool", args, T);
+}
+
+/// A CA in `dir` (ca-key.pem, ca-cert.pem).
+fn make_ca(dir: &Path, cn: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    let t = template(
+        dir,
+        "ca.info",
+        &format!("cn = {cn}\nca\ncert_signing_key\n"),
+    );
+    certtool(&[
+        "--generate-privkey",
+        "--outfile",
+        &s(&dir.join("ca-key.pem")),
+    ]);
+    certtool(&[
+        "--generate-self-signed",
+        "--load-privkey",
+        &s(&dir.join("ca-key.pem")),
+        "--template",
+        &s(&t),
+        "--outfile",
+        &s(&dir.join("ca-cert.pem")),
+    ]);
+}
+
+/// A key and a certificate signed by the CA in `ca` (`{role}-key.pem`,
+/// `{role}-cert.pem` in `out`), with `ca-cert.pem` copied beside them: the
+/// layout nbdkit, qemu and libnbd read.
+fn make_cert(ca: &Path, out: &Path, role: &str, cn: &str) {
+    std::fs::create_dir_all(out).unwrap();
+    let usage = if role == "server" {
+        "dns_name = localhost\nip_address = 127.0.0.1\ntls_www_server\n"
+    } else {
+        "tls_www_client\n"
+    };
+    let t = template(
+        out,
+        &format!("{role}.info"),
+        &format!("organization = pmcache test\ncn = {cn}\n{usage}encryption_key\nsigning_key\n"),
+    );
+    let key = out.join(format!("{role}-key.pem"));
+    certtool(&["--generate-privkey", "--outfile", &s(&key)]);
+    certtool(&[
+        "--generate-certificate",
+        "--load-ca-certificate",
+        &s(&ca.join("ca-cert.pem")),
+        "--load-ca-privkey",
+        &s(&ca.join("ca-key.pem")),
+        "--load-privkey",
+        &s(&key),
+        "--template",
+        &s(&t),
+        "--outfile",
+        &s(&out.join(format!("{role}-cert.pem"))),
+    ]);
+    std::fs::copy(ca.join("ca-cert.pem"), out.join("ca-cert.pem")).unwrap();
+}
+
+/// A psktool key file for `user`.
+fn make_psk(file: &Path, user: &str) {
+    run_ok("psktool", &["-u", user, "-p", &s(file)], T);
+}
+
+/// A pmcache server over a sparse origin with these TLS arguments.
+fn tls_server(dir: &TempDir, listen: Listen, tls: &[&str]) -> ServerGuard {
+    let origin = dir.join("origin.img");
+    std::fs::File::create(&origin)
+        .unwrap()
+        .set_len(16 * MIB as u64)
+        .unwrap();
+    launch(&ServerKind::Pmcache {
+        cache: dir.join("cache.pmem"),
+        cache_size: Some("32M".into()),
+        origin: Some(s(&origin)),
+        listen,
+        extra: tls.iter().map(|a| a.to_string()).collect(),
+    })
+}
+
+/// The `nbds` URI of a server with TLS query parameters appended; `user`
+/// is the PSK identity (libnbd takes it from the URI's user part).
+fn nbds_user(srv: &ServerGuard, user: &str, query: &str) -> String {
+    let at = if user.is_empty() {
+        String::new()
+    } else {
+        format!("{user}@")
+    };
+    match &srv.endpoint {
+        Endpoint::Unix(p) => format!("nbds+unix://{at}/?socket={}&{query}", p.display()),
+        Endpoint::Tcp(port) => format!("nbds://{at}127.0.0.1:{port}/?{query}"),
+    }
+}
+
+fn nbds(srv: &ServerGuard, query: &str) -> String {
+    nbds_user(srv, "", query)
+}
+
+fn nbdinfo_json(uri: &str) -> Value {
+    let out = run_ok("nbdinfo", &["--json", uri], T);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("nbdinfo --json: {e}: {out}"))
+}
+
+/// Copy `data` into the export and back out with nbdcopy; both must match.
+fn nbdcopy_round_trip(dir: &TempDir, uri: &str, data: &[u8]) {
+    let src = dir.join("src.img");
+    std::fs::write(&src, data).unwrap();
+    run_ok("nbdcopy", &["--flush", &s(&src), uri], T);
+    let out = dir.join("out.img");
+    run_ok("nbdcopy", &[uri, &s(&out)], T);
+    assert_same(
+        &std::fs::read(&out).unwrap(),
+        data,
+        "nbdcopy round trip over TLS",
+    );
+}
+
+#[test]
+fn x509_require_nbdinfo_and_nbdcopy_over_tcp() {
+    let dir = TempDir::new();
+    let ca = dir.join("ca");
+    make_ca(&ca, "pmcache test CA");
+    let pki = dir.join("pki");
+    make_cert(&ca, &pki, "server", "localhost");
+    let cli = dir.join("cli");
+    make_cert(&ca, &cli, "client", "alice");
+    let srv = tls_server(
+        &dir,
+        Listen::Tcp,
+        &["--tls", "require", "--tls-certificates", &s(&pki)],
+    );
+    let uri = nbds(&srv, &format!("tls-certificates={}", s(&cli)));
+    let info = nbdinfo_json(&uri);
+    assert_eq!(info["TLS"], Value::Bool(true), "{info}");
+    assert_eq!(info["exports"][0]["export-size"], 16 * MIB, "{info}");
+    nbdcopy_round_trip(&dir, &uri, &pattern(3, 16 * MIB));
+    srv.stop();
+}
+
+#[test]
+fn psk_require_nbdinfo_and_nbdcopy_over_a_unix_socket() {
+    let dir = TempDir::new();
+    let keys = dir.join("keys.psk");
+    make_psk(&keys, "alice");
+    let srv = tls_server(
+        &dir,
+        Listen::Unix,
+        &["--tls", "require", "--tls-psk", &s(&keys)],
+    );
+    let uri = nbds_user(&srv, "alice", &format!("tls-psk-file={}", s(&keys)));
+    let info = nbdinfo_json(&uri);
+    assert_eq!(info["TLS"], Value::Bool(true), "{info}");
+    nbdcopy_round_trip(&dir, &uri, &pattern(4, 16 * MIB));
+    srv.stop();
+}
+
+// ---------------------------------------------------------------------------
+// Refusals
+// ---------------------------------------------------------------------------
+
+/// A libnbd (Python) client that stays connected across a refusal: it
+/// writes 1 MiB of 0x5a at 0, says so, waits for `go`, then must still read
+/// it back and write 4 KiB of 0xa5 after it. Prints OK when all of that
+/// worked on its one connection.
+const STAYER: &str = r#"
+import nbd, os, sys, time
+uri, ready, go = sys.argv[1:4]
+h = nbd.NBD()
+h.set_uri_allow_local_file(True)
+h.connect_uri(uri)
+buf = b"\x5a" * 1048576
+h.pwrite(buf, 0)
+h.flush()
+open(ready, "w").close()
+t = time.time()
+while not os.path.exists(go):
+    if time.time() - t > 60:
+        sys.exit("no go")
+    time.sleep(0.02)
+assert h.pread(1048576, 0) == buf
+h.pwrite(b"\xa5" * 4096, 1048576)
+h.flush()
+h.shutdown()
+print("OK")
+"#;
+
+/// Run `refused` (which must fail) while a good TLS client (`good_uri`) is
+/// connected; then that client must finish its work, and the whole export
+/// must hold exactly what it wrote: the refused client wrote nothing.
+fn refusal(dir: &TempDir, srv: &ServerGuard, good_uri: &str, refused: impl FnOnce()) {
+    let script = dir.join("stayer.py");
+    std::fs::write(&script, STAYER).unwrap();
+    let (ready, go) = (dir.join("ready"), dir.join("go"));
+    let mut stayer = Proc::spawn(
+        &require_tool("python3"),
+        &[s(&script), good_uri.to_string(), s(&ready), s(&go)],
+        dir.join("stayer.log"),
+        &[],
+    );
+    let start = std::time::Instant::now();
+    while !ready.exists() {
+        assert!(
+            stayer.exited().is_none() && start.elapsed() < T,
+            "the good client did not get going: {}",
+            stayer.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    refused();
+    std::fs::write(&go, b"").unwrap();
+    let status = stayer.wait_exit(T).expect("the good client finishes");
+    assert!(
+        status.success() && stayer.log_text().contains("OK"),
+        "the good client's connection did not survive the refusal ({status}): {}\nserver log:\n{}",
+        stayer.log_text(),
+        srv.log_text()
+    );
+    let out = dir.join("after.img");
+    run_ok("nbdcopy", &[good_uri, &s(&out)], T);
+    let mut want = vec![0u8; 16 * MIB];
+    want[..MIB].fill(0x5a);
+    want[MIB..MIB + 4096].fill(0xa5);
+    assert_same(
+        &std::fs::read(&out).unwrap(),
+        &want,
+        "export after a refusal",
+    );
+}
+
+/// nbdcopy of a 0xee image into `uri`, which must fail.
+fn refused_copy(dir: &TempDir, uri: &str) -> String {
+    let src = dir.join("evil.img");
+    std::fs::write(&src, vec![0xeeu8; 16 * MIB]).unwrap();
+    let out = run_tool("nbdcopy", &[&s(&src), uri], T);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "nbdcopy into {uri} was let in: {err}"
+    );
+    err
+}
+
+/// A PSK server (`--tls require`, identities alice and carol, only `allow`
+/// let in when given) and the good client's URI.
+fn psk_setup(dir: &TempDir, allow: &[&str]) -> (ServerGuard, String) {
+    let keys = dir.join("keys.psk");
+    make_psk(&keys, "alice");
+    make_psk(&keys, "carol");
+    let mut args = vec!["--tls", "require", "--tls-psk", keys.to_str().unwrap()];
+    for a in allow {
+        args.extend(["--tls-allow", a]);
+    }
+    let srv = tls_server(dir, Listen::Unix, &args);
+    let good = nbds_user(&srv, "alice", &format!("tls-psk-file={}", s(&keys)));
+    (srv, good)
+}
+
+fn assert_logged(srv: &ServerGuard, what: &str) {
+    let log = srv.log_text();
+    assert!(log.contains(what), "server log lacks {what:?}:\n{log}");
+}
+
+/// The greeting, then the client flags (fixed newstyle, no zeroes).
+fn raw_start(sock: &Path) -> UnixStream {
+    let mut c = UnixStream::connect(sock).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut g = [0u8; 18];
+    c.read_exact(&mut g).unwrap();
+    assert_eq!(&g[..8], b"NBDMAGIC");
+    c.write_all(&3u32.to_be_bytes()).unwrap();
+    c
+}
+
+fn raw_option(c: &mut UnixStream, opt: u32, data: &[u8]) -> (u32, Vec<u8>) {
+    let mut m = b"IHAVEOPT".to_vec();
+    m.extend(opt.to_be_bytes());
+    m.extend((data.len() as u32).to_be_bytes());
+    m.extend(data);
+    c.write_all(&m).unwrap();
+    let mut h = [0u8; 20];
+    c.read_exact(&mut h).unwrap();
+    assert_eq!(
+        u64::from_be_bytes(h[..8].try_into().unwrap()),
+        0x3e889045565a9
+    );
+    assert_eq!(u32::from_be_bytes(h[8..12].try_into().unwrap()), opt);
+    let ty = u32::from_be_bytes(h[12..16].try_into().unwrap());
+    let mut d = vec![0u8; u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize];
+    c.read_exact(&mut d).unwrap();
+    (ty, d)
+}
+
+const REP_ACK: u32 = 1;
+const REP_ERR_TLS_REQD: u32 = 0x8000_0005;
+const OPT_GO: u32 = 7;
+const OPT_STARTTLS: u32 = 5;
+
+/// The stream ends (EOF or reset) within the read timeout.
+fn assert_ends(c: &mut UnixStream) {
+    let mut b = [0u8; 4096];
+    loop {
+        match c.read(&mut b) {
+            Ok(0) => return,
+            Ok(_) => {} // a TLS alert
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+            Err(e) => panic!("the connection did not end: {e}"),
+        }
+    }
+}
+
+#[test]
+fn refused_plain_client_against_require_gets_tls_required() {
+    let dir = TempDir::new();
+    let (srv, good) = psk_setup(&dir, &[]);
+    refusal(&dir, &srv, &good, || {
+        // libnbd without TLS: refused.
+        let err = refused_copy(&dir, &srv.uri());
+        assert!(!err.is_empty());
+        // On the wire: GO and INFO get the TLS-required error, and the
+        // connection stays usable for STARTTLS.
+        let mut c = raw_start(srv.socket());
+        let go = [0u8, 0, 0, 0, 0, 0];
+        assert_eq!(raw_option(&mut c, OPT_GO, &go).0, REP_ERR_TLS_REQD);
+        assert_eq!(raw_option(&mut c, 6, &go).0, REP_ERR_TLS_REQD);
+        assert_eq!(raw_option(&mut c, 3, &[]).0, REP_ERR_TLS_REQD);
+        assert_eq!(raw_option(&mut c, OPT_STARTTLS, &[]).0, REP_ACK);
+    });
+    srv.stop();
+}
+
+#[test]
+fn refused_wrong_psk() {
+    let dir = TempDir::new();
+    let (srv, good) = psk_setup(&dir, &[]);
+    refusal(&dir, &srv, &good, || {
+        let wrong = dir.join("wrong.psk");
+        std::fs::write(&wrong, format!("alice:{}\n", "0f".repeat(32))).unwrap();
+        refused_copy(
+            &dir,
+            &nbds_user(&srv, "alice", &format!("tls-psk-file={}", s(&wrong))),
+        );
+    });
+    assert_logged(&srv, "handshake failed");
+    srv.stop();
+}
+
+#[test]
+fn refused_unknown_psk_identity_and_one_not_allowed() {
+    let dir = TempDir::new();
+    let (srv, good) = psk_setup(&dir, &["alice"]);
+    refusal(&dir, &srv, &good, || {
+        let other = dir.join("bob.psk");
+        make_psk(&other, "bob");
+        refused_copy(
+            &dir,
+            &nbds_user(&srv, "bob", &format!("tls-psk-file={}", s(&other))),
+        );
+        // carol is in the key file but not in the allow list.
+        let keys = dir.join("keys.psk");
+        refused_copy(
+            &dir,
+            &nbds_user(&srv, "carol", &format!("tls-psk-file={}", s(&keys))),
+        );
+    });
+    assert_logged(&srv, "handshake failed");
+    srv.stop();
+}
+
+#[test]
+fn refused_client_certificate_from_another_ca() {
+    let dir = TempDir::new();
+    let ca = dir.join("ca");
+    make_ca(&ca, "pmcache test CA");
+    let pki = dir.join("pki");
+    make_cert(&ca, &pki, "server", "localhost");
+    let cli = dir.join("cli");
+    make_cert(&ca, &cli, "client", "alice");
+    // A client certificate of another CA (the client trusts the real one).
+    let evil_ca = dir.join("evil-ca");
+    make_ca(&evil_ca, "another CA");
+    let evil = dir.join("evil");
+    make_cert(&evil_ca, &evil, "client", "alice");
+    std::fs::copy(ca.join("ca-cert.pem"), evil.join("ca-cert.pem")).unwrap();
+    // bob's certificate is from the right CA but not in the allow list.
+    let bob = dir.join("bob");
+    make_cert(&ca, &bob, "client", "bob");
+    let srv = tls_server(
+        &dir,
+        Listen::Unix,
+        &[
+            "--tls",
+            "require",
+            "--tls-certificates",
+            &s(&pki),
+            "--tls-verify-peer",
+            "--tls-allow",
+            "alice",
+        ],
+    );
+    let good = nbds(&srv, &format!("tls-certificates={}", s(&cli)));
+    refusal(&dir, &srv, &good, || {
+        refused_copy(&dir, &nbds(&srv, &format!("tls-certificates={}", s(&evil))));
+        refused_copy(&dir, &nbds(&srv, &format!("tls-certificates={}", s(&bob))));
+        // No client certificate at all.
+        let none = dir.join("none");
+        std::fs::create_dir_all(&none).unwrap();
+        std::fs::copy(ca.join("ca-cert.pem"), none.join("ca-cert.pem")).unwrap();
+        refused_copy(&dir, &nbds(&srv, &format!("tls-certificates={}", s(&none))));
+    });
+    assert_logged(&srv, "handshake failed");
+    assert_logged(&srv, "not in the TLS allow list");
+    srv.stop();
+}
+
+#[test]
+fn refused_garbage_after_starttls() {
+    let dir = TempDir::new();
+    let (srv, good) = psk_setup(&dir, &[]);
+    refusal(&dir, &srv, &good, || {
+        let mut c = raw_start(srv.socket());
+        assert_eq!(raw_option(&mut c, OPT_STARTTLS, &[]).0, REP_ACK);
+        // Not a TLS ClientHello: an NBD option, then junk.
+        let mut junk = b"IHAVEOPT\0\0\0\x07\0\0\0\x06\0\0\0\0\0\0".to_vec();
+        junk.extend(std::iter::repeat_n(0x41u8, 600));
+        let _ = c.write_all(&junk);
+        assert_ends(&mut c);
+    });
+    assert_logged(&srv, "handshake failed");
+    srv.stop();
+}
+
+#[test]
+fn tls_on_lets_plain_and_tls_clients_in() {
+    let dir = TempDir::new();
+    let keys = dir.join("keys.psk");
+    make_psk(&keys, "alice");
+    let srv = tls_server(&dir, Listen::Unix, &["--tls", "on", "--tls-psk", &s(&keys)]);
+    let tls = nbdinfo_json(&nbds_user(
+        &srv,
+        "alice",
+        &format!("tls-psk-file={}", s(&keys)),
+    ));
+    assert_eq!(tls["TLS"], Value::Bool(true), "{tls}");
+    let plain = nbdinfo_json(&srv.uri());
+    assert_eq!(plain["TLS"], Value::Bool(false), "{plain}");
+    srv.stop();
+}
+
+#[test]
+fn bad_tls_arguments_are_refused_before_anything_is_created() {
+    let dir = TempDir::new();
+    let cache = dir.join("cache.pmem");
+    let origin = dir.join("origin.img");
+    std::fs::write(&origin, vec![0u8; MIB]).unwrap();
+    let pki = dir.join("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    let bad_psk = dir.join("bad.psk");
+    std::fs::write(&bad_psk, "alice:nothex\n").unwrap();
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["--tls", "require"],
+            "needs --tls-certificates DIR or --tls-psk FILE",
+        ),
+        (
+            &["--tls", "on", "--tls-certificates", &s(&pki)],
+            "server-cert.pem is missing",
+        ),
+        (
+            &["--tls", "on", "--tls-psk", &s(&bad_psk)],
+            "line 1: key is not hexadecimal",
+        ),
+        (&["--tls-psk", &s(&bad_psk)], "--tls is off"),
+    ];
+    for (extra, want) in cases {
+        let mut args = vec![
+            "serve",
+            "--cache",
+            cache.to_str().unwrap(),
+            "--cache-size",
+            "8M",
+            "--origin",
+            origin.to_str().unwrap(),
+            "--socket",
+            "/nonexistent/x.sock",
+        ];
+        args.extend(extra);
+        let out = pmcache(&args, T);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(want),
+            "{extra:?}: {err}"
+        );
+        assert!(!err.contains("nothex"), "the key is echoed: {err}");
+        assert!(!cache.exists(), "{extra:?} created the cache");
+    }
+}
