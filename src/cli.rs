@@ -101,7 +101,9 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub cache_size: Option<u64>,
 
-    /// Origin: PATH, file:PATH, nbd://HOST[:PORT]/[EXPORT] or nbd+unix:///[EXPORT]?socket=PATH
+    /// Origin: PATH, file:PATH, nbd://HOST[:PORT]/[EXPORT] or nbd+unix:///[EXPORT]?socket=PATH;
+    /// with TLS nbds:// or nbds+unix:// and libnbd's tls-certificates=DIR, tls-psk-file=FILE
+    /// (identity: nbds://NAME@...), tls-verify-peer=false, tls-hostname=NAME
     /// [default: the origin recorded in the cache; ./pmcache-data/origin.img (1 GiB, created
     /// if missing) for the default cache]
     #[arg(long, value_name = "PATH|URI")]
@@ -207,7 +209,9 @@ pub struct FormatArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub size: Option<u64>,
 
-    /// Origin: PATH, file:PATH, nbd://HOST[:PORT]/[EXPORT] or nbd+unix:///[EXPORT]?socket=PATH
+    /// Origin: PATH, file:PATH, nbd://HOST[:PORT]/[EXPORT] or nbd+unix:///[EXPORT]?socket=PATH;
+    /// with TLS nbds:// or nbds+unix:// and libnbd's tls-certificates=DIR, tls-psk-file=FILE
+    /// (identity: nbds://NAME@...), tls-verify-peer=false, tls-hostname=NAME
     #[arg(long, value_name = "PATH|URI")]
     pub origin: String,
 

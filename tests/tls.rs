@@ -527,3 +527,221 @@ fn bad_tls_arguments_are_refused_before_anything_is_created() {
         assert!(!cache.exists(), "{extra:?} created the cache");
     }
 }
+
+// ---------------------------------------------------------------------------
+// A TLS origin: nbdkit --tls=require
+// ---------------------------------------------------------------------------
+
+/// nbdkit serving `file` with these TLS arguments on the Unix socket `sock`
+/// (a fixed path, so that a restarted nbdkit is the same origin URI).
+fn nbdkit_tls(dir: &TempDir, sock: &Path, file: &Path, tls: &[&str], log: &str) -> Proc {
+    let mut args: Vec<String> = vec![
+        "--foreground".into(),
+        "--exit-with-parent".into(),
+        "--unix".into(),
+        s(sock),
+        "--tls=require".into(),
+    ];
+    args.extend(tls.iter().map(|a| a.to_string()));
+    args.extend(["file".into(), s(file)]);
+    let _ = std::fs::remove_file(sock);
+    let mut p = Proc::spawn(&require_tool("nbdkit"), &args, dir.join(log), &[]);
+    let start = std::time::Instant::now();
+    while UnixStream::connect(sock).is_err() {
+        assert!(
+            p.exited().is_none() && start.elapsed() < T,
+            "nbdkit did not start: {}",
+            p.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    p
+}
+
+fn pmcache_over(dir: &TempDir, origin_uri: &str, extra: &[&str]) -> ServerGuard {
+    launch(&ServerKind::pmcache(
+        &dir.join("cache.pmem"),
+        "8M",
+        origin_uri,
+        extra,
+    ))
+}
+
+#[test]
+fn nbdkit_psk_origin_reconnects_flushes_and_keeps_the_key_secret() {
+    let dir = TempDir::new();
+    let keys = dir.join("keys.psk");
+    make_psk(&keys, "alice");
+    let key_hex = std::fs::read_to_string(&keys).unwrap()[6..]
+        .trim()
+        .to_string();
+    let file = dir.join("origin.img");
+    let mut model = pattern(21, 16 * MIB);
+    std::fs::write(&file, &model).unwrap();
+    let sock = dir.join("k.sock");
+    let tls = format!("--tls-psk={}", s(&keys));
+    let mut k = nbdkit_tls(&dir, &sock, &file, &[&tls], "nbdkit.log");
+    let origin_uri = format!(
+        "nbds+unix://alice@/?socket={}&tls-psk-file={}",
+        s(&sock),
+        s(&keys)
+    );
+
+    // Writeback: misses come over TLS, dirty data goes back with flush.
+    let srv = pmcache_over(&dir, &origin_uri, &[]);
+    assert_same(
+        &run_export_bytes(&dir, &srv.uri()),
+        &model,
+        "TLS origin read through pmcache",
+    );
+    let a = pattern(22, 3 * MIB);
+    write_export(&srv.uri(), &a, 5 * MIB + 7);
+    model[5 * MIB + 7..8 * MIB + 7].copy_from_slice(&a);
+    let log = srv.log_text();
+    srv.stop();
+    pmcache_ok(
+        &[
+            "flush",
+            "--cache",
+            &s(&dir.join("cache.pmem")),
+            "--origin",
+            &origin_uri,
+            "--assume-pmem",
+        ],
+        T,
+    );
+    assert_same(&std::fs::read(&file).unwrap(), &model, "origin after flush");
+
+    // Writethrough, reopening the cache with the origin it recorded; the
+    // origin restarts underneath and pmcache reconnects over TLS.
+    let srv = launch(&ServerKind::pmcache_reopen(
+        &dir.join("cache.pmem"),
+        &["--mode", "writethrough"],
+    ));
+    // nbdkit waits for its TLS clients on SIGTERM: the origin dies instead.
+    k.signal(libc::SIGKILL);
+    let _ = k.wait_exit(T);
+    k = nbdkit_tls(&dir, &sock, &file, &[&tls], "nbdkit2.log");
+    let b = pattern(23, MIB);
+    write_export(&srv.uri(), &b, 12 * MIB);
+    model[12 * MIB..13 * MIB].copy_from_slice(&b);
+    assert_same(
+        &std::fs::read(&file).unwrap(),
+        &model,
+        "origin right after writethrough writes across an origin restart",
+    );
+    let log = log + &srv.log_text();
+    srv.stop();
+    k.signal(libc::SIGKILL);
+    let _ = k.wait_exit(T);
+
+    // No secret in the cache or the logs.
+    let key = decode(&key_hex);
+    let cache = std::fs::read(dir.join("cache.pmem")).unwrap();
+    for (what, hay) in [("cache", &cache[..]), ("server log", log.as_bytes())] {
+        assert!(
+            !contains(hay, key_hex.as_bytes()),
+            "the PSK (hex) is in the {what}"
+        );
+        assert!(!contains(hay, &key), "the PSK is in the {what}");
+    }
+    assert!(
+        contains(&cache, b"tls-psk-file="),
+        "the TLS settings are recorded"
+    );
+}
+
+#[test]
+fn nbdkit_x509_origin_with_a_client_certificate() {
+    let dir = TempDir::new();
+    let ca = dir.join("ca");
+    make_ca(&ca, "pmcache test CA");
+    let pki = dir.join("pki");
+    make_cert(&ca, &pki, "server", "localhost");
+    let cli = dir.join("cli");
+    make_cert(&ca, &cli, "client", "pmcache");
+    let file = dir.join("origin.img");
+    let mut model = pattern(24, 16 * MIB);
+    std::fs::write(&file, &model).unwrap();
+    let sock = dir.join("k.sock");
+    let pki_arg = format!("--tls-certificates={}", s(&pki));
+    let mut k = nbdkit_tls(
+        &dir,
+        &sock,
+        &file,
+        &[&pki_arg, "--tls-verify-peer"],
+        "k.log",
+    );
+    // A client certificate of another CA is refused by nbdkit, and pmcache
+    // says why and creates nothing.
+    let evil_ca = dir.join("evil-ca");
+    make_ca(&evil_ca, "another CA");
+    let evil = dir.join("evil");
+    make_cert(&evil_ca, &evil, "client", "pmcache");
+    std::fs::copy(ca.join("ca-cert.pem"), evil.join("ca-cert.pem")).unwrap();
+    let bad_uri = format!(
+        "nbds+unix:///?socket={}&tls-certificates={}",
+        s(&sock),
+        s(&evil)
+    );
+    let out = pmcache(
+        &[
+            "serve",
+            "--cache",
+            &s(&dir.join("cache.pmem")),
+            "--cache-size",
+            "8M",
+            "--origin",
+            &bad_uri,
+            "--socket",
+            &s(&dir.join("never.sock")),
+        ],
+        T,
+    );
+    assert!(!out.status.success());
+    assert!(!dir.join("cache.pmem").exists());
+
+    let origin_uri = format!(
+        "nbds+unix:///?socket={}&tls-certificates={}",
+        s(&cli),
+        s(&cli)
+    );
+    let origin_uri = origin_uri.replacen(&s(&cli), &s(&sock), 1);
+    let srv = pmcache_over(&dir, &origin_uri, &["--mode", "writethrough"]);
+    let a = pattern(25, 2 * MIB);
+    write_export(&srv.uri(), &a, MIB);
+    model[MIB..3 * MIB].copy_from_slice(&a);
+    assert_same(
+        &run_export_bytes(&dir, &srv.uri()),
+        &model,
+        "export over an X.509 origin",
+    );
+    assert_same(&std::fs::read(&file).unwrap(), &model, "origin file");
+    srv.stop();
+    k.terminate(T);
+}
+
+/// The whole export, read with nbdcopy.
+fn run_export_bytes(dir: &TempDir, uri: &str) -> Vec<u8> {
+    let out = dir.join("export.img");
+    run_ok("nbdcopy", &[uri, &s(&out)], T);
+    std::fs::read(&out).unwrap()
+}
+
+/// Write `data` at `offset` of the export (with our client: plain NBD).
+fn write_export(uri: &str, data: &[u8], offset: usize) {
+    let c = pmcache::nbd::Client::connect(uri).unwrap();
+    c.write(data, offset as u64, false).unwrap();
+    c.flush().unwrap();
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+fn decode(hex: &str) -> Vec<u8> {
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect()
+}

@@ -93,7 +93,7 @@ impl Stream {
                 s.set_write_timeout(t)
             }
             Self::Tls(s) => {
-                s.set_timeout(t);
+                s.set_timeouts(t);
                 Ok(())
             }
         }
@@ -104,7 +104,7 @@ impl Stream {
             Self::Tcp(s) => s.set_write_timeout(t),
             Self::Unix(s) => s.set_write_timeout(t),
             Self::Tls(s) => {
-                s.set_timeout(t);
+                s.set_write_timeout(t);
                 Ok(())
             }
         }

@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 use openssl::error::ErrorStack;
 use openssl::nid::Nid;
 use openssl::ssl::{
-    ErrorCode, Ssl, SslAcceptor, SslContext, SslFiletype, SslMethod, SslOptions, SslStream,
-    SslVerifyMode, SslVersion,
+    ErrorCode, Ssl, SslAcceptor, SslConnector, SslContext, SslFiletype, SslMethod, SslOptions,
+    SslStream, SslVerifyMode, SslVersion,
 };
 use openssl::x509::X509;
 use parking_lot::Mutex;
@@ -259,7 +259,7 @@ impl TlsServer {
                 let allow = cfg.allow.clone();
                 // The intermediate profile has no PSK suites: TLS 1.2 PSK
                 // suites for older peers, TLS 1.3 external PSK otherwise.
-                b.set_cipher_list("ECDHE-PSK-AES256-GCM-SHA384:ECDHE-PSK-AES128-GCM-SHA256:DHE-PSK-AES256-GCM-SHA384:DHE-PSK-AES128-GCM-SHA256:ECDHE-PSK-CHACHA20-POLY1305:DHE-PSK-CHACHA20-POLY1305:PSK-AES256-GCM-SHA384:PSK-AES128-GCM-SHA256")
+                b.set_cipher_list(PSK_CIPHERS)
                     .map_err(|e| ssl_err("PSK cipher list", e))?;
                 b.set_psk_server_callback(move |_ssl, identity, out| {
                     let id = identity.and_then(|i| std::str::from_utf8(i).ok());
@@ -348,6 +348,118 @@ impl TlsServer {
         Ok(TlsStream::new(s, timeout, peer_name))
     }
 }
+
+/// What a client needs for TLS: the libnbd URI's `nbds` scheme and its
+/// `tls-*` query parameters. Holds paths and names only, never a key.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TlsClientConfig {
+    /// `tls-certificates=DIR`: `ca-cert.pem` to verify the server (the
+    /// system's CAs otherwise), `client-cert.pem` + `client-key.pem` when
+    /// the server wants a client certificate.
+    pub certificates: Option<PathBuf>,
+    /// `tls-psk-file=FILE` (psktool format).
+    pub psk_file: Option<PathBuf>,
+    /// The PSK identity: the URI's user, or `tls-username=`.
+    pub username: Option<String>,
+    /// `tls-verify-peer=false` skips verifying the server's certificate.
+    pub verify_peer: bool,
+    /// The name the server's certificate must carry: `tls-hostname=`, or
+    /// the URI's host. None for a Unix socket: the chain alone is checked.
+    pub hostname: Option<String>,
+}
+
+impl TlsClientConfig {
+    /// The client side of a TLS handshake on `plain`, within `timeout`.
+    pub fn connect(&self, plain: Stream, timeout: Option<Duration>) -> io::Result<TlsStream> {
+        let mut b = SslConnector::builder(SslMethod::tls_client()).map_err(io::Error::other)?;
+        let mut peer_name = None;
+        if let Some(file) = &self.psk_file {
+            let keys = PskKeys::load(file)?;
+            let (id, key) = keys.pick(self.username.as_deref()).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "PSK file {}: no key for {}",
+                        file.display(),
+                        match &self.username {
+                            Some(u) => format!("identity {u:?}"),
+                            None => "an unnamed identity (name it: nbds://NAME@...)".into(),
+                        }
+                    ),
+                )
+            })?;
+            let (id, key) = (id.to_string(), key.to_vec());
+            peer_name = Some(id.clone());
+            b.set_cipher_list(PSK_CIPHERS)
+                .map_err(|e| ssl_err("PSK cipher list", e))?;
+            b.set_psk_client_callback(move |_ssl, _hint, id_out, key_out| {
+                if id.len() >= id_out.len() || key.len() > key_out.len() {
+                    return Ok(0);
+                }
+                id_out[..id.len()].copy_from_slice(id.as_bytes());
+                id_out[id.len()] = 0;
+                key_out[..key.len()].copy_from_slice(&key);
+                Ok(key.len())
+            });
+            b.set_verify(SslVerifyMode::NONE);
+        } else {
+            let dir = self.certificates.as_deref();
+            let ca = dir.map(|d| d.join("ca-cert.pem")).filter(|p| p.is_file());
+            match &ca {
+                Some(ca) => b.set_ca_file(ca).map_err(|e| ssl_err(ca.display(), e))?,
+                None => b
+                    .set_default_verify_paths()
+                    .map_err(|e| ssl_err("system CA certificates", e))?,
+            }
+            if let Some(d) = dir {
+                let (cert, key) = (d.join("client-cert.pem"), d.join("client-key.pem"));
+                if cert.is_file() {
+                    require_file(&key)?;
+                    b.set_certificate_chain_file(&cert)
+                        .map_err(|e| ssl_err(cert.display(), e))?;
+                    b.set_private_key_file(&key, SslFiletype::PEM)
+                        .map_err(|e| ssl_err(key.display(), e))?;
+                }
+            }
+            b.set_verify(if self.verify_peer {
+                SslVerifyMode::PEER
+            } else {
+                SslVerifyMode::NONE
+            });
+        }
+        b.set_min_proto_version(Some(SslVersion::TLS1_2))
+            .map_err(|e| ssl_err("TLS", e))?;
+        b.set_options(SslOptions::IGNORE_UNEXPECTED_EOF);
+        let connector = b.build();
+        let mut cfg = connector.configure().map_err(io::Error::other)?;
+        let x509 = self.psk_file.is_none();
+        let host = self
+            .hostname
+            .as_deref()
+            .filter(|_| x509 && self.verify_peer);
+        cfg.set_use_server_name_indication(
+            host.is_some_and(|h| h.parse::<std::net::IpAddr>().is_err()),
+        );
+        cfg.set_verify_hostname(host.is_some());
+        let ssl = cfg.into_ssl(host.unwrap_or("")).map_err(io::Error::other)?;
+        let mut s = SslStream::new(ssl, Plain(plain)).map_err(io::Error::other)?;
+        s.get_ref().0.set_nonblocking(true)?;
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            match s.connect() {
+                Ok(()) => break,
+                Err(e) => wait_for(&s, e, deadline, "TLS handshake")?,
+            }
+        }
+        Ok(TlsStream::new(s, timeout, peer_name))
+    }
+}
+
+/// The TLS 1.2 PSK suites offered and accepted (TLS 1.3 external PSK needs
+/// none of them).
+const PSK_CIPHERS: &str = "ECDHE-PSK-AES256-GCM-SHA384:ECDHE-PSK-AES128-GCM-SHA256:\
+DHE-PSK-AES256-GCM-SHA384:DHE-PSK-AES128-GCM-SHA256:ECDHE-PSK-CHACHA20-POLY1305:\
+DHE-PSK-CHACHA20-POLY1305:PSK-AES256-GCM-SHA384:PSK-AES128-GCM-SHA256";
 
 fn common_name(cert: &X509) -> Option<String> {
     let e = cert.subject_name().entries_by_nid(Nid::COMMONNAME).next()?;
@@ -455,8 +567,9 @@ const RECORD: usize = 16 * 1024;
 pub struct TlsStream {
     ssl: Mutex<SslStream<Plain>>,
     fd: RawFd,
-    /// Bound on waiting for the socket once a message has started.
-    timeout: Mutex<Option<Duration>>,
+    /// Bounds on waiting for the socket once a message has started:
+    /// (reading, writing).
+    timeouts: Mutex<(Option<Duration>, Option<Duration>)>,
     /// The PSK identity or the client certificate's common name.
     peer_name: Option<String>,
 }
@@ -476,7 +589,7 @@ impl TlsStream {
         Self {
             ssl: Mutex::new(s),
             fd,
-            timeout: Mutex::new(timeout),
+            timeouts: Mutex::new((timeout, timeout)),
             peer_name,
         }
     }
@@ -489,12 +602,20 @@ impl TlsStream {
         self.ssl.lock().get_ref().0.peer()
     }
 
-    fn deadline(&self) -> Option<Instant> {
-        self.timeout.lock().map(|t| Instant::now() + t)
+    fn read_deadline(&self) -> Option<Instant> {
+        self.timeouts.lock().0.map(|t| Instant::now() + t)
     }
 
-    pub fn set_timeout(&self, t: Option<Duration>) {
-        *self.timeout.lock() = t;
+    fn write_deadline(&self) -> Option<Instant> {
+        self.timeouts.lock().1.map(|t| Instant::now() + t)
+    }
+
+    pub fn set_timeouts(&self, t: Option<Duration>) {
+        *self.timeouts.lock() = (t, t);
+    }
+
+    pub fn set_write_timeout(&self, t: Option<Duration>) {
+        self.timeouts.lock().1 = t;
     }
 
     /// Decrypt into `buf` (at most one record's worth); waits for data.
@@ -503,7 +624,7 @@ impl TlsStream {
         if buf.is_empty() {
             return Ok(0);
         }
-        let deadline = self.deadline();
+        let deadline = self.read_deadline();
         loop {
             let r = self.ssl.lock().ssl_read(buf);
             match r {
@@ -564,7 +685,7 @@ impl TlsStream {
     /// Encrypt and send every slice, in order. Small slices are gathered
     /// into one record; large ones are encrypted straight from their memory.
     pub fn write_all_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<()> {
-        let deadline = self.deadline();
+        let deadline = self.write_deadline();
         let mut staged: Vec<u8> = Vec::new();
         for b in bufs {
             if b.len() < RECORD / 4 && staged.len() + b.len() <= RECORD {
