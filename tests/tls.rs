@@ -148,6 +148,29 @@ fn nbdcopy_round_trip(dir: &TempDir, uri: &str, data: &[u8]) {
     );
 }
 
+/// `pmcache stats --json` of the running server whose cache is in `dir`.
+fn stats(dir: &TempDir) -> Value {
+    let out = pmcache_ok(
+        &["stats", "--cache", &s(&dir.join("cache.pmem")), "--json"],
+        T,
+    );
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("stats --json: {e}: {out}"))
+}
+
+fn stat(v: &Value, k: &str) -> u64 {
+    v[k].as_u64()
+        .unwrap_or_else(|| panic!("stats lack {k}: {v}"))
+}
+
+/// GET /metrics from the server's metrics port.
+fn metrics(port: u16) -> String {
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).unwrap();
+    out
+}
+
 #[test]
 fn x509_require_nbdinfo_and_nbdcopy_over_tcp() {
     let dir = TempDir::new();
@@ -275,7 +298,7 @@ fn refused_copy(dir: &TempDir, uri: &str) -> String {
 
 /// A PSK server (`--tls require`, identities alice and carol, only `allow`
 /// let in when given) and the good client's URI.
-fn psk_setup(dir: &TempDir, allow: &[&str]) -> (ServerGuard, String) {
+fn psk_setup(dir: &TempDir, allow: &[&str], extra: &[&str]) -> (ServerGuard, String) {
     let keys = dir.join("keys.psk");
     make_psk(&keys, "alice");
     make_psk(&keys, "carol");
@@ -283,6 +306,7 @@ fn psk_setup(dir: &TempDir, allow: &[&str]) -> (ServerGuard, String) {
     for a in allow {
         args.extend(["--tls-allow", a]);
     }
+    args.extend(extra);
     let srv = tls_server(dir, Listen::Unix, &args);
     let good = nbds_user(&srv, "alice", &format!("tls-psk-file={}", s(&keys)));
     (srv, good)
@@ -344,7 +368,7 @@ fn assert_ends(c: &mut UnixStream) {
 #[test]
 fn refused_plain_client_against_require_gets_tls_required() {
     let dir = TempDir::new();
-    let (srv, good) = psk_setup(&dir, &[]);
+    let (srv, good) = psk_setup(&dir, &[], &[]);
     refusal(&dir, &srv, &good, || {
         // libnbd without TLS: refused.
         let err = refused_copy(&dir, &srv.uri());
@@ -358,13 +382,18 @@ fn refused_plain_client_against_require_gets_tls_required() {
         assert_eq!(raw_option(&mut c, 3, &[]).0, REP_ERR_TLS_REQD);
         assert_eq!(raw_option(&mut c, OPT_STARTTLS, &[]).0, REP_ACK);
     });
+    let st = stats(&dir);
+    assert_eq!(st["tls"], "require", "{st}");
+    assert!(stat(&st, "tls_refused_plain") >= 3, "{st}");
     srv.stop();
 }
 
 #[test]
 fn refused_wrong_psk() {
     let dir = TempDir::new();
-    let (srv, good) = psk_setup(&dir, &[]);
+    let port = free_port();
+    let m = format!("127.0.0.1:{port}");
+    let (srv, good) = psk_setup(&dir, &[], &["--metrics", &m]);
     refusal(&dir, &srv, &good, || {
         let wrong = dir.join("wrong.psk");
         std::fs::write(&wrong, format!("alice:{}\n", "0f".repeat(32))).unwrap();
@@ -374,13 +403,30 @@ fn refused_wrong_psk() {
         );
     });
     assert_logged(&srv, "handshake failed");
+    // The stayer and the nbdcopy after the refusal got in; nbdcopy's
+    // attempts with the wrong key did not.
+    let st = stats(&dir);
+    assert!(stat(&st, "tls_handshakes") >= 2, "{st}");
+    assert!(stat(&st, "tls_failed_handshakes") >= 1, "{st}");
+    let text = pmcache_ok(&["stats", "--cache", &s(&dir.join("cache.pmem"))], T);
+    assert!(text.contains("TLS              require"), "{text}");
+    let prom = metrics(port);
+    assert!(
+        prom.contains("pmcache_tls_info{mode=\"require\"} 1"),
+        "{prom}"
+    );
+    let failed = prom
+        .lines()
+        .find_map(|l| l.strip_prefix("pmcache_tls_failed_handshakes "))
+        .unwrap_or_else(|| panic!("{prom}"));
+    assert!(failed.trim().parse::<u64>().unwrap() >= 1, "{prom}");
     srv.stop();
 }
 
 #[test]
 fn refused_unknown_psk_identity_and_one_not_allowed() {
     let dir = TempDir::new();
-    let (srv, good) = psk_setup(&dir, &["alice"]);
+    let (srv, good) = psk_setup(&dir, &["alice"], &[]);
     refusal(&dir, &srv, &good, || {
         let other = dir.join("bob.psk");
         make_psk(&other, "bob");
@@ -448,7 +494,7 @@ fn refused_client_certificate_from_another_ca() {
 #[test]
 fn refused_garbage_after_starttls() {
     let dir = TempDir::new();
-    let (srv, good) = psk_setup(&dir, &[]);
+    let (srv, good) = psk_setup(&dir, &[], &[]);
     refusal(&dir, &srv, &good, || {
         let mut c = raw_start(srv.socket());
         assert_eq!(raw_option(&mut c, OPT_STARTTLS, &[]).0, REP_ACK);

@@ -365,6 +365,7 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
         export: a.export.clone(),
         read_only: a.read_only,
         started: Instant::now(),
+        tls: tls.clone(),
     };
     let control = control::spawn_control(
         control_listener,
@@ -389,6 +390,7 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
         read_only = a.read_only,
         control = %control_path.display(),
         metrics = a.metrics.as_deref().unwrap_or("off"),
+        tls = %a.tls,
         "serving"
     );
 
