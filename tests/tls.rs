@@ -791,3 +791,94 @@ fn decode(hex: &str) -> Vec<u8> {
         .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
         .collect()
 }
+
+/// qemu-img convert in and out of the export with a qemu TLS object.
+fn qemu_img_round_trip(dir: &TempDir, port: u16, object: &str, data: &[u8]) {
+    let src = dir.join("q-src.img");
+    std::fs::write(&src, data).unwrap();
+    let target = format!("driver=nbd,host=127.0.0.1,port={port},tls-creds=tls0");
+    run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "--object",
+            object,
+            &s(&src),
+            "--target-image-opts",
+            &target,
+        ],
+        T,
+    );
+    let out = dir.join("q-out.img");
+    run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "--object",
+            object,
+            "--image-opts",
+            &target,
+            "-O",
+            "raw",
+            &s(&out),
+        ],
+        T,
+    );
+    assert_same(&std::fs::read(&out).unwrap(), data, "qemu-img round trip");
+}
+
+#[test]
+fn qemu_img_with_tls_creds_x509_and_tls_creds_psk() {
+    let dir = TempDir::new();
+    let ca = dir.join("ca");
+    make_ca(&ca, "pmcache test CA");
+    let pki = dir.join("pki");
+    make_cert(&ca, &pki, "server", "localhost");
+    let cli = dir.join("cli");
+    make_cert(&ca, &cli, "client", "qemu");
+    let srv = tls_server(
+        &dir,
+        Listen::Tcp,
+        &[
+            "--tls",
+            "require",
+            "--tls-certificates",
+            &s(&pki),
+            "--tls-verify-peer",
+        ],
+    );
+    let Endpoint::Tcp(port) = srv.endpoint else {
+        unreachable!()
+    };
+    let x509 = format!("tls-creds-x509,id=tls0,endpoint=client,dir={}", s(&cli));
+    qemu_img_round_trip(&dir, port, &x509, &pattern(26, 16 * MIB));
+    srv.stop();
+
+    // qemu reads the key from DIR/keys.psk.
+    let dir = TempDir::new();
+    let psk_dir = dir.join("psk");
+    std::fs::create_dir_all(&psk_dir).unwrap();
+    make_psk(&psk_dir.join("keys.psk"), "qemu");
+    let srv = tls_server(
+        &dir,
+        Listen::Tcp,
+        &[
+            "--tls",
+            "require",
+            "--tls-psk",
+            &s(&psk_dir.join("keys.psk")),
+        ],
+    );
+    let Endpoint::Tcp(port) = srv.endpoint else {
+        unreachable!()
+    };
+    let psk = format!(
+        "tls-creds-psk,id=tls0,endpoint=client,dir={},username=qemu",
+        s(&psk_dir)
+    );
+    qemu_img_round_trip(&dir, port, &psk, &pattern(27, 16 * MIB));
+    srv.stop();
+}
