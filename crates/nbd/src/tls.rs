@@ -88,10 +88,24 @@ pub struct TlsServerConfig {
     pub allow: Vec<String>,
 }
 
+/// Key bytes, overwritten with zeroes when dropped. No `Debug`.
+#[derive(Clone)]
+struct Secret(Vec<u8>);
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        for b in self.0.iter_mut() {
+            // SAFETY: a valid, exclusively borrowed byte; volatile so that
+            // the zeroing is not optimised away as a dead store.
+            unsafe { std::ptr::write_volatile(b, 0) };
+        }
+    }
+}
+
 /// Pre-shared keys by identity. `Debug` shows the identities only.
 #[derive(Clone, Default)]
 pub struct PskKeys {
-    keys: HashMap<String, Vec<u8>>,
+    keys: HashMap<String, Secret>,
 }
 
 impl fmt::Debug for PskKeys {
@@ -107,8 +121,17 @@ impl fmt::Debug for PskKeys {
 impl PskKeys {
     /// Parse a psktool file. Errors name the line, never the key.
     pub fn load(path: &Path) -> io::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| io::Error::new(e.kind(), format!("PSK file {}: {e}", path.display())))?;
+        // The file's bytes are zeroed when dropped, like the keys.
+        let raw =
+            Secret(std::fs::read(path).map_err(|e| {
+                io::Error::new(e.kind(), format!("PSK file {}: {e}", path.display()))
+            })?);
+        let text = std::str::from_utf8(&raw.0).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("PSK file {}: not text", path.display()),
+            )
+        })?;
         let mut keys = HashMap::new();
         for (i, line) in text.lines().enumerate() {
             let line = line.trim();
@@ -133,7 +156,7 @@ impl PskKeys {
             if key.is_empty() || key.len() > 256 {
                 return Err(bad("key empty or longer than 256 bytes"));
             }
-            keys.insert(id.to_string(), key);
+            keys.insert(id.to_string(), Secret(key));
         }
         if keys.is_empty() {
             return Err(io::Error::new(
@@ -145,7 +168,7 @@ impl PskKeys {
     }
 
     pub fn get(&self, identity: &str) -> Option<&[u8]> {
-        self.keys.get(identity).map(|k| &k[..])
+        self.keys.get(identity).map(|k| &k.0[..])
     }
 
     /// The only identity, or the one named: what a client presents.
@@ -155,7 +178,7 @@ impl PskKeys {
             None if self.keys.len() == 1 => self.keys.iter().next(),
             None => None,
         }
-        .map(|(k, v)| (k.as_str(), &v[..]))
+        .map(|(k, v)| (k.as_str(), &v.0[..]))
     }
 }
 
@@ -388,17 +411,18 @@ impl TlsClientConfig {
                     ),
                 )
             })?;
-            let (id, key) = (id.to_string(), key.to_vec());
+            let (id, key) = (id.to_string(), Secret(key.to_vec()));
             peer_name = Some(id.clone());
             b.set_cipher_list(PSK_CIPHERS)
                 .map_err(|e| ssl_err("PSK cipher list", e))?;
             b.set_psk_client_callback(move |_ssl, _hint, id_out, key_out| {
+                let key = &key.0;
                 if id.len() >= id_out.len() || key.len() > key_out.len() {
                     return Ok(0);
                 }
                 id_out[..id.len()].copy_from_slice(id.as_bytes());
                 id_out[id.len()] = 0;
-                key_out[..key.len()].copy_from_slice(&key);
+                key_out[..key.len()].copy_from_slice(key);
                 Ok(key.len())
             });
             b.set_verify(SslVerifyMode::NONE);
