@@ -882,3 +882,37 @@ fn qemu_img_with_tls_creds_x509_and_tls_creds_psk() {
     qemu_img_round_trip(&dir, port, &psk, &pattern(27, 16 * MIB));
     srv.stop();
 }
+
+#[test]
+fn psk_over_tls_1_2_with_a_gnutls_client() {
+    // GnuTLS's system configuration can turn TLS 1.3 off for one process:
+    // then the PSK must be used by a TLS 1.2 PSK cipher suite.
+    let dir = TempDir::new();
+    let keys = dir.join("keys.psk");
+    make_psk(&keys, "alice");
+    let cfg = dir.join("gnutls.cfg");
+    std::fs::write(&cfg, "[overrides]\ndisabled-version = tls1.3\n").unwrap();
+    let srv = tls_server(
+        &dir,
+        Listen::Unix,
+        &["--tls", "require", "--tls-psk", &s(&keys)],
+    );
+    let uri = nbds_user(&srv, "alice", &format!("tls-psk-file={}", s(&keys)));
+    let out = std::process::Command::new(require_tool("nbdinfo"))
+        .args(["--json", &uri])
+        .env("GNUTLS_SYSTEM_PRIORITY_FILE", &cfg)
+        .env("GNUTLS_DEBUG_LEVEL", "4")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let info: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["TLS"], Value::Bool(true), "{info}");
+    assert!(err.contains("disabling version tls1.3"), "{err}");
+    let suite = err
+        .lines()
+        .find_map(|l| l.split("Selected cipher suite: ").nth(1))
+        .unwrap_or_else(|| panic!("no cipher suite in the GnuTLS log: {err}"));
+    assert!(suite.contains("_PSK_"), "{suite}");
+    srv.stop();
+}
