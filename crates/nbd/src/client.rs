@@ -963,6 +963,8 @@ impl Drop for Client {
             .encode();
             let _g = inner.send_lock.lock();
             let _ = inner.stream.write_all(&disc);
+            // Under TLS, end the session properly (close_notify) too.
+            inner.stream.close_notify();
         }
         inner.kill("client closed".into());
         if let Some(h) = self.reader.take() {

@@ -75,10 +75,16 @@ impl Stream {
     /// The end of a connection: under TLS, say so (close_notify) if the
     /// socket takes it at once, then shut the socket down.
     pub fn close(&self) {
+        self.close_notify();
+        self.shutdown(Shutdown::Both);
+    }
+
+    /// Under TLS, send close_notify if the socket takes it at once (the
+    /// peer then sees a proper end of the session); nothing otherwise.
+    pub fn close_notify(&self) {
         if let Self::Tls(s) = self {
             s.close_notify();
         }
-        self.shutdown(Shutdown::Both);
     }
 
     /// Bound every wait for the socket once a message has started.
