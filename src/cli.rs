@@ -80,12 +80,14 @@ From another shell:
   qemu-io -f raw nbd://127.0.0.1:10809 -c 'write -P 0xab 0 64k'
   pmcache stats
 
-TLS, with the credentials nbdkit and qemu-nbd use (see README, \"TLS\"):
+TLS, with the credentials nbdkit and qemu-nbd use (README, \"TLS\", makes them with psktool,
+certtool or openssl):
   psktool -u alice -p /etc/pmcache/keys.psk
   pmcache serve --tls require --tls-psk /etc/pmcache/keys.psk
   nbdinfo 'nbds://alice@127.0.0.1:10809/?tls-psk-file=/etc/pmcache/keys.psk'
 
-  pmcache serve --tls require --tls-certificates /etc/pmcache/pki   # server-cert.pem, server-key.pem
+  # /etc/pmcache/pki: ca-cert.pem, server-cert.pem, server-key.pem
+  pmcache serve --tls require --tls-certificates /etc/pmcache/pki
   nbdinfo 'nbds://127.0.0.1:10809/?tls-certificates=/etc/pmcache/client-pki'";
 
 /// Serve a cached origin over NBD.
