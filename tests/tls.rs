@@ -916,3 +916,62 @@ fn psk_over_tls_1_2_with_a_gnutls_client() {
     assert!(suite.contains("_PSK_"), "{suite}");
     srv.stop();
 }
+
+#[test]
+fn nbds_tcp_origin_checks_the_server_certificate_names_the_host() {
+    let dir = TempDir::new();
+    let ca = dir.join("ca");
+    make_ca(&ca, "pmcache test CA");
+    let pki = dir.join("pki");
+    make_cert(&ca, &pki, "server", "localhost"); // names localhost and 127.0.0.1
+    let cli = dir.join("cli");
+    std::fs::create_dir_all(&cli).unwrap();
+    std::fs::copy(ca.join("ca-cert.pem"), cli.join("ca-cert.pem")).unwrap();
+    let file = dir.join("origin.img");
+    let model = pattern(28, 4 * MIB);
+    std::fs::write(&file, &model).unwrap();
+    let port = free_port();
+    let mut k = Proc::spawn(
+        &require_tool("nbdkit"),
+        &[
+            "--foreground".into(),
+            "--exit-with-parent".into(),
+            "-i".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+            "--tls=require".into(),
+            format!("--tls-certificates={}", s(&pki)),
+            "file".into(),
+            s(&file),
+        ],
+        dir.join("k.log"),
+        &[],
+    );
+    let start = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            k.exited().is_none() && start.elapsed() < T,
+            "{}",
+            k.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let certs = format!("tls-certificates={}", s(&cli));
+    for host in ["127.0.0.1", "localhost"] {
+        let uri = format!("nbds://{host}:{port}/?{certs}");
+        let c = pmcache::nbd::Client::connect(&uri).unwrap_or_else(|e| panic!("{uri}: {e}"));
+        let mut b = vec![0u8; MIB];
+        c.read(&mut b, MIB as u64).unwrap();
+        assert!(b[..] == model[MIB..2 * MIB], "{uri}");
+    }
+    // A name the certificate does not carry is refused...
+    let wrong = format!("nbds://127.0.0.1:{port}/?{certs}&tls-hostname=nas.example");
+    let e = pmcache::nbd::Client::connect(&wrong).unwrap_err();
+    assert!(e.to_string().contains("certificate verify failed"), "{e}");
+    // ...unless verification is turned off, as libnbd allows.
+    let off = format!("{wrong}&tls-verify-peer=false");
+    pmcache::nbd::Client::connect(&off).unwrap();
+    k.signal(libc::SIGKILL);
+    let _ = k.wait_exit(T);
+}
