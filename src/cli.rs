@@ -48,7 +48,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     Format(FormatArgs),
     Check(CheckArgs),
     Dump(DumpArgs),
@@ -78,7 +78,17 @@ Examples:
 From another shell:
   nbdinfo nbd://127.0.0.1:10809
   qemu-io -f raw nbd://127.0.0.1:10809 -c 'write -P 0xab 0 64k'
-  pmcache stats";
+  pmcache stats
+
+TLS, with the credentials nbdkit and qemu-nbd use (README, \"TLS\", makes them with psktool,
+certtool or openssl):
+  psktool -u alice -p /etc/pmcache/keys.psk
+  pmcache serve --tls require --tls-psk /etc/pmcache/keys.psk
+  nbdinfo 'nbds://alice@127.0.0.1:10809/?tls-psk-file=/etc/pmcache/keys.psk'
+
+  # /etc/pmcache/pki: ca-cert.pem, server-cert.pem, server-key.pem
+  pmcache serve --tls require --tls-certificates /etc/pmcache/pki
+  nbdinfo 'nbds://127.0.0.1:10809/?tls-certificates=/etc/pmcache/client-pki'";
 
 /// Serve a cached origin over NBD.
 #[derive(Debug, Args)]
@@ -93,7 +103,9 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub cache_size: Option<u64>,
 
-    /// Origin: PATH, file:PATH, nbd://HOST[:PORT]/[EXPORT] or nbd+unix:///[EXPORT]?socket=PATH
+    /// Origin: PATH, file:PATH, nbd://HOST[:PORT]/[EXPORT] or nbd+unix:///[EXPORT]?socket=PATH;
+    /// with TLS nbds:// or nbds+unix:// and libnbd's tls-certificates=DIR, tls-psk-file=FILE
+    /// (identity: nbds://NAME@...), tls-verify-peer=false, tls-hostname=NAME
     /// [default: the origin recorded in the cache; ./pmcache-data/origin.img (1 GiB, created
     /// if missing) for the default cache]
     #[arg(long, value_name = "PATH|URI")]
@@ -148,6 +160,30 @@ pub struct ServeArgs {
     /// misses are not cached and its writes go to the origin. 0 turns it off
     #[arg(long, value_name = "SIZE", value_parser = parse_size_or_zero, default_value = "4MiB")]
     pub sequential_cutoff: u64,
+
+    /// TLS (NBD_OPT_STARTTLS), as nbdkit: off; on (clients choose); require (every
+    /// option but STARTTLS is refused before TLS). on and require need --tls-certificates
+    /// or --tls-psk
+    #[arg(long, value_name = "MODE", default_value = "off")]
+    pub tls: pmcache_nbd::TlsMode,
+
+    /// X.509 credentials directory: server-cert.pem, server-key.pem, and ca-cert.pem
+    /// (for --tls-verify-peer)
+    #[arg(long, value_name = "DIR", conflicts_with = "tls_psk")]
+    pub tls_certificates: Option<PathBuf>,
+
+    /// Pre-shared keys in psktool's format (IDENTITY:HEXKEY per line)
+    #[arg(long, value_name = "FILE")]
+    pub tls_psk: Option<PathBuf>,
+
+    /// Require a client certificate signed by the CA in --tls-certificates
+    #[arg(long, requires = "tls_certificates")]
+    pub tls_verify_peer: bool,
+
+    /// Let in only this PSK identity, or (with --tls-verify-peer) client certificates
+    /// with this subject common name. Repeat for more
+    #[arg(long, value_name = "NAME")]
+    pub tls_allow: Vec<String>,
 }
 
 const FORMAT_HELP: &str = "\
@@ -175,7 +211,9 @@ pub struct FormatArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub size: Option<u64>,
 
-    /// Origin: PATH, file:PATH, nbd://HOST[:PORT]/[EXPORT] or nbd+unix:///[EXPORT]?socket=PATH
+    /// Origin: PATH, file:PATH, nbd://HOST[:PORT]/[EXPORT] or nbd+unix:///[EXPORT]?socket=PATH;
+    /// with TLS nbds:// or nbds+unix:// and libnbd's tls-certificates=DIR, tls-psk-file=FILE
+    /// (identity: nbds://NAME@...), tls-verify-peer=false, tls-hostname=NAME
     #[arg(long, value_name = "PATH|URI")]
     pub origin: String,
 
@@ -319,7 +357,7 @@ pub fn main() -> ExitCode {
     let serve = matches!(cli.command, Command::Serve(_));
     init_logging(if serve { "info" } else { "warn" }, serve);
     let result = match cli.command {
-        Command::Serve(a) => commands::serve::run(a),
+        Command::Serve(a) => commands::serve::run(*a),
         Command::Format(a) => commands::format::run(a),
         Command::Check(a) => commands::check::run(a),
         Command::Dump(a) => commands::dump::run(a),

@@ -4,10 +4,12 @@
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use pmcache_engine::check::Dump;
 use pmcache_engine::{Engine, StatsSnapshot};
+use pmcache_nbd::tls::{TlsServer, TlsStats};
 use serde_json::{json, Map, Value};
 
 use crate::size::human;
@@ -22,6 +24,37 @@ pub struct ServerInfo {
     pub export: String,
     pub read_only: bool,
     pub started: Instant,
+    /// The NBD server's TLS settings and counters (`None`: `--tls off`).
+    pub tls: Option<Arc<TlsServer>>,
+}
+
+impl ServerInfo {
+    fn tls_mode(&self) -> String {
+        self.tls
+            .as_ref()
+            .map_or_else(|| "off".to_string(), |t| t.mode.to_string())
+    }
+
+    fn tls_stats(&self) -> TlsStats {
+        self.tls.as_ref().map(|t| t.stats()).unwrap_or_default()
+    }
+}
+
+/// TLS counters: name, value, help.
+fn tls_fields(t: &TlsStats) -> [(&'static str, u64, &'static str); 3] {
+    [
+        ("tls_handshakes", t.handshakes, "TLS sessions established"),
+        (
+            "tls_failed_handshakes",
+            t.failed_handshakes,
+            "TLS handshakes refused or failed (bad credentials, not TLS)",
+        ),
+        (
+            "tls_refused_plain",
+            t.refused_plain,
+            "options refused because TLS is required and was not started",
+        ),
+    ]
 }
 
 /// Counters that only grow (Prometheus `counter`); the rest are gauges.
@@ -50,6 +83,10 @@ pub fn live_json(snap: &StatsSnapshot, info: &ServerInfo) -> Value {
     m.insert("mode".into(), json!(snap.mode));
     m.insert("pmem_mode".into(), json!(snap.pmem_mode));
     for (name, value, _) in snap.fields() {
+        m.insert(name.into(), json!(value));
+    }
+    m.insert("tls".into(), json!(info.tls_mode()));
+    for (name, value, _) in tls_fields(&info.tls_stats()) {
         m.insert(name.into(), json!(value));
     }
     Value::Object(m)
@@ -220,6 +257,19 @@ pub fn render_text(v: &Value) -> String {
     let _ = writeln!(o, "  space waits    {}", n("waits_for_space"));
     let _ = writeln!(o, "Errors");
     let _ = writeln!(o, "  origin errors  {}", n("origin_errors"));
+    let _ = writeln!(o, "TLS              {}", s("tls"));
+    if v.get("tls")
+        .and_then(Value::as_str)
+        .is_some_and(|m| m != "off")
+    {
+        let _ = writeln!(o, "  sessions       {}", n("tls_handshakes"));
+        let _ = writeln!(
+            o,
+            "  refused        {} failed handshakes, {} options without TLS",
+            n("tls_failed_handshakes"),
+            n("tls_refused_plain")
+        );
+    }
     let _ = writeln!(o, "Persistence");
     let _ = writeln!(
         o,
@@ -268,6 +318,17 @@ pub fn prometheus(engine: &Engine, info: &ServerInfo) -> String {
         let _ = writeln!(
             o,
             "# HELP pmcache_{name} {help}\n# TYPE pmcache_{name} {kind}\npmcache_{name} {value}"
+        );
+    }
+    let _ = writeln!(
+        o,
+        "# HELP pmcache_tls_info the NBD server's TLS mode (always 1)\n# TYPE pmcache_tls_info gauge\npmcache_tls_info{{mode=\"{}\"}} 1",
+        info.tls_mode()
+    );
+    for (name, value, help) in tls_fields(&info.tls_stats()) {
+        let _ = writeln!(
+            o,
+            "# HELP pmcache_{name} {help}\n# TYPE pmcache_{name} counter\npmcache_{name} {value}"
         );
     }
     o

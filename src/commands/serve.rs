@@ -19,6 +19,7 @@ use pmcache_engine::{Engine, EngineConfig};
 
 use crate::export::EngineExport;
 use pmcache_nbd::server::{Server, ServerConfig, ShutdownHandle, DEFAULT_TCP_ADDR};
+use pmcache_nbd::tls::{TlsCredentials, TlsMode, TlsServer, TlsServerConfig};
 use pmcache_origin::FileOrigin;
 use pmcache_pmem::{PersistMode, PmemRegion};
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -140,6 +141,7 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
     if let Some(m) = &a.metrics {
         check_addr(m, "--metrics")?;
     }
+    let tls = tls_server(&a)?;
     if defaults {
         std::fs::create_dir_all(DEFAULT_DIR)
             .with_context(|| format!("cannot create directory {DEFAULT_DIR}"))?;
@@ -353,6 +355,7 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
         export_name: a.export.clone(),
         read_only: a.read_only,
         description: Some(format!("pmcache of {}", origin.fingerprint())),
+        tls: tls.clone(),
         ..ServerConfig::default()
     };
     let server = match Server::new(Arc::new(export), server_cfg) {
@@ -371,6 +374,7 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
         export: a.export.clone(),
         read_only: a.read_only,
         started: Instant::now(),
+        tls: tls.clone(),
     };
     let control = control::spawn_control(
         control_listener,
@@ -395,6 +399,7 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
         read_only = a.read_only,
         control = %control_path.display(),
         metrics = a.metrics.as_deref().unwrap_or("off"),
+        tls = %a.tls,
         "serving"
     );
 
@@ -417,6 +422,42 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
     closed.map_err(|e| anyhow!("cannot close cache {} cleanly: {e}", cache_path.display()))?;
     tracing::info!(dirty, "cache closed cleanly; exiting");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The TLS settings, with their credentials loaded (so that a missing or bad
+/// file is refused before anything is changed).
+fn tls_server(a: &ServeArgs) -> Result<Option<Arc<TlsServer>>> {
+    let credentials = match (&a.tls_certificates, &a.tls_psk) {
+        (Some(dir), None) => Some(TlsCredentials::X509 {
+            dir: dir.clone(),
+            verify_peer: a.tls_verify_peer,
+        }),
+        (None, Some(file)) => Some(TlsCredentials::Psk { file: file.clone() }),
+        (None, None) => None,
+        (Some(_), Some(_)) => bail!("--tls-certificates and --tls-psk exclude each other"),
+    };
+    let Some(credentials) = credentials else {
+        if a.tls != TlsMode::Off {
+            bail!(
+                "--tls {} needs --tls-certificates DIR or --tls-psk FILE",
+                a.tls
+            );
+        }
+        if !a.tls_allow.is_empty() {
+            bail!("--tls-allow needs --tls-psk or --tls-certificates with --tls-verify-peer");
+        }
+        return Ok(None);
+    };
+    if a.tls == TlsMode::Off {
+        bail!("TLS credentials are given but --tls is off: add --tls on or --tls require");
+    }
+    let cfg = TlsServerConfig {
+        mode: a.tls,
+        credentials,
+        allow: a.tls_allow.clone(),
+    };
+    let server = TlsServer::new(&cfg).map_err(|e| anyhow!("TLS: {e}"))?;
+    Ok(Some(Arc::new(server)))
 }
 
 /// Refuse an address that cannot be bound before anything is changed.

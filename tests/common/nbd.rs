@@ -112,6 +112,7 @@ pub fn package_of(tool: &str) -> &'static str {
         "nbdsh" => "python3-libnbd",
         "nbdkit" => "nbdkit",
         "fio" => "fio",
+        "certtool" | "psktool" => "gnutls-bin",
         "fusermount3" => "fuse3",
         "losetup" | "mount" | "umount" => "mount",
         "mkfs.ext4" | "fsck.ext4" | "e2fsck" | "debugfs" => "e2fsprogs",
@@ -465,7 +466,7 @@ impl ServerGuard {
     }
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .expect("bind 127.0.0.1:0")
         .local_addr()

@@ -23,6 +23,7 @@ use parking_lot::{Condvar, Mutex};
 use crate::export::BlockSizes;
 use crate::net::Stream;
 use crate::proto::{self, *};
+use crate::tls::TlsClientConfig;
 
 /// Default NBD TCP port.
 pub const DEFAULT_PORT: u16 = 10809;
@@ -35,11 +36,16 @@ pub enum Endpoint {
 }
 
 /// A parsed libnbd-style URI: `nbd://HOST[:PORT]/[EXPORT]` or
-/// `nbd+unix:///[EXPORT]?socket=PATH`.
+/// `nbd+unix:///[EXPORT]?socket=PATH`, and with TLS `nbds://[USER@]HOST...`
+/// or `nbds+unix://[USER@]/...` with libnbd's `tls-certificates=DIR`,
+/// `tls-psk-file=FILE`, `tls-username=NAME`, `tls-verify-peer=false` and
+/// `tls-hostname=NAME` query parameters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NbdUri {
     pub endpoint: Endpoint,
     pub export: String,
+    /// TLS settings of an `nbds` URI.
+    pub tls: Option<TlsClientConfig>,
 }
 
 fn bad_uri(uri: &str, why: &str) -> io::Error {
@@ -87,20 +93,56 @@ impl NbdUri {
         if export.len() > MAX_STRING_LEN || export.contains('\0') {
             return Err(bad_uri(uri, "export name too long or contains NUL"));
         }
+        let (scheme, tls) = match scheme {
+            "nbds" => ("nbd", true),
+            "nbds+tcp" => ("nbd+tcp", true),
+            "nbds+unix" => ("nbd+unix", true),
+            s => (s, false),
+        };
         let mut socket = None;
+        let mut t = TlsClientConfig {
+            verify_peer: true,
+            ..TlsClientConfig::default()
+        };
+        let mut tls_params = false;
         for kv in query.split('&').filter(|s| !s.is_empty()) {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            if k == "socket" {
-                socket = Some(percent_decode(uri, v)?);
+            let v = || percent_decode(uri, v);
+            match k {
+                "socket" => socket = Some(v()?),
+                "tls-certificates" => t.certificates = Some(PathBuf::from(v()?)),
+                "tls-psk-file" => t.psk_file = Some(PathBuf::from(v()?)),
+                "tls-username" => t.username = Some(v()?),
+                "tls-hostname" => t.hostname = Some(v()?),
+                "tls-verify-peer" => {
+                    t.verify_peer = match v()?.as_str() {
+                        "true" | "on" | "yes" | "1" => true,
+                        "false" | "off" | "no" | "0" => false,
+                        _ => return Err(bad_uri(uri, "tls-verify-peer must be true or false")),
+                    }
+                }
+                _ => {}
             }
+            tls_params |= k.starts_with("tls-");
         }
+        if tls_params && !tls {
+            return Err(bad_uri(uri, "tls-* parameters need an nbds:// URI"));
+        }
+        let authority = match authority.rsplit_once('@') {
+            Some(_) if !tls => return Err(bad_uri(uri, "user names need an nbds:// URI")),
+            Some((user, _)) if user.contains(':') => {
+                return Err(bad_uri(uri, "passwords are not supported"))
+            }
+            Some((user, host)) => {
+                t.username = Some(percent_decode(uri, user)?);
+                host
+            }
+            None => authority,
+        };
         let endpoint = match scheme {
             "nbd" | "nbd+tcp" => {
                 if socket.is_some() {
                     return Err(bad_uri(uri, "socket= is only valid with nbd+unix://"));
-                }
-                if authority.contains('@') {
-                    return Err(bad_uri(uri, "user names are not supported"));
                 }
                 let (host, port) = if let Some(r) = authority.strip_prefix('[') {
                     let (h, after) = r
@@ -122,6 +164,9 @@ impl NbdUri {
                     Some(p) => p.parse().map_err(|_| bad_uri(uri, "bad port"))?,
                 };
                 let host = if host.is_empty() { "localhost" } else { host };
+                if t.hostname.is_none() {
+                    t.hostname = Some(host.to_owned());
+                }
                 Endpoint::Tcp {
                     host: host.to_owned(),
                     port,
@@ -137,12 +182,18 @@ impl NbdUri {
                 }
                 Endpoint::Unix(PathBuf::from(s))
             }
-            "nbds" | "nbds+unix" | "nbds+tcp" => {
-                return Err(bad_uri(uri, "TLS (nbds://) is not supported"))
+            _ => {
+                return Err(bad_uri(
+                    uri,
+                    "scheme must be nbd://, nbd+unix://, nbds:// or nbds+unix://",
+                ))
             }
-            _ => return Err(bad_uri(uri, "scheme must be nbd:// or nbd+unix://")),
         };
-        Ok(Self { endpoint, export })
+        Ok(Self {
+            endpoint,
+            export,
+            tls: tls.then_some(t),
+        })
     }
 }
 
@@ -363,7 +414,8 @@ impl Client {
         stream
             .set_timeouts(Some(opts.connect_timeout))
             .map_err(ctx)?;
-        let neg = handshake(&stream, uri, &parsed.export, opts)?;
+        let mut stream = stream;
+        let neg = handshake(&mut stream, uri, &parsed.export, parsed.tls.as_ref(), opts)?;
         // The reader blocks between replies for as long as it takes; the
         // per-request timeout is enforced by the waiting callers instead.
         stream.set_timeouts(None).map_err(ctx)?;
@@ -911,6 +963,8 @@ impl Drop for Client {
             .encode();
             let _g = inner.send_lock.lock();
             let _ = inner.stream.write_all(&disc);
+            // Under TLS, end the session properly (close_notify) too.
+            inner.stream.close_notify();
         }
         inner.kill("client closed".into());
         if let Some(h) = self.reader.take() {
@@ -1268,10 +1322,13 @@ fn option_error(uri: &str, what: &str, h: &OptionReplyHeader, data: &[u8]) -> io
     )
 }
 
+/// Option haggling; with `tls`, STARTTLS first, and `stream` becomes the
+/// TLS session.
 fn handshake(
-    stream: &Stream,
+    stream: &mut Stream,
     uri: &str,
     export: &str,
+    tls: Option<&TlsClientConfig>,
     opts: &ClientOptions,
 ) -> io::Result<Negotiated> {
     let ctx = |e: io::Error| io::Error::new(e.kind(), format!("{uri}: NBD handshake: {e}"));
@@ -1288,6 +1345,27 @@ fn handshake(
         cflags |= FLAG_C_NO_ZEROES;
     }
     stream.write_all(&cflags.to_be_bytes()).map_err(ctx)?;
+
+    if let Some(t) = tls {
+        if !fixed {
+            return Err(ctx(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the server cannot do STARTTLS (no fixed newstyle negotiation)",
+            )));
+        }
+        stream
+            .write_all(&OptionRequest::StartTls.encode())
+            .map_err(ctx)?;
+        let (h, data) = read_option_reply(stream, uri, OPT_STARTTLS).map_err(ctx)?;
+        if h.reply_type != REP_ACK {
+            return Err(option_error(uri, "STARTTLS", &h, &data));
+        }
+        let session = t
+            .connect(stream.try_clone().map_err(ctx)?, Some(opts.connect_timeout))
+            .map_err(ctx)?;
+        *stream = Stream::Tls(Box::new(session));
+    }
+    let stream = &*stream;
 
     let mut structured = false;
     if fixed {

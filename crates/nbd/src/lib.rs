@@ -12,9 +12,11 @@ pub mod mem;
 pub mod net;
 pub mod proto;
 pub mod server;
+pub mod tls;
 
 pub use client::{Client, ClientOptions, Endpoint, NbdUri, ServerError};
 pub use export::{BlockSizes, Export, ExportError, Extent, PendingWrite, Staged, ZeroFlags};
 pub use mem::{MemExport, MemStats};
 pub use net::Stream;
 pub use server::{Server, ServerConfig, ShutdownHandle, DEFAULT_TCP_ADDR};
+pub use tls::{TlsCredentials, TlsMode, TlsServer, TlsServerConfig, TlsStats};

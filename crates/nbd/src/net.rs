@@ -4,7 +4,8 @@
 //!
 //! Both `&TcpStream` and `&UnixStream` implement `Read` and `Write`, so one
 //! stream can be read by one thread while others write replies to it (under
-//! the caller's send lock) without cloning the descriptor.
+//! the caller's send lock) without cloning the descriptor. A TLS session
+//! ([`TlsStream`]) is shared the same way; the plain variants never touch it.
 
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -12,11 +13,15 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
+use crate::tls::TlsStream;
+
 /// A connected NBD socket.
 #[derive(Debug)]
 pub enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// A TLS session over one of the others (after NBD_OPT_STARTTLS).
+    Tls(Box<TlsStream>),
 }
 
 impl Stream {
@@ -24,20 +29,33 @@ impl Stream {
         match self {
             Self::Tcp(s) => (&*s).read(buf),
             Self::Unix(s) => (&*s).read(buf),
+            Self::Tls(s) => s.read(buf),
         }
     }
 
+    /// One read into the slices: `readv` for a plain socket; under TLS,
+    /// decrypted straight into the first non-empty slice.
     pub fn read_vectored(&self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
         match self {
             Self::Tcp(s) => (&*s).read_vectored(bufs),
             Self::Unix(s) => (&*s).read_vectored(bufs),
+            Self::Tls(s) => match bufs.iter_mut().find(|b| !b.is_empty()) {
+                Some(b) => s.read(b),
+                None => Ok(0),
+            },
         }
     }
 
+    /// One write of the slices: `writev` for a plain socket; under TLS the
+    /// slices are all sent (the count returned is all of them).
     pub fn write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         match self {
             Self::Tcp(s) => (&*s).write_vectored(bufs),
             Self::Unix(s) => (&*s).write_vectored(bufs),
+            Self::Tls(s) => {
+                s.write_all_vectored(bufs)?;
+                Ok(bufs.iter().map(|b| b.len()).sum())
+            }
         }
     }
 
@@ -47,9 +65,29 @@ impl Stream {
         let _ = match self {
             Self::Tcp(s) => s.shutdown(how),
             Self::Unix(s) => s.shutdown(how),
+            Self::Tls(s) => {
+                s.shutdown(how);
+                Ok(())
+            }
         };
     }
 
+    /// The end of a connection: under TLS, say so (close_notify) if the
+    /// socket takes it at once, then shut the socket down.
+    pub fn close(&self) {
+        self.close_notify();
+        self.shutdown(Shutdown::Both);
+    }
+
+    /// Under TLS, send close_notify if the socket takes it at once (the
+    /// peer then sees a proper end of the session); nothing otherwise.
+    pub fn close_notify(&self) {
+        if let Self::Tls(s) = self {
+            s.close_notify();
+        }
+    }
+
+    /// Bound every wait for the socket once a message has started.
     pub fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Self::Tcp(s) => {
@@ -60,6 +98,10 @@ impl Stream {
                 s.set_read_timeout(t)?;
                 s.set_write_timeout(t)
             }
+            Self::Tls(s) => {
+                s.set_timeouts(t);
+                Ok(())
+            }
         }
     }
 
@@ -67,14 +109,37 @@ impl Stream {
         match self {
             Self::Tcp(s) => s.set_write_timeout(t),
             Self::Unix(s) => s.set_write_timeout(t),
+            Self::Tls(s) => {
+                s.set_write_timeout(t);
+                Ok(())
+            }
         }
     }
 
+    /// Plain sockets only: a TLS session's socket is always non-blocking
+    /// underneath, and its calls block (up to the timeout) by themselves.
     pub fn set_nonblocking(&self, nb: bool) -> io::Result<()> {
         match self {
             Self::Tcp(s) => s.set_nonblocking(nb),
             Self::Unix(s) => s.set_nonblocking(nb),
+            Self::Tls(_) => Ok(()),
         }
+    }
+
+    /// A second handle on the same plain socket (for wrapping it in TLS).
+    pub fn try_clone(&self) -> io::Result<Self> {
+        match self {
+            Self::Tcp(s) => Ok(Self::Tcp(s.try_clone()?)),
+            Self::Unix(s) => Ok(Self::Unix(s.try_clone()?)),
+            Self::Tls(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a TLS session cannot be cloned",
+            )),
+        }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Self::Tls(_))
     }
 
     /// A printable peer address for logs.
@@ -85,6 +150,20 @@ impl Stream {
                 .map(|a| a.to_string())
                 .unwrap_or_else(|_| "tcp:?".into()),
             Self::Unix(_) => "unix".into(),
+            Self::Tls(s) => s.peer(),
+        }
+    }
+
+    /// Wait until the stream has data (or EOF) or `wake` fires. Under TLS,
+    /// data already decrypted counts, which polling the socket would miss.
+    pub fn poll_readable(
+        &self,
+        wake: Option<RawFd>,
+        timeout: Option<Duration>,
+    ) -> io::Result<Readiness> {
+        match self {
+            Self::Tls(s) => s.poll_readable(wake, timeout),
+            _ => poll_readable(self.as_raw_fd(), wake, timeout),
         }
     }
 
@@ -113,6 +192,9 @@ impl Stream {
         bufs: &mut [IoSliceMut<'_>],
         extra: &mut [u8],
     ) -> io::Result<usize> {
+        if let Self::Tls(s) = self {
+            return s.read_exact_vectored_then(bufs, extra);
+        }
         let want: usize = bufs.iter().map(|b| b.len()).sum();
         let mut all: Vec<IoSliceMut<'_>> = Vec::with_capacity(bufs.len() + 1);
         all.extend(bufs.iter_mut().map(|b| IoSliceMut::new(&mut b[..])));
@@ -136,6 +218,9 @@ impl Stream {
     /// Read what has already arrived, without waiting: `None` when nothing
     /// has. Lets a busy connection skip `poll` between requests.
     pub fn read_nowait(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        if let Self::Tls(s) = self {
+            return s.read_nowait(buf);
+        }
         loop {
             // SAFETY: `buf` is valid, writable memory of `buf.len()` bytes for
             // the duration of the call, and the descriptor is owned by `self`.
@@ -161,6 +246,9 @@ impl Stream {
 
     /// Write every slice completely, in order, with `writev`.
     pub fn write_all_vectored(&self, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+        if let Self::Tls(s) = self {
+            return s.write_all_vectored(bufs);
+        }
         IoSlice::advance_slices(&mut bufs, 0);
         while !bufs.is_empty() {
             match self.write_vectored(bufs) {
@@ -199,6 +287,7 @@ impl AsRawFd for Stream {
         match self {
             Self::Tcp(s) => s.as_raw_fd(),
             Self::Unix(s) => s.as_raw_fd(),
+            Self::Tls(s) => s.as_raw_fd(),
         }
     }
 }

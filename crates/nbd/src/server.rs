@@ -44,6 +44,7 @@ use tracing::{debug, info, warn};
 use crate::export::{BlockSizes, Export, ExportError, Staged, ZeroFlags};
 use crate::net::{poll_readable, Readiness, Stream};
 use crate::proto::{self, *};
+use crate::tls::{TlsMode, TlsServer, TlsStats};
 
 /// Default TCP listen address (the IANA NBD port on loopback).
 pub const DEFAULT_TCP_ADDR: &str = "127.0.0.1:10809";
@@ -71,6 +72,9 @@ pub struct ServerConfig {
     /// (and on handing a reply to a client that does not read). Idle waits
     /// between requests are not bounded.
     pub io_timeout: Option<Duration>,
+    /// NBD_OPT_STARTTLS: credentials and whether TLS is offered or required.
+    /// `None` is `--tls off`.
+    pub tls: Option<Arc<TlsServer>>,
 }
 
 impl Default for ServerConfig {
@@ -83,6 +87,7 @@ impl Default for ServerConfig {
             max_workers: 256,
             max_in_flight: 64,
             io_timeout: Some(Duration::from_secs(60)),
+            tls: None,
         }
     }
 }
@@ -198,6 +203,11 @@ impl Server {
 
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         self.shared.shutdown.clone()
+    }
+
+    /// The TLS mode and handshake counters (`None` when TLS is off).
+    pub fn tls_stats(&self) -> Option<(TlsMode, TlsStats)> {
+        self.shared.config.tls.as_ref().map(|t| (t.mode, t.stats()))
     }
 
     /// Connections currently open (handshaking or transmitting).
@@ -461,8 +471,10 @@ fn connection(shared: &Arc<Shared>, stream: Stream, id: u64) {
     if let Err(e) = stream.set_timeouts(shared.config.io_timeout) {
         warn!("nbd[{id}] {peer}: cannot set socket timeouts: {e}");
     }
+    let mut stream = stream;
+    let r = handshake(shared, &mut stream);
     let stream = Arc::new(stream);
-    match handshake(shared, &stream) {
+    match r {
         Ok(Some(neg)) => {
             debug!(
                 "nbd[{id}] {peer}: transmission (structured replies: {})",
@@ -473,7 +485,7 @@ fn connection(shared: &Arc<Shared>, stream: Stream, id: u64) {
         Ok(None) => debug!("nbd[{id}] {peer}: ended during handshake"),
         Err(Hangup(why)) => info!("nbd[{id}] {peer}: handshake failed: {why}"),
     }
-    stream.shutdown(Shutdown::Both);
+    stream.close();
 }
 
 fn transmission_flags(shared: &Shared, structured: bool) -> u16 {
@@ -503,10 +515,12 @@ fn send_opt(stream: &Stream, option: u32, reply: u32, data: &[u8]) -> io::Result
 
 /// Option haggling. `Ok(None)`: the client aborted or the server is
 /// shutting down; `Err`: a protocol violation, the connection ends.
-fn handshake(shared: &Shared, stream: &Stream) -> Result<Option<Negotiated>, Hangup> {
+/// After STARTTLS, `stream` is the TLS session.
+fn handshake(shared: &Shared, stream: &mut Stream) -> Result<Option<Negotiated>, Hangup> {
     let wake = Some(shared.shutdown.wake_fd());
+    let tls = shared.config.tls.as_deref();
     stream.write_all(&encode_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))?;
-    if poll_readable(stream.as_raw_fd(), wake, None)? == Readiness::Woken {
+    if stream.poll_readable(wake, None)? == Readiness::Woken {
         return Ok(None);
     }
     let mut b4 = [0u8; 4];
@@ -518,7 +532,7 @@ fn handshake(shared: &Shared, stream: &Stream) -> Result<Option<Negotiated>, Han
     let mut meta_context = None;
 
     loop {
-        if poll_readable(stream.as_raw_fd(), wake, None)? == Readiness::Woken {
+        if stream.poll_readable(wake, None)? == Readiness::Woken {
             return Ok(None);
         }
         let mut hb = [0u8; OPTION_HEADER_LEN];
@@ -568,6 +582,18 @@ fn handshake(shared: &Shared, stream: &Stream) -> Result<Option<Negotiated>, Han
                 continue;
             }
         };
+        let tls_required = tls.is_some_and(|t| t.mode == TlsMode::Require) && !stream.is_tls();
+        if tls_required && !matches!(req, OptionRequest::StartTls | OptionRequest::Abort) {
+            if let Some(t) = tls {
+                t.counters.refused_plain.fetch_add(1, Ordering::Relaxed);
+            }
+            if opt == OPT_EXPORT_NAME {
+                // It cannot carry an error: hang up, as nbdkit does.
+                return Err(Hangup("EXPORT_NAME without TLS, which is required".into()));
+            }
+            send_opt(stream, opt, REP_ERR_TLS_REQD, b"TLS is required")?;
+            continue;
+        }
         match req {
             OptionRequest::ExportName(name) => {
                 if !name_matches(shared, &name) {
@@ -596,7 +622,27 @@ fn handshake(shared: &Shared, stream: &Stream) -> Result<Option<Negotiated>, Han
                 send_opt(stream, opt, REP_ACK, &[])?;
             }
             OptionRequest::StartTls => {
-                send_opt(stream, opt, REP_ERR_UNSUP, b"TLS is not supported")?;
+                let Some(t) = tls.filter(|t| t.mode != TlsMode::Off) else {
+                    send_opt(stream, opt, REP_ERR_UNSUP, b"TLS is not supported")?;
+                    continue;
+                };
+                if stream.is_tls() {
+                    send_opt(stream, opt, REP_ERR_INVALID, b"TLS is already up")?;
+                    continue;
+                }
+                send_opt(stream, opt, REP_ACK, &[])?;
+                let plain = stream.try_clone()?;
+                let session = t
+                    .accept(plain, shared.config.io_timeout)
+                    .map_err(|e| Hangup(e.to_string()))?;
+                debug!(
+                    "nbd: TLS session up (peer name {:?})",
+                    session.peer_name().unwrap_or("")
+                );
+                *stream = Stream::Tls(Box::new(session));
+                // The spec: what was negotiated before TLS is forgotten.
+                structured = false;
+                meta_context = None;
             }
             OptionRequest::Info { go, name, requests } => {
                 if !name_matches(shared, &name) {
@@ -993,7 +1039,7 @@ fn transmission(shared: &Arc<Shared>, stream: Arc<Stream>, neg: Negotiated, id: 
                     break;
                 }
                 Ok(Some(n)) => have = n,
-                Ok(None) => match poll_readable(conn.stream.as_raw_fd(), wake, None) {
+                Ok(None) => match conn.stream.poll_readable(wake, None) {
                     // Readable: the blocking read below takes the header.
                     Ok(Readiness::Ready) => {}
                     Ok(_) => break, // shutting down: stop reading requests
@@ -1061,7 +1107,7 @@ fn transmission(shared: &Arc<Shared>, stream: Arc<Stream>, neg: Negotiated, id: 
         conn.in_flight_cv.wait(&mut n);
     }
     drop(n);
-    conn.stream.shutdown(Shutdown::Both);
+    conn.stream.close();
 }
 
 /// Run `job` on a worker of `pool`, counted in the connection's in-flight

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::{mem_export, pattern, InProc, TempDir};
 use pmcache_nbd::proto::*;
+use pmcache_nbd::tls::TlsClientConfig;
 use pmcache_nbd::{
     Client, ClientOptions, Endpoint, MemExport, NbdUri, Server, ServerConfig, ServerError,
 };
@@ -348,7 +349,8 @@ fn uri_parsing() {
                 host: "example.com".into(),
                 port: 1234
             },
-            export: "my disk".into()
+            export: "my disk".into(),
+            tls: None,
         }
     );
     let u = NbdUri::parse("nbd://[::1]/").unwrap();
@@ -365,10 +367,48 @@ fn uri_parsing() {
     let u = NbdUri::parse("nbd+unix:///exp?socket=/tmp/a%2Cb.sock").unwrap();
     assert_eq!(u.endpoint, Endpoint::Unix("/tmp/a,b.sock".into()));
     assert_eq!(u.export, "exp");
+    assert_eq!(u.tls, None);
+    // TLS: libnbd's query parameters; the user part is the PSK identity.
+    let u = NbdUri::parse("nbds://alice@nas:10810/vol?tls-psk-file=/k%20s.psk").unwrap();
+    assert_eq!(
+        u.endpoint,
+        Endpoint::Tcp {
+            host: "nas".into(),
+            port: 10810
+        }
+    );
+    assert_eq!(
+        u.tls,
+        Some(TlsClientConfig {
+            certificates: None,
+            psk_file: Some("/k s.psk".into()),
+            username: Some("alice".into()),
+            verify_peer: true,
+            hostname: Some("nas".into()),
+        })
+    );
+    let u = NbdUri::parse(
+        "nbds+unix:///e?socket=/s&tls-certificates=/pki&tls-verify-peer=false&tls-hostname=x",
+    )
+    .unwrap();
+    assert_eq!(u.endpoint, Endpoint::Unix("/s".into()));
+    assert_eq!(
+        u.tls,
+        Some(TlsClientConfig {
+            certificates: Some("/pki".into()),
+            psk_file: None,
+            username: None,
+            verify_peer: false,
+            hostname: Some("x".into()),
+        })
+    );
     for bad in [
         "nbd+unix:///",
         "nbd+unix://host/?socket=/x",
-        "nbds://h/",
+        "nbd://alice@h/",
+        "nbd://h/?tls-certificates=/x",
+        "nbds://alice:secret@h/",
+        "nbds://h/?tls-verify-peer=maybe",
         "http://h/",
         "nbd://h:99999/",
         "nbd://h:x/",

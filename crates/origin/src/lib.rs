@@ -75,9 +75,11 @@ pub trait Origin: Send + Sync {
     fn flush(&self) -> io::Result<()>;
 }
 
-/// Open an origin from a CLI spec: `PATH`, `file:PATH`, `nbd://…` or `nbd+unix://…`.
+/// Open an origin from a CLI spec: `PATH`, `file:PATH`, `nbd://…`,
+/// `nbd+unix://…`, or with TLS `nbds://…` or `nbds+unix://…`.
 pub fn open(spec: &str) -> io::Result<Box<dyn Origin>> {
-    if spec.starts_with("nbd://") || spec.starts_with("nbd+unix://") {
+    let nbd = ["nbd://", "nbd+unix://", "nbds://", "nbds+unix://"];
+    if nbd.iter().any(|p| spec.starts_with(p)) {
         Ok(Box::new(NbdOrigin::connect(spec)?))
     } else {
         let path = spec.strip_prefix("file:").unwrap_or(spec);
