@@ -1,30 +1,45 @@
 #!/usr/bin/env bash
 # NBD over TLS (issue 16): pmcache serve --tls require against nbdkit's memory plugin with
-# --tls=require and the same PSK, fio's nbd engine over nbds+unix URIs, in one run; plus
-# pmcache without TLS for the cost of TLS. Cache in /dev/shm (--assume-pmem), origin a sparse
-# file in /dev/shm, working set written first so reads hit.
-# Usage: bench/tls_bench.sh [RUNTIME_S]   (needs nbdkit, fio, psktool; a release build)
+# --tls=require and the same X.509 credentials (TLS 1.3, AES-GCM), fio's nbd engine over
+# nbds://localhost TCP URIs, in one run; plus pmcache without TLS for the cost of TLS. (X.509,
+# not PSK: libnbd refuses tls-psk-file in a URI unless the program allows local files, and fio
+# does not; the CA comes from libnbd's default directory, $HOME/.pki/libnbd.) Cache in /dev/shm
+# (--assume-pmem), origin a sparse file in /dev/shm, working set written first so reads hit.
+# Usage: bench/tls_bench.sh [RUNTIME_S]   (needs nbdkit, fio, certtool; a release build)
 set -euo pipefail
 RT=${1:-5}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PM=$ROOT/target/release/pmcache
 D=$(mktemp -d /dev/shm/pmtls-XXXXXX)
 trap 'kill $(cat "$D"/*.pid 2>/dev/null) 2>/dev/null || true; sleep 0.5; rm -rf "$D"' EXIT
-psktool -u bench -p "$D/keys.psk" >/dev/null
-truncate -s 1G "$D/origin.img"
-nbdkit -U "$D/mem.sock" -P "$D/nbdkit.pid" --tls=require --tls-psk="$D/keys.psk" memory 1G
+P=$D/pki; mkdir -p "$P" "$D/home/.pki/libnbd"
+printf 'cn = bench CA\nca\ncert_signing_key\n' >"$D/ca.info"
+printf 'cn = localhost\ndns_name = localhost\ntls_www_server\nencryption_key\nsigning_key\n' >"$D/server.info"
+certtool --generate-privkey --outfile "$P/ca-key.pem" 2>/dev/null
+certtool --generate-self-signed --load-privkey "$P/ca-key.pem" --template "$D/ca.info" \
+  --outfile "$P/ca-cert.pem" 2>/dev/null
+certtool --generate-privkey --outfile "$P/server-key.pem" 2>/dev/null
+certtool --generate-certificate --load-ca-certificate "$P/ca-cert.pem" --load-ca-privkey \
+  "$P/ca-key.pem" --load-privkey "$P/server-key.pem" --template "$D/server.info" \
+  --outfile "$P/server-cert.pem" 2>/dev/null
+cp "$P/ca-cert.pem" "$D/home/.pki/libnbd/"
+export HOME=$D/home
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+MP=$(port); PP=$(port)
+truncate -s 1G "$D/origin.img" "$D/origin2.img"
+nbdkit -i 127.0.0.1 -p "$MP" -P "$D/nbdkit.pid" --tls=require --tls-certificates="$P" memory 1G
 "$PM" serve --cache "$D/cache.pmem" --cache-size 1G --assume-pmem --origin "$D/origin.img" \
-  --socket "$D/pm.sock" --tls require --tls-psk "$D/keys.psk" >"$D/pm.log" 2>&1 &
+  --listen "127.0.0.1:$PP" --tls require --tls-certificates "$P" >"$D/pm.log" 2>&1 &
 echo $! >"$D/pm.pid"
 "$PM" serve --cache "$D/cache2.pmem" --cache-size 1G --assume-pmem --origin "$D/origin2.img" \
   --socket "$D/plain.sock" >"$D/plain.log" 2>&1 &
 echo $! >"$D/plain.pid"
-for s in pm plain; do for _ in $(seq 100); do [ -S "$D/$s.sock" ] && break; sleep 0.1; done; done
+for _ in $(seq 100); do [ -S "$D/plain.sock" ] && grep -q serving "$D/pm.log" && break; sleep 0.1; done
 uri() {
   case $1 in
     plain) echo "nbd+unix:///?socket=$D/plain.sock" ;;
-    pm) echo "nbds+unix:///?socket=$D/pm.sock&tls-psk-file=$D/keys.psk&tls-username=bench" ;;
-    mem) echo "nbds+unix:///?socket=$D/mem.sock&tls-psk-file=$D/keys.psk&tls-username=bench" ;;
+    pm) echo "nbds://localhost:$PP/" ;;
+    mem) echo "nbds://localhost:$MP/" ;;
   esac
 }
 job() { # setup rw bs qd [runtime]

@@ -706,25 +706,28 @@ impl TlsStream {
         Ok(self.read_nowait(&mut extra[..pending])?.unwrap_or(0))
     }
 
-    /// Encrypt and send every slice, in order. Small slices are gathered
-    /// into one record; large ones are encrypted straight from their memory.
+    /// Encrypt and send every slice, in order, in full records: slices are
+    /// gathered into a record-sized buffer (4 KiB cache slots would each
+    /// cost a record and a system call of their own), except whole records'
+    /// worth of a large slice, which are encrypted straight from its memory.
     pub fn write_all_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<()> {
         let deadline = self.write_deadline();
-        let mut staged: Vec<u8> = Vec::new();
+        let mut staged: Vec<u8> = Vec::with_capacity(RECORD);
         for b in bufs {
-            if b.len() < RECORD / 4 && staged.len() + b.len() <= RECORD {
-                staged.extend_from_slice(b);
-                continue;
+            let mut b: &[u8] = b;
+            if staged.is_empty() && b.len() >= RECORD {
+                let whole = b.len() / RECORD * RECORD;
+                self.write_all(&b[..whole], deadline)?;
+                b = &b[whole..];
             }
-            if !staged.is_empty() {
-                // Top the record up from this slice.
+            while !b.is_empty() {
                 let take = (RECORD - staged.len()).min(b.len());
                 staged.extend_from_slice(&b[..take]);
-                self.write_all(&staged, deadline)?;
-                staged.clear();
-                self.write_all(&b[take..], deadline)?;
-            } else {
-                self.write_all(b, deadline)?;
+                b = &b[take..];
+                if staged.len() == RECORD {
+                    self.write_all(&staged, deadline)?;
+                    staged.clear();
+                }
             }
         }
         if !staged.is_empty() {
