@@ -1,0 +1,265 @@
+//! Slot allocation and reclaim: free lists, retiring slots whose FREE
+//! waits for the watermark (format rule 2), eviction of clean blocks.
+
+use super::*;
+
+impl Engine {
+    /// Retire a slot that left the index. Its FREE store waits until the
+    /// watermark covers its seq, so a multi-block transaction stays whole in
+    /// media while recovery might still need to verify it (format rule 2).
+    /// The reclaim that frees the slot makes the store.
+    pub(crate) fn retire(&self, ix: &mut ShardIndex, s: u32, seq: u64) {
+        let state = if seq <= self.seq.durable() {
+            RState::Covered
+        } else {
+            RState::Live
+        };
+        ix.retiring.push(Retired {
+            slot: s,
+            seq,
+            state,
+        });
+    }
+
+    /// Prepare a reclaim batch of up to `victims` free slots: the retiring
+    /// slots the watermark now allows, then clean LRU slots for the rest.
+    /// Returns the slots whose FREE [`flush_reclaim`](Self::flush_reclaim)
+    /// stores before the fence and, per slot, whether it may be freed after
+    /// the fence.
+    pub(super) fn prepare_reclaim(&self, ix: &mut ShardIndex, victims: usize) -> Batch {
+        let first = ix.first_slot;
+        let durable = self.seq.durable();
+        ix.reclaim_durable = durable;
+        let mut out: Vec<(u32, u64, bool)> = Vec::with_capacity(ix.retiring.len() + victims);
+        // A block's newest version may be evicted only once every older
+        // version is durably FREE (format rule 3). Older versions made FREE
+        // by this batch are not durable before its fence, and the victim's
+        // FREE store could reach media first, so their blocks wait.
+        let mut blocked: Vec<u64> = Vec::new();
+        // Filtered in place: the list keeps its capacity from batch to batch.
+        let mut retiring = std::mem::take(&mut ix.retiring);
+        retiring.retain(|r| {
+            if r.state != RState::Durable {
+                blocked.push(ix.key(r.slot) & BLOCK_MASK);
+            }
+            let keep = match r.state {
+                RState::Live => r.seq > durable,
+                RState::Covered => false,
+                RState::Durable => ix.pins(r.slot) > 0,
+            };
+            if !keep {
+                out.push((r.slot, r.seq, ix.pins(r.slot) == 0));
+            }
+            keep
+        });
+        // Retired slots count towards what is wanted: evict only the rest.
+        let victims = victims.saturating_sub(out.iter().filter(|o| o.2).count());
+        if victims > 0 {
+            blocked.sort_unstable();
+            let keys = ix.pick_victims(victims, |s, k| {
+                k & K_VALID != 0
+                    && k & (K_DIRTY | K_WB) == 0
+                    && key_pins(k) == 0
+                    && self.slot_seq(first, s) <= durable
+                    && blocked.binary_search(&(k & BLOCK_MASK)).is_err()
+            });
+            for s in keys {
+                let seq = self.slot_seq(first, s);
+                ix.remove(s);
+                out.push((s, seq, true));
+                self.counters.add(Ctr::Evictions, 1);
+            }
+        }
+        ix.retiring = retiring;
+        out
+    }
+
+    /// Store FREE into a prepared batch's state words (before a fence), by
+    /// the thread that fences. Streaming stores: a retired slot's entry line
+    /// is cold, and a temporal store would read it from media first.
+    pub(super) fn flush_reclaim(&self, first: u64, batch: &[(u32, u64, bool)]) {
+        for &(s, _, _) in batch {
+            self.region
+                .store_word_flush(self.state_off(first, s), STATE_FREE);
+        }
+    }
+
+    /// After a fence: free what the batch made durable.
+    pub(super) fn complete_reclaim(&self, ix: &mut ShardIndex, mut batch: Batch) {
+        // Highest slot first onto the LIFO free list, so that writers take
+        // the batch in ascending order and neighbouring slots share their
+        // index lines and page-table entries instead of each missing alone.
+        // A small early batch is warm already and not worth sorting.
+        if batch.len() > 2 * RECLAIM_EARLY {
+            batch.sort_unstable_by_key(|b| std::cmp::Reverse(b.0));
+        }
+        for (slot, seq, may_free) in batch {
+            if may_free {
+                ix.push_free(slot);
+            } else {
+                ix.retiring.push(Retired {
+                    slot,
+                    seq,
+                    state: RState::Durable,
+                });
+            }
+        }
+        ix.reclaiming = false;
+    }
+
+    /// Reclaim with a fence of our own. `ix` is re-locked on return.
+    /// False when nothing could be reclaimed or another reclaim runs.
+    pub(super) fn reclaim_now(
+        &self,
+        shard: usize,
+        ix: &mut MutexGuard<'_, ShardIndex>,
+        victims: usize,
+    ) -> bool {
+        if ix.reclaiming {
+            return false;
+        }
+        let batch = self.prepare_reclaim(ix, victims);
+        if batch.is_empty() {
+            return self.raise_watermark(ix);
+        }
+        ix.reclaiming = true;
+        let first = ix.first_slot;
+        MutexGuard::unlocked(ix, || {
+            self.flush_reclaim(first, &batch);
+            // Include S so slots of recent transactions become reusable too.
+            let staged = self.seq.stage_watermark(&*self.region);
+            self.region.fence();
+            self.seq.end_staged(staged);
+        });
+        self.complete_reclaim(ix, batch);
+        self.shards[shard].cv.notify_all();
+        true
+    }
+
+    /// A fence that only raises S, when S lags the seqs handed out. Retired
+    /// slots wait for S to cover their seq, and so do eviction victims;
+    /// writers raise S only now and then (see `Sequencer::
+    /// stage_watermark_own`), so with no later writer a waiting allocator
+    /// must issue that fence itself. `ix` is re-locked on return. True if
+    /// S rose.
+    pub(super) fn raise_watermark(&self, ix: &mut MutexGuard<'_, ShardIndex>) -> bool {
+        if self.seq.last() <= self.seq.durable() {
+            return false;
+        }
+        let staged = MutexGuard::unlocked(ix, || {
+            let staged = self.seq.stage_watermark(&*self.region);
+            if staged > 0 {
+                self.region.fence();
+                self.seq.end_staged(staged);
+            }
+            staged
+        });
+        staged > 0
+    }
+
+    /// Take `need` free slots from a shard, pinned, reclaiming or waiting
+    /// for writeback as needed. With `wait == false`, gives up instead of
+    /// waiting. With `piggy`, a shard running low also prepares a reclaim
+    /// batch for the caller's next fence (`(request blocks, batches)`).
+    #[allow(clippy::type_complexity)]
+    pub(super) fn alloc(
+        &self,
+        shard: usize,
+        need: usize,
+        wait: bool,
+        piggy: Option<(u32, &mut Batches)>,
+    ) -> Result<Option<SmallVec<[u32; 4]>>> {
+        self.alloc_locked(shard, &mut self.shards[shard].ix.lock(), need, wait, piggy)
+    }
+
+    /// [`alloc`](Self::alloc) with the shard's lock already taken.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn alloc_locked(
+        &self,
+        shard: usize,
+        ix: &mut MutexGuard<'_, ShardIndex>,
+        need: usize,
+        wait: bool,
+        piggy: Option<(u32, &mut Batches)>,
+    ) -> Result<Option<SmallVec<[u32; 4]>>> {
+        let sh = &self.shards[shard];
+        let mut waited = false;
+        loop {
+            if ix.free_len as usize >= need {
+                let v: SmallVec<[u32; 4]> = (0..need)
+                    .map(|_| {
+                        let s = ix.pop_free().expect("free count");
+                        ix.pin(s);
+                        s
+                    })
+                    .collect();
+                if let Some((count, batches)) = piggy {
+                    if let Some(b) = self.piggyback_batch(ix, count) {
+                        batches.push((shard, b));
+                    }
+                }
+                return Ok(Some(v));
+            }
+            let want = need - ix.free_len as usize + low_water(ix.nslots(), 0) as usize;
+            if self.reclaim_now(shard, ix, want) {
+                continue;
+            }
+            if !wait {
+                return Ok(None);
+            }
+            self.check_open()?;
+            if self.stop_waits.load(Ordering::SeqCst) {
+                return Err(EngineError::ShuttingDown);
+            }
+            if !waited {
+                self.counters.add(Ctr::WaitsForSpace, 1);
+                waited = true;
+            }
+            if self.wb.thread.lock().is_some() {
+                self.kick_writeback();
+                sh.cv.wait_for(ix, Duration::from_millis(10));
+            } else {
+                // No writeback thread (tools, tests): clean a batch ourselves.
+                let r = MutexGuard::unlocked(ix, || self.writeback_step(self.cfg.writeback_batch));
+                match r {
+                    Ok(0) => {
+                        sh.cv.wait_for(ix, Duration::from_millis(1));
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "writeback for space failed; retrying");
+                        sh.cv.wait_for(ix, Duration::from_millis(50));
+                    }
+                }
+            }
+        }
+    }
+
+    /// A reclaim batch to ride on the caller's next fence, when the shard
+    /// runs low or has enough retired slots (`count`: the request's blocks).
+    pub(super) fn piggyback_batch(&self, ix: &mut ShardIndex, count: u32) -> Option<Batch> {
+        let lw = low_water(ix.nslots(), count);
+        // While a slow or preempted transaction holds S back, nothing new
+        // can be freed; rescanning the growing list on every write would
+        // make each write cost as much as the list is long.
+        let early = ix.retiring.len() >= RECLAIM_EARLY && self.seq.durable() > ix.reclaim_durable;
+        if ix.reclaiming || (ix.free_len >= lw && !early) {
+            return None;
+        }
+        let want = lw.saturating_sub(ix.free_len) as usize;
+        let b = self.prepare_reclaim(ix, want);
+        if b.is_empty() {
+            return None;
+        }
+        ix.reclaiming = true;
+        Some(b)
+    }
+
+    pub(super) fn release_slots(&self, blocks: &[NewBlock]) {
+        for nb in blocks {
+            let mut ix = self.shards[nb.shard].ix.lock();
+            ix.unpin(nb.slot);
+            ix.push_free(nb.slot);
+        }
+    }
+}

@@ -1,0 +1,518 @@
+//! Reads: hits straight from pmem, misses from the origin into new slots
+//! (or a bounce buffer), published clean.
+
+use super::*;
+
+impl Engine {
+    /// Read `[offset, offset + len)` and hand the bytes to `sink` as slices
+    /// that point into the cache where possible.
+    pub fn read_with(
+        &self,
+        offset: u64,
+        len: u64,
+        sink: &mut dyn FnMut(&[IoSlice<'_>]) -> io::Result<()>,
+    ) -> Result<()> {
+        self.read_impl(offset, len, sink, false).map(|_| ())
+    }
+
+    /// [`read_with`](Self::read_with) if every block is cached and nothing
+    /// must wait; `Ok(false)` (sink not called) otherwise. Lets the NBD
+    /// connection thread answer hits without a hand-off.
+    pub fn try_read_cached(
+        &self,
+        offset: u64,
+        len: u64,
+        sink: &mut dyn FnMut(&[IoSlice<'_>]) -> io::Result<()>,
+    ) -> Result<bool> {
+        self.read_impl(offset, len, sink, true)
+    }
+
+    pub(super) fn read_impl(
+        &self,
+        offset: u64,
+        len: u64,
+        sink: &mut dyn FnMut(&[IoSlice<'_>]) -> io::Result<()>,
+        cached_only: bool,
+    ) -> Result<bool> {
+        self.check_request(offset, len)?;
+        if len == 0 {
+            return sink(&[]).map(|()| true).map_err(EngineError::Transfer);
+        }
+        let bs = self.bs();
+        let (b0, b1) = (offset / bs, (offset + len - 1) / bs);
+        if b0 == b1 {
+            if let Some(r) = self.read_block_hit(offset, len, sink) {
+                return r.map(|()| true);
+            }
+        }
+        let ids = self.shards_of(b0, b1);
+        let nblocks = (b1 - b0 + 1) as usize;
+
+        // Look every block up under all shard locks at once, so the request
+        // sees each concurrent write either wholly or not at all.
+        let mut locs: Vec<Loc> = Vec::with_capacity(nblocks);
+        loop {
+            let mut g = self.lock_all(&ids);
+            locs.clear();
+            let mut blocked = None;
+            for b in b0..=b1 {
+                let sh = self.shard_of(b);
+                let ix = &mut g[Self::guard_pos(&ids, sh)];
+                match ix.lookup(b) {
+                    Some(s) if ix.pin(s) => {
+                        ix.touch(s);
+                        locs.push(Loc::Hit {
+                            shard: sh,
+                            slot: s,
+                            zero: ix.key(s) & K_ZERO != 0,
+                        })
+                    }
+                    Some(_) => {
+                        blocked = Some(sh);
+                        break;
+                    }
+                    None if ix.lock_state(b).origin_writer => {
+                        blocked = Some(sh);
+                        break;
+                    }
+                    None if cached_only => {
+                        blocked = Some(sh);
+                        break;
+                    }
+                    None => locs.push(Loc::Miss),
+                }
+            }
+            if cached_only && blocked.is_some() {
+                Self::unpin_hits(&ids, &mut g, &locs);
+                return Ok(false);
+            }
+            match blocked {
+                None => {
+                    for (i, b) in (b0..=b1).enumerate() {
+                        if matches!(locs[i], Loc::Miss) {
+                            g[Self::guard_pos(&ids, self.shard_of(b))]
+                                .update_lock(b, |l| l.origin_readers += 1);
+                        }
+                    }
+                    break;
+                }
+                Some(sh) => {
+                    Self::unpin_hits(&ids, &mut g, &locs);
+                    let pos = Self::guard_pos(&ids, sh);
+                    let mut mine = g.swap_remove(pos);
+                    drop(g);
+                    self.shards[sh]
+                        .cv
+                        .wait_for(&mut mine, Duration::from_millis(5));
+                }
+            }
+        }
+
+        let hits = locs.iter().filter(|l| matches!(l, Loc::Hit { .. })).count() as u64;
+        self.counters.add(Ctr::ReadHits, hits);
+        self.counters.add(Ctr::ReadMisses, nblocks as u64 - hits);
+        self.counters.add(Ctr::ReadBytes, len);
+        // A scan's misses go around the cache: hits are still served from it.
+        let promotes = self.cfg.promote_reads && self.mode() != CacheMode::Passthrough;
+        let bypass = promotes && hits < nblocks as u64 && self.streams.bypass(offset, len, false);
+        if bypass {
+            self.counters.add(Ctr::BypassReads, 1);
+            self.counters.add(Ctr::BypassBytes, len);
+        }
+
+        let misses = self.fetch_misses(b0, &locs, !bypass);
+        let result = match misses {
+            Err(e) => Err(e),
+            Ok((filled, bounce)) => {
+                let r = self.emit(offset, len, b0, &locs, &filled, &bounce, sink);
+                self.unpin_all(&filled);
+                r
+            }
+        };
+        for l in &locs {
+            if let Loc::Hit { shard, slot, .. } = *l {
+                self.shards[shard].ix.lock().unpin(slot);
+            }
+        }
+        result.map(|()| true)
+    }
+
+    /// A read within one cached block, without the general path's
+    /// bookkeeping (what `read_impl` does for a request that hits).
+    /// `None` on a miss or a saturated pin count; the general path then
+    /// takes the request.
+    pub(super) fn read_block_hit(
+        &self,
+        offset: u64,
+        len: u64,
+        sink: &mut dyn FnMut(&[IoSlice<'_>]) -> io::Result<()>,
+    ) -> Option<Result<()>> {
+        let bs = self.bs();
+        let b = offset / bs;
+        let sh = self.shard_of(b);
+        let shard = &self.shards[sh];
+        shard.prefetch_bucket(b);
+        let mut ix = shard.ix.lock();
+        let s = ix.lookup(b)?;
+        if !ix.pin(s) {
+            return None;
+        }
+        ix.touch(s);
+        let zero = ix.key(s) & K_ZERO != 0;
+        let first = ix.first_slot;
+        drop(ix);
+        self.counters.add(Ctr::ReadHits, 1);
+        self.counters.add(Ctr::ReadBytes, len);
+        let lo = (offset - b * bs) as usize;
+        let bytes = if zero {
+            &self.zeros[lo..lo + len as usize]
+        } else {
+            // SAFETY: pinned above; unpinned after the sink returns.
+            unsafe { self.pinned_bytes(first, s, lo, len as usize) }
+        };
+        let r = sink(&[IoSlice::new(bytes)]).map_err(EngineError::Transfer);
+        shard.ix.lock().unpin(s);
+        Some(r)
+    }
+
+    /// Bytes of a slot's data.
+    ///
+    /// # Safety
+    /// The caller holds a pin on the slot (or owns it, after a fill) until
+    /// it drops the slice: pinned slots are never handed to writers
+    /// (copy-on-write), so nobody writes the bytes meanwhile.
+    pub(super) unsafe fn pinned_bytes(&self, first: u64, s: u32, lo: usize, len: usize) -> &[u8] {
+        // SAFETY: as the caller guarantees.
+        unsafe { self.region.slice(self.data(first, s) + lo, len) }
+    }
+
+    /// Drop the pins a lookup took, with its shard locks still held.
+    pub(super) fn unpin_hits(ids: &[usize], g: &mut [MutexGuard<'_, ShardIndex>], locs: &[Loc]) {
+        for l in locs {
+            if let Loc::Hit { shard, slot, .. } = *l {
+                g[Self::guard_pos(ids, shard)].unpin(slot);
+            }
+        }
+    }
+
+    /// Build the slices of a read and call the sink.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn emit(
+        &self,
+        offset: u64,
+        len: u64,
+        b0: u64,
+        locs: &[Loc],
+        filled: &[NewBlock],
+        bounce: &Bounce,
+        sink: &mut dyn FnMut(&[IoSlice<'_>]) -> io::Result<()>,
+    ) -> Result<()> {
+        let bs = self.bs();
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(locs.len());
+        let (mut fi, mut bi) = (0, 0);
+        for (i, loc) in locs.iter().enumerate() {
+            let b = b0 + i as u64;
+            let lo = if i == 0 { offset - b * bs } else { 0 } as usize;
+            let hi = if b == (offset + len - 1) / bs {
+                offset + len - b * bs
+            } else {
+                bs
+            } as usize;
+            let slot = match *loc {
+                Loc::Hit { zero: true, .. } => None,
+                Loc::Hit { shard, slot, .. } => Some((shard, slot)),
+                Loc::Miss => {
+                    if fi < filled.len() && filled[fi].block == b {
+                        fi += 1;
+                        Some((filled[fi - 1].shard, filled[fi - 1].slot))
+                    } else {
+                        bi += 1;
+                        let at = (bi - 1) * bs as usize;
+                        debug_assert_eq!(bounce.blocks[bi - 1], b);
+                        slices.push(IoSlice::new(&bounce.buf[at + lo..at + hi]));
+                        continue;
+                    }
+                }
+            };
+            match slot {
+                None => slices.push(IoSlice::new(&self.zeros[lo..hi])),
+                Some((shard, s)) => {
+                    // SAFETY: hits are pinned and filled slots owned by
+                    // this request until after the sink returns.
+                    let bytes = unsafe { self.pinned_bytes(self.firsts[shard], s, lo, hi - lo) };
+                    slices.push(IoSlice::new(bytes));
+                }
+            }
+        }
+        sink(&slices).map_err(EngineError::Transfer)
+    }
+
+    /// Fetch the missed blocks from the origin: into new cache slots where
+    /// the mode promotes and there is room, else into bounce buffers.
+    /// Releases the origin-reader locks taken by the lookup.
+    pub(super) fn fetch_misses(&self, b0: u64, locs: &[Loc], promote: bool) -> Result<Fetched> {
+        let bs = self.bs() as usize;
+        let missing: Vec<u64> = locs
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| matches!(l, Loc::Miss))
+            .map(|(i, _)| b0 + i as u64)
+            .collect();
+        if missing.is_empty() {
+            return Ok((Vec::new(), Bounce::default()));
+        }
+        let promote = promote && self.cfg.promote_reads && self.mode() != CacheMode::Passthrough;
+        let mut filled: Vec<NewBlock> = Vec::new();
+        let mut unslotted: Vec<u64> = Vec::new();
+        if promote {
+            let (first, last) = (missing[0], missing[missing.len() - 1]);
+            for sh in self.shards_of(first, last) {
+                let mine: Vec<u64> = missing
+                    .iter()
+                    .copied()
+                    .filter(|&b| self.shard_of(b) == sh)
+                    .collect();
+                if mine.is_empty() {
+                    continue;
+                }
+                match self.alloc(sh, mine.len(), false, None) {
+                    Ok(Some(slots)) => {
+                        for (&b, &s) in mine.iter().zip(&slots) {
+                            filled.push(NewBlock {
+                                block: b,
+                                shard: sh,
+                                slot: s,
+                                zero: false,
+                                on_origin: false,
+                                lo: 0,
+                                hi: bs as u32,
+                            });
+                        }
+                    }
+                    _ => unslotted.extend(&mine),
+                }
+            }
+            filled.sort_by_key(|n| n.block);
+            unslotted.sort_unstable();
+        } else {
+            unslotted.extend(&missing);
+        }
+
+        // Origin → slots (or bounce), one vectored request per contiguous run.
+        let mut targets: Vec<(u64, IoSliceMut<'_>)> = Vec::with_capacity(missing.len());
+        let firsts: Vec<u64> = filled.iter().map(|nb| self.firsts[nb.shard]).collect();
+        for (nb, &first) in filled.iter().zip(&firsts) {
+            // SAFETY: the slot was just taken from the free list and is not
+            // published, so this request is its only user.
+            let buf = unsafe { self.region.slice_mut(self.data(first, nb.slot), bs) };
+            targets.push((nb.block, IoSliceMut::new(buf)));
+        }
+        let mut bounce = Bounce::new(unslotted, bs);
+        for (b, v) in bounce.blocks.iter().zip(bounce.buf.chunks_exact_mut(bs)) {
+            targets.push((*b, IoSliceMut::new(v)));
+        }
+        targets.sort_by_key(|t| t.0);
+        let mut res = Ok(());
+        let mut i = 0;
+        while i < targets.len() && res.is_ok() {
+            let mut j = i + 1;
+            while j < targets.len() && targets[j].0 == targets[j - 1].0 + 1 {
+                j += 1;
+            }
+            let start = targets[i].0;
+            let end = (start + (j - i) as u64) * bs as u64;
+            // The last block may extend past the origin's end: zero the tail.
+            let keep_last = bs - end.saturating_sub(self.size) as usize;
+            let n = j - i;
+            let mut run: Vec<IoSliceMut<'_>> = targets[i..j]
+                .iter_mut()
+                .enumerate()
+                .map(|(k, t)| {
+                    let sl: &mut [u8] = &mut t.1;
+                    if k + 1 == n && keep_last < bs {
+                        sl[keep_last..].fill(0);
+                        IoSliceMut::new(&mut sl[..keep_last])
+                    } else {
+                        IoSliceMut::new(sl)
+                    }
+                })
+                .collect();
+            res = self.origin_read_retrying(&mut run, start * bs as u64);
+            i = j;
+        }
+        drop(targets);
+        // Bounce buffers publish nothing: their reader locks can go now. A
+        // filled block keeps its lock until `commit_fill` has decided, under
+        // the same shard lock, whether its data may still be published.
+        self.release_origin_readers(bounce.blocks.iter().copied());
+        if let Err(source) = res {
+            self.release_origin_readers(filled.iter().map(|nb| nb.block));
+            self.release_slots(&filled);
+            return Err(EngineError::Origin {
+                offset: missing[0] * bs as u64,
+                source,
+            });
+        }
+        if !filled.is_empty() {
+            self.test_hook(HookPoint::FillRead);
+            self.commit_fill(&mut filled, &firsts);
+        }
+        Ok((filled, bounce))
+    }
+
+    /// An origin request, tried again after short pauses before the client
+    /// sees an error: one failed request of a flaky origin costs a retry,
+    /// not a failed client request.
+    pub(super) fn origin_retrying<T>(
+        &self,
+        what: &str,
+        offset: u64,
+        mut op: impl FnMut() -> io::Result<T>,
+    ) -> io::Result<T> {
+        let mut pause = Duration::from_millis(1);
+        let mut attempt = 1;
+        loop {
+            match op() {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    self.counters.add(Ctr::OriginErrors, 1);
+                    if attempt >= ORIGIN_ATTEMPTS || self.check_open().is_err() {
+                        tracing::warn!(offset, error = %e, attempt, "origin {what} failed");
+                        return Err(e);
+                    }
+                    tracing::debug!(offset, error = %e, attempt, "origin {what} failed; retrying");
+                }
+            }
+            std::thread::sleep(pause);
+            pause *= 4;
+            attempt += 1;
+        }
+    }
+
+    pub(super) fn origin_read_retrying(
+        &self,
+        bufs: &mut [IoSliceMut<'_>],
+        offset: u64,
+    ) -> io::Result<()> {
+        self.origin_retrying("read", offset, || {
+            self.origin.read_vectored_at(bufs, offset)
+        })
+    }
+
+    pub(super) fn release_origin_readers(&self, blocks: impl Iterator<Item = u64>) {
+        for b in blocks {
+            let sh = self.shard_of(b);
+            self.shards[sh]
+                .ix
+                .lock()
+                .update_lock(b, |l| l.origin_readers -= 1);
+            self.shards[sh].cv.notify_all();
+        }
+    }
+
+    /// Publish freshly read blocks as clean cache entries. A block that a
+    /// writer took meanwhile is not published: the writer's version is newer.
+    ///
+    /// The caller still holds each block's origin-reader lock, so since the
+    /// read no origin write (writeback, writethrough, writearound) can have
+    /// changed the block on the origin; a newer version can only be in the
+    /// index or under a writer lock, which the check below sees. The reader
+    /// lock is dropped in the same critical section as that check, and a
+    /// kept block holds the writer lock from there to its publish.
+    pub(super) fn commit_fill(&self, filled: &mut [NewBlock], firsts: &[u64]) {
+        let ids: ShardIds = {
+            let mut v: ShardIds = filled.iter().map(|n| n.shard).collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        let mut keep = vec![false; filled.len()];
+        {
+            let mut g = self.lock_all(&ids);
+            for (i, nb) in filled.iter().enumerate() {
+                let ix = &mut g[Self::guard_pos(&ids, nb.shard)];
+                let lock = ix.lock_state(nb.block);
+                assert!(lock.origin_readers > 0 && !lock.origin_writer);
+                ix.update_lock(nb.block, |l| l.origin_readers -= 1);
+                if ix.lookup(nb.block).is_none() && !lock.writer {
+                    ix.update_lock(nb.block, |l| l.writer = true);
+                    keep[i] = true;
+                }
+            }
+        }
+        for &sh in &ids {
+            self.shards[sh].cv.notify_all();
+        }
+        let count = keep.iter().filter(|&&k| k).count() as u32;
+        if count > 0 {
+            let t = self.seq.begin();
+            for (i, nb) in filled.iter().enumerate() {
+                if keep[i] {
+                    let data_off = self.data(firsts[i], nb.slot);
+                    // SAFETY: unpublished slot owned by this request; read only.
+                    let hash =
+                        data_hash(unsafe { self.region.slice(data_off, self.bs() as usize) });
+                    self.region.flush(data_off, self.bs() as usize);
+                    let e = Entry {
+                        block: nb.block,
+                        seq: t.seq,
+                        hash,
+                        count,
+                        flags: 0,
+                    };
+                    self.write_entry(firsts[i], nb.slot, &e, STATE_CLEAN);
+                }
+            }
+            let staged = self.seq.stage_watermark(&*self.region);
+            self.region.fence();
+            self.seq.end(t, staged);
+        }
+        let mut g = self.lock_all(&ids);
+        for (i, nb) in filled.iter().enumerate() {
+            let ix = &mut g[Self::guard_pos(&ids, nb.shard)];
+            if keep[i] {
+                ix.insert(nb.slot, nb.block, 0);
+                ix.policy.insert(nb.slot);
+                ix.update_lock(nb.block, |l| l.writer = false);
+                self.counters.add(Ctr::Promotions, 1);
+            } else {
+                // Never got an entry: still durably FREE. The reader keeps
+                // its pin until it has sent the data.
+                ix.retiring.push(Retired {
+                    slot: nb.slot,
+                    seq: 0,
+                    state: RState::Durable,
+                });
+            }
+        }
+        drop(g);
+        for &sh in &ids {
+            self.shards[sh].cv.notify_all();
+        }
+    }
+
+    /// Read into a caller buffer (a convenience over [`read_with`]).
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let mut pos = 0;
+        self.read_with(offset, buf.len() as u64, &mut |slices| {
+            for s in slices {
+                buf[pos..pos + s.len()].copy_from_slice(s);
+                pos += s.len();
+            }
+            Ok(())
+        })
+    }
+
+    /// Prefetch a range into the cache (NBD_CMD_CACHE).
+    pub fn prefetch(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)?;
+        let max = self.cfg.max_request as u64;
+        let mut done = 0;
+        while done < len {
+            let n = max.min(len - done);
+            self.read_with(offset + done, n, &mut |_| Ok(()))?;
+            done += n;
+        }
+        Ok(())
+    }
+}

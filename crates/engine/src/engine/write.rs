@@ -1,0 +1,832 @@
+//! Writes: the copy-on-write transaction, the writethrough and
+//! writearound paths, and the origin writes they make.
+
+use super::*;
+
+impl Engine {
+    /// Write a slot's whole entry line (the slot is free and owned by the
+    /// caller). Streaming stores: the line is never read first.
+    pub(crate) fn write_entry(&self, first: u64, s: u32, e: &Entry, code: u8) {
+        let mut words = [0u64; META_SIZE / 8];
+        words[..5].copy_from_slice(&e.encode());
+        words[W_STATE] = state_word(e.seq, code);
+        let mut line = [0u8; META_SIZE];
+        for (b, w) in line.chunks_exact_mut(8).zip(words) {
+            b.copy_from_slice(&w.to_ne_bytes());
+        }
+        // SAFETY: a free slot's entry belongs to the request that took the
+        // slot; no one reads it before it is published.
+        unsafe { self.region.copy_flush_nt(self.meta(first, s), &line) };
+    }
+
+    /// Write `data` at `offset`; durable on return.
+    pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        let bs = self.bs();
+        // The fast path holds its shard's lock across the fence; with msync
+        // that would serialize the shard's writers (see `cache_stage`).
+        if data.len() as u64 == bs
+            && offset.is_multiple_of(bs)
+            && self.mode() == CacheMode::Writeback
+            && !self.fence_is_syscall()
+        {
+            self.check_open()?;
+            self.check_range(offset, bs)?;
+            if let Some(r) = self.write_block_fast(offset / bs, data) {
+                return r;
+            }
+        }
+        self.write_src(offset, data.len() as u64, fua, Src::Buf(data))
+    }
+
+    /// The most common request, one whole block from memory in writeback
+    /// mode, without the general path's bookkeeping. The shard stays locked
+    /// from the slot's allocation to its publish, so no other writer can
+    /// come between and the block needs no writer lock. The transaction is
+    /// the one `cache_write` makes for a single block. `None` when this
+    /// does not apply now (a writer holds the block, or the shard has no
+    /// free slot); the general path then takes the request.
+    pub(super) fn write_block_fast(&self, b: u64, data: &[u8]) -> Option<Result<()>> {
+        let sh = self.shard_of(b);
+        let shard = &self.shards[sh];
+        shard.prefetch_bucket(b);
+        let mut ix = shard.ix.lock();
+        if ix.free_len == 0 || (!ix.locks.is_empty() && ix.lock_state(b).writer) {
+            return None;
+        }
+        let slot = ix.pop_free().expect("free count");
+        let batch = self.piggyback_batch(&mut ix, 1);
+        let first = ix.first_slot;
+        let t = self.seq.begin();
+        let staged = self.seq.stage_watermark_own(&t, &*self.region);
+        // SAFETY: a free slot, taken under the shard lock and unpublished.
+        let hash = unsafe { self.region.copy_flush_hash(self.data(first, slot), data) };
+        let e = Entry {
+            block: b,
+            seq: t.seq,
+            hash,
+            count: 1,
+            flags: 0,
+        };
+        self.write_entry(first, slot, &e, STATE_DIRTY);
+        if let Some(batch) = &batch {
+            self.flush_reclaim(first, batch);
+        }
+        self.region.fence();
+        let hit = self.publish(&mut ix, slot, b, K_DIRTY, t.seq);
+        if let Some(batch) = batch {
+            self.complete_reclaim(&mut ix, batch);
+        }
+        self.seq.end(t, staged);
+        drop(ix);
+        shard.cv.notify_all();
+        self.counters.add(Ctr::WriteFences, 1);
+        self.counters.add(
+            if hit {
+                Ctr::WriteHits
+            } else {
+                Ctr::WriteMisses
+            },
+            1,
+        );
+        self.counters.add(Ctr::Writes, 1);
+        self.counters.add(Ctr::WriteBytes, data.len() as u64);
+        Some(Ok(()))
+    }
+
+    /// Write `[offset, offset + len)`, letting `source` fill the cache slots
+    /// directly (e.g. `recv` from a socket). If `source` fails, nothing is
+    /// written.
+    pub fn write_with(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        source: &mut dyn FnMut(&mut [IoSliceMut<'_>]) -> io::Result<()>,
+    ) -> Result<()> {
+        self.write_src(offset, len, fua, Src::Fill(source))
+    }
+
+    /// Zero `[offset, offset + len)`. Ranges above the maximum request size
+    /// are split; each piece is atomic.
+    pub fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.check_range(offset, len)?;
+        let max = self.cfg.max_request as u64;
+        let mut done = 0;
+        while done < len {
+            let n = max.min(len - done);
+            self.write_src(offset + done, n, fua, Src::Zero)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Discard: the range reads as zeroes afterwards (so nothing older can
+    /// ever reappear), and the origin is zeroed on writeback.
+    pub fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.write_zeroes(offset, len, fua)
+    }
+
+    /// Make acknowledged writes durable where the mode requires: in
+    /// writeback mode they already are (in the cache).
+    pub fn flush(&self) -> Result<()> {
+        self.check_open()?;
+        if self.mode() == CacheMode::Writeback {
+            return Ok(());
+        }
+        self.origin.flush().map_err(|source| {
+            self.counters.add(Ctr::OriginErrors, 1);
+            EngineError::Origin { offset: 0, source }
+        })
+    }
+
+    pub(super) fn write_src(&self, offset: u64, len: u64, fua: bool, src: Src<'_>) -> Result<()> {
+        self.check_request(offset, len)?;
+        if let Src::Buf(b) = &src {
+            debug_assert_eq!(b.len() as u64, len);
+        }
+        if len == 0 {
+            if let Src::Fill(f) = src {
+                f(&mut []).map_err(EngineError::Transfer)?;
+            }
+            return Ok(());
+        }
+        let bs = self.bs();
+        let (b0, b1) = (offset / bs, (offset + len - 1) / bs);
+        let held = self.lock_writers(b0, b1);
+        let mode = self.bypass_mode(offset, len, &src);
+        let fua = fua || (mode == CacheMode::Writearound && self.mode() == CacheMode::Writeback);
+        let r = match mode {
+            CacheMode::Writeback => self
+                .cache_write(offset, len, src, b0, b1, true, held)
+                .map(|_| ()),
+            CacheMode::Writethrough => self
+                .cache_write(offset, len, src, b0, b1, false, held)
+                .and_then(|nbs| self.write_through(&nbs, fua)),
+            CacheMode::Writearound | CacheMode::Passthrough => {
+                drop(held);
+                // A bypassed write of a writeback cache may land in the cache.
+                let fallback = mode != self.mode() && self.mode() == CacheMode::Writeback;
+                self.origin_write(offset, len, src, fua, b0, b1, fallback)
+            }
+        };
+        // A successful writeback-mode write released its locks on publish.
+        if mode != CacheMode::Writeback || r.is_err() {
+            self.unlock_writers(b0, b1);
+        }
+        if r.is_ok() {
+            self.counters.add(Ctr::Writes, 1);
+            self.counters.add(Ctr::WriteBytes, len);
+        }
+        r
+    }
+
+    /// The mode a write runs in: its cache's, or writearound for a write
+    /// that continues a sequential stream past the cutoff. Writearound keeps
+    /// every promise (cached copies are updated or dropped, dirty blocks go
+    /// through the cache); in writeback mode such a write carries FUA, since
+    /// an acknowledged write must be durable without a FLUSH.
+    pub(super) fn bypass_mode(&self, offset: u64, len: u64, src: &Src<'_>) -> CacheMode {
+        let mode = self.mode();
+        let cached = matches!(mode, CacheMode::Writeback | CacheMode::Writethrough);
+        // Zeroes cost the cache no data: they are not worth a bypass.
+        if cached && !matches!(src, Src::Zero) && self.streams.bypass(offset, len, true) {
+            self.counters.add(Ctr::BypassWrites, 1);
+            self.counters.add(Ctr::BypassBytes, len);
+            return CacheMode::Writearound;
+        }
+        mode
+    }
+
+    pub(super) fn unpin_all(&self, nbs: &[NewBlock]) {
+        for nb in nbs {
+            self.shards[nb.shard].ix.lock().unpin(nb.slot);
+        }
+    }
+
+    /// The copy-on-write transaction. The caller holds the writer locks of
+    /// `[b0, b1]`. Returns the new blocks, published; with `release` their
+    /// pins and the writer locks are dropped in the same critical section,
+    /// otherwise they stay pinned and locked for the caller.
+    ///
+    /// Ordering for speed: on x86 every locked instruction (mutex, atomic
+    /// read-modify-write) waits for earlier `clwb`s and streaming stores to
+    /// complete, so all of them happen before the persistence stores start,
+    /// and the stretch from the first streaming store to the fence has none.
+    /// `held` is the lock of the request's only shard, if [`lock_writers`]
+    /// kept it.
+    /// The copy-on-write transaction. The caller holds the writer locks of
+    /// `[b0, b1]`. Returns the new blocks, published; with `release` their
+    /// pins and the writer locks are dropped in the same critical section,
+    /// otherwise they stay pinned and locked for the caller.
+    /// `held` is the lock of the request's only shard, if [`lock_writers`]
+    /// kept it.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn cache_write(
+        &self,
+        offset: u64,
+        len: u64,
+        mut src: Src<'_>,
+        b0: u64,
+        b1: u64,
+        release: bool,
+        held: Option<MutexGuard<'_, ShardIndex>>,
+    ) -> Result<Blocks> {
+        let (st, kept) = self
+            .cache_stage(offset, len, &mut src, b0, b1, held, true)?
+            .expect("a waiting stage returns slots");
+        let data = match src {
+            Src::Buf(b) => Filled::Buf(b),
+            Src::Zero => Filled::Zero,
+            Src::Fill(_) => Filled::InSlots,
+        };
+        Ok(self.cache_commit(st, kept, data, release))
+    }
+
+    /// The first half of [`cache_write`]: slots, old content of partial
+    /// blocks, and a payload from outside, received straight into the
+    /// slots. `None` when `wait` is false and a shard has no free slot now
+    /// (nothing is then held). Without `wait` every block must be whole.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn cache_stage<'s>(
+        &'s self,
+        offset: u64,
+        len: u64,
+        src: &mut Src<'_>,
+        b0: u64,
+        b1: u64,
+        mut held: Option<MutexGuard<'s, ShardIndex>>,
+        wait: bool,
+    ) -> Result<Option<(Staging, Kept<'s>)>> {
+        let bs = self.bs();
+        let end = offset + len;
+        let zero_src = matches!(src, Src::Zero);
+        let src_fill = matches!(src, Src::Fill(_));
+        let mut nbs: Blocks = (b0..=b1)
+            .map(|b| {
+                let lo = offset.max(b * bs) - b * bs;
+                let hi = end.min((b + 1) * bs) - b * bs;
+                let full = lo == 0 && hi == bs;
+                NewBlock {
+                    block: b,
+                    shard: self.shard_of(b),
+                    slot: 0,
+                    zero: zero_src && full,
+                    on_origin: false,
+                    lo: lo as u32,
+                    hi: hi as u32,
+                }
+            })
+            .collect();
+        let count = nbs.len() as u32;
+        let ids = self.shards_of(b0, b1);
+
+        // 1. Slots (pinned), shard by shard in ascending order, with a
+        //    reclaim batch that rides on this request's fence where a shard
+        //    runs low.
+        //    A small request publishes under shard locks taken before its
+        //    persistence stores: the first locked instruction after the
+        //    fence waits for the stores to drain, so the index work done
+        //    before it is hidden. A one-shard request of whole blocks from
+        //    memory keeps the lock from its allocation on.
+        // Not where a fence is a system call: a shard lock held across an
+        // msync would keep every other writer of the shard from reaching
+        // its own fence, and so from sharing the msync (group commit).
+        let lock_early = nbs.len() <= LOCK_EARLY_BLOCKS && !self.fence_is_syscall();
+        let hold = lock_early && !src_fill && nbs.iter().all(|n| n.lo == 0 && n.hi as u64 == bs);
+        let mut kept = None;
+        let mut batches = Batches::new();
+        for (k, &sh) in ids.iter().enumerate() {
+            let need = nbs.iter().filter(|n| n.shard == sh).count();
+            let piggy = Some((count, &mut batches));
+            let was_held = held.is_some();
+            let mut ix = held.take().unwrap_or_else(|| self.shards[sh].ix.lock());
+            // Without waiting, only slots that are free now: no reclaim
+            // (it fences) and no wait for writeback.
+            let r = if !wait && (ix.free_len as usize) < need {
+                Ok(None)
+            } else {
+                self.alloc_locked(sh, &mut ix, need, wait, piggy)
+            };
+            if hold && was_held && matches!(r, Ok(Some(_))) {
+                kept = Some(ix);
+            } else {
+                drop(ix);
+            }
+            let slots = match r {
+                Ok(Some(s)) => s,
+                Ok(None) | Err(_) => {
+                    // The blocks are in block order, not shard order: give
+                    // back the slots of the shards done so far.
+                    let taken: Blocks = nbs
+                        .iter()
+                        .filter(|n| ids[..k].contains(&n.shard))
+                        .copied()
+                        .collect();
+                    self.release_slots(&taken);
+                    self.abandon_batches(batches);
+                    return r.map(|_| None);
+                }
+            };
+            for (nb, s) in nbs.iter_mut().filter(|n| n.shard == sh).zip(slots) {
+                nb.slot = s;
+            }
+        }
+        let first_of = |sh: usize| self.firsts[sh];
+        let fail = |e: EngineError, nbs: &[NewBlock], batches: Batches| {
+            self.release_slots(nbs);
+            self.abandon_batches(batches);
+            Err(e)
+        };
+
+        // 2. Old content of partially covered blocks (temporal copies,
+        //    flushed with the rest below).
+        for nb in nbs
+            .iter()
+            .filter(|n| !n.zero && (n.lo != 0 || n.hi as u64 != bs))
+        {
+            debug_assert!(wait, "staging without waiting takes whole blocks only");
+            if let Err(e) = self.fill_old(nb, first_of(nb.shard)) {
+                return fail(e, &nbs, batches);
+            }
+        }
+
+        // 3. A payload from outside arrives straight in the slots.
+        if let Src::Fill(f) = src {
+            let mut slices: Vec<IoSliceMut<'_>> = nbs
+                .iter()
+                .map(|nb| {
+                    let off = self.data(first_of(nb.shard), nb.slot) + nb.lo as usize;
+                    // SAFETY: unpublished slot owned by this request; the
+                    // slices are disjoint (one per slot).
+                    IoSliceMut::new(unsafe { self.region.slice_mut(off, (nb.hi - nb.lo) as usize) })
+                })
+                .collect();
+            if let Err(e) = f(&mut slices) {
+                drop(slices);
+                return fail(EngineError::Transfer(e), &nbs, batches);
+            }
+        }
+        let st = Staging {
+            nbs,
+            batches,
+            ids,
+            lock_early,
+        };
+        Ok(Some((st, kept)))
+    }
+
+    /// The second half of [`cache_write`]: persistence stores, one fence,
+    /// publish.
+    ///
+    /// Ordering for speed: on x86 every locked instruction (mutex, atomic
+    /// read-modify-write) waits for earlier `clwb`s and streaming stores to
+    /// complete, so all of them happen before the persistence stores start,
+    /// and the stretch from the first streaming store to the fence has none.
+    pub(crate) fn cache_commit(
+        &self,
+        st: Staging,
+        kept: Kept<'_>,
+        data: Filled<'_>,
+        release: bool,
+    ) -> Blocks {
+        let Staging {
+            nbs,
+            batches,
+            ids,
+            lock_early,
+        } = st;
+        let bs = self.bs();
+        let count = nbs.len() as u32;
+        let first_of = |sh: usize| self.firsts[sh];
+
+        // 4. The last locked instructions (shard locks, taking the seq); S
+        //    goes into this writer's own watermark line with the
+        //    persistence stores.
+        let mut g = match kept {
+            Some(ix) => smallvec::smallvec![ix],
+            None if lock_early => self.lock_all(&ids),
+            None => SmallVec::new(),
+        };
+        let t = self.seq.begin();
+        let seq = t.seq;
+        let staged = self.seq.stage_watermark_own(&t, &*self.region);
+
+        // 5. Persistence stores: data, entries, reclaim FREEs, then flushes.
+        let mut pos = 0usize;
+        for nb in &nbs {
+            let first = first_of(nb.shard);
+            let off = self.data(first, nb.slot);
+            let n = (nb.hi - nb.lo) as usize;
+            let partial = n as u64 != bs;
+            let hash = match data {
+                _ if nb.zero => 0,
+                Filled::Buf(buf) => {
+                    let part = &buf[pos..pos + n];
+                    if partial {
+                        // SAFETY: unpublished slot owned by this request.
+                        unsafe { self.region.copy_flush(off + nb.lo as usize, part) };
+                        // SAFETY: as above; read only.
+                        data_hash(unsafe { self.region.slice(off, bs as usize) })
+                    } else {
+                        // SAFETY: unpublished slot owned by this request.
+                        unsafe { self.region.copy_flush_hash(off, part) }
+                    }
+                }
+                Filled::Zero => {
+                    // SAFETY: unpublished slot owned by this request.
+                    unsafe { self.region.zero_flush(off + nb.lo as usize, n) };
+                    // SAFETY: as above; read only.
+                    data_hash(unsafe { self.region.slice(off, bs as usize) })
+                }
+                Filled::InSlots => {
+                    // SAFETY: unpublished slot owned by this request; read only.
+                    data_hash(unsafe { self.region.slice(off, bs as usize) })
+                }
+            };
+            pos += n;
+            if partial || matches!(data, Filled::InSlots) {
+                // Temporal stores (old content, or the kernel's recv).
+                self.region.flush(off, bs as usize);
+            }
+            let e = Entry {
+                block: nb.block,
+                seq: t.seq,
+                hash,
+                count,
+                flags: if nb.zero { FLAG_ZERO } else { 0 },
+            };
+            self.write_entry(first, nb.slot, &e, STATE_DIRTY);
+        }
+        for (sh, b) in &batches {
+            self.flush_reclaim(first_of(*sh), b);
+        }
+        self.region.fence();
+
+        // 6. Publish all blocks at once; retire the versions they replace.
+        if g.is_empty() {
+            g = self.lock_all(&ids);
+        }
+        let (mut hits, mut misses) = (0, 0);
+        for nb in &nbs {
+            let pos = Self::guard_pos(&ids, nb.shard);
+            let ix = &mut g[pos];
+            let flags = K_DIRTY | if nb.zero { K_ZERO } else { 0 };
+            if self.publish(ix, nb.slot, nb.block, flags, seq) {
+                hits += 1;
+            } else {
+                misses += 1;
+            }
+            if release {
+                ix.unpin(nb.slot);
+                ix.update_lock(nb.block, |l| l.writer = false);
+            }
+        }
+        for (sh, b) in batches {
+            let pos = Self::guard_pos(&ids, sh);
+            self.complete_reclaim(&mut g[pos], b);
+        }
+        self.seq.end(t, staged);
+        drop(g);
+        for &sh in &ids {
+            self.shards[sh].cv.notify_all();
+        }
+        self.counters.add(Ctr::WriteFences, 1);
+        self.counters.add(Ctr::WriteHits, hits);
+        self.counters.add(Ctr::WriteMisses, misses);
+        // No kick here: waking the writeback thread for every write costs a
+        // context switch per request. It polls, and writers short of space
+        // kick it.
+        nbs
+    }
+
+    /// After a write's fence: make `slot` the current version of `block`
+    /// and retire the version it replaces. True if there was one.
+    pub(super) fn publish(
+        &self,
+        ix: &mut ShardIndex,
+        slot: u32,
+        block: u64,
+        flags: u64,
+        seq: u64,
+    ) -> bool {
+        let old = ix.lookup(block);
+        if let Some(old) = old {
+            // Retire under this transaction's seq rather than the old
+            // version's: it is larger, so the FREE store waits at least as
+            // long as rule 2 asks, and no cold entry line is read.
+            ix.remove(old);
+            self.retire(ix, old, seq);
+        }
+        ix.insert(slot, block, flags);
+        old.is_some()
+    }
+
+    /// Give back reclaim batches that failed before their FREE stores: the
+    /// slots wait for the next reclaim, which stores FREE for them.
+    pub(super) fn abandon_batches(&self, batches: Batches) {
+        for (sh, b) in batches {
+            let mut ix = self.shards[sh].ix.lock();
+            for (slot, seq, _) in b {
+                ix.retiring.push(Retired {
+                    slot,
+                    seq,
+                    state: RState::Covered,
+                });
+            }
+            ix.reclaiming = false;
+            drop(ix);
+            self.shards[sh].cv.notify_all();
+        }
+    }
+
+    /// Bring the old content of a partially written block into its new slot
+    /// (temporal stores; the caller flushes the block).
+    pub(super) fn fill_old(&self, nb: &NewBlock, first: u64) -> Result<()> {
+        let bs = self.bs() as usize;
+        let dst_off = self.data(first, nb.slot);
+        let sh = &self.shards[nb.shard];
+        let old = {
+            let mut ix = sh.ix.lock();
+            loop {
+                match ix.lookup(nb.block) {
+                    Some(s) if ix.pin(s) => break Some((s, ix.key(s) & K_ZERO != 0)),
+                    Some(_) => {
+                        sh.cv.wait_for(&mut ix, Duration::from_millis(1));
+                    }
+                    None if ix.lock_state(nb.block).origin_writer => {
+                        sh.cv.wait_for(&mut ix, Duration::from_millis(5));
+                    }
+                    None => {
+                        ix.update_lock(nb.block, |l| l.origin_readers += 1);
+                        break None;
+                    }
+                }
+            }
+        };
+        // SAFETY: unpublished slot owned by this request.
+        let dst = unsafe { self.region.slice_mut(dst_off, bs) };
+        match old {
+            Some((_, true)) => {
+                dst.fill(0);
+                self.unpin_one(nb.shard, old);
+                Ok(())
+            }
+            Some((s, false)) => {
+                // SAFETY: the source is pinned (never written while pinned)
+                // and distinct from the destination.
+                dst.copy_from_slice(unsafe { self.region.slice(self.data(first, s), bs) });
+                self.unpin_one(nb.shard, old);
+                Ok(())
+            }
+            None => {
+                let start = nb.block * bs as u64;
+                let avail = (self.size - start).min(bs as u64) as usize;
+                dst[avail..].fill(0);
+                let r = self.origin_read_retrying(&mut [IoSliceMut::new(&mut dst[..avail])], start);
+                sh.ix
+                    .lock()
+                    .update_lock(nb.block, |l| l.origin_readers -= 1);
+                sh.cv.notify_all();
+                r.map_err(|source| EngineError::Origin {
+                    offset: start,
+                    source,
+                })
+            }
+        }
+    }
+
+    pub(super) fn unpin_one(&self, shard: usize, old: Option<(u32, bool)>) {
+        if let Some((s, _)) = old {
+            self.shards[shard].ix.lock().unpin(s);
+        }
+    }
+
+    /// Writethrough: after the cache commit, write the blocks to the origin
+    /// and mark them clean. The writer locks are held, so no newer version
+    /// can race this one to the origin.
+    pub(super) fn write_through(&self, nbs: &[NewBlock], fua: bool) -> Result<()> {
+        let (b0, b1) = (nbs[0].block, nbs[nbs.len() - 1].block);
+        self.lock_origin_writers(b0, b1);
+        let r = self.write_blocks_to_origin(nbs).and_then(|()| {
+            if fua {
+                self.origin.flush().map_err(|source| {
+                    self.counters.add(Ctr::OriginErrors, 1);
+                    EngineError::Origin {
+                        offset: b0 * self.bs(),
+                        source,
+                    }
+                })
+            } else {
+                Ok(())
+            }
+        });
+        if r.is_ok() {
+            // Clean once the origin has it durably; without FUA the next
+            // origin flush (writeback pass or FLUSH) does that.
+            if fua {
+                self.mark_clean(nbs);
+            } else {
+                for nb in nbs {
+                    let mut ix = self.shards[nb.shard].ix.lock();
+                    if ix.key(nb.slot) & (K_VALID | K_DIRTY) == K_VALID | K_DIRTY {
+                        ix.set_flags(nb.slot, K_ON_ORIGIN);
+                    }
+                }
+            }
+        }
+        self.unlock_origin_writers(b0..=b1);
+        self.unpin_all(nbs);
+        r
+    }
+
+    /// Write pinned slots to the origin (no flush), straight from the
+    /// mapping, as one batch so origins can keep many requests in flight.
+    pub(crate) fn write_blocks_to_origin(&self, nbs: &[NewBlock]) -> Result<()> {
+        let bs = self.bs();
+        let mut pieces: Vec<(u64, &[u8])> = Vec::with_capacity(nbs.len());
+        for nb in nbs.iter().filter(|nb| !nb.on_origin) {
+            let off = nb.block * bs;
+            let n = (self.size - off).min(bs);
+            if nb.zero {
+                self.origin.write_zeroes(off, n, false).map_err(|source| {
+                    self.counters.add(Ctr::OriginErrors, 1);
+                    EngineError::Origin {
+                        offset: off,
+                        source,
+                    }
+                })?;
+            } else {
+                // SAFETY: the slot is pinned, so it is not rewritten meanwhile.
+                let data = unsafe {
+                    self.region
+                        .slice(self.data(self.firsts[nb.shard], nb.slot), n as usize)
+                };
+                pieces.push((off, data));
+            }
+        }
+        self.origin.write_many(&pieces).map_err(|source| {
+            self.counters.add(Ctr::OriginErrors, 1);
+            EngineError::Origin {
+                offset: pieces.first().map_or(0, |p| p.0),
+                source,
+            }
+        })
+    }
+
+    /// Mark published slots clean after their origin copy is durable.
+    pub(crate) fn mark_clean(&self, nbs: &[NewBlock]) {
+        for nb in nbs {
+            let mut ix = self.shards[nb.shard].ix.lock();
+            let k = ix.key(nb.slot);
+            // Only the current version: a superseded slot already has FREE.
+            if k & K_VALID != 0 && k & K_DIRTY != 0 {
+                let first = ix.first_slot;
+                let seq = self.slot_seq(first, nb.slot);
+                self.store_state(first, nb.slot, state_word(seq, STATE_CLEAN));
+                ix.mark_clean(nb.slot);
+                self.counters.add(Ctr::Writebacks, 1);
+                self.counters.add(Ctr::WritebackBytes, self.bs());
+            }
+        }
+    }
+
+    /// Writearound / passthrough: drop cached copies durably, then write the
+    /// origin. Blocks with dirty data take the writethrough path instead, so
+    /// the bytes of the block outside the request are not lost.
+    ///
+    /// With `fallback` (a bypassed write of a writeback cache), an origin
+    /// that fails keeps the write in the cache as dirty data instead of
+    /// failing it: a bypass is an optimisation, never a new way to fail.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn origin_write(
+        &self,
+        offset: u64,
+        len: u64,
+        src: Src<'_>,
+        fua: bool,
+        b0: u64,
+        b1: u64,
+        fallback: bool,
+    ) -> Result<()> {
+        let ids = self.shards_of(b0, b1);
+        let any_dirty = {
+            let g = self.lock_all(&ids);
+            (b0..=b1).any(|b| {
+                let ix = &g[Self::guard_pos(&ids, self.shard_of(b))];
+                ix.lookup(b).is_some_and(|s| ix.key(s) & K_DIRTY != 0)
+            })
+        };
+        if any_dirty {
+            let nbs = self.cache_write(offset, len, src, b0, b1, false, None)?;
+            // Committed to the cache: with `fallback` that is enough, and a
+            // failed origin write leaves the blocks dirty for writeback.
+            return match self.write_through(&nbs, fua) {
+                Err(e) if fallback => {
+                    tracing::debug!(offset, error = %e, "bypassed write kept in the cache");
+                    Ok(())
+                }
+                r => r,
+            };
+        }
+        // The payload has to exist before the origin sees any of it; it is
+        // not cached, so one received from the socket goes through a buffer.
+        // Whole blocks of zeroes go as WRITE_ZEROES; smaller ones as data.
+        let zero = matches!(src, Src::Zero) && len >= self.bs();
+        let owned: Vec<u8>;
+        let buf: &[u8] = match src {
+            Src::Buf(b) => b,
+            Src::Fill(f) => {
+                let mut v = vec![0u8; len as usize];
+                f(&mut [IoSliceMut::new(&mut v)]).map_err(EngineError::Transfer)?;
+                owned = v;
+                &owned
+            }
+            Src::Zero => {
+                owned = vec![0u8; len as usize];
+                &owned
+            }
+        };
+        self.invalidate(b0, b1)?;
+        self.lock_origin_writers(b0, b1);
+        let r = self.origin_write_retrying(buf, offset, fua, zero);
+        self.unlock_origin_writers(b0..=b1);
+        match r {
+            Err(e) if fallback => {
+                tracing::debug!(offset, error = %e, "bypassed write kept in the cache");
+                let nbs = self.cache_write(offset, len, Src::Buf(buf), b0, b1, false, None)?;
+                self.unpin_all(&nbs);
+                Ok(())
+            }
+            r => r.map_err(|source| EngineError::Origin { offset, source }),
+        }
+    }
+
+    pub(super) fn origin_write_retrying(
+        &self,
+        buf: &[u8],
+        offset: u64,
+        fua: bool,
+        zero: bool,
+    ) -> io::Result<()> {
+        self.origin_retrying("write", offset, || {
+            if zero {
+                self.origin.write_zeroes(offset, buf.len() as u64, fua)
+            } else {
+                self.origin.write_at(buf, offset, fua)
+            }
+        })
+    }
+
+    /// Durably drop the cached copies of `[b0, b1]` (all clean).
+    pub(super) fn invalidate(&self, b0: u64, b1: u64) -> Result<()> {
+        let ids = self.shards_of(b0, b1);
+        // Older versions first, so none can outlive the copy dropped here.
+        for &sh in &ids {
+            self.make_retiring_durable(sh)?;
+        }
+        let mut any = false;
+        {
+            let mut g = self.lock_all(&ids);
+            for b in b0..=b1 {
+                let pos = Self::guard_pos(&ids, self.shard_of(b));
+                let ix = &mut g[pos];
+                if let Some(s) = ix.lookup(b) {
+                    let first = ix.first_slot;
+                    let seq = self.slot_seq(first, s);
+                    ix.remove(s);
+                    self.retire(ix, s, seq);
+                    any = true;
+                }
+            }
+        }
+        if any {
+            for &sh in &ids {
+                self.make_retiring_durable(sh)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Make every retiring slot of a shard durably FREE now.
+    pub(crate) fn make_retiring_durable(&self, sh: usize) -> Result<()> {
+        let shard = &self.shards[sh];
+        let mut ix = shard.ix.lock();
+        loop {
+            // A reclaim in flight has taken its batch off the list, and our
+            // slots may be in it: their FREE is durable only after its fence.
+            if !ix.reclaiming && ix.retiring.iter().all(|r| r.state == RState::Durable) {
+                return Ok(());
+            }
+            if !ix.reclaiming {
+                if self.raise_watermark(&mut ix) {
+                    continue;
+                }
+                if self.reclaim_now(sh, &mut ix, 0) {
+                    continue;
+                }
+            }
+            self.check_open()?;
+            shard.cv.wait_for(&mut ix, Duration::from_millis(1));
+        }
+    }
+}
