@@ -45,6 +45,24 @@
 
 use pmcache_pmem::PmemRegion;
 
+// The layout relations the offsets above rely on.
+const _: () = {
+    assert!(META_SIZE == 64, "one slot entry is one cache line");
+    assert!(
+        W_STATE * 8 + 8 <= META_SIZE,
+        "the state word lies in the entry line"
+    );
+    assert!(WATERMARK_OFF == 2 * SB_SIZE && META_OFF == WATERMARK_OFF + SB_SIZE);
+    assert!(
+        WM_LINES * 64 == SB_SIZE,
+        "one watermark line per 64 bytes of its page"
+    );
+    assert!(
+        SEQ_MASK == (1 << 56) - 1,
+        "the state word keeps its code in the top byte"
+    );
+};
+
 /// Superblock magic.
 pub const MAGIC: [u8; 8] = *b"PMCACHE\x01";
 /// On-media format version.

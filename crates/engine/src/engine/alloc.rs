@@ -9,6 +9,10 @@ impl Engine {
     /// media while recovery might still need to verify it (format rule 2).
     /// The reclaim that frees the slot makes the store.
     pub(crate) fn retire(&self, ix: &mut ShardIndex, s: u32, seq: u64) {
+        debug_assert!(
+            ix.key(s) & K_VALID == 0,
+            "a retired slot has left the index"
+        );
         let state = if seq <= self.seq.durable() {
             RState::Covered
         } else {
@@ -95,6 +99,15 @@ impl Engine {
         }
         for (slot, seq, may_free) in batch {
             if may_free {
+                // Format rule 1: a slot is free only with FREE in its state
+                // word (made durable by the fence the caller just issued).
+                debug_assert_eq!(
+                    self.region
+                        .word(self.state_off(ix.first_slot, slot))
+                        .load(Ordering::Relaxed),
+                    STATE_FREE,
+                    "slot {slot} freed without FREE in its state word"
+                );
                 ix.push_free(slot);
             } else {
                 ix.retiring.push(Retired {

@@ -509,8 +509,15 @@ impl Engine {
         flags: u64,
         seq: u64,
     ) -> bool {
+        // Format rule 4: per block, seq order is commit order (debug
+        // builds read the entries from media to check it).
+        debug_assert_eq!(self.slot_seq(ix.first_slot, slot), seq);
         let old = ix.lookup(block);
         if let Some(old) = old {
+            debug_assert!(
+                self.slot_seq(ix.first_slot, old) < seq,
+                "block {block}: a version published over a newer one"
+            );
             // Retire under this transaction's seq rather than the old
             // version's: it is larger, so the FREE store waits at least as
             // long as rule 2 asks, and no cold entry line is read.
