@@ -129,7 +129,7 @@ pub struct Engine {
     pub(crate) mode: AtomicU8,
     pub(crate) cfg: EngineConfig,
     pub(crate) zeros: Box<[u8]>,
-    pub(crate) sb: Mutex<(Superblock, usize)>,
+    pub(crate) sb: Mutex<SbCopy>,
     pub(crate) wb: WritebackCtl,
     pub(crate) closed: AtomicBool,
     pub(crate) hooks: Hooks,
@@ -153,8 +153,35 @@ pub(crate) type ShardIds = SmallVec<[usize; 4]>;
 pub(crate) type Blocks = SmallVec<[NewBlock; 4]>;
 type Batches = SmallVec<[(usize, Batch); 2]>;
 
-/// A reclaim batch: `(slot, seq of its old incarnation, may be freed)`.
-type Batch = Vec<(u32, u64, bool)>;
+/// The superblock as last written, and which of its two copies that was
+/// (the next write goes to the other one).
+pub(crate) struct SbCopy {
+    pub(crate) sb: Superblock,
+    pub(crate) copy: usize,
+}
+
+/// What an allocation does when no slot is free.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Space {
+    /// Reclaim, evict, and wait for writeback until slots free up.
+    Wait,
+    /// Take only what is free now; give up otherwise.
+    GiveUp,
+}
+
+/// A slot a reclaim makes FREE.
+#[derive(Clone, Copy)]
+struct Reclaimed {
+    slot: u32,
+    /// Seq of the incarnation it held.
+    seq: u64,
+    /// Unpinned, so it may go onto the free list once FREE is durable; a
+    /// pinned one waits on the retiring list (its FREE already durable).
+    may_free: bool,
+}
+
+/// A reclaim batch.
+type Batch = Vec<Reclaimed>;
 
 /// Blocks a read fetched: into new cache slots, or into bounce buffers.
 type Fetched = (Vec<NewBlock>, Bounce);
@@ -309,7 +336,7 @@ impl Engine {
             counters: Counters::default(),
             mode: AtomicU8::new(mode.as_u8()),
             zeros: vec![0u8; bs as usize].into_boxed_slice(),
-            sb: Mutex::new((sb, sb_copy)),
+            sb: Mutex::new(SbCopy { sb, copy: sb_copy }),
             wb: WritebackCtl {
                 kick: Mutex::new(false),
                 cv: Condvar::new(),

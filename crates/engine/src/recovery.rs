@@ -13,7 +13,7 @@ use std::sync::Arc;
 use pmcache_origin::Origin;
 use pmcache_pmem::PmemRegion;
 
-use crate::engine::{Engine, EngineConfig};
+use crate::engine::{Engine, EngineConfig, SbCopy};
 use crate::error::{EngineError, Result};
 use crate::format::*;
 use crate::index::*;
@@ -365,7 +365,7 @@ impl Engine {
         sb.clean_shutdown = false;
         sb.mode = engine.mode();
         write_superblock(&*region, &mut sb, &mut copy);
-        *engine.sb.lock() = (sb, copy);
+        *engine.sb.lock() = SbCopy { sb, copy };
         let engine = Arc::new(engine);
         tracing::info!(
             pmem = %engine.region.mode(),
@@ -389,7 +389,7 @@ impl Engine {
         }
         self.mode.store(mode.as_u8(), Ordering::SeqCst);
         let mut g = self.sb.lock();
-        let (sb, copy) = &mut *g;
+        let SbCopy { sb, copy } = &mut *g;
         sb.mode = mode;
         write_superblock(&*self.region, sb, copy);
         Ok(())
@@ -417,7 +417,7 @@ impl Engine {
         }
         self.region.fence();
         let mut g = self.sb.lock();
-        let (sb, copy) = &mut *g;
+        let SbCopy { sb, copy } = &mut *g;
         sb.clean_shutdown = true;
         write_superblock(&*self.region, sb, copy);
         tracing::info!(dirty = self.dirty_blocks(), "cache closed cleanly");
@@ -426,6 +426,6 @@ impl Engine {
 
     /// The superblock as last written (mode, generation, clean-shutdown flag).
     pub fn superblock(&self) -> Superblock {
-        self.sb.lock().0.clone()
+        self.sb.lock().sb.clone()
     }
 }

@@ -34,7 +34,7 @@ impl Engine {
         let first = ix.first_slot;
         let durable = self.seq.durable();
         ix.reclaim_durable = durable;
-        let mut out: Vec<(u32, u64, bool)> = Vec::with_capacity(ix.retiring.len() + victims);
+        let mut out: Batch = Vec::with_capacity(ix.retiring.len() + victims);
         // A block's newest version may be evicted only once every older
         // version is durably FREE (format rule 3). Older versions made FREE
         // by this batch are not durable before its fence, and the victim's
@@ -52,12 +52,16 @@ impl Engine {
                 RState::Durable => ix.pins(r.slot) > 0,
             };
             if !keep {
-                out.push((r.slot, r.seq, ix.pins(r.slot) == 0));
+                out.push(Reclaimed {
+                    slot: r.slot,
+                    seq: r.seq,
+                    may_free: ix.pins(r.slot) == 0,
+                });
             }
             keep
         });
         // Retired slots count towards what is wanted: evict only the rest.
-        let victims = victims.saturating_sub(out.iter().filter(|o| o.2).count());
+        let victims = victims.saturating_sub(out.iter().filter(|o| o.may_free).count());
         if victims > 0 {
             blocked.sort_unstable();
             let keys = ix.pick_victims(victims, |s, k| {
@@ -70,7 +74,11 @@ impl Engine {
             for s in keys {
                 let seq = self.slot_seq(first, s);
                 ix.remove(s);
-                out.push((s, seq, true));
+                out.push(Reclaimed {
+                    slot: s,
+                    seq,
+                    may_free: true,
+                });
                 self.counters.add(Ctr::Evictions, 1);
             }
         }
@@ -81,8 +89,8 @@ impl Engine {
     /// Store FREE into a prepared batch's state words (before a fence), by
     /// the thread that fences. Streaming stores: a retired slot's entry line
     /// is cold, and a temporal store would read it from media first.
-    pub(super) fn flush_reclaim(&self, first: u64, batch: &[(u32, u64, bool)]) {
-        for &(s, _, _) in batch {
+    pub(super) fn flush_reclaim(&self, first: u64, batch: &[Reclaimed]) {
+        for &Reclaimed { slot: s, .. } in batch {
             self.region
                 .store_word_flush(self.state_off(first, s), STATE_FREE);
         }
@@ -95,9 +103,14 @@ impl Engine {
         // index lines and page-table entries instead of each missing alone.
         // A small early batch is warm already and not worth sorting.
         if batch.len() > 2 * RECLAIM_EARLY {
-            batch.sort_unstable_by_key(|b| std::cmp::Reverse(b.0));
+            batch.sort_unstable_by_key(|b| std::cmp::Reverse(b.slot));
         }
-        for (slot, seq, may_free) in batch {
+        for Reclaimed {
+            slot,
+            seq,
+            may_free,
+        } in batch
+        {
             if may_free {
                 // Format rule 1: a slot is free only with FREE in its state
                 // word (made durable by the fence the caller just issued).
@@ -171,7 +184,7 @@ impl Engine {
     }
 
     /// Take `need` free slots from a shard, pinned, reclaiming or waiting
-    /// for writeback as needed. With `wait == false`, gives up instead of
+    /// for writeback as needed. With [`Space::GiveUp`], gives up instead of
     /// waiting. With `piggy`, a shard running low also prepares a reclaim
     /// batch for the caller's next fence (`(request blocks, batches)`).
     #[allow(clippy::type_complexity)]
@@ -179,10 +192,10 @@ impl Engine {
         &self,
         shard: usize,
         need: usize,
-        wait: bool,
+        space: Space,
         piggy: Option<(u32, &mut Batches)>,
     ) -> Result<Option<SmallVec<[u32; 4]>>> {
-        self.alloc_locked(shard, &mut self.shards[shard].ix.lock(), need, wait, piggy)
+        self.alloc_locked(shard, &mut self.shards[shard].ix.lock(), need, space, piggy)
     }
 
     /// [`alloc`](Self::alloc) with the shard's lock already taken.
@@ -192,7 +205,7 @@ impl Engine {
         shard: usize,
         ix: &mut MutexGuard<'_, ShardIndex>,
         need: usize,
-        wait: bool,
+        space: Space,
         piggy: Option<(u32, &mut Batches)>,
     ) -> Result<Option<SmallVec<[u32; 4]>>> {
         let sh = &self.shards[shard];
@@ -217,7 +230,7 @@ impl Engine {
             if self.reclaim_now(shard, ix, want) {
                 continue;
             }
-            if !wait {
+            if space == Space::GiveUp {
                 return Ok(None);
             }
             self.check_open()?;

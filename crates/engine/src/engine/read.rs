@@ -275,7 +275,7 @@ impl Engine {
                 if mine.is_empty() {
                     continue;
                 }
-                match self.alloc(sh, mine.len(), false, None) {
+                match self.alloc(sh, mine.len(), Space::GiveUp, None) {
                     Ok(Some(slots)) => {
                         for (&b, &s) in mine.iter().zip(&slots) {
                             filled.push(NewBlock {

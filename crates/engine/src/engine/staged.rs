@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use parking_lot::MutexGuard;
 
-use super::{Engine, Filled, Src, Staging};
+use super::{Engine, Filled, Space, Src, Staging};
 use crate::error::Result;
 use crate::format::CacheMode;
 use crate::index::ShardIndex;
@@ -79,7 +79,7 @@ impl Engine {
             return Ok(Stage::WouldWait);
         };
         let mut src = Src::Fill(source);
-        match self.cache_stage(offset, len, &mut src, b0, b1, held, false) {
+        match self.cache_stage(offset, len, &mut src, b0, b1, held, Space::GiveUp) {
             Ok(Some((st, kept))) => {
                 // A payload received into the slots never keeps its shard
                 // locked (the lock would stall everyone during the recv).

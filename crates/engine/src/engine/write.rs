@@ -232,7 +232,7 @@ impl Engine {
         held: Option<MutexGuard<'_, ShardIndex>>,
     ) -> Result<Blocks> {
         let (st, kept) = self
-            .cache_stage(offset, len, &mut src, b0, b1, held, true)?
+            .cache_stage(offset, len, &mut src, b0, b1, held, Space::Wait)?
             .expect("a waiting stage returns slots");
         let data = match src {
             Src::Buf(b) => Filled::Buf(b),
@@ -244,8 +244,8 @@ impl Engine {
 
     /// The first half of [`cache_write`]: slots, old content of partial
     /// blocks, and a payload from outside, received straight into the
-    /// slots. `None` when `wait` is false and a shard has no free slot now
-    /// (nothing is then held). Without `wait` every block must be whole.
+    /// slots. `None` with [`Space::GiveUp`] when a shard has no free slot
+    /// now (nothing is then held); then every block must be whole.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn cache_stage<'s>(
         &'s self,
@@ -255,7 +255,7 @@ impl Engine {
         b0: u64,
         b1: u64,
         mut held: Option<MutexGuard<'s, ShardIndex>>,
-        wait: bool,
+        space: Space,
     ) -> Result<Option<(Staging, Kept<'s>)>> {
         let bs = self.bs();
         let end = offset + len;
@@ -302,10 +302,10 @@ impl Engine {
             let mut ix = held.take().unwrap_or_else(|| self.shards[sh].ix.lock());
             // Without waiting, only slots that are free now: no reclaim
             // (it fences) and no wait for writeback.
-            let r = if !wait && (ix.free_len as usize) < need {
+            let r = if space == Space::GiveUp && (ix.free_len as usize) < need {
                 Ok(None)
             } else {
-                self.alloc_locked(sh, &mut ix, need, wait, piggy)
+                self.alloc_locked(sh, &mut ix, need, space, piggy)
             };
             if hold && was_held && matches!(r, Ok(Some(_))) {
                 kept = Some(ix);
@@ -344,7 +344,10 @@ impl Engine {
             .iter()
             .filter(|n| !n.zero && (n.lo != 0 || n.hi as u64 != bs))
         {
-            debug_assert!(wait, "staging without waiting takes whole blocks only");
+            debug_assert!(
+                space == Space::Wait,
+                "staging without waiting takes whole blocks only"
+            );
             if let Err(e) = self.fill_old(nb, first_of(nb.shard)) {
                 return fail(e, &nbs, batches);
             }
@@ -533,7 +536,7 @@ impl Engine {
     pub(super) fn abandon_batches(&self, batches: Batches) {
         for (sh, b) in batches {
             let mut ix = self.shards[sh].ix.lock();
-            for (slot, seq, _) in b {
+            for Reclaimed { slot, seq, .. } in b {
                 ix.retiring.push(Retired {
                     slot,
                     seq,
