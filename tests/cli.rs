@@ -56,9 +56,7 @@ fn connect(port: u16) -> Client {
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| seed.wrapping_add((i * 7 + i / 4096) as u8))
-        .collect()
+    pmcache_testkit::pattern(seed.into(), len)
 }
 
 /// A cache in `d` with blocks written through a real server and a clean
@@ -81,7 +79,7 @@ fn cache_with_data(d: &TempDir) -> (PathBuf, PathBuf) {
 #[test]
 fn bad_sizes_are_refused_and_create_nothing() {
     let d = TempDir::new("badsize");
-    sparse(&d.path("o.img"), 8 * MIB);
+    sparse(&d.join("o.img"), 8 * MIB);
     for bad in [
         "12Q",
         "0",
@@ -103,12 +101,12 @@ fn bad_sizes_are_refused_and_create_nothing() {
         ]);
         fails_with(&o, "--size");
         assert_eq!(o.status.code(), Some(2), "bad size {bad:?}");
-        assert!(!d.path("c.pmem").exists(), "size {bad:?} created the cache");
+        assert!(!d.join("c.pmem").exists(), "size {bad:?} created the cache");
     }
-    let o = run_in(Some(&d.0), &["serve", "--cache-size", "lots"]);
+    let o = run_in(Some(d.path()), &["serve", "--cache-size", "lots"]);
     fails_with(&o, "--cache-size");
     assert!(
-        !d.path("pmcache-data").exists(),
+        !d.join("pmcache-data").exists(),
         "a refused serve created pmcache-data"
     );
     let o = run_format(
@@ -121,19 +119,19 @@ fn bad_sizes_are_refused_and_create_nothing() {
     // Too small for the engine: refused before the file is created.
     let o = run_format(&d.s("c.pmem"), "64K", &d.s("o.img"), &[]);
     fails_with(&o, "are needed");
-    assert!(!d.path("c.pmem").exists());
+    assert!(!d.join("c.pmem").exists());
 }
 
 #[test]
 fn bad_mode_and_addresses_are_refused() {
     let d = TempDir::new("badmode");
-    let o = run_in(Some(&d.0), &["serve", "--mode", "fast"]);
+    let o = run_in(Some(d.path()), &["serve", "--mode", "fast"]);
     fails_with(&o, "unknown cache mode 'fast'");
     assert_eq!(o.status.code(), Some(2));
-    let o = run_in(Some(&d.0), &["serve", "--listen", "not-an-address"]);
+    let o = run_in(Some(d.path()), &["serve", "--listen", "not-an-address"]);
     fails_with(&o, "--listen");
     let o = run_in(
-        Some(&d.0),
+        Some(d.path()),
         &[
             "serve",
             "--listen",
@@ -143,10 +141,10 @@ fn bad_mode_and_addresses_are_refused() {
         ],
     );
     fails_with(&o, "cannot be used with");
-    let o = run_in(Some(&d.0), &["frobnicate"]);
+    let o = run_in(Some(d.path()), &["frobnicate"]);
     fails_with(&o, "frobnicate");
     assert!(
-        std::fs::read_dir(&d.0).unwrap().next().is_none(),
+        std::fs::read_dir(d.path()).unwrap().next().is_none(),
         "a refused command left files behind"
     );
 }
@@ -166,7 +164,7 @@ fn help_has_examples() {
 #[test]
 fn missing_cache_is_reported() {
     let d = TempDir::new("missing");
-    sparse(&d.path("o.img"), 8 * MIB);
+    sparse(&d.join("o.img"), 8 * MIB);
     let missing = d.s("nope.pmem");
     for args in [
         vec!["check", "--cache", &missing],
@@ -180,18 +178,18 @@ fn missing_cache_is_reported() {
     // serve does not create an explicitly named cache unless told its size.
     let o = run_refused_serve(&missing, &d.s("o.img"), &[]);
     fails_with(&o, "--cache-size");
-    assert!(!d.path("nope.pmem").exists());
+    assert!(!d.join("nope.pmem").exists());
     // A missing origin.
     let o = run_format(&d.s("c.pmem"), "8M", &d.s("none.img"), &[]);
     fails_with(&o, "none.img");
-    assert!(!d.path("c.pmem").exists());
+    assert!(!d.join("c.pmem").exists());
 }
 
 #[test]
 fn wrong_origin_is_refused_and_nothing_changes() {
     let d = TempDir::new("wrongorigin");
     let (cache, _origin) = cache_with_data(&d);
-    sparse(&d.path("other.img"), 64 * MIB);
+    sparse(&d.join("other.img"), 64 * MIB);
     let before = read_file(&cache);
     let port = free_port();
     let o = run_serve_cache(&d, port, &["--origin", &d.s("other.img")]);
@@ -207,7 +205,7 @@ fn wrong_origin_is_refused_and_nothing_changes() {
         "a refused command modified the cache"
     );
     assert!(
-        !d.path("c.pmem.sock").exists(),
+        !d.join("c.pmem.sock").exists(),
         "refused serve left its control socket"
     );
     // --force attaches it anyway.
@@ -259,12 +257,12 @@ fn unreachable_nbd_origin_is_reported() {
     fails_with(&o, &format!("127.0.0.1:{port}"));
     assert!(t0.elapsed() < Duration::from_secs(30));
     assert!(
-        !d.path("c.pmem").exists(),
+        !d.join("c.pmem").exists(),
         "failed format left a cache file"
     );
     let o = run_refused_serve(&d.s("c.pmem"), &uri, &["--cache-size", "8M"]);
     fails_with(&o, "127.0.0.1");
-    assert!(!d.path("c.pmem").exists(), "failed serve left a cache file");
+    assert!(!d.join("c.pmem").exists(), "failed serve left a cache file");
 }
 
 #[test]
@@ -277,17 +275,17 @@ fn format_refuses_existing_cache_and_nonempty_file() {
     assert!(before == read_file(&cache));
 
     let junk: Vec<u8> = (0..3 * MIB).map(|i| (i * 31 % 251) as u8).collect();
-    std::fs::write(d.path("junk.bin"), &junk).unwrap();
+    std::fs::write(d.join("junk.bin"), &junk).unwrap();
     let o = run_format(&d.s("junk.bin"), "8M", &d.s("o.img"), &[]);
     fails_with(&o, "not empty");
     assert!(
-        junk == read_file(&d.path("junk.bin")),
+        junk == read_file(&d.join("junk.bin")),
         "refused format changed the file"
     );
     // serve refuses to overwrite it as well.
     let o = run_refused_serve(&d.s("junk.bin"), &d.s("o.img"), &[]);
     fails_with(&o, "not a pmcache cache");
-    assert!(junk == read_file(&d.path("junk.bin")));
+    assert!(junk == read_file(&d.join("junk.bin")));
 
     // With --force both are overwritten and come out consistent.
     ok(&run_format(
@@ -297,10 +295,10 @@ fn format_refuses_existing_cache_and_nonempty_file() {
         &["--force"],
     ));
     assert_eq!(
-        std::fs::metadata(d.path("junk.bin")).unwrap().len(),
+        std::fs::metadata(d.join("junk.bin")).unwrap().len(),
         8 * MIB
     );
-    check_ok(&d.path("junk.bin"));
+    check_ok(&d.join("junk.bin"));
     ok(&run_format(
         &d.s("c.pmem"),
         "12M",
@@ -309,14 +307,14 @@ fn format_refuses_existing_cache_and_nonempty_file() {
     ));
     assert_eq!(dump_json(&cache)["superblock"]["region_len"], 12 * MIB);
     // An empty (0-byte) file needs no --force.
-    std::fs::File::create(d.path("empty.pmem")).unwrap();
+    std::fs::File::create(d.join("empty.pmem")).unwrap();
     ok(&run_format(&d.s("empty.pmem"), "8M", &d.s("o.img"), &[]));
 }
 
 #[test]
 fn format_check_dump_stats_offline() {
     let d = TempDir::new("offline");
-    sparse(&d.path("o.img"), 32 * MIB);
+    sparse(&d.join("o.img"), 32 * MIB);
     let o = run_format(
         &d.s("c.pmem"),
         "16MiB",
@@ -325,7 +323,7 @@ fn format_check_dump_stats_offline() {
     );
     ok(&o);
     assert_stdout_has(&o, "formatted");
-    assert_eq!(std::fs::metadata(d.path("c.pmem")).unwrap().len(), 16 * MIB);
+    assert_eq!(std::fs::metadata(d.join("c.pmem")).unwrap().len(), 16 * MIB);
 
     run_prints(
         &[
@@ -340,11 +338,11 @@ fn format_check_dump_stats_offline() {
     let v = run_json(&["check", "--cache", &d.s("c.pmem"), "--json", "--no-data"]);
     assert_eq!(v["consistent"], true);
 
-    let v = dump_json(&d.path("c.pmem"));
+    let v = dump_json(&d.join("c.pmem"));
     let sb = &v["superblock"];
     assert_eq!(sb["block_size"], 8192);
     assert_eq!(sb["origin_size"], 32 * MIB);
-    let canon = std::fs::canonicalize(d.path("o.img")).unwrap();
+    let canon = std::fs::canonicalize(d.join("o.img")).unwrap();
     assert_eq!(sb["origin"], format!("file:{}", canon.display()));
     assert_eq!(sb["clean_shutdown"], true);
     assert_eq!(sb["mode"], "writeback");
@@ -428,11 +426,11 @@ fn check_detects_truncation_and_foreign_files() {
     );
 
     let foreign: Vec<u8> = (0..MIB).map(|i| (i % 253) as u8 ^ 0x5a).collect();
-    std::fs::write(d.path("foreign.bin"), &foreign).unwrap();
+    std::fs::write(d.join("foreign.bin"), &foreign).unwrap();
     let o = check_finds_damage(&d.s("foreign.bin"));
     assert_stdout_has(&o, "not a pmcache cache");
-    assert!(foreign == read_file(&d.path("foreign.bin")));
-    std::fs::File::create(d.path("empty.bin")).unwrap();
+    assert!(foreign == read_file(&d.join("foreign.bin")));
+    std::fs::File::create(d.join("empty.bin")).unwrap();
     let o = check_finds_damage(&d.s("empty.bin"));
     assert_stdout_has(&o, "empty");
 }
@@ -458,13 +456,13 @@ fn serve_defaults_in_a_temp_cwd() {
     let d = TempDir::new("defaults");
     let port = free_port();
     let mut s = Server::start(
-        &d.0,
+        d.path(),
         &["--listen", &format!("127.0.0.1:{port}")],
-        d.path("serve.log"),
+        d.join("serve.log"),
     );
     s.wait_ready(Duration::from_secs(30));
-    let cache = d.path("pmcache-data/cache.pmem");
-    let origin = d.path("pmcache-data/origin.img");
+    let cache = d.join("pmcache-data/cache.pmem");
+    let origin = d.join("pmcache-data/origin.img");
     assert_eq!(std::fs::metadata(&cache).unwrap().len(), 256 * MIB);
     assert_eq!(std::fs::metadata(&origin).unwrap().len(), 1 << 30);
     let log = s.log_text();
@@ -479,16 +477,16 @@ fn serve_defaults_in_a_temp_cwd() {
     drop(c);
     s.terminate_ok();
     assert!(
-        !d.path("pmcache-data/cache.pmem.sock").exists(),
+        !d.join("pmcache-data/cache.pmem.sock").exists(),
         "control socket left behind"
     );
     let v = dump_json(&cache);
     assert_eq!(v["superblock"]["clean_shutdown"], true);
     // It restarts warm on the same files and still has the data.
     let mut s = Server::start(
-        &d.0,
+        d.path(),
         &["--listen", &format!("127.0.0.1:{port}")],
-        d.path("serve2.log"),
+        d.join("serve2.log"),
     );
     s.wait_ready(Duration::from_secs(30));
     let c = connect(port);
@@ -510,21 +508,21 @@ fn serve_with_no_arguments_listens_on_10809() {
         "port 10809 is already in use by another program; this test needs it free"
     );
     let d = TempDir::new("noargs");
-    let mut s = Server::start_port(&d.0, &[], d.path("serve.log"), Some(10809));
+    let mut s = Server::start_port(d.path(), &[], d.join("serve.log"), Some(10809));
     s.wait_ready(Duration::from_secs(30));
     let c = connect(10809);
     assert_eq!(c.size(), 1 << 30);
     c.write(b"hello, pmcache", 0, true).unwrap();
     drop(c);
-    assert!(d.path("pmcache-data/cache.pmem").exists());
-    assert!(d.path("pmcache-data/origin.img").exists());
+    assert!(d.join("pmcache-data/cache.pmem").exists());
+    assert!(d.join("pmcache-data/origin.img").exists());
     s.signal(libc::SIGINT);
     let st = s
         .wait_exit(Duration::from_secs(20))
         .expect("SIGINT ends the server");
     assert_eq!(st.code(), Some(0), "log: {}", s.log_text());
     assert_eq!(
-        dump_json(&d.path("pmcache-data/cache.pmem"))["superblock"]["clean_shutdown"],
+        dump_json(&d.join("pmcache-data/cache.pmem"))["superblock"]["clean_shutdown"],
         true
     );
 }
@@ -578,7 +576,7 @@ fn second_serve_on_the_same_cache_is_refused() {
             d.s("c.pmem")
         ),
     );
-    assert!(!d.path("other.sock").exists());
+    assert!(!d.join("other.sock").exists());
     // The first one is unaffected.
     let c = connect(port);
     c.write(&[7u8; 4096], 0, true).unwrap();
@@ -682,7 +680,7 @@ fn serve_on_a_unix_socket() {
     formatted_cache(&d, 64 * MIB, "16M");
     let sock = d.s("nbd.sock");
     let mut s = Server::start_port(
-        &d.0,
+        d.path(),
         &[
             "--cache",
             &d.s("c.pmem"),
@@ -693,7 +691,7 @@ fn serve_on_a_unix_socket() {
             "--export",
             "vol",
         ],
-        d.path("serve.log"),
+        d.join("serve.log"),
         None,
     );
     let t0 = std::time::Instant::now();
@@ -715,7 +713,7 @@ fn serve_on_a_unix_socket() {
     );
     drop(c);
     s.terminate_ok();
-    assert!(!d.path("nbd.sock").exists(), "NBD socket left behind");
+    assert!(!d.join("nbd.sock").exists(), "NBD socket left behind");
 }
 
 // ----- flush ------------------------------------------------------------------

@@ -129,7 +129,7 @@ fn pattern_write(model: &mut [u8], cmds: &mut Vec<String>, byte: u8, off: usize,
 
 #[test]
 fn qemu_io_unaligned_spanning_writes_survive_restart_and_reach_the_origin_file() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("t");
     // The origin holds data: bytes no client wrote must read as the origin's.
     let (origin, cache, mut model) = data_origin(&dir, 21, 16 * MIB);
 
@@ -203,7 +203,7 @@ fn qemu_io_unaligned_spanning_writes_survive_restart_and_reach_the_origin_file()
 
 #[test]
 fn qemu_img_convert_in_and_out_through_a_smaller_cache() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("t");
     let (origin, cache) = sparse_origin(&dir, 32 * MIB as u64);
     let src = dir.join("src.img");
     let data = random_image(&src, 32 * MIB, 7);
@@ -251,7 +251,7 @@ fn nbdinfo_export(uri: &str) -> (Value, String) {
 
 #[test]
 fn nbdinfo_reports_origin_size_flags_block_sizes_and_read_only() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("t");
     let origin = dir.join("origin.img");
     let cache = dir.join("cache.pmem");
     // Not a multiple of the cache block size: the export still has exactly
@@ -345,7 +345,7 @@ print("RO-OK")
 
 #[test]
 fn nbdcopy_round_trip_with_four_connections_over_tcp() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("t");
     let (origin, cache) = sparse_origin(&dir, 32 * MIB as u64);
     let src = dir.join("src.img");
     let data = random_image(&src, 32 * MIB, 11);
@@ -386,7 +386,7 @@ fn nbdcopy_round_trip_with_four_connections_over_tcp() {
 
 #[test]
 fn nbdsh_flush_fua_trim_and_zeroes_reach_the_origin() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("t");
     // A non-zero origin: zeroes read back can only come from the zeroing.
     let (origin, cache, mut model) = data_origin(&dir, 5, 16 * MIB);
     let srv = launch(&ServerKind::pmcache(&cache, "32M", &s(&origin), &[]));
@@ -465,7 +465,7 @@ fn fio_randwrite_verify_then_verify_only_after_restart() {
         engines.status.success() && String::from_utf8_lossy(&engines.stdout).contains("uri"),
         "fio was built without the nbd engine (apt-get install -y fio)"
     );
-    let dir = TempDir::new();
+    let dir = TempDir::new("t");
     let (origin, cache) = sparse_origin(&dir, 64 * MIB as u64);
     let srv = launch(&ServerKind::pmcache(&cache, "48M", &s(&origin), &[]));
     let job = |uri: &str, extra: &[&str]| {
@@ -655,7 +655,7 @@ fn sha256sums(files: &[PathBuf]) -> String {
 fn ext4_on_the_export_survives_a_restart() {
     require_tool("mkfs.ext4");
     require_tool("fsck.ext4");
-    let dir = TempDir::new();
+    let dir = TempDir::new("t");
     let (origin, cache) = sparse_origin(&dir, 128 * MIB as u64);
     let mnt = dir.join("mnt");
     let srv = launch(&ServerKind::pmcache(&cache, "64M", &s(&origin), &[]));
@@ -735,7 +735,7 @@ fn nbdkit_memory_origin_writeback_flush_and_writethrough() {
         model[..6 * MIB].copy_from_slice(&a);
         model[40 * MIB + 5..43 * MIB + 5].copy_from_slice(&b);
     }
-    let dir = TempDir::new();
+    let dir = TempDir::new("t");
     let cache = dir.join("cache.pmem");
     // A cache a quarter of the origin's size.
     let srv = launch(&ServerKind::pmcache(&cache, "16M", &origin_uri, &[]));
@@ -798,7 +798,7 @@ fn nbdkit_memory_origin_writeback_flush_and_writethrough() {
 
 #[test]
 fn qemu_nbd_file_origin_gets_the_data_after_flush() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("t");
     let file = dir.join("backing.img");
     let mut model = pattern(41, 32 * MIB);
     std::fs::write(&file, &model).unwrap();

@@ -36,12 +36,7 @@ struct WriteId {
     seq: u64,
 }
 
-fn splitmix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+use pmcache_testkit::splitmix;
 
 /// The unique content of `block` as written by `id`: a header naming both,
 /// then a body derived from them (a different random body for every write).

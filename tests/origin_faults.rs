@@ -59,7 +59,7 @@ struct Rig {
 
 impl Rig {
     fn new(seed: u64) -> Rig {
-        let dir = TempDir::new();
+        let dir = TempDir::new("t");
         let origin_file = dir.join("origin.img");
         std::fs::File::create(&origin_file)
             .unwrap()

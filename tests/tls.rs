@@ -174,7 +174,7 @@ fn metrics(port: u16) -> String {
 
 #[test]
 fn x509_require_nbdinfo_and_nbdcopy_over_tcp() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("t");
     let ca = dir.join("ca");
     make_ca(&ca, "pmcache test CA");
     let pki = dir.join("pki");
@@ -196,7 +196,7 @@ fn x509_require_nbdinfo_and_nbdcopy_over_tcp() {
 
 #[test]
 fn psk_require_nbdinfo_and_nbdcopy_over_a_unix_socket() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("t");
     let keys = dir.join("keys.psk");
     make_psk(&keys, "alice");
     let srv = tls_server(
@@ -368,7 +368,7 @@ fn assert_ends(c: &mut UnixStream) {
 
 #[test]
 fn refused_plain_client_against_require_gets_tls_required() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("t");
     let (srv, good) = psk_setup(&dir, &[], &[]);
     refusal(&dir, &srv, &good, || {
         // libnbd without TLS: refused.
@@ -391,7 +391,7 @@ fn refused_plain_client_against_require_gets_tls_required() {
 
 #[test]
 fn refused_wrong_psk() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("t");
     let port = free_port();
     let m = format!("127.0.0.1:{port}");
     let (srv, good) = psk_setup(&dir, &[], &["--metrics", &m]);
@@ -426,7 +426,7 @@ fn refused_wrong_psk() {
 
 #[test]
 fn refused_unknown_psk_identity_and_one_not_allowed() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("t");
     let (srv, good) = psk_setup(&dir, &["alice"], &[]);
     refusal(&dir, &srv, &good, || {
         let other = dir.join("bob.psk");
@@ -448,7 +448,7 @@ fn refused_unknown_psk_identity_and_one_not_allowed() {
 
 #[test]
 fn refused_client_certificate_from_another_ca() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("t");
     let ca = dir.join("ca");
     make_ca(&ca, "pmcache test CA");
     let pki = dir.join("pki");
@@ -494,7 +494,7 @@ fn refused_client_certificate_from_another_ca() {
 
 #[test]
 fn refused_garbage_after_starttls() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("t");
     let (srv, good) = psk_setup(&dir, &[], &[]);
     refusal(&dir, &srv, &good, || {
         let mut c = raw_start(srv.socket());
@@ -511,7 +511,7 @@ fn refused_garbage_after_starttls() {
 
 #[test]
 fn tls_on_lets_plain_and_tls_clients_in() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("t");
     let keys = dir.join("keys.psk");
     make_psk(&keys, "alice");
     let srv = tls_server(&dir, Listen::Unix, &["--tls", "on", "--tls-psk", &s(&keys)]);
@@ -528,7 +528,7 @@ fn tls_on_lets_plain_and_tls_clients_in() {
 
 #[test]
 fn bad_tls_arguments_are_refused_before_anything_is_created() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("t");
     let cache = dir.join("cache.pmem");
     let origin = dir.join("origin.img");
     std::fs::write(&origin, vec![0u8; MIB]).unwrap();
@@ -616,7 +616,7 @@ fn pmcache_over(dir: &TempDir, origin_uri: &str, extra: &[&str]) -> ServerGuard 
 
 #[test]
 fn nbdkit_psk_origin_reconnects_flushes_and_keeps_the_key_secret() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("t");
     let keys = dir.join("keys.psk");
     make_psk(&keys, "alice");
     let key_hex = std::fs::read_to_string(&keys).unwrap()[6..]
@@ -700,7 +700,7 @@ fn nbdkit_psk_origin_reconnects_flushes_and_keeps_the_key_secret() {
 
 #[test]
 fn nbdkit_x509_origin_with_a_client_certificate() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("t");
     let ca = dir.join("ca");
     make_ca(&ca, "pmcache test CA");
     let pki = dir.join("pki");
@@ -833,7 +833,7 @@ fn qemu_img_round_trip(dir: &TempDir, port: u16, object: &str, data: &[u8]) {
 
 #[test]
 fn qemu_img_with_tls_creds_x509_and_tls_creds_psk() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("t");
     let ca = dir.join("ca");
     make_ca(&ca, "pmcache test CA");
     let pki = dir.join("pki");
@@ -859,7 +859,7 @@ fn qemu_img_with_tls_creds_x509_and_tls_creds_psk() {
     srv.stop();
 
     // qemu reads the key from DIR/keys.psk.
-    let dir = TempDir::new();
+    let dir = TempDir::new("t");
     let psk_dir = dir.join("psk");
     std::fs::create_dir_all(&psk_dir).unwrap();
     make_psk(&psk_dir.join("keys.psk"), "qemu");
@@ -888,7 +888,7 @@ fn qemu_img_with_tls_creds_x509_and_tls_creds_psk() {
 fn psk_over_tls_1_2_with_a_gnutls_client() {
     // GnuTLS's system configuration can turn TLS 1.3 off for one process:
     // then the PSK must be used by a TLS 1.2 PSK cipher suite.
-    let dir = TempDir::new();
+    let dir = TempDir::new("t");
     let keys = dir.join("keys.psk");
     make_psk(&keys, "alice");
     let cfg = dir.join("gnutls.cfg");
@@ -920,7 +920,7 @@ fn psk_over_tls_1_2_with_a_gnutls_client() {
 
 #[test]
 fn nbds_tcp_origin_checks_the_server_certificate_names_the_host() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("t");
     let ca = dir.join("ca");
     make_ca(&ca, "pmcache test CA");
     let pki = dir.join("pki");

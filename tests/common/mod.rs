@@ -7,51 +7,14 @@ use std::fs::File;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+
 use std::time::{Duration, Instant};
 
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_pmcache")
 }
 
-/// A fresh directory under /dev/shm (or the system temp dir), removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let base = if Path::new("/dev/shm").is_dir() {
-            PathBuf::from("/dev/shm")
-        } else {
-            std::env::temp_dir()
-        };
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let p = base.join(format!(
-            "pmcache-test-{tag}-{}-{}-{nanos}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&p).expect("create temp dir");
-        TempDir(p)
-    }
-
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
-    pub fn s(&self, name: &str) -> String {
-        self.path(name).display().to_string()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub use pmcache_testkit::TempDir;
 
 /// Run the binary to completion (bounded: these commands never wait on a
 /// server), in `cwd` if given.
@@ -145,7 +108,7 @@ pub fn format(cache: &Path, size: &str, origin: &Path) {
 /// A sparse origin `o.img` of `origin_len` bytes in `d` and a cache
 /// `c.pmem` of `size` formatted for it. Returns (cache, origin).
 pub fn formatted_cache(d: &TempDir, origin_len: u64, size: &str) -> (PathBuf, PathBuf) {
-    let (cache, origin) = (d.path("c.pmem"), d.path("o.img"));
+    let (cache, origin) = (d.join("c.pmem"), d.join("o.img"));
     sparse(&origin, origin_len);
     format(&cache, size, &origin);
     (cache, origin)
@@ -209,7 +172,7 @@ fn with_serve_args<R>(d: &TempDir, port: u16, extra: &[&str], f: impl FnOnce(&[&
 /// serves (within 20 s).
 pub fn serve_cache(d: &TempDir, port: u16, extra: &[&str], log: &str) -> Server {
     let mut s = with_serve_args(d, port, extra, |args| {
-        Server::start(&d.0, args, d.path(log))
+        Server::start(d.path(), args, d.join(log))
     });
     s.wait_ready(Duration::from_secs(20));
     s

@@ -15,7 +15,7 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+
 use std::time::{Duration, Instant};
 
 pub const MIB: usize = 1 << 20;
@@ -29,59 +29,10 @@ pub fn pmcache_bin() -> &'static str {
 // Temporary directories
 // ---------------------------------------------------------------------------
 
-/// A private directory in /dev/shm (the cache files there stand in for
-/// pmem), removed on drop. Paths stay short: Unix socket paths are limited
-/// to 107 bytes.
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    pub fn new() -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = PathBuf::from(format!(
-            "/dev/shm/pmi-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("create temp dir in /dev/shm");
-        Self(p)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-
-    pub fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
-    /// `join` as a string, for command lines.
-    pub fn s(&self, name: &str) -> String {
-        self.join(name).display().to_string()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub use pmcache_testkit::{pattern, TempDir};
 
 pub fn unix_uri(socket: &Path) -> String {
     format!("nbd+unix:///?socket={}", socket.display())
-}
-
-/// Deterministic pseudo-random bytes (xorshift64*).
-pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 56) as u8
-        })
-        .collect()
 }
 
 /// Compare two buffers, naming the first differing byte.
@@ -490,7 +441,7 @@ pub fn launch(kind: &ServerKind) -> ServerGuard {
 }
 
 fn try_launch(kind: &ServerKind) -> Result<ServerGuard, String> {
-    let dir = TempDir::new();
+    let dir = TempDir::new("i");
     let log = dir.join("server.log");
     let (mut proc, endpoint, is_pmcache) = match kind {
         ServerKind::Pmcache {

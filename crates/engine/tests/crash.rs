@@ -819,15 +819,7 @@ fn crash_suite() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(20_000);
-    let base_seed: u64 = std::env::var("PMCACHE_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_secs()
-        });
+    let base_seed: u64 = pmcache_testkit::seed();
     eprintln!("crash suite: base seed {base_seed} (replay with PMCACHE_SEED={base_seed})");
     let t = Instant::now();
     // Share of the images per variant (percent), and one thread per pair of

@@ -9,6 +9,7 @@ use std::time::Duration;
 use pmcache_engine::{check, CacheMode, Engine, EngineConfig, EngineError, HookPoint};
 use pmcache_origin::{MemOrigin, Origin};
 use pmcache_pmem::{PmemRegion, SimRegion};
+use pmcache_testkit::pattern;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -42,12 +43,6 @@ impl Rig {
         )
         .unwrap()
     }
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    SmallRng::seed_from_u64(seed).fill(&mut v[..]);
-    v
 }
 
 #[test]

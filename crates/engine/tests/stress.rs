@@ -355,15 +355,7 @@ fn overlapping_requests_in_every_mode_match_the_write_log() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1500);
-    let seed: u64 = std::env::var("PMCACHE_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_secs()
-        });
+    let seed: u64 = pmcache_testkit::seed();
     for mode in [
         CacheMode::Writeback,
         CacheMode::Writethrough,

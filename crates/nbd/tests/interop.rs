@@ -69,7 +69,7 @@ fn copy_in_and_out(
     size: usize,
     seed: u64,
 ) -> (TempDir, std::path::PathBuf, Vec<u8>) {
-    let dir = TempDir::new();
+    let dir = TempDir::new("t");
     let (src, data) = make_image(&dir, "src.img", size, seed);
     run_ok(tool, &[into, &[src.to_str().unwrap(), uri]].concat(), T);
     let out = dir.join("out.img");
@@ -440,7 +440,7 @@ fn our_client_honours_nbdkit_block_size_policy() {
 
 #[test]
 fn our_client_against_qemu_nbd() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("t");
     let img = dir.join("disk.img");
     std::fs::write(&img, vec![0u8; 32 * MIB]).unwrap();
     let srv = launch(&ServerKind::Command {

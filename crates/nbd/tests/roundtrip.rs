@@ -427,7 +427,7 @@ fn uri_parsing() {
 /// after EXPORT_NAME. The client must fall back and still work.
 #[test]
 fn client_falls_back_to_export_name() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("t");
     let sock = dir.join("old.sock");
     let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
     let served = Arc::new(AtomicBool::new(false));

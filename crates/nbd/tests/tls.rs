@@ -47,7 +47,7 @@ fn nbds(srv: &InProc, user: &str, keys: &std::path::Path) -> String {
 
 #[test]
 fn many_threads_many_requests_on_one_tls_session() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("t");
     let (srv, keys) = psk_server(&dir, 16 * MIB);
     let c = Arc::new(Client::connect(&nbds(&srv, "alice", &keys)).unwrap());
     let threads: Vec<_> = (0..8u64)
@@ -91,7 +91,7 @@ fn many_threads_many_requests_on_one_tls_session() {
 
 #[test]
 fn an_idle_tls_connection_does_not_hold_up_shutdown() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("t");
     let (mut srv, keys) = psk_server(&dir, MIB);
     let c = Client::connect(&nbds(&srv, "bob", &keys)).unwrap();
     c.write(&[1u8; 4096], 0, true).unwrap();
@@ -102,7 +102,7 @@ fn an_idle_tls_connection_does_not_hold_up_shutdown() {
 
 #[test]
 fn a_wrong_key_is_refused_and_counted() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("t");
     let (srv, _keys) = psk_server(&dir, MIB);
     let wrong = dir.join("wrong.psk");
     std::fs::write(&wrong, format!("alice:{}\n", "00".repeat(32))).unwrap();

@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -19,53 +19,10 @@ use pmcache_nbd::{BlockSizes, MemExport, Server, ServerConfig, ShutdownHandle};
 // Temporary directories
 // ---------------------------------------------------------------------------
 
-/// A directory under /tmp removed on drop. Paths stay short: Unix socket
-/// paths are limited to 107 bytes.
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    pub fn new() -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = PathBuf::from(format!(
-            "/tmp/pmnbd-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("create temp dir");
-        Self(p)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-
-    pub fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub use pmcache_testkit::{pattern, TempDir};
 
 pub fn unix_uri(socket: &Path) -> String {
     format!("nbd+unix:///?socket={}", socket.display())
-}
-
-/// Deterministic pseudo-random bytes (xorshift64*), for patterns.
-pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 56) as u8
-        })
-        .collect()
 }
 
 /// Poll `done` every `poll` until it is true or `limit` has passed; returns
@@ -110,7 +67,7 @@ pub fn mem_export(size: usize, minimum: u32, maximum: u32) -> MemExport {
 /// Serve `server` on a Unix socket `s.sock` in a new temporary directory,
 /// in a thread. Returns (the directory, the socket, the thread).
 pub fn serve_unix(server: &Server) -> (TempDir, PathBuf, JoinHandle<std::io::Result<()>>) {
-    let dir = TempDir::new();
+    let dir = TempDir::new("n");
     let socket = dir.join("s.sock");
     let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
     let s = server.clone();
@@ -307,7 +264,7 @@ pub fn require_tool(tool: &str) -> PathBuf {
 
 /// Start a server and wait (bounded) until its socket accepts connections.
 pub fn launch(kind: &ServerKind) -> ServerGuard {
-    let dir = TempDir::new();
+    let dir = TempDir::new("n");
     let socket = dir.join("nbd.sock");
     let subst = |a: &str| {
         a.replace("{socket}", &socket.display().to_string())

@@ -1,0 +1,100 @@
+//! What the test suites share: private temporary directories, deterministic
+//! pseudo-random data and seeds that a failure names for its replay.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// A private directory in /dev/shm (cache files there stand in for pmem;
+/// elsewhere the system temp dir), removed on drop. Its path stays short:
+/// Unix socket paths are limited to 107 bytes.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// `tag` names the suite in the path, so leftovers say whose they are.
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let base = if Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        };
+        let p = base.join(format!(
+            "pm{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    /// `join` as a string, for command lines.
+    pub fn s(&self, name: &str) -> String {
+        self.join(name).display().to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), different per seed.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 56) as u8
+        })
+        .collect()
+}
+
+/// splitmix64's output function: a well-spread value from any counter.
+pub fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The run's seed: `PMCACHE_SEED` if set (a replay), else the clock.
+pub fn seed() -> u64 {
+    std::env::var("PMCACHE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(1)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_differ_by_seed_and_repeat_by_seed() {
+        assert_eq!(pattern(1, 64), pattern(1, 64));
+        assert_ne!(pattern(1, 64), pattern(2, 64));
+        assert_ne!(splitmix(1), splitmix(2));
+        let d = TempDir::new("tk");
+        let p = d.path().to_path_buf();
+        assert!(p.is_dir() && d.join("x").starts_with(&p));
+        drop(d);
+        assert!(!p.exists(), "removed on drop");
+    }
+}
