@@ -91,6 +91,16 @@ fn make_cert(ca: &Path, out: &Path, role: &str, cn: &str) {
     std::fs::copy(ca.join("ca-cert.pem"), out.join("ca-cert.pem")).unwrap();
 }
 
+/// A CA (`ca/`), a server certificate for localhost (`pki/`) and a client
+/// certificate for `client` (`cli/`), all in `dir`.
+fn x509_pki(dir: &TempDir, client: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let (ca, pki, cli) = (dir.join("ca"), dir.join("pki"), dir.join("cli"));
+    make_ca(&ca, "pmcache test CA");
+    make_cert(&ca, &pki, "server", "localhost");
+    make_cert(&ca, &cli, "client", client);
+    (ca, pki, cli)
+}
+
 /// A psktool key file for `user`.
 fn make_psk(file: &Path, user: &str) {
     run_ok("psktool", &["-u", user, "-p", &s(file)], T);
@@ -175,12 +185,7 @@ fn metrics(port: u16) -> String {
 #[test]
 fn x509_require_nbdinfo_and_nbdcopy_over_tcp() {
     let dir = TempDir::new("t");
-    let ca = dir.join("ca");
-    make_ca(&ca, "pmcache test CA");
-    let pki = dir.join("pki");
-    make_cert(&ca, &pki, "server", "localhost");
-    let cli = dir.join("cli");
-    make_cert(&ca, &cli, "client", "alice");
+    let (_, pki, cli) = x509_pki(&dir, "alice");
     let srv = tls_server(
         &dir,
         Listen::Tcp,
@@ -449,12 +454,7 @@ fn refused_unknown_psk_identity_and_one_not_allowed() {
 #[test]
 fn refused_client_certificate_from_another_ca() {
     let dir = TempDir::new("t");
-    let ca = dir.join("ca");
-    make_ca(&ca, "pmcache test CA");
-    let pki = dir.join("pki");
-    make_cert(&ca, &pki, "server", "localhost");
-    let cli = dir.join("cli");
-    make_cert(&ca, &cli, "client", "alice");
+    let (ca, pki, cli) = x509_pki(&dir, "alice");
     // A client certificate of another CA (the client trusts the real one).
     let evil_ca = dir.join("evil-ca");
     make_ca(&evil_ca, "another CA");
@@ -701,12 +701,7 @@ fn nbdkit_psk_origin_reconnects_flushes_and_keeps_the_key_secret() {
 #[test]
 fn nbdkit_x509_origin_with_a_client_certificate() {
     let dir = TempDir::new("t");
-    let ca = dir.join("ca");
-    make_ca(&ca, "pmcache test CA");
-    let pki = dir.join("pki");
-    make_cert(&ca, &pki, "server", "localhost");
-    let cli = dir.join("cli");
-    make_cert(&ca, &cli, "client", "pmcache");
+    let (ca, pki, cli) = x509_pki(&dir, "pmcache");
     let file = dir.join("origin.img");
     let mut model = pattern(24, 16 * MIB);
     std::fs::write(&file, &model).unwrap();
@@ -834,12 +829,7 @@ fn qemu_img_round_trip(dir: &TempDir, port: u16, object: &str, data: &[u8]) {
 #[test]
 fn qemu_img_with_tls_creds_x509_and_tls_creds_psk() {
     let dir = TempDir::new("t");
-    let ca = dir.join("ca");
-    make_ca(&ca, "pmcache test CA");
-    let pki = dir.join("pki");
-    make_cert(&ca, &pki, "server", "localhost");
-    let cli = dir.join("cli");
-    make_cert(&ca, &cli, "client", "qemu");
+    let (_, pki, cli) = x509_pki(&dir, "qemu");
     let srv = tls_server(
         &dir,
         Listen::Tcp,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{mem_export, pattern, InProc, TempDir};
+use common::{hammer, mem_export, pattern, InProc, TempDir};
 use pmcache_nbd::proto::*;
 use pmcache_nbd::tls::TlsClientConfig;
 use pmcache_nbd::{
@@ -138,35 +138,7 @@ fn minimum_block_size_is_honoured() {
 fn many_threads_many_requests_in_flight() {
     let srv = InProc::mem(16 * MIB);
     let c = Arc::new(Client::connect(&srv.uri()).unwrap());
-    let threads: Vec<_> = (0..8u64)
-        .map(|t| {
-            let c = c.clone();
-            thread::spawn(move || {
-                // Each thread owns a 2 MiB region and checks its own writes.
-                let base = t * 2 * MIB as u64;
-                let mut model = vec![0u8; 2 * MIB];
-                for i in 0..150u64 {
-                    let seed = t * 1000 + i;
-                    let p = pattern(seed, 8);
-                    let off = u64::from(u32::from_le_bytes([p[0], p[1], p[2], 0]))
-                        % (2 * MIB as u64 - 70_000);
-                    let len = 1 + (u64::from(p[3]) * 251 + u64::from(p[4])) as usize % 65_536;
-                    let data = pattern(seed ^ 0xabc, len);
-                    c.write(&data, base + off, i % 7 == 0).unwrap();
-                    model[off as usize..off as usize + len].copy_from_slice(&data);
-                    let mut back = vec![0u8; len];
-                    c.read(&mut back, base + off).unwrap();
-                    assert_eq!(back, data, "thread {t} op {i}");
-                }
-                let mut all = vec![0u8; 2 * MIB];
-                c.read(&mut all, base).unwrap();
-                assert!(all == model, "thread {t}: final region differs");
-            })
-        })
-        .collect();
-    for t in threads {
-        t.join().unwrap();
-    }
+    hammer(&c, 150);
     assert_eq!(srv.export.stats().writes, 8 * 150);
 }
 

@@ -7,10 +7,10 @@
 mod common;
 
 use std::sync::Arc;
-use std::thread;
+
 use std::time::{Duration, Instant};
 
-use common::{pattern, InProc, TempDir};
+use common::{hammer, pattern, InProc, TempDir};
 use pmcache_nbd::tls::{TlsCredentials, TlsMode, TlsServer, TlsServerConfig};
 use pmcache_nbd::{Client, MemExport, ServerConfig};
 
@@ -50,34 +50,7 @@ fn many_threads_many_requests_on_one_tls_session() {
     let dir = TempDir::new("t");
     let (srv, keys) = psk_server(&dir, 16 * MIB);
     let c = Arc::new(Client::connect(&nbds(&srv, "alice", &keys)).unwrap());
-    let threads: Vec<_> = (0..8u64)
-        .map(|t| {
-            let c = c.clone();
-            thread::spawn(move || {
-                let base = t * 2 * MIB as u64;
-                let mut model = vec![0u8; 2 * MIB];
-                for i in 0..100u64 {
-                    let seed = t * 1000 + i;
-                    let p = pattern(seed, 8);
-                    let off = u64::from(u32::from_le_bytes([p[0], p[1], p[2], 0]))
-                        % (2 * MIB as u64 - 70_000);
-                    let len = 1 + (u64::from(p[3]) * 251 + u64::from(p[4])) as usize % 65_536;
-                    let data = pattern(seed ^ 0xabc, len);
-                    c.write(&data, base + off, i % 7 == 0).unwrap();
-                    model[off as usize..off as usize + len].copy_from_slice(&data);
-                    let mut back = vec![0u8; len];
-                    c.read(&mut back, base + off).unwrap();
-                    assert_eq!(back, data, "thread {t} op {i}");
-                }
-                let mut all = vec![0u8; 2 * MIB];
-                c.read(&mut all, base).unwrap();
-                assert!(all == model, "thread {t}: final region differs");
-            })
-        })
-        .collect();
-    for t in threads {
-        t.join().unwrap();
-    }
+    hammer(&c, 100);
     assert_eq!(srv.export.stats().writes, 8 * 100);
     // Whole-export transfers, many records each way.
     let big = pattern(7, 16 * MIB);
