@@ -966,3 +966,64 @@ fn nbds_tcp_origin_checks_the_server_certificate_names_the_host() {
     k.signal(libc::SIGKILL);
     let _ = k.wait_exit(T);
 }
+
+/// An origin whose server certificate has expired is refused: `serve`
+/// fails, says it is the origin's certificate, and creates no cache.
+#[test]
+fn an_expired_origin_certificate_is_refused() {
+    let dir = TempDir::new("t");
+    let (ca, pki, cli) = x509_pki(&dir, "pmcache");
+    // Replace the server certificate with one that expired years ago.
+    let t = template(
+        &pki,
+        "expired.info",
+        "organization = pmcache test\ncn = localhost\ndns_name = localhost\n\
+         activation_date = \"2015-01-01 00:00:00 UTC\"\n\
+         expiration_date = \"2016-01-01 00:00:00 UTC\"\n\
+         tls_www_server\nencryption_key\nsigning_key\n",
+    );
+    certtool(&[
+        "--generate-certificate",
+        "--load-ca-certificate",
+        &s(&ca.join("ca-cert.pem")),
+        "--load-ca-privkey",
+        &s(&ca.join("ca-key.pem")),
+        "--load-privkey",
+        &s(&pki.join("server-key.pem")),
+        "--template",
+        &s(&t),
+        "--outfile",
+        &s(&pki.join("server-cert.pem")),
+    ]);
+    let file = dir.join("origin.img");
+    std::fs::write(&file, vec![0u8; MIB]).unwrap();
+    let sock = dir.join("k.sock");
+    let pki_arg = format!("--tls-certificates={}", s(&pki));
+    let _k = nbdkit_tls(&dir, &sock, &file, &[&pki_arg], "k.log");
+    let uri = format!(
+        "nbds+unix:///?socket={}&tls-certificates={}",
+        s(&sock),
+        s(&cli)
+    );
+    let out = pmcache(
+        &[
+            "serve",
+            "--cache",
+            &s(&dir.join("cache.pmem")),
+            "--cache-size",
+            "8M",
+            "--origin",
+            &uri,
+            "--socket",
+            &s(&dir.join("never.sock")),
+        ],
+        T,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "served over an expired origin");
+    assert!(
+        err.contains("certificate has expired"),
+        "the error says the origin's certificate expired: {err}"
+    );
+    assert!(!dir.join("cache.pmem").exists());
+}

@@ -472,7 +472,19 @@ impl TlsClientConfig {
         loop {
             match s.connect() {
                 Ok(()) => break,
-                Err(e) => wait_for(&s, e, deadline, "TLS handshake")?,
+                Err(e) => wait_for(&s, e, deadline, "TLS handshake").map_err(|e| {
+                    // Say why the server's certificate was refused (expired,
+                    // unknown CA, wrong name), not only that it was.
+                    let v = s.ssl().verify_result();
+                    if v == openssl::x509::X509VerifyResult::OK {
+                        e
+                    } else {
+                        io::Error::new(
+                            e.kind(),
+                            format!("{e} (server certificate: {})", v.error_string()),
+                        )
+                    }
+                })?,
             }
         }
         Ok(TlsStream::new(s, timeout, peer_name))
