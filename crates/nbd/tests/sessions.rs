@@ -14,7 +14,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{go_request, mem_export, pattern, serve_unix, wait_until, InProc};
+use common::{go_request, mem_export, pattern, serve_unix, wait_until, InProc, TempDir};
 use pmcache_nbd::proto::*;
 use pmcache_nbd::{
     BlockSizes, Client, Export, ExportError, Extent, MemExport, Server, ServerConfig, Stream,
@@ -185,6 +185,50 @@ fn random_sessions_never_panic_or_hang() {
     drop(c);
     handle.shutdown();
     t.join().unwrap().unwrap();
+}
+
+/// The same random sessions against servers that offer TLS (`on`) and
+/// insist on it (`require`): option haggling around STARTTLS, plain bytes
+/// where a TLS handshake should follow, options refused before TLS. No
+/// panic, no hang, and under `require` nothing is written.
+#[test]
+fn random_sessions_around_starttls_never_panic_hang_or_write() {
+    use pmcache_nbd::{TlsCredentials, TlsMode, TlsServer, TlsServerConfig};
+    let dir = TempDir::new("s");
+    let keys = dir.join("keys.psk");
+    std::fs::write(&keys, format!("alice:{}\n", "a1".repeat(32))).unwrap();
+    for (mode, seed) in [(TlsMode::On, 0x5eed_71), (TlsMode::Require, 0x5eed_72)] {
+        let size = 256 * 1024;
+        let export = Arc::new(mem_export(size, 1, 64 * 1024));
+        let tls = TlsServer::new(&TlsServerConfig {
+            mode,
+            credentials: TlsCredentials::Psk { file: keys.clone() },
+            allow: vec![],
+        })
+        .unwrap();
+        let server = Server::new(
+            export.clone(),
+            ServerConfig {
+                io_timeout: Some(Duration::from_secs(5)),
+                tls: Some(Arc::new(tls)),
+                ..ServerConfig::default()
+            },
+        )
+        .unwrap();
+        let mut rng = Rng(seed);
+        for _ in 0..1500 {
+            let out = run_session(&server, session(&mut rng, size as u64));
+            assert!(out.len() >= GREETING_LEN && &out[..8] == b"NBDMAGIC");
+        }
+        assert_eq!(server.active_connections(), 0);
+        if mode == TlsMode::Require {
+            assert_eq!(
+                export.stats().writes,
+                0,
+                "a plain client wrote under --tls require"
+            );
+        }
+    }
 }
 
 /// An export that panics on writes at offset 0 and reads at offset 512.
