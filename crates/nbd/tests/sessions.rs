@@ -197,7 +197,7 @@ fn random_sessions_around_starttls_never_panic_hang_or_write() {
     let dir = TempDir::new("s");
     let keys = dir.join("keys.psk");
     std::fs::write(&keys, format!("alice:{}\n", "a1".repeat(32))).unwrap();
-    for (mode, seed) in [(TlsMode::On, 0x5eed_71), (TlsMode::Require, 0x5eed_72)] {
+    for (mode, seed) in [(TlsMode::On, 0x5eed_0071), (TlsMode::Require, 0x5eed_0072)] {
         let size = 256 * 1024;
         let export = Arc::new(mem_export(size, 1, 64 * 1024));
         let tls = TlsServer::new(&TlsServerConfig {
