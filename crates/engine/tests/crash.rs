@@ -1,9 +1,9 @@
 //! Simulated power loss at every persistence point (contract §3).
 //!
-//! Random workloads (writes of 1 byte to 1 MiB, from memory and through the
-//! NBD receive path, with and without FUA; overwrites, zeroes, trims, reads,
-//! writeback, eviction, mode switches) run against the engine on the crash
-//! simulator. At each persistence point, crash images are reopened and
+//! Random workloads (writes of 1 byte to 1 MiB, from memory and as the NBD
+//! server makes them, staged or through `write_with`, with and without FUA;
+//! overwrites, zeroes, trims, reads, writeback, eviction, mode switches) run
+//! against the engine on the crash simulator. At each persistence point, crash images are reopened and
 //! checked against a model of what was acknowledged: promises 3–6, the
 //! offline check, no lost dirty data, no spurious dirty blocks, a warm cache
 //! whose dirty set is exactly the media's, and clean blocks that the origin
@@ -23,7 +23,7 @@ use std::time::Instant;
 use std::time::Duration;
 
 use pmcache_engine::check;
-use pmcache_engine::{CacheMode, Engine, EngineConfig};
+use pmcache_engine::{CacheMode, Engine, EngineConfig, Stage};
 use pmcache_origin::{MemOrigin, Origin};
 use pmcache_pmem::sim::{enumerate, CrashConfig, CrashImage};
 use pmcache_pmem::{PmemRegion, SimRegion};
@@ -217,14 +217,23 @@ fn gen_ops(v: &Variant, rng: &mut SmallRng, base: u64, size: u64) -> Vec<Op> {
     let mut next = 0u64;
     (0..v.ops)
         .map(|_| {
-            // One aligned whole block: what most clients send, and the
-            // engine's fast path.
-            let whole = rng.gen_range(0..100) < 15;
-            let l = if whole { bs } else { len(rng) }.min(size);
+            // Whole aligned blocks, one to four: what most clients send,
+            // the engine's fast path, and the server's staged writes.
+            let whole = rng.gen_range(0..100) < 25;
+            let l = if whole {
+                bs * rng.gen_range(1..=4)
+            } else {
+                len(rng)
+            }
+            .min(size);
             let off = if next + l <= size && rng.gen_bool(0.3) {
                 // Where the last op ended: sequential streams, which bypass
-                // the cache past the cutoff.
-                next
+                // the cache past the cutoff (whole blocks stay aligned).
+                if whole {
+                    next / bs * bs
+                } else {
+                    next
+                }
             } else if whole || rng.gen_bool(0.3) {
                 rng.gen_range(0..size / bs) * bs
             } else {
@@ -304,6 +313,31 @@ fn retry<T>(what: &str, mut f: impl FnMut() -> pmcache_engine::Result<T>) -> T {
     panic!("{what} kept failing: {last:?}");
 }
 
+/// A write as the NBD server makes it: staged (slots taken without waiting,
+/// the payload received into them), then committed; a write that cannot be
+/// staged goes the one-call way.
+fn write_staged(
+    engine: &Arc<Engine>,
+    off: u64,
+    data: &[u8],
+    fua: bool,
+) -> pmcache_engine::Result<()> {
+    let mut fill = |slices: &mut [std::io::IoSliceMut<'_>]| {
+        let mut pos = 0;
+        for s in slices.iter_mut() {
+            let n = s.len();
+            s.copy_from_slice(&data[pos..pos + n]);
+            pos += n;
+        }
+        assert_eq!(pos, data.len(), "slices cover the payload");
+        Ok(())
+    };
+    match engine.stage_write(off, data.len() as u64, fua, &mut fill)? {
+        Stage::Staged(w) => w.commit(),
+        Stage::WouldWait => write_recv(engine, off, data, fua),
+    }
+}
+
 /// A write as the NBD server does it: the payload arrives into the slices
 /// the engine hands out.
 fn write_recv(engine: &Engine, off: u64, data: &[u8], fua: bool) -> pmcache_engine::Result<()> {
@@ -319,7 +353,7 @@ fn write_recv(engine: &Engine, off: u64, data: &[u8], fua: bool) -> pmcache_engi
     })
 }
 
-fn run_workload(engine: &Engine, ops: &[Op], model: &Mutex<Model>, bs: u64, me: usize) {
+fn run_workload(engine: &Arc<Engine>, ops: &[Op], model: &Mutex<Model>, bs: u64, me: usize) {
     for op in ops {
         let (range, new) = match op {
             Op::Write { off, data, .. } => (Some(*off), Some(data.clone())),
@@ -344,7 +378,7 @@ fn run_workload(engine: &Engine, ops: &[Op], model: &Mutex<Model>, bs: u64, me: 
                 data,
                 fua,
                 recv: true,
-            } => retry("write", || write_recv(engine, *off, data, *fua)),
+            } => retry("write", || write_staged(engine, *off, data, *fua)),
             Op::Write { off, data, fua, .. } => retry("write", || engine.write(*off, data, *fua)),
             Op::Zero { off, len, fua } => retry("zero", || engine.write_zeroes(*off, *len, *fua)),
             Op::Trim { off, len, fua } => retry("trim", || engine.trim(*off, *len, *fua)),
