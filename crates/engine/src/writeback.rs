@@ -25,7 +25,7 @@ impl Engine {
         if batch.is_empty() {
             return Ok(0);
         }
-        let (written, mut err) = self.write_back(&batch);
+        let (written, mut err) = self.write_blocks_to_origin(&batch);
         let mut cleaned = 0;
         if written.iter().any(|&w| w) {
             match self.origin.flush() {
@@ -113,11 +113,16 @@ impl Engine {
         batch
     }
 
-    /// Write a sorted batch to the origin (no flush): runs of adjacent data
-    /// blocks as single writes, all in flight together; runs of zero blocks
-    /// as single WRITE_ZEROES. Per block, whether the origin now has it; and
-    /// the first error.
-    fn write_back(&self, batch: &[NewBlock]) -> (Vec<bool>, Option<EngineError>) {
+    /// Write pinned blocks, sorted by block, to the origin (no flush), for
+    /// writeback and writethrough alike: runs of adjacent data blocks as
+    /// single writes straight from the mapping, all in flight together; runs
+    /// of zero blocks as single WRITE_ZEROES. Per block, whether the origin
+    /// now has it; and the first error.
+    pub(crate) fn write_blocks_to_origin(
+        &self,
+        batch: &[NewBlock],
+    ) -> (Vec<bool>, Option<EngineError>) {
+        debug_assert!(batch.windows(2).all(|w| w[0].block < w[1].block));
         let bs = self.bs();
         let mut written: Vec<bool> = batch.iter().map(|nb| nb.on_origin).collect();
         let mut err = None;
@@ -169,7 +174,7 @@ impl Engine {
 
     fn origin_error(&self, offset: u64, source: io::Error) -> EngineError {
         self.counters.add(crate::stats::Ctr::OriginErrors, 1);
-        tracing::warn!(offset, error = %source, "origin write failed during writeback");
+        tracing::warn!(offset, error = %source, "origin write failed");
         EngineError::Origin { offset, source }
     }
 

@@ -617,7 +617,8 @@ impl Engine {
     pub(super) fn write_through(&self, nbs: &[NewBlock], fua: bool) -> Result<()> {
         let (b0, b1) = (nbs[0].block, nbs[nbs.len() - 1].block);
         self.lock_origin_writers(b0, b1);
-        let r = self.write_blocks_to_origin(nbs).and_then(|()| {
+        let (_, failed) = self.write_blocks_to_origin(nbs);
+        let r = failed.map_or(Ok(()), Err).and_then(|()| {
             if fua {
                 self.origin.flush().map_err(|source| {
                     self.counters.add(Ctr::OriginErrors, 1);
@@ -647,40 +648,6 @@ impl Engine {
         self.unlock_origin_writers(b0..=b1);
         self.unpin_all(nbs);
         r
-    }
-
-    /// Write pinned slots to the origin (no flush), straight from the
-    /// mapping, as one batch so origins can keep many requests in flight.
-    pub(crate) fn write_blocks_to_origin(&self, nbs: &[NewBlock]) -> Result<()> {
-        let bs = self.bs();
-        let mut pieces: Vec<(u64, &[u8])> = Vec::with_capacity(nbs.len());
-        for nb in nbs.iter().filter(|nb| !nb.on_origin) {
-            let off = nb.block * bs;
-            let n = (self.size - off).min(bs);
-            if nb.zero {
-                self.origin.write_zeroes(off, n, false).map_err(|source| {
-                    self.counters.add(Ctr::OriginErrors, 1);
-                    EngineError::Origin {
-                        offset: off,
-                        source,
-                    }
-                })?;
-            } else {
-                // SAFETY: the slot is pinned, so it is not rewritten meanwhile.
-                let data = unsafe {
-                    self.region
-                        .slice(self.data(self.firsts[nb.shard], nb.slot), n as usize)
-                };
-                pieces.push((off, data));
-            }
-        }
-        self.origin.write_many(&pieces).map_err(|source| {
-            self.counters.add(Ctr::OriginErrors, 1);
-            EngineError::Origin {
-                offset: pieces.first().map_or(0, |p| p.0),
-                source,
-            }
-        })
     }
 
     /// Mark published slots clean after their origin copy is durable.
