@@ -9,7 +9,6 @@
 #[path = "common/nbd.rs"]
 mod nbd;
 
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -22,12 +21,7 @@ const T: Duration = Duration::from_secs(120);
 
 /// nbdkit serving `file` on `sock`, failing `rate` of reads and writes.
 fn nbdkit_file(dir: &TempDir, sock: &Path, file: &Path, rate: Option<&str>) -> Proc {
-    let mut args: Vec<String> = vec![
-        "--foreground".into(),
-        "--exit-with-parent".into(),
-        "--unix".into(),
-        sock.display().to_string(),
-    ];
+    let mut args: Vec<String> = Vec::new();
     if rate.is_some() {
         args.push("--filter=error".into());
     }
@@ -38,15 +32,8 @@ fn nbdkit_file(dir: &TempDir, sock: &Path, file: &Path, rate: Option<&str>) -> P
             format!("error-pwrite-rate={r}"),
         ]);
     }
-    let _ = std::fs::remove_file(sock);
     let log = dir.join(&format!("nbdkit-{}.log", rate.unwrap_or("clean")));
-    let p = Proc::spawn(&require_tool("nbdkit"), &args, log, &[]);
-    let end = Instant::now() + Duration::from_secs(10);
-    while UnixStream::connect(sock).is_err() {
-        assert!(Instant::now() < end, "nbdkit did not listen on {sock:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    p
+    nbdkit_at(sock, &args, log, Duration::from_secs(10))
 }
 
 struct Rig {

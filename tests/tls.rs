@@ -582,27 +582,34 @@ fn bad_tls_arguments_are_refused_before_anything_is_created() {
 /// nbdkit serving `file` with these TLS arguments on the Unix socket `sock`
 /// (a fixed path, so that a restarted nbdkit is the same origin URI).
 fn nbdkit_tls(dir: &TempDir, sock: &Path, file: &Path, tls: &[&str], log: &str) -> Proc {
-    let mut args: Vec<String> = vec![
-        "--foreground".into(),
-        "--exit-with-parent".into(),
-        "--unix".into(),
-        s(sock),
-        "--tls=require".into(),
-    ];
+    let mut args: Vec<String> = vec!["--tls=require".into()];
     args.extend(tls.iter().map(|a| a.to_string()));
     args.extend(["file".into(), s(file)]);
-    let _ = std::fs::remove_file(sock);
-    let mut p = Proc::spawn(&require_tool("nbdkit"), &args, dir.join(log), &[]);
-    let start = std::time::Instant::now();
-    while UnixStream::connect(sock).is_err() {
-        assert!(
-            p.exited().is_none() && start.elapsed() < T,
-            "nbdkit did not start: {}",
-            p.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    p
+    nbdkit_at(sock, &args, dir.join(log), T)
+}
+
+/// `serve` over an origin it must refuse: it fails and creates no cache.
+/// Returns its error output.
+fn serve_refused(dir: &TempDir, origin_uri: &str) -> String {
+    let cache = dir.join("cache.pmem");
+    let out = pmcache(
+        &[
+            "serve",
+            "--cache",
+            &s(&cache),
+            "--cache-size",
+            "8M",
+            "--origin",
+            origin_uri,
+            "--socket",
+            &s(&dir.join("never.sock")),
+        ],
+        T,
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "served over {origin_uri}: {err}");
+    assert!(!cache.exists(), "a refused origin left a cache");
+    err
 }
 
 fn pmcache_over(dir: &TempDir, origin_uri: &str, extra: &[&str]) -> ServerGuard {
@@ -726,22 +733,7 @@ fn nbdkit_x509_origin_with_a_client_certificate() {
         s(&sock),
         s(&evil)
     );
-    let out = pmcache(
-        &[
-            "serve",
-            "--cache",
-            &s(&dir.join("cache.pmem")),
-            "--cache-size",
-            "8M",
-            "--origin",
-            &bad_uri,
-            "--socket",
-            &s(&dir.join("never.sock")),
-        ],
-        T,
-    );
-    assert!(!out.status.success());
-    assert!(!dir.join("cache.pmem").exists());
+    serve_refused(&dir, &bad_uri);
 
     let origin_uri = format!(
         "nbds+unix:///?socket={}&tls-certificates={}",
@@ -1005,25 +997,9 @@ fn an_expired_origin_certificate_is_refused() {
         s(&sock),
         s(&cli)
     );
-    let out = pmcache(
-        &[
-            "serve",
-            "--cache",
-            &s(&dir.join("cache.pmem")),
-            "--cache-size",
-            "8M",
-            "--origin",
-            &uri,
-            "--socket",
-            &s(&dir.join("never.sock")),
-        ],
-        T,
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "served over an expired origin");
+    let err = serve_refused(&dir, &uri);
     assert!(
         err.contains("certificate has expired"),
         "the error says the origin's certificate expired: {err}"
     );
-    assert!(!dir.join("cache.pmem").exists());
 }

@@ -13,6 +13,10 @@ fuzz_target!(|data: &[u8]| {
     let crc = crc32c::crc32c(&b[..SB_SIZE - 4]);
     b[SB_SIZE - 4..].copy_from_slice(&crc.to_le_bytes());
     if let Ok(sb) = Superblock::decode(&b) {
-        assert_eq!(Superblock::decode(&sb.encode()).ok(), Some(sb), "superblock did not round-trip");
+        assert_eq!(
+            Superblock::decode(&sb.encode()).ok(),
+            Some(sb),
+            "superblock did not round-trip"
+        );
     }
 });

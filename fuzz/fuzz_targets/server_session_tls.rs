@@ -4,14 +4,14 @@
 //! The server must neither panic nor hang, and never take a write.
 #![no_main]
 
-use std::io::{Read, Write};
-use std::net::Shutdown;
-use std::os::unix::net::UnixStream;
+#[path = "common/session.rs"]
+mod session;
+
 use std::sync::{Arc, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
 use pmcache_nbd::{
-    MemExport, Server, ServerConfig, Stream, TlsCredentials, TlsMode, TlsServer, TlsServerConfig,
+    MemExport, Server, ServerConfig, TlsCredentials, TlsMode, TlsServer, TlsServerConfig,
 };
 
 fn server() -> &'static (Server, Arc<MemExport>) {
@@ -35,23 +35,7 @@ fn server() -> &'static (Server, Arc<MemExport>) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let (ours, mut theirs) = UnixStream::pair().unwrap();
-    let mut reader = theirs.try_clone().unwrap();
-    let input = data.to_vec();
-    // The client sends on one thread and drains replies on another, so
-    // neither side can block the other on a full socket buffer.
-    let sender = std::thread::spawn(move || {
-        let _ = theirs.write_all(&3u32.to_be_bytes());
-        let _ = theirs.write_all(&input);
-        let _ = theirs.shutdown(Shutdown::Write);
-    });
-    let drain = std::thread::spawn(move || {
-        let mut sink = Vec::new();
-        let _ = reader.read_to_end(&mut sink);
-    });
     let (server, export) = server();
-    server.serve_stream(Stream::Unix(ours));
-    sender.join().unwrap();
-    drain.join().unwrap();
+    session::run(server, data);
     assert_eq!(export.stats().writes, 0, "a write got in without TLS");
 });

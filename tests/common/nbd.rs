@@ -277,6 +277,32 @@ impl Drop for Proc {
     }
 }
 
+/// nbdkit in the foreground on the Unix socket `sock` (a fixed path, so a
+/// restarted server is the same origin to pmcache) with `args` (filters,
+/// plugin and its parameters); returns once it accepts connections, and
+/// fails the test if that takes longer than `within`.
+pub fn nbdkit_at(sock: &Path, args: &[String], log: PathBuf, within: Duration) -> Proc {
+    let mut all: Vec<String> = vec![
+        "--foreground".into(),
+        "--exit-with-parent".into(),
+        "--unix".into(),
+        sock.display().to_string(),
+    ];
+    all.extend(args.iter().cloned());
+    let _ = std::fs::remove_file(sock);
+    let mut p = Proc::spawn(&require_tool("nbdkit"), &all, log, &[]);
+    let end = Instant::now() + within;
+    while UnixStream::connect(sock).is_err() {
+        assert!(
+            p.exited().is_none() && Instant::now() < end,
+            "nbdkit did not start: {}",
+            p.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    p
+}
+
 // ---------------------------------------------------------------------------
 // Servers
 // ---------------------------------------------------------------------------

@@ -315,42 +315,30 @@ fn retry<T>(what: &str, mut f: impl FnMut() -> pmcache_engine::Result<T>) -> T {
 
 /// A write as the NBD server makes it: staged (slots taken without waiting,
 /// the payload received into them), then committed; a write that cannot be
-/// staged goes the one-call way.
+/// staged goes the one-call way (`write_with`), as the server's does.
 fn write_staged(
     engine: &Arc<Engine>,
     off: u64,
     data: &[u8],
     fua: bool,
 ) -> pmcache_engine::Result<()> {
-    let mut fill = |slices: &mut [std::io::IoSliceMut<'_>]| {
-        let mut pos = 0;
-        for s in slices.iter_mut() {
-            let n = s.len();
-            s.copy_from_slice(&data[pos..pos + n]);
-            pos += n;
-        }
-        assert_eq!(pos, data.len(), "slices cover the payload");
-        Ok(())
-    };
-    match engine.stage_write(off, data.len() as u64, fua, &mut fill)? {
+    let len = data.len() as u64;
+    match engine.stage_write(off, len, fua, &mut |s| receive(data, s))? {
         Stage::Staged(w) => w.commit(),
-        Stage::WouldWait => write_recv(engine, off, data, fua),
+        Stage::WouldWait => engine.write_with(off, len, fua, &mut |s| receive(data, s)),
     }
 }
 
-/// A write as the NBD server does it: the payload arrives into the slices
-/// the engine hands out.
-fn write_recv(engine: &Engine, off: u64, data: &[u8], fua: bool) -> pmcache_engine::Result<()> {
-    engine.write_with(off, data.len() as u64, fua, &mut |slices| {
-        let mut pos = 0;
-        for s in slices.iter_mut() {
-            let n = s.len();
-            s.copy_from_slice(&data[pos..pos + n]);
-            pos += n;
-        }
-        assert_eq!(pos, data.len(), "slices cover the payload");
-        Ok(())
-    })
+/// What the server's `recv` does: fill the engine's slices from the payload.
+fn receive(data: &[u8], slices: &mut [std::io::IoSliceMut<'_>]) -> std::io::Result<()> {
+    let mut pos = 0;
+    for s in slices.iter_mut() {
+        let n = s.len();
+        s.copy_from_slice(&data[pos..pos + n]);
+        pos += n;
+    }
+    assert_eq!(pos, data.len(), "slices cover the payload");
+    Ok(())
 }
 
 fn run_workload(engine: &Arc<Engine>, ops: &[Op], model: &Mutex<Model>, bs: u64, me: usize) {
