@@ -7,6 +7,7 @@
 
 use std::sync::atomic::AtomicU64;
 
+mod backing;
 pub mod counter;
 pub mod error;
 pub mod flush;
@@ -109,7 +110,10 @@ pub trait PmemRegion: Send + Sync {
 
     /// [`copy_flush`](Self::copy_flush), returning [`hash::xxh3_64`] of
     /// `src`. Regions with streaming stores override it to hash while
-    /// copying, reading `src` once.
+    /// copying, reading `src` once. Only for slot data, whose words nobody
+    /// trusts before a fence made them durable: an msync-mode region may
+    /// write it with a system call, which does not keep 8-byte stores
+    /// failure-atomic.
     ///
     /// # Safety
     /// As [`copy_flush`](Self::copy_flush).

@@ -6,6 +6,7 @@
 //! user vouches that the memory is pmem anyway (`assume_pmem`, how a
 //! /dev/shm file stands in for pmem in tests and benchmarks).
 
+use crate::backing;
 use crate::error::PmemError;
 use crate::flush::{self, FlushKind};
 use crate::group::GroupCommit;
@@ -263,6 +264,9 @@ impl MappedRegion {
         if opts.prefault && mode != PersistMode::Msync {
             region.prefault();
         }
+        if mode == PersistMode::Msync {
+            region.prepare_for_msync()?;
+        }
         tracing::info!(path = %region.path.display(), len, mode = %mode, "mapped pmem region");
         Ok(region)
     }
@@ -349,6 +353,35 @@ impl MappedRegion {
         self.touch_pages();
     }
 
+    /// Msync mode: no holes, and base-page folios (see [`crate::backing`]
+    /// for why each matters). Runs before anything is stored through the
+    /// mapping; a file system that cannot allocate the file (ENOSPC) fails
+    /// here, with a clear error, instead of a SIGBUS at some later store.
+    fn prepare_for_msync(&self) -> Result<(), PmemError> {
+        let is_file = self.file.metadata().is_ok_and(|m| m.is_file());
+        if is_file {
+            let filled = backing::fill_holes(&self.file, self.len as u64).map_err(|source| {
+                PmemError::Io {
+                    path: self.path.clone(),
+                    op: "allocate (write zeros into holes)",
+                    source,
+                }
+            })?;
+            if filled > 0 {
+                tracing::info!(path = %self.path.display(), bytes = filled,
+                    "allocated the cache file's holes, so that commits need no journal");
+            }
+            backing::drop_page_cache(&self.file);
+        }
+        // SAFETY: advice on our own live mapping; it changes no data.
+        let rc = unsafe { libc::madvise(self.base.cast(), self.len, libc::MADV_RANDOM) };
+        if rc != 0 {
+            tracing::debug!(path = %self.path.display(), err = %std::io::Error::last_os_error(),
+                "MADV_RANDOM refused; commits may write whole large folios");
+        }
+        Ok(())
+    }
+
     /// Write-faults every page with an atomic add of zero, which cannot
     /// change a byte even if another process is writing the same word.
     fn touch_pages(&self) {
@@ -393,6 +426,32 @@ impl MappedRegion {
                 "{}: {e}; durability can no longer be guaranteed",
                 self.path.display()
             );
+        }
+    }
+
+    /// Msync mode: `src` into the file at `off` with `pwrite` instead of
+    /// stores through the mapping, and recorded for this thread's fence.
+    /// The page cache is the same either way, so the mapping sees the bytes
+    /// at once; but a store into a page that is not cached makes the kernel
+    /// read it from disk first, and one into a page that an msync cleaned
+    /// takes a write-protect fault, where `pwrite` of whole pages does
+    /// neither (measured on ext4: 135 µs per 4 KiB write and msync against
+    /// 180 µs through the mapping). A system call does not keep 8-byte
+    /// stores atomic, so this is only for slot data. False (nothing
+    /// written) if the call failed; the caller then copies through the
+    /// mapping, and the fence's msync reports a media error as before.
+    fn write_call(&self, off: usize, src: &[u8]) -> bool {
+        use std::os::unix::fs::FileExt;
+        match self.file.write_all_at(src, off as u64) {
+            Ok(()) => {
+                self.record(off, src.len());
+                true
+            }
+            Err(err) => {
+                tracing::warn!(path = %self.path.display(), %err, off,
+                    "pwrite to the cache file failed; storing through the mapping instead");
+                false
+            }
         }
     }
 
@@ -529,6 +588,9 @@ impl PmemRegion for MappedRegion {
                     return h;
                 }
             }
+        }
+        if self.mode == PersistMode::Msync && self.write_call(off, src) {
+            return hash::xxh3_64(src);
         }
         // SAFETY: forwarded from the caller.
         unsafe { self.copy_flush(off, src) };
@@ -806,6 +868,46 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         assert_eq!(r.mode(), PersistMode::Msync);
         r
+    }
+
+    /// Ranges the recording msync below was called with, as (address, len).
+    static SYNCED: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
+
+    unsafe fn recording_msync(p: *mut u8, len: usize) -> i32 {
+        SYNCED.lock().push((p as usize, len));
+        // SAFETY: forwarded from the caller's contract.
+        unsafe { msync_sync(p, len) }
+    }
+
+    /// Msync mode writes slot data with `pwrite`: the file and the mapping
+    /// hold it at once, and the writer's next fence msyncs a range that
+    /// covers it, so nothing is acknowledged before the call that made it
+    /// durable returned.
+    #[test]
+    fn written_data_is_in_the_file_and_covered_by_the_fence() {
+        use std::os::unix::fs::FileExt;
+        let mut r = msync_region("pwrite");
+        r.sync_fn = recording_msync;
+        let data = vec![0xa5u8; 8192];
+        // SAFETY: nobody else uses the region.
+        let h = unsafe { r.copy_flush_hash(40960, &data) };
+        assert_eq!(h, xxhash_rust::xxh3::xxh3_64(&data));
+        let mut f = vec![0u8; 8192];
+        r.file.read_exact_at(&mut f, 40960).unwrap();
+        assert_eq!(f, data, "the bytes went to the file");
+        // SAFETY: as above; read only.
+        let mapped = unsafe { r.slice(40960, 8192) };
+        assert_eq!(mapped, &data[..], "the mapping sees them");
+        let me = std::thread::current().id();
+        assert_eq!(r.dirty.lock()[&me], vec![(40960, 40960 + 8192)]);
+        r.fence();
+        let base = r.base as usize;
+        let covered = SYNCED
+            .lock()
+            .iter()
+            .any(|&(p, n)| p <= base + 40960 && base + 40960 + 8192 <= p + n);
+        assert!(covered, "no msync covered the written range");
+        assert!(r.dirty.lock().is_empty());
     }
 
     /// One fence of several far-apart ranges is one msync, not one per range.

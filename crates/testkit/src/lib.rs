@@ -12,12 +12,22 @@ pub struct TempDir(PathBuf);
 impl TempDir {
     /// `tag` names the suite in the path, so leftovers say whose they are.
     pub fn new(tag: &str) -> TempDir {
-        static N: AtomicU32 = AtomicU32::new(0);
         let base = if Path::new("/dev/shm").is_dir() {
             PathBuf::from("/dev/shm")
         } else {
             std::env::temp_dir()
         };
+        Self::under(&base, tag)
+    }
+
+    /// A private directory in the system temp dir, for files that must live
+    /// on a disk file system (holes, page-cache behaviour), not in /dev/shm.
+    pub fn on_disk(tag: &str) -> TempDir {
+        Self::under(&std::env::temp_dir(), tag)
+    }
+
+    fn under(base: &Path, tag: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
         let p = base.join(format!(
             "pm{tag}-{}-{}",
             std::process::id(),

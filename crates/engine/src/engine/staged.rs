@@ -69,6 +69,13 @@ impl Engine {
         if !whole || !matches!(mode, CacheMode::Writeback | CacheMode::Writethrough) {
             return Ok(Stage::WouldWait);
         }
+        // Where persistence is a system call (msync), a payload received
+        // through the mapping would fault each page in from disk first; the
+        // one-call path writes it from the caller's buffer with `pwrite`
+        // (see `copy_flush_hash`), and its commit could not be quick anyway.
+        if self.fence_is_syscall() {
+            return Ok(Stage::WouldWait);
+        }
         // A sequential stream past the cutoff goes around the cache, which
         // the one-call path does (it sees the same stream again).
         if self.streams.bypass(offset, len, true) {
