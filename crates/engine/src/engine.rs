@@ -59,7 +59,8 @@ pub struct EngineConfig {
     pub background_writeback: bool,
     /// Blocks per writeback batch (one origin flush each).
     pub writeback_batch: usize,
-    /// Pause between batches while the dirty share is low (trickle).
+    /// Longest pause between batches while the dirty share is low and
+    /// clients are busy (trickle); shorter the nearer the dirty mark.
     pub writeback_pause: Duration,
     /// Attach even if the origin's identity differs from the superblock.
     pub force_origin: bool,
@@ -80,7 +81,7 @@ impl Default for EngineConfig {
             max_request: 1 << 20,
             background_writeback: true,
             writeback_batch: 1024,
-            writeback_pause: Duration::from_millis(100),
+            writeback_pause: Duration::from_secs(1),
             force_origin: false,
             shards: None,
             promote_reads: true,
@@ -536,6 +537,22 @@ impl Engine {
             fences: self.region.fences(),
             watermark: self.seq.durable(),
         }
+    }
+
+    /// A count that moves whenever a client reads or writes (for telling a
+    /// busy cache from an idle one, not for statistics).
+    pub(crate) fn client_requests(&self) -> u64 {
+        use crate::stats::Ctr;
+        [
+            Ctr::Writes,
+            Ctr::ReadHits,
+            Ctr::ReadMisses,
+            Ctr::BypassReads,
+            Ctr::BypassWrites,
+        ]
+        .into_iter()
+        .map(|c| self.counters.get(c))
+        .sum()
     }
 
     /// Number of dirty blocks now.

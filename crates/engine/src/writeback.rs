@@ -304,14 +304,15 @@ fn runs(batch: &[NewBlock]) -> Vec<std::ops::Range<usize>> {
 }
 
 /// Dirty share of the cache (percent) below which writeback trickles, as
-/// dm-writecache's high watermark (50%): an idle cache still drains, but a
-/// busy one keeps its CPU and origin bandwidth for clients.
+/// dm-writecache's high watermark (50%): a busy cache keeps its CPU and
+/// origin bandwidth for clients, and an idle one drains.
 const WRITEBACK_PERCENT: u64 = 50;
 
 /// Writeback with exponential backoff on origin errors. Dirty data is
 /// never dropped: a failing batch stays dirty and is retried.
 fn writeback_loop(engine: std::sync::Weak<Engine>) {
     let mut backoff = BACKOFF_START;
+    let mut seen = None;
     loop {
         let Some(e) = engine.upgrade() else { return };
         if e.wb.stop.load(Ordering::SeqCst) {
@@ -321,7 +322,15 @@ fn writeback_loop(engine: std::sync::Weak<Engine>) {
             Ok(0) => Duration::from_millis(100),
             Ok(_) => {
                 backoff = BACKOFF_START;
-                trickle_pause(e.cfg.writeback_pause, e.dirty_blocks(), e.layout.slot_count)
+                let requests = e.client_requests();
+                let active = seen != Some(requests);
+                seen = Some(requests);
+                trickle_pause(
+                    e.cfg.writeback_pause,
+                    e.dirty_blocks(),
+                    e.layout.slot_count,
+                    active,
+                )
             }
             Err(err) => {
                 // Nothing in the batch went through: the origin is down, or
@@ -344,13 +353,33 @@ fn writeback_loop(engine: std::sync::Weak<Engine>) {
 const BACKOFF_START: Duration = Duration::from_millis(5);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-/// Pause after a batch: none at or above the dirty mark; below it, longer
-/// the less is dirty, so an idle cache still drains and a busy one leaves
-/// the origin to its clients.
-fn trickle_pause(base: Duration, dirty: u64, slots: u64) -> Duration {
+/// Pause after a batch. None at or above the dirty mark, and none while
+/// clients are idle (no request since the previous batch), so an idle
+/// cache drains at the origin's speed, as bcache does when idle. Below the
+/// mark while clients are busy, the cache trickles: longer pauses the less
+/// is dirty, as bcache's rate controller and Open CAS's cleaner leave a
+/// busy origin to its clients. Eager writeback would cost every client
+/// write a second origin write, and where cache and origin share a disk, a
+/// second disk write.
+fn trickle_pause(base: Duration, dirty: u64, slots: u64, active: bool) -> Duration {
     let mark = slots * WRITEBACK_PERCENT / 100;
-    if dirty >= mark || mark == 0 {
+    if dirty >= mark || mark == 0 || !active {
         return Duration::ZERO;
     }
     base.mul_f64((mark - dirty) as f64 / mark as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trickles_only_while_busy_and_below_the_mark() {
+        let base = Duration::from_secs(1);
+        assert_eq!(trickle_pause(base, 0, 1000, true), base);
+        assert_eq!(trickle_pause(base, 250, 1000, true), base / 2);
+        assert_eq!(trickle_pause(base, 500, 1000, true), Duration::ZERO);
+        assert_eq!(trickle_pause(base, 0, 1000, false), Duration::ZERO);
+        assert_eq!(trickle_pause(base, 1, 1, true), Duration::ZERO);
+    }
 }
