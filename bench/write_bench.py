@@ -9,6 +9,12 @@ against fio writing the same disk directly: psync + fdatasync after every write,
   direct_32         the same with 32 jobs
   pmcache_qd1       fio nbd engine, 4 KiB random writes at QD1, into pmcache (msync mode)
   pmcache_qd32      the same at QD32
+Cold reads in msync mode: the same server over a 1 GiB origin file of random data on the same
+disk, a new 256 MiB cache for every run, against nbdkit's file plugin serving that origin file
+(the origin alone); the origin's page cache is dropped before every run.
+  origin_read_qd32  fio nbd engine, 4 KiB random reads at QD32 over 1 GiB, nbdkit file plugin
+  pmcache_read_qd32 the same through pmcache (msync mode, cold cache)
+  origin_read_qd1, pmcache_read_qd1   the same at QD1
 Writethrough: an origin with 1 ms of latency (nbdkit memory + delay filter), alone and
 behind pmcache --mode writethrough (cache in /dev/shm with --assume-pmem, so the cache
 costs what it costs on pmem and the origin is the limit).
@@ -52,6 +58,51 @@ def direct(directory, jobs, runtime):
     job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
     w = job["write"]
     return {"iops": w["iops"], "p50_us": w["clat_ns"].get("percentile", {}).get("50.000000", 0) / 1000}
+
+
+def drop_page_cache(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def cold_reads(s, disk, reps, runtime):
+    """Cold 4 KiB random reads, msync-mode pmcache (new cache each run) vs nbdkit file."""
+    origin_img = os.path.join(disk, "read-origin.img")
+    with open(origin_img, "wb") as f:
+        for _ in range(1024):
+            f.write(os.urandom(1 << 20))
+        os.fsync(f.fileno())
+    origin, _ = s.start("file-origin", ["nbdkit", "--foreground", "--exit-with-parent", "-U", "{sock}",
+                                        "file", origin_img])
+
+    def through_origin(qd):
+        drop_page_cache(origin_img)
+        return fio(origin, "randread", "4k", qd, runtime, size="1G")
+
+    def through_pmcache(qd):
+        cache = os.path.join(disk, "read-cache.pmem")
+        for p in (cache, cache + ".sock"):
+            if os.path.exists(p):
+                os.remove(p)
+        drop_page_cache(origin_img)
+        pm, proc = s.start(f"pmcache-read-{qd}", [PMCACHE, "serve", "--cache", cache, "--cache-size",
+                                                  "256MiB", "--origin", origin_img, "--socket", "{sock}"])
+        try:
+            return fio(pm, "randread", "4k", qd, runtime, size="1G")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=120)
+
+    print("cold random reads, msync mode vs the origin file alone (nbdkit file):", flush=True)
+    return run_group(reps, [
+        ("origin_read_qd32", lambda: through_origin(32)),
+        ("pmcache_read_qd32", lambda: through_pmcache(32)),
+        ("origin_read_qd1", lambda: through_origin(1)),
+        ("pmcache_read_qd1", lambda: through_pmcache(1)),
+    ])
 
 
 def run_group(reps, cases):
@@ -108,6 +159,8 @@ def main():
         results["msync"] = msync
         results["pmcache_msync_stats"] = pm_stats(cache)
         s.stop_all()
+        results["msync_reads"] = cold_reads(s, disk, a.reps, a.runtime)
+        s.stop_all()
 
         # Writethrough over a 1 ms origin.
         origin, _ = s.start("origin", ["nbdkit", "--foreground", "--exit-with-parent", "-U", "{sock}",
@@ -127,10 +180,12 @@ def main():
         shutil.rmtree(shm, ignore_errors=True)
         if not a.dir:
             shutil.rmtree(disk, ignore_errors=True)
-    m, w = results["msync"], results["writethrough"]
+    m, w, rd = results["msync"], results["writethrough"], results["msync_reads"]
     ratios = {
         "qd32_vs_32_fdatasync_writers": m["pmcache_qd32"]["iops"] / m["direct_32"]["iops"],
         "qd1_vs_1_fdatasync_writer": m["pmcache_qd1"]["iops"] / m["direct_1"]["iops"],
+        "cold_read_qd32_vs_origin_file": rd["pmcache_read_qd32"]["iops"] / rd["origin_read_qd32"]["iops"],
+        "cold_read_qd1_vs_origin_file": rd["pmcache_read_qd1"]["iops"] / rd["origin_read_qd1"]["iops"],
         "writethrough_qd32_vs_origin": w["wt_qd32"]["iops"] / w["origin_qd32"]["iops"],
     }
     results["ratios"] = ratios

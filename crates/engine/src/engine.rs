@@ -135,6 +135,7 @@ pub struct Engine {
     pub(crate) closed: AtomicBool,
     pub(crate) hooks: Hooks,
     pub(crate) streams: Streams,
+    pub(crate) promotion: crate::promotion::Promotion,
     /// Set on shutdown: writes that would wait for space give up instead.
     stop_waits: AtomicBool,
 }
@@ -187,18 +188,35 @@ type Batch = Vec<Reclaimed>;
 /// Blocks a read fetched: into new cache slots, or into bounce buffers.
 type Fetched = (Vec<NewBlock>, Bounce);
 
-/// Missed blocks read without a cache slot (not promoted, or no room): one
-/// buffer for all of them, a block each, in block order.
+/// Missed blocks read without a cache slot (not promoted, or no room), or
+/// every missed block where fills are written from here into their slots
+/// (`holds_fills`): one buffer, a block each, in block order.
 #[derive(Default)]
 struct Bounce {
     blocks: Vec<u64>,
     buf: Vec<u8>,
+    holds_fills: bool,
 }
 
 impl Bounce {
     fn new(blocks: Vec<u64>, bs: usize) -> Bounce {
+        debug_assert!(blocks.windows(2).all(|w| w[0] < w[1]));
         let buf = vec![0u8; blocks.len() * bs];
-        Bounce { blocks, buf }
+        Bounce {
+            blocks,
+            buf,
+            holds_fills: false,
+        }
+    }
+
+    /// The bytes of block `b`, which must be one of `blocks`.
+    fn block(&self, b: u64) -> &[u8] {
+        let i = self
+            .blocks
+            .binary_search(&b)
+            .expect("block in the bounce buffer");
+        let bs = self.buf.len() / self.blocks.len();
+        &self.buf[i * bs..(i + 1) * bs]
     }
 }
 
@@ -348,6 +366,7 @@ impl Engine {
             closed: AtomicBool::new(false),
             hooks: Hooks::default(),
             streams: Streams::new(cfg.sequential_cutoff),
+            promotion: crate::promotion::Promotion::new(layout.slot_count),
             stop_waits: AtomicBool::new(false),
             cfg,
         })

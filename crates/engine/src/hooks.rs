@@ -11,8 +11,8 @@ use parking_lot::Mutex;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum HookPoint {
-    /// A read miss has read its blocks from the origin into new slots and is
-    /// about to publish them (`commit_fill`).
+    /// A read miss has read its blocks from the origin, handed them to its
+    /// client, and is about to publish them (`commit_fill`).
     FillRead,
 }
 

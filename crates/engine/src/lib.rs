@@ -12,6 +12,7 @@ pub mod format;
 pub mod hooks;
 pub mod index;
 pub mod policy;
+mod promotion;
 pub mod recovery;
 mod sequential;
 pub mod stats;

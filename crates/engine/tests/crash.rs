@@ -26,7 +26,7 @@ use pmcache_engine::check;
 use pmcache_engine::{CacheMode, Engine, EngineConfig, Stage};
 use pmcache_origin::{MemOrigin, Origin};
 use pmcache_pmem::sim::{enumerate, CrashConfig, CrashImage};
-use pmcache_pmem::{PmemRegion, SimRegion};
+use pmcache_pmem::{PersistMode, PmemRegion, SimRegion};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -55,6 +55,10 @@ struct Variant {
     origin_survives: bool,
     /// Crash → recover → more writes → crash, this many times.
     generations: usize,
+    /// The region says it persists with msync (the simulation is the same),
+    /// so the engine takes the paths of a cache file on a disk: group
+    /// commit, fills through the bounce buffer, the promotion filter.
+    msync: bool,
 }
 
 const BASE: Variant = Variant {
@@ -72,6 +76,7 @@ const BASE: Variant = Variant {
     modes: false,
     origin_survives: false,
     generations: 1,
+    msync: false,
 };
 
 /// Small blocks, small cache under eviction pressure: many cheap images.
@@ -99,7 +104,8 @@ const CONCURRENT: Variant = Variant {
 };
 /// What production runs: four shards over a 4 MiB origin (requests cross
 /// the 1 MiB chunks that map to shards), the background writeback thread,
-/// a flaky origin, and three generations of crash and recovery.
+/// a flaky origin, and three generations of crash and recovery; with the
+/// engine's msync-mode paths, as `pmcache serve` runs without pmem.
 const PRODUCTION: Variant = Variant {
     name: "production",
     region_len: 12288 + 1200 * 576 + 4096,
@@ -111,6 +117,7 @@ const PRODUCTION: Variant = Variant {
     background_writeback: true,
     origin_fail_one_in: 40,
     generations: 3,
+    msync: true,
     ..BASE
 };
 /// Every cache mode, switched at random, with FUA and a flaky origin.
@@ -761,7 +768,11 @@ fn run_generation(
     let mut pick = SmallRng::seed_from_u64(seed ^ 0xC4A1);
     let report = enumerate(
         &ccfg,
-        SimRegion::from_image(&start.cache),
+        SimRegion::from_image(&start.cache).reporting(if v.msync {
+            PersistMode::Msync
+        } else {
+            PersistMode::Simulated
+        }),
         |r| {
             let e = Engine::open(
                 r.clone() as Arc<dyn PmemRegion>,

@@ -645,6 +645,37 @@ impl Pause {
     }
 }
 
+/// A read miss answers its client before it publishes (and so before it
+/// fences) the blocks it fetched: making a fill durable is the cache's
+/// business, and where the fence is an msync the reader would otherwise
+/// wait for the disk.
+#[test]
+fn a_read_miss_answers_before_it_publishes() {
+    let rig = Rig::new(MIB, 8 * MIB, 4096);
+    let e = rig.open(EngineConfig {
+        max_request: 64 << 10,
+        shards: Some(1),
+        ..manual()
+    });
+    let sent = Arc::new(AtomicBool::new(false));
+    let sent_at_publish = Arc::new(std::sync::Mutex::new(None));
+    {
+        let (sent, seen) = (sent.clone(), sent_at_publish.clone());
+        e.set_test_hook(Some(Arc::new(move |point| {
+            if point == HookPoint::FillRead {
+                *seen.lock().unwrap() = Some(sent.load(Ordering::SeqCst));
+            }
+        })));
+    }
+    e.read_with(3 * 4096, 8192, &mut |_| {
+        sent.store(true, Ordering::SeqCst);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(*sent_at_publish.lock().unwrap(), Some(true));
+    assert_eq!(e.stats().promotions, 2, "the fetched blocks were published");
+}
+
 /// A miss that read old data from the origin must not publish it after a
 /// newer write has reached the origin and left the cache (issue 11's
 /// stale-fill race, writeback mode): the reader is held between its origin

@@ -114,6 +114,8 @@ pub struct SimRegion {
     /// Serialises hooked persistence points, so each crash image is taken
     /// with no other point half-applied and indices follow execution order.
     point_lock: Mutex<()>,
+    /// What [`PmemRegion::mode`] says (see [`SimRegion::reporting`]).
+    reported: PersistMode,
 }
 
 // SAFETY: the volatile image is heap memory owned by this value (in
@@ -173,6 +175,7 @@ impl SimRegion {
                 generation: 0,
             }),
             has_hook: AtomicBool::new(false),
+            reported: PersistMode::Simulated,
             hook_owner: Mutex::new(None),
             point_lock: Mutex::new(()),
         }
@@ -182,6 +185,14 @@ impl SimRegion {
     /// durable both start as `image`. This is how a test "reboots".
     pub fn from_image(image: &[u8]) -> Self {
         Self::build(image.len(), Some(image))
+    }
+
+    /// Says it persists in `mode` (the simulation is unchanged), so that
+    /// the engine takes the paths it takes on such a region: with
+    /// [`PersistMode::Msync`], those of a cache file on a disk.
+    pub fn reporting(mut self, mode: PersistMode) -> Self {
+        self.reported = mode;
+        self
     }
 
     /// Installs (or with `None` removes) the persistence-point hook.
@@ -494,7 +505,7 @@ impl PmemRegion for SimRegion {
     }
 
     fn mode(&self) -> PersistMode {
-        PersistMode::Simulated
+        self.reported
     }
 
     fn flush(&self, off: usize, len: usize) {

@@ -123,8 +123,16 @@ impl Engine {
         let misses = self.fetch_misses(b0, &locs, !bypass);
         let result = match misses {
             Err(e) => Err(e),
-            Ok((filled, bounce)) => {
-                let r = self.emit(offset, len, b0, &locs, &filled, &bounce, sink);
+            Ok((mut filled, bounce)) => {
+                // The client gets its data before the fills are published:
+                // making them durable (an msync, where that is the fence)
+                // is the cache's business, not the reader's wait.
+                let in_slots: &[NewBlock] = if bounce.holds_fills { &[] } else { &filled };
+                let r = self.emit(offset, len, b0, &locs, in_slots, &bounce, sink);
+                if !filled.is_empty() {
+                    self.test_hook(HookPoint::FillRead);
+                    self.commit_fill(&mut filled, bounce.holds_fills.then_some(&bounce));
+                }
                 self.unpin_all(&filled);
                 r
             }
@@ -267,14 +275,16 @@ impl Engine {
         if promote {
             let (first, last) = (missing[0], missing[missing.len() - 1]);
             for sh in self.shards_of(first, last) {
-                let mine: Vec<u64> = missing
+                let (mut mine, passing): (Vec<u64>, Vec<u64>) = missing
                     .iter()
                     .copied()
                     .filter(|&b| self.shard_of(b) == sh)
-                    .collect();
+                    .partition(|&b| self.admit(sh, b));
+                unslotted.extend(&passing);
                 if mine.is_empty() {
                     continue;
                 }
+                mine.sort_unstable();
                 match self.alloc(sh, mine.len(), Space::GiveUp, None) {
                     Ok(Some(slots)) => {
                         for (&b, &s) in mine.iter().zip(&slots) {
@@ -299,15 +309,30 @@ impl Engine {
         }
 
         // Origin → slots (or bounce), one vectored request per contiguous run.
+        // Where the fence is an msync, everything lands in the bounce buffer
+        // and the fills are written into their slots with `pwrite` (see
+        // `copy_flush_hash`): a store through the mapping would make the
+        // kernel read each slot's page from disk first.
+        let holds_fills = self.fence_is_syscall() && !filled.is_empty();
         let mut targets: Vec<(u64, IoSliceMut<'_>)> = Vec::with_capacity(missing.len());
-        let firsts: Vec<u64> = filled.iter().map(|nb| self.firsts[nb.shard]).collect();
-        for (nb, &first) in filled.iter().zip(&firsts) {
-            // SAFETY: the slot was just taken from the free list and is not
-            // published, so this request is its only user.
-            let buf = unsafe { self.region.slice_mut(self.data(first, nb.slot), bs) };
-            targets.push((nb.block, IoSliceMut::new(buf)));
+        if !holds_fills {
+            for nb in &filled {
+                let first = self.firsts[nb.shard];
+                // SAFETY: the slot was just taken from the free list and is
+                // not published, so this request is its only user.
+                let buf = unsafe { self.region.slice_mut(self.data(first, nb.slot), bs) };
+                targets.push((nb.block, IoSliceMut::new(buf)));
+            }
         }
-        let mut bounce = Bounce::new(unslotted, bs);
+        let mut bounce = Bounce::new(
+            if holds_fills {
+                missing.clone()
+            } else {
+                unslotted.clone()
+            },
+            bs,
+        );
+        bounce.holds_fills = holds_fills;
         for (b, v) in bounce.blocks.iter().zip(bounce.buf.chunks_exact_mut(bs)) {
             targets.push((*b, IoSliceMut::new(v)));
         }
@@ -344,7 +369,7 @@ impl Engine {
         // Bounce buffers publish nothing: their reader locks can go now. A
         // filled block keeps its lock until `commit_fill` has decided, under
         // the same shard lock, whether its data may still be published.
-        self.release_origin_readers(bounce.blocks.iter().copied());
+        self.release_origin_readers(unslotted.iter().copied());
         if let Err(source) = res {
             self.release_origin_readers(filled.iter().map(|nb| nb.block));
             self.release_slots(&filled);
@@ -353,11 +378,21 @@ impl Engine {
                 source,
             });
         }
-        if !filled.is_empty() {
-            self.test_hook(HookPoint::FillRead);
-            self.commit_fill(&mut filled, &firsts);
-        }
         Ok((filled, bounce))
+    }
+
+    /// Whether a missed block takes a slot. Only where the fence is a
+    /// system call does a promotion cost enough to filter (see
+    /// [`crate::promotion`]); on pmem every miss is promoted.
+    fn admit(&self, sh: usize, b: u64) -> bool {
+        if !self.fence_is_syscall() {
+            return true;
+        }
+        let (free, slots) = {
+            let ix = self.shards[sh].ix.lock();
+            (ix.free_len as u64, ix.nslots() as u64)
+        };
+        self.promotion.admit(b, free, slots)
     }
 
     /// An origin request, tried again after short pauses before the client
@@ -419,7 +454,7 @@ impl Engine {
     /// index or under a writer lock, which the check below sees. The reader
     /// lock is dropped in the same critical section as that check, and a
     /// kept block holds the writer lock from there to its publish.
-    pub(super) fn commit_fill(&self, filled: &mut [NewBlock], firsts: &[u64]) {
+    pub(super) fn commit_fill(&self, filled: &mut [NewBlock], from: Option<&Bounce>) {
         let ids: ShardIds = {
             let mut v: ShardIds = filled.iter().map(|n| n.shard).collect();
             v.sort_unstable();
@@ -448,11 +483,22 @@ impl Engine {
             let t = self.seq.begin();
             for (i, nb) in filled.iter().enumerate() {
                 if keep[i] {
-                    let data_off = self.data(firsts[i], nb.slot);
-                    // SAFETY: unpublished slot owned by this request; read only.
-                    let hash =
-                        data_hash(unsafe { self.region.slice(data_off, self.bs() as usize) });
-                    self.region.flush(data_off, self.bs() as usize);
+                    let first = self.firsts[nb.shard];
+                    let data_off = self.data(first, nb.slot);
+                    let hash = match from {
+                        // SAFETY: unpublished slot owned by this request.
+                        Some(b) => unsafe {
+                            self.region.copy_flush_hash(data_off, b.block(nb.block))
+                        },
+                        None => {
+                            // SAFETY: as above; read only.
+                            let h = data_hash(unsafe {
+                                self.region.slice(data_off, self.bs() as usize)
+                            });
+                            self.region.flush(data_off, self.bs() as usize);
+                            h
+                        }
+                    };
                     let e = Entry {
                         block: nb.block,
                         seq: t.seq,
@@ -460,7 +506,7 @@ impl Engine {
                         count,
                         flags: 0,
                     };
-                    self.write_entry(firsts[i], nb.slot, &e, STATE_CLEAN);
+                    self.write_entry(self.firsts[nb.shard], nb.slot, &e, STATE_CLEAN);
                 }
             }
             let staged = self.seq.stage_watermark(&*self.region);
