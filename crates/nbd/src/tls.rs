@@ -34,6 +34,7 @@ use openssl::ssl::{
 use openssl::x509::X509;
 use parking_lot::Mutex;
 
+use crate::conns::TlsSessionInfo;
 use crate::net::{Readiness, Stream};
 
 /// Whether a server offers or insists on TLS (as nbdkit's `--tls`).
@@ -635,6 +636,10 @@ pub struct TlsStream {
     timeouts: Mutex<(Option<Duration>, Option<Duration>)>,
     /// The PSK identity or the client certificate's common name.
     peer_name: Option<String>,
+    /// What was negotiated, kept from the handshake so that `stats` never
+    /// takes the session's lock.
+    version: &'static str,
+    cipher: &'static str,
 }
 
 impl fmt::Debug for TlsStream {
@@ -649,16 +654,29 @@ impl fmt::Debug for TlsStream {
 impl TlsStream {
     fn new(s: SslStream<Plain>, timeout: Option<Duration>, peer_name: Option<String>) -> Self {
         let fd = s.get_ref().0.as_raw_fd();
+        let version = s.ssl().version_str();
+        let cipher = s.ssl().current_cipher().map_or("unknown", |c| c.name());
         Self {
             ssl: Mutex::new(s),
             fd,
             timeouts: Mutex::new((timeout, timeout)),
             peer_name,
+            version,
+            cipher,
         }
     }
 
     pub fn peer_name(&self) -> Option<&str> {
         self.peer_name.as_deref()
+    }
+
+    /// The negotiated version, cipher suite and peer name, for `stats`.
+    pub fn session_info(&self) -> TlsSessionInfo {
+        TlsSessionInfo {
+            version: self.version.to_string(),
+            cipher: self.cipher.to_string(),
+            peer_name: self.peer_name.clone(),
+        }
     }
 
     pub fn peer(&self) -> String {
