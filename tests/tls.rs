@@ -486,6 +486,15 @@ fn refused_client_certificate_from_another_ca() {
         std::fs::create_dir_all(&none).unwrap();
         std::fs::copy(ca.join("ca-cert.pem"), none.join("ca-cert.pem")).unwrap();
         refused_copy(&dir, &nbds(&srv, &format!("tls-certificates={}", s(&none))));
+        // The good client, still connected, is listed by its certificate's
+        // name; none of the refused ones is.
+        // (A refused connection leaves just after its client sees the end.)
+        let st = stats_until(&dir, "only the good client", |st| {
+            open_connections(st).len() == 1
+        });
+        let conns = open_connections(&st);
+        assert_eq!(conns[0]["tls"], true, "{st}");
+        assert_eq!(conns[0]["tls_identity"], "alice", "{st}");
     });
     assert_logged(&srv, "handshake failed");
     assert_logged(&srv, "not in the TLS allow list");
