@@ -10,6 +10,7 @@ use std::time::Instant;
 use pmcache_engine::check::Dump;
 use pmcache_engine::{Engine, StatsSnapshot};
 use pmcache_nbd::tls::{TlsServer, TlsStats};
+use pmcache_nbd::{ConnectionInfo, Connections};
 use serde_json::{json, Map, Value};
 
 use crate::size::human;
@@ -26,6 +27,8 @@ pub struct ServerInfo {
     pub started: Instant,
     /// The NBD server's TLS settings and counters (`None`: `--tls off`).
     pub tls: Option<Arc<TlsServer>>,
+    /// The NBD server's open connections (shared with the server).
+    pub connections: Connections,
 }
 
 impl ServerInfo {
@@ -55,6 +58,22 @@ fn tls_fields(t: &TlsStats) -> [(&'static str, u64, &'static str); 3] {
             "options refused because TLS is required and was not started",
         ),
     ]
+}
+
+/// One open connection in the stats JSON: who, how long, and its TLS
+/// session (names only: no key is known here).
+fn connection_json(c: &ConnectionInfo) -> Value {
+    let tls = c.tls.as_ref();
+    json!({
+        "id": c.id,
+        "peer": c.peer,
+        "phase": c.phase.as_str(),
+        "open_seconds": c.open_for.as_secs(),
+        "tls": tls.is_some(),
+        "tls_version": tls.map(|t| t.version.as_str()),
+        "tls_cipher": tls.map(|t| t.cipher.as_str()),
+        "tls_identity": tls.and_then(|t| t.peer_name.as_deref()),
+    })
 }
 
 /// Counters that only grow (Prometheus `counter`); the rest are gauges.
@@ -89,6 +108,13 @@ pub fn live_json(snap: &StatsSnapshot, info: &ServerInfo) -> Value {
     for (name, value, _) in tls_fields(&info.tls_stats()) {
         m.insert(name.into(), json!(value));
     }
+    let conns: Vec<Value> = info
+        .connections
+        .snapshot()
+        .iter()
+        .map(connection_json)
+        .collect();
+    m.insert("connections".into(), Value::Array(conns));
     Value::Object(m)
 }
 
@@ -270,6 +296,7 @@ pub fn render_text(v: &Value) -> String {
             n("tls_refused_plain")
         );
     }
+    render_connections(&mut o, v);
     let _ = writeln!(o, "Persistence");
     let _ = writeln!(
         o,
@@ -279,6 +306,61 @@ pub fn render_text(v: &Value) -> String {
     );
     let _ = writeln!(o, "  watermark      {}", n("watermark"));
     o
+}
+
+/// A name from a peer (PSK identity, certificate CN) made safe to print on
+/// a terminal: control characters become `?`.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+/// One line of the Connections section, from its JSON.
+fn connection_line(c: &Value) -> String {
+    let s = |k: &str| c.get(k).and_then(Value::as_str).map(printable);
+    let mut line = format!(
+        "  #{} {}",
+        get(c, "id").unwrap_or(0),
+        s("peer").unwrap_or_else(|| "-".into())
+    );
+    if c.get("tls").and_then(Value::as_bool) == Some(true) {
+        let _ = write!(
+            line,
+            "  TLS {} {}",
+            s("tls_version").unwrap_or_else(|| "-".into()),
+            s("tls_cipher").unwrap_or_else(|| "-".into())
+        );
+        match s("tls_identity") {
+            Some(id) => {
+                let _ = write!(line, " as {id}");
+            }
+            None => line.push_str(" (client not identified)"),
+        }
+    } else {
+        line.push_str("  plain");
+    }
+    let _ = write!(line, ", open {} s", get(c, "open_seconds").unwrap_or(0));
+    if s("phase").as_deref() == Some("handshake") {
+        line.push_str(", in the handshake");
+    }
+    line
+}
+
+/// The Connections section: a count, then one line per connection. Absent
+/// when the JSON has no connection list (a server that predates it).
+fn render_connections(o: &mut String, v: &Value) {
+    let Some(conns) = v.get("connections").and_then(Value::as_array) else {
+        return;
+    };
+    let tls = conns
+        .iter()
+        .filter(|c| c.get("tls").and_then(Value::as_bool) == Some(true))
+        .count();
+    let _ = writeln!(o, "Connections      {} open ({tls} over TLS)", conns.len());
+    for c in conns {
+        let _ = writeln!(o, "{}", connection_line(c));
+    }
 }
 
 fn escape_label(s: &str) -> String {
@@ -331,5 +413,82 @@ pub fn prometheus(engine: &Engine, info: &ServerInfo) -> String {
             "# HELP pmcache_{name} {help}\n# TYPE pmcache_{name} counter\npmcache_{name} {value}"
         );
     }
+    connection_gauges(&mut o, &info.connections.snapshot());
     o
+}
+
+/// `pmcache_connections{tls="yes"|"no"}`: open connections by whether TLS
+/// is up on them (one still haggling before STARTTLS counts as "no"). Both
+/// series are always present, so a dashboard sees 0 rather than no data.
+fn connection_gauges(o: &mut String, conns: &[ConnectionInfo]) {
+    let tls = conns.iter().filter(|c| c.tls.is_some()).count();
+    let _ = writeln!(
+        o,
+        "# HELP pmcache_connections open NBD connections, by whether TLS is up on them\n# TYPE pmcache_connections gauge"
+    );
+    let _ = writeln!(o, "pmcache_connections{{tls=\"yes\"}} {tls}");
+    let _ = writeln!(o, "pmcache_connections{{tls=\"no\"}} {}", conns.len() - tls);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use pmcache_nbd::{Phase, TlsSessionInfo};
+
+    use super::*;
+
+    fn conn(id: u64, tls: Option<&str>, phase: Phase) -> ConnectionInfo {
+        ConnectionInfo {
+            id,
+            peer: "127.0.0.1:40000".into(),
+            open_for: Duration::from_secs(5),
+            phase,
+            tls: tls.map(|name| TlsSessionInfo {
+                version: "TLSv1.3".into(),
+                cipher: "TLS_AES_256_GCM_SHA384".into(),
+                peer_name: (!name.is_empty()).then(|| name.to_string()),
+            }),
+        }
+    }
+
+    #[test]
+    fn connections_render_as_json_text_and_gauges() {
+        let conns = [
+            conn(3, Some("alice\n"), Phase::Transmission),
+            conn(4, Some(""), Phase::Transmission),
+            conn(5, None, Phase::Handshake),
+        ];
+        let json: Vec<Value> = conns.iter().map(connection_json).collect();
+        assert_eq!(json[0]["tls"], true);
+        assert_eq!(json[0]["tls_identity"], "alice\n");
+        assert_eq!(json[1]["tls_identity"], Value::Null);
+        assert_eq!(json[2]["tls"], false);
+        assert_eq!(json[2]["tls_cipher"], Value::Null);
+        assert_eq!(json[2]["phase"], "handshake");
+
+        let mut text = String::new();
+        render_connections(&mut text, &json!({ "connections": json }));
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "Connections      3 open (2 over TLS)",
+                "  #3 127.0.0.1:40000  TLS TLSv1.3 TLS_AES_256_GCM_SHA384 as alice?, open 5 s",
+                "  #4 127.0.0.1:40000  TLS TLSv1.3 TLS_AES_256_GCM_SHA384 (client not identified), open 5 s",
+                "  #5 127.0.0.1:40000  plain, open 5 s, in the handshake",
+            ]
+        );
+
+        let mut prom = String::new();
+        connection_gauges(&mut prom, &conns);
+        assert!(
+            prom.contains("pmcache_connections{tls=\"yes\"} 2\n"),
+            "{prom}"
+        );
+        assert!(
+            prom.contains("pmcache_connections{tls=\"no\"} 1\n"),
+            "{prom}"
+        );
+    }
 }

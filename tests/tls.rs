@@ -486,6 +486,15 @@ fn refused_client_certificate_from_another_ca() {
         std::fs::create_dir_all(&none).unwrap();
         std::fs::copy(ca.join("ca-cert.pem"), none.join("ca-cert.pem")).unwrap();
         refused_copy(&dir, &nbds(&srv, &format!("tls-certificates={}", s(&none))));
+        // The good client, still connected, is listed by its certificate's
+        // name; none of the refused ones is.
+        // (A refused connection leaves just after its client sees the end.)
+        let st = stats_until(&dir, "only the good client", |st| {
+            open_connections(st).len() == 1
+        });
+        let conns = open_connections(&st);
+        assert_eq!(conns[0]["tls"], true, "{st}");
+        assert_eq!(conns[0]["tls_identity"], "alice", "{st}");
     });
     assert_logged(&srv, "handshake failed");
     assert_logged(&srv, "not in the TLS allow list");
@@ -523,6 +532,155 @@ fn tls_on_lets_plain_and_tls_clients_in() {
     assert_eq!(tls["TLS"], Value::Bool(true), "{tls}");
     let plain = nbdinfo_json(&srv.uri());
     assert_eq!(plain["TLS"], Value::Bool(false), "{plain}");
+    srv.stop();
+}
+
+/// A libnbd (GnuTLS) client that connects, says so, and holds its
+/// connection open until told to go.
+const HOLDER: &str = r#"
+import nbd, os, sys, time
+uri, ready, go = sys.argv[1:4]
+h = nbd.NBD()
+h.set_uri_allow_local_file(True)
+h.connect_uri(uri)
+h.pread(4096, 0)
+open(ready, "w").close()
+t = time.time()
+while not os.path.exists(go) and time.time() - t < 60:
+    time.sleep(0.02)
+h.shutdown()
+"#;
+
+/// Poll `pmcache stats --json` until `done` holds for it (bounded by `T`).
+fn stats_until(dir: &TempDir, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let start = std::time::Instant::now();
+    loop {
+        let st = stats(dir);
+        if done(&st) {
+            return st;
+        }
+        assert!(start.elapsed() < T, "stats never showed {what}: {st}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn open_connections(st: &Value) -> Vec<Value> {
+    st["connections"]
+        .as_array()
+        .unwrap_or_else(|| panic!("stats lack connections: {st}"))
+        .clone()
+}
+
+#[test]
+fn stats_and_metrics_show_each_connection_with_its_tls_state() {
+    let dir = TempDir::new("t");
+    let keys = dir.join("keys.psk");
+    make_psk(&keys, "alice");
+    let port = free_port();
+    let m = format!("127.0.0.1:{port}");
+    let srv = tls_server(
+        &dir,
+        Listen::Unix,
+        &["--tls", "on", "--tls-psk", &s(&keys), "--metrics", &m],
+    );
+    // A TLS client (libnbd, GnuTLS, PSK identity alice) and a plain one.
+    let script = dir.join("holder.py");
+    std::fs::write(&script, HOLDER).unwrap();
+    let (ready, go) = (dir.join("ready"), dir.join("go"));
+    let uri = nbds_user(&srv, "alice", &format!("tls-psk-file={}", s(&keys)));
+    let mut holder = Proc::spawn(
+        &require_tool("python3"),
+        &[s(&script), uri, s(&ready), s(&go)],
+        dir.join("holder.log"),
+        &[],
+    );
+    let plain = pmcache_nbd::Client::connect(&srv.uri()).unwrap();
+    let start = std::time::Instant::now();
+    while !ready.exists() {
+        assert!(
+            holder.exited().is_none() && start.elapsed() < T,
+            "the TLS client did not connect: {}",
+            holder.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let st = stats_until(&dir, "two connections in transmission", |st| {
+        let c = open_connections(st);
+        c.len() == 2 && c.iter().all(|c| c["phase"] == "transmission")
+    });
+    let conns = open_connections(&st);
+    let sock = srv
+        .socket()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    for c in &conns {
+        let peer = c["peer"].as_str().unwrap();
+        assert!(peer.starts_with("unix:") && peer.ends_with(&sock), "{c}");
+        assert!(
+            c["id"].as_u64().is_some() && c["open_seconds"].as_u64().is_some(),
+            "{c}"
+        );
+    }
+    let tls = conns
+        .iter()
+        .find(|c| c["tls"] == true)
+        .unwrap_or_else(|| panic!("{st}"));
+    assert_eq!(tls["tls_identity"], "alice", "{tls}");
+    assert!(
+        tls["tls_version"].as_str().unwrap().starts_with("TLSv1."),
+        "{tls}"
+    );
+    assert!(!tls["tls_cipher"].as_str().unwrap().is_empty(), "{tls}");
+    let plain_c = conns
+        .iter()
+        .find(|c| c["tls"] == false)
+        .unwrap_or_else(|| panic!("{st}"));
+    assert_eq!(plain_c["tls_identity"], Value::Null, "{plain_c}");
+
+    let text = pmcache_ok(&["stats", "--cache", &s(&dir.join("cache.pmem"))], T);
+    assert!(
+        text.contains("Connections      2 open (1 over TLS)"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.contains(" TLS TLSv1.") && l.contains(" as alice, open ")),
+        "{text}"
+    );
+    assert!(text.lines().any(|l| l.contains("  plain, open ")), "{text}");
+    let prom = metrics(port);
+    assert!(
+        prom.contains("pmcache_connections{tls=\"yes\"} 1\n"),
+        "{prom}"
+    );
+    assert!(
+        prom.contains("pmcache_connections{tls=\"no\"} 1\n"),
+        "{prom}"
+    );
+    // The key itself appears nowhere.
+    let key = std::fs::read_to_string(&keys).unwrap();
+    let key = key.trim().rsplit_once(':').unwrap().1;
+    for out in [&st.to_string(), &text, &prom] {
+        assert!(!out.contains(key), "the PSK leaked: {out}");
+    }
+
+    // Both leave: the list empties and the gauges drop to 0.
+    std::fs::write(&go, b"").unwrap();
+    assert!(holder.wait_exit(T).expect("the TLS client exits").success());
+    drop(plain);
+    stats_until(&dir, "no connection", |st| open_connections(st).is_empty());
+    let prom = metrics(port);
+    assert!(
+        prom.contains("pmcache_connections{tls=\"yes\"} 0\n"),
+        "{prom}"
+    );
+    assert!(
+        prom.contains("pmcache_connections{tls=\"no\"} 0\n"),
+        "{prom}"
+    );
     srv.stop();
 }
 

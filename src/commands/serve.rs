@@ -375,6 +375,7 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
         read_only: a.read_only,
         started: Instant::now(),
         tls: tls.clone(),
+        connections: server.connection_registry(),
     };
     let control = control::spawn_control(
         control_listener,

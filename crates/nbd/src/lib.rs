@@ -7,6 +7,7 @@
 //! replies are written from the slices the export hands out.
 
 pub mod client;
+pub mod conns;
 pub mod export;
 pub mod mem;
 pub mod net;
@@ -15,6 +16,7 @@ pub mod server;
 pub mod tls;
 
 pub use client::{Client, ClientOptions, Endpoint, NbdUri, ServerError};
+pub use conns::{ConnectionInfo, Connections, Phase, TlsSessionInfo};
 pub use export::{BlockSizes, Export, ExportError, Extent, PendingWrite, Staged, ZeroFlags};
 pub use mem::{MemExport, MemStats};
 pub use net::Stream;

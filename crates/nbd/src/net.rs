@@ -149,7 +149,7 @@ impl Stream {
                 .peer_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_else(|_| "tcp:?".into()),
-            Self::Unix(_) => "unix".into(),
+            Self::Unix(s) => unix_peer(s),
             Self::Tls(s) => s.peer(),
         }
     }
@@ -352,5 +352,19 @@ pub fn poll_readable(
             return Ok(Readiness::Woken);
         }
         return Ok(Readiness::Ready);
+    }
+}
+
+/// `unix:` and the peer's socket path when it has one (a client socket
+/// rarely does), else the path of our own end (the server's socket), so
+/// that `stats` says which socket a connection came in on.
+fn unix_peer(s: &UnixStream) -> String {
+    let named = |a: std::io::Result<std::os::unix::net::SocketAddr>| {
+        a.ok()
+            .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
+    };
+    match named(s.peer_addr()).or_else(|| named(s.local_addr())) {
+        Some(p) => format!("unix:{p}"),
+        None => "unix".into(),
     }
 }

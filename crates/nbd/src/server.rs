@@ -41,6 +41,7 @@ use std::time::Duration;
 use parking_lot::{Condvar, Mutex};
 use tracing::{debug, info, warn};
 
+use crate::conns::{ConnectionInfo, Connections, Phase};
 use crate::export::{BlockSizes, Export, ExportError, Staged, ZeroFlags};
 use crate::net::{poll_readable, Readiness, Stream};
 use crate::proto::{self, *};
@@ -149,6 +150,8 @@ struct Shared {
     commits: Pool,
     active: AtomicUsize,
     next_conn_id: AtomicU64,
+    /// Open connections and their TLS state, for `stats`.
+    conns: Connections,
 }
 
 impl Server {
@@ -196,6 +199,7 @@ impl Server {
                 commits,
                 active: AtomicUsize::new(0),
                 next_conn_id: AtomicU64::new(1),
+                conns: Connections::default(),
                 config,
             }),
         })
@@ -213,6 +217,17 @@ impl Server {
     /// Connections currently open (handshaking or transmitting).
     pub fn active_connections(&self) -> usize {
         self.shared.active.load(Ordering::SeqCst)
+    }
+
+    /// Every open connection: its peer, age, phase and TLS state.
+    pub fn connections(&self) -> Vec<ConnectionInfo> {
+        self.shared.conns.snapshot()
+    }
+
+    /// The live registry behind [`connections`](Self::connections), for a
+    /// reporter that must not keep the server (and its export) alive.
+    pub fn connection_registry(&self) -> Connections {
+        self.shared.conns.clone()
     }
 
     /// Bind `addr` and serve until shut down.
@@ -261,9 +276,12 @@ impl Server {
         let _ = stream.set_nonblocking(false);
         self.shared.active.fetch_add(1, Ordering::SeqCst);
         let id = self.shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
+        let peer = stream.peer();
+        // Dropped on every way out, a panic included.
+        let _listed = self.shared.conns.register(id, peer.clone());
         // A panic (in the export, say) ends this connection only.
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            connection(&self.shared, stream, id)
+            connection(&self.shared, stream, id, &peer)
         }));
         if r.is_err() {
             warn!("nbd[{id}]: connection handler panicked; connection closed");
@@ -466,16 +484,16 @@ impl From<io::Error> for Hangup {
     }
 }
 
-fn connection(shared: &Arc<Shared>, stream: Stream, id: u64) {
-    let peer = stream.peer();
+fn connection(shared: &Arc<Shared>, stream: Stream, id: u64, peer: &str) {
     if let Err(e) = stream.set_timeouts(shared.config.io_timeout) {
         warn!("nbd[{id}] {peer}: cannot set socket timeouts: {e}");
     }
     let mut stream = stream;
-    let r = handshake(shared, &mut stream);
+    let r = handshake(shared, &mut stream, id);
     let stream = Arc::new(stream);
     match r {
         Ok(Some(neg)) => {
+            shared.conns.set_phase(id, Phase::Transmission);
             debug!(
                 "nbd[{id}] {peer}: transmission (structured replies: {})",
                 neg.structured
@@ -516,7 +534,7 @@ fn send_opt(stream: &Stream, option: u32, reply: u32, data: &[u8]) -> io::Result
 /// Option haggling. `Ok(None)`: the client aborted or the server is
 /// shutting down; `Err`: a protocol violation, the connection ends.
 /// After STARTTLS, `stream` is the TLS session.
-fn handshake(shared: &Shared, stream: &mut Stream) -> Result<Option<Negotiated>, Hangup> {
+fn handshake(shared: &Shared, stream: &mut Stream, id: u64) -> Result<Option<Negotiated>, Hangup> {
     let wake = Some(shared.shutdown.wake_fd());
     let tls = shared.config.tls.as_deref();
     stream.write_all(&encode_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))?;
@@ -636,9 +654,10 @@ fn handshake(shared: &Shared, stream: &mut Stream) -> Result<Option<Negotiated>,
                     .accept(plain, shared.config.io_timeout)
                     .map_err(|e| Hangup(e.to_string()))?;
                 debug!(
-                    "nbd: TLS session up (peer name {:?})",
+                    "nbd[{id}]: TLS session up (peer name {:?})",
                     session.peer_name().unwrap_or("")
                 );
+                shared.conns.set_tls(id, session.session_info());
                 *stream = Stream::Tls(Box::new(session));
                 // The spec: what was negotiated before TLS is forgotten.
                 structured = false;

@@ -21,9 +21,11 @@ use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use openssl::error::ErrorStack;
+use openssl::ex_data::Index;
 use openssl::nid::Nid;
 use openssl::ssl::{
     ErrorCode, Ssl, SslAcceptor, SslConnector, SslContext, SslFiletype, SslMethod, SslOptions,
@@ -32,6 +34,7 @@ use openssl::ssl::{
 use openssl::x509::X509;
 use parking_lot::Mutex;
 
+use crate::conns::TlsSessionInfo;
 use crate::net::{Readiness, Stream};
 
 /// Whether a server offers or insists on TLS (as nbdkit's `--tls`).
@@ -219,6 +222,8 @@ pub struct TlsServer {
     allow: Vec<String>,
     /// Check the allow list against client certificates.
     check_cert_names: bool,
+    /// Where the PSK callback leaves the identity it accepted (PSK only).
+    psk_identity: Option<Index<Ssl, String>>,
     pub counters: TlsCounters,
 }
 
@@ -233,6 +238,19 @@ impl fmt::Debug for TlsServer {
 
 fn ssl_err(what: impl fmt::Display, e: ErrorStack) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, format!("{what}: {e}"))
+}
+
+/// The session slot for the PSK identity the server accepted. OpenSSL's
+/// `SSL_get_psk_identity` answers only for TLS 1.2 PSK suites, not for a
+/// TLS 1.3 external PSK, so the callback records it itself. One slot per
+/// process (a race at the first use at worst wastes one).
+fn psk_identity_index() -> io::Result<Index<Ssl, String>> {
+    static INDEX: OnceLock<Index<Ssl, String>> = OnceLock::new();
+    if let Some(i) = INDEX.get() {
+        return Ok(*i);
+    }
+    let i = Ssl::new_ex_index().map_err(|e| ssl_err("TLS", e))?;
+    Ok(*INDEX.get_or_init(|| i))
 }
 
 fn require_file(p: &Path) -> io::Result<()> {
@@ -252,6 +270,7 @@ impl TlsServer {
         let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server())
             .map_err(|e| ssl_err("TLS", e))?;
         let mut check_cert_names = false;
+        let mut psk_identity = None;
         match &cfg.credentials {
             TlsCredentials::X509 { dir, verify_peer } => {
                 let cert = dir.join("server-cert.pem");
@@ -280,17 +299,22 @@ impl TlsServer {
             TlsCredentials::Psk { file } => {
                 let keys = PskKeys::load(file)?;
                 let allow = cfg.allow.clone();
+                let index = psk_identity_index()?;
+                psk_identity = Some(index);
                 // The intermediate profile has no PSK suites: TLS 1.2 PSK
                 // suites for older peers, TLS 1.3 external PSK otherwise.
                 b.set_cipher_list(PSK_CIPHERS)
                     .map_err(|e| ssl_err("PSK cipher list", e))?;
-                b.set_psk_server_callback(move |_ssl, identity, out| {
+                b.set_psk_server_callback(move |ssl, identity, out| {
                     let id = identity.and_then(|i| std::str::from_utf8(i).ok());
                     let key = id
                         .filter(|id| allow.is_empty() || allow.iter().any(|a| a == id))
                         .and_then(|id| keys.get(id));
                     match key {
                         Some(k) if k.len() <= out.len() => {
+                            if let Some(id) = id {
+                                ssl.set_ex_data(index, id.to_string());
+                            }
                             out[..k.len()].copy_from_slice(k);
                             Ok(k.len())
                         }
@@ -311,6 +335,7 @@ impl TlsServer {
             ctx,
             allow: cfg.allow.clone(),
             check_cert_names,
+            psk_identity,
             counters: TlsCounters::default(),
         })
     }
@@ -364,9 +389,12 @@ impl TlsServer {
             }
             name
         } else {
-            s.ssl()
-                .psk_identity()
-                .map(|i| String::from_utf8_lossy(i).into_owned())
+            let recorded = self.psk_identity.and_then(|i| s.ssl().ex_data(i).cloned());
+            recorded.or_else(|| {
+                s.ssl()
+                    .psk_identity()
+                    .map(|i| String::from_utf8_lossy(i).into_owned())
+            })
         };
         Ok(TlsStream::new(s, timeout, peer_name))
     }
@@ -608,6 +636,10 @@ pub struct TlsStream {
     timeouts: Mutex<(Option<Duration>, Option<Duration>)>,
     /// The PSK identity or the client certificate's common name.
     peer_name: Option<String>,
+    /// What was negotiated, kept from the handshake so that `stats` never
+    /// takes the session's lock.
+    version: &'static str,
+    cipher: &'static str,
 }
 
 impl fmt::Debug for TlsStream {
@@ -622,16 +654,29 @@ impl fmt::Debug for TlsStream {
 impl TlsStream {
     fn new(s: SslStream<Plain>, timeout: Option<Duration>, peer_name: Option<String>) -> Self {
         let fd = s.get_ref().0.as_raw_fd();
+        let version = s.ssl().version_str();
+        let cipher = s.ssl().current_cipher().map_or("unknown", |c| c.name());
         Self {
             ssl: Mutex::new(s),
             fd,
             timeouts: Mutex::new((timeout, timeout)),
             peer_name,
+            version,
+            cipher,
         }
     }
 
     pub fn peer_name(&self) -> Option<&str> {
         self.peer_name.as_deref()
+    }
+
+    /// The negotiated version, cipher suite and peer name, for `stats`.
+    pub fn session_info(&self) -> TlsSessionInfo {
+        TlsSessionInfo {
+            version: self.version.to_string(),
+            cipher: self.cipher.to_string(),
+            peer_name: self.peer_name.clone(),
+        }
     }
 
     pub fn peer(&self) -> String {

@@ -1,7 +1,7 @@
 //! Our client against our server over TLS (PSK, no external tools): many
 //! threads with many requests in flight on one TLS session, large requests
-//! in both directions, an idle TLS connection at shutdown, and a client
-//! with the wrong key.
+//! in both directions, an idle TLS connection at shutdown, a client with
+//! the wrong key, and the per-connection TLS state the server reports.
 #![allow(clippy::unwrap_used)] // tests and benchmarks may panic on failure
 
 mod common;
@@ -10,14 +10,19 @@ use std::sync::Arc;
 
 use std::time::{Duration, Instant};
 
-use common::{hammer, pattern, InProc, TempDir};
+use common::{hammer, pattern, wait_until, InProc, Raw, TempDir};
 use pmcache_nbd::tls::{TlsCredentials, TlsMode, TlsServer, TlsServerConfig};
-use pmcache_nbd::{Client, MemExport, ServerConfig};
+use pmcache_nbd::{Client, ConnectionInfo, MemExport, Phase, ServerConfig};
 
 const MIB: usize = 1 << 20;
 
 /// A PSK server (`--tls require`) and the psktool-format key file.
 fn psk_server(dir: &TempDir, size: usize) -> (InProc, std::path::PathBuf) {
+    psk_server_in(dir, size, TlsMode::Require)
+}
+
+/// A PSK server in TLS `mode` and the psktool-format key file.
+fn psk_server_in(dir: &TempDir, size: usize, mode: TlsMode) -> (InProc, std::path::PathBuf) {
     let keys = dir.join("keys.psk");
     std::fs::write(
         &keys,
@@ -25,7 +30,7 @@ fn psk_server(dir: &TempDir, size: usize) -> (InProc, std::path::PathBuf) {
     )
     .unwrap();
     let tls = TlsServer::new(&TlsServerConfig {
-        mode: TlsMode::Require,
+        mode,
         credentials: TlsCredentials::Psk { file: keys.clone() },
         allow: vec![],
     })
@@ -89,4 +94,74 @@ fn a_wrong_key_is_refused_and_counted() {
     assert_eq!(stats.failed_handshakes, 1);
     assert!(stats.refused_plain >= 1);
     assert_eq!(srv.export.stats().writes, 0);
+}
+
+/// Wait (bounded) until the server lists exactly `n` connections, all past
+/// their handshake but `handshaking` of them; returns them.
+fn wait_for_connections(srv: &InProc, n: usize, handshaking: usize) -> Vec<ConnectionInfo> {
+    let settled = |c: &[ConnectionInfo]| {
+        c.len() == n && c.iter().filter(|c| c.phase == Phase::Handshake).count() == handshaking
+    };
+    let ok = wait_until(Duration::from_secs(20), Duration::from_millis(10), || {
+        settled(&srv.server.connections())
+    });
+    let conns = srv.server.connections();
+    assert!(
+        ok,
+        "wanted {n} connections ({handshaking} in the handshake): {conns:#?}"
+    );
+    conns
+}
+
+#[test]
+fn connections_show_their_tls_state_and_leave_when_they_end() {
+    let dir = TempDir::new("t");
+    let (srv, keys) = psk_server_in(&dir, MIB, TlsMode::On);
+    let tls = Client::connect(&nbds(&srv, "alice", &keys)).unwrap();
+    let plain = Client::connect(&common::unix_uri(&srv.socket)).unwrap();
+    // A third client that stops after the greeting: still handshaking.
+    let mut raw = Raw::connect(&srv.socket);
+    raw.greet();
+    let conns = wait_for_connections(&srv, 3, 1);
+    let socket = format!("unix:{}", srv.socket.display());
+    for c in &conns {
+        assert_eq!(c.peer, socket, "{c:?}");
+        assert!(c.open_for < Duration::from_secs(60), "{c:?}");
+    }
+    // Distinct, oldest first.
+    let ids: Vec<u64> = conns.iter().map(|c| c.id).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    let with_tls: Vec<&ConnectionInfo> = conns.iter().filter(|c| c.tls.is_some()).collect();
+    assert_eq!(with_tls.len(), 1, "{conns:#?}");
+    let (c, s) = (with_tls[0], with_tls[0].tls.as_ref().unwrap());
+    assert_eq!(c.phase, Phase::Transmission);
+    assert_eq!(s.peer_name.as_deref(), Some("alice"), "{s:?}");
+    assert!(s.version.starts_with("TLSv1."), "{s:?}");
+    assert!(
+        s.cipher.contains("GCM") || s.cipher.contains("CHACHA"),
+        "{s:?}"
+    );
+    let plain_phases: Vec<Phase> = conns
+        .iter()
+        .filter(|c| c.tls.is_none())
+        .map(|c| c.phase)
+        .collect();
+    assert!(plain_phases.contains(&Phase::Transmission), "{conns:#?}");
+    assert!(plain_phases.contains(&Phase::Handshake), "{conns:#?}");
+
+    // A refused handshake (wrong key) is counted, and never listed.
+    let wrong = dir.join("wrong.psk");
+    std::fs::write(&wrong, format!("alice:{}\n", "00".repeat(32))).unwrap();
+    Client::connect(&nbds(&srv, "alice", &wrong)).unwrap_err();
+    assert_eq!(srv.server.tls_stats().unwrap().1.failed_handshakes, 1);
+    let after: Vec<u64> = wait_for_connections(&srv, 3, 1)
+        .iter()
+        .map(|c| c.id)
+        .collect();
+    assert_eq!(after, ids, "the refused connection is still listed");
+
+    drop(tls);
+    drop(plain);
+    drop(raw);
+    wait_for_connections(&srv, 0, 0);
 }
