@@ -1,0 +1,176 @@
+//! The client's side of the handshake: option haggling, STARTTLS, and the
+//! fallback to EXPORT_NAME for servers without NBD_OPT_GO.
+
+use std::io;
+
+use super::error::proto_err;
+use super::ClientOptions;
+use crate::export::BlockSizes;
+use crate::net::Stream;
+use crate::proto::*;
+use crate::tls::TlsClientConfig;
+
+/// What the handshake settled.
+pub(super) struct Negotiated {
+    pub(super) size: u64,
+    pub(super) flags: u16,
+    pub(super) sizes: Option<BlockSizes>,
+    pub(super) structured: bool,
+}
+
+/// Read one option reply (header + data, bounded).
+fn read_option_reply(
+    stream: &Stream,
+    uri: &str,
+    option: u32,
+) -> io::Result<(OptionReplyHeader, Vec<u8>)> {
+    let mut hb = [0u8; OPTION_REPLY_HEADER_LEN];
+    stream.read_exact(&mut hb)?;
+    let h = OptionReplyHeader::parse(&hb).map_err(|e| proto_err(uri, "option reply", e))?;
+    if h.option != option {
+        return Err(proto_err(
+            uri,
+            "option reply",
+            format!("reply to option {} while waiting for {option}", h.option),
+        ));
+    }
+    if h.length > MAX_OPTION_LEN {
+        return Err(proto_err(
+            uri,
+            "option reply",
+            format!("{} bytes", h.length),
+        ));
+    }
+    let mut data = vec![0u8; h.length as usize];
+    stream.read_exact(&mut data)?;
+    Ok((h, data))
+}
+
+fn option_error(uri: &str, what: &str, h: &OptionReplyHeader, data: &[u8]) -> io::Error {
+    let msg = String::from_utf8_lossy(data);
+    let kind = match h.reply_type {
+        REP_ERR_UNKNOWN => io::ErrorKind::NotFound,
+        REP_ERR_UNSUP | REP_ERR_TLS_REQD => io::ErrorKind::Unsupported,
+        REP_ERR_POLICY => io::ErrorKind::PermissionDenied,
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(
+        kind,
+        format!(
+            "{uri}: server refused {what}: {}{}{}",
+            reply_type_name(h.reply_type),
+            if msg.is_empty() { "" } else { ": " },
+            msg
+        ),
+    )
+}
+
+/// Option haggling; with `tls`, STARTTLS first, and `stream` becomes the
+/// TLS session.
+pub(super) fn handshake(
+    stream: &mut Stream,
+    uri: &str,
+    export: &str,
+    tls: Option<&TlsClientConfig>,
+    opts: &ClientOptions,
+) -> io::Result<Negotiated> {
+    let ctx = |e: io::Error| io::Error::new(e.kind(), format!("{uri}: NBD handshake: {e}"));
+    let mut g = [0u8; GREETING_LEN];
+    stream.read_exact(&mut g).map_err(ctx)?;
+    let hflags = parse_greeting(&g).map_err(|e| proto_err(uri, "greeting", e))?;
+    let fixed = hflags & FLAG_FIXED_NEWSTYLE != 0;
+    let no_zeroes = hflags & FLAG_NO_ZEROES != 0;
+    let mut cflags = 0u32;
+    if fixed {
+        cflags |= FLAG_C_FIXED_NEWSTYLE;
+    }
+    if no_zeroes {
+        cflags |= FLAG_C_NO_ZEROES;
+    }
+    stream.write_all(&cflags.to_be_bytes()).map_err(ctx)?;
+
+    if let Some(t) = tls {
+        if !fixed {
+            return Err(ctx(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the server cannot do STARTTLS (no fixed newstyle negotiation)",
+            )));
+        }
+        stream
+            .write_all(&OptionRequest::StartTls.encode())
+            .map_err(ctx)?;
+        let (h, data) = read_option_reply(stream, uri, OPT_STARTTLS).map_err(ctx)?;
+        if h.reply_type != REP_ACK {
+            return Err(option_error(uri, "STARTTLS", &h, &data));
+        }
+        let session = t
+            .connect(stream.try_clone().map_err(ctx)?, Some(opts.connect_timeout))
+            .map_err(ctx)?;
+        *stream = Stream::Tls(Box::new(session));
+    }
+    let stream = &*stream;
+
+    let mut structured = false;
+    if fixed {
+        if opts.structured_replies {
+            stream
+                .write_all(&OptionRequest::StructuredReply.encode())
+                .map_err(ctx)?;
+            let (h, _) = read_option_reply(stream, uri, OPT_STRUCTURED_REPLY).map_err(ctx)?;
+            structured = h.reply_type == REP_ACK;
+        }
+        let go = OptionRequest::Info {
+            go: true,
+            name: export.to_owned(),
+            requests: vec![INFO_BLOCK_SIZE],
+        };
+        stream.write_all(&go.encode()).map_err(ctx)?;
+        let mut export_info = None;
+        let mut sizes = None;
+        loop {
+            let (h, data) = read_option_reply(stream, uri, OPT_GO).map_err(ctx)?;
+            match h.reply_type {
+                REP_INFO => match Info::parse(&data).map_err(|e| proto_err(uri, "info", e))? {
+                    Info::Export { size, flags } => export_info = Some((size, flags)),
+                    Info::BlockSize(bs) => sizes = Some(bs),
+                    _ => {}
+                },
+                REP_ACK => {
+                    let (size, flags) = export_info
+                        .ok_or_else(|| proto_err(uri, "GO", "server sent no NBD_INFO_EXPORT"))?;
+                    return Ok(Negotiated {
+                        size,
+                        flags,
+                        sizes,
+                        structured,
+                    });
+                }
+                REP_ERR_UNSUP => break, // old server: fall back to EXPORT_NAME
+                t if t & REP_FLAG_ERROR != 0 => {
+                    return Err(option_error(uri, &format!("export {export:?}"), &h, &data));
+                }
+                _ => {} // unknown non-error replies are ignored
+            }
+        }
+    }
+    stream
+        .write_all(&OptionRequest::ExportName(export.to_owned()).encode())
+        .map_err(ctx)?;
+    let mut b = [0u8; EXPORT_NAME_REPLY_LEN];
+    stream.read_exact(&mut b).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("{uri}: server closed the connection after EXPORT_NAME {export:?} (unknown export?): {e}"),
+        )
+    })?;
+    let (size, flags) = parse_export_name_reply(&b).map_err(|e| proto_err(uri, "export", e))?;
+    if !no_zeroes {
+        stream.discard(124).map_err(ctx)?;
+    }
+    Ok(Negotiated {
+        size,
+        flags,
+        sizes: None,
+        structured,
+    })
+}
