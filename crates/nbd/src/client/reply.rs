@@ -125,111 +125,133 @@ impl Inner {
         self.stream.read_exact(&mut hb[4..hlen])?;
         let hdr = ReplyHeader::parse(&hb[..hlen]).map_err(|e| proto_err(uri, "reply", e))?;
         match hdr {
-            ReplyHeader::Simple(r) => {
-                let op = self.pending.lock().ops.remove(&r.cookie).ok_or_else(|| {
-                    proto_err(uri, "reply", format!("unknown cookie {:#x}", r.cookie))
-                })?;
-                if r.error == 0 && op.command == CMD_READ {
-                    if let Err(e) = self.read_into(&op, 0, op.length as usize) {
-                        op.complete(Err(self.lost(&e.to_string())));
-                        return Err(e);
-                    }
-                }
-                op.complete(if r.error == 0 {
-                    Ok(())
-                } else {
-                    Err(self.server_error(&op, r.error, String::new()))
-                });
+            ReplyHeader::Simple(r) => self.simple_reply(&r),
+            ReplyHeader::Structured(c) => self.structured_chunk(&c),
+        }
+    }
+
+    /// A simple reply, which completes its request; a successful READ's
+    /// data follows the header.
+    fn simple_reply(&self, r: &SimpleReply) -> io::Result<()> {
+        let op = self.pending.lock().ops.remove(&r.cookie).ok_or_else(|| {
+            proto_err(
+                &self.uri,
+                "reply",
+                format!("unknown cookie {:#x}", r.cookie),
+            )
+        })?;
+        if r.error == 0 && op.command == CMD_READ {
+            if let Err(e) = self.read_into(&op, 0, op.length as usize) {
+                op.complete(Err(self.lost(&e.to_string())));
+                return Err(e);
             }
-            ReplyHeader::Structured(c) => {
-                let op = self
-                    .pending
-                    .lock()
-                    .ops
-                    .get(&c.cookie)
-                    .cloned()
-                    .ok_or_else(|| {
-                        proto_err(uri, "reply", format!("unknown cookie {:#x}", c.cookie))
-                    })?;
-                if !self.structured {
-                    return Err(proto_err(uri, "reply", "unnegotiated structured reply"));
-                }
-                let req_end = op.offset + u64::from(op.length);
-                let in_req = |off: u64, n: u64| {
-                    off >= op.offset && off.checked_add(n).is_some_and(|e| e <= req_end)
-                };
-                match c.reply_type {
-                    REPLY_TYPE_NONE => {
-                        if c.length != 0 {
-                            return Err(proto_err(uri, "reply", "NONE chunk with payload"));
-                        }
-                    }
-                    REPLY_TYPE_OFFSET_DATA => {
-                        if op.command != CMD_READ || c.length < 9 {
-                            return Err(proto_err(uri, "reply", "bad OFFSET_DATA chunk"));
-                        }
-                        let mut ob = [0u8; 8];
-                        self.stream.read_exact(&mut ob)?;
-                        let off = u64::from_be_bytes(ob);
-                        let n = u64::from(c.length - 8);
-                        if !in_req(off, n) {
-                            return Err(proto_err(uri, "reply", "data outside the request"));
-                        }
-                        self.read_into(&op, off - op.offset, n as usize)?;
-                        op.state.lock().received += n;
-                    }
-                    REPLY_TYPE_OFFSET_HOLE => {
-                        if op.command != CMD_READ {
-                            return Err(proto_err(uri, "reply", "hole for a non-READ"));
-                        }
-                        let p = self.read_payload(c.length, 12)?;
-                        let (off, n) =
-                            proto::parse_offset_hole(&p).map_err(|e| proto_err(uri, "hole", e))?;
-                        if !in_req(off, n.into()) {
-                            return Err(proto_err(uri, "reply", "hole outside the request"));
-                        }
-                        self.zero_into(&op, off - op.offset, n as usize)?;
-                        op.state.lock().received += u64::from(n);
-                    }
-                    REPLY_TYPE_BLOCK_STATUS => {
-                        // Never requested by this client; skip it.
-                        self.stream.discard(c.length.into())?;
-                    }
-                    t if t & REPLY_TYPE_ERROR_BIT != 0 => {
-                        let p = self.read_payload(c.length, 64 * 1024)?;
-                        let ec = ErrorChunk::parse(t, &p)
-                            .map_err(|e| proto_err(uri, "error chunk", e))?;
-                        let err = self.server_error(&op, ec.error, ec.message);
-                        op.state.lock().error.get_or_insert(err);
-                    }
-                    t => {
-                        return Err(proto_err(uri, "reply", format!("unknown chunk type {t}")));
-                    }
-                }
-                if c.is_done() {
-                    self.pending.lock().ops.remove(&c.cookie);
-                    let mut st = op.state.lock();
-                    let r = match st.error.take() {
-                        Some(e) => Err(e),
-                        None if op.command == CMD_READ && st.received != u64::from(op.length) => {
-                            Err(proto_err(
-                                uri,
-                                "reply",
-                                format!(
-                                    "READ reply covered {} of {} bytes",
-                                    st.received, op.length
-                                ),
-                            ))
-                        }
-                        None => Ok(()),
-                    };
-                    drop(st);
-                    op.complete(r);
+        }
+        op.complete(if r.error == 0 {
+            Ok(())
+        } else {
+            Err(self.server_error(&op, r.error, String::new()))
+        });
+        Ok(())
+    }
+
+    /// One chunk of a structured reply; the last one completes the request.
+    fn structured_chunk(&self, c: &StructuredReply) -> io::Result<()> {
+        let uri = &self.uri;
+        let op = self
+            .pending
+            .lock()
+            .ops
+            .get(&c.cookie)
+            .cloned()
+            .ok_or_else(|| proto_err(uri, "reply", format!("unknown cookie {:#x}", c.cookie)))?;
+        if !self.structured {
+            return Err(proto_err(uri, "reply", "unnegotiated structured reply"));
+        }
+        match c.reply_type {
+            REPLY_TYPE_NONE => {
+                if c.length != 0 {
+                    return Err(proto_err(uri, "reply", "NONE chunk with payload"));
                 }
             }
+            REPLY_TYPE_OFFSET_DATA => self.offset_data_chunk(&op, c.length)?,
+            REPLY_TYPE_OFFSET_HOLE => self.offset_hole_chunk(&op, c.length)?,
+            REPLY_TYPE_BLOCK_STATUS => {
+                // Never requested by this client; skip it.
+                self.stream.discard(c.length.into())?;
+            }
+            t if t & REPLY_TYPE_ERROR_BIT != 0 => {
+                let p = self.read_payload(c.length, 64 * 1024)?;
+                let ec = ErrorChunk::parse(t, &p).map_err(|e| proto_err(uri, "error chunk", e))?;
+                let err = self.server_error(&op, ec.error, ec.message);
+                op.state.lock().error.get_or_insert(err);
+            }
+            t => {
+                return Err(proto_err(uri, "reply", format!("unknown chunk type {t}")));
+            }
+        }
+        if c.is_done() {
+            self.pending.lock().ops.remove(&c.cookie);
+            let r = self.structured_result(&op);
+            op.complete(r);
         }
         Ok(())
     }
+
+    /// READ data at an offset, straight into the caller's buffer.
+    fn offset_data_chunk(&self, op: &Op, length: u32) -> io::Result<()> {
+        if op.command != CMD_READ || length < 9 {
+            return Err(proto_err(&self.uri, "reply", "bad OFFSET_DATA chunk"));
+        }
+        let mut ob = [0u8; 8];
+        self.stream.read_exact(&mut ob)?;
+        let off = u64::from_be_bytes(ob);
+        let n = u64::from(length - 8);
+        if !in_request(op, off, n) {
+            return Err(proto_err(&self.uri, "reply", "data outside the request"));
+        }
+        self.read_into(op, off - op.offset, n as usize)?;
+        op.state.lock().received += n;
+        Ok(())
+    }
+
+    /// A hole in READ data: zeroes in the caller's buffer.
+    fn offset_hole_chunk(&self, op: &Op, length: u32) -> io::Result<()> {
+        let uri = &self.uri;
+        if op.command != CMD_READ {
+            return Err(proto_err(uri, "reply", "hole for a non-READ"));
+        }
+        let p = self.read_payload(length, 12)?;
+        let (off, n) = proto::parse_offset_hole(&p).map_err(|e| proto_err(uri, "hole", e))?;
+        if !in_request(op, off, n.into()) {
+            return Err(proto_err(uri, "reply", "hole outside the request"));
+        }
+        self.zero_into(op, off - op.offset, n as usize)?;
+        op.state.lock().received += u64::from(n);
+        Ok(())
+    }
+
+    /// How a request whose last chunk arrived ends: with its first error
+    /// chunk, or as a protocol error if a READ was not covered whole.
+    fn structured_result(&self, op: &Op) -> io::Result<()> {
+        let mut st = op.state.lock();
+        match st.error.take() {
+            Some(e) => Err(e),
+            None if op.command == CMD_READ && st.received != u64::from(op.length) => {
+                Err(proto_err(
+                    &self.uri,
+                    "reply",
+                    format!("READ reply covered {} of {} bytes", st.received, op.length),
+                ))
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+/// Whether `[off, off + n)` lies inside the op's request.
+fn in_request(op: &Op, off: u64, n: u64) -> bool {
+    let req_end = op.offset + u64::from(op.length);
+    off >= op.offset && off.checked_add(n).is_some_and(|e| e <= req_end)
 }
 
 pub(super) fn reader_loop(inner: &Inner) {
