@@ -91,41 +91,10 @@ impl Client {
     pub fn connect_with(uri: &str, opts: &ClientOptions) -> io::Result<Self> {
         let parsed = NbdUri::parse(uri)?;
         let ctx = |e: io::Error| io::Error::new(e.kind(), format!("{uri}: {e}"));
-        let stream = match &parsed.endpoint {
-            Endpoint::Tcp { host, port } => {
-                let mut last = None;
-                let mut conn = None;
-                for addr in (host.as_str(), *port).to_socket_addrs().map_err(ctx)? {
-                    match TcpStream::connect_timeout(&addr, opts.connect_timeout) {
-                        Ok(s) => {
-                            conn = Some(s);
-                            break;
-                        }
-                        Err(e) => last = Some(e),
-                    }
-                }
-                let s = match conn {
-                    Some(s) => s,
-                    None => {
-                        return Err(ctx(last.unwrap_or_else(|| {
-                            io::Error::new(io::ErrorKind::NotFound, "host has no address")
-                        })))
-                    }
-                };
-                let _ = s.set_nodelay(true);
-                Stream::Tcp(s)
-            }
-            Endpoint::Unix(path) => Stream::Unix(UnixStream::connect(path).map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("{uri}: connecting to {}: {e}", path.display()),
-                )
-            })?),
-        };
+        let mut stream = dial(uri, &parsed.endpoint, opts.connect_timeout)?;
         stream
             .set_timeouts(Some(opts.connect_timeout))
             .map_err(ctx)?;
-        let mut stream = stream;
         let neg = handshake(&mut stream, uri, &parsed.export, parsed.tls.as_ref(), opts)?;
         // The reader blocks between replies for as long as it takes; the
         // per-request timeout is enforced by the waiting callers instead.
@@ -531,6 +500,43 @@ impl Client {
         }
         collect(tickets, err)
     }
+}
+
+/// Open the connection to the server, trying each address of a host name
+/// in turn.
+fn dial(uri: &str, endpoint: &Endpoint, timeout: Duration) -> io::Result<Stream> {
+    let ctx = |e: io::Error| io::Error::new(e.kind(), format!("{uri}: {e}"));
+    Ok(match endpoint {
+        Endpoint::Tcp { host, port } => {
+            let mut last = None;
+            let mut conn = None;
+            for addr in (host.as_str(), *port).to_socket_addrs().map_err(ctx)? {
+                match TcpStream::connect_timeout(&addr, timeout) {
+                    Ok(s) => {
+                        conn = Some(s);
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            let s = match conn {
+                Some(s) => s,
+                None => {
+                    return Err(ctx(last.unwrap_or_else(|| {
+                        io::Error::new(io::ErrorKind::NotFound, "host has no address")
+                    })))
+                }
+            };
+            let _ = s.set_nodelay(true);
+            Stream::Tcp(s)
+        }
+        Endpoint::Unix(path) => Stream::Unix(UnixStream::connect(path).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("{uri}: connecting to {}: {e}", path.display()),
+            )
+        })?),
+    })
 }
 
 impl Drop for Client {
