@@ -6,6 +6,14 @@
 //! dispatches it by cookie. READ data goes from the socket straight into the
 //! caller's buffer (the reader thread `read`s into it while the caller
 //! waits), so there is no intermediate copy on the read path either.
+//!
+//! This file holds the public API: connecting, and requests split at the
+//! server's limits. The rest lives in submodules along its seams: `uri`
+//! (libnbd URIs), `error` (server and protocol errors), `handshake` (option
+//! haggling and STARTTLS), `connection` (what the callers and the reader
+//! share: the socket and the table of requests in flight), `request`
+//! (putting a request in flight and waiting for it) and `reply` (the reader
+//! thread).
 
 use std::collections::HashMap;
 use std::io::{self, IoSlice};
