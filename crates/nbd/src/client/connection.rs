@@ -1,0 +1,106 @@
+//! A connection as the client's threads share it: the socket, what the
+//! handshake settled, and the table of requests in flight, which the
+//! threads that submit requests fill and the reader thread empties.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::Shutdown;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::export::BlockSizes;
+use crate::net::Stream;
+
+/// The caller's buffer a READ reply is written into.
+pub(super) struct RawBuf {
+    pub(super) ptr: *mut u8,
+    pub(super) len: usize,
+}
+
+// SAFETY: the pointer is only dereferenced by the reader thread while the
+// thread that lent the buffer is blocked in `Ticket` waiting for the op to
+// complete (see `Ticket`), so the buffer is never accessed from two threads
+// at once.
+unsafe impl Send for RawBuf {}
+// SAFETY: as above; shared references to `RawBuf` never access the memory.
+unsafe impl Sync for RawBuf {}
+
+pub(super) struct OpState {
+    pub(super) done: bool,
+    pub(super) result: Option<io::Result<()>>,
+    /// First error chunk of a structured reply.
+    pub(super) error: Option<io::Error>,
+    /// READ bytes delivered so far (data and hole chunks).
+    pub(super) received: u64,
+}
+
+/// One request in flight.
+pub(super) struct Op {
+    pub(super) command: u16,
+    pub(super) offset: u64,
+    pub(super) length: u32,
+    /// Where a READ's data goes: consecutive pieces of the caller's memory
+    /// (empty for other commands).
+    pub(super) buf: Vec<RawBuf>,
+    pub(super) state: Mutex<OpState>,
+    pub(super) cv: Condvar,
+}
+
+impl Op {
+    pub(super) fn complete(&self, r: io::Result<()>) {
+        let mut st = self.state.lock();
+        st.result = Some(r);
+        st.done = true;
+        self.cv.notify_all();
+    }
+}
+
+pub(super) struct Pending {
+    pub(super) ops: HashMap<u64, Arc<Op>>,
+    /// Set by the reader when it stops; no op is accepted after that.
+    pub(super) dead: Option<String>,
+    /// Why another thread tore the connection down (for messages).
+    pub(super) kill_reason: Option<String>,
+}
+
+/// One connection, shared by the `Client` and its reader thread.
+pub(super) struct Inner {
+    pub(super) uri: String,
+    pub(super) stream: Stream,
+    pub(super) send_lock: Mutex<()>,
+    pub(super) pending: Mutex<Pending>,
+    pub(super) next_cookie: AtomicU64,
+    pub(super) size: u64,
+    pub(super) flags: u16,
+    pub(super) sizes: BlockSizes,
+    pub(super) structured: bool,
+    /// Largest READ/WRITE sent in one request.
+    pub(super) max_request: u32,
+    pub(super) request_timeout: Option<Duration>,
+}
+
+impl Inner {
+    pub(super) fn lost(&self, why: &str) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            format!("{}: NBD connection lost: {why}", self.uri),
+        )
+    }
+
+    /// Tear the connection down from any thread. The reader notices (its
+    /// read fails) and fails every request in flight; it is the only thread
+    /// that completes requests, so no buffer is released while it may still
+    /// be writing into it.
+    pub(super) fn kill(&self, why: String) {
+        {
+            let mut p = self.pending.lock();
+            if p.kill_reason.is_none() {
+                p.kill_reason = Some(why);
+            }
+        }
+        self.stream.shutdown(Shutdown::Both);
+    }
+}

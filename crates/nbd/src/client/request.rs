@@ -1,0 +1,172 @@
+//! Putting requests in flight and waiting for them.
+
+use std::io::{self, IoSlice};
+use std::marker::PhantomData;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::{Condvar, Mutex};
+
+use super::connection::{Inner, Op, OpState, RawBuf};
+use super::Client;
+use crate::proto::{command_name, Request};
+
+impl Client {
+    /// Put one request in flight. For READ, `dest` is where the reply's
+    /// data will be written; the returned ticket keeps it borrowed.
+    pub(super) fn submit<'a>(
+        &'a self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        payload: Option<&[u8]>,
+        dest: Option<&'a mut [u8]>,
+    ) -> io::Result<Ticket<'a>> {
+        let payload = payload.map(IoSlice::new);
+        self.submit_v(
+            command,
+            flags,
+            offset,
+            length,
+            payload.as_slice(),
+            dest.into_iter().collect(),
+        )
+    }
+
+    /// [`submit`](Self::submit) with the payload gathered from, or the
+    /// reply's data scattered into, several buffers: one request however
+    /// many cache slots it spans.
+    pub(super) fn submit_v<'a>(
+        &'a self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        payload: &[IoSlice<'_>],
+        dest: Vec<&'a mut [u8]>,
+    ) -> io::Result<Ticket<'a>> {
+        let inner = &*self.inner;
+        debug_assert!(
+            dest.is_empty() || dest.iter().map(|d| d.len()).sum::<usize>() == length as usize
+        );
+        debug_assert!(
+            payload.is_empty() || payload.iter().map(|p| p.len()).sum::<usize>() == length as usize
+        );
+        let cookie = inner.next_cookie.fetch_add(1, Ordering::Relaxed);
+        let op = Arc::new(Op {
+            command,
+            offset,
+            length,
+            buf: dest
+                .into_iter()
+                .map(|b| RawBuf {
+                    ptr: b.as_mut_ptr(),
+                    len: b.len(),
+                })
+                .collect(),
+            state: Mutex::new(OpState {
+                done: false,
+                result: None,
+                error: None,
+                received: 0,
+            }),
+            cv: Condvar::new(),
+        });
+        {
+            let mut p = inner.pending.lock();
+            if let Some(why) = &p.dead {
+                return Err(inner.lost(why));
+            }
+            p.ops.insert(cookie, op.clone());
+        }
+        // From here on the ticket must be waited for (its Drop does that).
+        let ticket = Ticket {
+            inner,
+            op,
+            _buf: PhantomData,
+        };
+        let hdr = Request {
+            flags,
+            command,
+            cookie,
+            offset,
+            length,
+        }
+        .encode();
+        let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(1 + payload.len());
+        iov.push(IoSlice::new(&hdr));
+        iov.extend(payload.iter().map(|p| IoSlice::new(p)));
+        let sent = {
+            let _g = inner.send_lock.lock();
+            inner.stream.write_all_vectored(&mut iov)
+        };
+        if let Err(e) = sent {
+            // The stream may be out of sync now: end the connection. The
+            // reader fails every request in flight, this one included.
+            inner.kill(format!("sending {} failed: {e}", command_name(command)));
+        }
+        Ok(ticket)
+    }
+}
+
+pub(super) fn collect(tickets: Vec<Ticket<'_>>, mut err: Option<io::Error>) -> io::Result<()> {
+    for t in tickets {
+        if let Err(e) = t.wait() {
+            err.get_or_insert(e);
+        }
+    }
+    err.map_or(Ok(()), Err)
+}
+
+/// A request in flight. Waiting consumes it; dropping it without waiting
+/// still blocks until the request is finished, because the reader thread
+/// may be writing into the buffer it borrows.
+pub(super) struct Ticket<'a> {
+    inner: &'a Inner,
+    op: Arc<Op>,
+    _buf: PhantomData<&'a mut [u8]>,
+}
+
+impl Ticket<'_> {
+    /// Wait for the reply; the later Drop finds the op done.
+    pub(super) fn wait(self) -> io::Result<()> {
+        self.wait_done()
+    }
+
+    fn wait_done(&self) -> io::Result<()> {
+        let deadline = self.inner.request_timeout.map(|t| (t, Instant::now() + t));
+        let mut st = self.op.state.lock();
+        let mut killed = false;
+        while !st.done {
+            match deadline {
+                Some((t, d)) if !killed => {
+                    if self.op.cv.wait_until(&mut st, d).timed_out() && !st.done {
+                        drop(st);
+                        self.inner.kill(format!(
+                            "{} at offset {} timed out after {t:?}",
+                            command_name(self.op.command),
+                            self.op.offset
+                        ));
+                        killed = true;
+                        st = self.op.state.lock();
+                    }
+                }
+                _ => self.op.cv.wait(&mut st),
+            }
+        }
+        st.result
+            .take()
+            .unwrap_or_else(|| Err(io::Error::other("request result already taken")))
+    }
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        let done = self.op.state.lock().done;
+        if !done {
+            let _ = self.wait_done();
+        }
+    }
+}
