@@ -268,7 +268,15 @@ impl Engine {
         // While a slow or preempted transaction holds S back, nothing new
         // can be freed; rescanning the growing list on every write would
         // make each write cost as much as the list is long.
-        let early = ix.retiring.len() >= RECLAIM_EARLY && self.seq.durable() > ix.reclaim_durable;
+        //
+        // Where the fence is an msync, retired slots wait for the low-water
+        // mark instead: their FREE stores land in random entry pages, and
+        // one big batch dirties each page once for many slots (32 slots of
+        // a 16K-slot shard touch 30 pages, 1,000 touch 250), where small
+        // early batches would write a page per slot.
+        let early = !self.fence_is_syscall()
+            && ix.retiring.len() >= RECLAIM_EARLY
+            && self.seq.durable() > ix.reclaim_durable;
         if ix.reclaiming || (ix.free_len >= lw && !early) {
             return None;
         }
