@@ -33,12 +33,13 @@ pub fn run(a: ServeArgs) -> Result<ExitCode> {
     let plan = Plan::inspect(&a, &opts)?;
     let mut origin = OpenOrigin::open(&a, &opts, &plan)?;
     let (sockets, listeners) = Sockets::bind(&a, &opts)?;
-    let cache = OpenCache::open(&a, plan, &origin.origin, &opts.cache_path)?;
+    let mut cache = OpenCache::open(&a, plan, &origin.origin, &opts.cache_path)?;
     let server = start_server(&a, &opts, &cache.engine, &*origin.origin)?;
     let info = server_info(&a, &opts, &*origin.origin, &sockets.endpoint, &server);
     let services = Services::spawn(listeners, &sockets.control_path, &cache.engine, &info)?;
     signals.arm(server.shutdown_handle(), cache.engine.clone());
     origin.keep();
+    cache.keep();
     announce(&a, &opts, &info, &cache.engine, &sockets);
     let served = sockets.endpoint.serve(&server);
     shut_down(server, services, sockets, cache, served, &opts)

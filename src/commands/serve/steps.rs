@@ -14,7 +14,7 @@ use pmcache_origin::{FileOrigin, Origin};
 use pmcache_pmem::{MappedRegion, PersistMode, PmemRegion};
 
 use super::options::{Options, Plan};
-use crate::cache::{self, CacheLock};
+use crate::cache::{self, CacheLock, Target};
 use crate::cli::{ServeArgs, DEFAULT_ORIGIN, DEFAULT_ORIGIN_SIZE};
 use crate::commands::stats::default_control;
 use crate::control::{self, bind_unix, Background};
@@ -178,9 +178,11 @@ fn bind_endpoint(a: &ServeArgs, listen: &str, files: &mut SocketFiles) -> Result
 
 /// The cache, mapped and recovered, and its lock. Dropped (on a failed
 /// start, or after [`close`](Self::close)) it closes the engine cleanly
-/// before the lock is released.
+/// before the lock is released; a cache file this start created is removed
+/// again unless [`keep`](Self::keep) was called.
 pub(super) struct OpenCache {
     pub engine: Arc<Engine>,
+    created: Option<PathBuf>,
     _lock: CacheLock,
 }
 
@@ -191,6 +193,13 @@ impl OpenCache {
         origin: &Arc<dyn Origin>,
         path: &Path,
     ) -> Result<OpenCache> {
+        let created = matches!(
+            plan,
+            Plan::Create {
+                target: Target::New { .. },
+                ..
+            }
+        );
         let (lock, region) = map_or_create(a, plan, &**origin, path)?;
         log_persist_mode(path, region.mode());
         let cfg = EngineConfig {
@@ -205,8 +214,14 @@ impl OpenCache {
             .map_err(|e| anyhow!("cannot open cache {}: {e}", path.display()))?;
         Ok(OpenCache {
             engine,
+            created: created.then(|| path.to_path_buf()),
             _lock: lock,
         })
+    }
+
+    /// The start succeeded: a cache file it created stays.
+    pub(super) fn keep(&mut self) {
+        self.created = None;
     }
 
     /// Close the engine (marking the cache clean) and release the lock;
@@ -221,6 +236,9 @@ impl Drop for OpenCache {
     fn drop(&mut self) {
         // A second close is a no-op.
         let _ = self.engine.close();
+        if let Some(p) = self.created.take() {
+            let _ = std::fs::remove_file(p);
+        }
     }
 }
 
