@@ -1,17 +1,19 @@
 //! Helpers shared by the CLI and kill -9 tests: temp dirs, running the
-//! binary, and servers that are always stopped by PID with bounded waits.
+//! binary, and servers that are always stopped by PID with bounded waits
+//! (started by `launch.rs`, the launcher the interop tests use too).
 
 #![allow(dead_code)]
 
 use std::fs::File;
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Command, ExitStatus, Output, Stdio};
+use std::time::Duration;
 
-use std::time::{Duration, Instant};
+mod launch;
+pub use launch::*;
 
 pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_pmcache")
+    pmcache_bin()
 }
 
 pub use pmcache_testkit::TempDir;
@@ -69,15 +71,6 @@ pub fn fails_with(o: &Output, needle: &str) {
         lines[0].to_lowercase().contains(&needle.to_lowercase()),
         "stderr does not mention {needle:?}: {err}"
     );
-}
-
-/// A loopback TCP port nothing listens on right now.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind port 0")
-        .local_addr()
-        .expect("local addr")
-        .port()
 }
 
 /// Make a sparse file of `len` bytes.
@@ -184,11 +177,11 @@ pub fn run_serve_cache(d: &TempDir, port: u16, extra: &[&str]) -> Output {
     with_serve_args(d, port, extra, |args| run(&[&["serve"], args].concat()))
 }
 
-/// A `pmcache serve` child process. Dropping it kills it (SIGKILL) and reaps it.
+/// A `pmcache serve` child process, started and awaited by the shared
+/// launcher (`launch.rs`). Dropping it kills it (SIGKILL) and reaps it.
 pub struct Server {
-    pub child: Child,
+    pub proc: Proc,
     pub port: Option<u16>,
-    pub log: PathBuf,
 }
 
 impl Server {
@@ -204,72 +197,36 @@ impl Server {
     }
 
     pub fn start_port(cwd: &Path, args: &[&str], log: PathBuf, port: Option<u16>) -> Server {
-        let f = File::create(&log).expect("server log");
-        let child = Command::new(bin())
-            .arg("serve")
-            .args(args)
-            .current_dir(cwd)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().expect("dup log"))
-            .stderr(f)
-            .spawn()
-            .expect("spawn pmcache serve");
-        Server { child, port, log }
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let proc = spawn_pmcache_serve(Some(cwd), &args, log);
+        Server { proc, port }
     }
 
     pub fn pid(&self) -> i32 {
-        self.child.id() as i32
+        self.proc.pid() as i32
     }
 
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.proc.log_text()
     }
 
-    /// Wait until the server accepts TCP connections on its port (or the
-    /// Unix socket `sock` exists and accepts). Panics with its log when it
-    /// exits or does not come up within `timeout`.
+    /// Wait until the server accepts TCP connections on its port and has
+    /// logged that it is serving. Panics with its log when it exits or does
+    /// not come up within `timeout`.
     pub fn wait_ready(&mut self, timeout: Duration) {
         let port = self.port.expect("server has a TCP port");
-        let t0 = Instant::now();
-        loop {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                panic!("server exited early ({st:?}); log:\n{}", self.log_text());
-            }
-            if TcpStream::connect(("127.0.0.1", port)).is_ok()
-                && self.log_text().contains("serving")
-            {
-                return;
-            }
-            if t0.elapsed() > timeout {
-                panic!(
-                    "server did not come up within {timeout:?}; log:\n{}",
-                    self.log_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if let Err(e) = wait_serving(&mut self.proc, &Endpoint::Tcp(port), true, timeout) {
+            panic!("{e}");
         }
     }
 
     /// Wait for the process to exit within `timeout` (None if it did not).
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let t0 = Instant::now();
-        loop {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                return Some(st);
-            }
-            if t0.elapsed() > timeout {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.proc.wait_exit(timeout)
     }
 
-    pub fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child's PID.
-        unsafe {
-            libc::kill(self.pid(), sig);
-        }
+    pub fn signal(&mut self, sig: i32) {
+        self.proc.signal(sig);
     }
 
     /// SIGTERM and wait (bounded) for the exit status.
@@ -296,9 +253,6 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.signal(libc::SIGKILL);
-            let _ = self.wait_exit(Duration::from_secs(10));
-        }
+        self.kill9();
     }
 }

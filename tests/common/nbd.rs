@@ -4,26 +4,24 @@
 //! waits, and external tools run with a time limit.
 //!
 //! Same design as `crates/nbd/tests/common/mod.rs` (`launch(&ServerKind) ->
-//! ServerGuard`), but the server under test is the real binary. Kept apart
-//! from `common/mod.rs`, which the CLI and kill -9 tests use.
+//! ServerGuard`), but the server under test is the real binary. The child
+//! processes are started and awaited by `launch.rs`, shared with
+//! `common/mod.rs`, which the CLI and kill -9 tests use.
 
 #![allow(dead_code)]
 
-use std::fs::File;
 use std::io::Read;
-use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 
 use std::time::{Duration, Instant};
 
 pub const MIB: usize = 1 << 20;
 
-/// The binary under test.
-pub fn pmcache_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_pmcache")
-}
+#[path = "launch.rs"]
+mod launch;
+pub use launch::*;
 
 // ---------------------------------------------------------------------------
 // Temporary directories
@@ -71,15 +69,6 @@ pub fn package_of(tool: &str) -> &'static str {
         "perf" => "linux-perf",
         _ => "(unknown package)",
     }
-}
-
-/// PATH for child processes: /usr/bin first, so that tools written in
-/// Python (nbdsh) get the system python3 that has the `nbd` module.
-pub fn child_path() -> String {
-    format!(
-        "/usr/bin:/usr/sbin:/bin:/sbin:{}",
-        std::env::var("PATH").unwrap_or_default()
-    )
 }
 
 /// Path of `tool`, or a failure that names the package to install. Missing
@@ -176,106 +165,6 @@ pub fn pmcache_ok(args: &[&str], timeout: Duration) -> String {
 // ---------------------------------------------------------------------------
 // Child processes
 // ---------------------------------------------------------------------------
-
-/// A child process with its output in a log file. Stopped on drop by PID:
-/// SIGTERM, then SIGKILL after 5 s.
-pub struct Proc {
-    child: Child,
-    pub name: String,
-    pub log: PathBuf,
-}
-
-impl Proc {
-    pub fn spawn(program: &Path, args: &[String], log: PathBuf, env: &[(&str, &str)]) -> Proc {
-        let name = program
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let f = File::create(&log).expect("create log file");
-        let mut c = Command::new(program);
-        c.args(args)
-            .env("PATH", child_path())
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().expect("dup log"))
-            .stderr(f);
-        for (k, v) in env {
-            c.env(k, v);
-        }
-        let child = c
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
-        Proc { child, name, log }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// The exit status if the process has exited.
-    pub fn exited(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().ok().flatten()
-    }
-
-    pub fn signal(&mut self, sig: i32) {
-        if self.exited().is_none() {
-            // SAFETY: kill(2) on the PID of our own child, which has not been
-            // reaped (try_wait returned None), so the PID cannot be reused.
-            unsafe {
-                libc::kill(self.child.id() as libc::pid_t, sig);
-            }
-        }
-    }
-
-    /// Wait (bounded) for the process to exit.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let start = Instant::now();
-        loop {
-            if let Some(s) = self.exited() {
-                return Some(s);
-            }
-            if start.elapsed() > timeout {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// SIGTERM and wait up to `timeout`; fails the test (after SIGKILL) if
-    /// the process ignores it.
-    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
-        self.signal(libc::SIGTERM);
-        match self.wait_exit(timeout) {
-            Some(s) => s,
-            None => {
-                self.signal(libc::SIGKILL);
-                let _ = self.wait_exit(Duration::from_secs(10));
-                panic!(
-                    "{} (pid {}) ignored SIGTERM for {timeout:?}; log:\n{}",
-                    self.name,
-                    self.pid(),
-                    self.log_text()
-                );
-            }
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.exited().is_some() {
-            return;
-        }
-        self.signal(libc::SIGTERM);
-        if self.wait_exit(Duration::from_secs(5)).is_none() {
-            self.signal(libc::SIGKILL);
-            let _ = self.wait_exit(Duration::from_secs(10));
-        }
-    }
-}
 
 /// nbdkit in the foreground on the Unix socket `sock` (a fixed path, so a
 /// restarted server is the same origin to pmcache) with `args` (filters,
@@ -387,13 +276,6 @@ impl ServerKind {
     }
 }
 
-/// Where clients reach a running server.
-#[derive(Debug, Clone)]
-pub enum Endpoint {
-    Unix(PathBuf),
-    Tcp(u16),
-}
-
 /// A running server; stopped by PID on drop (SIGTERM, then SIGKILL).
 pub struct ServerGuard {
     pub proc: Proc,
@@ -443,14 +325,6 @@ impl ServerGuard {
     }
 }
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind 127.0.0.1:0")
-        .local_addr()
-        .expect("local addr")
-        .port()
-}
-
 /// Start a server and wait (bounded) until it accepts connections (and,
 /// for pmcache, has logged that it is serving).
 pub fn launch(kind: &ServerKind) -> ServerGuard {
@@ -478,7 +352,6 @@ fn try_launch(kind: &ServerKind) -> Result<ServerGuard, String> {
             extra,
         } => {
             let mut args: Vec<String> = vec![
-                "serve".into(),
                 "--cache".into(),
                 cache.display().to_string(),
                 "--assume-pmem".into(),
@@ -502,12 +375,7 @@ fn try_launch(kind: &ServerKind) -> Result<ServerGuard, String> {
                 }
             };
             args.extend(extra.iter().cloned());
-            let p = Proc::spawn(
-                Path::new(pmcache_bin()),
-                &args,
-                log,
-                &[("RUST_LOG", "info")],
-            );
+            let p = spawn_pmcache_serve(None, &args, log);
             (p, endpoint, true)
         }
         ServerKind::Command { program, args } => {
@@ -523,37 +391,12 @@ fn try_launch(kind: &ServerKind) -> Result<ServerGuard, String> {
             (p, Endpoint::Unix(socket), false)
         }
     };
-    let start = Instant::now();
-    loop {
-        if let Some(status) = proc.exited() {
-            return Err(format!(
-                "server {} exited with {status} before serving; log:\n{}",
-                proc.name,
-                proc.log_text()
-            ));
-        }
-        let connects = match &endpoint {
-            Endpoint::Unix(s) => UnixStream::connect(s).is_ok(),
-            Endpoint::Tcp(p) => TcpStream::connect(("127.0.0.1", *p)).is_ok(),
-        };
-        if connects && (!is_pmcache || proc.log_text().contains("serving")) {
-            return Ok(ServerGuard {
-                proc,
-                endpoint,
-                dir,
-            });
-        }
-        if start.elapsed() > Duration::from_secs(30) {
-            let log = proc.log_text();
-            proc.signal(libc::SIGKILL);
-            let _ = proc.wait_exit(Duration::from_secs(10));
-            return Err(format!(
-                "server {} did not serve within 30 s; log:\n{log}",
-                proc.name
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_serving(&mut proc, &endpoint, is_pmcache, Duration::from_secs(30))?;
+    Ok(ServerGuard {
+        proc,
+        endpoint,
+        dir,
+    })
 }
 
 /// Make a file of `len` bytes holding `data` at its start (the rest zero).
