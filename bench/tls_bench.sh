@@ -5,11 +5,12 @@
 # not PSK: libnbd refuses tls-psk-file in a URI unless the program allows local files, and fio
 # does not; the CA comes from libnbd's default directory, $HOME/.pki/libnbd.) Cache in /dev/shm
 # (--assume-pmem), origin a sparse file in /dev/shm, working set written first so reads hit.
-# Usage: bench/tls_bench.sh [RUNTIME_S]   (needs nbdkit, fio, certtool; a release build)
+# Usage: bench/tls_bench.sh [RUNTIME_S]   (needs nbdkit, fio, certtool; a release build, or
+#        PMCACHE_BIN=path/to/pmcache for another build, e.g. to compare two commits)
 set -euo pipefail
 RT=${1:-5}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-PM=$ROOT/target/release/pmcache
+PM=${PMCACHE_BIN:-$ROOT/target/release/pmcache}
 D=$(mktemp -d /dev/shm/pmtls-XXXXXX)
 trap 'kill $(cat "$D"/*.pid 2>/dev/null) 2>/dev/null || true; sleep 0.5; rm -rf "$D"' EXIT
 P=$D/pki; mkdir -p "$P" "$D/home/.pki/libnbd"
