@@ -48,65 +48,9 @@ impl Engine {
         let ids = self.shards_of(b0, b1);
         let nblocks = (b1 - b0 + 1) as usize;
 
-        // Look every block up under all shard locks at once, so the request
-        // sees each concurrent write either wholly or not at all.
-        let mut locs: Vec<Loc> = Vec::with_capacity(nblocks);
-        loop {
-            let mut g = self.lock_all(&ids);
-            locs.clear();
-            let mut blocked = None;
-            for b in b0..=b1 {
-                let sh = self.shard_of(b);
-                let ix = &mut g[Self::guard_pos(&ids, sh)];
-                match ix.lookup(b) {
-                    Some(s) if ix.pin(s) => {
-                        ix.touch(s);
-                        locs.push(Loc::Hit {
-                            shard: sh,
-                            slot: s,
-                            zero: ix.key(s) & K_ZERO != 0,
-                        })
-                    }
-                    Some(_) => {
-                        blocked = Some(sh);
-                        break;
-                    }
-                    None if ix.lock_state(b).origin_writer => {
-                        blocked = Some(sh);
-                        break;
-                    }
-                    None if cached_only => {
-                        blocked = Some(sh);
-                        break;
-                    }
-                    None => locs.push(Loc::Miss),
-                }
-            }
-            if cached_only && blocked.is_some() {
-                Self::unpin_hits(&ids, &mut g, &locs);
-                return Ok(false);
-            }
-            match blocked {
-                None => {
-                    for (i, b) in (b0..=b1).enumerate() {
-                        if matches!(locs[i], Loc::Miss) {
-                            g[Self::guard_pos(&ids, self.shard_of(b))]
-                                .update_lock(b, |l| l.origin_readers += 1);
-                        }
-                    }
-                    break;
-                }
-                Some(sh) => {
-                    Self::unpin_hits(&ids, &mut g, &locs);
-                    let pos = Self::guard_pos(&ids, sh);
-                    let mut mine = g.swap_remove(pos);
-                    drop(g);
-                    self.shards[sh]
-                        .cv
-                        .wait_for(&mut mine, Duration::from_millis(5));
-                }
-            }
-        }
+        let Some(locs) = self.lookup_range(b0, b1, &ids, cached_only) else {
+            return Ok(false);
+        };
 
         let hits = locs.iter().filter(|l| matches!(l, Loc::Hit { .. })).count() as u64;
         self.counters.add(Ctr::ReadHits, hits);
@@ -143,6 +87,72 @@ impl Engine {
             }
         }
         result.map(|()| true)
+    }
+
+    /// Every block of `[b0, b1]` looked up under all its shard locks at
+    /// once, so the request sees each concurrent write either wholly or not
+    /// at all: hits pinned, misses holding an origin-reader lock. Waits out
+    /// blocks being written or written back; with `cached_only`, `None`
+    /// (nothing held) instead of waiting or missing.
+    fn lookup_range(&self, b0: u64, b1: u64, ids: &[usize], cached_only: bool) -> Option<Vec<Loc>> {
+        let mut locs: Vec<Loc> = Vec::with_capacity((b1 - b0 + 1) as usize);
+        loop {
+            let mut g = self.lock_all(ids);
+            locs.clear();
+            let mut blocked = None;
+            for b in b0..=b1 {
+                let sh = self.shard_of(b);
+                let ix = &mut g[Self::guard_pos(ids, sh)];
+                match ix.lookup(b) {
+                    Some(s) if ix.pin(s) => {
+                        ix.touch(s);
+                        locs.push(Loc::Hit {
+                            shard: sh,
+                            slot: s,
+                            zero: ix.key(s) & K_ZERO != 0,
+                        })
+                    }
+                    Some(_) => {
+                        blocked = Some(sh);
+                        break;
+                    }
+                    None if ix.lock_state(b).origin_writer => {
+                        blocked = Some(sh);
+                        break;
+                    }
+                    None if cached_only => {
+                        blocked = Some(sh);
+                        break;
+                    }
+                    None => locs.push(Loc::Miss),
+                }
+            }
+            if cached_only && blocked.is_some() {
+                Self::unpin_hits(ids, &mut g, &locs);
+                return None;
+            }
+            match blocked {
+                None => {
+                    for (i, b) in (b0..=b1).enumerate() {
+                        if matches!(locs[i], Loc::Miss) {
+                            g[Self::guard_pos(ids, self.shard_of(b))]
+                                .update_lock(b, |l| l.origin_readers += 1);
+                        }
+                    }
+                    break;
+                }
+                Some(sh) => {
+                    Self::unpin_hits(ids, &mut g, &locs);
+                    let pos = Self::guard_pos(ids, sh);
+                    let mut mine = g.swap_remove(pos);
+                    drop(g);
+                    self.shards[sh]
+                        .cv
+                        .wait_for(&mut mine, Duration::from_millis(5));
+                }
+            }
+        }
+        Some(locs)
     }
 
     /// A read within one cached block, without the general path's
@@ -255,6 +265,44 @@ impl Engine {
         sink(&slices).map_err(EngineError::Transfer)
     }
 
+    /// New slots for the missed blocks (sorted) that are admitted and fit
+    /// now, without waiting; the rest are read without a slot. Both lists
+    /// come back in block order.
+    fn promotion_slots(&self, missing: &[u64]) -> (Vec<NewBlock>, Vec<u64>) {
+        let bs = self.bs() as u32;
+        let mut filled: Vec<NewBlock> = Vec::new();
+        let mut unslotted: Vec<u64> = Vec::new();
+        let (first, last) = (missing[0], missing[missing.len() - 1]);
+        for sh in self.shards_of(first, last) {
+            let (mine, passing): (Vec<u64>, Vec<u64>) = missing
+                .iter()
+                .copied()
+                .filter(|&b| self.shard_of(b) == sh)
+                .partition(|&b| self.admit(sh, b));
+            unslotted.extend(&passing);
+            if mine.is_empty() {
+                continue;
+            }
+            match self.alloc(sh, mine.len(), Space::GiveUp, None) {
+                Ok(Some(slots)) => {
+                    filled.extend(mine.iter().zip(&slots).map(|(&block, &slot)| NewBlock {
+                        block,
+                        shard: sh,
+                        slot,
+                        zero: false,
+                        on_origin: false,
+                        lo: 0,
+                        hi: bs,
+                    }))
+                }
+                _ => unslotted.extend(&mine),
+            }
+        }
+        filled.sort_by_key(|n| n.block);
+        unslotted.sort_unstable();
+        (filled, unslotted)
+    }
+
     /// Fetch the missed blocks from the origin: into new cache slots where
     /// the mode promotes and there is room, else into bounce buffers.
     /// Releases the origin-reader locks taken by the lookup.
@@ -270,43 +318,11 @@ impl Engine {
             return Ok((Vec::new(), Bounce::default()));
         }
         let promote = promote && self.cfg.promote_reads && self.mode() != CacheMode::Passthrough;
-        let mut filled: Vec<NewBlock> = Vec::new();
-        let mut unslotted: Vec<u64> = Vec::new();
-        if promote {
-            let (first, last) = (missing[0], missing[missing.len() - 1]);
-            for sh in self.shards_of(first, last) {
-                let (mut mine, passing): (Vec<u64>, Vec<u64>) = missing
-                    .iter()
-                    .copied()
-                    .filter(|&b| self.shard_of(b) == sh)
-                    .partition(|&b| self.admit(sh, b));
-                unslotted.extend(&passing);
-                if mine.is_empty() {
-                    continue;
-                }
-                mine.sort_unstable();
-                match self.alloc(sh, mine.len(), Space::GiveUp, None) {
-                    Ok(Some(slots)) => {
-                        for (&b, &s) in mine.iter().zip(&slots) {
-                            filled.push(NewBlock {
-                                block: b,
-                                shard: sh,
-                                slot: s,
-                                zero: false,
-                                on_origin: false,
-                                lo: 0,
-                                hi: bs as u32,
-                            });
-                        }
-                    }
-                    _ => unslotted.extend(&mine),
-                }
-            }
-            filled.sort_by_key(|n| n.block);
-            unslotted.sort_unstable();
+        let (filled, unslotted) = if promote {
+            self.promotion_slots(&missing)
         } else {
-            unslotted.extend(&missing);
-        }
+            (Vec::new(), missing.clone())
+        };
 
         // Origin → slots (or bounce), one vectored request per contiguous run.
         // Where the fence is an msync, everything lands in the bounce buffer
