@@ -7,21 +7,23 @@
 //! of everything in it with one call, and wakes the batch's members when
 //! that call has returned. Otherwise it waits, and members that arrive
 //! meanwhile gather in the open batch, which one of them leads as soon as a
-//! running sync finishes. A few syncs may run at a time, so a batch need not
-//! wait for the disk to finish the one before it; sharing keeps their number
-//! well below the number of fences. Nobody returns before the call that
-//! covered its ranges has returned.
+//! running sync finishes. Sharing keeps the number of syncs well below the
+//! number of fences. Nobody returns before the call that covered its ranges
+//! has returned.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
 
-/// Most persistence calls in flight at once. Two lets the next batch start
-/// while one is on the disk. More made smaller batches and measured no
-/// better (NBD 4 KiB random writes at QD32, cache on ext4 on a virtio disk:
-/// about 15 K/s with 8, 17-19 K/s with 2 or 4, and 16-21 K/s with 1).
-pub(crate) const MAX_SYNCS: usize = 2;
+/// Most persistence calls in flight at once. One: while it runs, the next
+/// batch gathers, so batches are as large as the disk's latency allows and
+/// their shared pages (entry lines, watermark, FREE stores) are written once
+/// for more writes. Measured since slot data goes in with `pwrite` (NBD 4 KiB
+/// random writes at QD32, cache on ext4 on a virtio disk, two interleaved
+/// rounds): 26.9-27.9 K/s with 1, 24.9-25.4 K/s with 2, 20.2-23.9 K/s with 4;
+/// sectors written per write 15.6-16.0, 16.2-16.3, 17.0-17.1.
+pub(crate) const MAX_SYNCS: usize = 1;
 
 /// Shared state of one region's group commit.
 #[derive(Default)]
