@@ -11,6 +11,7 @@ use std::thread;
 use parking_lot::{Condvar, Mutex};
 use tracing::debug;
 
+use super::handshake::Negotiated;
 use super::pool::Pool;
 use crate::net::Stream;
 
@@ -20,16 +21,53 @@ pub(super) struct Conn {
     pub(super) id: u64,
     pub(super) stream: Arc<Stream>,
     /// Serialises replies: each reply (header + payload) is written whole.
-    pub(super) send_lock: Mutex<()>,
+    send_lock: Mutex<()>,
     pub(super) structured: bool,
     pub(super) meta_context: Option<u32>,
-    pub(super) in_flight: Mutex<usize>,
-    pub(super) in_flight_cv: Condvar,
+    /// Requests queued or executing; the reader waits on `in_flight_cv`
+    /// for room (back-pressure) and, at the end, for none.
+    in_flight: Mutex<usize>,
+    in_flight_cv: Condvar,
     /// A reply could not be sent: the connection is being torn down.
-    pub(super) broken: AtomicBool,
+    broken: AtomicBool,
 }
 
 impl Conn {
+    pub(super) fn new(id: u64, stream: Arc<Stream>, neg: &Negotiated) -> Self {
+        Self {
+            id,
+            stream,
+            send_lock: Mutex::new(()),
+            structured: neg.structured,
+            meta_context: neg.meta_context,
+            in_flight: Mutex::new(0),
+            in_flight_cv: Condvar::new(),
+            broken: AtomicBool::new(false),
+        }
+    }
+
+    /// A reply could not be sent: the connection is being torn down.
+    pub(super) fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::SeqCst)
+    }
+
+    /// Wait until the connection may queue one more request (fewer than
+    /// `max` in flight).
+    pub(super) fn wait_for_room(&self, max: usize) {
+        let mut n = self.in_flight.lock();
+        while *n >= max {
+            self.in_flight_cv.wait(&mut n);
+        }
+    }
+
+    /// Wait until every queued and executing request has finished.
+    pub(super) fn wait_idle(&self) {
+        let mut n = self.in_flight.lock();
+        while *n > 0 {
+            self.in_flight_cv.wait(&mut n);
+        }
+    }
+
     /// Write one whole reply; on failure the connection is torn down (the
     /// reader wakes up from the shutdown and stops).
     pub(super) fn send(&self, bufs: &mut [IoSlice<'_>]) -> bool {

@@ -2,7 +2,6 @@
 //! missed, FLUSH, TRIM, WRITE_ZEROES, CACHE and BLOCK_STATUS.
 
 use std::io::IoSlice;
-use std::sync::atomic::Ordering;
 
 use super::connection::Conn;
 use super::read::execute_read;
@@ -13,7 +12,7 @@ use crate::proto::*;
 
 /// Run a validated non-WRITE request on a worker and reply.
 pub(super) fn execute(shared: &Shared, conn: &Conn, req: &Request) {
-    if conn.broken.load(Ordering::SeqCst) {
+    if conn.is_broken() {
         return;
     }
     let ex = &shared.export;
