@@ -26,6 +26,20 @@
 //! A protocol violation ends that one connection; a bad request gets an
 //! error reply and nothing is executed for it. Nothing here panics on
 //! client input, and a connection never touches another one's state.
+//!
+//! # Files
+//! * `mod.rs`: the public API: [`Server`], [`ServerConfig`], the
+//!   [`ShutdownHandle`], the accept loops, and a connection's life.
+//! * `pool.rs`: the worker pools.
+//! * `handshake.rs`: option haggling and STARTTLS.
+//! * `transmission.rs`: the reader loop, reading requests and starting them.
+//! * `connection.rs`: what a connection's reader and workers share (the
+//!   socket, the send lock, the requests in flight), and dispatch to a pool.
+//! * `validate.rs`: the checks a request passes before anything is executed.
+//! * `write.rs`: WRITE, staged or buffered.
+//! * `read.rs`: READ replies straight from the export's slices.
+//! * `execute.rs`: the other commands, run on a worker.
+//! * `reply.rs`: replies and the errors they carry.
 
 use std::io::{self, Write};
 use std::net::{TcpListener, ToSocketAddrs};
