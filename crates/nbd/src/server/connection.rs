@@ -1,0 +1,122 @@
+//! A connection in the transmission phase, as its reader thread and the
+//! workers running its requests share it: the socket, the send lock that
+//! keeps replies whole, and the count of requests in flight.
+
+use std::io::IoSlice;
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+
+use parking_lot::{Condvar, Mutex};
+use tracing::debug;
+
+use super::handshake::Negotiated;
+use super::pool::Pool;
+use crate::net::Stream;
+
+/// One connection in the transmission phase, shared by its reader and the
+/// workers executing its requests.
+pub(super) struct Conn {
+    pub(super) id: u64,
+    pub(super) stream: Arc<Stream>,
+    /// Serialises replies: each reply (header + payload) is written whole.
+    send_lock: Mutex<()>,
+    pub(super) structured: bool,
+    pub(super) meta_context: Option<u32>,
+    /// Requests queued or executing; the reader waits on `in_flight_cv`
+    /// for room (back-pressure) and, at the end, for none.
+    in_flight: Mutex<usize>,
+    in_flight_cv: Condvar,
+    /// A reply could not be sent: the connection is being torn down.
+    broken: AtomicBool,
+}
+
+impl Conn {
+    pub(super) fn new(id: u64, stream: Arc<Stream>, neg: &Negotiated) -> Self {
+        Self {
+            id,
+            stream,
+            send_lock: Mutex::new(()),
+            structured: neg.structured,
+            meta_context: neg.meta_context,
+            in_flight: Mutex::new(0),
+            in_flight_cv: Condvar::new(),
+            broken: AtomicBool::new(false),
+        }
+    }
+
+    /// A reply could not be sent: the connection is being torn down.
+    pub(super) fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::SeqCst)
+    }
+
+    /// Wait until the connection may queue one more request (fewer than
+    /// `max` in flight).
+    pub(super) fn wait_for_room(&self, max: usize) {
+        let mut n = self.in_flight.lock();
+        while *n >= max {
+            self.in_flight_cv.wait(&mut n);
+        }
+    }
+
+    /// Wait until every queued and executing request has finished.
+    pub(super) fn wait_idle(&self) {
+        let mut n = self.in_flight.lock();
+        while *n > 0 {
+            self.in_flight_cv.wait(&mut n);
+        }
+    }
+
+    /// Write one whole reply; on failure the connection is torn down (the
+    /// reader wakes up from the shutdown and stops).
+    pub(super) fn send(&self, bufs: &mut [IoSlice<'_>]) -> bool {
+        if self.broken.load(Ordering::SeqCst) {
+            return false;
+        }
+        let _g = self.send_lock.lock();
+        match self.stream.write_all_vectored(bufs) {
+            Ok(()) => true,
+            Err(e) => {
+                debug!("nbd[{}]: sending a reply failed: {e}", self.id);
+                self.break_conn();
+                false
+            }
+        }
+    }
+
+    fn break_conn(&self) {
+        self.broken.store(true, Ordering::SeqCst);
+        self.stream.shutdown(Shutdown::Both);
+    }
+
+    fn finish_one(&self) {
+        let mut n = self.in_flight.lock();
+        *n = n.saturating_sub(1);
+        self.in_flight_cv.notify_all();
+    }
+}
+
+/// Marks a dispatched request finished, even if executing it panicked (then
+/// its reply is lost, so the connection is ended rather than left waiting).
+struct FinishGuard<'a>(&'a Conn);
+
+impl Drop for FinishGuard<'_> {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            self.0.break_conn();
+        }
+        self.0.finish_one();
+    }
+}
+
+/// Run `job` on a worker of `pool`, counted in the connection's in-flight
+/// requests until it has finished.
+pub(super) fn dispatch(pool: &Pool, conn: &Arc<Conn>, job: impl FnOnce(&Conn) + Send + 'static) {
+    *conn.in_flight.lock() += 1;
+    let c = conn.clone();
+    pool.submit(Box::new(move || {
+        let _done = FinishGuard(&c);
+        job(&c);
+    }));
+}

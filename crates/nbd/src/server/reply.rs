@@ -1,0 +1,148 @@
+//! Replies: simple or structured, errors with their messages, and READ
+//! data sent straight from the export's slices.
+
+use std::io::{self, IoSlice};
+
+use tracing::debug;
+
+use super::connection::Conn;
+use crate::export::ExportError;
+use crate::proto::*;
+
+/// An NBD error to report, with a message for structured replies.
+pub(super) struct ReplyError {
+    errno: u32,
+    message: String,
+}
+
+impl ReplyError {
+    pub(super) fn new(errno: u32, message: impl Into<String>) -> Self {
+        Self {
+            errno,
+            message: message.into(),
+        }
+    }
+}
+
+fn map_export_error(e: &ExportError) -> u32 {
+    match e {
+        ExportError::OutOfRange => EINVAL,
+        ExportError::NotSupported => ENOTSUP,
+        ExportError::NoSpace => ENOSPC,
+        ExportError::ReadOnly => EPERM,
+        ExportError::Transfer(_) => EIO,
+        ExportError::Io(io) => match io.raw_os_error() {
+            Some(libc::EPERM | libc::EACCES | libc::EROFS) => EPERM,
+            Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => ENOSPC,
+            Some(libc::ENOMEM) => ENOMEM,
+            Some(libc::EINVAL) => EINVAL,
+            Some(libc::EOVERFLOW) => EOVERFLOW,
+            Some(libc::ENOTSUP) => ENOTSUP,
+            Some(libc::ESHUTDOWN) => ESHUTDOWN,
+            _ => match io.kind() {
+                io::ErrorKind::PermissionDenied => EPERM,
+                io::ErrorKind::InvalidInput => EINVAL,
+                io::ErrorKind::Unsupported => ENOTSUP,
+                io::ErrorKind::OutOfMemory => ENOMEM,
+                io::ErrorKind::StorageFull => ENOSPC,
+                _ => EIO,
+            },
+        },
+    }
+}
+
+impl From<ExportError> for ReplyError {
+    fn from(e: ExportError) -> Self {
+        Self::new(map_export_error(&e), e.to_string())
+    }
+}
+
+impl Conn {
+    pub(super) fn send_ok(&self, cookie: u64) -> bool {
+        self.send(&mut [IoSlice::new(&SimpleReply { error: 0, cookie }.encode())])
+    }
+
+    /// An error reply: a structured error chunk when negotiated (it carries
+    /// the message), a simple reply otherwise.
+    pub(super) fn send_error(&self, cookie: u64, err: &ReplyError) -> bool {
+        debug!(
+            "nbd[{}]: request {cookie:#x} failed: {} ({})",
+            self.id,
+            error_name(err.errno),
+            err.message
+        );
+        if self.structured {
+            let payload = ErrorChunk {
+                error: err.errno,
+                message: err.message.clone(),
+                offset: None,
+            }
+            .encode();
+            let hdr = StructuredReply {
+                flags: REPLY_FLAG_DONE,
+                reply_type: REPLY_TYPE_ERROR,
+                cookie,
+                length: payload.len() as u32,
+            }
+            .encode();
+            self.send(&mut [IoSlice::new(&hdr), IoSlice::new(&payload)])
+        } else {
+            self.send(&mut [IoSlice::new(
+                &SimpleReply {
+                    error: err.errno,
+                    cookie,
+                }
+                .encode(),
+            )])
+        }
+    }
+
+    pub(super) fn send_result(&self, cookie: u64, r: Result<(), ExportError>) -> bool {
+        match r {
+            Ok(()) => self.send_ok(cookie),
+            Err(e) => self.send_error(cookie, &e.into()),
+        }
+    }
+
+    /// A successful READ reply: header, then the export's slices, in one
+    /// `writev` loop. This is the only place read data is handled, and it
+    /// is not copied: the kernel reads it from the export's memory.
+    pub(super) fn send_read_data(
+        &self,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+        data: &[IoSlice<'_>],
+    ) -> bool {
+        let simple;
+        let structured;
+        let off = offset.to_be_bytes();
+        let mut bufs: Vec<IoSlice<'_>> = Vec::with_capacity(data.len() + 2);
+        if self.structured {
+            if len == 0 {
+                structured = StructuredReply {
+                    flags: REPLY_FLAG_DONE,
+                    reply_type: REPLY_TYPE_NONE,
+                    cookie,
+                    length: 0,
+                }
+                .encode();
+                return self.send(&mut [IoSlice::new(&structured)]);
+            }
+            structured = StructuredReply {
+                flags: REPLY_FLAG_DONE,
+                reply_type: REPLY_TYPE_OFFSET_DATA,
+                cookie,
+                length: len.saturating_add(8),
+            }
+            .encode();
+            bufs.push(IoSlice::new(&structured));
+            bufs.push(IoSlice::new(&off));
+        } else {
+            simple = SimpleReply { error: 0, cookie }.encode();
+            bufs.push(IoSlice::new(&simple));
+        }
+        bufs.extend_from_slice(data);
+        self.send(&mut bufs)
+    }
+}

@@ -1,0 +1,189 @@
+//! WRITE: staging on the reader thread, the payload received straight into
+//! the export's slices, and the commit on a worker; or, when staging would
+//! wait, a buffered write made by a worker.
+
+use std::io::{self, IoSliceMut};
+use std::sync::Arc;
+
+use tracing::debug;
+
+use super::connection::{dispatch, Conn};
+use super::reply::ReplyError;
+use super::validate::validate;
+use super::Shared;
+use crate::export::Staged;
+use crate::net::Stream;
+use crate::proto::*;
+
+/// What happened to a WRITE payload.
+#[derive(PartialEq, Eq, Clone, Copy)]
+enum Payload {
+    /// Still in the socket.
+    Unread,
+    /// Read completely into the export's slices.
+    Read,
+    /// Reading it failed part-way: the stream is out of sync.
+    Failed,
+}
+
+/// The `source` of a write whose payload is still in the socket: the
+/// payload's only copy, socket -> export slices (`readv`), which also picks
+/// up the next request header if it is already there.
+struct SocketSource<'a> {
+    stream: &'a Stream,
+    len: u32,
+    next: &'a mut [u8],
+    state: Payload,
+    /// Bytes of the next header read with the payload.
+    extra: usize,
+}
+
+impl SocketSource<'_> {
+    fn fill(&mut self, slices: &mut [IoSliceMut<'_>]) -> io::Result<()> {
+        if self.state != Payload::Unread {
+            return Err(io::Error::other("payload source called more than once"));
+        }
+        let total: usize = slices.iter().map(|s| s.len()).sum();
+        if total != self.len as usize {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("export offered {total} bytes for a {}-byte write", self.len),
+            ));
+        }
+        match self.stream.read_exact_vectored_then(slices, self.next) {
+            Ok(n) => {
+                self.state = Payload::Read;
+                self.extra = n;
+                Ok(())
+            }
+            Err(e) => {
+                self.state = Payload::Failed;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// A WRITE: the reader thread does only what needs the socket. It stages
+/// the write (the export takes slots without waiting), receives the payload
+/// straight into them, and leaves the commit (persistence, the origin
+/// write, the reply) to a commit worker, so the next request is read while
+/// this one finishes. A write that cannot be staged without waiting (no free
+/// slot, an overlapping write in progress, a partial block, a mode that
+/// writes the origin first) is received into a buffer of its own and made
+/// by a worker that may wait. Returns how many bytes of the next request
+/// header arrived with the payload (into `next`), or `None` when the
+/// connection must end.
+pub(super) fn handle_write(
+    shared: &Arc<Shared>,
+    conn: &Arc<Conn>,
+    req: &Request,
+    next: &mut [u8],
+) -> Option<usize> {
+    let len = req.length;
+    if let Err(e) = validate(shared, conn, req) {
+        if len > shared.sizes.maximum {
+            // We will not read an arbitrarily large payload just to throw
+            // it away: answer, then hang up (allowed for a client that
+            // broke the advertised maximum).
+            conn.send_error(req.cookie, &e);
+            return None;
+        }
+        // Skip the payload so the stream stays in sync; nothing is written.
+        return skip_payload(conn, req, &e);
+    }
+    if len == 0 {
+        return conn.send_ok(req.cookie).then_some(0);
+    }
+    let fua = req.flags & CMD_FLAG_FUA != 0;
+    let mut src = SocketSource {
+        stream: &conn.stream,
+        len,
+        next,
+        state: Payload::Unread,
+        extra: 0,
+    };
+    let staged = shared
+        .export
+        .stage_write(req.offset, len, fua, &mut |slices| src.fill(slices));
+    let cookie = req.cookie;
+    match (src.state, staged) {
+        (Payload::Failed, _) => {
+            debug!(
+                "nbd[{}]: client disconnected during a {len}-byte write payload",
+                conn.id
+            );
+            None
+        }
+        (Payload::Read, Ok(Staged::Pending(w))) if w.commit_is_quick() => {
+            // Nothing to wait for (a fence on pmem): cheaper here than a
+            // hand-off, and it blocks nothing behind it.
+            conn.send_result(cookie, w.commit()).then_some(src.extra)
+        }
+        (Payload::Read, Ok(Staged::Pending(w))) => {
+            dispatch(&shared.commits, conn, move |c| {
+                c.send_result(cookie, w.commit());
+            });
+            Some(src.extra)
+        }
+        (Payload::Unread, Ok(Staged::WouldWait)) => buffer_write(shared, conn, req, src.next),
+        (Payload::Read, r) => {
+            // Received, but the export failed (or broke its contract by
+            // declining after taking the payload): nothing is written.
+            let err = match r {
+                Err(e) => e.into(),
+                Ok(_) => ReplyError::new(EIO, "export declined a received write"),
+            };
+            conn.send_error(cookie, &err).then_some(src.extra)
+        }
+        (Payload::Unread, r) => {
+            // Nothing received, so nothing can have been written (a pending
+            // write without its payload is dropped unwritten).
+            let err = match r {
+                Err(e) => e.into(),
+                Ok(_) => ReplyError::new(EIO, "export did not take the write payload"),
+            };
+            skip_payload(conn, req, &err)
+        }
+    }
+}
+
+/// Skip a rejected WRITE's payload and answer `err`.
+fn skip_payload(conn: &Conn, req: &Request, err: &ReplyError) -> Option<usize> {
+    if let Err(e) = conn.stream.discard(req.length.into()) {
+        debug!("nbd[{}]: client left mid-payload: {e}", conn.id);
+        return None;
+    }
+    conn.send_error(req.cookie, err).then_some(0)
+}
+
+/// A WRITE that would wait to be staged: receive the payload into a buffer
+/// (the reader must not wait) and let a worker make the write, waiting as
+/// long as it must. The buffer is this request's one extra copy; at most
+/// `max_in_flight` of them exist per connection (back-pressure).
+fn buffer_write(
+    shared: &Arc<Shared>,
+    conn: &Arc<Conn>,
+    req: &Request,
+    next: &mut [u8],
+) -> Option<usize> {
+    let mut buf = vec![0u8; req.length as usize];
+    let extra = match conn
+        .stream
+        .read_exact_vectored_then(&mut [IoSliceMut::new(&mut buf)], next)
+    {
+        Ok(n) => n,
+        Err(e) => {
+            debug!("nbd[{}]: client left mid-payload: {e}", conn.id);
+            return None;
+        }
+    };
+    let s = shared.clone();
+    let req = *req;
+    dispatch(&shared.pool, conn, move |c| {
+        let fua = req.flags & CMD_FLAG_FUA != 0;
+        let r = s.export.write_from(req.offset, &buf, fua);
+        c.send_result(req.cookie, r);
+    });
+    Some(extra)
+}
