@@ -89,11 +89,31 @@ fn a_wrong_key_is_refused_and_counted() {
     // A plain client gets the TLS-required error.
     let e = Client::connect(&common::unix_uri(&srv.socket)).unwrap_err();
     assert!(e.to_string().to_lowercase().contains("tls"), "{e}");
+    wait_failed_handshakes(&srv, 1);
     let stats = srv.server.tls_stats().unwrap().1;
     assert_eq!(stats.handshakes, 0);
     assert_eq!(stats.failed_handshakes, 1);
     assert!(stats.refused_plain >= 1);
     assert_eq!(srv.export.stats().writes, 0);
+}
+
+/// Wait (bounded) until the server has counted `n` failed handshakes. The
+/// client sees the failure (the server's alert) before the server's
+/// handshake call returns and counts it, so the count may trail a little.
+fn wait_failed_handshakes(srv: &InProc, n: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let got = srv.server.tls_stats().unwrap().1.failed_handshakes;
+        if got == n {
+            return;
+        }
+        assert!(got < n, "{got} failed handshakes counted, {n} expected");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still {got} failed handshakes counted after 10 s, {n} expected"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
 
 /// Wait (bounded) until the server lists exactly `n` connections, all past
@@ -153,7 +173,7 @@ fn connections_show_their_tls_state_and_leave_when_they_end() {
     let wrong = dir.join("wrong.psk");
     std::fs::write(&wrong, format!("alice:{}\n", "00".repeat(32))).unwrap();
     Client::connect(&nbds(&srv, "alice", &wrong)).unwrap_err();
-    assert_eq!(srv.server.tls_stats().unwrap().1.failed_handshakes, 1);
+    wait_failed_handshakes(&srv, 1);
     let after: Vec<u64> = wait_for_connections(&srv, 3, 1)
         .iter()
         .map(|c| c.id)
