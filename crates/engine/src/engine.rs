@@ -188,6 +188,15 @@ type Batch = Vec<Reclaimed>;
 /// Blocks a read fetched: into new cache slots, or into bounce buffers.
 type Fetched = (Vec<NewBlock>, Bounce);
 
+/// Where a read's bytes come from, as byte ranges: the zero block, the
+/// bounce buffer, or the cache region.
+#[derive(Clone, Copy)]
+enum Piece {
+    Zero(usize, usize),
+    Bounce(usize, usize),
+    Region(usize, usize),
+}
+
 /// Missed blocks read without a cache slot (not promoted, or no room), or
 /// every missed block where fills are written from here into their slots
 /// (`holds_fills`): one buffer, a block each, in block order.

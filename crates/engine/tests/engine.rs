@@ -645,6 +645,36 @@ impl Pause {
     }
 }
 
+/// A read of blocks that sit in consecutive slots goes to the sink as one
+/// slice, not one per block, with the right bytes.
+#[test]
+fn adjacent_slots_are_read_as_one_slice() {
+    let rig = Rig::new(MIB, 8 * MIB, 4096);
+    let e = rig.open(EngineConfig {
+        max_request: 64 << 10,
+        shards: Some(1),
+        sequential_cutoff: 0,
+        ..manual()
+    });
+    let data = pattern(5, 64 << 10);
+    e.write(0, &data, false).unwrap();
+    let mut got = Vec::new();
+    let mut slices = 0;
+    e.read_with(512, (64 << 10) - 1024, &mut |s| {
+        slices = s.len();
+        for x in s {
+            got.extend_from_slice(x);
+        }
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(got, &data[512..(64 << 10) - 512]);
+    assert!(
+        slices < 4,
+        "{slices} slices for 16 blocks in consecutive slots"
+    );
+}
+
 /// A read miss answers its client before it publishes (and so before it
 /// fences) the blocks it fetched: making a fill durable is the cache's
 /// business, and where the fence is an msync the reader would otherwise

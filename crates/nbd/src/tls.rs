@@ -772,12 +772,14 @@ impl TlsStream {
         let mut staged: Vec<u8> = Vec::with_capacity(RECORD);
         for b in bufs {
             let mut b: &[u8] = b;
-            if staged.is_empty() && b.len() >= RECORD {
-                let whole = b.len() / RECORD * RECORD;
-                self.write_all(&b[..whole], deadline)?;
-                b = &b[whole..];
-            }
             while !b.is_empty() {
+                // Also after a reply header filled the first record.
+                if staged.is_empty() && b.len() >= RECORD {
+                    let whole = b.len() / RECORD * RECORD;
+                    self.write_all(&b[..whole], deadline)?;
+                    b = &b[whole..];
+                    continue;
+                }
                 let take = (RECORD - staged.len()).min(b.len());
                 staged.extend_from_slice(&b[..take]);
                 b = &b[take..];
