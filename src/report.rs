@@ -169,20 +169,72 @@ fn pct(part: u64, whole: u64) -> String {
 
 /// Text for people, in the spirit of `casadm -P`.
 pub fn render_text(v: &Value) -> String {
-    let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
-    let n = |k: &str| get(v, k).unwrap_or(0);
-    let bs = n("block_size");
+    let f = Fields(v);
+    let live = f.s("source") == "server";
     let mut o = String::new();
-    let live = s("source") == "server";
+    render_identity(&mut o, &f, live);
+    render_usage(&mut o, &f);
+    if !live {
+        if f.n("pending") > 0 {
+            let _ = writeln!(
+                o,
+                "  in flight      {} blocks of writes in flight at the last crash (verified at the next open)",
+                f.n("pending")
+            );
+        }
+        let _ = writeln!(
+            o,
+            "Request counters live in a running server; start `pmcache serve` and run `pmcache stats` again."
+        );
+        return o;
+    }
+    render_requests(&mut o, &f);
+    render_writeback_and_errors(&mut o, &f);
+    render_tls(&mut o, &f);
+    render_connections(&mut o, v);
+    let _ = writeln!(o, "Persistence");
+    let _ = writeln!(
+        o,
+        "  fences         {} ({} by writes)",
+        f.n("fences"),
+        f.n("write_fences")
+    );
+    let _ = writeln!(o, "  watermark      {}", f.n("watermark"));
+    o
+}
+
+/// Typed access to the stats JSON: a missing field reads as "-" or 0.
+struct Fields<'a>(&'a Value);
+
+impl Fields<'_> {
+    fn s(&self, k: &str) -> String {
+        self.0
+            .get(k)
+            .and_then(Value::as_str)
+            .unwrap_or("-")
+            .to_string()
+    }
+
+    fn n(&self, k: &str) -> u64 {
+        get(self.0, k).unwrap_or(0)
+    }
+
+    fn flag(&self, k: &str) -> bool {
+        self.0.get(k).and_then(Value::as_bool) == Some(true)
+    }
+}
+
+/// What is being looked at: the server (or the file alone) and the cache.
+fn render_identity(o: &mut String, f: &Fields<'_>, live: bool) {
     if live {
         let _ = writeln!(
             o,
             "pmcache server (pid {}, up {} s) serving {} export '{}'{}",
-            n("pid"),
-            n("uptime_seconds"),
-            s("endpoint"),
-            s("export"),
-            if v.get("read_only").and_then(Value::as_bool) == Some(true) {
+            f.n("pid"),
+            f.n("uptime_seconds"),
+            f.s("endpoint"),
+            f.s("export"),
+            if f.flag("read_only") {
                 " read-only"
             } else {
                 ""
@@ -191,31 +243,34 @@ pub fn render_text(v: &Value) -> String {
     } else {
         let _ = writeln!(o, "cache file (no server running)");
     }
-    let _ = writeln!(o, "  cache          {}", s("cache"));
+    let _ = writeln!(o, "  cache          {}", f.s("cache"));
     let _ = writeln!(
         o,
         "  origin         {} ({})",
-        s("origin"),
-        human(n("origin_size"))
+        f.s("origin"),
+        human(f.n("origin_size"))
     );
-    let _ = writeln!(o, "  cache mode     {}", s("mode"));
+    let _ = writeln!(o, "  cache mode     {}", f.s("mode"));
     if live {
-        let _ = writeln!(o, "  pmem mode      {}", s("pmem_mode"));
+        let _ = writeln!(o, "  pmem mode      {}", f.s("pmem_mode"));
     } else {
-        let clean = v.get("clean_shutdown").and_then(Value::as_bool) == Some(true);
         let _ = writeln!(
             o,
             "  last shutdown  {}",
-            if clean {
+            if f.flag("clean_shutdown") {
                 "clean"
             } else {
                 "not clean (recovery runs at the next open)"
             }
         );
     }
-    let _ = writeln!(o, "  block size     {bs} bytes");
+    let _ = writeln!(o, "  block size     {} bytes", f.n("block_size"));
+}
+
+fn render_usage(o: &mut String, f: &Fields<'_>) {
+    let bs = f.n("block_size");
+    let (slots, occ, dirty, clean) = (f.n("slots"), f.n("occupied"), f.n("dirty"), f.n("clean"));
     let _ = writeln!(o, "Usage");
-    let (slots, occ, dirty, clean) = (n("slots"), n("occupied"), n("dirty"), n("clean"));
     let _ = writeln!(
         o,
         "  occupancy      {occ} / {slots} blocks ({}), {} of {}",
@@ -230,82 +285,61 @@ pub fn render_text(v: &Value) -> String {
         human(dirty * bs)
     );
     let _ = writeln!(o, "  clean          {clean} blocks ({})", pct(clean, slots));
-    let _ = writeln!(o, "  free           {} blocks", n("free"));
-    if !live {
-        if n("pending") > 0 {
-            let _ = writeln!(
-                o,
-                "  in flight      {} blocks of writes in flight at the last crash (verified at the next open)",
-                n("pending")
-            );
-        }
-        let _ = writeln!(
-            o,
-            "Request counters live in a running server; start `pmcache serve` and run `pmcache stats` again."
-        );
-        return o;
-    }
-    let (rh, rm, wh, wm) = (
-        n("read_hits"),
-        n("read_misses"),
-        n("write_hits"),
-        n("write_misses"),
-    );
+    let _ = writeln!(o, "  free           {} blocks", f.n("free"));
+}
+
+fn render_requests(o: &mut String, f: &Fields<'_>) {
+    let (rh, rm) = (f.n("read_hits"), f.n("read_misses"));
+    let (wh, wm) = (f.n("write_hits"), f.n("write_misses"));
     let _ = writeln!(o, "Requests (blocks)");
     let _ = writeln!(o, "  read hits      {rh} ({} of reads)", pct(rh, rh + rm));
     let _ = writeln!(o, "  read misses    {rm}");
     let _ = writeln!(o, "  write hits     {wh} ({} of writes)", pct(wh, wh + wm));
     let _ = writeln!(o, "  write misses   {wm}");
-    let _ = writeln!(o, "  promotions     {}", n("promotions"));
-    let _ = writeln!(o, "  evictions      {}", n("evictions"));
+    let _ = writeln!(o, "  promotions     {}", f.n("promotions"));
+    let _ = writeln!(o, "  evictions      {}", f.n("evictions"));
     let _ = writeln!(
         o,
         "  client I/O     {} write requests, {} written, {} read",
-        n("writes"),
-        human(n("write_bytes")),
-        human(n("read_bytes"))
+        f.n("writes"),
+        human(f.n("write_bytes")),
+        human(f.n("read_bytes"))
     );
     let _ = writeln!(
         o,
         "  bypassed       {} read and {} write requests of sequential streams, {}",
-        n("bypass_reads"),
-        n("bypass_writes"),
-        human(n("bypass_bytes"))
+        f.n("bypass_reads"),
+        f.n("bypass_writes"),
+        human(f.n("bypass_bytes"))
     );
+}
+
+fn render_writeback_and_errors(o: &mut String, f: &Fields<'_>) {
     let _ = writeln!(o, "Writeback");
     let _ = writeln!(
         o,
         "  written back   {} blocks, {}",
-        n("writebacks"),
-        human(n("writeback_bytes"))
+        f.n("writebacks"),
+        human(f.n("writeback_bytes"))
     );
-    let _ = writeln!(o, "  still dirty    {dirty} blocks");
-    let _ = writeln!(o, "  space waits    {}", n("waits_for_space"));
+    let _ = writeln!(o, "  still dirty    {} blocks", f.n("dirty"));
+    let _ = writeln!(o, "  space waits    {}", f.n("waits_for_space"));
     let _ = writeln!(o, "Errors");
-    let _ = writeln!(o, "  origin errors  {}", n("origin_errors"));
-    let _ = writeln!(o, "TLS              {}", s("tls"));
-    if v.get("tls")
-        .and_then(Value::as_str)
-        .is_some_and(|m| m != "off")
-    {
-        let _ = writeln!(o, "  sessions       {}", n("tls_handshakes"));
+    let _ = writeln!(o, "  origin errors  {}", f.n("origin_errors"));
+}
+
+fn render_tls(o: &mut String, f: &Fields<'_>) {
+    let mode = f.s("tls");
+    let _ = writeln!(o, "TLS              {mode}");
+    if mode != "off" && mode != "-" {
+        let _ = writeln!(o, "  sessions       {}", f.n("tls_handshakes"));
         let _ = writeln!(
             o,
             "  refused        {} failed handshakes, {} options without TLS",
-            n("tls_failed_handshakes"),
-            n("tls_refused_plain")
+            f.n("tls_failed_handshakes"),
+            f.n("tls_refused_plain")
         );
     }
-    render_connections(&mut o, v);
-    let _ = writeln!(o, "Persistence");
-    let _ = writeln!(
-        o,
-        "  fences         {} ({} by writes)",
-        n("fences"),
-        n("write_fences")
-    );
-    let _ = writeln!(o, "  watermark      {}", n("watermark"));
-    o
 }
 
 /// A name from a peer (PSK identity, certificate CN) made safe to print on
