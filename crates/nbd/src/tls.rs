@@ -28,8 +28,8 @@ use openssl::error::ErrorStack;
 use openssl::ex_data::Index;
 use openssl::nid::Nid;
 use openssl::ssl::{
-    ErrorCode, Ssl, SslAcceptor, SslConnector, SslContext, SslFiletype, SslMethod, SslOptions,
-    SslStream, SslVerifyMode, SslVersion,
+    ErrorCode, Ssl, SslAcceptor, SslConnector, SslConnectorBuilder, SslContext, SslFiletype,
+    SslMethod, SslOptions, SslStream, SslVerifyMode, SslVersion,
 };
 use openssl::x509::X509;
 use parking_lot::Mutex;
@@ -423,62 +423,13 @@ impl TlsClientConfig {
     /// The client side of a TLS handshake on `plain`, within `timeout`.
     pub fn connect(&self, plain: Stream, timeout: Option<Duration>) -> io::Result<TlsStream> {
         let mut b = SslConnector::builder(SslMethod::tls_client()).map_err(io::Error::other)?;
-        let mut peer_name = None;
-        if let Some(file) = &self.psk_file {
-            let keys = PskKeys::load(file)?;
-            let (id, key) = keys.pick(self.username.as_deref()).ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!(
-                        "PSK file {}: no key for {}",
-                        file.display(),
-                        match &self.username {
-                            Some(u) => format!("identity {u:?}"),
-                            None => "an unnamed identity (name it: nbds://NAME@...)".into(),
-                        }
-                    ),
-                )
-            })?;
-            let (id, key) = (id.to_string(), Secret(key.to_vec()));
-            peer_name = Some(id.clone());
-            b.set_cipher_list(PSK_CIPHERS)
-                .map_err(|e| ssl_err("PSK cipher list", e))?;
-            b.set_psk_client_callback(move |_ssl, _hint, id_out, key_out| {
-                let key = &key.0;
-                if id.len() >= id_out.len() || key.len() > key_out.len() {
-                    return Ok(0);
-                }
-                id_out[..id.len()].copy_from_slice(id.as_bytes());
-                id_out[id.len()] = 0;
-                key_out[..key.len()].copy_from_slice(key);
-                Ok(key.len())
-            });
-            b.set_verify(SslVerifyMode::NONE);
-        } else {
-            let dir = self.certificates.as_deref();
-            let ca = dir.map(|d| d.join("ca-cert.pem")).filter(|p| p.is_file());
-            match &ca {
-                Some(ca) => b.set_ca_file(ca).map_err(|e| ssl_err(ca.display(), e))?,
-                None => b
-                    .set_default_verify_paths()
-                    .map_err(|e| ssl_err("system CA certificates", e))?,
+        let peer_name = match &self.psk_file {
+            Some(file) => Some(self.use_psk(&mut b, file)?),
+            None => {
+                self.use_x509(&mut b)?;
+                None
             }
-            if let Some(d) = dir {
-                let (cert, key) = (d.join("client-cert.pem"), d.join("client-key.pem"));
-                if cert.is_file() {
-                    require_file(&key)?;
-                    b.set_certificate_chain_file(&cert)
-                        .map_err(|e| ssl_err(cert.display(), e))?;
-                    b.set_private_key_file(&key, SslFiletype::PEM)
-                        .map_err(|e| ssl_err(key.display(), e))?;
-                }
-            }
-            b.set_verify(if self.verify_peer {
-                SslVerifyMode::PEER
-            } else {
-                SslVerifyMode::NONE
-            });
-        }
+        };
         b.set_min_proto_version(Some(SslVersion::TLS1_2))
             .map_err(|e| ssl_err("TLS", e))?;
         b.set_options(SslOptions::IGNORE_UNEXPECTED_EOF);
@@ -496,26 +447,94 @@ impl TlsClientConfig {
         let ssl = cfg.into_ssl(host.unwrap_or("")).map_err(io::Error::other)?;
         let mut s = SslStream::new(ssl, Plain(plain)).map_err(io::Error::other)?;
         s.get_ref().0.set_nonblocking(true)?;
-        let deadline = timeout.map(|t| Instant::now() + t);
-        loop {
-            match s.connect() {
-                Ok(()) => break,
-                Err(e) => wait_for(&s, e, deadline, "TLS handshake").map_err(|e| {
-                    // Say why the server's certificate was refused (expired,
-                    // unknown CA, wrong name), not only that it was.
-                    let v = s.ssl().verify_result();
-                    if v == openssl::x509::X509VerifyResult::OK {
-                        e
-                    } else {
-                        io::Error::new(
-                            e.kind(),
-                            format!("{e} (server certificate: {})", v.error_string()),
-                        )
+        handshake_as_client(&mut s, timeout)?;
+        Ok(TlsStream::new(s, timeout, peer_name))
+    }
+
+    /// Offer the key `file` holds for our identity; returns the identity.
+    fn use_psk(&self, b: &mut SslConnectorBuilder, file: &Path) -> io::Result<String> {
+        let keys = PskKeys::load(file)?;
+        let (id, key) = keys.pick(self.username.as_deref()).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "PSK file {}: no key for {}",
+                    file.display(),
+                    match &self.username {
+                        Some(u) => format!("identity {u:?}"),
+                        None => "an unnamed identity (name it: nbds://NAME@...)".into(),
                     }
-                })?,
+                ),
+            )
+        })?;
+        let (id, key) = (id.to_string(), Secret(key.to_vec()));
+        let name = id.clone();
+        b.set_cipher_list(PSK_CIPHERS)
+            .map_err(|e| ssl_err("PSK cipher list", e))?;
+        b.set_psk_client_callback(move |_ssl, _hint, id_out, key_out| {
+            let key = &key.0;
+            if id.len() >= id_out.len() || key.len() > key_out.len() {
+                return Ok(0);
+            }
+            id_out[..id.len()].copy_from_slice(id.as_bytes());
+            id_out[id.len()] = 0;
+            key_out[..key.len()].copy_from_slice(key);
+            Ok(key.len())
+        });
+        b.set_verify(SslVerifyMode::NONE);
+        Ok(name)
+    }
+
+    /// Trust the directory's CA (or the system's), present its client
+    /// certificate if it has one, and verify the server as configured.
+    fn use_x509(&self, b: &mut SslConnectorBuilder) -> io::Result<()> {
+        let dir = self.certificates.as_deref();
+        let ca = dir.map(|d| d.join("ca-cert.pem")).filter(|p| p.is_file());
+        match &ca {
+            Some(ca) => b.set_ca_file(ca).map_err(|e| ssl_err(ca.display(), e))?,
+            None => b
+                .set_default_verify_paths()
+                .map_err(|e| ssl_err("system CA certificates", e))?,
+        }
+        if let Some(d) = dir {
+            let (cert, key) = (d.join("client-cert.pem"), d.join("client-key.pem"));
+            if cert.is_file() {
+                require_file(&key)?;
+                b.set_certificate_chain_file(&cert)
+                    .map_err(|e| ssl_err(cert.display(), e))?;
+                b.set_private_key_file(&key, SslFiletype::PEM)
+                    .map_err(|e| ssl_err(key.display(), e))?;
             }
         }
-        Ok(TlsStream::new(s, timeout, peer_name))
+        b.set_verify(if self.verify_peer {
+            SslVerifyMode::PEER
+        } else {
+            SslVerifyMode::NONE
+        });
+        Ok(())
+    }
+}
+
+/// Run the client handshake to its end within `timeout`. A refused server
+/// certificate says why (expired, unknown CA, wrong name), not only that it
+/// was refused.
+fn handshake_as_client(s: &mut SslStream<Plain>, timeout: Option<Duration>) -> io::Result<()> {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    loop {
+        match s.connect() {
+            Ok(()) => return Ok(()),
+            Err(e) => wait_for(s, e, deadline, "TLS handshake").map_err(|e| {
+                let v = s.ssl().verify_result();
+                if v == openssl::x509::X509VerifyResult::OK {
+                    e
+                } else {
+                    io::Error::new(
+                        e.kind(),
+                        format!("{e} (server certificate: {})", v.error_string()),
+                    )
+                }
+            })?,
+        }
     }
 }
 
