@@ -4,6 +4,14 @@
 //!
 //! Everything above this crate talks to [`PmemRegion`] only, so the same
 //! engine code runs on DAX pmem, on an msync'ed file and in the simulator.
+//!
+//! Two modules are not persistence as such, and live here because the
+//! persistence primitives need them: [`hash`] (XXH3), because a slot's
+//! checksum is computed in the same pass as its streaming copy to media
+//! (`copy_flush_hash`), reading the source once; and [`counter`] (per-thread
+//! striped counters), because the fence path counts fences and msyncs at a
+//! rate where one shared atomic would be a contention point. The engine uses
+//! both too, from here, so there is one implementation of each.
 
 use std::sync::atomic::AtomicU64;
 
