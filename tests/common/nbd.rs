@@ -10,10 +10,9 @@
 
 #![allow(dead_code)]
 
-use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use std::time::{Duration, Instant};
 
@@ -89,44 +88,9 @@ pub fn require_tool(tool: &str) -> PathBuf {
 /// Run a program with a time limit (killed by PID and the test failed when
 /// it takes longer). Returns its output, whatever its exit status.
 pub fn run_program(program: &Path, args: &[&str], timeout: Duration) -> Output {
-    let name = program.display().to_string();
-    let mut child = Command::new(program)
-        .args(args)
-        .env("PATH", child_path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {name}: {e}"));
-    let mut out = child.stdout.take().expect("stdout");
-    let mut err = child.stderr.take().expect("stderr");
-    let t_out = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err.read_to_end(&mut v);
-        v
-    });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if start.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{name} {args:?} did not finish within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Output {
-        status,
-        stdout: t_out.join().unwrap_or_default(),
-        stderr: t_err.join().unwrap_or_default(),
-    }
+    let mut cmd = Command::new(program);
+    cmd.args(args).env("PATH", child_path());
+    pmcache_testkit::run_bounded(cmd, timeout)
 }
 
 /// Run an external tool (see `require_tool`) with a time limit.

@@ -335,28 +335,9 @@ fn drain(mut r: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
 /// Run a tool with a time limit; fails the test if it is missing or takes
 /// too long. Returns its output, whatever its exit status.
 pub fn run_tool(tool: &str, args: &[&str], timeout: Duration) -> Output {
-    let program = require_tool(tool);
-    let mut child = spawn_tool(&program, args, Stdio::piped())
-        .unwrap_or_else(|e| panic!("cannot run {tool}: {e}"));
-    let t_out = drain(child.stdout.take().expect("stdout"));
-    let t_err = drain(child.stderr.take().expect("stderr"));
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if start.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{tool} {args:?} did not finish within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Output {
-        status,
-        stdout: t_out.join().unwrap_or_default(),
-        stderr: t_err.join().unwrap_or_default(),
-    }
+    let mut cmd = Command::new(require_tool(tool));
+    cmd.args(args).env("PATH", tool_search_path());
+    pmcache_testkit::run_bounded(cmd, timeout)
 }
 
 /// `run_tool`, asserting success; returns stdout as text.
