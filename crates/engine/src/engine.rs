@@ -311,6 +311,7 @@ impl Engine {
     ) -> Result<Engine> {
         let layout = sb.layout;
         let bs = layout.block_size;
+        let msync = region.mode() == pmcache_pmem::PersistMode::Msync;
         if cfg.max_request < bs || !cfg.max_request.is_multiple_of(bs) {
             return Err(EngineError::Config(format!(
                 "maximum request {} must be a multiple of the block size {bs}",
@@ -375,7 +376,7 @@ impl Engine {
             closed: AtomicBool::new(false),
             hooks: Hooks::default(),
             streams: Streams::new(cfg.sequential_cutoff),
-            promotion: crate::promotion::Promotion::new(layout.slot_count),
+            promotion: crate::promotion::Promotion::new(layout.slot_count, msync),
             stop_waits: AtomicBool::new(false),
             cfg,
         })

@@ -20,8 +20,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 const ROOM_PERCENT: u64 = 20;
 
 /// Cells per cache slot: the window remembers misses of about as many
-/// blocks as the cache holds.
+/// blocks as the cache holds, up to [`MAX_CELLS`].
 const CELLS_PER_SLOT: u64 = 1;
+
+/// At most 8 MiB of window, whatever the cache size: the index and policy
+/// cost 24 bytes per block, and this must not add a third to that.
+const MAX_CELLS: u64 = 1 << 20;
 
 /// A cell that holds no block (block numbers are far below it).
 const EMPTY: u64 = u64::MAX;
@@ -31,8 +35,16 @@ pub(crate) struct Promotion {
 }
 
 impl Promotion {
-    pub(crate) fn new(slots: u64) -> Promotion {
-        let n = (slots * CELLS_PER_SLOT).max(1024).next_power_of_two();
+    /// A window for a cache of `slots` blocks; none at all (every miss is
+    /// admitted) where promotions are cheap (`filter` false).
+    pub(crate) fn new(slots: u64, filter: bool) -> Promotion {
+        let n = if filter {
+            (slots * CELLS_PER_SLOT)
+                .clamp(1024, MAX_CELLS)
+                .next_power_of_two()
+        } else {
+            0
+        };
         Promotion {
             seen: (0..n).map(|_| AtomicU64::new(EMPTY)).collect(),
         }
@@ -42,7 +54,7 @@ impl Promotion {
     /// total slots of its shard.
     pub(crate) fn admit(&self, block: u64, free: u64, slots: u64) -> bool {
         debug_assert!(block != EMPTY && free <= slots);
-        if free * 100 >= slots * ROOM_PERCENT {
+        if self.seen.is_empty() || free * 100 >= slots * ROOM_PERCENT {
             return true;
         }
         let cell = &self.seen[self.cell(block)];
@@ -67,22 +79,34 @@ mod tests {
 
     #[test]
     fn with_room_every_miss_is_promoted() {
-        let p = Promotion::new(1000);
+        let p = Promotion::new(1000, true);
         assert!(p.admit(7, 200, 1000));
         assert!(p.admit(7, 1000, 1000));
     }
 
     #[test]
     fn nearly_full_a_block_must_miss_twice() {
-        let p = Promotion::new(1000);
+        let p = Promotion::new(1000, true);
         assert!(!p.admit(7, 10, 1000), "first miss passes through");
         assert!(p.admit(7, 10, 1000), "second miss is promoted");
         assert!(!p.admit(7, 10, 1000), "the window forgets a promoted block");
     }
 
     #[test]
+    fn without_a_filter_every_miss_is_promoted() {
+        let p = Promotion::new(1 << 30, false);
+        assert!(p.seen.is_empty(), "no window is allocated");
+        assert!(p.admit(7, 0, 1000));
+    }
+
+    #[test]
+    fn the_window_is_bounded() {
+        assert_eq!(Promotion::new(1 << 30, true).seen.len() as u64, MAX_CELLS);
+    }
+
+    #[test]
     fn a_sweep_promotes_nothing() {
-        let p = Promotion::new(4096);
+        let p = Promotion::new(4096, true);
         let promoted = (0..100_000u64).filter(|&b| p.admit(b, 0, 4096)).count();
         assert_eq!(promoted, 0);
     }

@@ -358,8 +358,14 @@ impl MappedRegion {
     /// mapping; a file system that cannot allocate the file (ENOSPC) fails
     /// here, with a clear error, instead of a SIGBUS at some later store.
     fn prepare_for_msync(&self) -> Result<(), PmemError> {
-        let is_file = self.file.metadata().is_ok_and(|m| m.is_file());
-        if is_file {
+        let meta = self.file.metadata().ok().filter(|m| m.is_file());
+        if let Some(meta) = meta {
+            use std::os::unix::fs::MetadataExt;
+            if meta.blocks().saturating_mul(512) < self.len as u64 {
+                // Say why the start waits: a large cache takes seconds.
+                tracing::info!(path = %self.path.display(), len = self.len,
+                    "writing zeros into the cache file's holes (once; msync mode)");
+            }
             let filled = backing::fill_holes(&self.file, self.len as u64).map_err(|source| {
                 PmemError::Io {
                     path: self.path.clone(),
