@@ -75,6 +75,27 @@ fn seek(file: &File, from: u64, whence: libc::c_int) -> std::io::Result<Option<u
     }
 }
 
+/// Whether `file` lives in memory (tmpfs, ramfs): there a hole costs no
+/// journal commit and msync writes nothing, and filling holes would only
+/// take the whole cache's memory at once.
+pub(crate) fn in_memory(file: &File) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: fstatfs writes a statfs into the buffer we own, which is
+    // zero-initialized, so it is fully initialized either way.
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return false;
+    }
+    // SAFETY: zero-initialized above and filled by fstatfs.
+    let st = unsafe { st.assume_init() };
+    // `f_type`'s width differs between targets; the magics fit any of them.
+    #[allow(clippy::unnecessary_cast)]
+    let f_type = st.f_type as i64;
+    f_type == TMPFS_MAGIC || f_type == RAMFS_MAGIC
+}
+
 /// Drops the file's clean cached pages (advice; failure changes nothing
 /// but speed), so that they are faulted back in as base pages.
 pub(crate) fn drop_page_cache(file: &File) {
@@ -100,6 +121,15 @@ mod tests {
             .unwrap();
         f.set_len(len).unwrap();
         (dir, f)
+    }
+
+    #[test]
+    fn tells_memory_file_systems_apart() {
+        let (_d, f) = temp_file(4096);
+        assert!(!in_memory(&f), "the system temp dir is on a disk here");
+        let shm = pmcache_testkit::TempDir::new("backing");
+        let g = std::fs::File::create(shm.join("f")).unwrap();
+        assert_eq!(in_memory(&g), shm.path().starts_with("/dev/shm"));
     }
 
     /// Holes become allocated zeros; data around them is untouched.
