@@ -40,9 +40,24 @@ impl Streams {
         }
     }
 
+    /// A FLUSH: every write stream starts counting again. A stream bypasses
+    /// only when it moves more than the cutoff between two flushes, so a
+    /// journal or a log that is flushed every few writes stays in the cache
+    /// (bcache likewise never bypasses sync writes in writeback mode): its
+    /// writes wait for their own durability, and the cache makes that fast,
+    /// where a bypassed write would wait for the origin's.
+    pub(crate) fn sync_point(&self) {
+        let mut g = self.table.lock();
+        for s in g.0.iter_mut().filter(|s| s.write) {
+            s.bytes = 0;
+        }
+    }
+
     /// Record a request; true if it belongs to a stream that has already
-    /// moved more than the cutoff, so it should bypass the cache.
-    pub(crate) fn bypass(&self, offset: u64, len: u64, write: bool) -> bool {
+    /// moved more than the cutoff, so it should bypass the cache. A `sync`
+    /// request (a write with FUA) is a sync point of its stream and never
+    /// bypasses.
+    pub(crate) fn bypass(&self, offset: u64, len: u64, write: bool, sync: bool) -> bool {
         if self.cutoff == 0 || len == 0 {
             return false;
         }
@@ -67,6 +82,10 @@ impl Streams {
                 s.end = offset.saturating_add(len);
             }
             s.last_used = now;
+            if sync {
+                s.bytes = 0;
+                return false;
+            }
             return before >= self.cutoff;
         }
         let victim = table
@@ -75,7 +94,7 @@ impl Streams {
             .expect("the stream table is not empty");
         *victim = Stream {
             end: offset.saturating_add(len),
-            bytes: len,
+            bytes: if sync { 0 } else { len },
             write,
             last_used: now,
             live: true,
@@ -92,19 +111,21 @@ mod tests {
     fn a_stream_bypasses_after_the_cutoff_and_random_io_never_does() {
         let s = Streams::new(4 << 20);
         let mib = 1u64 << 20;
-        let decisions: Vec<bool> = (0..8).map(|i| s.bypass(i * mib, mib, false)).collect();
+        let decisions: Vec<bool> = (0..8)
+            .map(|i| s.bypass(i * mib, mib, false, false))
+            .collect();
         assert_eq!(
             decisions,
             [false, false, false, false, true, true, true, true]
         );
         // Writes are a different stream.
-        assert!(!s.bypass(8 * mib, mib, true));
+        assert!(!s.bypass(8 * mib, mib, true, false));
         // Out of order within the window still counts.
         let t = Streams::new(2 * mib);
         for i in [0u64, 2, 1, 3, 4] {
-            t.bypass(100 * mib + i * mib, mib, false);
+            t.bypass(100 * mib + i * mib, mib, false, false);
         }
-        assert!(t.bypass(105 * mib, mib, false));
+        assert!(t.bypass(105 * mib, mib, false, false));
         // Random requests over 1 GiB, small or large, never make a stream.
         for len in [4096u64, mib] {
             let r = Streams::new(4 << 20);
@@ -114,14 +135,53 @@ mod tests {
                     .wrapping_mul(6364136223846793005)
                     .wrapping_add(1442695040888963407);
                 let off = (x >> 34) % (1 << 30) / len * len;
-                assert!(!r.bypass(off, len, false), "random {len}-byte I/O bypassed");
+                assert!(
+                    !r.bypass(off, len, false, false),
+                    "random {len}-byte I/O bypassed"
+                );
             }
         }
+    }
+
+    /// A write stream flushed more often than every cutoff (a journal)
+    /// never bypasses; one flushed rarely (a copy) does, between flushes.
+    #[test]
+    fn a_flushed_stream_stays_in_the_cache() {
+        let kib = 1u64 << 10;
+        let s = Streams::new(64 * kib);
+        for i in 0..1000u64 {
+            assert!(!s.bypass(i * 4 * kib, 4 * kib, true, false), "write {i}");
+            if i % 8 == 7 {
+                s.sync_point();
+            }
+        }
+        // FUA writes are sync points of their own stream.
+        let f = Streams::new(64 * kib);
+        for i in 0..1000u64 {
+            let fua = i % 8 == 7;
+            assert!(!f.bypass(i * 4 * kib, 4 * kib, true, fua), "write {i}");
+        }
+        // Unflushed, the same stream bypasses past the cutoff, and counts
+        // again from zero after a flush.
+        let u = Streams::new(64 * kib);
+        let n = (0..32u64)
+            .filter(|&i| u.bypass(i * 4 * kib, 4 * kib, true, false))
+            .count();
+        assert_eq!(n, 16);
+        u.sync_point();
+        assert!(!u.bypass(32 * 4 * kib, 4 * kib, true, false));
+        // Reads are not reset by a flush.
+        let r = Streams::new(64 * kib);
+        for i in 0..20u64 {
+            r.bypass(i * 4 * kib, 4 * kib, false, false);
+        }
+        r.sync_point();
+        assert!(r.bypass(20 * 4 * kib, 4 * kib, false, false));
     }
 
     #[test]
     fn off_means_never() {
         let s = Streams::new(0);
-        assert!((0..100u64).all(|i| !s.bypass(i << 20, 1 << 20, true)));
+        assert!((0..100u64).all(|i| !s.bypass(i << 20, 1 << 20, true, false)));
     }
 }

@@ -58,7 +58,8 @@ impl Engine {
         self.counters.add(Ctr::ReadBytes, len);
         // A scan's misses go around the cache: hits are still served from it.
         let promotes = self.cfg.promote_reads && self.mode() != CacheMode::Passthrough;
-        let bypass = promotes && hits < nblocks as u64 && self.streams.bypass(offset, len, false);
+        let bypass =
+            promotes && hits < nblocks as u64 && self.streams.bypass(offset, len, false, false);
         if bypass {
             self.counters.add(Ctr::BypassReads, 1);
             self.counters.add(Ctr::BypassBytes, len);

@@ -78,7 +78,7 @@ impl Engine {
         }
         // A sequential stream past the cutoff goes around the cache, which
         // the one-call path does (it sees the same stream again).
-        if self.streams.bypass(offset, len, true) {
+        if self.streams.bypass(offset, len, true, fua) {
             return Ok(Stage::WouldWait);
         }
         let (b0, b1) = (offset / bs, (offset + len - 1) / bs);

@@ -130,6 +130,7 @@ impl Engine {
     /// writeback mode they already are (in the cache).
     pub fn flush(&self) -> Result<()> {
         self.check_open()?;
+        self.streams.sync_point();
         if self.mode() == CacheMode::Writeback {
             return Ok(());
         }
@@ -153,7 +154,7 @@ impl Engine {
         let bs = self.bs();
         let (b0, b1) = (offset / bs, (offset + len - 1) / bs);
         let held = self.lock_writers(b0, b1);
-        let mode = self.bypass_mode(offset, len, &src);
+        let mode = self.bypass_mode(offset, len, fua, &src);
         let fua = fua || (mode == CacheMode::Writearound && self.mode() == CacheMode::Writeback);
         let r = match mode {
             CacheMode::Writeback => self
@@ -185,11 +186,11 @@ impl Engine {
     /// every promise (cached copies are updated or dropped, dirty blocks go
     /// through the cache); in writeback mode such a write carries FUA, since
     /// an acknowledged write must be durable without a FLUSH.
-    pub(super) fn bypass_mode(&self, offset: u64, len: u64, src: &Src<'_>) -> CacheMode {
+    pub(super) fn bypass_mode(&self, offset: u64, len: u64, fua: bool, src: &Src<'_>) -> CacheMode {
         let mode = self.mode();
         let cached = matches!(mode, CacheMode::Writeback | CacheMode::Writethrough);
         // Zeroes cost the cache no data: they are not worth a bypass.
-        if cached && !matches!(src, Src::Zero) && self.streams.bypass(offset, len, true) {
+        if cached && !matches!(src, Src::Zero) && self.streams.bypass(offset, len, true, fua) {
             self.counters.add(Ctr::BypassWrites, 1);
             self.counters.add(Ctr::BypassBytes, len);
             return CacheMode::Writearound;
