@@ -1048,9 +1048,14 @@ fn stop_waiting_ends_writes_waiting_for_space() {
     // Fill the cache with dirty data the origin will not take.
     let mut off = 0u64;
     let waiter = loop {
+        let waits = e.stats().waits_for_space;
         let (e2, d2) = (e.clone(), d.clone());
         let h = std::thread::spawn(move || e2.write(off, &d2, false));
-        std::thread::sleep(Duration::from_millis(50));
+        // Until the write finishes or is counted as waiting for space (a
+        // slow machine may take a while over either).
+        while !h.is_finished() && e.stats().waits_for_space == waits {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         if !h.is_finished() {
             break h;
         }
