@@ -65,24 +65,10 @@ pub fn check(
             return r;
         }
     };
-    for copy in 0..2 {
-        // SAFETY: offline check; nothing else uses the region.
-        if let Err(e) = Superblock::decode(unsafe { region.slice(copy * SB_SIZE, SB_SIZE) }) {
-            r.warnings.push(format!(
-                "superblock copy {copy} (offset {}) is unusable ({e}); the other copy is in use",
-                copy * SB_SIZE
-            ));
-        }
+    r.check_superblock_copies(region);
+    if let Some(origin) = origin {
+        r.check_origin(&sb, origin);
     }
-    if let Some((fp, size)) = origin {
-        if fp != sb.origin_fingerprint || size != sb.origin_size {
-            r.errors.push(format!(
-                "origin identity: cache belongs to '{}' ({} bytes), given '{fp}' ({size} bytes)",
-                sb.origin_fingerprint, sb.origin_size
-            ));
-        }
-    }
-    let layout = sb.layout;
     let s = match read_watermark(region) {
         Ok(s) => s,
         Err(e) => {
@@ -92,76 +78,154 @@ pub fn check(
         }
     };
     r.watermark = Some(s);
-    let origin_blocks = sb.origin_size.div_ceil(layout.block_size as u64);
-    let mut newest: HashMap<u64, (u64, u64)> = HashMap::new();
-    for slot in 0..layout.slot_count {
-        match view_slot(region, &layout, slot, s) {
-            SlotView::Free | SlotView::Torn => {}
-            SlotView::Corrupt { state_seq } => r.errors.push(format!(
-                "slot {slot} (metadata at offset {}): committed entry seq {state_seq} fails its checksum",
-                layout.meta_off(slot)
-            )),
-            SlotView::Live { entry: e, dirty } => {
-                if e.seq > s {
-                    r.pending += 1;
-                    continue;
-                }
-                r.live += 1;
-                if dirty {
-                    r.dirty += 1;
-                }
-                if e.block >= origin_blocks {
-                    r.errors.push(format!(
-                        "slot {slot}: maps block {} beyond the origin's {origin_blocks} blocks",
-                        e.block
-                    ));
-                }
-                if e.count == 0 {
-                    r.errors.push(format!("slot {slot}: entry has a transaction count of 0"));
-                }
-                if verify_data && !e.is_zero() {
-                    // SAFETY: offline check; nothing else uses the region.
-                    let data = unsafe { region.slice(layout.data_off(slot), layout.block_size as usize) };
-                    if data_hash(data) != e.hash {
-                        r.errors.push(format!(
-                            "slot {slot} (block {}, data at offset {}): data checksum mismatch",
-                            e.block,
-                            layout.data_off(slot)
-                        ));
-                    }
-                }
-                match newest.get(&e.block) {
-                    Some(&(other, seq)) if seq == e.seq => r.errors.push(format!(
-                        "slots {other} and {slot} both map block {} with the same seq {seq}",
-                        e.block
-                    )),
-                    Some(&(_, seq)) => {
-                        r.superseded += 1;
-                        if e.seq > seq {
-                            newest.insert(e.block, (slot, e.seq));
-                        }
-                    }
-                    None => {
-                        newest.insert(e.block, (slot, e.seq));
-                    }
-                }
+    SlotCheck::new(region, &sb, s, verify_data).run(&mut r);
+    r.warn_recovery_work();
+    r.superblock = Some(sb);
+    r
+}
+
+impl CheckReport {
+    /// A copy that does not decode is a warning: the other one is in use.
+    fn check_superblock_copies(&mut self, region: &dyn PmemRegion) {
+        for copy in 0..2 {
+            // SAFETY: offline check; nothing else uses the region.
+            if let Err(e) = Superblock::decode(unsafe { region.slice(copy * SB_SIZE, SB_SIZE) }) {
+                self.warnings.push(format!(
+                    "superblock copy {copy} (offset {}) is unusable ({e}); the other copy is in use",
+                    copy * SB_SIZE
+                ));
             }
         }
     }
-    if r.superseded > 0 {
-        r.warnings.push(format!(
-            "{} superseded versions will be freed by recovery",
-            r.superseded
-        ));
+
+    /// The cache must belong to the origin `(fingerprint, size)`.
+    fn check_origin(&mut self, sb: &Superblock, (fp, size): (&str, u64)) {
+        if fp != sb.origin_fingerprint || size != sb.origin_size {
+            self.errors.push(format!(
+                "origin identity: cache belongs to '{}' ({} bytes), given '{fp}' ({size} bytes)",
+                sb.origin_fingerprint, sb.origin_size
+            ));
+        }
     }
-    if r.pending > 0 {
-        r.warnings.push(format!(
-            "{} entries of writes in flight at the last crash will be verified or rolled back by recovery",
-            r.pending
-        ));
+
+    /// What the next open will clean up: not errors.
+    fn warn_recovery_work(&mut self) {
+        if self.superseded > 0 {
+            self.warnings.push(format!(
+                "{} superseded versions will be freed by recovery",
+                self.superseded
+            ));
+        }
+        if self.pending > 0 {
+            self.warnings.push(format!(
+                "{} entries of writes in flight at the last crash will be verified or rolled back by recovery",
+                self.pending
+            ));
+        }
     }
-    r.superblock = Some(sb);
-    r
+}
+
+/// The check of every slot's metadata (and, by choice, data) against the
+/// watermark S and the origin's size.
+struct SlotCheck<'a> {
+    region: &'a dyn PmemRegion,
+    layout: Layout,
+    s: u64,
+    origin_blocks: u64,
+    verify_data: bool,
+    /// Per block, the slot and seq of its newest committed entry so far.
+    newest: HashMap<u64, (u64, u64)>,
+}
+
+impl<'a> SlotCheck<'a> {
+    fn new(region: &'a dyn PmemRegion, sb: &Superblock, s: u64, verify_data: bool) -> Self {
+        let layout = sb.layout;
+        SlotCheck {
+            region,
+            layout,
+            s,
+            origin_blocks: sb.origin_size.div_ceil(layout.block_size as u64),
+            verify_data,
+            newest: HashMap::new(),
+        }
+    }
+
+    fn run(mut self, r: &mut CheckReport) {
+        let layout = self.layout;
+        for slot in 0..layout.slot_count {
+            match view_slot(self.region, &layout, slot, self.s) {
+                SlotView::Free | SlotView::Torn => {}
+                SlotView::Corrupt { state_seq } => r.errors.push(format!(
+                    "slot {slot} (metadata at offset {}): committed entry seq {state_seq} fails its checksum",
+                    layout.meta_off(slot)
+                )),
+                // Above S: recovery verifies it and may roll it back.
+                SlotView::Live { entry: e, .. } if e.seq > self.s => r.pending += 1,
+                SlotView::Live { entry: e, dirty } => {
+                    r.live += 1;
+                    if dirty {
+                        r.dirty += 1;
+                    }
+                    self.check_entry(r, slot, &e);
+                    self.note_version(r, slot, &e);
+                }
+            }
+        }
+        // Each committed entry is its block's newest, superseded, or a
+        // same-seq duplicate (an error).
+        debug_assert!(self.newest.len() as u64 + r.superseded <= r.live);
+    }
+
+    /// A committed entry must map a block of the origin, belong to a
+    /// transaction of at least one block and (with `verify_data`) match its
+    /// data hash.
+    fn check_entry(&self, r: &mut CheckReport, slot: u64, e: &Entry) {
+        let layout = &self.layout;
+        if e.block >= self.origin_blocks {
+            r.errors.push(format!(
+                "slot {slot}: maps block {} beyond the origin's {} blocks",
+                e.block, self.origin_blocks
+            ));
+        }
+        if e.count == 0 {
+            r.errors
+                .push(format!("slot {slot}: entry has a transaction count of 0"));
+        }
+        if self.verify_data && !e.is_zero() {
+            // SAFETY: offline check; nothing else uses the region.
+            let data = unsafe {
+                self.region
+                    .slice(layout.data_off(slot), layout.block_size as usize)
+            };
+            if data_hash(data) != e.hash {
+                r.errors.push(format!(
+                    "slot {slot} (block {}, data at offset {}): data checksum mismatch",
+                    e.block,
+                    layout.data_off(slot)
+                ));
+            }
+        }
+    }
+
+    /// Per block, only the newest version survives recovery; the versions
+    /// of one block have distinct seqs (format rule 4).
+    fn note_version(&mut self, r: &mut CheckReport, slot: u64, e: &Entry) {
+        match self.newest.get(&e.block) {
+            Some(&(other, seq)) if seq == e.seq => r.errors.push(format!(
+                "slots {other} and {slot} both map block {} with the same seq {seq}",
+                e.block
+            )),
+            Some(&(_, seq)) => {
+                r.superseded += 1;
+                if e.seq > seq {
+                    self.newest.insert(e.block, (slot, e.seq));
+                }
+            }
+            None => {
+                self.newest.insert(e.block, (slot, e.seq));
+            }
+        }
+    }
 }
 
 /// Superblock, watermark and every live mapping.

@@ -122,6 +122,188 @@ pub(crate) fn write_superblock(region: &dyn PmemRegion, sb: &mut Superblock, cop
     *copy = target;
 }
 
+/// Refuse an origin other than the one the cache was formatted for, unless
+/// `force`.
+fn check_origin(sb: &Superblock, origin: &dyn Origin, force: bool) -> Result<()> {
+    let fp = origin.fingerprint();
+    if !force && (sb.origin_size != origin.size() || sb.origin_fingerprint != fp) {
+        return Err(EngineError::OriginMismatch {
+            expected: sb.origin_fingerprint.clone(),
+            expected_size: sb.origin_size,
+            found: fp,
+            found_size: origin.size(),
+        });
+    }
+    if origin.size() != sb.origin_size {
+        // Forced onto a different-sized origin: refuse if any mapping
+        // would fall outside it.
+        tracing::warn!(
+            recorded = sb.origin_size,
+            actual = origin.size(),
+            "origin size differs (forced)"
+        );
+    }
+    Ok(())
+}
+
+/// A live entry as recovery found it in a slot's metadata.
+#[derive(Debug, Clone, Copy)]
+struct Found {
+    slot: u64,
+    entry: Entry,
+    dirty: bool,
+}
+
+/// What recovery makes of the slot metadata before it rebuilds the index.
+struct Scan {
+    /// Entries that stay: committed (seq ≤ S), or above S and verified whole.
+    trusted: Vec<Found>,
+    /// Entries above S, to be verified against their data.
+    unverified: Vec<Found>,
+    /// Torn or rolled-back entries: freed before S is raised over them.
+    to_free: Vec<u64>,
+    /// The highest seq in the media (at least S).
+    max_seq: u64,
+}
+
+impl Scan {
+    /// Pass 1: classify every slot from its metadata alone.
+    fn classify(
+        region: &dyn PmemRegion,
+        layout: &Layout,
+        s: u64,
+        origin_blocks: u64,
+    ) -> Result<Scan> {
+        let mut scan = Scan {
+            trusted: Vec::new(),
+            unverified: Vec::new(),
+            to_free: Vec::new(),
+            max_seq: s,
+        };
+        for slot in 0..layout.slot_count {
+            match view_slot(region, layout, slot, s) {
+                SlotView::Free => {}
+                SlotView::Torn => scan.to_free.push(slot),
+                SlotView::Corrupt { state_seq } => {
+                    return Err(EngineError::Corrupt(format!(
+                        "slot {slot} (metadata at offset {}): committed entry (seq {state_seq}) fails its checksum",
+                        layout.meta_off(slot)
+                    )))
+                }
+                SlotView::Live { entry, dirty } => {
+                    scan.max_seq = scan.max_seq.max(entry.seq);
+                    if entry.block >= origin_blocks {
+                        if entry.seq > s {
+                            scan.to_free.push(slot);
+                            continue;
+                        }
+                        return Err(EngineError::Corrupt(format!(
+                            "slot {slot}: maps block {} beyond the origin's {origin_blocks} blocks",
+                            entry.block
+                        )));
+                    }
+                    let found = Found { slot, entry, dirty };
+                    if entry.seq <= s {
+                        scan.trusted.push(found);
+                    } else {
+                        scan.unverified.push(found);
+                    }
+                }
+            }
+        }
+        Ok(scan)
+    }
+
+    /// Pass 2: verify what might be torn. A transaction above S stays only
+    /// when all `count` of its entries are there and each one's data matches
+    /// its hash; otherwise all of it is rolled back.
+    fn verify_pending(&mut self, region: &dyn PmemRegion, layout: &Layout) {
+        let ok_data = |slot: u64, e: &Entry| -> bool {
+            e.is_zero() || {
+                // SAFETY: no other user of the region during recovery.
+                let data =
+                    unsafe { region.slice(layout.data_off(slot), layout.block_size as usize) };
+                data_hash(data) == e.hash
+            }
+        };
+        let kept_before = self.trusted.len() + self.to_free.len();
+        let npending = self.unverified.len();
+        self.unverified.sort_by_key(|f| f.entry.seq);
+        for group in self.unverified.chunk_by(|a, b| a.entry.seq == b.entry.seq) {
+            let first = group[0].entry;
+            let whole = group.len() == first.count as usize
+                && group
+                    .iter()
+                    .all(|f| f.entry.count == first.count && ok_data(f.slot, &f.entry));
+            if whole {
+                self.trusted.extend_from_slice(group);
+            } else {
+                tracing::info!(
+                    seq = first.seq,
+                    found = group.len(),
+                    of = first.count,
+                    "rolling back incomplete write"
+                );
+                self.to_free.extend(group.iter().map(|f| f.slot));
+            }
+        }
+        // Every pending entry is now either trusted or to be freed.
+        debug_assert_eq!(
+            self.trusted.len() + self.to_free.len(),
+            kept_before + npending
+        );
+    }
+}
+
+/// Flags of a [`Record`]'s `block_flags`.
+const R_DIRTY: u64 = 1 << 63;
+const R_ZERO: u64 = 1 << 62;
+
+/// A trusted entry as pass 3 sorts it: compact, so the sorts stay in cache.
+#[derive(Debug, Clone, Copy)]
+struct Record {
+    seq: u64,
+    slot: u64,
+    /// `block | R_DIRTY | R_ZERO`; blocks are below 2^48 (BLOCK_MASK).
+    block_flags: u64,
+}
+
+/// Apply one shard's run of records, sorted by seq, to its index: the
+/// newest entry of each block wins and the versions it supersedes become
+/// losers.
+fn apply_run(ix: &mut ShardIndex, run: &[Record], losers: &mut Vec<u64>) -> Result<()> {
+    let first = ix.first_slot;
+    for r in run {
+        let (slot, bf) = (r.slot, r.block_flags);
+        let (block, dirty) = (bf & !(R_DIRTY | R_ZERO), bf & R_DIRTY != 0);
+        if slot < first || slot >= first + ix.nslots() as u64 {
+            // The block hashes to a shard that does not own this slot
+            // (shard count changed): treat the copy as not cached.
+            if dirty {
+                return Err(EngineError::Corrupt(format!(
+                    "slot {slot} holds dirty block {block} outside its shard; open with the shard count it was created with"
+                )));
+            }
+            losers.push(slot);
+            continue;
+        }
+        let local = (slot - first) as u32;
+        if let Some(old) = ix.lookup(block) {
+            ix.remove(old);
+            losers.push(first + old as u64);
+        }
+        let mut flags = if dirty { K_DIRTY } else { 0 };
+        if bf & R_ZERO != 0 {
+            flags |= K_ZERO;
+        }
+        ix.insert(local, block, flags);
+        if !dirty {
+            ix.policy.insert(local);
+        }
+    }
+    Ok(())
+}
+
 impl Engine {
     /// Lay out a new cache for `origin` on `region`. Existing content is lost.
     pub fn format(
@@ -173,199 +355,31 @@ impl Engine {
         origin: Arc<dyn Origin>,
         cfg: EngineConfig,
     ) -> Result<Arc<Engine>> {
-        let (mut sb, mut copy) = read_superblock(&*region)?;
-        let fp = origin.fingerprint();
-        if !cfg.force_origin && (sb.origin_size != origin.size() || sb.origin_fingerprint != fp) {
-            return Err(EngineError::OriginMismatch {
-                expected: sb.origin_fingerprint.clone(),
-                expected_size: sb.origin_size,
-                found: fp,
-                found_size: origin.size(),
-            });
-        }
-        if origin.size() != sb.origin_size {
-            // Forced onto a different-sized origin: refuse if any mapping
-            // would fall outside it.
-            tracing::warn!(
-                recorded = sb.origin_size,
-                actual = origin.size(),
-                "origin size differs (forced)"
-            );
-        }
+        let (sb, copy) = read_superblock(&*region)?;
+        check_origin(&sb, &*origin, cfg.force_origin)?;
         let layout = sb.layout;
         let s = read_watermark(&*region).map_err(EngineError::Corrupt)?;
         let origin_blocks = origin.size().div_ceil(layout.block_size as u64);
 
-        // Pass 1: classify every slot from its metadata alone.
-        let mut trusted: Vec<(u64, Entry, bool)> = Vec::new();
-        let mut unverified: Vec<(u64, Entry, bool)> = Vec::new();
-        // Torn or rolled-back entries: freed before S is raised over them.
-        let mut to_free: Vec<u64> = Vec::new();
-        // Superseded versions: freed only after S covers them, since they
-        // may belong to multi-block transactions above the old S whose other
-        // blocks are still current (format rule 2).
-        let mut losers: Vec<u64> = Vec::new();
-        let mut max_seq = s;
-        for slot in 0..layout.slot_count {
-            match view_slot(&*region, &layout, slot, s) {
-                SlotView::Free => {}
-                SlotView::Torn => to_free.push(slot),
-                SlotView::Corrupt { state_seq } => {
-                    return Err(EngineError::Corrupt(format!(
-                        "slot {slot} (metadata at offset {}): committed entry (seq {state_seq}) fails its checksum",
-                        layout.meta_off(slot)
-                    )))
-                }
-                SlotView::Live { entry, dirty } => {
-                    max_seq = max_seq.max(entry.seq);
-                    if entry.block >= origin_blocks {
-                        if entry.seq > s {
-                            to_free.push(slot);
-                            continue;
-                        }
-                        return Err(EngineError::Corrupt(format!(
-                            "slot {slot}: maps block {} beyond the origin's {origin_blocks} blocks",
-                            entry.block
-                        )));
-                    }
-                    if entry.seq <= s {
-                        trusted.push((slot, entry, dirty));
-                    } else {
-                        unverified.push((slot, entry, dirty));
-                    }
-                }
-            }
-        }
+        // Passes 1 to 3 only read the media (pass 3 rebuilds the index in
+        // DRAM); the first store to it is in `free_and_seal`.
+        let mut scan = Scan::classify(&*region, &layout, s, origin_blocks)?;
+        scan.verify_pending(&*region, &layout);
+        let engine = Engine::build(
+            region.clone(),
+            origin,
+            sb.clone(),
+            copy,
+            cfg,
+            scan.max_seq,
+            s,
+        )?;
+        let ntrusted = scan.trusted.len();
+        let losers = engine.rebuild_index(scan.trusted)?;
 
-        // Pass 2: verify what might be torn.
-        let ok_data = |slot: u64, e: &Entry| -> bool {
-            e.is_zero() || {
-                // SAFETY: no other user of the region during recovery.
-                let data =
-                    unsafe { region.slice(layout.data_off(slot), layout.block_size as usize) };
-                data_hash(data) == e.hash
-            }
-        };
-        unverified.sort_by_key(|(_, e, _)| e.seq);
-        let mut i = 0;
-        while i < unverified.len() {
-            let mut j = i;
-            while j < unverified.len() && unverified[j].1.seq == unverified[i].1.seq {
-                j += 1;
-            }
-            let group = &unverified[i..j];
-            let whole = group.len() == group[0].1.count as usize
-                && group
-                    .iter()
-                    .all(|(sl, e, _)| e.count == group[0].1.count && ok_data(*sl, e));
-            if whole {
-                trusted.extend_from_slice(group);
-            } else {
-                tracing::info!(
-                    seq = group[0].1.seq,
-                    found = group.len(),
-                    of = group[0].1.count,
-                    "rolling back incomplete write"
-                );
-                to_free.extend(group.iter().map(|(sl, _, _)| *sl));
-            }
-            i = j;
-        }
-
-        // Pass 3: newest entry per block wins, applied in seq order. The
-        // entries are first bucketed by shard (compact records), then each
-        // shard's run is sorted by seq and applied under one lock: the sorts
-        // and the index updates stay in cache, where one global sort and a
-        // lock plus a few cache misses per entry took most of the open time.
-        let engine = Engine::build(region.clone(), origin, sb.clone(), copy, cfg, max_seq, s)?;
-        let ntrusted = trusted.len();
-        let nshards = engine.shards.len();
-        let mut starts = vec![0usize; nshards + 1];
-        for (_, e, _) in &trusted {
-            starts[engine.shard_of(e.block) + 1] += 1;
-        }
-        for i in 0..nshards {
-            starts[i + 1] += starts[i];
-        }
-        const R_DIRTY: u64 = 1 << 63;
-        const R_ZERO: u64 = 1 << 62;
-        // (seq, slot, block | R_DIRTY | R_ZERO); blocks are below 2^48 (BLOCK_MASK).
-        let mut recs: Vec<(u64, u64, u64)> = vec![(0, 0, 0); ntrusted];
-        let mut next = starts.clone();
-        for (slot, e, dirty) in &trusted {
-            let sh = engine.shard_of(e.block);
-            let flags = if *dirty { R_DIRTY } else { 0 } | if e.is_zero() { R_ZERO } else { 0 };
-            recs[next[sh]] = (e.seq, *slot, e.block | flags);
-            next[sh] += 1;
-        }
-        drop(trusted);
-        for sh in 0..nshards {
-            let run = &mut recs[starts[sh]..starts[sh + 1]];
-            run.sort_unstable_by_key(|r| r.0);
-            let mut ix = engine.shards[sh].ix.lock();
-            let first = ix.first_slot;
-            for &(_, slot, bf) in run.iter() {
-                let (block, dirty) = (bf & !(R_DIRTY | R_ZERO), bf & R_DIRTY != 0);
-                if slot < first || slot >= first + ix.nslots() as u64 {
-                    // The block hashes to a shard that does not own this slot
-                    // (shard count changed): treat the copy as not cached.
-                    if dirty {
-                        return Err(EngineError::Corrupt(format!(
-                            "slot {slot} holds dirty block {block} outside its shard; open with the shard count it was created with"
-                        )));
-                    }
-                    losers.push(slot);
-                    continue;
-                }
-                let local = (slot - first) as u32;
-                if let Some(old) = ix.lookup(block) {
-                    ix.remove(old);
-                    losers.push(first + old as u64);
-                }
-                let mut flags = if dirty { K_DIRTY } else { 0 };
-                if bf & R_ZERO != 0 {
-                    flags |= K_ZERO;
-                }
-                ix.insert(local, block, flags);
-                if !dirty {
-                    ix.policy.insert(local);
-                }
-            }
-        }
-        drop(recs);
-
-        // Durably free rolled-back entries, then raise S, then free losers.
-        let free_slots = |slots: &[u64]| {
-            for &slot in slots {
-                let off = layout.meta_off(slot);
-                region
-                    .word(off + W_STATE * 8)
-                    .store(STATE_FREE, Ordering::SeqCst);
-                region.flush(off, META_SIZE);
-            }
-            region.fence();
-        };
-        free_slots(&to_free);
-        engine.seq.seal(&*region);
-        free_slots(&losers);
-        for sh in engine.shards.iter() {
-            let mut ix = sh.ix.lock();
-            for local in (0..ix.nslots()).rev() {
-                if ix.key(local) & K_VALID == 0 {
-                    ix.push_free(local);
-                }
-            }
-        }
-
-        if engine.mode() != sb.mode && !engine.mode().keeps_dirty() && engine.dirty_blocks() > 0 {
-            // Switching to a mode without dirty data: write it all back first.
-            tracing::info!(from = %sb.mode, to = %engine.mode(), dirty = engine.dirty_blocks(), "writing back before mode switch");
-            engine.flush_all(5, &mut |_, _| {})?;
-        }
-        sb.clean_shutdown = false;
-        sb.mode = engine.mode();
-        write_superblock(&*region, &mut sb, &mut copy);
-        *engine.sb.lock() = SbCopy { sb, copy };
+        engine.free_and_seal(&scan.to_free, &losers);
+        engine.write_back_for_mode(sb.mode)?;
+        engine.record_open(sb, copy);
         let engine = Arc::new(engine);
         tracing::info!(
             pmem = %engine.region.mode(),
@@ -379,6 +393,123 @@ impl Engine {
             engine.start_writeback();
         }
         Ok(engine)
+    }
+
+    /// Pass 3: newest entry per block wins, applied in seq order. The
+    /// entries are first bucketed by shard (compact records), then each
+    /// shard's run is sorted by seq and applied under one lock: the sorts
+    /// and the index updates stay in cache, where one global sort and a
+    /// lock plus a few cache misses per entry took most of the open time.
+    ///
+    /// Returns the losers, the superseded versions: they are freed only
+    /// after S covers them, since they may belong to multi-block
+    /// transactions above the old S whose other blocks are still current
+    /// (format rule 2).
+    fn rebuild_index(&self, trusted: Vec<Found>) -> Result<Vec<u64>> {
+        let ntrusted = trusted.len();
+        let (starts, mut recs) = self.bucket_by_shard(trusted);
+        let mut losers: Vec<u64> = Vec::new();
+        for sh in 0..self.shards.len() {
+            let run = &mut recs[starts[sh]..starts[sh + 1]];
+            run.sort_unstable_by_key(|r| r.seq);
+            let mut ix = self.shards[sh].ix.lock();
+            apply_run(&mut ix, run, &mut losers)?;
+        }
+        // Every trusted entry is now either indexed or a loser.
+        debug_assert_eq!(
+            self.shards
+                .iter()
+                .map(|sh| sh.ix.lock().valid as usize)
+                .sum::<usize>(),
+            ntrusted - losers.len()
+        );
+        Ok(losers)
+    }
+
+    /// The trusted entries as records, grouped by shard: shard `sh`'s run
+    /// is `recs[starts[sh]..starts[sh + 1]]`.
+    fn bucket_by_shard(&self, trusted: Vec<Found>) -> (Vec<usize>, Vec<Record>) {
+        let nshards = self.shards.len();
+        let mut starts = vec![0usize; nshards + 1];
+        for f in &trusted {
+            starts[self.shard_of(f.entry.block) + 1] += 1;
+        }
+        for i in 0..nshards {
+            starts[i + 1] += starts[i];
+        }
+        let empty = Record {
+            seq: 0,
+            slot: 0,
+            block_flags: 0,
+        };
+        let mut recs: Vec<Record> = vec![empty; trusted.len()];
+        let mut next = starts.clone();
+        for f in &trusted {
+            let (slot, e) = (f.slot, &f.entry);
+            let sh = self.shard_of(e.block);
+            let flags = if f.dirty { R_DIRTY } else { 0 } | if e.is_zero() { R_ZERO } else { 0 };
+            recs[next[sh]] = Record {
+                seq: e.seq,
+                slot,
+                block_flags: e.block | flags,
+            };
+            next[sh] += 1;
+        }
+        // Each shard's run is filled exactly.
+        debug_assert_eq!(next[..nshards], starts[1..]);
+        (starts, recs)
+    }
+
+    /// Durably free rolled-back entries, then raise S, then free losers;
+    /// then every slot not in the index goes on its shard's free list.
+    fn free_and_seal(&self, to_free: &[u64], losers: &[u64]) {
+        self.free_slots(to_free);
+        self.seq.seal(&*self.region);
+        self.free_slots(losers);
+        for sh in self.shards.iter() {
+            let mut ix = sh.ix.lock();
+            for local in (0..ix.nslots()).rev() {
+                if ix.key(local) & K_VALID == 0 {
+                    ix.push_free(local);
+                }
+            }
+            // Every slot is either indexed or free.
+            debug_assert_eq!(ix.free_len + ix.valid, ix.nslots());
+        }
+    }
+
+    /// Store FREE in the state word of each slot and flush its line, then
+    /// fence once.
+    fn free_slots(&self, slots: &[u64]) {
+        let region = &*self.region;
+        for &slot in slots {
+            let off = self.layout.meta_off(slot);
+            region
+                .word(off + W_STATE * 8)
+                .store(STATE_FREE, Ordering::SeqCst);
+            region.flush(off, META_SIZE);
+        }
+        region.fence();
+    }
+
+    /// Write every dirty block back if the cache opens in a mode that keeps
+    /// no dirty data after running in `recorded`.
+    fn write_back_for_mode(&self, recorded: CacheMode) -> Result<()> {
+        if self.mode() != recorded && !self.mode().keeps_dirty() && self.dirty_blocks() > 0 {
+            // Switching to a mode without dirty data: write it all back first.
+            tracing::info!(from = %recorded, to = %self.mode(), dirty = self.dirty_blocks(), "writing back before mode switch");
+            self.flush_all(5, &mut |_, _| {})?;
+        }
+        Ok(())
+    }
+
+    /// Write the next superblock generation: not shut down cleanly (until
+    /// `close`), in the mode the cache now runs in.
+    fn record_open(&self, mut sb: Superblock, mut copy: usize) {
+        sb.clean_shutdown = false;
+        sb.mode = self.mode();
+        write_superblock(&*self.region, &mut sb, &mut copy);
+        *self.sb.lock() = SbCopy { sb, copy };
     }
 
     /// Switch cache mode. Modes that keep no dirty data first write every
