@@ -157,7 +157,9 @@ pub struct ServeArgs {
 
     /// A sequential stream of reads or writes that has moved this much goes
     /// around the cache from then on (as bcache's sequential_cutoff): its
-    /// misses are not cached and its writes go to the origin. 0 turns it off
+    /// misses are not cached and its writes go to the origin. A write stream
+    /// counts from its last FLUSH or FUA write, so a journal or log flushed
+    /// more often than this stays cached. 0 turns it off
     #[arg(long, value_name = "SIZE", value_parser = parse_size_or_zero, default_value = "4MiB")]
     pub sequential_cutoff: u64,
 
