@@ -254,30 +254,11 @@ impl Engine {
         src: &mut Src<'_>,
         b0: u64,
         b1: u64,
-        mut held: Option<MutexGuard<'s, ShardIndex>>,
+        held: Option<MutexGuard<'s, ShardIndex>>,
         space: Space,
     ) -> Result<Option<(Staging, Kept<'s>)>> {
         let bs = self.bs();
-        let end = offset + len;
-        let zero_src = matches!(src, Src::Zero);
-        let src_fill = matches!(src, Src::Fill(_));
-        let mut nbs: Blocks = (b0..=b1)
-            .map(|b| {
-                let lo = offset.max(b * bs) - b * bs;
-                let hi = end.min((b + 1) * bs) - b * bs;
-                let full = lo == 0 && hi == bs;
-                NewBlock {
-                    block: b,
-                    shard: self.shard_of(b),
-                    slot: 0,
-                    zero: zero_src && full,
-                    on_origin: false,
-                    lo: lo as u32,
-                    hi: hi as u32,
-                }
-            })
-            .collect();
-        let count = nbs.len() as u32;
+        let mut nbs = self.request_blocks(offset, len, b0, b1, matches!(src, Src::Zero));
         let ids = self.shards_of(b0, b1);
 
         // 1. Slots (pinned), shard by shard in ascending order, with a
@@ -292,7 +273,73 @@ impl Engine {
         // msync would keep every other writer of the shard from reaching
         // its own fence, and so from sharing the msync (group commit).
         let lock_early = nbs.len() <= LOCK_EARLY_BLOCKS && !self.fence_is_syscall();
-        let hold = lock_early && !src_fill && nbs.iter().all(|n| n.lo == 0 && n.hi as u64 == bs);
+        let hold = lock_early
+            && !matches!(src, Src::Fill(_))
+            && nbs.iter().all(|n| n.lo == 0 && n.hi as u64 == bs);
+        let Some((batches, kept)) = self.take_slots(&mut nbs, &ids, held, space, hold)? else {
+            return Ok(None);
+        };
+
+        // 2. Old content of partially covered blocks (temporal copies,
+        //    flushed with the rest below).
+        if let Err(e) = self.fill_partial_blocks(&nbs, space) {
+            self.abandon_stage(&nbs, batches);
+            return Err(e);
+        }
+
+        // 3. A payload from outside arrives straight in the slots.
+        if let Src::Fill(f) = src {
+            if let Err(e) = self.receive_into_slots(&nbs, &mut **f) {
+                self.abandon_stage(&nbs, batches);
+                return Err(EngineError::Transfer(e));
+            }
+        }
+        let st = Staging {
+            nbs,
+            batches,
+            ids,
+            lock_early,
+        };
+        Ok(Some((st, kept)))
+    }
+
+    /// The blocks of a write of `[offset, offset + len)` (blocks `[b0,
+    /// b1]`), each with the byte range the request covers; no slots yet.
+    fn request_blocks(&self, offset: u64, len: u64, b0: u64, b1: u64, zero_src: bool) -> Blocks {
+        let bs = self.bs();
+        let end = offset + len;
+        (b0..=b1)
+            .map(|b| {
+                let lo = offset.max(b * bs) - b * bs;
+                let hi = end.min((b + 1) * bs) - b * bs;
+                let full = lo == 0 && hi == bs;
+                NewBlock {
+                    block: b,
+                    shard: self.shard_of(b),
+                    slot: 0,
+                    zero: zero_src && full,
+                    on_origin: false,
+                    lo: lo as u32,
+                    hi: hi as u32,
+                }
+            })
+            .collect()
+    }
+
+    /// Step 1 of [`cache_stage`]: a pinned slot for each of `nbs`, shard by
+    /// shard in ascending order (`ids`), and the reclaim batches that ride
+    /// on the request's fence. `held` is the first shard's lock if the
+    /// caller has it; with `hold` it is kept for the commit. `None` (or an
+    /// error) with nothing held when a shard has no room.
+    fn take_slots<'s>(
+        &'s self,
+        nbs: &mut [NewBlock],
+        ids: &[usize],
+        mut held: Option<MutexGuard<'s, ShardIndex>>,
+        space: Space,
+        hold: bool,
+    ) -> Result<Option<(Batches, Kept<'s>)>> {
+        let count = nbs.len() as u32;
         let mut kept = None;
         let mut batches = Batches::new();
         for (k, &sh) in ids.iter().enumerate() {
@@ -322,8 +369,7 @@ impl Engine {
                         .filter(|n| ids[..k].contains(&n.shard))
                         .copied()
                         .collect();
-                    self.release_slots(&taken);
-                    self.abandon_batches(batches);
+                    self.abandon_stage(&taken, batches);
                     return r.map(|_| None);
                 }
             };
@@ -331,15 +377,14 @@ impl Engine {
                 nb.slot = s;
             }
         }
-        let first_of = |sh: usize| self.firsts[sh];
-        let fail = |e: EngineError, nbs: &[NewBlock], batches: Batches| {
-            self.release_slots(nbs);
-            self.abandon_batches(batches);
-            Err(e)
-        };
+        Ok(Some((batches, kept)))
+    }
 
-        // 2. Old content of partially covered blocks (temporal copies,
-        //    flushed with the rest below).
+    /// Step 2 of [`cache_stage`]: the old content of the partially covered
+    /// blocks into their new slots (temporal copies, flushed by the
+    /// commit).
+    fn fill_partial_blocks(&self, nbs: &[NewBlock], space: Space) -> Result<()> {
+        let bs = self.bs();
         for nb in nbs
             .iter()
             .filter(|n| !n.zero && (n.lo != 0 || n.hi as u64 != bs))
@@ -348,34 +393,35 @@ impl Engine {
                 space == Space::Wait,
                 "staging without waiting takes whole blocks only"
             );
-            if let Err(e) = self.fill_old(nb, first_of(nb.shard)) {
-                return fail(e, &nbs, batches);
-            }
+            self.fill_old(nb, self.firsts[nb.shard])?;
         }
+        Ok(())
+    }
 
-        // 3. A payload from outside arrives straight in the slots.
-        if let Src::Fill(f) = src {
-            let mut slices: Vec<IoSliceMut<'_>> = nbs
-                .iter()
-                .map(|nb| {
-                    let off = self.data(first_of(nb.shard), nb.slot) + nb.lo as usize;
-                    // SAFETY: unpublished slot owned by this request; the
-                    // slices are disjoint (one per slot).
-                    IoSliceMut::new(unsafe { self.region.slice_mut(off, (nb.hi - nb.lo) as usize) })
-                })
-                .collect();
-            if let Err(e) = f(&mut slices) {
-                drop(slices);
-                return fail(EngineError::Transfer(e), &nbs, batches);
-            }
-        }
-        let st = Staging {
-            nbs,
-            batches,
-            ids,
-            lock_early,
-        };
-        Ok(Some((st, kept)))
+    /// Step 3 of [`cache_stage`]: `fill` writes the payload straight into
+    /// the slots' covered ranges.
+    fn receive_into_slots(
+        &self,
+        nbs: &[NewBlock],
+        fill: &mut dyn FnMut(&mut [IoSliceMut<'_>]) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let mut slices: Vec<IoSliceMut<'_>> = nbs
+            .iter()
+            .map(|nb| {
+                let off = self.data(self.firsts[nb.shard], nb.slot) + nb.lo as usize;
+                // SAFETY: unpublished slot owned by this request; the
+                // slices are disjoint (one per slot).
+                IoSliceMut::new(unsafe { self.region.slice_mut(off, (nb.hi - nb.lo) as usize) })
+            })
+            .collect();
+        fill(&mut slices)
+    }
+
+    /// A stage that fails after taking slots gives them back, and its
+    /// reclaim batches.
+    fn abandon_stage(&self, nbs: &[NewBlock], batches: Batches) {
+        self.release_slots(nbs);
+        self.abandon_batches(batches);
     }
 
     /// The second half of [`cache_write`]: persistence stores, one fence,
