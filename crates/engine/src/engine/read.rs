@@ -346,13 +346,7 @@ impl Engine {
         let holds_fills = self.fence_is_syscall() && !filled.is_empty();
         let mut targets: Vec<(u64, IoSliceMut<'_>)> = Vec::with_capacity(missing.len());
         if !holds_fills {
-            for nb in &filled {
-                let first = self.firsts[nb.shard];
-                // SAFETY: the slot was just taken from the free list and is
-                // not published, so this request is its only user.
-                let buf = unsafe { self.region.slice_mut(self.data(first, nb.slot), bs) };
-                targets.push((nb.block, IoSliceMut::new(buf)));
-            }
+            self.slot_targets(&filled, &mut targets);
         }
         let mut bounce = Bounce::new(
             if holds_fills {
@@ -367,6 +361,40 @@ impl Engine {
             targets.push((*b, IoSliceMut::new(v)));
         }
         targets.sort_by_key(|t| t.0);
+        let res = self.read_runs(&mut targets);
+        drop(targets);
+        // Bounce buffers publish nothing: their reader locks can go now. A
+        // filled block keeps its lock until `commit_fill` has decided, under
+        // the same shard lock, whether its data may still be published.
+        self.release_origin_readers(unslotted.iter().copied());
+        if let Err(source) = res {
+            self.release_origin_readers(filled.iter().map(|nb| nb.block));
+            self.release_slots(&filled);
+            return Err(EngineError::Origin {
+                offset: missing[0] * bs as u64,
+                source,
+            });
+        }
+        Ok((filled, bounce))
+    }
+
+    /// The new slots of `filled` as read targets, each with its block.
+    fn slot_targets<'a>(&'a self, filled: &[NewBlock], targets: &mut Vec<(u64, IoSliceMut<'a>)>) {
+        let bs = self.bs() as usize;
+        for nb in filled {
+            let first = self.firsts[nb.shard];
+            // SAFETY: the slot was just taken from the free list and is
+            // not published, so this request is its only user.
+            let buf = unsafe { self.region.slice_mut(self.data(first, nb.slot), bs) };
+            targets.push((nb.block, IoSliceMut::new(buf)));
+        }
+    }
+
+    /// Read the `targets` (sorted by block) from the origin, one vectored
+    /// request per run of consecutive blocks, in order; stops at the first
+    /// run that fails.
+    fn read_runs(&self, targets: &mut [(u64, IoSliceMut<'_>)]) -> io::Result<()> {
+        let bs = self.bs() as usize;
         let mut res = Ok(());
         let mut i = 0;
         while i < targets.len() && res.is_ok() {
@@ -395,20 +423,7 @@ impl Engine {
             res = self.origin_read_retrying(&mut run, start * bs as u64);
             i = j;
         }
-        drop(targets);
-        // Bounce buffers publish nothing: their reader locks can go now. A
-        // filled block keeps its lock until `commit_fill` has decided, under
-        // the same shard lock, whether its data may still be published.
-        self.release_origin_readers(unslotted.iter().copied());
-        if let Err(source) = res {
-            self.release_origin_readers(filled.iter().map(|nb| nb.block));
-            self.release_slots(&filled);
-            return Err(EngineError::Origin {
-                offset: missing[0] * bs as u64,
-                source,
-            });
-        }
-        Ok((filled, bounce))
+        res
     }
 
     /// Whether a missed block takes a slot. Only where the fence is a
