@@ -444,9 +444,7 @@ impl Engine {
             ids,
             lock_early,
         } = st;
-        let bs = self.bs();
         let count = nbs.len() as u32;
-        let first_of = |sh: usize| self.firsts[sh];
 
         // 4. The last locked instructions (shard locks, taking the seq); S
         //    goes into this writer's own watermark line with the
@@ -463,51 +461,11 @@ impl Engine {
         // 5. Persistence stores: data, entries, reclaim FREEs, then flushes.
         let mut pos = 0usize;
         for nb in &nbs {
-            let first = first_of(nb.shard);
-            let off = self.data(first, nb.slot);
-            let n = (nb.hi - nb.lo) as usize;
-            let partial = n as u64 != bs;
-            let hash = match data {
-                _ if nb.zero => 0,
-                Filled::Buf(buf) => {
-                    let part = &buf[pos..pos + n];
-                    if partial {
-                        // SAFETY: unpublished slot owned by this request.
-                        unsafe { self.region.copy_flush(off + nb.lo as usize, part) };
-                        // SAFETY: as above; read only.
-                        data_hash(unsafe { self.region.slice(off, bs as usize) })
-                    } else {
-                        // SAFETY: unpublished slot owned by this request.
-                        unsafe { self.region.copy_flush_hash(off, part) }
-                    }
-                }
-                Filled::Zero => {
-                    // SAFETY: unpublished slot owned by this request.
-                    unsafe { self.region.zero_flush(off + nb.lo as usize, n) };
-                    // SAFETY: as above; read only.
-                    data_hash(unsafe { self.region.slice(off, bs as usize) })
-                }
-                Filled::InSlots => {
-                    // SAFETY: unpublished slot owned by this request; read only.
-                    data_hash(unsafe { self.region.slice(off, bs as usize) })
-                }
-            };
-            pos += n;
-            if partial || matches!(data, Filled::InSlots) {
-                // Temporal stores (old content, or the kernel's recv).
-                self.region.flush(off, bs as usize);
-            }
-            let e = Entry {
-                block: nb.block,
-                seq: t.seq,
-                hash,
-                count,
-                flags: if nb.zero { FLAG_ZERO } else { 0 },
-            };
-            self.write_entry(first, nb.slot, &e, STATE_DIRTY);
+            self.persist_block(nb, data, pos, seq, count);
+            pos += (nb.hi - nb.lo) as usize;
         }
         for (sh, b) in &batches {
-            self.flush_reclaim(first_of(*sh), b);
+            self.flush_reclaim(self.firsts[*sh], b);
         }
         self.region.fence();
 
@@ -515,21 +473,7 @@ impl Engine {
         if g.is_empty() {
             g = self.lock_all(&ids);
         }
-        let (mut hits, mut misses) = (0, 0);
-        for nb in &nbs {
-            let pos = Self::guard_pos(&ids, nb.shard);
-            let ix = &mut g[pos];
-            let flags = K_DIRTY | if nb.zero { K_ZERO } else { 0 };
-            if self.publish(ix, nb.slot, nb.block, flags, seq) {
-                hits += 1;
-            } else {
-                misses += 1;
-            }
-            if release {
-                ix.unpin(nb.slot);
-                ix.update_lock(nb.block, |l| l.writer = false);
-            }
-        }
+        let (hits, misses) = self.publish_blocks(&mut g, &ids, &nbs, seq, release);
         for (sh, b) in batches {
             let pos = Self::guard_pos(&ids, sh);
             self.complete_reclaim(&mut g[pos], b);
@@ -546,6 +490,87 @@ impl Engine {
         // context switch per request. It polls, and writers short of space
         // kick it.
         nbs
+    }
+
+    /// Step 5 of [`cache_commit`] for one block: its data (what staging did
+    /// not put into the slot; `pos` is where the block's part starts in a
+    /// payload buffer), hashed and flushed, then its entry. No locked
+    /// instruction: this runs between the first streaming store and the
+    /// fence.
+    #[inline]
+    fn persist_block(&self, nb: &NewBlock, data: Filled<'_>, pos: usize, seq: u64, count: u32) {
+        let bs = self.bs();
+        let first = self.firsts[nb.shard];
+        let off = self.data(first, nb.slot);
+        let n = (nb.hi - nb.lo) as usize;
+        let partial = n as u64 != bs;
+        let hash = match data {
+            _ if nb.zero => 0,
+            Filled::Buf(buf) => {
+                let part = &buf[pos..pos + n];
+                if partial {
+                    // SAFETY: unpublished slot owned by this request.
+                    unsafe { self.region.copy_flush(off + nb.lo as usize, part) };
+                    // SAFETY: as above; read only.
+                    data_hash(unsafe { self.region.slice(off, bs as usize) })
+                } else {
+                    // SAFETY: unpublished slot owned by this request.
+                    unsafe { self.region.copy_flush_hash(off, part) }
+                }
+            }
+            Filled::Zero => {
+                // SAFETY: unpublished slot owned by this request.
+                unsafe { self.region.zero_flush(off + nb.lo as usize, n) };
+                // SAFETY: as above; read only.
+                data_hash(unsafe { self.region.slice(off, bs as usize) })
+            }
+            Filled::InSlots => {
+                // SAFETY: unpublished slot owned by this request; read only.
+                data_hash(unsafe { self.region.slice(off, bs as usize) })
+            }
+        };
+        if partial || matches!(data, Filled::InSlots) {
+            // Temporal stores (old content, or the kernel's recv).
+            self.region.flush(off, bs as usize);
+        }
+        let e = Entry {
+            block: nb.block,
+            seq,
+            hash,
+            count,
+            flags: if nb.zero { FLAG_ZERO } else { 0 },
+        };
+        self.write_entry(first, nb.slot, &e, STATE_DIRTY);
+    }
+
+    /// Step 6 of [`cache_commit`]: after the fence, publish every block
+    /// under its shard's lock (`g`, in the order of `ids`); with `release`
+    /// drop its pin and writer lock in the same critical section. Returns
+    /// the (hits, misses): blocks that replaced a version, and new ones.
+    fn publish_blocks(
+        &self,
+        g: &mut [MutexGuard<'_, ShardIndex>],
+        ids: &[usize],
+        nbs: &[NewBlock],
+        seq: u64,
+        release: bool,
+    ) -> (u64, u64) {
+        let (mut hits, mut misses) = (0, 0);
+        for nb in nbs {
+            let pos = Self::guard_pos(ids, nb.shard);
+            let ix = &mut g[pos];
+            let flags = K_DIRTY | if nb.zero { K_ZERO } else { 0 };
+            if self.publish(ix, nb.slot, nb.block, flags, seq) {
+                hits += 1;
+            } else {
+                misses += 1;
+            }
+            if release {
+                ix.unpin(nb.slot);
+                ix.update_lock(nb.block, |l| l.writer = false);
+            }
+        }
+        (hits, misses)
     }
 
     /// After a write's fence: make `slot` the current version of `block`
