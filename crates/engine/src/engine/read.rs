@@ -496,9 +496,10 @@ impl Engine {
     /// The caller still holds each block's origin-reader lock, so since the
     /// read no origin write (writeback, writethrough, writearound) can have
     /// changed the block on the origin; a newer version can only be in the
-    /// index or under a writer lock, which the check below sees. The reader
-    /// lock is dropped in the same critical section as that check, and a
-    /// kept block holds the writer lock from there to its publish.
+    /// index or under a writer lock, which the check (`claim_fills`) sees.
+    /// The reader lock is dropped in the same critical section as that
+    /// check, and a kept block holds the writer lock from there to its
+    /// publish.
     pub(super) fn commit_fill(&self, filled: &mut [NewBlock], from: Option<&Bounce>) {
         let ids: ShardIds = {
             let mut v: ShardIds = filled.iter().map(|n| n.shard).collect();
@@ -506,11 +507,21 @@ impl Engine {
             v.dedup();
             v
         };
+        let keep = self.claim_fills(filled, &ids);
+        self.persist_fills(filled, &keep, from);
+        self.publish_fills(filled, &keep, &ids);
+    }
+
+    /// The check of [`commit_fill`], under all the fills' shard locks at
+    /// once: each block's origin-reader lock is dropped, and a block that
+    /// is neither indexed nor held by a writer is kept and takes the
+    /// writer lock. Returns which blocks are kept.
+    fn claim_fills(&self, filled: &[NewBlock], ids: &[usize]) -> Vec<bool> {
         let mut keep = vec![false; filled.len()];
         {
-            let mut g = self.lock_all(&ids);
+            let mut g = self.lock_all(ids);
             for (i, nb) in filled.iter().enumerate() {
-                let ix = &mut g[Self::guard_pos(&ids, nb.shard)];
+                let ix = &mut g[Self::guard_pos(ids, nb.shard)];
                 let lock = ix.lock_state(nb.block);
                 assert!(lock.origin_readers > 0 && !lock.origin_writer);
                 ix.update_lock(nb.block, |l| l.origin_readers -= 1);
@@ -520,9 +531,16 @@ impl Engine {
                 }
             }
         }
-        for &sh in &ids {
+        for &sh in ids {
             self.shards[sh].cv.notify_all();
         }
+        keep
+    }
+
+    /// The kept fills made durable as one transaction: their data flushed
+    /// (or written from the bounce buffer `from`), their CLEAN entries, the
+    /// watermark, one fence.
+    fn persist_fills(&self, filled: &[NewBlock], keep: &[bool], from: Option<&Bounce>) {
         let count = keep.iter().filter(|&&k| k).count() as u32;
         if count > 0 {
             let t = self.seq.begin();
@@ -558,9 +576,15 @@ impl Engine {
             self.region.fence();
             self.seq.end(t, staged);
         }
-        let mut g = self.lock_all(&ids);
+    }
+
+    /// After the fence: the kept fills go into the index (clean) and give
+    /// back their writer locks; the others' slots, which never got an
+    /// entry, retire.
+    fn publish_fills(&self, filled: &[NewBlock], keep: &[bool], ids: &[usize]) {
+        let mut g = self.lock_all(ids);
         for (i, nb) in filled.iter().enumerate() {
-            let ix = &mut g[Self::guard_pos(&ids, nb.shard)];
+            let ix = &mut g[Self::guard_pos(ids, nb.shard)];
             if keep[i] {
                 ix.insert(nb.slot, nb.block, 0);
                 ix.policy.insert(nb.slot);
@@ -577,7 +601,7 @@ impl Engine {
             }
         }
         drop(g);
-        for &sh in &ids {
+        for &sh in ids {
             self.shards[sh].cv.notify_all();
         }
     }
