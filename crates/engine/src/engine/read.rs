@@ -347,13 +347,7 @@ impl Engine {
         let holds_fills = self.fence_is_syscall() && !filled.is_empty();
         let mut targets: Vec<(u64, IoSliceMut<'_>)> = Vec::with_capacity(missing.len());
         if !holds_fills {
-            for nb in &filled {
-                let first = self.firsts[nb.shard];
-                // SAFETY: the slot was just taken from the free list and is
-                // not published, so this request is its only user.
-                let buf = unsafe { self.region.slice_mut(self.data(first, nb.slot), bs) };
-                targets.push((nb.block, IoSliceMut::new(buf)));
-            }
+            self.slot_targets(&filled, &mut targets);
         }
         let mut bounce = Bounce::new(
             if holds_fills {
@@ -368,6 +362,40 @@ impl Engine {
             targets.push((*b, IoSliceMut::new(v)));
         }
         targets.sort_by_key(|t| t.0);
+        let res = self.read_runs(&mut targets);
+        drop(targets);
+        // Bounce buffers publish nothing: their reader locks can go now. A
+        // filled block keeps its lock until `commit_fill` has decided, under
+        // the same shard lock, whether its data may still be published.
+        self.release_origin_readers(unslotted.iter().copied());
+        if let Err(source) = res {
+            self.release_origin_readers(filled.iter().map(|nb| nb.block));
+            self.release_slots(&filled);
+            return Err(EngineError::Origin {
+                offset: missing[0] * bs as u64,
+                source,
+            });
+        }
+        Ok((filled, bounce))
+    }
+
+    /// The new slots of `filled` as read targets, each with its block.
+    fn slot_targets<'a>(&'a self, filled: &[NewBlock], targets: &mut Vec<(u64, IoSliceMut<'a>)>) {
+        let bs = self.bs() as usize;
+        for nb in filled {
+            let first = self.firsts[nb.shard];
+            // SAFETY: the slot was just taken from the free list and is
+            // not published, so this request is its only user.
+            let buf = unsafe { self.region.slice_mut(self.data(first, nb.slot), bs) };
+            targets.push((nb.block, IoSliceMut::new(buf)));
+        }
+    }
+
+    /// Read the `targets` (sorted by block) from the origin, one vectored
+    /// request per run of consecutive blocks, in order; stops at the first
+    /// run that fails.
+    fn read_runs(&self, targets: &mut [(u64, IoSliceMut<'_>)]) -> io::Result<()> {
+        let bs = self.bs() as usize;
         let mut res = Ok(());
         let mut i = 0;
         while i < targets.len() && res.is_ok() {
@@ -396,20 +424,7 @@ impl Engine {
             res = self.origin_read_retrying(&mut run, start * bs as u64);
             i = j;
         }
-        drop(targets);
-        // Bounce buffers publish nothing: their reader locks can go now. A
-        // filled block keeps its lock until `commit_fill` has decided, under
-        // the same shard lock, whether its data may still be published.
-        self.release_origin_readers(unslotted.iter().copied());
-        if let Err(source) = res {
-            self.release_origin_readers(filled.iter().map(|nb| nb.block));
-            self.release_slots(&filled);
-            return Err(EngineError::Origin {
-                offset: missing[0] * bs as u64,
-                source,
-            });
-        }
-        Ok((filled, bounce))
+        res
     }
 
     /// Whether a missed block takes a slot. Only where the fence is a
@@ -482,9 +497,10 @@ impl Engine {
     /// The caller still holds each block's origin-reader lock, so since the
     /// read no origin write (writeback, writethrough, writearound) can have
     /// changed the block on the origin; a newer version can only be in the
-    /// index or under a writer lock, which the check below sees. The reader
-    /// lock is dropped in the same critical section as that check, and a
-    /// kept block holds the writer lock from there to its publish.
+    /// index or under a writer lock, which the check (`claim_fills`) sees.
+    /// The reader lock is dropped in the same critical section as that
+    /// check, and a kept block holds the writer lock from there to its
+    /// publish.
     pub(super) fn commit_fill(&self, filled: &mut [NewBlock], from: Option<&Bounce>) {
         let ids: ShardIds = {
             let mut v: ShardIds = filled.iter().map(|n| n.shard).collect();
@@ -492,11 +508,21 @@ impl Engine {
             v.dedup();
             v
         };
+        let keep = self.claim_fills(filled, &ids);
+        self.persist_fills(filled, &keep, from);
+        self.publish_fills(filled, &keep, &ids);
+    }
+
+    /// The check of [`commit_fill`], under all the fills' shard locks at
+    /// once: each block's origin-reader lock is dropped, and a block that
+    /// is neither indexed nor held by a writer is kept and takes the
+    /// writer lock. Returns which blocks are kept.
+    fn claim_fills(&self, filled: &[NewBlock], ids: &[usize]) -> Vec<bool> {
         let mut keep = vec![false; filled.len()];
         {
-            let mut g = self.lock_all(&ids);
+            let mut g = self.lock_all(ids);
             for (i, nb) in filled.iter().enumerate() {
-                let ix = &mut g[Self::guard_pos(&ids, nb.shard)];
+                let ix = &mut g[Self::guard_pos(ids, nb.shard)];
                 let lock = ix.lock_state(nb.block);
                 assert!(lock.origin_readers > 0 && !lock.origin_writer);
                 ix.update_lock(nb.block, |l| l.origin_readers -= 1);
@@ -506,9 +532,16 @@ impl Engine {
                 }
             }
         }
-        for &sh in &ids {
+        for &sh in ids {
             self.shards[sh].cv.notify_all();
         }
+        keep
+    }
+
+    /// The kept fills made durable as one transaction: their data flushed
+    /// (or written from the bounce buffer `from`), their CLEAN entries, the
+    /// watermark, one fence.
+    fn persist_fills(&self, filled: &[NewBlock], keep: &[bool], from: Option<&Bounce>) {
         let count = keep.iter().filter(|&&k| k).count() as u32;
         if count > 0 {
             let t = self.seq.begin();
@@ -544,9 +577,15 @@ impl Engine {
             self.region.fence();
             self.seq.end(t, staged);
         }
-        let mut g = self.lock_all(&ids);
+    }
+
+    /// After the fence: the kept fills go into the index (clean) and give
+    /// back their writer locks; the others' slots, which never got an
+    /// entry, retire.
+    fn publish_fills(&self, filled: &[NewBlock], keep: &[bool], ids: &[usize]) {
+        let mut g = self.lock_all(ids);
         for (i, nb) in filled.iter().enumerate() {
-            let ix = &mut g[Self::guard_pos(&ids, nb.shard)];
+            let ix = &mut g[Self::guard_pos(ids, nb.shard)];
             if keep[i] {
                 ix.insert(nb.slot, nb.block, 0);
                 ix.policy.insert(nb.slot);
@@ -563,7 +602,7 @@ impl Engine {
             }
         }
         drop(g);
-        for &sh in &ids {
+        for &sh in ids {
             self.shards[sh].cv.notify_all();
         }
     }

@@ -255,30 +255,11 @@ impl Engine {
         src: &mut Src<'_>,
         b0: u64,
         b1: u64,
-        mut held: Option<MutexGuard<'s, ShardIndex>>,
+        held: Option<MutexGuard<'s, ShardIndex>>,
         space: Space,
     ) -> Result<Option<(Staging, Kept<'s>)>> {
         let bs = self.bs();
-        let end = offset + len;
-        let zero_src = matches!(src, Src::Zero);
-        let src_fill = matches!(src, Src::Fill(_));
-        let mut nbs: Blocks = (b0..=b1)
-            .map(|b| {
-                let lo = offset.max(b * bs) - b * bs;
-                let hi = end.min((b + 1) * bs) - b * bs;
-                let full = lo == 0 && hi == bs;
-                NewBlock {
-                    block: b,
-                    shard: self.shard_of(b),
-                    slot: 0,
-                    zero: zero_src && full,
-                    on_origin: false,
-                    lo: lo as u32,
-                    hi: hi as u32,
-                }
-            })
-            .collect();
-        let count = nbs.len() as u32;
+        let mut nbs = self.request_blocks(offset, len, b0, b1, matches!(src, Src::Zero));
         let ids = self.shards_of(b0, b1);
 
         // 1. Slots (pinned), shard by shard in ascending order, with a
@@ -293,7 +274,73 @@ impl Engine {
         // msync would keep every other writer of the shard from reaching
         // its own fence, and so from sharing the msync (group commit).
         let lock_early = nbs.len() <= LOCK_EARLY_BLOCKS && !self.fence_is_syscall();
-        let hold = lock_early && !src_fill && nbs.iter().all(|n| n.lo == 0 && n.hi as u64 == bs);
+        let hold = lock_early
+            && !matches!(src, Src::Fill(_))
+            && nbs.iter().all(|n| n.lo == 0 && n.hi as u64 == bs);
+        let Some((batches, kept)) = self.take_slots(&mut nbs, &ids, held, space, hold)? else {
+            return Ok(None);
+        };
+
+        // 2. Old content of partially covered blocks (temporal copies,
+        //    flushed with the rest below).
+        if let Err(e) = self.fill_partial_blocks(&nbs, space) {
+            self.abandon_stage(&nbs, batches);
+            return Err(e);
+        }
+
+        // 3. A payload from outside arrives straight in the slots.
+        if let Src::Fill(f) = src {
+            if let Err(e) = self.receive_into_slots(&nbs, &mut **f) {
+                self.abandon_stage(&nbs, batches);
+                return Err(EngineError::Transfer(e));
+            }
+        }
+        let st = Staging {
+            nbs,
+            batches,
+            ids,
+            lock_early,
+        };
+        Ok(Some((st, kept)))
+    }
+
+    /// The blocks of a write of `[offset, offset + len)` (blocks `[b0,
+    /// b1]`), each with the byte range the request covers; no slots yet.
+    fn request_blocks(&self, offset: u64, len: u64, b0: u64, b1: u64, zero_src: bool) -> Blocks {
+        let bs = self.bs();
+        let end = offset + len;
+        (b0..=b1)
+            .map(|b| {
+                let lo = offset.max(b * bs) - b * bs;
+                let hi = end.min((b + 1) * bs) - b * bs;
+                let full = lo == 0 && hi == bs;
+                NewBlock {
+                    block: b,
+                    shard: self.shard_of(b),
+                    slot: 0,
+                    zero: zero_src && full,
+                    on_origin: false,
+                    lo: lo as u32,
+                    hi: hi as u32,
+                }
+            })
+            .collect()
+    }
+
+    /// Step 1 of [`cache_stage`]: a pinned slot for each of `nbs`, shard by
+    /// shard in ascending order (`ids`), and the reclaim batches that ride
+    /// on the request's fence. `held` is the first shard's lock if the
+    /// caller has it; with `hold` it is kept for the commit. `None` (or an
+    /// error) with nothing held when a shard has no room.
+    fn take_slots<'s>(
+        &'s self,
+        nbs: &mut [NewBlock],
+        ids: &[usize],
+        mut held: Option<MutexGuard<'s, ShardIndex>>,
+        space: Space,
+        hold: bool,
+    ) -> Result<Option<(Batches, Kept<'s>)>> {
+        let count = nbs.len() as u32;
         let mut kept = None;
         let mut batches = Batches::new();
         for (k, &sh) in ids.iter().enumerate() {
@@ -323,8 +370,7 @@ impl Engine {
                         .filter(|n| ids[..k].contains(&n.shard))
                         .copied()
                         .collect();
-                    self.release_slots(&taken);
-                    self.abandon_batches(batches);
+                    self.abandon_stage(&taken, batches);
                     return r.map(|_| None);
                 }
             };
@@ -332,15 +378,14 @@ impl Engine {
                 nb.slot = s;
             }
         }
-        let first_of = |sh: usize| self.firsts[sh];
-        let fail = |e: EngineError, nbs: &[NewBlock], batches: Batches| {
-            self.release_slots(nbs);
-            self.abandon_batches(batches);
-            Err(e)
-        };
+        Ok(Some((batches, kept)))
+    }
 
-        // 2. Old content of partially covered blocks (temporal copies,
-        //    flushed with the rest below).
+    /// Step 2 of [`cache_stage`]: the old content of the partially covered
+    /// blocks into their new slots (temporal copies, flushed by the
+    /// commit).
+    fn fill_partial_blocks(&self, nbs: &[NewBlock], space: Space) -> Result<()> {
+        let bs = self.bs();
         for nb in nbs
             .iter()
             .filter(|n| !n.zero && (n.lo != 0 || n.hi as u64 != bs))
@@ -349,34 +394,35 @@ impl Engine {
                 space == Space::Wait,
                 "staging without waiting takes whole blocks only"
             );
-            if let Err(e) = self.fill_old(nb, first_of(nb.shard)) {
-                return fail(e, &nbs, batches);
-            }
+            self.fill_old(nb, self.firsts[nb.shard])?;
         }
+        Ok(())
+    }
 
-        // 3. A payload from outside arrives straight in the slots.
-        if let Src::Fill(f) = src {
-            let mut slices: Vec<IoSliceMut<'_>> = nbs
-                .iter()
-                .map(|nb| {
-                    let off = self.data(first_of(nb.shard), nb.slot) + nb.lo as usize;
-                    // SAFETY: unpublished slot owned by this request; the
-                    // slices are disjoint (one per slot).
-                    IoSliceMut::new(unsafe { self.region.slice_mut(off, (nb.hi - nb.lo) as usize) })
-                })
-                .collect();
-            if let Err(e) = f(&mut slices) {
-                drop(slices);
-                return fail(EngineError::Transfer(e), &nbs, batches);
-            }
-        }
-        let st = Staging {
-            nbs,
-            batches,
-            ids,
-            lock_early,
-        };
-        Ok(Some((st, kept)))
+    /// Step 3 of [`cache_stage`]: `fill` writes the payload straight into
+    /// the slots' covered ranges.
+    fn receive_into_slots(
+        &self,
+        nbs: &[NewBlock],
+        fill: &mut dyn FnMut(&mut [IoSliceMut<'_>]) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let mut slices: Vec<IoSliceMut<'_>> = nbs
+            .iter()
+            .map(|nb| {
+                let off = self.data(self.firsts[nb.shard], nb.slot) + nb.lo as usize;
+                // SAFETY: unpublished slot owned by this request; the
+                // slices are disjoint (one per slot).
+                IoSliceMut::new(unsafe { self.region.slice_mut(off, (nb.hi - nb.lo) as usize) })
+            })
+            .collect();
+        fill(&mut slices)
+    }
+
+    /// A stage that fails after taking slots gives them back, and its
+    /// reclaim batches.
+    fn abandon_stage(&self, nbs: &[NewBlock], batches: Batches) {
+        self.release_slots(nbs);
+        self.abandon_batches(batches);
     }
 
     /// The second half of [`cache_write`]: persistence stores, one fence,
@@ -399,9 +445,7 @@ impl Engine {
             ids,
             lock_early,
         } = st;
-        let bs = self.bs();
         let count = nbs.len() as u32;
-        let first_of = |sh: usize| self.firsts[sh];
 
         // 4. The last locked instructions (shard locks, taking the seq); S
         //    goes into this writer's own watermark line with the
@@ -418,51 +462,11 @@ impl Engine {
         // 5. Persistence stores: data, entries, reclaim FREEs, then flushes.
         let mut pos = 0usize;
         for nb in &nbs {
-            let first = first_of(nb.shard);
-            let off = self.data(first, nb.slot);
-            let n = (nb.hi - nb.lo) as usize;
-            let partial = n as u64 != bs;
-            let hash = match data {
-                _ if nb.zero => 0,
-                Filled::Buf(buf) => {
-                    let part = &buf[pos..pos + n];
-                    if partial {
-                        // SAFETY: unpublished slot owned by this request.
-                        unsafe { self.region.copy_flush(off + nb.lo as usize, part) };
-                        // SAFETY: as above; read only.
-                        data_hash(unsafe { self.region.slice(off, bs as usize) })
-                    } else {
-                        // SAFETY: unpublished slot owned by this request.
-                        unsafe { self.region.copy_flush_hash(off, part) }
-                    }
-                }
-                Filled::Zero => {
-                    // SAFETY: unpublished slot owned by this request.
-                    unsafe { self.region.zero_flush(off + nb.lo as usize, n) };
-                    // SAFETY: as above; read only.
-                    data_hash(unsafe { self.region.slice(off, bs as usize) })
-                }
-                Filled::InSlots => {
-                    // SAFETY: unpublished slot owned by this request; read only.
-                    data_hash(unsafe { self.region.slice(off, bs as usize) })
-                }
-            };
-            pos += n;
-            if partial || matches!(data, Filled::InSlots) {
-                // Temporal stores (old content, or the kernel's recv).
-                self.region.flush(off, bs as usize);
-            }
-            let e = Entry {
-                block: nb.block,
-                seq: t.seq,
-                hash,
-                count,
-                flags: if nb.zero { FLAG_ZERO } else { 0 },
-            };
-            self.write_entry(first, nb.slot, &e, STATE_DIRTY);
+            self.persist_block(nb, data, pos, seq, count);
+            pos += (nb.hi - nb.lo) as usize;
         }
         for (sh, b) in &batches {
-            self.flush_reclaim(first_of(*sh), b);
+            self.flush_reclaim(self.firsts[*sh], b);
         }
         self.region.fence();
 
@@ -470,21 +474,7 @@ impl Engine {
         if g.is_empty() {
             g = self.lock_all(&ids);
         }
-        let (mut hits, mut misses) = (0, 0);
-        for nb in &nbs {
-            let pos = Self::guard_pos(&ids, nb.shard);
-            let ix = &mut g[pos];
-            let flags = K_DIRTY | if nb.zero { K_ZERO } else { 0 };
-            if self.publish(ix, nb.slot, nb.block, flags, seq) {
-                hits += 1;
-            } else {
-                misses += 1;
-            }
-            if release {
-                ix.unpin(nb.slot);
-                ix.update_lock(nb.block, |l| l.writer = false);
-            }
-        }
+        let (hits, misses) = self.publish_blocks(&mut g, &ids, &nbs, seq, release);
         for (sh, b) in batches {
             let pos = Self::guard_pos(&ids, sh);
             self.complete_reclaim(&mut g[pos], b);
@@ -501,6 +491,87 @@ impl Engine {
         // context switch per request. It polls, and writers short of space
         // kick it.
         nbs
+    }
+
+    /// Step 5 of [`cache_commit`] for one block: its data (what staging did
+    /// not put into the slot; `pos` is where the block's part starts in a
+    /// payload buffer), hashed and flushed, then its entry. No locked
+    /// instruction: this runs between the first streaming store and the
+    /// fence.
+    #[inline]
+    fn persist_block(&self, nb: &NewBlock, data: Filled<'_>, pos: usize, seq: u64, count: u32) {
+        let bs = self.bs();
+        let first = self.firsts[nb.shard];
+        let off = self.data(first, nb.slot);
+        let n = (nb.hi - nb.lo) as usize;
+        let partial = n as u64 != bs;
+        let hash = match data {
+            _ if nb.zero => 0,
+            Filled::Buf(buf) => {
+                let part = &buf[pos..pos + n];
+                if partial {
+                    // SAFETY: unpublished slot owned by this request.
+                    unsafe { self.region.copy_flush(off + nb.lo as usize, part) };
+                    // SAFETY: as above; read only.
+                    data_hash(unsafe { self.region.slice(off, bs as usize) })
+                } else {
+                    // SAFETY: unpublished slot owned by this request.
+                    unsafe { self.region.copy_flush_hash(off, part) }
+                }
+            }
+            Filled::Zero => {
+                // SAFETY: unpublished slot owned by this request.
+                unsafe { self.region.zero_flush(off + nb.lo as usize, n) };
+                // SAFETY: as above; read only.
+                data_hash(unsafe { self.region.slice(off, bs as usize) })
+            }
+            Filled::InSlots => {
+                // SAFETY: unpublished slot owned by this request; read only.
+                data_hash(unsafe { self.region.slice(off, bs as usize) })
+            }
+        };
+        if partial || matches!(data, Filled::InSlots) {
+            // Temporal stores (old content, or the kernel's recv).
+            self.region.flush(off, bs as usize);
+        }
+        let e = Entry {
+            block: nb.block,
+            seq,
+            hash,
+            count,
+            flags: if nb.zero { FLAG_ZERO } else { 0 },
+        };
+        self.write_entry(first, nb.slot, &e, STATE_DIRTY);
+    }
+
+    /// Step 6 of [`cache_commit`]: after the fence, publish every block
+    /// under its shard's lock (`g`, in the order of `ids`); with `release`
+    /// drop its pin and writer lock in the same critical section. Returns
+    /// the (hits, misses): blocks that replaced a version, and new ones.
+    fn publish_blocks(
+        &self,
+        g: &mut [MutexGuard<'_, ShardIndex>],
+        ids: &[usize],
+        nbs: &[NewBlock],
+        seq: u64,
+        release: bool,
+    ) -> (u64, u64) {
+        let (mut hits, mut misses) = (0, 0);
+        for nb in nbs {
+            let pos = Self::guard_pos(ids, nb.shard);
+            let ix = &mut g[pos];
+            let flags = K_DIRTY | if nb.zero { K_ZERO } else { 0 };
+            if self.publish(ix, nb.slot, nb.block, flags, seq) {
+                hits += 1;
+            } else {
+                misses += 1;
+            }
+            if release {
+                ix.unpin(nb.slot);
+                ix.update_lock(nb.block, |l| l.writer = false);
+            }
+        }
+        (hits, misses)
     }
 
     /// After a write's fence: make `slot` the current version of `block`
