@@ -9,23 +9,13 @@ use pmcache_pmem::{MapOptions, MappedRegion, PersistMode, PmemRegion};
 
 const MIB: u64 = 1 << 20;
 
-/// Removed on drop.
-struct TempFile(std::path::PathBuf);
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 #[test]
 fn concurrent_writers_share_msyncs() {
     // On the disk (not tmpfs), so an msync takes long enough for writers
     // to meet.
-    let file = TempFile(
-        std::env::temp_dir().join(format!("pmcache-group-commit-{}.pmem", std::process::id())),
-    );
-    let region = Arc::new(MappedRegion::create(&file.0, 8 * MIB, &MapOptions::new()).unwrap());
+    let dir = pmcache_testkit::TempDir::on_disk("gc");
+    let path = dir.join("cache.pmem");
+    let region = Arc::new(MappedRegion::create(&path, 8 * MIB, &MapOptions::new()).unwrap());
     assert_eq!(region.mode(), PersistMode::Msync);
     let origin = Arc::new(MemOrigin::new(64 * MIB).with_name("gc"));
     Engine::format(&*region, &*origin, 4096).unwrap();
