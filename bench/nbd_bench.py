@@ -196,9 +196,11 @@ def main():
                                            "--filter=cache", "nbd", f"socket={origin}", "cache=writeback",
                                            "cache-on-read=true"],
                               env=dict(os.environ, TMPDIR=tmp))
+        # No sequential cutoff: the warm-up is a sequential pass, which would
+        # otherwise go around the cache and leave the measured reads missing.
         pm, pm_proc = s.start("pmcache", [PMCACHE, "serve", "--cache", cache, "--cache-size", SIZE,
                                           "--origin", uri_of(origin), "--socket", "{sock}",
-                                          "--assume-pmem"])
+                                          "--assume-pmem", "--sequential-cutoff", "0"])
         socks = {"memory": mem, "nbdcache": nbdcache, "pmcache": pm}
         if a.pin is not None:
             for _, p in s.procs:
