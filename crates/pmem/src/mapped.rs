@@ -355,9 +355,10 @@ impl MappedRegion {
 
     /// Msync mode: no holes, and base-page folios (see [`crate::backing`]
     /// for why each matters). Not on a memory file system (tmpfs), whose
-    /// holes cost no journal and whose pages would all be taken at once. Runs before anything is stored through the
-    /// mapping; a file system that cannot allocate the file (ENOSPC) fails
-    /// here, with a clear error, instead of a SIGBUS at some later store.
+    /// holes cost no journal and whose pages would all be taken at once.
+    /// Runs before anything is stored through the mapping; a file system
+    /// that cannot allocate the file (ENOSPC) fails here, with a clear
+    /// error, instead of a SIGBUS at some later store.
     fn prepare_for_msync(&self) -> Result<(), PmemError> {
         let meta = self.file.metadata().ok().filter(|m| m.is_file());
         if let Some(meta) = meta.filter(|_| !backing::in_memory(&self.file)) {
