@@ -35,8 +35,13 @@ pub(crate) fn fill_holes(file: &File, len: u64) -> std::io::Result<u64> {
     let mut filled = 0u64;
     let mut pos = 0u64;
     while pos < len {
-        let Some(hole) = seek(file, pos, libc::SEEK_HOLE)? else {
-            break;
+        let hole = match seek(file, pos, libc::SEEK_HOLE) {
+            Ok(Some(h)) => h,
+            Ok(None) => break,
+            // A file system that cannot say where its holes are: leave it
+            // as it is (slower commits while holes last, nothing worse).
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => break,
+            Err(e) => return Err(e),
         };
         if hole >= len {
             break;
