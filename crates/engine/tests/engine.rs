@@ -645,6 +645,39 @@ impl Pause {
     }
 }
 
+/// A journal-like stream (sequential small writes, a FLUSH every few) stays
+/// in the cache however long it runs; the same stream without flushes goes
+/// around the cache past the cutoff.
+#[test]
+fn a_flushed_write_stream_is_not_bypassed() {
+    let rig = Rig::new(4 * MIB, 16 * MIB, 4096);
+    let e = rig.open(EngineConfig {
+        max_request: 64 << 10,
+        sequential_cutoff: 64 << 10,
+        ..manual()
+    });
+    // Two blocks a write: single-block writes take the engine's fast path,
+    // which the NBD server reaches only after `stage_write` saw the stream.
+    let d = pattern(3, 8192);
+    for i in 0..128u64 {
+        e.write(i * 8192, &d, false).unwrap();
+        if i % 4 == 3 {
+            e.flush().unwrap();
+        }
+    }
+    assert_eq!(e.stats().bypass_writes, 0, "a flushed stream bypassed");
+    for i in 0..32u64 {
+        e.write((512 + i) * 8192, &d, false).unwrap();
+    }
+    let s = e.stats();
+    assert!(s.bypass_writes >= 16, "an unflushed stream: {s:?}");
+    let mut got = vec![0u8; 8192];
+    for w in [0u64, 127, 512, 543] {
+        e.read(w * 8192, &mut got).unwrap();
+        assert_eq!(got, d, "write {w}");
+    }
+}
+
 /// A read of blocks that sit in consecutive slots goes to the sink as one
 /// slice, not one per block, with the right bytes.
 #[test]
