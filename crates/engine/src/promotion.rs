@@ -50,6 +50,11 @@ impl Promotion {
         }
     }
 
+    /// Whether misses are filtered at all (false: every one is admitted).
+    pub(crate) fn filters(&self) -> bool {
+        !self.seen.is_empty()
+    }
+
     /// Whether a missed `block` should take a slot, given the free and
     /// total slots of its shard.
     pub(crate) fn admit(&self, block: u64, free: u64, slots: u64) -> bool {
@@ -95,7 +100,7 @@ mod tests {
     #[test]
     fn without_a_filter_every_miss_is_promoted() {
         let p = Promotion::new(1 << 30, false);
-        assert!(p.seen.is_empty(), "no window is allocated");
+        assert!(!p.filters(), "no window is allocated");
         assert!(p.admit(7, 0, 1000));
     }
 

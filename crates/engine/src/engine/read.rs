@@ -289,11 +289,17 @@ impl Engine {
         let mut unslotted: Vec<u64> = Vec::new();
         let (first, last) = (missing[0], missing[missing.len() - 1]);
         for sh in self.shards_of(first, last) {
+            // The shard's room, read once for all its blocks, where the
+            // promotion filter is on (msync mode; see `crate::promotion`).
+            let room = self.promotion.filters().then(|| {
+                let ix = self.shards[sh].ix.lock();
+                (ix.free_len as u64, ix.nslots() as u64)
+            });
             let (mine, passing): (Vec<u64>, Vec<u64>) = missing
                 .iter()
                 .copied()
                 .filter(|&b| self.shard_of(b) == sh)
-                .partition(|&b| self.admit(sh, b));
+                .partition(|&b| room.is_none_or(|(free, n)| self.promotion.admit(b, free, n)));
             unslotted.extend(&passing);
             if mine.is_empty() {
                 continue;
@@ -425,20 +431,6 @@ impl Engine {
             i = j;
         }
         res
-    }
-
-    /// Whether a missed block takes a slot. Only where the fence is a
-    /// system call does a promotion cost enough to filter (see
-    /// [`crate::promotion`]); on pmem every miss is promoted.
-    fn admit(&self, sh: usize, b: u64) -> bool {
-        if !self.fence_is_syscall() {
-            return true;
-        }
-        let (free, slots) = {
-            let ix = self.shards[sh].ix.lock();
-            (ix.free_len as u64, ix.nslots() as u64)
-        };
-        self.promotion.admit(b, free, slots)
     }
 
     /// An origin request, tried again after short pauses before the client
