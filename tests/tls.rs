@@ -246,28 +246,40 @@ h.shutdown()
 print("OK")
 "#;
 
-/// Run `refused` (which must fail) while a good TLS client (`good_uri`) is
-/// connected; then that client must finish its work, and the whole export
-/// must hold exactly what it wrote: the refused client wrote nothing.
-fn refusal(dir: &TempDir, srv: &ServerGuard, good_uri: &str, refused: impl FnOnce()) {
-    let script = dir.join("stayer.py");
-    std::fs::write(&script, STAYER).unwrap();
-    let (ready, go) = (dir.join("ready"), dir.join("go"));
-    let mut stayer = Proc::spawn(
+/// Start a libnbd Python client `script` (its arguments: the URI, a file
+/// it creates once connected, a file it waits for before it finishes) and
+/// wait, bounded by `T`, until it is connected. Returns it and the file
+/// that lets it go.
+fn start_client(dir: &TempDir, name: &str, script: &str, uri: &str) -> (Proc, PathBuf) {
+    let path = dir.join(&format!("{name}.py"));
+    std::fs::write(&path, script).unwrap();
+    let (ready, go) = (
+        dir.join(&format!("{name}.ready")),
+        dir.join(&format!("{name}.go")),
+    );
+    let mut client = Proc::spawn(
         &require_tool("python3"),
-        &[s(&script), good_uri.to_string(), s(&ready), s(&go)],
-        dir.join("stayer.log"),
+        &[s(&path), uri.to_string(), s(&ready), s(&go)],
+        dir.join(&format!("{name}.log")),
         &[],
     );
     let start = std::time::Instant::now();
     while !ready.exists() {
         assert!(
-            stayer.exited().is_none() && start.elapsed() < T,
-            "the good client did not get going: {}",
-            stayer.log_text()
+            client.exited().is_none() && start.elapsed() < T,
+            "the {name} client did not connect: {}",
+            client.log_text()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    (client, go)
+}
+
+/// Run `refused` (which must fail) while a good TLS client (`good_uri`) is
+/// connected; then that client must finish its work, and the whole export
+/// must hold exactly what it wrote: the refused client wrote nothing.
+fn refusal(dir: &TempDir, srv: &ServerGuard, good_uri: &str, refused: impl FnOnce()) {
+    let (mut stayer, go) = start_client(dir, "stayer", STAYER, good_uri);
     refused();
     std::fs::write(&go, b"").unwrap();
     let status = stayer.wait_exit(T).expect("the good client finishes");
@@ -584,26 +596,9 @@ fn stats_and_metrics_show_each_connection_with_its_tls_state() {
         &["--tls", "on", "--tls-psk", &s(&keys), "--metrics", &m],
     );
     // A TLS client (libnbd, GnuTLS, PSK identity alice) and a plain one.
-    let script = dir.join("holder.py");
-    std::fs::write(&script, HOLDER).unwrap();
-    let (ready, go) = (dir.join("ready"), dir.join("go"));
     let uri = nbds_user(&srv, "alice", &format!("tls-psk-file={}", s(&keys)));
-    let mut holder = Proc::spawn(
-        &require_tool("python3"),
-        &[s(&script), uri, s(&ready), s(&go)],
-        dir.join("holder.log"),
-        &[],
-    );
     let plain = pmcache_nbd::Client::connect(&srv.uri()).unwrap();
-    let start = std::time::Instant::now();
-    while !ready.exists() {
-        assert!(
-            holder.exited().is_none() && start.elapsed() < T,
-            "the TLS client did not connect: {}",
-            holder.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (mut holder, go) = start_client(&dir, "holder", HOLDER, &uri);
 
     let st = stats_until(&dir, "two connections in transmission", |st| {
         let c = open_connections(st);
