@@ -739,6 +739,21 @@ fn a_read_miss_answers_before_it_publishes() {
     assert_eq!(e.stats().promotions, 2, "the fetched blocks were published");
 }
 
+/// A thread reading the block at `x` (a miss), held after its origin read
+/// until the returned pause is released.
+fn held_read_miss(e: &Arc<Engine>, x: u64) -> (Arc<Pause>, std::thread::JoinHandle<()>) {
+    let pause = Pause::install(e);
+    let reader = {
+        let e = e.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            e.read(x, &mut buf).unwrap();
+        })
+    };
+    pause.wait_reached();
+    (pause, reader)
+}
+
 /// A miss that read old data from the origin must not publish it after a
 /// newer write has reached the origin and left the cache (issue 11's
 /// stale-fill race, writeback mode): the reader is held between its origin
@@ -752,15 +767,7 @@ fn a_read_miss_never_publishes_data_older_than_a_write_that_overtook_it() {
         ..manual()
     });
     let x = 5 * 4096u64;
-    let pause = Pause::install(&e);
-    let reader = {
-        let e = e.clone();
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 4096];
-            e.read(x, &mut buf).unwrap();
-        })
-    };
-    pause.wait_reached();
+    let (pause, reader) = held_read_miss(&e, x);
     let d1 = pattern(77, 4096);
     e.write(x, &d1, false).unwrap();
     // Write X back and push it out of the cache with other blocks, as far as
@@ -802,15 +809,7 @@ fn a_read_miss_never_publishes_data_older_than_a_writearound_write() {
         ..manual()
     });
     let x = 9 * 4096u64;
-    let pause = Pause::install(&e);
-    let reader = {
-        let e = e.clone();
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 4096];
-            e.read(x, &mut buf).unwrap();
-        })
-    };
-    pause.wait_reached();
+    let (pause, reader) = held_read_miss(&e, x);
     let d1 = pattern(78, 4096);
     let writer = {
         let (e, d1) = (e.clone(), d1.clone());
