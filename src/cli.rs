@@ -163,6 +163,15 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size_or_zero, default_value = "4MiB")]
     pub sequential_cutoff: u64,
 
+    /// ordered: writeback copies dirty data to the origin epoch by epoch (the writes
+    /// between two client FLUSHes), each sealed by an origin flush, so the origin is
+    /// always a state a disk could have shown after a power cut: losing the cache loses
+    /// recent writes, never the file system on the origin. none: any order, as
+    /// dm-writecache and bcache; faster when clients flush often, but the origin is
+    /// unusable on its own until writeback finishes
+    #[arg(long, value_name = "ORDER", default_value = "ordered")]
+    pub writeback_order: pmcache_engine::WritebackOrder,
+
     /// TLS (NBD_OPT_STARTTLS), as nbdkit: off; on (clients choose); require (every
     /// option but STARTTLS is refused before TLS). on and require need --tls-certificates
     /// or --tls-psk

@@ -72,6 +72,45 @@ pub struct EngineConfig {
     /// Bytes a sequential stream moves through the cache before the rest of
     /// it bypasses the cache (bcache's `sequential_cutoff`); 0: never.
     pub sequential_cutoff: u64,
+    /// Whether writeback keeps the origin crash-consistent (epoch order).
+    pub writeback_order: WritebackOrder,
+}
+
+/// How writeback orders what it writes to the origin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WritebackOrder {
+    /// Epoch by epoch (an epoch is the writes between two client FLUSHes),
+    /// each sealed by an origin flush: the origin always holds a state a
+    /// disk could have shown after a power cut, only older. Losing the cache
+    /// loses recency, never integrity.
+    #[default]
+    Ordered,
+    /// Any order (as dm-writecache, bcache): the origin is a mix of old and
+    /// new blocks until writeback finishes, and is not usable on its own if
+    /// the cache is lost.
+    Unordered,
+}
+
+impl std::str::FromStr for WritebackOrder {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "ordered" | "epoch" => Ok(WritebackOrder::Ordered),
+            "none" | "unordered" => Ok(WritebackOrder::Unordered),
+            _ => Err(format!(
+                "unknown writeback order '{s}' (expected ordered or none)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for WritebackOrder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WritebackOrder::Ordered => "ordered",
+            WritebackOrder::Unordered => "none",
+        })
+    }
 }
 
 impl Default for EngineConfig {
@@ -86,6 +125,7 @@ impl Default for EngineConfig {
             shards: None,
             promote_reads: true,
             sequential_cutoff: DEFAULT_SEQUENTIAL_CUTOFF,
+            writeback_order: WritebackOrder::Ordered,
         }
     }
 }

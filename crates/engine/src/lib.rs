@@ -19,7 +19,7 @@ pub mod stats;
 pub mod txn;
 pub mod writeback;
 
-pub use engine::{Engine, EngineConfig, Stage, StagedWrite};
+pub use engine::{Engine, EngineConfig, Stage, StagedWrite, WritebackOrder};
 pub use error::{EngineError, Result};
 pub use format::{CacheMode, Superblock};
 pub use hooks::HookPoint;

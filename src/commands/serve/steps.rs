@@ -208,6 +208,7 @@ impl OpenCache {
             background_writeback: true,
             force_origin: a.force,
             sequential_cutoff: a.sequential_cutoff,
+            writeback_order: a.writeback_order,
             ..EngineConfig::default()
         };
         let engine = Engine::open(region, origin.clone(), cfg)
