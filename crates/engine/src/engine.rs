@@ -152,6 +152,10 @@ pub(crate) struct WritebackCtl {
     pub(crate) stop: AtomicBool,
     pub(crate) thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     pub(crate) rotor: std::sync::atomic::AtomicUsize,
+    /// Held by a writeback step: steps never overlap.
+    pub(crate) step: Mutex<()>,
+    /// A write stream waits for writeback: no trickle pause.
+    pub(crate) urgent: AtomicBool,
 }
 
 /// The cache. Cheap to share (`Arc`); every method is thread-safe.
@@ -176,6 +180,7 @@ pub struct Engine {
     pub(crate) hooks: Hooks,
     pub(crate) streams: Streams,
     pub(crate) promotion: crate::promotion::Promotion,
+    pub(crate) epochs: crate::epoch::Epochs,
     /// Set on shutdown: writes that would wait for space give up instead.
     stop_waits: AtomicBool,
 }
@@ -346,8 +351,8 @@ impl Engine {
         sb: Superblock,
         sb_copy: usize,
         cfg: EngineConfig,
-        last_seq: u64,
-        watermark: u64,
+        (last_seq, watermark): (u64, u64),
+        (epoch, written): (u64, u64),
     ) -> Result<Engine> {
         let layout = sb.layout;
         let bs = layout.block_size;
@@ -412,11 +417,14 @@ impl Engine {
                 stop: AtomicBool::new(false),
                 thread: Mutex::new(None),
                 rotor: Default::default(),
+                step: Mutex::new(()),
+                urgent: AtomicBool::new(false),
             },
             closed: AtomicBool::new(false),
             hooks: Hooks::default(),
             streams: Streams::new(cfg.sequential_cutoff),
             promotion: crate::promotion::Promotion::new(layout.slot_count, msync),
+            epochs: crate::epoch::Epochs::new(epoch, written),
             stop_waits: AtomicBool::new(false),
             cfg,
         })
@@ -457,6 +465,19 @@ impl Engine {
 
     pub fn region(&self) -> &Arc<dyn PmemRegion> {
         &self.region
+    }
+
+    /// Writeback keeps the origin crash-consistent (epoch order).
+    pub(crate) fn ordered(&self) -> bool {
+        self.cfg.writeback_order == WritebackOrder::Ordered
+    }
+
+    /// A dirty version overwritten in a later epoch is retained: ordered
+    /// writeback in writeback mode. Writethrough writes the origin in the
+    /// client's own order, so an older version written back after a newer
+    /// one would undo it.
+    pub(crate) fn retains(&self) -> bool {
+        self.ordered() && self.mode() == CacheMode::Writeback
     }
 
     pub(crate) fn bs(&self) -> u64 {
@@ -570,13 +591,15 @@ impl Engine {
 
     pub fn stats(&self) -> StatsSnapshot {
         let c = &self.counters;
-        let (mut occupied, mut dirty, mut free) = (0u64, 0u64, 0u64);
+        let (mut occupied, mut dirty, mut free, mut retained) = (0u64, 0u64, 0u64, 0u64);
         for sh in self.shards.iter() {
             let ix = sh.ix.lock();
             occupied += ix.valid as u64;
             dirty += ix.dirty as u64;
             free += ix.free_len as u64 + ix.retiring.len() as u64;
+            retained += ix.retained as u64;
         }
+        let (epochs_pending, oldest) = self.epochs.pending();
         StatsSnapshot {
             mode: self.mode().to_string(),
             pmem_mode: self.region.mode().to_string(),
@@ -605,6 +628,16 @@ impl Engine {
             bypass_bytes: c.get(Ctr::BypassBytes),
             fences: self.region.fences(),
             watermark: self.seq.durable(),
+            writeback_order: self.cfg.writeback_order.to_string(),
+            retained,
+            epoch: self.epochs.current(),
+            written_epoch: self.epochs.written(),
+            epochs_pending,
+            oldest_pending_epoch_ms: if dirty + retained == 0 {
+                0
+            } else {
+                oldest.as_millis() as u64
+            },
         }
     }
 
@@ -624,8 +657,15 @@ impl Engine {
         .sum()
     }
 
-    /// Number of dirty blocks now.
+    /// Versions the origin is owed now: dirty blocks, and the older
+    /// versions ordered writeback retains.
     pub fn dirty_blocks(&self) -> u64 {
-        self.shards.iter().map(|s| s.ix.lock().dirty as u64).sum()
+        self.shards
+            .iter()
+            .map(|s| {
+                let ix = s.ix.lock();
+                (ix.dirty + ix.retained) as u64
+            })
+            .sum()
     }
 }

@@ -11,6 +11,12 @@ pub enum EngineError {
     TooLarge { len: u64, max: u64 },
     #[error("not a pmcache cache: {0}")]
     NotACache(String),
+    #[error("cache format version {found} is not this pmcache's ({expected}): {hint}")]
+    OldFormat {
+        found: u32,
+        expected: u32,
+        hint: &'static str,
+    },
     #[error("corrupt cache metadata: {0}")]
     Corrupt(String),
     #[error("cache belongs to origin '{expected}' ({expected_size} bytes), not '{found}' ({found_size} bytes); use --force to attach it anyway")]

@@ -3,7 +3,8 @@
 //! ```text
 //! offset 0       superblock copy A (4 KiB)   } updated alternately, highest valid
 //! offset 4096    superblock copy B (4 KiB)   } generation wins
-//! offset 8192    watermark page: 64 lines, S is the largest valid word
+//! offset 8192    watermark page: lines 0..63 hold S (the largest valid
+//!                word), line 63 the written-back epoch W
 //! offset 12288   slot metadata: one 64-byte line per slot
 //! data_offset    slot data: slot_count × block_size, aligned to max(block, 4 KiB)
 //! ```
@@ -11,9 +12,9 @@
 //! **Slot metadata line** (little-endian u64 words):
 //! `w0` origin block, `w1` seq, `w2` xxh3 of the block data (0 for a zero
 //! entry), `w3` txn block count (low 32) | flags (high 32), `w4` crc32c of
-//! w0..w3, `w5` the *state word*, `w6..w7` reserved.
+//! w0..w3 and w6, `w5` the *state word*, `w6` the epoch, `w7` reserved.
 //!
-//! `w0..w4` are written once per incarnation of a slot. The state word
+//! `w0..w4` and `w6` are written once per incarnation of a slot. The state word
 //! `seq[0..56] | code << 56` is the only word changed in place, by single
 //! failure-atomic 8-byte stores: DIRTY → CLEAN after writeback, anything →
 //! FREE when the slot is retired. An entry is *live* when its crc holds, the
@@ -42,6 +43,26 @@
 //!    entry of that block is durably FREE — no resurrection.
 //! 4. Per block, seq order is commit order (writers of a block are
 //!    serialized while they take a seq), so recovery keeps the highest seq.
+//!
+//! **Epochs and ordered writeback.** The client's writes between two of its
+//! FLUSHes form an epoch; each entry records the epoch its write committed
+//! in (per block, epochs never decrease with seq, as the writer lock orders
+//! both). Ordered writeback copies epoch after epoch to the origin, each
+//! sealed by an origin flush, so the origin always holds the state at the
+//! end of some epoch k-1 plus part of epoch k: what a disk could show after
+//! a power cut. For that, a dirty version overwritten in a *later* epoch is
+//! *retained* (live in media, out of the index, never read) until its own
+//! epoch is written back; one overwritten in the same epoch goes at once.
+//! W, on the epoch line, says "every epoch ≤ W is on the origin, flushed";
+//! it is raised with the fence that makes the CLEAN states of an epoch's
+//! last batch durable, before the next epoch's first origin write. Rules:
+//! 5. Recovery keeps, per block, the newest entry, and of the older dirty
+//!    entries newer than its newest CLEAN one, those with an epoch above W
+//!    and below the newest's: the newest per epoch, in epoch order. Every
+//!    other version is a loser. An epoch at or below W is never written to
+//!    the origin again, so rewriting an epoch cannot undo a later one.
+//! 6. A retained version is retired (rule 2 applies) only after its epoch's
+//!    origin flush.
 
 use pmcache_pmem::PmemRegion;
 
@@ -54,8 +75,8 @@ const _: () = {
     );
     assert!(WATERMARK_OFF == 2 * SB_SIZE && META_OFF == WATERMARK_OFF + SB_SIZE);
     assert!(
-        WM_LINES * 64 == SB_SIZE,
-        "one watermark line per 64 bytes of its page"
+        (WM_LINES + 1) * 64 == SB_SIZE,
+        "one watermark line per 64 bytes of its page, the last one W's"
     );
     assert!(
         SEQ_MASK == (1 << 56) - 1,
@@ -65,14 +86,17 @@ const _: () = {
 
 /// Superblock magic.
 pub const MAGIC: [u8; 8] = *b"PMCACHE\x01";
-/// On-media format version.
-pub const VERSION: u32 = 2;
+/// On-media format version. 3: entries carry their epoch and the
+/// watermark page's last line holds W (ordered writeback).
+pub const VERSION: u32 = 3;
 /// Size of one superblock copy.
 pub const SB_SIZE: usize = 4096;
 /// Offset of the watermark page; line 0's first word is the shared word.
 pub const WATERMARK_OFF: usize = 2 * SB_SIZE;
-/// Lines in the watermark page.
-pub const WM_LINES: usize = SB_SIZE / 64;
+/// Lines in the watermark page that hold S.
+pub const WM_LINES: usize = SB_SIZE / 64 - 1;
+/// The page's last line: W, the newest epoch written back to the origin.
+pub const EPOCH_LINE: usize = WM_LINES;
 /// Offset of slot metadata.
 pub const META_OFF: usize = 3 * SB_SIZE;
 /// Bytes of metadata per slot (one cache line).
@@ -320,6 +344,8 @@ pub struct Entry {
     /// Number of blocks in the transaction that wrote this entry.
     pub count: u32,
     pub flags: u32,
+    /// The client epoch the write committed in.
+    pub epoch: u64,
 }
 
 impl Entry {
@@ -327,16 +353,17 @@ impl Entry {
         self.flags & FLAG_ZERO != 0
     }
 
-    /// Words w0..w4 (w4 carries the crc).
-    pub fn encode(&self) -> [u64; 5] {
+    /// Words w0..w6 (w4 carries the crc; w5, the state word, is 0 here
+    /// and not covered).
+    pub fn encode(&self) -> [u64; ENTRY_WORDS] {
         let w3 = self.count as u64 | (self.flags as u64) << 32;
-        let mut w = [self.block, self.seq, self.hash, w3, 0];
+        let mut w = [self.block, self.seq, self.hash, w3, 0, 0, self.epoch];
         w[4] = entry_crc(&w) as u64;
         w
     }
 
-    /// `None` when the checksum does not hold.
-    pub fn decode(w: &[u64; 5]) -> Option<Entry> {
+    /// `None` when the checksum does not hold (w5 is ignored).
+    pub fn decode(w: &[u64; ENTRY_WORDS]) -> Option<Entry> {
         if w[4] != entry_crc(w) as u64 {
             return None;
         }
@@ -346,14 +373,18 @@ impl Entry {
             hash: w[2],
             count: w[3] as u32,
             flags: (w[3] >> 32) as u32,
+            epoch: w[6],
         })
     }
 }
 
-fn entry_crc(w: &[u64; 5]) -> u32 {
-    let mut bytes = [0u8; 32];
-    for i in 0..4 {
-        bytes[i * 8..i * 8 + 8].copy_from_slice(&w[i].to_le_bytes());
+/// Words of an entry line that `Entry` encodes (w0..w6, w5 aside).
+pub const ENTRY_WORDS: usize = 7;
+
+fn entry_crc(w: &[u64; ENTRY_WORDS]) -> u32 {
+    let mut bytes = [0u8; 40];
+    for (i, wi) in [0, 1, 2, 3, 6].into_iter().enumerate() {
+        bytes[i * 8..i * 8 + 8].copy_from_slice(&w[wi].to_le_bytes());
     }
     crc32c::crc32c(&bytes)
 }
@@ -389,6 +420,15 @@ pub fn decode_watermark(w: u64) -> Option<u64> {
 /// Offset of watermark line `i`.
 pub fn wm_line_off(i: usize) -> usize {
     WATERMARK_OFF + i * 64
+}
+
+/// W, the newest epoch on the origin: its line must hold a valid word.
+pub fn read_written_epoch(region: &dyn PmemRegion) -> Result<u64, String> {
+    let off = wm_line_off(EPOCH_LINE);
+    let w = region.word(off).load(std::sync::atomic::Ordering::SeqCst);
+    decode_watermark(w).ok_or_else(|| {
+        format!("written-back epoch word at offset {off} fails its checksum ({w:#018x})")
+    })
 }
 
 /// S: the largest valid word of the watermark page. Line 0 must be valid;
@@ -478,6 +518,7 @@ mod tests {
             hash: 0xdead,
             count: 3,
             flags: FLAG_ZERO,
+            epoch: 5,
         };
         let mut w = e.encode();
         assert_eq!(Entry::decode(&w), Some(e));

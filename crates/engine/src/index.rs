@@ -5,7 +5,7 @@
 //! one) and LRU links 8 B: 24 B. The free list threads through the chain array,
 //! since a free slot is in no bucket chain.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::policy::{Lru, Policy, Verdict};
@@ -24,7 +24,10 @@ pub const K_WB: u64 = 1 << 51;
 pub const K_ON_ORIGIN: u64 = 1 << 52;
 /// Read since the policy last considered it (second chance).
 pub const K_REF: u64 = 1 << 53;
-const PIN_SHIFT: u32 = 54;
+/// A dirty version overwritten in a later epoch, kept out of the index
+/// until its own epoch is written back (format rule 5).
+pub const K_RETAINED: u64 = 1 << 54;
+const PIN_SHIFT: u32 = 55;
 const PIN_ONE: u64 = 1 << PIN_SHIFT;
 /// Readers pinning a slot, from its key word.
 pub fn key_pins(k: u64) -> u64 {
@@ -110,6 +113,13 @@ pub struct ShardIndex {
     pub locks: BlockMap<BlockLock>,
     pub dirty: u32,
     pub valid: u32,
+    /// Retained versions (counted apart from `dirty` and `valid`).
+    pub retained: u32,
+    /// Epoch of each slot's incarnation.
+    epochs: Vec<u64>,
+    /// Versions writeback still owes the origin, current or retained, by
+    /// epoch: (epoch, slot).
+    pub pending: BTreeSet<(u64, u32)>,
     /// Writeback scan position.
     pub wb_cursor: u32,
 }
@@ -142,6 +152,9 @@ impl ShardIndex {
             locks: BlockMap::default(),
             dirty: 0,
             valid: 0,
+            retained: 0,
+            epochs: vec![0; n],
+            pending: BTreeSet::new(),
             wb_cursor: 0,
         }
     }
@@ -185,11 +198,46 @@ impl ShardIndex {
         None
     }
 
+    pub fn epoch(&self, s: u32) -> u64 {
+        self.epochs[s as usize]
+    }
+
+    /// Publish `s`, written in `epoch`, as the current slot of `block`; a
+    /// dirty one joins the versions writeback owes the origin.
+    pub fn insert_version(&mut self, s: u32, block: u64, flags: u64, epoch: u64) {
+        self.epochs[s as usize] = epoch;
+        if flags & K_DIRTY != 0 {
+            self.pending.insert((epoch, s));
+        }
+        self.insert(s, block, flags);
+    }
+
+    /// Keep an unpublished dirty version (just `remove`d, `zero` as it
+    /// was) for writeback.
+    pub fn retain(&mut self, s: u32, zero: bool) {
+        debug_assert!(self.pending.contains(&(self.epoch(s), s)));
+        debug_assert!(self.keys[s as usize] & K_VALID == 0);
+        self.keys[s as usize] |= K_RETAINED | if zero { K_ZERO } else { 0 };
+        self.retained += 1;
+    }
+
+    /// A retained version that writeback no longer needs.
+    pub fn release_retained(&mut self, s: u32) {
+        debug_assert!(self.keys[s as usize] & K_RETAINED != 0);
+        self.keys[s as usize] &= !(K_RETAINED | K_ZERO);
+        self.retained -= 1;
+        self.pending.remove(&(self.epoch(s), s));
+    }
+
     /// Publish `s` as the current slot of `block`. The caller has removed
     /// any previous slot of the block.
-    pub fn insert(&mut self, s: u32, block: u64, flags: u64) {
+    fn insert(&mut self, s: u32, block: u64, flags: u64) {
         debug_assert!(self.lookup(block).is_none());
         let b = self.bucket(block);
+        debug_assert!(
+            flags & K_DIRTY == 0 || self.pending.contains(&(self.epoch(s), s)),
+            "a dirty version is owed to the origin"
+        );
         let pins = self.keys[s as usize] & !(PIN_ONE - 1);
         self.keys[s as usize] = block | K_VALID | flags | pins;
         self.chain[s as usize] = self.buckets[b];
@@ -200,7 +248,8 @@ impl ShardIndex {
         }
     }
 
-    /// Unpublish `s` (it stays pinned if it was).
+    /// Unpublish `s` (it stays pinned if it was). A dirty one stays owed to
+    /// the origin until the caller retains it or calls `forget`.
     pub fn remove(&mut self, s: u32) {
         let k = self.keys[s as usize];
         debug_assert!(k & K_VALID != 0);
@@ -228,8 +277,15 @@ impl ShardIndex {
         }
     }
 
+    /// Writeback no longer owes the origin this version (it is clean, or
+    /// superseded in its own epoch).
+    pub fn forget(&mut self, s: u32) {
+        self.pending.remove(&(self.epoch(s), s));
+    }
+
     pub fn mark_clean(&mut self, s: u32) {
         if self.keys[s as usize] & K_DIRTY != 0 {
+            self.forget(s);
             self.keys[s as usize] &= !K_DIRTY;
             self.dirty -= 1;
             self.policy.insert(s);
@@ -320,7 +376,7 @@ mod tests {
         let mut used = Vec::new();
         for b in 0..10u64 {
             let s = ix.pop_free().unwrap();
-            ix.insert(s, b * 1000, if b % 2 == 0 { K_DIRTY } else { 0 });
+            ix.insert_version(s, b * 1000, if b % 2 == 0 { K_DIRTY } else { 0 }, 1);
             used.push((b * 1000, s));
         }
         assert_eq!(ix.free_len, 6);

@@ -7,6 +7,7 @@
 
 pub mod check;
 pub mod engine;
+mod epoch;
 pub mod error;
 pub mod format;
 pub mod hooks;

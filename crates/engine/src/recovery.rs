@@ -18,10 +18,14 @@ use crate::error::{EngineError, Result};
 use crate::format::*;
 use crate::index::*;
 
-/// Read the 5 entry words and the state word of a slot.
-pub(crate) fn read_meta(region: &dyn PmemRegion, layout: &Layout, slot: u64) -> ([u64; 5], u64) {
+/// Read the entry words and the state word of a slot.
+pub(crate) fn read_meta(
+    region: &dyn PmemRegion,
+    layout: &Layout,
+    slot: u64,
+) -> ([u64; ENTRY_WORDS], u64) {
     let off = layout.meta_off(slot);
-    let mut w = [0u64; 5];
+    let mut w = [0u64; ENTRY_WORDS];
     for (i, x) in w.iter_mut().enumerate() {
         *x = region.word(off + i * 8).load(Ordering::Relaxed);
     }
@@ -74,6 +78,7 @@ pub fn read_superblock(region: &dyn PmemRegion) -> Result<(Superblock, usize)> {
     }
     let mut best: Option<(Superblock, usize)> = None;
     let mut errors = Vec::new();
+    let mut version = None;
     for copy in 0..2 {
         // SAFETY: nothing writes the superblock while it is being opened.
         let bytes = unsafe { region.slice(copy * SB_SIZE, SB_SIZE) };
@@ -86,11 +91,16 @@ pub fn read_superblock(region: &dyn PmemRegion) -> Result<(Superblock, usize)> {
                     best = Some((sb, copy));
                 }
             }
-            Err(e) => errors.push(format!(
-                "superblock copy {} (offset {}): {e}",
-                copy,
-                copy * SB_SIZE
-            )),
+            Err(e) => {
+                if let SbError::Version(v) = e {
+                    version = Some(v);
+                }
+                errors.push(format!(
+                    "superblock copy {} (offset {}): {e}",
+                    copy,
+                    copy * SB_SIZE
+                ))
+            }
         }
     }
     match best {
@@ -104,6 +114,15 @@ pub fn read_superblock(region: &dyn PmemRegion) -> Result<(Superblock, usize)> {
             }
             Ok((sb, copy))
         }
+        None if version.is_some() => Err(EngineError::OldFormat {
+            found: version.unwrap_or_default(),
+            expected: VERSION,
+            hint: if version < Some(VERSION) {
+                "it predates ordered writeback; write its dirty data back with the pmcache release that made it (pmcache flush), then format it again"
+            } else {
+                "it was made by a newer pmcache; use that release"
+            },
+        }),
         None if errors.iter().all(|e| e.contains("bad magic")) => {
             Err(EngineError::NotACache("no pmcache superblock found".into()))
         }
@@ -214,6 +233,15 @@ impl Scan {
         Ok(scan)
     }
 
+    /// The newest epoch of any entry that stays.
+    fn max_epoch(&self) -> u64 {
+        self.trusted
+            .iter()
+            .map(|f| f.entry.epoch)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Pass 2: verify what might be torn. A transaction above S stays only
     /// when all `count` of its entries are there and each one's data matches
     /// its hash; otherwise all of it is rolled back.
@@ -263,16 +291,24 @@ const R_ZERO: u64 = 1 << 62;
 #[derive(Debug, Clone, Copy)]
 struct Record {
     seq: u64,
+    epoch: u64,
     slot: u64,
     /// `block | R_DIRTY | R_ZERO`; blocks are below 2^48 (BLOCK_MASK).
     block_flags: u64,
 }
 
-/// Apply one shard's run of records, sorted by seq, to its index: the
-/// newest entry of each block wins and the versions it supersedes become
-/// losers.
-fn apply_run(ix: &mut ShardIndex, run: &[Record], losers: &mut Vec<u64>) -> Result<()> {
+/// Apply one shard's run of records, sorted by seq, to its index (format
+/// rule 5): the newest entry of each block is current; with ordered
+/// writeback (`written`: W), an older dirty version that the origin still
+/// needs is retained; every other version is a loser.
+fn apply_run(
+    ix: &mut ShardIndex,
+    run: &[Record],
+    losers: &mut Vec<u64>,
+    written: Option<u64>,
+) -> Result<()> {
     let first = ix.first_slot;
+    let mut retained: BlockMap<Vec<u32>> = BlockMap::default();
     for r in run {
         let (slot, bf) = (r.slot, r.block_flags);
         let (block, dirty) = (bf & !(R_DIRTY | R_ZERO), bf & R_DIRTY != 0);
@@ -289,19 +325,56 @@ fn apply_run(ix: &mut ShardIndex, run: &[Record], losers: &mut Vec<u64>) -> Resu
         }
         let local = (slot - first) as u32;
         if let Some(old) = ix.lookup(block) {
-            ix.remove(old);
-            losers.push(first + old as u64);
+            supersede(ix, old, r, written, &mut retained, losers);
         }
         let mut flags = if dirty { K_DIRTY } else { 0 };
         if bf & R_ZERO != 0 {
             flags |= K_ZERO;
         }
-        ix.insert(local, block, flags);
+        ix.insert_version(local, block, flags, r.epoch);
         if !dirty {
             ix.policy.insert(local);
         }
     }
     Ok(())
+}
+
+/// Recovery's publish: `old`, the current version of `r`'s block, makes
+/// way for `r`. A clean `r` makes every retained version of the block a
+/// loser: its epoch was written back after theirs.
+fn supersede(
+    ix: &mut ShardIndex,
+    old: u32,
+    r: &Record,
+    written: Option<u64>,
+    retained: &mut BlockMap<Vec<u32>>,
+    losers: &mut Vec<u64>,
+) {
+    let first = ix.first_slot;
+    let block = r.block_flags & BLOCK_MASK;
+    let new_dirty = r.block_flags & R_DIRTY != 0;
+    let old_key = ix.key(old);
+    let old_dirty = old_key & K_DIRTY != 0;
+    let old_epoch = ix.epoch(old);
+    ix.remove(old);
+    debug_assert!(
+        old_epoch <= r.epoch || !old_dirty || !new_dirty,
+        "epochs never decrease"
+    );
+    let owed = written.is_some_and(|w| old_epoch > w && old_epoch < r.epoch);
+    if new_dirty && old_dirty && owed {
+        ix.retain(old, old_key & K_ZERO != 0);
+        retained.entry(block).or_default().push(old);
+    } else {
+        ix.forget(old);
+        losers.push(first + old as u64);
+    }
+    if !new_dirty {
+        for s in retained.remove(&block).unwrap_or_default() {
+            ix.release_retained(s);
+            losers.push(first + s as u64);
+        }
+    }
 }
 
 impl Engine {
@@ -324,10 +397,12 @@ impl Engine {
         unsafe { region.zero_flush(META_OFF, meta_len) };
         // SAFETY: formatting owns the whole region.
         unsafe { region.zero_flush(WATERMARK_OFF, SB_SIZE) };
-        region
-            .word(WATERMARK_OFF)
-            .store(encode_watermark(0), Ordering::SeqCst);
-        region.flush(WATERMARK_OFF, 8);
+        for off in [WATERMARK_OFF, wm_line_off(EPOCH_LINE)] {
+            region
+                .word(off)
+                .store(encode_watermark(0), Ordering::SeqCst);
+            region.flush(off, 8);
+        }
         let mut sb = Superblock {
             layout,
             origin_size: origin.size(),
@@ -363,16 +438,18 @@ impl Engine {
 
         // Passes 1 to 3 only read the media (pass 3 rebuilds the index in
         // DRAM); the first store to it is in `free_and_seal`.
+        let written = read_written_epoch(&*region).map_err(EngineError::Corrupt)?;
         let mut scan = Scan::classify(&*region, &layout, s, origin_blocks)?;
         scan.verify_pending(&*region, &layout);
+        let epoch = scan.max_epoch().max(written) + 1;
         let engine = Engine::build(
             region.clone(),
             origin,
             sb.clone(),
             copy,
             cfg,
-            scan.max_seq,
-            s,
+            (scan.max_seq, s),
+            (epoch, written),
         )?;
         let ntrusted = scan.trusted.len();
         let losers = engine.rebuild_index(scan.trusted)?;
@@ -413,13 +490,17 @@ impl Engine {
             let run = &mut recs[starts[sh]..starts[sh + 1]];
             run.sort_unstable_by_key(|r| r.seq);
             let mut ix = self.shards[sh].ix.lock();
-            apply_run(&mut ix, run, &mut losers)?;
+            let written = self.ordered().then(|| self.epochs.written());
+            apply_run(&mut ix, run, &mut losers, written)?;
         }
-        // Every trusted entry is now either indexed or a loser.
+        // Every trusted entry is now either indexed, retained or a loser.
         debug_assert_eq!(
             self.shards
                 .iter()
-                .map(|sh| sh.ix.lock().valid as usize)
+                .map(|sh| {
+                    let ix = sh.ix.lock();
+                    (ix.valid + ix.retained) as usize
+                })
                 .sum::<usize>(),
             ntrusted - losers.len()
         );
@@ -439,6 +520,7 @@ impl Engine {
         }
         let empty = Record {
             seq: 0,
+            epoch: 0,
             slot: 0,
             block_flags: 0,
         };
@@ -450,6 +532,7 @@ impl Engine {
             let flags = if f.dirty { R_DIRTY } else { 0 } | if e.is_zero() { R_ZERO } else { 0 };
             recs[next[sh]] = Record {
                 seq: e.seq,
+                epoch: e.epoch,
                 slot,
                 block_flags: e.block | flags,
             };
@@ -469,12 +552,12 @@ impl Engine {
         for sh in self.shards.iter() {
             let mut ix = sh.ix.lock();
             for local in (0..ix.nslots()).rev() {
-                if ix.key(local) & K_VALID == 0 {
+                if ix.key(local) & (K_VALID | K_RETAINED) == 0 {
                     ix.push_free(local);
                 }
             }
-            // Every slot is either indexed or free.
-            debug_assert_eq!(ix.free_len + ix.valid, ix.nslots());
+            // Every slot is either indexed, retained or free.
+            debug_assert_eq!(ix.free_len + ix.valid + ix.retained, ix.nslots());
         }
     }
 

@@ -70,6 +70,18 @@ pub struct StatsSnapshot {
     pub bypass_bytes: u64,
     pub fences: u64,
     pub watermark: u64,
+    /// `ordered` or `none` (`serve --writeback-order`).
+    pub writeback_order: String,
+    /// Older versions kept until their epoch is written back.
+    pub retained: u64,
+    /// The epoch writes commit in now.
+    pub epoch: u64,
+    /// W: every epoch up to this one is on the origin.
+    pub written_epoch: u64,
+    /// Sealed epochs not yet on the origin.
+    pub epochs_pending: u64,
+    /// Age of the oldest epoch not yet on the origin, in milliseconds.
+    pub oldest_pending_epoch_ms: u64,
 }
 
 impl StatsSnapshot {
@@ -153,6 +165,31 @@ impl StatsSnapshot {
             ),
             ("fences", self.fences, "persistence fences issued in total"),
             ("watermark", self.watermark, "durable transaction watermark"),
+            (
+                "retained",
+                self.retained,
+                "older dirty versions kept until their epoch is written back",
+            ),
+            (
+                "epoch",
+                self.epoch,
+                "epoch of new writes (one per client FLUSH)",
+            ),
+            (
+                "written_epoch",
+                self.written_epoch,
+                "newest epoch written back and flushed to the origin",
+            ),
+            (
+                "epochs_pending",
+                self.epochs_pending,
+                "sealed epochs not yet on the origin",
+            ),
+            (
+                "oldest_pending_epoch_ms",
+                self.oldest_pending_epoch_ms,
+                "age of the oldest epoch not yet on the origin (ms)",
+            ),
         ]
     }
 }

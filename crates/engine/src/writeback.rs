@@ -4,6 +4,13 @@
 //! §4). Only published (acknowledged) versions are written back. A block is
 //! never written to the origin by two parties at once (origin-writer lock),
 //! nor while a reader is fetching it from the origin.
+//!
+//! Ordered writeback (the default) takes one epoch per batch, the oldest
+//! that owes the origin anything, and only once every epoch before it is
+//! closed; the batch's origin flush seals it, and W (the newest epoch on
+//! the origin) rises with the fence of the batch's CLEAN states, before
+//! the next epoch's first origin write. Steps never overlap, so that order
+//! holds across callers (see format rule 5).
 
 use std::io;
 use std::sync::atomic::Ordering;
@@ -12,6 +19,7 @@ use std::time::Duration;
 
 use crate::engine::{Engine, NewBlock};
 use crate::error::{EngineError, Result};
+use crate::format::{encode_watermark, wm_line_off, EPOCH_LINE};
 use crate::index::*;
 
 impl Engine {
@@ -21,8 +29,13 @@ impl Engine {
     /// and costs the others nothing: they still become clean after the
     /// flush. Returns how many became clean; an error only when none did.
     pub fn writeback_step(&self, max: usize) -> Result<usize> {
-        let batch = self.take_dirty(max);
+        let _step = self.wb.step.lock();
+        let batch = self.take_pending(max);
         if batch.is_empty() {
+            if let Some(w) = self.raise_written() {
+                self.region.fence();
+                self.epochs.set_written(w);
+            }
             return Ok(0);
         }
         let (written, mut err) = self.write_blocks_to_origin(&batch);
@@ -37,9 +50,13 @@ impl Engine {
                         .map(|(nb, _)| *nb)
                         .collect();
                     self.mark_clean(&done);
-                    // Make the CLEAN states durable so the dirty set after a
-                    // crash is exact.
+                    let raised = self.raise_written();
+                    // Make the CLEAN states (and W) durable so the dirty set
+                    // after a crash is exact.
                     self.region.fence();
+                    if let Some(w) = raised {
+                        self.epochs.set_written(w);
+                    }
                     cleaned = done.len();
                 }
                 Err(source) => {
@@ -62,9 +79,22 @@ impl Engine {
         }
     }
 
-    /// Up to `max` dirty blocks, in block order, each pinned, marked as in
-    /// writeback and holding its origin-writer lock.
-    fn take_dirty(&self, max: usize) -> Vec<NewBlock> {
+    /// Up to `max` versions the origin is owed, in block order, each
+    /// pinned, marked as in writeback and holding its origin-writer lock.
+    /// Ordered: only the oldest epoch's, and none while an epoch before it
+    /// still has a commit in flight. Otherwise the oldest of any epochs.
+    fn take_pending(&self, max: usize) -> Vec<NewBlock> {
+        let epoch = if self.ordered() {
+            // The gate before the versions: a commit that has left it has
+            // published its versions, so the scan below sees them.
+            let closed = self.epochs.closed();
+            match self.oldest_pending() {
+                Some(e) if e == 0 || closed.is_some_and(|c| c + 1 >= e) => Some(e),
+                _ => return Vec::new(),
+            }
+        } else {
+            None
+        };
         let mut batch: Vec<NewBlock> = Vec::new();
         let n = self.shards.len();
         let start = self.wb_rotor();
@@ -74,43 +104,80 @@ impl Engine {
             }
             let sh = (start + k) % n;
             let mut ix = self.shards[sh].ix.lock();
-            if ix.dirty == 0 {
-                continue;
-            }
-            let nslots = ix.nslots();
-            let mut scanned = 0;
-            while scanned < nslots && batch.len() < max {
-                let s = ix.wb_cursor % nslots;
-                ix.wb_cursor = ix.wb_cursor.wrapping_add(1);
-                scanned += 1;
-                let k = ix.key(s);
-                if k & (K_VALID | K_DIRTY) != (K_VALID | K_DIRTY)
-                    || k & K_WB != 0
-                    || ix.pins(s) >= MAX_PINS
-                {
-                    continue;
+            let range = match epoch {
+                Some(e) => (e, 0)..(e + 1, 0),
+                None => (0, 0)..(u64::MAX, 0),
+            };
+            let owed: Vec<u32> = ix
+                .pending
+                .range(range)
+                .map(|&(_, s)| s)
+                .filter(|&s| ix.key(s) & K_WB == 0 && ix.pins(s) < MAX_PINS)
+                .take(max - batch.len())
+                .collect();
+            for s in owed {
+                if let Some(nb) = Self::take_version(&mut ix, sh, s) {
+                    batch.push(nb);
                 }
-                let block = k & BLOCK_MASK;
-                let l = ix.lock_state(block);
-                if l.origin_writer || l.origin_readers > 0 {
-                    continue;
-                }
-                ix.update_lock(block, |l| l.origin_writer = true);
-                ix.set_flags(s, K_WB);
-                ix.pin(s);
-                batch.push(NewBlock {
-                    block,
-                    shard: sh,
-                    slot: s,
-                    zero: k & K_ZERO != 0,
-                    on_origin: k & K_ON_ORIGIN != 0,
-                    lo: 0,
-                    hi: 0,
-                });
             }
         }
         batch.sort_by_key(|nb| nb.block);
+        // One version per block: an epoch has one, and without order only
+        // current versions are owed.
+        debug_assert!(batch.windows(2).all(|w| w[0].block < w[1].block));
         batch
+    }
+
+    /// Claim an owed version for a batch, unless its block is busy on the
+    /// origin.
+    fn take_version(ix: &mut ShardIndex, sh: usize, s: u32) -> Option<NewBlock> {
+        let k = ix.key(s);
+        debug_assert!(k & K_DIRTY != 0 || k & K_RETAINED != 0, "an owed version");
+        let block = k & BLOCK_MASK;
+        let l = ix.lock_state(block);
+        if l.origin_writer || l.origin_readers > 0 {
+            return None;
+        }
+        ix.update_lock(block, |l| l.origin_writer = true);
+        ix.set_flags(s, K_WB);
+        ix.pin(s);
+        Some(NewBlock {
+            block,
+            shard: sh,
+            slot: s,
+            zero: k & K_ZERO != 0,
+            on_origin: k & K_ON_ORIGIN != 0,
+            lo: 0,
+            hi: 0,
+        })
+    }
+
+    /// The oldest epoch with a version the origin is owed.
+    pub(crate) fn oldest_pending(&self) -> Option<u64> {
+        self.shards
+            .iter()
+            .filter_map(|sh| sh.ix.lock().pending.first().map(|&(e, _)| e))
+            .min()
+    }
+
+    /// With ordered writeback, store a higher W if one is due: every epoch
+    /// up to it is closed and owes the origin nothing. The caller fences,
+    /// then records it.
+    fn raise_written(&self) -> Option<u64> {
+        if !self.ordered() {
+            return None;
+        }
+        let closed = self.epochs.closed()?;
+        let w = match self.oldest_pending() {
+            Some(e) => closed.min(e.saturating_sub(1)),
+            None => closed,
+        };
+        if w <= self.epochs.written() {
+            return None;
+        }
+        self.region
+            .store_word_flush(wm_line_off(EPOCH_LINE), encode_watermark(w));
+        Some(w)
     }
 
     /// Write pinned blocks, sorted by block, to the origin (no flush), for
@@ -202,6 +269,13 @@ impl Engine {
             self.wb.cv.wait_for(&mut k, d);
         }
         *k = false;
+    }
+
+    /// Wake the background writer for a batch without its trickle pause:
+    /// a write stream waits for the earlier epochs to pass the cache.
+    pub(crate) fn kick_writeback_now(&self) {
+        self.wb.urgent.store(true, Ordering::Relaxed);
+        self.kick_writeback();
     }
 
     /// Wake the background writer.
@@ -319,11 +393,14 @@ fn writeback_loop(engine: std::sync::Weak<Engine>) {
             return;
         }
         let pause = match e.writeback_step(e.cfg.writeback_batch) {
+            // Owed versions wait for an epoch's last commit: soon.
+            Ok(0) if e.dirty_blocks() > 0 => Duration::from_millis(1),
             Ok(0) => Duration::from_millis(100),
             Ok(_) => {
                 backoff = BACKOFF_START;
                 let requests = e.client_requests();
-                let active = seen != Some(requests);
+                let urgent = e.wb.urgent.swap(false, Ordering::Relaxed);
+                let active = seen != Some(requests) && !urgent;
                 seen = Some(requests);
                 trickle_pause(
                     e.cfg.writeback_pause,

@@ -4,7 +4,7 @@
 //! what it decodes from.
 #![allow(clippy::unwrap_used)] // tests may panic on failure
 
-use pmcache_engine::format::{Entry, Layout, Superblock, SB_SIZE};
+use pmcache_engine::format::{Entry, Layout, Superblock, ENTRY_WORDS, SB_SIZE, W_STATE};
 use pmcache_engine::CacheMode;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -54,7 +54,8 @@ fn superblock_decode_survives_any_field_values() {
 fn entry_decode_accepts_exactly_checksummed_words() {
     let mut rng = SmallRng::seed_from_u64(12);
     for _ in 0..100_000 {
-        let w: [u64; 5] = std::array::from_fn(|_| rng.gen());
+        let mut w: [u64; ENTRY_WORDS] = std::array::from_fn(|_| rng.gen());
+        w[W_STATE] = 0;
         if let Some(e) = Entry::decode(&w) {
             assert_eq!(e.encode(), w, "accepted words re-encode exactly");
         }
@@ -64,10 +65,18 @@ fn entry_decode_accepts_exactly_checksummed_words() {
             hash: w[2],
             count: w[3] as u32,
             flags: (w[3] >> 32) as u32,
+            epoch: w[6],
         };
         let mut enc = e.encode();
         assert_eq!(Entry::decode(&enc), Some(e));
-        enc[rng.gen_range(0..5)] ^= 1 << rng.gen_range(0..64);
+        enc[W_STATE] = rng.gen();
+        assert_eq!(
+            Entry::decode(&enc),
+            Some(e),
+            "the state word is not covered"
+        );
+        let word = [0, 1, 2, 3, 4, 6][rng.gen_range(0..6)];
+        enc[word] ^= 1 << rng.gen_range(0..64);
         assert_eq!(Entry::decode(&enc), None, "a flipped bit is caught");
     }
 }

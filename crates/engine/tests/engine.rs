@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pmcache_engine::{check, CacheMode, Engine, EngineConfig, EngineError, HookPoint};
+use pmcache_engine::{
+    check, CacheMode, Engine, EngineConfig, EngineError, HookPoint, WritebackOrder,
+};
 use pmcache_origin::{MemOrigin, Origin};
 use pmcache_pmem::{PmemRegion, SimRegion};
 use pmcache_testkit::pattern;
@@ -666,6 +668,9 @@ fn a_flushed_write_stream_is_not_bypassed() {
         }
     }
     assert_eq!(e.stats().bypass_writes, 0, "a flushed stream bypassed");
+    // Ordered writeback lets a write pass the cache only once the earlier
+    // epochs are on the origin.
+    e.flush_all(0, &mut |_, _| {}).unwrap();
     for i in 0..32u64 {
         e.write((512 + i) * 8192, &d, false).unwrap();
     }
@@ -949,11 +954,21 @@ fn a_sequential_scan_bypasses_the_cache_and_spares_the_hot_set() {
 }
 
 /// A sequential write stream past the cutoff goes to the origin durably,
-/// and leaves no older cached or dirty copy behind to resurrect.
+/// and leaves no older cached or dirty copy behind to resurrect. With
+/// ordered writeback, a request over a dirty block stays in the cache.
 #[test]
 fn a_sequential_write_stream_bypasses_without_resurrecting_old_copies() {
+    for order in [WritebackOrder::Unordered, WritebackOrder::Ordered] {
+        sequential_write_stream_bypasses(order);
+    }
+}
+
+fn sequential_write_stream_bypasses(order: WritebackOrder) {
     let rig = Rig::new(8 * MIB, 64 * MIB, 4096);
-    let e = rig.open(manual());
+    let e = rig.open(EngineConfig {
+        writeback_order: order,
+        ..manual()
+    });
     // Old dirty and clean copies inside the range the stream will cover.
     let old = pattern(40, 8192);
     e.write(10 * MIB as u64, &old, false).unwrap();
@@ -967,12 +982,21 @@ fn a_sequential_write_stream_bypasses_without_resurrecting_old_copies() {
             .unwrap();
     }
     let st = e.stats();
-    assert!(st.bypass_writes >= 10, "{st:?}");
+    assert!(st.bypass_writes >= 10, "{order}: {st:?}");
     let durable = rig.origin.durable();
-    assert!(
-        durable[6 * MIB..17 * MIB] == new[5 * MIB..],
-        "bypassed writes in writeback mode are durable on the origin when acknowledged"
-    );
+    // Ordered: the request over the dirty block at 12 MiB was cached.
+    let cached = if order == WritebackOrder::Ordered {
+        12
+    } else {
+        0
+    };
+    for m in 6..17 {
+        assert_eq!(
+            durable[m * MIB..(m + 1) * MIB] == new[(m - 1) * MIB..m * MIB],
+            m != cached,
+            "{order}: MiB {m}: bypassed writes in writeback mode are durable on the origin when acknowledged"
+        );
+    }
     let mut got = vec![0u8; 16 * MIB];
     for i in 0..16usize {
         e.read(((i + 1) * MIB) as u64, &mut got[i * MIB..(i + 1) * MIB])
@@ -1105,4 +1129,85 @@ fn stop_waiting_ends_writes_waiting_for_space() {
     let mut got = vec![1u8; d.len()];
     e.read(off, &mut got).unwrap();
     assert!(got.iter().all(|&b| b == 0), "the failed write left nothing");
+}
+
+/// Ordered writeback: a dirty version overwritten in a later epoch is kept
+/// (across a reopen too) and reaches the origin, flushed, before the newer
+/// one; one overwritten in its own epoch is dropped at once. Without order,
+/// only the newest version is kept.
+#[test]
+fn a_version_overwritten_in_a_later_epoch_is_written_back_first() {
+    for order in [WritebackOrder::Ordered, WritebackOrder::Unordered] {
+        let rig = Rig::new(4 * MIB, 4 * MIB, 4096);
+        let cfg = EngineConfig {
+            writeback_order: order,
+            ..manual()
+        };
+        let e = rig.open(cfg.clone());
+        let (v1, v2, v3) = (pattern(1, 4096), pattern(2, 4096), pattern(3, 4096));
+        e.write(0, &v1, false).unwrap();
+        e.write(4096, &v1, false).unwrap();
+        e.write(4096, &v2, false).unwrap(); // same epoch: v1 of block 1 goes
+        e.flush().unwrap();
+        e.write(0, &v3, false).unwrap(); // later epoch: v1 of block 0 stays
+        let ordered = order == WritebackOrder::Ordered;
+        assert_eq!(e.stats().retained, ordered as u64, "{order}");
+        assert_eq!(e.dirty_blocks(), 2 + ordered as u64, "{order}");
+        e.close().unwrap();
+        drop(e);
+        let e = rig.open(cfg);
+        assert_eq!(e.stats().retained, ordered as u64, "{order}: after reopen");
+        let mut got = vec![0u8; 4096];
+        e.read(0, &mut got).unwrap();
+        assert!(got == v3, "{order}: reads see the newest version");
+        e.writeback_step(1000).unwrap();
+        let durable = rig.origin.durable();
+        if ordered {
+            assert!(durable[..4096] == v1[..], "epoch 1 first, flushed");
+            assert!(durable[4096..8192] == v2[..], "epoch 1's newest version");
+            assert_eq!(e.stats().written_epoch, 1);
+        }
+        e.flush_all(0, &mut |_, _| {}).unwrap();
+        let durable = rig.origin.durable();
+        assert!(
+            durable[..4096] == v3[..],
+            "{order}: the newest version last"
+        );
+        assert!(durable[4096..8192] == v2[..], "{order}");
+        assert_eq!((e.dirty_blocks(), e.stats().retained), (0, 0), "{order}");
+        e.close().unwrap();
+    }
+}
+
+/// A cache of the format before epochs (version 2) is refused, with what to
+/// do about it; nothing in it is changed.
+#[test]
+fn a_cache_of_the_previous_format_is_refused_with_a_clear_message() {
+    let rig = Rig::new(4 * MIB, 4 * MIB, 4096);
+    for copy in 0..2 {
+        let off = copy * pmcache_engine::format::SB_SIZE + 8;
+        // SAFETY: no engine has the region open.
+        unsafe { rig.region.copy_flush(off, &2u32.to_le_bytes()) };
+    }
+    let before = rig.region.volatile_image();
+    let err = Engine::open(
+        rig.region.clone() as Arc<dyn PmemRegion>,
+        rig.origin.clone() as Arc<dyn Origin>,
+        manual(),
+    )
+    .err()
+    .expect("an old cache is refused");
+    let msg = err.to_string();
+    assert!(
+        matches!(err, EngineError::OldFormat { found: 2, .. }),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("version 2") && msg.contains("pmcache flush"),
+        "{msg}"
+    );
+    assert!(
+        rig.region.volatile_image() == before,
+        "the refused cache is unchanged"
+    );
 }

@@ -561,6 +561,8 @@ impl Engine {
                         hash,
                         count,
                         flags: 0,
+                        // Clean: no epoch owes it to the origin.
+                        epoch: 0,
                     };
                     self.write_entry(self.firsts[nb.shard], nb.slot, &e, STATE_CLEAN);
                 }
@@ -579,7 +581,7 @@ impl Engine {
         for (i, nb) in filled.iter().enumerate() {
             let ix = &mut g[Self::guard_pos(ids, nb.shard)];
             if keep[i] {
-                ix.insert(nb.slot, nb.block, 0);
+                ix.insert_version(nb.slot, nb.block, 0, 0);
                 ix.policy.insert(nb.slot);
                 ix.update_lock(nb.block, |l| l.writer = false);
                 self.counters.add(Ctr::Promotions, 1);

@@ -8,7 +8,7 @@ impl Engine {
     /// caller). Streaming stores: the line is never read first.
     pub(crate) fn write_entry(&self, first: u64, s: u32, e: &Entry, code: u8) {
         let mut words = [0u64; META_SIZE / 8];
-        words[..5].copy_from_slice(&e.encode());
+        words[..ENTRY_WORDS].copy_from_slice(&e.encode());
         words[W_STATE] = state_word(e.seq, code);
         let mut line = [0u8; META_SIZE];
         for (b, w) in line.chunks_exact_mut(8).zip(words) {
@@ -56,6 +56,7 @@ impl Engine {
         let slot = ix.pop_free().expect("free count");
         let batch = self.piggyback_batch(&mut ix, 1);
         let first = ix.first_slot;
+        let ep = self.epochs.enter();
         let t = self.seq.begin();
         let staged = self.seq.stage_watermark_own(&t, &*self.region);
         // SAFETY: a free slot, taken under the shard lock and unpublished.
@@ -66,18 +67,20 @@ impl Engine {
             hash,
             count: 1,
             flags: 0,
+            epoch: ep.epoch,
         };
         self.write_entry(first, slot, &e, STATE_DIRTY);
         if let Some(batch) = &batch {
             self.flush_reclaim(first, batch);
         }
         self.region.fence();
-        let hit = self.publish(&mut ix, slot, b, K_DIRTY, t.seq);
+        let hit = self.publish(&mut ix, slot, b, K_DIRTY, t.seq, ep.epoch);
         if let Some(batch) = batch {
             self.complete_reclaim(&mut ix, batch);
         }
         self.seq.end(t, staged);
         drop(ix);
+        drop(ep);
         shard.cv.notify_all();
         self.counters.add(Ctr::WriteFences, 1);
         self.counters.add(
@@ -131,6 +134,7 @@ impl Engine {
     pub fn flush(&self) -> Result<()> {
         self.check_open()?;
         self.streams.sync_point();
+        self.epochs.seal();
         if self.mode() == CacheMode::Writeback {
             return Ok(());
         }
@@ -153,8 +157,8 @@ impl Engine {
         }
         let bs = self.bs();
         let (b0, b1) = (offset / bs, (offset + len - 1) / bs);
-        let held = self.lock_writers(b0, b1);
-        let mode = self.bypass_mode(offset, len, fua, &src);
+        let mut held = self.lock_writers(b0, b1);
+        let (mode, epoch) = self.bypass_mode(offset, len, fua, &src, &mut held);
         let fua = fua || (mode == CacheMode::Writearound && self.mode() == CacheMode::Writeback);
         let r = match mode {
             CacheMode::Writeback => self
@@ -167,7 +171,7 @@ impl Engine {
                 drop(held);
                 // A bypassed write of a writeback cache may land in the cache.
                 let fallback = mode != self.mode() && self.mode() == CacheMode::Writeback;
-                self.origin_write(offset, len, src, fua, b0, b1, fallback)
+                self.origin_write(offset, len, src, fua, (b0, b1), fallback, epoch)
             }
         };
         // A successful writeback-mode write released its locks on publish.
@@ -186,16 +190,48 @@ impl Engine {
     /// every promise (cached copies are updated or dropped, dirty blocks go
     /// through the cache); in writeback mode such a write carries FUA, since
     /// an acknowledged write must be durable without a FLUSH.
-    pub(super) fn bypass_mode(&self, offset: u64, len: u64, fua: bool, src: &Src<'_>) -> CacheMode {
+    ///
+    /// With ordered writeback, a write may pass the cache only when the
+    /// origin is owed nothing from an earlier epoch, no earlier epoch has a
+    /// commit in flight, and its own blocks are clean (its writer locks keep
+    /// them so); it then holds its epoch open (the returned guard) until
+    /// the origin has it, so no later epoch reaches the origin first. The
+    /// check locks every shard, so the caller's kept shard lock (`held`)
+    /// goes first.
+    pub(super) fn bypass_mode(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        src: &Src<'_>,
+        held: &mut Option<MutexGuard<'_, ShardIndex>>,
+    ) -> (CacheMode, Option<crate::epoch::EpochGuard<'_>>) {
         let mode = self.mode();
         let cached = matches!(mode, CacheMode::Writeback | CacheMode::Writethrough);
         // Zeroes cost the cache no data: they are not worth a bypass.
-        if cached && !matches!(src, Src::Zero) && self.streams.bypass(offset, len, true, fua) {
-            self.counters.add(Ctr::BypassWrites, 1);
-            self.counters.add(Ctr::BypassBytes, len);
-            return CacheMode::Writearound;
+        if !cached || matches!(src, Src::Zero) || !self.streams.bypass(offset, len, true, fua) {
+            return (mode, None);
         }
-        mode
+        let guard = if mode == CacheMode::Writeback && self.ordered() {
+            *held = None;
+            let g = self.epochs.enter();
+            let closed = self.epochs.closed();
+            let bs = self.bs();
+            if self.oldest_pending().is_some_and(|p| p < g.epoch)
+                || closed.is_none_or(|c| c + 1 < g.epoch)
+                || self.any_dirty(offset / bs, (offset + len - 1) / bs)
+            {
+                // The earlier epochs go first, quickly.
+                self.kick_writeback_now();
+                return (mode, None);
+            }
+            Some(g)
+        } else {
+            None
+        };
+        self.counters.add(Ctr::BypassWrites, 1);
+        self.counters.add(Ctr::BypassBytes, len);
+        (CacheMode::Writearound, guard)
     }
 
     pub(super) fn unpin_all(&self, nbs: &[NewBlock]) {
@@ -455,6 +491,7 @@ impl Engine {
             None if lock_early => self.lock_all(&ids),
             None => SmallVec::new(),
         };
+        let ep = self.epochs.enter();
         let t = self.seq.begin();
         let seq = t.seq;
         let staged = self.seq.stage_watermark_own(&t, &*self.region);
@@ -462,7 +499,7 @@ impl Engine {
         // 5. Persistence stores: data, entries, reclaim FREEs, then flushes.
         let mut pos = 0usize;
         for nb in &nbs {
-            self.persist_block(nb, data, pos, seq, count);
+            self.persist_block(nb, data, pos, (seq, ep.epoch), count);
             pos += (nb.hi - nb.lo) as usize;
         }
         for (sh, b) in &batches {
@@ -474,13 +511,14 @@ impl Engine {
         if g.is_empty() {
             g = self.lock_all(&ids);
         }
-        let (hits, misses) = self.publish_blocks(&mut g, &ids, &nbs, seq, release);
+        let (hits, misses) = self.publish_blocks(&mut g, &ids, &nbs, (seq, ep.epoch), release);
         for (sh, b) in batches {
             let pos = Self::guard_pos(&ids, sh);
             self.complete_reclaim(&mut g[pos], b);
         }
         self.seq.end(t, staged);
         drop(g);
+        drop(ep);
         for &sh in &ids {
             self.shards[sh].cv.notify_all();
         }
@@ -499,7 +537,14 @@ impl Engine {
     /// instruction: this runs between the first streaming store and the
     /// fence.
     #[inline]
-    fn persist_block(&self, nb: &NewBlock, data: Filled<'_>, pos: usize, seq: u64, count: u32) {
+    fn persist_block(
+        &self,
+        nb: &NewBlock,
+        data: Filled<'_>,
+        pos: usize,
+        (seq, epoch): (u64, u64),
+        count: u32,
+    ) {
         let bs = self.bs();
         let first = self.firsts[nb.shard];
         let off = self.data(first, nb.slot);
@@ -540,6 +585,7 @@ impl Engine {
             hash,
             count,
             flags: if nb.zero { FLAG_ZERO } else { 0 },
+            epoch,
         };
         self.write_entry(first, nb.slot, &e, STATE_DIRTY);
     }
@@ -553,7 +599,7 @@ impl Engine {
         g: &mut [MutexGuard<'_, ShardIndex>],
         ids: &[usize],
         nbs: &[NewBlock],
-        seq: u64,
+        (seq, epoch): (u64, u64),
         release: bool,
     ) -> (u64, u64) {
         let (mut hits, mut misses) = (0, 0);
@@ -561,7 +607,7 @@ impl Engine {
             let pos = Self::guard_pos(ids, nb.shard);
             let ix = &mut g[pos];
             let flags = K_DIRTY | if nb.zero { K_ZERO } else { 0 };
-            if self.publish(ix, nb.slot, nb.block, flags, seq) {
+            if self.publish(ix, nb.slot, nb.block, flags, seq, epoch) {
                 hits += 1;
             } else {
                 misses += 1;
@@ -575,7 +621,9 @@ impl Engine {
     }
 
     /// After a write's fence: make `slot` the current version of `block`
-    /// and retire the version it replaces. True if there was one.
+    /// and retire the version it replaces, or retain it for ordered
+    /// writeback if it is dirty from an earlier epoch (format rule 5). True
+    /// if there was one.
     pub(super) fn publish(
         &self,
         ix: &mut ShardIndex,
@@ -583,6 +631,7 @@ impl Engine {
         block: u64,
         flags: u64,
         seq: u64,
+        epoch: u64,
     ) -> bool {
         // Format rule 4: per block, seq order is commit order (debug
         // builds read the entries from media to check it).
@@ -596,10 +645,18 @@ impl Engine {
             // Retire under this transaction's seq rather than the old
             // version's: it is larger, so the FREE store waits at least as
             // long as rule 2 asks, and no cold entry line is read.
+            let k = ix.key(old);
             ix.remove(old);
-            self.retire(ix, old, seq);
+            if k & K_DIRTY == 0 {
+                self.retire(ix, old, seq);
+            } else if self.retains() && k & K_ON_ORIGIN == 0 && ix.epoch(old) < epoch {
+                ix.retain(old, k & K_ZERO != 0);
+            } else {
+                ix.forget(old);
+                self.retire(ix, old, seq);
+            }
         }
-        ix.insert(slot, block, flags);
+        ix.insert_version(slot, block, flags, epoch);
         old.is_some()
     }
 
@@ -722,12 +779,22 @@ impl Engine {
         r
     }
 
-    /// Mark published slots clean after their origin copy is durable.
+    /// Mark versions clean after their origin copy is durable: a current
+    /// one becomes CLEAN, a retained one retires.
     pub(crate) fn mark_clean(&self, nbs: &[NewBlock]) {
         for nb in nbs {
             let mut ix = self.shards[nb.shard].ix.lock();
             let k = ix.key(nb.slot);
-            // Only the current version: a superseded slot already has FREE.
+            if k & K_RETAINED != 0 {
+                ix.release_retained(nb.slot);
+                let seq = self.slot_seq(ix.first_slot, nb.slot);
+                self.retire(&mut ix, nb.slot, seq);
+                self.counters.add(Ctr::Writebacks, 1);
+                self.counters.add(Ctr::WritebackBytes, self.bs());
+                continue;
+            }
+            // Only the current version: one superseded in its own epoch
+            // is already retiring.
             if k & K_VALID != 0 && k & K_DIRTY != 0 {
                 let first = ix.first_slot;
                 let seq = self.slot_seq(first, nb.slot);
@@ -746,6 +813,10 @@ impl Engine {
     /// With `fallback` (a bypassed write of a writeback cache), an origin
     /// that fails keeps the write in the cache as dirty data instead of
     /// failing it: a bypass is an optimisation, never a new way to fail.
+    ///
+    /// `epoch` holds a bypassed write's epoch open (see `bypass_mode`) until
+    /// the origin has it; a fallback into the cache lets it go first, as the
+    /// cache keeps its own order.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn origin_write(
         &self,
@@ -753,19 +824,12 @@ impl Engine {
         len: u64,
         src: Src<'_>,
         fua: bool,
-        b0: u64,
-        b1: u64,
+        (b0, b1): (u64, u64),
         fallback: bool,
+        epoch: Option<crate::epoch::EpochGuard<'_>>,
     ) -> Result<()> {
-        let ids = self.shards_of(b0, b1);
-        let any_dirty = {
-            let g = self.lock_all(&ids);
-            (b0..=b1).any(|b| {
-                let ix = &g[Self::guard_pos(&ids, self.shard_of(b))];
-                ix.lookup(b).is_some_and(|s| ix.key(s) & K_DIRTY != 0)
-            })
-        };
-        if any_dirty {
+        if self.any_dirty(b0, b1) {
+            debug_assert!(epoch.is_none(), "an ordered bypass finds no dirty block");
             let nbs = self.cache_write(offset, len, src, b0, b1, false, None)?;
             // Committed to the cache: with `fallback` that is enough, and a
             // failed origin write leaves the blocks dirty for writeback.
@@ -802,12 +866,23 @@ impl Engine {
         match r {
             Err(e) if fallback => {
                 tracing::debug!(offset, error = %e, "bypassed write kept in the cache");
+                drop(epoch);
                 let nbs = self.cache_write(offset, len, Src::Buf(buf), b0, b1, false, None)?;
                 self.unpin_all(&nbs);
                 Ok(())
             }
             r => r.map_err(|source| EngineError::Origin { offset, source }),
         }
+    }
+
+    /// Whether any of blocks `[b0, b1]` is dirty in the cache.
+    fn any_dirty(&self, b0: u64, b1: u64) -> bool {
+        let ids = self.shards_of(b0, b1);
+        let g = self.lock_all(&ids);
+        (b0..=b1).any(|b| {
+            let ix = &g[Self::guard_pos(&ids, self.shard_of(b))];
+            ix.lookup(b).is_some_and(|s| ix.key(s) & K_DIRTY != 0)
+        })
     }
 
     pub(super) fn origin_write_retrying(
@@ -842,7 +917,9 @@ impl Engine {
                 if let Some(s) = ix.lookup(b) {
                     let first = ix.first_slot;
                     let seq = self.slot_seq(first, s);
+                    debug_assert_eq!(ix.key(s) & K_DIRTY, 0, "only clean copies are dropped");
                     ix.remove(s);
+                    ix.forget(s);
                     self.retire(ix, s, seq);
                     any = true;
                 }
