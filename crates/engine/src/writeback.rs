@@ -387,6 +387,9 @@ const WRITEBACK_PERCENT: u64 = 50;
 fn writeback_loop(engine: std::sync::Weak<Engine>) {
     let mut backoff = BACKOFF_START;
     let mut seen = None;
+    // Blocks cleaned since the last pause: small epochs make small batches,
+    // and the trickle paces batches of the configured size, not epochs.
+    let mut run = 0usize;
     loop {
         let Some(e) = engine.upgrade() else { return };
         if e.wb.stop.load(Ordering::SeqCst) {
@@ -396,8 +399,14 @@ fn writeback_loop(engine: std::sync::Weak<Engine>) {
             // Owed versions wait for an epoch's last commit: soon.
             Ok(0) if e.dirty_blocks() > 0 => Duration::from_millis(1),
             Ok(0) => Duration::from_millis(100),
+            Ok(n) if run + n < e.cfg.writeback_batch => {
+                backoff = BACKOFF_START;
+                run += n;
+                Duration::ZERO
+            }
             Ok(_) => {
                 backoff = BACKOFF_START;
+                run = 0;
                 let requests = e.client_requests();
                 let urgent = e.wb.urgent.swap(false, Ordering::Relaxed);
                 let active = seen != Some(requests) && !urgent;
