@@ -120,8 +120,6 @@ pub struct ShardIndex {
     /// Versions writeback still owes the origin, current or retained, by
     /// epoch: (epoch, slot).
     pub pending: BTreeSet<(u64, u32)>,
-    /// Writeback scan position.
-    pub wb_cursor: u32,
 }
 
 fn mix(block: u64) -> u64 {
@@ -155,7 +153,6 @@ impl ShardIndex {
             retained: 0,
             epochs: vec![0; n],
             pending: BTreeSet::new(),
-            wb_cursor: 0,
         }
     }
 
