@@ -301,12 +301,14 @@ impl Superblock {
         // In bounds: `b` holds at least SB_SIZE bytes (checked above).
         let u32at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
         let u64at = |o: usize| u64::from_le_bytes(std::array::from_fn(|i| b[o + i]));
+        // The checksum first: a flipped bit in the version is damage, not
+        // another release's cache.
+        if crc32c::crc32c(&b[..SB_SIZE - 4]) != u32at(SB_SIZE - 4) {
+            return Err(SbError::Checksum);
+        }
         let version = u32at(8);
         if version != VERSION {
             return Err(SbError::Version(version));
-        }
-        if crc32c::crc32c(&b[..SB_SIZE - 4]) != u32at(SB_SIZE - 4) {
-            return Err(SbError::Checksum);
         }
         let layout = Layout {
             block_size: u32at(12),

@@ -78,7 +78,7 @@ pub fn read_superblock(region: &dyn PmemRegion) -> Result<(Superblock, usize)> {
     }
     let mut best: Option<(Superblock, usize)> = None;
     let mut errors = Vec::new();
-    let mut version = None;
+    let (mut version, mut versions) = (None, 0);
     for copy in 0..2 {
         // SAFETY: nothing writes the superblock while it is being opened.
         let bytes = unsafe { region.slice(copy * SB_SIZE, SB_SIZE) };
@@ -94,6 +94,7 @@ pub fn read_superblock(region: &dyn PmemRegion) -> Result<(Superblock, usize)> {
             Err(e) => {
                 if let SbError::Version(v) = e {
                     version = Some(v);
+                    versions += 1;
                 }
                 errors.push(format!(
                     "superblock copy {} (offset {}): {e}",
@@ -114,7 +115,7 @@ pub fn read_superblock(region: &dyn PmemRegion) -> Result<(Superblock, usize)> {
             }
             Ok((sb, copy))
         }
-        None if version.is_some() => Err(EngineError::OldFormat {
+        None if version.is_some() && errors.len() == versions => Err(EngineError::OldFormat {
             found: version.unwrap_or_default(),
             expected: VERSION,
             hint: if version < Some(VERSION) {

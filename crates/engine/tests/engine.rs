@@ -1184,10 +1184,16 @@ fn a_version_overwritten_in_a_later_epoch_is_written_back_first() {
 #[test]
 fn a_cache_of_the_previous_format_is_refused_with_a_clear_message() {
     let rig = Rig::new(4 * MIB, 4 * MIB, 4096);
+    const SB: usize = pmcache_engine::format::SB_SIZE;
+    let image = rig.region.volatile_image();
     for copy in 0..2 {
-        let off = copy * pmcache_engine::format::SB_SIZE + 8;
+        // The superblock as version 2 wrote it: same layout, own checksum.
+        let mut sb = image[copy * SB..(copy + 1) * SB].to_vec();
+        sb[8..12].copy_from_slice(&2u32.to_le_bytes());
+        let crc = crc32c::crc32c(&sb[..SB - 4]);
+        sb[SB - 4..].copy_from_slice(&crc.to_le_bytes());
         // SAFETY: no engine has the region open.
-        unsafe { rig.region.copy_flush(off, &2u32.to_le_bytes()) };
+        unsafe { rig.region.copy_flush(copy * SB, &sb) };
     }
     let before = rig.region.volatile_image();
     let err = Engine::open(
