@@ -22,6 +22,11 @@ pub const MIB: usize = 1 << 20;
 mod launch;
 pub use launch::*;
 
+#[path = "fs_stack.rs"]
+mod fs_stack;
+#[allow(unused_imports)] // only the tests that mount a file system use it
+pub use fs_stack::*;
+
 // ---------------------------------------------------------------------------
 // Temporary directories
 // ---------------------------------------------------------------------------
