@@ -1,6 +1,8 @@
 //! A kernel file system on an export: nbdfuse shows the export as a file,
-//! losetup makes that file a block device, and the kernel mounts it. Every
-//! step is bounded, and dropping the stack undoes whatever is still set up.
+//! losetup makes that file a block device, and the kernel mounts it. Used by
+//! the interop test (a clean life cycle) and the cache-loss test (torn down
+//! after its server was killed). Every step is bounded, and dropping the
+//! stack undoes whatever is still set up.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -24,8 +26,9 @@ pub struct FsStack {
 }
 
 impl FsStack {
-    /// nbdfuse `uri` as `dir/name/disk`, and that file on a free loop
-    /// device.
+    /// nbdfuse `uri` as `dir/name/disk` (nbdfuse runs in `dir`, so that
+    /// anything it leaves, such as a core dump, goes with the directory),
+    /// and that file on a free loop device.
     pub fn attach(dir: &Path, name: &str, uri: &str) -> FsStack {
         let fuse_dir = dir.join(name);
         std::fs::create_dir_all(&fuse_dir).unwrap();
@@ -37,7 +40,8 @@ impl FsStack {
             "/dev/fuse is missing: FUSE is not available here"
         );
         let mut stack = FsStack {
-            nbdfuse: Some(Proc::spawn(
+            nbdfuse: Some(Proc::spawn_in(
+                Some(dir),
                 &program,
                 &[s(&disk), uri.to_string()],
                 dir.join(format!("{name}-nbdfuse.log")),
@@ -100,6 +104,82 @@ impl FsStack {
                 p.log_text()
             );
         }
+    }
+
+    /// After the NBD server died: stop nbdfuse (by PID; it may have exited
+    /// by itself already). Its FUSE connection goes with it, so every
+    /// request to the file, queued or new, fails at once instead of waiting
+    /// for a server that is gone, and processes doing I/O on the mounted
+    /// file system get errors and can exit.
+    pub fn cut_off(&mut self) {
+        if let Some(p) = self.nbdfuse.as_mut() {
+            if p.exited().is_none() {
+                p.signal(libc::SIGKILL);
+            }
+            assert!(
+                p.wait_exit(Duration::from_secs(20)).is_some(),
+                "nbdfuse (pid {}) did not exit after SIGKILL",
+                p.pid()
+            );
+        }
+    }
+
+    /// Tear the stack down after `cut_off` (the processes using the mount
+    /// have exited): unmount (lazily if a plain umount is refused), detach
+    /// the loop device, drop the dead FUSE mount. The file system sees I/O
+    /// errors on the way; none of it waits on them. Asserts that no mount
+    /// and no loop device is left; returns how the unmount went.
+    pub fn detach_after_crash(&mut self) -> String {
+        self.cut_off();
+        let mut how = String::from("no mount");
+        if let Some(m) = self.mounted.take() {
+            let out = run_tool("umount", &[&s(&m)], T);
+            how = if out.status.success() {
+                "umount".into()
+            } else {
+                run_ok("umount", &["-l", &s(&m)], T);
+                format!(
+                    "umount -l (umount: {})",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )
+            };
+            assert!(!is_mounted(&m), "{} is still mounted", m.display());
+        }
+        if let Some(d) = self.loopdev.take() {
+            run_ok("losetup", &["-d", &d], T);
+            wait_loop_free(&d);
+        }
+        run_ok("fusermount3", &["-u", "-z", &s(&self.fuse_dir)], T);
+        self.nbdfuse = None;
+        assert!(
+            !is_mounted(&self.fuse_dir),
+            "{} is still mounted",
+            self.fuse_dir.display()
+        );
+        how
+    }
+}
+
+/// Is `path` a mount point (in /proc/self/mountinfo)?
+pub fn is_mounted(path: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo");
+    let p = s(path);
+    info.lines()
+        .any(|l| l.split(' ').nth(4).is_some_and(|m| m == p))
+}
+
+/// Wait (bounded) until loop device `dev` has no backing file: a busy
+/// device is detached by `losetup -d` only when its last user closes it.
+fn wait_loop_free(dev: &str) {
+    let name = dev.trim_start_matches("/dev/");
+    let backing = format!("/sys/block/{name}/loop/backing_file");
+    let start = Instant::now();
+    while Path::new(&backing).exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{dev} still has a backing file 20 s after losetup -d"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

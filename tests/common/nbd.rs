@@ -69,7 +69,8 @@ pub fn package_of(tool: &str) -> &'static str {
         "fusermount3" => "fuse3",
         "losetup" | "mount" | "umount" => "mount",
         "mkfs.ext4" | "fsck.ext4" | "e2fsck" | "debugfs" => "e2fsprogs",
-        "sha256sum" | "sync" => "coreutils",
+        "sha256sum" | "sync" | "dd" | "cp" => "coreutils",
+        "bash" => "bash",
         "perf" => "linux-perf",
         _ => "(unknown package)",
     }
