@@ -13,7 +13,7 @@
 mod nbd;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nbd::*;
 use pmcache::nbd::Client;
@@ -539,110 +539,6 @@ fn fio_randwrite_verify_then_verify_only_after_restart() {
 // ---------------------------------------------------------------------------
 // ext4 on the export: nbdfuse + loop device + the kernel's ext4
 // ---------------------------------------------------------------------------
-
-/// The export as a file (nbdfuse), that file as a block device (losetup),
-/// and optionally mounted. Dropping it undoes whatever is still set up, in
-/// reverse order, so a failing test leaves no mount or loop device behind.
-struct FsStack {
-    nbdfuse: Option<Proc>,
-    fuse_dir: PathBuf,
-    loopdev: Option<String>,
-    mounted: Option<PathBuf>,
-}
-
-impl FsStack {
-    fn attach(dir: &Path, name: &str, uri: &str) -> FsStack {
-        let fuse_dir = dir.join(name);
-        std::fs::create_dir_all(&fuse_dir).unwrap();
-        let disk = fuse_dir.join("disk");
-        let program = require_tool("nbdfuse");
-        require_tool("fusermount3");
-        assert!(
-            Path::new("/dev/fuse").exists(),
-            "/dev/fuse is missing: FUSE is not available here"
-        );
-        let mut stack = FsStack {
-            nbdfuse: Some(Proc::spawn(
-                &program,
-                &[s(&disk), uri.to_string()],
-                dir.join(format!("{name}-nbdfuse.log")),
-                &[],
-            )),
-            fuse_dir,
-            loopdev: None,
-            mounted: None,
-        };
-        let start = Instant::now();
-        while !disk.exists() {
-            let p = stack.nbdfuse.as_mut().unwrap();
-            if let Some(st) = p.exited() {
-                panic!("nbdfuse exited with {st}: {}", p.log_text());
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "nbdfuse did not show {} within 20 s",
-                disk.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let dev = run_ok("losetup", &["-f", "--show", &s(&disk)], T);
-        let dev = dev.trim().to_string();
-        assert!(dev.starts_with("/dev/loop"), "losetup printed {dev:?}");
-        stack.loopdev = Some(dev);
-        stack
-    }
-
-    fn dev(&self) -> &str {
-        self.loopdev.as_deref().expect("loop device attached")
-    }
-
-    fn mount(&mut self, mnt: &Path) {
-        std::fs::create_dir_all(mnt).unwrap();
-        run_ok("mount", &["-t", "ext4", self.dev(), &s(mnt)], T);
-        self.mounted = Some(mnt.to_path_buf());
-    }
-
-    fn umount(&mut self) {
-        if let Some(m) = self.mounted.take() {
-            run_ok("umount", &[&s(&m)], T);
-        }
-    }
-
-    /// Unmount, detach the loop device, unmount the FUSE file and wait
-    /// (bounded) for nbdfuse to exit, which closes its NBD connection.
-    fn detach(&mut self) {
-        self.umount();
-        run_ok("sync", &[], T);
-        if let Some(d) = self.loopdev.take() {
-            run_ok("losetup", &["-d", &d], T);
-        }
-        run_ok("fusermount3", &["-u", &s(&self.fuse_dir)], T);
-        if let Some(mut p) = self.nbdfuse.take() {
-            let st = p.wait_exit(Duration::from_secs(20));
-            assert!(
-                st.is_some(),
-                "nbdfuse did not exit after fusermount3 -u: {}",
-                p.log_text()
-            );
-        }
-    }
-}
-
-impl Drop for FsStack {
-    fn drop(&mut self) {
-        let quiet = Duration::from_secs(20);
-        if let Some(m) = self.mounted.take() {
-            let _ = run_tool("umount", &["-l", &s(&m)], quiet);
-        }
-        if let Some(d) = self.loopdev.take() {
-            let _ = run_tool("losetup", &["-d", &d], quiet);
-        }
-        if self.nbdfuse.is_some() {
-            let _ = run_tool("fusermount3", &["-u", "-z", &s(&self.fuse_dir)], quiet);
-        }
-        // nbdfuse itself (if still running) is stopped by Proc's drop.
-    }
-}
 
 /// `sha256sum` lines for `files`, as printed (hash and absolute path).
 fn sha256sums(files: &[PathBuf]) -> String {

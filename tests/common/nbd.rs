@@ -22,6 +22,11 @@ pub const MIB: usize = 1 << 20;
 mod launch;
 pub use launch::*;
 
+#[path = "fs_stack.rs"]
+mod fs_stack;
+#[allow(unused_imports)] // only the tests that mount a file system use it
+pub use fs_stack::*;
+
 // ---------------------------------------------------------------------------
 // Temporary directories
 // ---------------------------------------------------------------------------
@@ -64,7 +69,8 @@ pub fn package_of(tool: &str) -> &'static str {
         "fusermount3" => "fuse3",
         "losetup" | "mount" | "umount" => "mount",
         "mkfs.ext4" | "fsck.ext4" | "e2fsck" | "debugfs" => "e2fsprogs",
-        "sha256sum" | "sync" => "coreutils",
+        "sha256sum" | "sync" | "dd" | "cp" => "coreutils",
+        "bash" => "bash",
         "perf" => "linux-perf",
         _ => "(unknown package)",
     }
