@@ -9,6 +9,10 @@ use parking_lot::Mutex;
 
 use crate::Origin;
 
+/// A test's look at the origin after each operation it accepted: its
+/// durable content and the writes since its last flush, in order.
+pub type Observer = Box<dyn Fn(&[u8], &[(u64, Vec<u8>)]) + Send + Sync>;
+
 struct State {
     /// What reads see.
     current: Vec<u8>,
@@ -16,6 +20,16 @@ struct State {
     durable: Vec<u8>,
     /// Writes since the last flush, in order: (offset, data).
     pending: Vec<(u64, Vec<u8>)>,
+    /// Kept under the state lock so it sees every change, in order.
+    observer: Option<Observer>,
+}
+
+impl State {
+    fn notify(&self) {
+        if let Some(f) = &self.observer {
+            f(&self.durable, &self.pending);
+        }
+    }
 }
 
 /// A RAM-backed origin. Writes become durable only at `flush` or with FUA,
@@ -44,6 +58,7 @@ impl MemOrigin {
                 current: bytes.clone(),
                 durable: bytes,
                 pending: Vec::new(),
+                observer: None,
             }),
             fail: AtomicBool::new(false),
             fail_one_in: AtomicU64::new(0),
@@ -75,6 +90,23 @@ impl MemOrigin {
     /// Add latency to every operation (a slow NAS).
     pub fn set_delay(&self, d: Duration) {
         self.delay_us.store(d.as_micros() as u64, Ordering::SeqCst);
+    }
+
+    /// Call `f` after every write, write_zeroes and flush the origin accepts
+    /// (not after failed ones), with what a power loss could leave: the
+    /// durable content and the pending writes. Lets a test check a property
+    /// of the origin at every step, e.g. ordered writeback. `f` runs with
+    /// the origin's lock held, on the thread of the operation: it must not
+    /// call back into this origin (that deadlocks). `None` removes it.
+    pub fn set_observer(&self, f: Option<Observer>) {
+        self.state.lock().observer = f;
+    }
+
+    /// What an observer would see now: `f(durable, pending)`, under the
+    /// origin's lock (so `f` must not call back into the origin either).
+    pub fn inspect<R>(&self, f: impl FnOnce(&[u8], &[(u64, Vec<u8>)]) -> R) -> R {
+        let st = self.state.lock();
+        f(&st.durable, &st.pending)
     }
 
     /// Content as reads see it now.
@@ -154,6 +186,7 @@ impl MemOrigin {
             st.pending.push((offset, data));
         }
         self.writes.fetch_add(1, Ordering::Relaxed);
+        st.notify();
         Ok(())
     }
 }
@@ -201,6 +234,64 @@ impl Origin for MemOrigin {
         st.durable.copy_from_slice(&st.current);
         st.pending.clear();
         self.flushes.fetch_add(1, Ordering::Relaxed);
+        st.notify();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// (durable, pending) as the observer saw them, one entry per call.
+    type Seen = Arc<Mutex<Vec<(Vec<u8>, Vec<(u64, Vec<u8>)>)>>>;
+
+    fn watched(o: &MemOrigin) -> Seen {
+        let seen: Seen = Default::default();
+        let s = seen.clone();
+        o.set_observer(Some(Box::new(move |d, p| {
+            s.lock().push((d.to_vec(), p.to_vec()));
+        })));
+        seen
+    }
+
+    #[test]
+    fn observer_sees_every_accepted_operation_in_order() {
+        let o = MemOrigin::new(8);
+        let seen = watched(&o);
+        o.write_at(&[1, 2], 0, false).unwrap();
+        o.write_at(&[5], 4, true).unwrap();
+        o.write_zeroes(1, 1, false).unwrap();
+        o.flush().unwrap();
+        let runs = [(6, &[std::io::IoSlice::new(&[7])][..])];
+        assert!(o.write_runs(&runs).iter().all(|r| r.is_ok()));
+        let seen = seen.lock().clone();
+        let mut pend = vec![(0u64, vec![1u8, 2])];
+        assert_eq!(seen[0], (vec![0; 8], pend.clone()));
+        let fua = vec![0, 0, 0, 0, 5, 0, 0, 0];
+        assert_eq!(seen[1], (fua.clone(), pend.clone()), "FUA: durable at once");
+        pend.push((1, vec![0]));
+        assert_eq!(seen[2], (fua, pend));
+        assert_eq!(seen[3], (vec![1, 0, 0, 0, 5, 0, 0, 0], vec![]));
+        assert_eq!(seen[4].1, vec![(6, vec![7])]);
+        assert_eq!(seen.len(), 5);
+        let now = o.inspect(|d, p| (d.to_vec(), p.to_vec()));
+        assert_eq!(now, seen[4]);
+    }
+
+    #[test]
+    fn failed_operations_are_not_observed_and_none_removes_the_observer() {
+        let o = MemOrigin::new(8);
+        let seen = watched(&o);
+        o.set_failing(true);
+        assert!(o.write_at(&[1], 0, false).is_err() && o.flush().is_err());
+        o.set_failing(false);
+        assert!(o.write_at(&[1], 8, false).is_err(), "past the end");
+        assert!(seen.lock().is_empty());
+        o.set_observer(None);
+        o.write_at(&[1], 0, false).unwrap();
+        assert!(seen.lock().is_empty());
+        assert_eq!(o.current()[0], 1);
     }
 }

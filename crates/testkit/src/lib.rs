@@ -4,6 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
+pub mod order;
+pub use order::{EpochHistory, EpochSet};
+
 /// A private directory in /dev/shm (cache files there stand in for pmem;
 /// elsewhere the system temp dir), removed on drop. Its path stays short:
 /// Unix socket paths are limited to 107 bytes.
