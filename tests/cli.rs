@@ -156,6 +156,8 @@ fn help_has_examples() {
     let h = stdout(&o);
     assert!(h.contains("--cache-size"), "{h}");
     assert!(h.contains("nbdinfo nbd://127.0.0.1:10809"), "{h}");
+    assert!(h.contains("--writeback-order <ORDER>"), "{h}");
+    assert!(h.contains("[default: ordered]"), "{h}");
     let o = run(&["format", "--help"]);
     ok(&o);
     assert!(stdout(&o).contains("Examples:"));
