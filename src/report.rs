@@ -132,7 +132,8 @@ pub fn live_json(snap: &StatsSnapshot, info: &ServerInfo) -> Value {
 }
 
 /// The JSON for a cache file no server has open, from its metadata.
-/// `retained` counts what recovery keeps for ordered writeback.
+/// `retained` counts what recovery keeps for ordered writeback, with writes
+/// in flight at a crash taken as whole (as `dump` shows roles).
 pub fn offline_json(cache: &std::path::Path, dump: &Dump) -> Value {
     let sb = &dump.superblock;
     // Recovery keeps the newest committed version of each block.
