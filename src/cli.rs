@@ -163,12 +163,14 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size_or_zero, default_value = "4MiB")]
     pub sequential_cutoff: u64,
 
-    /// ordered: writeback copies dirty data to the origin epoch by epoch (the writes
-    /// between two client FLUSHes), each sealed by an origin flush, so the origin is
-    /// always a state a disk could have shown after a power cut: losing the cache loses
-    /// recent writes, never the file system on the origin. none: any order, as
-    /// dm-writecache and bcache; faster when clients flush often, but the origin is
-    /// unusable on its own until writeback finishes
+    /// Writeback order, ordered or none. ordered: dirty data goes to the origin epoch by
+    /// epoch (an epoch is the writes between two client FLUSHes), each sealed by an origin
+    /// flush, so the origin always holds a state a disk could have shown after a power cut:
+    /// losing the cache loses recent writes, never the consistency of the file system on
+    /// the origin. none: any order, as dm-writecache, bcache and Open CAS; less to write
+    /// back when clients overwrite blocks between FLUSHes, but until writeback has finished
+    /// the origin mixes old and new blocks, and a file system on it may be corrupt if the
+    /// cache is lost
     #[arg(long, value_name = "ORDER", default_value = "ordered")]
     pub writeback_order: pmcache_engine::WritebackOrder,
 
@@ -242,10 +244,12 @@ pub struct FormatArgs {
 }
 
 const CHECK_HELP: &str = "\
-check reads the cache and never writes it. It verifies both superblock copies, the watermark,
-every slot's checksummed metadata, that no block is mapped twice or beyond the origin, and (unless
---no-data) every cached block's data against its checksum. It cannot run while a server has the
-cache open (stop the server, or use `pmcache stats`).
+check reads the cache and never writes it. It verifies both superblock copies, the watermark and
+the written-back epoch W, every slot's checksummed metadata, that no block is mapped twice or
+beyond the origin, that a block's dirty versions are in epoch order, and (unless --no-data) every
+cached block's data against its checksum. It counts older versions kept for ordered writeback
+(retained) apart from those the next open frees (superseded). It cannot run while a server has
+the cache open (stop the server, or use `pmcache stats`).
 
 Exit status: 0 when the cache is consistent, 1 when it is not (the report says what and where)
 or cannot be read.
@@ -276,8 +280,10 @@ pub struct CheckArgs {
 }
 
 const DUMP_HELP: &str = "\
-Prints the superblock, the durable watermark and every live mapping (slot → origin block, with
-its sequence number and dirty state). Reads the cache and never writes it.
+Prints the superblock, the durable watermark, the written-back epoch W and every live mapping
+(slot → origin block, with its sequence number, epoch, role and dirty state). The role is what
+the next open makes of it: current (what reads return), retained (an older dirty version ordered
+writeback still owes the origin) or superseded (freed). Reads the cache and never writes it.
 
 Examples:
   pmcache dump --cache cache.pmem
@@ -299,8 +305,10 @@ pub struct DumpArgs {
 const STATS_HELP: &str = "\
 When a server has the cache open, stats asks it over its control socket (<cache>.sock, or
 --control) and shows occupancy, dirty and clean blocks, read and write hits and misses, promotions
-and evictions, writeback progress, origin errors, and the cache and pmem modes. When no server
-runs, it reads occupancy and dirty state from the cache file (counters exist only in a server).
+and evictions, writeback progress and order (the current epoch, the newest on the origin, sealed
+epochs still owed and the oldest one's age, retained versions), origin errors, and the cache and
+pmem modes. When no server runs, it reads occupancy, dirty state, retained versions and the
+written-back epoch from the cache file (counters exist only in a server).
 
 Examples:
   pmcache stats                                   # the default cache ./pmcache-data/cache.pmem

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use pmcache_engine::check::Dump;
+use pmcache_engine::versions::Role;
 use pmcache_engine::{Engine, StatsSnapshot};
 use pmcache_nbd::tls::{TlsServer, TlsStats};
 use pmcache_nbd::{ConnectionInfo, Connections};
@@ -80,7 +81,18 @@ fn connection_json(c: &ConnectionInfo) -> Value {
 fn is_counter(name: &str) -> bool {
     !matches!(
         name,
-        "block_size" | "slots" | "occupied" | "dirty" | "clean" | "free" | "watermark"
+        "block_size"
+            | "slots"
+            | "occupied"
+            | "dirty"
+            | "clean"
+            | "free"
+            | "watermark"
+            | "retained"
+            | "epoch"
+            | "written_epoch"
+            | "epochs_pending"
+            | "oldest_pending_epoch_ms"
     )
 }
 
@@ -101,6 +113,7 @@ pub fn live_json(snap: &StatsSnapshot, info: &ServerInfo) -> Value {
     );
     m.insert("mode".into(), json!(snap.mode));
     m.insert("pmem_mode".into(), json!(snap.pmem_mode));
+    m.insert("writeback_order".into(), json!(snap.writeback_order));
     for (name, value, _) in snap.fields() {
         m.insert(name.into(), json!(value));
     }
@@ -119,6 +132,8 @@ pub fn live_json(snap: &StatsSnapshot, info: &ServerInfo) -> Value {
 }
 
 /// The JSON for a cache file no server has open, from its metadata.
+/// `retained` counts what recovery keeps for ordered writeback, with writes
+/// in flight at a crash taken as whole (as `dump` shows roles).
 pub fn offline_json(cache: &std::path::Path, dump: &Dump) -> Value {
     let sb = &dump.superblock;
     // Recovery keeps the newest committed version of each block.
@@ -134,6 +149,9 @@ pub fn offline_json(cache: &std::path::Path, dump: &Dump) -> Value {
             *e = (m.seq, m.dirty);
         }
     }
+    let retained = (dump.mappings.iter())
+        .filter(|m| m.role == Role::Retained)
+        .count();
     let occupied = newest.len() as u64;
     let dirty = newest.values().filter(|(_, d)| *d).count() as u64;
     let slots = sb.layout.slot_count;
@@ -151,7 +169,9 @@ pub fn offline_json(cache: &std::path::Path, dump: &Dump) -> Value {
         "clean": occupied - dirty,
         "free": slots.saturating_sub(occupied),
         "pending": pending,
+        "retained": retained,
         "watermark": dump.watermark,
+        "written_epoch": dump.written_epoch,
     })
 }
 
@@ -182,6 +202,13 @@ pub fn render_text(v: &Value) -> String {
                 f.n("pending")
             );
         }
+        let _ = writeln!(o, "Writeback");
+        let _ = writeln!(
+            o,
+            "  written epoch  {} (every epoch up to it is on the origin)",
+            f.n("written_epoch")
+        );
+        render_retained(&mut o, &f);
         let _ = writeln!(
             o,
             "Request counters live in a running server; start `pmcache serve` and run `pmcache stats` again."
@@ -314,8 +341,68 @@ fn render_requests(o: &mut String, f: &Fields<'_>) {
     );
 }
 
+/// How long `ms` milliseconds is, for people.
+fn age(ms: u64) -> String {
+    match ms {
+        0..=999 => format!("{ms} ms"),
+        1000..=59_999 => format!("{:.1} s", ms as f64 / 1000.0),
+        60_000..=3_599_999 => format!("{} min {} s", ms / 60_000, ms / 1000 % 60),
+        _ => format!("{} h {} min", ms / 3_600_000, ms / 60_000 % 60),
+    }
+}
+
+/// Older versions kept for ordered writeback, when there are any.
+fn render_retained(o: &mut String, f: &Fields<'_>) {
+    let n = f.n("retained");
+    if n > 0 {
+        let _ = writeln!(
+            o,
+            "  retained       {n} older version{}, kept until their epoch is on the origin",
+            if n == 1 { "" } else { "s" }
+        );
+    }
+}
+
+/// The writeback order and, when ordered, where the epochs stand. Absent
+/// when the JSON has no order (a server that predates it).
+fn render_order(o: &mut String, f: &Fields<'_>) {
+    let order = f.s("writeback_order");
+    match order.as_str() {
+        "-" => return,
+        "ordered" => {
+            let _ = writeln!(
+                o,
+                "  order          ordered (epoch by epoch: the origin is always crash-consistent)"
+            );
+        }
+        _ => {
+            let _ = writeln!(
+                o,
+                "  order          {order} (the origin is consistent only once writeback has finished)"
+            );
+            return;
+        }
+    }
+    let _ = writeln!(
+        o,
+        "  epochs         current {}; on the origin up to {} (W)",
+        f.n("epoch"),
+        f.n("written_epoch")
+    );
+    let (sealed, oldest) = (f.n("epochs_pending"), f.n("oldest_pending_epoch_ms"));
+    let mut pending = format!(
+        "{sealed} sealed epoch{} not yet on the origin",
+        if sealed == 1 { "" } else { "s" }
+    );
+    if oldest > 0 {
+        let _ = write!(pending, "; the oldest owed began {} ago", age(oldest));
+    }
+    let _ = writeln!(o, "  pending        {pending}");
+}
+
 fn render_writeback_and_errors(o: &mut String, f: &Fields<'_>) {
     let _ = writeln!(o, "Writeback");
+    render_order(o, f);
     let _ = writeln!(
         o,
         "  written back   {} blocks, {}",
@@ -323,6 +410,7 @@ fn render_writeback_and_errors(o: &mut String, f: &Fields<'_>) {
         human(f.n("writeback_bytes"))
     );
     let _ = writeln!(o, "  still dirty    {} blocks", f.n("dirty"));
+    render_retained(o, f);
     let _ = writeln!(o, "  space waits    {}", f.n("waits_for_space"));
     let _ = writeln!(o, "Errors");
     let _ = writeln!(o, "  origin errors  {}", f.n("origin_errors"));
@@ -405,7 +493,10 @@ fn escape_label(s: &str) -> String {
 
 /// Prometheus text exposition format (version 0.0.4).
 pub fn prometheus(engine: &Engine, info: &ServerInfo) -> String {
-    let snap = engine.stats();
+    prometheus_text(&engine.stats(), info)
+}
+
+fn prometheus_text(snap: &StatsSnapshot, info: &ServerInfo) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
@@ -413,9 +504,10 @@ pub fn prometheus(engine: &Engine, info: &ServerInfo) -> String {
     );
     let _ = writeln!(
         o,
-        "pmcache_info{{mode=\"{}\",pmem_mode=\"{}\",cache=\"{}\",origin=\"{}\"}} 1",
+        "pmcache_info{{mode=\"{}\",pmem_mode=\"{}\",writeback_order=\"{}\",cache=\"{}\",origin=\"{}\"}} 1",
         escape_label(&snap.mode),
         escape_label(&snap.pmem_mode),
+        escape_label(&snap.writeback_order),
         escape_label(&info.cache.display().to_string()),
         escape_label(&info.origin)
     );
@@ -484,6 +576,121 @@ mod tests {
                 peer_name: (!name.is_empty()).then(|| name.to_string()),
             }),
         }
+    }
+
+    fn server_info() -> ServerInfo {
+        ServerInfo {
+            cache: "/dev/shm/c.pmem".into(),
+            origin: "file:/srv/o.img".into(),
+            origin_size: 1 << 30,
+            endpoint: "127.0.0.1:10809".into(),
+            export: "pmcache".into(),
+            read_only: false,
+            started: Instant::now(),
+            tls: None,
+            connections: Connections::default(),
+        }
+    }
+
+    fn ordered_snapshot() -> StatsSnapshot {
+        StatsSnapshot {
+            mode: "writeback".into(),
+            writeback_order: "ordered".into(),
+            dirty: 40,
+            retained: 7,
+            epoch: 12,
+            written_epoch: 9,
+            epochs_pending: 2,
+            oldest_pending_epoch_ms: 1300,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn ordered_writeback_shows_in_json_text_and_metrics() {
+        let snap = ordered_snapshot();
+        let v = live_json(&snap, &server_info());
+        assert_eq!(v["writeback_order"], "ordered");
+        for (k, want) in [
+            ("retained", 7),
+            ("epoch", 12),
+            ("written_epoch", 9),
+            ("epochs_pending", 2),
+            ("oldest_pending_epoch_ms", 1300),
+        ] {
+            assert_eq!(v[k], want, "{k}");
+        }
+
+        let text = render_text(&v);
+        let writeback: Vec<&str> = text
+            .lines()
+            .skip_while(|l| *l != "Writeback")
+            .take_while(|l| *l != "Errors")
+            .collect();
+        assert_eq!(
+            writeback,
+            [
+                "Writeback",
+                "  order          ordered (epoch by epoch: the origin is always crash-consistent)",
+                "  epochs         current 12; on the origin up to 9 (W)",
+                "  pending        2 sealed epochs not yet on the origin; the oldest owed began 1.3 s ago",
+                "  written back   0 blocks, 0 B",
+                "  still dirty    40 blocks",
+                "  retained       7 older versions, kept until their epoch is on the origin",
+                "  space waits    0",
+            ]
+        );
+
+        let prom = prometheus_text(&snap, &server_info());
+        assert!(
+            prom.contains(
+                "pmcache_info{mode=\"writeback\",pmem_mode=\"\",writeback_order=\"ordered\","
+            ),
+            "{prom}"
+        );
+        for name in [
+            "retained",
+            "epoch",
+            "written_epoch",
+            "epochs_pending",
+            "oldest_pending_epoch_ms",
+        ] {
+            assert!(
+                prom.contains(&format!("# TYPE pmcache_{name} gauge\n")),
+                "{name} is a gauge: {prom}"
+            );
+        }
+        assert!(prom.contains("\npmcache_epochs_pending 2\n"), "{prom}");
+        assert!(prom.contains("\npmcache_retained 7\n"), "{prom}");
+    }
+
+    #[test]
+    fn unordered_writeback_says_what_it_risks_and_skips_epochs() {
+        let snap = StatsSnapshot {
+            writeback_order: "none".into(),
+            ..ordered_snapshot()
+        };
+        let text = render_text(&live_json(&snap, &server_info()));
+        assert!(
+            text.contains(
+                "  order          none (the origin is consistent only once writeback has finished)\n"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("  epochs "), "{text}");
+        // A server that predates the order: no order lines at all.
+        let mut v = live_json(&snap, &server_info());
+        v.as_object_mut().unwrap().remove("writeback_order");
+        assert!(!render_text(&v).contains("  order "));
+    }
+
+    #[test]
+    fn ages_read_naturally() {
+        assert_eq!(age(0), "0 ms");
+        assert_eq!(age(999), "999 ms");
+        assert_eq!(age(1300), "1.3 s");
+        assert_eq!(age(125_000), "2 min 5 s");
+        assert_eq!(age(3_600_000 + 120_000), "1 h 2 min");
     }
 
     #[test]

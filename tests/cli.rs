@@ -156,6 +156,8 @@ fn help_has_examples() {
     let h = stdout(&o);
     assert!(h.contains("--cache-size"), "{h}");
     assert!(h.contains("nbdinfo nbd://127.0.0.1:10809"), "{h}");
+    assert!(h.contains("--writeback-order <ORDER>"), "{h}");
+    assert!(h.contains("[default: ordered]"), "{h}");
     let o = run(&["format", "--help"]);
     ok(&o);
     assert!(stdout(&o).contains("Examples:"));
@@ -337,6 +339,10 @@ fn format_check_dump_stats_offline() {
     );
     let v = run_json(&["check", "--cache", &d.s("c.pmem"), "--json", "--no-data"]);
     assert_eq!(v["consistent"], true);
+    assert_eq!(
+        (&v["written_epoch"], &v["retained"]),
+        (&0.into(), &0.into())
+    );
 
     let v = dump_json(&d.join("c.pmem"));
     let sb = &v["superblock"];
@@ -347,6 +353,8 @@ fn format_check_dump_stats_offline() {
     assert_eq!(sb["clean_shutdown"], true);
     assert_eq!(sb["mode"], "writeback");
     assert_eq!(v["mappings"].as_array().unwrap().len(), 0);
+    assert_eq!(sb["format_version"], 3);
+    assert_eq!(v["written_epoch"], 0);
     run_prints(&["dump", "--cache", &d.s("c.pmem")], "clean shutdown yes");
 
     let v = run_json(&["stats", "--cache", &d.s("c.pmem"), "--json"]);
@@ -433,6 +441,98 @@ fn check_detects_truncation_and_foreign_files() {
     std::fs::File::create(d.join("empty.bin")).unwrap();
     let o = check_finds_damage(&d.s("empty.bin"));
     assert_stdout_has(&o, "empty");
+}
+
+/// A block written, FLUSHed by the client and written again: its first
+/// version is retained for ordered writeback. check, dump and offline
+/// stats say so; a damaged W word is found and named.
+#[test]
+fn retained_versions_and_w_in_check_dump_and_stats() {
+    let d = TempDir::new("retained");
+    let (cache, origin) = formatted_cache(&d, 32 * MIB, "16M");
+    {
+        let region =
+            Arc::new(MappedRegion::open(&cache, &MapOptions::new().assume_pmem(true)).unwrap());
+        let o = Arc::new(FileOrigin::open(&origin).unwrap());
+        let cfg = EngineConfig {
+            background_writeback: false,
+            ..EngineConfig::default()
+        };
+        let e = Engine::open(region, o, cfg).unwrap();
+        e.write(0, &pattern(1, 4096), false).unwrap();
+        e.flush().unwrap();
+        e.write(0, &pattern(2, 4096), false).unwrap();
+        e.write(4096, &pattern(3, 4096), false).unwrap();
+        e.close().unwrap();
+    }
+    let c = cache.display().to_string();
+    let v = run_json(&["check", "--cache", &c, "--json"]);
+    assert_eq!(v["consistent"], true, "{v}");
+    assert_eq!(
+        (&v["retained"], &v["superseded"]),
+        (&1.into(), &0.into()),
+        "{v}"
+    );
+    assert_eq!(v["written_epoch"], 0);
+    assert_eq!(v["warnings"].as_array().unwrap().len(), 0, "{v}");
+    let o = run_prints(
+        &["check", "--cache", &c],
+        "1 retained for ordered writeback",
+    );
+    assert_stdout_has(
+        &o,
+        "written epoch  0 (every epoch up to it is on the origin)",
+    );
+
+    let v = dump_json(&cache);
+    assert_eq!(
+        (&v["written_epoch"], &v["retained"]),
+        (&0.into(), &1.into())
+    );
+    let mut block0: Vec<(u64, u64, String)> = (v["mappings"].as_array().unwrap().iter())
+        .filter(|m| m["block"] == 0)
+        .map(|m| {
+            let n = |k: &str| m[k].as_u64().unwrap();
+            (
+                n("seq"),
+                n("epoch"),
+                m["role"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    block0.sort();
+    let roles: Vec<(u64, &str)> = block0.iter().map(|(_, e, r)| (*e, r.as_str())).collect();
+    assert_eq!(roles, [(1, "retained"), (2, "current")]);
+    let o = run_prints(&["dump", "--cache", &c], "written epoch    0");
+    assert_stdout_has(&o, "1 retained, 0 superseded");
+    assert!(
+        stdout(&o)
+            .lines()
+            .any(|l| l.contains(" retained ") && l.ends_with("dirty")),
+        "{}",
+        stdout(&o)
+    );
+
+    let v = run_json(&["stats", "--cache", &c, "--json"]);
+    assert_eq!(
+        (&v["retained"], &v["written_epoch"]),
+        (&1.into(), &0.into())
+    );
+    assert_eq!((&v["occupied"], &v["dirty"]), (&2.into(), &2.into()), "{v}");
+    run_prints(
+        &["stats", "--cache", &c],
+        "retained       1 older version, kept until their epoch is on the origin",
+    );
+
+    // W's word is the last line of the watermark page.
+    let w_off = 2 * 4096 + 63 * 64;
+    flip_bit(&cache, w_off + 2, 5);
+    let o = check_finds_damage(&c);
+    assert_stdout_has(
+        &o,
+        &format!("error: written-back epoch word at offset {w_off} fails its checksum"),
+    );
+    fails_with(&run(&["dump", "--cache", &c]), &format!("offset {w_off}"));
 }
 
 #[test]
@@ -609,6 +709,16 @@ fn stats_over_the_control_socket_shows_writes() {
         v["pmem_mode"].as_str().unwrap().starts_with("assumed pmem"),
         "{v}"
     );
+    assert_eq!(v["writeback_order"], "ordered", "the default");
+    assert!(v["epoch"].as_u64().unwrap() >= 1, "{v}");
+    for k in [
+        "retained",
+        "written_epoch",
+        "epochs_pending",
+        "oldest_pending_epoch_ms",
+    ] {
+        assert!(v[k].is_u64(), "stats lacks {k}: {v}");
+    }
     // And by naming it; human output.
     let o = run(&["stats", "--control", &d.s("c.pmem.sock")]);
     ok(&o);
@@ -623,6 +733,9 @@ fn stats_over_the_control_socket_shows_writes() {
         "origin errors",
         "writethrough",
         "assumed pmem",
+        "order          ordered",
+        "on the origin up to",
+        "sealed epochs not yet on the origin",
     ] {
         assert!(out.contains(want), "stats lacks {want:?}: {out}");
     }
@@ -639,7 +752,12 @@ fn metrics_are_served_in_prometheus_format() {
     formatted_cache(&d, 64 * MIB, "16M");
     let (port, mport) = (free_port(), free_port());
     let metrics = format!("127.0.0.1:{mport}");
-    let mut s = serve_cache(&d, port, &["--metrics", &metrics], "serve.log");
+    let mut s = serve_cache(
+        &d,
+        port,
+        &["--metrics", &metrics, "--writeback-order", "none"],
+        "serve.log",
+    );
     let c = connect(port);
     c.write(&[1u8; 4096 * 3], 0, false).unwrap();
     drop(c);
@@ -663,6 +781,9 @@ fn metrics_are_served_in_prometheus_format() {
     assert!(r.contains("\npmcache_write_bytes 12288\n"), "{r}");
     assert!(r.contains("# TYPE pmcache_dirty gauge"), "{r}");
     assert!(r.contains("pmcache_info{mode=\"writeback\""), "{r}");
+    assert!(r.contains(",writeback_order=\"none\","), "{r}");
+    assert!(r.contains("# TYPE pmcache_epochs_pending gauge"), "{r}");
+    assert!(r.contains("\npmcache_retained 0\n"), "{r}");
     // Every sample line is NAME[{labels}] VALUE.
     let body = r.split("\r\n\r\n").nth(1).unwrap();
     for line in body.lines().filter(|l| !l.starts_with('#')) {

@@ -76,13 +76,16 @@ fn report_text(a: &CheckArgs, r: &CheckReport) -> String {
             }
         );
     }
-    if let Some(w) = r.watermark {
-        o += &format!("  watermark      {w}\n");
+    if let Some(s) = r.watermark {
+        o += &format!("  watermark      {s}\n");
+    }
+    if let Some(w) = r.written_epoch {
+        o += &format!("  written epoch  {w} (every epoch up to it is on the origin)\n");
     }
     if r.superblock.is_some() {
         o += &format!(
-            "  mappings       {} live, {} dirty, {} in flight at a crash, {} superseded\n",
-            r.live, r.dirty, r.pending, r.superseded
+            "  mappings       {} live, {} dirty, {} in flight at a crash; {} retained for ordered writeback, {} superseded\n",
+            r.live, r.dirty, r.pending, r.retained, r.superseded
         );
         o += &format!(
             "  data           {}\n",
@@ -119,9 +122,11 @@ fn report_json(a: &CheckArgs, r: &CheckReport) -> serde_json::Value {
         "warnings": r.warnings,
         "superblock": r.superblock.as_ref().map(super::dump::superblock_json),
         "watermark": r.watermark,
+        "written_epoch": r.written_epoch,
         "live": r.live,
         "dirty": r.dirty,
         "pending": r.pending,
+        "retained": r.retained,
         "superseded": r.superseded,
         "data_verified": !a.no_data,
     })

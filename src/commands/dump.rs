@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::{anyhow, Result};
 use pmcache_engine::check::{dump, Dump};
 use pmcache_engine::format::{Superblock, VERSION};
+use pmcache_engine::versions::Role;
 use serde_json::{json, Value};
 
 use crate::cache::{self, CacheLock};
@@ -41,6 +42,10 @@ pub fn superblock_json(sb: &Superblock) -> Value {
     })
 }
 
+fn count_role(d: &Dump, role: Role) -> usize {
+    d.mappings.iter().filter(|m| m.role == role).count()
+}
+
 fn dump_json(d: &Dump) -> Value {
     let l = d.superblock.layout;
     let bs = l.block_size as u64;
@@ -53,6 +58,8 @@ fn dump_json(d: &Dump) -> Value {
                 "block": m.block,
                 "origin_offset": m.block * bs,
                 "seq": m.seq,
+                "epoch": m.epoch,
+                "role": m.role.as_str(),
                 "dirty": m.dirty,
                 "zero": m.zero,
                 "pending": m.pending,
@@ -66,9 +73,12 @@ fn dump_json(d: &Dump) -> Value {
         "superblock": superblock_json(&d.superblock),
         "superblock_copy": d.superblock_copy,
         "watermark": d.watermark,
+        "written_epoch": d.written_epoch,
         "mapped": d.mappings.len(),
         "dirty": dirty,
         "clean": d.mappings.len() - dirty,
+        "retained": count_role(d, Role::Retained),
+        "superseded": count_role(d, Role::Superseded),
         "mappings": mappings,
     })
 }
@@ -110,19 +120,26 @@ fn dump_text(a: &DumpArgs, d: &Dump) -> String {
         if sb.clean_shutdown { "yes" } else { "no" }
     );
     let _ = writeln!(o, "watermark        {}", d.watermark);
+    let _ = writeln!(
+        o,
+        "written epoch    {} (every epoch up to it is on the origin)",
+        d.written_epoch
+    );
     let dirty = d.mappings.iter().filter(|m| m.dirty).count();
     let _ = writeln!(
         o,
-        "mappings         {} ({} dirty, {} clean)",
+        "mappings         {} ({} dirty, {} clean; {} retained, {} superseded)",
         d.mappings.len(),
         dirty,
-        d.mappings.len() - dirty
+        d.mappings.len() - dirty,
+        count_role(d, Role::Retained),
+        count_role(d, Role::Superseded)
     );
     if !d.mappings.is_empty() {
         let _ = writeln!(
             o,
-            "{:>10} {:>12} {:>16} {:>12}  state",
-            "slot", "block", "origin offset", "seq"
+            "{:>10} {:>12} {:>16} {:>12} {:>8}  {:<10}  state",
+            "slot", "block", "origin offset", "seq", "epoch", "role"
         );
         for m in &d.mappings {
             let mut state = String::from(if m.dirty { "dirty" } else { "clean" });
@@ -134,11 +151,13 @@ fn dump_text(a: &DumpArgs, d: &Dump) -> String {
             }
             let _ = writeln!(
                 o,
-                "{:>10} {:>12} {:>16} {:>12}  {state}",
+                "{:>10} {:>12} {:>16} {:>12} {:>8}  {:<10}  {state}",
                 m.slot,
                 m.block,
                 m.block * l.block_size as u64,
-                m.seq
+                m.seq,
+                m.epoch,
+                m.role.as_str()
             );
         }
     }

@@ -2,8 +2,9 @@
 //!
 //! Layers: [`format`] (what is in media), [`index`] and [`policy`] (what is
 //! in DRAM), [`txn`] (sequence numbers and the durable watermark), the
-//! request paths in [`engine`], [`writeback`], and [`recovery`]. The design
-//! and the rules that keep the contract's promises are in [`format`].
+//! request paths in [`engine`], [`writeback`], and [`recovery`], whose rule
+//! for which versions of a block survive is [`versions`]. The design and
+//! the rules that keep the contract's promises are in [`format`].
 
 pub mod check;
 pub mod engine;
@@ -18,6 +19,7 @@ pub mod recovery;
 mod sequential;
 pub mod stats;
 pub mod txn;
+pub mod versions;
 pub mod writeback;
 
 pub use engine::{Engine, EngineConfig, Stage, StagedWrite, WritebackOrder};

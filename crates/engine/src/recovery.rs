@@ -17,6 +17,7 @@ use crate::engine::{Engine, EngineConfig, SbCopy};
 use crate::error::{EngineError, Result};
 use crate::format::*;
 use crate::index::*;
+use crate::versions::{self, Version};
 
 /// Read the entry words and the state word of a slot.
 pub(crate) fn read_meta(
@@ -341,8 +342,10 @@ fn apply_run(
 }
 
 /// Recovery's publish: `old`, the current version of `r`'s block, makes
-/// way for `r`. A clean `r` makes every retained version of the block a
-/// loser: its epoch was written back after theirs.
+/// way for `r`, and is retained or a loser by [`versions::retained`].
+/// A clean `r` makes every retained version of the block a loser: its
+/// epoch was written back after theirs (so [`versions::roles`] is
+/// what this leaves of a block's versions).
 fn supersede(
     ix: &mut ShardIndex,
     old: u32,
@@ -362,8 +365,15 @@ fn supersede(
         old_epoch <= r.epoch || !old_dirty || !new_dirty,
         "epochs never decrease"
     );
-    let owed = written.is_some_and(|w| old_epoch > w && old_epoch < r.epoch);
-    if new_dirty && old_dirty && owed {
+    let older = Version {
+        epoch: old_epoch,
+        dirty: old_dirty,
+    };
+    let newer = Version {
+        epoch: r.epoch,
+        dirty: new_dirty,
+    };
+    if versions::retained(older, newer, written) {
         ix.retain(old, old_key & K_ZERO != 0);
         retained.entry(block).or_default().push(old);
     } else {
