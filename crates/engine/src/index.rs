@@ -2,12 +2,13 @@
 //! list, the replacement policy and per-block I/O locks.
 //!
 //! Memory per slot: key word 8 B, hash chain 4 B, bucket 4 B (load factor
-//! one) and LRU links 8 B: 24 B. The free list threads through the chain array,
+//! one), LRU links 8 B, epoch 8 B and owed-list links 8 B: 40 B. The free list threads through the chain array,
 //! since a free slot is in no bucket chain.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
+use crate::owed::Owed;
 use crate::policy::{Lru, Policy, Verdict};
 
 pub const NIL: u32 = u32::MAX;
@@ -118,14 +119,23 @@ pub struct ShardIndex {
     /// Epoch of each slot's incarnation.
     epochs: Vec<u64>,
     /// Versions writeback still owes the origin, current or retained, by
-    /// epoch: (epoch, slot).
-    pub pending: BTreeSet<(u64, u32)>,
+    /// epoch.
+    pub owed: Owed,
 }
 
 fn mix(block: u64) -> u64 {
     let mut x = block.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     x ^= x >> 29;
     x
+}
+
+/// Whether slot `s` owes the origin the version it holds from `epoch`: a
+/// dirty current version or a retained one, of that epoch (a stale entry
+/// of the owed queue fails this).
+fn owed(keys: &[u64], epochs: &[u64], epoch: u64, s: u32) -> bool {
+    let k = keys[s as usize];
+    (k & (K_VALID | K_DIRTY) == K_VALID | K_DIRTY || k & K_RETAINED != 0)
+        && epochs[s as usize] == epoch
 }
 
 /// The bucket of `block` among `n`.
@@ -152,7 +162,7 @@ impl ShardIndex {
             valid: 0,
             retained: 0,
             epochs: vec![0; n],
-            pending: BTreeSet::new(),
+            owed: Owed::default(),
         }
     }
 
@@ -203,16 +213,22 @@ impl ShardIndex {
     /// dirty one joins the versions writeback owes the origin.
     pub fn insert_version(&mut self, s: u32, block: u64, flags: u64, epoch: u64) {
         self.epochs[s as usize] = epoch;
-        if flags & K_DIRTY != 0 {
-            self.pending.insert((epoch, s));
-        }
         self.insert(s, block, flags);
+        if flags & K_DIRTY != 0 {
+            let live = (self.dirty + self.retained) as usize;
+            let (keys, epochs) = (&self.keys, &self.epochs);
+            self.owed
+                .push(epoch, s, live, |e, s| owed(keys, epochs, e, s));
+        }
     }
 
     /// Keep an unpublished dirty version (just `remove`d, `zero` as it
     /// was) for writeback.
     pub fn retain(&mut self, s: u32, zero: bool) {
-        debug_assert!(self.pending.contains(&(self.epoch(s), s)));
+        debug_assert!(
+            self.keys[s as usize] & K_DIRTY == 0,
+            "removed from the index"
+        );
         debug_assert!(self.keys[s as usize] & K_VALID == 0);
         self.keys[s as usize] |= K_RETAINED | if zero { K_ZERO } else { 0 };
         self.retained += 1;
@@ -223,7 +239,6 @@ impl ShardIndex {
         debug_assert!(self.keys[s as usize] & K_RETAINED != 0);
         self.keys[s as usize] &= !(K_RETAINED | K_ZERO);
         self.retained -= 1;
-        self.pending.remove(&(self.epoch(s), s));
     }
 
     /// Publish `s` as the current slot of `block`. The caller has removed
@@ -231,10 +246,6 @@ impl ShardIndex {
     fn insert(&mut self, s: u32, block: u64, flags: u64) {
         debug_assert!(self.lookup(block).is_none());
         let b = self.bucket(block);
-        debug_assert!(
-            flags & K_DIRTY == 0 || self.pending.contains(&(self.epoch(s), s)),
-            "a dirty version is owed to the origin"
-        );
         let pins = self.keys[s as usize] & !(PIN_ONE - 1);
         self.keys[s as usize] = block | K_VALID | flags | pins;
         self.chain[s as usize] = self.buckets[b];
@@ -245,8 +256,8 @@ impl ShardIndex {
         }
     }
 
-    /// Unpublish `s` (it stays pinned if it was). A dirty one stays owed to
-    /// the origin until the caller retains it or calls `forget`.
+    /// Unpublish `s` (it stays pinned if it was). A dirty one is no longer
+    /// owed to the origin unless the caller retains it.
     pub fn remove(&mut self, s: u32) {
         let k = self.keys[s as usize];
         debug_assert!(k & K_VALID != 0);
@@ -274,15 +285,22 @@ impl ShardIndex {
         }
     }
 
-    /// Writeback no longer owes the origin this version (it is clean, or
-    /// superseded in its own epoch).
-    pub fn forget(&mut self, s: u32) {
-        self.pending.remove(&(self.epoch(s), s));
+    /// The oldest epoch with a version owed to the origin.
+    pub fn first_owed_epoch(&mut self) -> Option<u64> {
+        let (keys, epochs) = (&self.keys, &self.epochs);
+        self.owed.first_epoch(|e, s| owed(keys, epochs, e, s))
+    }
+
+    /// Up to `max` owed versions of `epoch` (any, oldest first, with
+    /// `None`) that no writeback has taken yet.
+    pub fn owed_slots(&self, epoch: Option<u64>, max: usize) -> Vec<u32> {
+        self.owed.slots(epoch, max, |e, s| {
+            owed(&self.keys, &self.epochs, e, s) && self.keys[s as usize] & K_WB == 0
+        })
     }
 
     pub fn mark_clean(&mut self, s: u32) {
         if self.keys[s as usize] & K_DIRTY != 0 {
-            self.forget(s);
             self.keys[s as usize] &= !K_DIRTY;
             self.dirty -= 1;
             self.policy.insert(s);

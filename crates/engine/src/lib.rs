@@ -13,6 +13,7 @@ pub mod error;
 pub mod format;
 pub mod hooks;
 pub mod index;
+mod owed;
 pub mod policy;
 mod promotion;
 pub mod recovery;

@@ -377,7 +377,6 @@ fn supersede(
         ix.retain(old, old_key & K_ZERO != 0);
         retained.entry(block).or_default().push(old);
     } else {
-        ix.forget(old);
         losers.push(first + old as u64);
     }
     if !new_dirty {

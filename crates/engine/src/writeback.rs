@@ -104,18 +104,14 @@ impl Engine {
             }
             let sh = (start + k) % n;
             let mut ix = self.shards[sh].ix.lock();
-            let range = match epoch {
-                Some(e) => (e, 0)..(e + 1, 0),
-                None => (0, 0)..(u64::MAX, 0),
-            };
-            let owed: Vec<u32> = ix
-                .pending
-                .range(range)
-                .map(|&(_, s)| s)
-                .filter(|&s| ix.key(s) & K_WB == 0 && ix.pins(s) < MAX_PINS)
-                .take(max - batch.len())
-                .collect();
-            for s in owed {
+            // Drops the stale entries ahead, so the scan below is short.
+            if ix.first_owed_epoch().is_none() {
+                continue;
+            }
+            for s in ix.owed_slots(epoch, max - batch.len()) {
+                if ix.pins(s) == MAX_PINS {
+                    continue;
+                }
                 if let Some(nb) = Self::take_version(&mut ix, sh, s) {
                     batch.push(nb);
                 }
@@ -156,7 +152,7 @@ impl Engine {
     pub(crate) fn oldest_pending(&self) -> Option<u64> {
         self.shards
             .iter()
-            .filter_map(|sh| sh.ix.lock().pending.first().map(|&(e, _)| e))
+            .filter_map(|sh| sh.ix.lock().first_owed_epoch())
             .min()
     }
 

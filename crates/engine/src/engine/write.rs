@@ -647,12 +647,10 @@ impl Engine {
             // long as rule 2 asks, and no cold entry line is read.
             let k = ix.key(old);
             ix.remove(old);
-            if k & K_DIRTY == 0 {
-                self.retire(ix, old, seq);
-            } else if self.retains() && k & K_ON_ORIGIN == 0 && ix.epoch(old) < epoch {
+            let dirty = k & K_DIRTY != 0 && k & K_ON_ORIGIN == 0;
+            if dirty && self.retains() && ix.epoch(old) < epoch {
                 ix.retain(old, k & K_ZERO != 0);
             } else {
-                ix.forget(old);
                 self.retire(ix, old, seq);
             }
         }
@@ -919,7 +917,6 @@ impl Engine {
                     let seq = self.slot_seq(first, s);
                     debug_assert_eq!(ix.key(s) & K_DIRTY, 0, "only clean copies are dropped");
                     ix.remove(s);
-                    ix.forget(s);
                     self.retire(ix, s, seq);
                     any = true;
                 }
