@@ -407,6 +407,7 @@ fn kill_round(order: &'static str, seed: u64) -> (Option<String>, u64) {
     let mut rng = SmallRng::seed_from_u64(splitmix(seed));
     std::thread::sleep(KILL_DELAY_MAX.mul_f64(rng.gen_range(0.0..1.0)));
     assert!(!client.is_finished(), "the client stopped before the kill");
+    let ran = start.elapsed();
     srv.proc.signal(libc::SIGKILL);
     assert!(
         srv.proc.wait_exit(Duration::from_secs(10)).is_some(),
@@ -462,8 +463,7 @@ fn kill_round(order: &'static str, seed: u64) -> (Option<String>, u64) {
     srv.stop();
     let (violation, checks) = rig.verdict();
     eprintln!(
-        "kill round, order {order}, seed {seed:#x}: killed after {ops_before} requests and {at_kill} origin operations ({:?} in); the write in flight {}; {checks} origin operations observed in all; violation: {}",
-        start.elapsed(),
+        "kill round, order {order}, seed {seed:#x}: killed after {ops_before} requests and {at_kill} origin operations ({ran:.1?} in); the write in flight {}; {checks} origin operations observed in all; violation: {}",
         if survived { "survived" } else { "was lost (resent)" },
         violation.is_some()
     );
