@@ -156,13 +156,10 @@ impl Engine {
             .min()
     }
 
-    /// With ordered writeback, store a higher W if one is due: every epoch
-    /// up to it is closed and owes the origin nothing. The caller fences,
-    /// then records it.
+    /// Store a higher W if one is due: every epoch up to it is closed and
+    /// owes the origin nothing (true in any writeback order, so the stats
+    /// mean the same with `none`). The caller fences, then records it.
     fn raise_written(&self) -> Option<u64> {
-        if !self.ordered() {
-            return None;
-        }
         let closed = self.epochs.closed()?;
         let w = match self.oldest_pending() {
             Some(e) => closed.min(e.saturating_sub(1)),
