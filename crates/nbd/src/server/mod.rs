@@ -178,6 +178,8 @@ struct Shared {
     next_conn_id: AtomicU64,
     /// Open connections and their TLS state, for `stats`.
     conns: Connections,
+    /// Payload buffers of buffered writes, for reuse.
+    buffers: write::Buffers,
 }
 
 impl Server {
@@ -226,6 +228,7 @@ impl Server {
                 active: AtomicUsize::new(0),
                 next_conn_id: AtomicU64::new(1),
                 conns: Connections::default(),
+                buffers: write::Buffers::default(),
                 config,
             }),
         })
