@@ -181,6 +181,8 @@ pub struct Engine {
     pub(crate) streams: Streams,
     pub(crate) promotion: crate::promotion::Promotion,
     pub(crate) epochs: crate::epoch::Epochs,
+    /// Bounce buffers of read misses, for reuse.
+    bounces: Mutex<Vec<Vec<u8>>>,
     /// Set on shutdown: writes that would wait for space give up instead.
     stop_waits: AtomicBool,
 }
@@ -245,34 +247,32 @@ enum Piece {
 /// Missed blocks read without a cache slot (not promoted, or no room), or
 /// every missed block where fills are written from here into their slots
 /// (`holds_fills`): one buffer, a block each, in block order.
+///
+/// The buffer comes from the engine's pool and goes back to it (a zeroed
+/// one per miss cost a memset pass); it may be longer than the blocks, and
+/// only their part is ever read, after the origin filled it.
 #[derive(Default)]
 struct Bounce {
     blocks: Vec<u64>,
     buf: Vec<u8>,
+    bs: usize,
     holds_fills: bool,
 }
 
 impl Bounce {
-    fn new(blocks: Vec<u64>, bs: usize) -> Bounce {
-        debug_assert!(blocks.windows(2).all(|w| w[0] < w[1]));
-        let buf = vec![0u8; blocks.len() * bs];
-        Bounce {
-            blocks,
-            buf,
-            holds_fills: false,
-        }
-    }
-
     /// The bytes of block `b`, which must be one of `blocks`.
     fn block(&self, b: u64) -> &[u8] {
         let i = self
             .blocks
             .binary_search(&b)
             .expect("block in the bounce buffer");
-        let bs = self.buf.len() / self.blocks.len();
-        &self.buf[i * bs..(i + 1) * bs]
+        &self.buf[i * self.bs..(i + 1) * self.bs]
     }
 }
+
+/// Bounce buffers kept for reuse, and the largest kept.
+const KEEP_BOUNCES: usize = 64;
+const KEEP_BOUNCE_LEN: usize = 4 << 20;
 
 /// What a write puts into each block.
 pub(crate) enum Src<'a> {
@@ -425,6 +425,7 @@ impl Engine {
             streams: Streams::new(cfg.sequential_cutoff),
             promotion: crate::promotion::Promotion::new(layout.slot_count, msync),
             epochs: crate::epoch::Epochs::new(epoch, written),
+            bounces: Mutex::new(Vec::new()),
             stop_waits: AtomicBool::new(false),
             cfg,
         })
@@ -585,6 +586,33 @@ impl Engine {
 
     fn guard_pos(ids: &[usize], shard: usize) -> usize {
         ids.iter().position(|&i| i == shard).expect("shard locked")
+    }
+
+    /// A bounce buffer for `blocks` (ascending), from the pool.
+    fn bounce(&self, blocks: Vec<u64>) -> Bounce {
+        debug_assert!(blocks.windows(2).all(|w| w[0] < w[1]));
+        let bs = self.bs() as usize;
+        let mut buf = self.bounces.lock().pop().unwrap_or_default();
+        if buf.len() < blocks.len() * bs {
+            buf.resize(blocks.len() * bs, 0);
+        }
+        Bounce {
+            blocks,
+            buf,
+            bs,
+            holds_fills: false,
+        }
+    }
+
+    /// Give a bounce buffer back to the pool.
+    fn recycle(&self, bounce: Bounce) {
+        let buf = bounce.buf;
+        if buf.capacity() > 0 && buf.len() <= KEEP_BOUNCE_LEN {
+            let mut pool = self.bounces.lock();
+            if pool.len() < KEEP_BOUNCES {
+                pool.push(buf);
+            }
+        }
     }
 
     // ----- statistics -----------------------------------------------------

@@ -79,6 +79,7 @@ impl Engine {
                     self.commit_fill(&mut filled, bounce.holds_fills.then_some(&bounce));
                 }
                 self.unpin_all(&filled);
+                self.recycle(bounce);
                 r
             }
         };
@@ -355,14 +356,11 @@ impl Engine {
         if !holds_fills {
             self.slot_targets(&filled, &mut targets);
         }
-        let mut bounce = Bounce::new(
-            if holds_fills {
-                missing.clone()
-            } else {
-                unslotted.clone()
-            },
-            bs,
-        );
+        let mut bounce = self.bounce(if holds_fills {
+            missing.clone()
+        } else {
+            unslotted.clone()
+        });
         bounce.holds_fills = holds_fills;
         for (b, v) in bounce.blocks.iter().zip(bounce.buf.chunks_exact_mut(bs)) {
             targets.push((*b, IoSliceMut::new(v)));
