@@ -227,6 +227,8 @@ struct Reclaimed {
     /// Unpinned, so it may go onto the free list once FREE is durable; a
     /// pinned one waits on the retiring list (its FREE already durable).
     may_free: bool,
+    /// As [`Retired::own`].
+    own: bool,
 }
 
 /// A reclaim batch.
@@ -683,6 +685,14 @@ impl Engine {
         .into_iter()
         .map(|c| self.counters.get(c))
         .sum()
+    }
+
+    /// Older versions retained for ordered writeback now.
+    pub(crate) fn stats_retained(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.ix.lock().retained as u64)
+            .sum()
     }
 
     /// Versions the origin is owed now: dirty blocks, and the older

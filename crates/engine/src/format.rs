@@ -63,6 +63,12 @@
 //!    the origin again, so rewriting an epoch cannot undo a later one.
 //! 6. A retained version is retired (rule 2 applies) only after its epoch's
 //!    origin flush.
+//! 7. Per block, versions become durably FREE oldest first (one fence
+//!    after another), so the live versions of a block are always its
+//!    newest ones. Otherwise a dirty version superseded in its own epoch,
+//!    whose FREE still waits for S, could outlive the newer version of
+//!    that epoch, and rule 5 would retain it and write it back after the
+//!    epoch's real last value: the origin would go back in time.
 
 use pmcache_pmem::PmemRegion;
 

@@ -93,6 +93,17 @@ pub struct Retired {
     pub slot: u32,
     pub seq: u64,
     pub state: RState,
+    /// `seq` is the version's own (not that of the write that superseded
+    /// it): of two versions of a block retired under the same seq, this
+    /// one is the newer.
+    pub own: bool,
+}
+
+impl Retired {
+    /// Orders a block's retired versions oldest first (format rule 7).
+    pub fn age(&self) -> (u64, bool) {
+        (self.seq, self.own)
+    }
 }
 
 pub struct ShardIndex {

@@ -558,7 +558,7 @@ impl Engine {
     fn free_and_seal(&self, to_free: &[u64], losers: &[u64]) {
         self.free_slots(to_free);
         self.seq.seal(&*self.region);
-        self.free_slots(losers);
+        self.free_oldest_first(losers);
         for sh in self.shards.iter() {
             let mut ix = sh.ix.lock();
             for local in (0..ix.nslots()).rev() {
@@ -583,6 +583,38 @@ impl Engine {
             region.flush(off, META_SIZE);
         }
         region.fence();
+    }
+
+    /// Store FREE for committed versions so that, per block, an older
+    /// version's FREE is durable before a newer one's (format rule 7): in
+    /// waves, each a fence, the k-th wave freeing each block's k-th oldest.
+    /// A crash in between then leaves a block's newest versions, never an
+    /// older dirty one without the newer ones of its epoch.
+    pub(crate) fn free_oldest_first(&self, slots: &[u64]) {
+        let mut by_block: Vec<(u64, u64, u64)> = slots
+            .iter()
+            .map(|&slot| {
+                let (w, _) = read_meta(&*self.region, &self.layout, slot);
+                (w[0], w[1], slot)
+            })
+            .collect();
+        by_block.sort_unstable();
+        let mut waves: Vec<Vec<u64>> = Vec::new();
+        let mut rank = 0;
+        for (i, &(block, _, slot)) in by_block.iter().enumerate() {
+            rank = if i > 0 && by_block[i - 1].0 == block {
+                rank + 1
+            } else {
+                0
+            };
+            if waves.len() <= rank {
+                waves.push(Vec::new());
+            }
+            waves[rank].push(slot);
+        }
+        for wave in &waves {
+            self.free_slots(wave);
+        }
     }
 
     /// Write every dirty block back if the cache opens in a mode that keeps
@@ -631,15 +663,19 @@ impl Engine {
         // block and the next open has nothing to clean up.
         self.region.fence();
         self.seq.seal(&*self.region);
+        let mut retired: Vec<u64> = Vec::new();
         for sh in 0..self.shards.len() {
             let mut ix = self.shards[sh].ix.lock();
             let first = ix.first_slot;
-            for r in ix.retiring.iter().filter(|r| r.state != RState::Durable) {
-                self.store_state(first, r.slot, STATE_FREE);
-            }
+            retired.extend(
+                ix.retiring
+                    .iter()
+                    .filter(|r| r.state != RState::Durable)
+                    .map(|r| first + r.slot as u64),
+            );
             ix.retiring.clear();
         }
-        self.region.fence();
+        self.free_oldest_first(&retired);
         let mut g = self.sb.lock();
         let SbCopy { sb, copy } = &mut *g;
         sb.clean_shutdown = true;

@@ -8,7 +8,8 @@ impl Engine {
     /// watermark covers its seq, so a multi-block transaction stays whole in
     /// media while recovery might still need to verify it (format rule 2).
     /// The reclaim that frees the slot makes the store.
-    pub(crate) fn retire(&self, ix: &mut ShardIndex, s: u32, seq: u64) {
+    /// `own`: `seq` is the version's own seq (see [`Retired::own`]).
+    pub(crate) fn retire(&self, ix: &mut ShardIndex, s: u32, seq: u64, own: bool) {
         debug_assert!(
             ix.key(s) & K_VALID == 0,
             "a retired slot has left the index"
@@ -22,6 +23,7 @@ impl Engine {
             slot: s,
             seq,
             state,
+            own,
         });
     }
 
@@ -40,22 +42,31 @@ impl Engine {
         // by this batch are not durable before its fence, and the victim's
         // FREE store could reach media first, so their blocks wait.
         let mut blocked: Vec<u64> = Vec::new();
+        // Format rule 7: with ordered writeback, a block's versions become
+        // durably FREE oldest first, one batch (fence) after another.
+        let oldest = self.retains().then(|| Self::oldest_retiring(ix));
         // Filtered in place: the list keeps its capacity from batch to batch.
         let mut retiring = std::mem::take(&mut ix.retiring);
         retiring.retain(|r| {
+            let block = ix.key(r.slot) & BLOCK_MASK;
             if r.state != RState::Durable {
-                blocked.push(ix.key(r.slot) & BLOCK_MASK);
+                blocked.push(block);
             }
-            let keep = match r.state {
-                RState::Live => r.seq > durable,
-                RState::Covered => false,
-                RState::Durable => ix.pins(r.slot) > 0,
-            };
+            let waits_for_older = oldest
+                .as_ref()
+                .is_some_and(|o| r.state != RState::Durable && o.get(&block) != Some(&r.age()));
+            let keep = waits_for_older
+                || match r.state {
+                    RState::Live => r.seq > durable,
+                    RState::Covered => false,
+                    RState::Durable => ix.pins(r.slot) > 0,
+                };
             if !keep {
                 out.push(Reclaimed {
                     slot: r.slot,
                     seq: r.seq,
                     may_free: ix.pins(r.slot) == 0,
+                    own: r.own,
                 });
             }
             keep
@@ -78,12 +89,24 @@ impl Engine {
                     slot: s,
                     seq,
                     may_free: true,
+                    own: true,
                 });
                 self.counters.add(Ctr::Evictions, 1);
             }
         }
         ix.retiring = retiring;
         out
+    }
+
+    /// Per block, the seq of its oldest retiring version whose FREE is not
+    /// durable yet.
+    fn oldest_retiring(ix: &ShardIndex) -> BlockMap<(u64, bool)> {
+        let mut oldest: BlockMap<(u64, bool)> = BlockMap::default();
+        for r in ix.retiring.iter().filter(|r| r.state != RState::Durable) {
+            let age = oldest.entry(ix.key(r.slot) & BLOCK_MASK).or_insert(r.age());
+            *age = (*age).min(r.age());
+        }
+        oldest
     }
 
     /// Store FREE into a prepared batch's state words (before a fence), by
@@ -109,6 +132,7 @@ impl Engine {
             slot,
             seq,
             may_free,
+            own,
         } in batch
         {
             if may_free {
@@ -127,6 +151,7 @@ impl Engine {
                     slot,
                     seq,
                     state: RState::Durable,
+                    own,
                 });
             }
         }

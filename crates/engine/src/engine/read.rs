@@ -590,6 +590,7 @@ impl Engine {
                     slot: nb.slot,
                     seq: 0,
                     state: RState::Durable,
+                    own: true,
                 });
             }
         }

@@ -651,7 +651,7 @@ impl Engine {
             if dirty && self.retains() && ix.epoch(old) < epoch {
                 ix.retain(old, k & K_ZERO != 0);
             } else {
-                self.retire(ix, old, seq);
+                self.retire(ix, old, seq, false);
             }
         }
         ix.insert_version(slot, block, flags, epoch);
@@ -663,11 +663,12 @@ impl Engine {
     pub(super) fn abandon_batches(&self, batches: Batches) {
         for (sh, b) in batches {
             let mut ix = self.shards[sh].ix.lock();
-            for Reclaimed { slot, seq, .. } in b {
+            for Reclaimed { slot, seq, own, .. } in b {
                 ix.retiring.push(Retired {
                     slot,
                     seq,
                     state: RState::Covered,
+                    own,
                 });
             }
             ix.reclaiming = false;
@@ -786,7 +787,7 @@ impl Engine {
             if k & K_RETAINED != 0 {
                 ix.release_retained(nb.slot);
                 let seq = self.slot_seq(ix.first_slot, nb.slot);
-                self.retire(&mut ix, nb.slot, seq);
+                self.retire(&mut ix, nb.slot, seq, true);
                 self.counters.add(Ctr::Writebacks, 1);
                 self.counters.add(Ctr::WritebackBytes, self.bs());
                 continue;
@@ -917,7 +918,7 @@ impl Engine {
                     let seq = self.slot_seq(first, s);
                     debug_assert_eq!(ix.key(s) & K_DIRTY, 0, "only clean copies are dropped");
                     ix.remove(s);
-                    self.retire(ix, s, seq);
+                    self.retire(ix, s, seq, true);
                     any = true;
                 }
             }
