@@ -156,10 +156,15 @@ impl Engine {
             .min()
     }
 
-    /// Store a higher W if one is due: every epoch up to it is closed and
-    /// owes the origin nothing (true in any writeback order, so the stats
-    /// mean the same with `none`). The caller fences, then records it.
+    /// With ordered writeback, store a higher W if one is due: every epoch
+    /// up to it is closed and owes the origin nothing. Not without order:
+    /// a dirty version superseded in a later epoch is dropped there, never
+    /// written, so an epoch can owe nothing without being on the origin.
+    /// The caller fences, then records it.
     fn raise_written(&self) -> Option<u64> {
+        if !self.ordered() {
+            return None;
+        }
         let closed = self.epochs.closed()?;
         let w = match self.oldest_pending() {
             Some(e) => closed.min(e.saturating_sub(1)),
@@ -402,6 +407,9 @@ fn writeback_loop(engine: std::sync::Weak<Engine>) {
                 run = 0;
                 let requests = e.client_requests();
                 let urgent = e.wb.urgent.swap(false, Ordering::Relaxed);
+                // Retained versions are space nothing else can free, and
+                // they pile up the longer writeback lags: no trickle then.
+                let urgent = urgent || e.stats_retained() > 0;
                 let active = seen != Some(requests) && !urgent;
                 seen = Some(requests);
                 trickle_pause(
