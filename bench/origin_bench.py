@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """Origin-path benchmark matrix (issue 14, deliverable 5): pmcache against its slow origin.
 
-Each workload row runs the same fio job (nbd engine) through three setups, in one run:
+Each workload row runs the same fio job (nbd engine) through these setups, in one run:
   origin    the origin alone
-  pmcache   pmcache serve (64 MiB cache in /dev/shm, --assume-pmem) in front of the origin
+  pmcache   pmcache serve (64 MiB cache in /dev/shm, --assume-pmem) in front of the origin, with
+            the binary's default writeback order (ordered since issue 15)
+  pmcache-none  the same with --writeback-order none (only with --orders ordered,none): the
+            cost of ordering is pmcache / pmcache-none in the same run (issue 15)
   nbdcache  nbdkit's cache filter in front of the origin (nbd plugin; cache=writeback, or
             cache=writethrough for the writethrough row; cache-on-read=true,
             cache-max-size=64M, default thresholds high 95% / low 80%, default block size
@@ -65,10 +68,13 @@ median is reported. A cell that fails (server does not start, fio errors or hang
 timeout, copy fails) is recorded with its command and error text, and the run goes on.
 
 Usage: bench/origin_bench.py [--runtime S] [--reps N] [--cases A,B] [--origins delay,rate]
-                             [--fill S] [--copy-timeout S] [--stall S] [--rate-delay MS]
-                             [--pmcache PATH] [--out FILE.json]
+                             [--orders ordered[,none]] [--fill S] [--copy-timeout S] [--stall S]
+                             [--rate-delay MS] [--pmcache PATH] [--out FILE.json]
   --cases         only these rows (comma-separated labels; default all)
   --origins       origin models (default delay,rate)
+  --orders        pmcache writeback orders to run (default ordered): "ordered,none" adds the
+                  pmcache-none setup to every row, copies included. The pmcache setup passes no
+                  --writeback-order, so the script still runs binaries from before the option.
   --fill          seconds of the untimed fill run of the *_full rows (default 3)
   --copy-timeout  bound on one nbdcopy (default 120)
   --stall         stop a pmcache copy after this many seconds without progress (default 15)
@@ -108,7 +114,9 @@ ORIGIN_MODELS = {
 RATE_DELAY_MS = [0]  # set from --rate-delay
 # target kinds: (comparison, threshold)
 TARGETS = {"passthrough": (">=", 0.9), "absorb": (">=", 0.95), "help": (">=", 5.0)}
-SETUPS = ("origin", "pmcache", "nbdcache")
+SETUPS = ["origin", "pmcache", "nbdcache"]  # main() inserts pmcache-none with --orders ordered,none
+# pmcache setups and the extra serve arguments of each
+PM_SETUPS = {"pmcache": [], "pmcache-none": ["--writeback-order", "none"]}
 # pmcache (tracing) warning/error lines, nbdkit error lines, panics
 LOG_PROBLEM = re.compile(r"^\S+\s+(WARN|ERROR)\s|^nbdkit: .*: error: |panicked")
 
@@ -275,12 +283,12 @@ class Cell:
 
     def start_front(self):
         """Start the cache in front of the origin (nothing to do for the origin alone)."""
-        if self.setup == "pmcache":
+        if self.setup in PM_SETUPS:
             run([self.pmcache, "format", "--cache", self.cache, "--size", CACHE_SIZE, "--origin",
                  uri_of(self.origin_sock), "--assume-pmem", "--force"], 60, "pmcache format")
             self.sock, self.pm_proc = self.servers.start(
                 "pmcache", [self.pmcache, "serve", "--cache", self.cache, "--socket", "{sock}",
-                            "--assume-pmem", "--mode", self.mode])
+                            "--assume-pmem", "--mode", self.mode, *PM_SETUPS[self.setup]])
         elif self.setup == "nbdcache":
             self.sock, self.nc_proc = self.servers.start(
                 "nbdcache", ["nbdkit", "--foreground", "--exit-with-parent", "-U", "{sock}", "--filter=cache",
@@ -289,9 +297,13 @@ class Cell:
                 env=dict(os.environ, TMPDIR=self.tmp))
         return self.sock
 
+    def log_path(self):
+        """The log of the server in front (pmcache-none's server is also named pmcache)."""
+        return self.servers.log_path("pmcache" if self.setup in PM_SETUPS else self.setup)
+
     def collect(self):
         """Server-side facts worth keeping: pmcache stats and log warnings, nbdkit cache file size."""
-        if self.setup == "pmcache" and getattr(self, "pm_proc", None) and self.pm_proc.poll() is None:
+        if self.setup in PM_SETUPS and getattr(self, "pm_proc", None) and self.pm_proc.poll() is None:
             st = pm_stats(self.pmcache, self.cache)
             if st is not None:
                 self.info["pmcache_stats"] = st
@@ -357,7 +369,7 @@ def run_fio_cell(root, model, row, setup, a):
         except CellFailed as e:
             res["error"] = str(e)
             if setup != "origin":
-                res["server_log_tail"] = tail(c.servers.log_path(setup))
+                res["server_log_tail"] = tail(c.log_path())
     res.update(c.info)
     return res
 
@@ -417,7 +429,7 @@ def run_copy_cell(root, model, setup, error_rate, src, a):
             c.start_origin()
             sock = c.start_front()
             progress = None
-            if setup == "pmcache":
+            if setup in PM_SETUPS:
                 def progress():
                     st = pm_stats(a.pmcache, c.cache) or {}
                     return (st.get("write_bytes"), st.get("writeback_bytes"))
@@ -428,7 +440,7 @@ def run_copy_cell(root, model, setup, error_rate, src, a):
                 res["timed_out"] = err.startswith(">")
                 res["gave_up_after_s"] = round(time.time() - t0, 1)
                 if setup != "origin":
-                    res["server_log_tail"] = tail(c.servers.log_path(setup))
+                    res["server_log_tail"] = tail(c.log_path())
             else:
                 res["seconds"] = secs
         except CellFailed as e:
@@ -489,7 +501,7 @@ def fio_rows(model, rows, a, root, results):
                 runs[s].append(r)
                 v = metric(row, r)
                 status = fmt(v, row.unit) if v is not None else "FAILED: " + r["error"].splitlines()[0][:150]
-                print(f"  {model:5} {row.label:24} {s:8} rep {rep + 1}: {status}  ({r['cell_s']} s)", flush=True)
+                print(f"  {model:5} {row.label:24} {s:12} rep {rep + 1}: {status}  ({r['cell_s']} s)", flush=True)
         key = "gib_s" if row.unit == "GiB/s" else "iops"
         case = {s: median(runs[s], key) for s in SETUPS}
         case["runs"] = runs
@@ -498,6 +510,10 @@ def fio_rows(model, rows, a, root, results):
         pm = vals["pmcache"]
         case["pmcache_vs_origin"] = pm / vals["origin"] if pm is not None and vals["origin"] else None
         case["pmcache_vs_nbdcache"] = pm / vals["nbdcache"] if pm is not None and vals["nbdcache"] else None
+        if "pmcache-none" in vals:
+            none = vals["pmcache-none"]
+            case["none_vs_origin"] = none / vals["origin"] if none is not None and vals["origin"] else None
+            case["ordered_vs_none"] = pm / none if pm is not None and none else None
         op, thr = TARGETS[row.target]
         case["target"] = f"pmcache/origin {op} {thr}x ({row.target})"
         case["result"] = verdict(case["pmcache_vs_origin"], TARGETS[row.target])
@@ -507,34 +523,48 @@ def fio_rows(model, rows, a, root, results):
 
 
 def copy_rows(model, copies, a, root, results, src):
-    """The flaky copies: pmcache with errors against pmcache without; the others for information."""
+    """The flaky copies: pmcache with errors against pmcache without; the others for information.
+
+    With --orders ordered,none, pmcache-none runs every copy pmcache runs, and its own error-free
+    copy is its reference."""
     out = results["origins"][model]["rows"]
-    base_runs = []
+    pms = [s for s in SETUPS if s in PM_SETUPS]
+    base_runs = {s: [] for s in pms}
     for rep in range(a.reps):
-        r = run_copy_cell(root, model, "pmcache", None, src, a)
-        base_runs.append(r)
-        print(f"  {model:5} {'copy, no errors':24} pmcache  rep {rep + 1}: "
-              f"{fmt(r.get('seconds'), 's') if 'seconds' in r else 'FAILED: ' + r['error'].splitlines()[0][:150]}",
-              flush=True)
-    base = median(base_runs, "seconds")
+        for s in pms:
+            r = run_copy_cell(root, model, s, None, src, a)
+            base_runs[s].append(r)
+            print(f"  {model:5} {'copy, no errors':24} {s:12} rep {rep + 1}: "
+                  f"{fmt(r.get('seconds'), 's') if 'seconds' in r else 'FAILED: ' + r['error'].splitlines()[0][:150]}",
+                  flush=True)
+    bases = {s: median(base_runs[s], "seconds") for s in pms}
+    base = bases["pmcache"]
     ref = run_copy_cell(root, model, "origin", None, src, a)
-    print(f"  {model:5} {'copy, no errors':24} origin   : "
+    print(f"  {model:5} {'copy, no errors':24} origin      : "
           f"{fmt(ref.get('seconds'), 's') if 'seconds' in ref else 'FAILED: ' + ref['error'].splitlines()[0][:150]}",
           flush=True)
     for label, rate, limit in copies:
         runs = {s: [] for s in SETUPS}
         for rep in range(a.reps):
-            for s in ("pmcache", "origin", "nbdcache"):
-                if s != "pmcache" and rep > 0:
+            for s in pms + ["origin", "nbdcache"]:
+                if s not in PM_SETUPS and rep > 0:
                     continue  # the peers are for information only
                 r = run_copy_cell(root, model, s, rate, src, a)
                 runs[s].append(r)
                 status = fmt(r["seconds"], "s") if "seconds" in r else "FAILED: " + r["error"].splitlines()[0][:150]
-                print(f"  {model:5} {label:24} {s:8} rep {rep + 1}: {status}", flush=True)
+                print(f"  {model:5} {label:24} {s:12} rep {rep + 1}: {status}", flush=True)
         case = {s: median(runs[s], "seconds") for s in SETUPS}
         case["runs"] = runs
         case["pmcache_no_errors"] = base
-        case["pmcache_no_errors_runs"] = base_runs
+        case["pmcache_no_errors_runs"] = base_runs["pmcache"]
+        if "pmcache-none" in pms:
+            nb = bases["pmcache-none"]
+            case["none_no_errors"] = nb
+            case["none_no_errors_runs"] = base_runs["pmcache-none"]
+            ns = case["pmcache-none"].get("seconds")
+            case["none_errors_vs_no_errors"] = ns / nb["seconds"] if ns is not None and nb.get("seconds") else None
+            pm = case["pmcache"].get("seconds")
+            case["ordered_vs_none"] = pm / ns if pm is not None and ns else None  # seconds: <= 1 is no cost
         case["origin_no_errors"] = ref
         case["unit"] = "s"
         pm, b = case["pmcache"].get("seconds"), base.get("seconds")
@@ -552,23 +582,32 @@ def copy_rows(model, copies, a, root, results, src):
 
 
 def table(results, models, rows, copies):
-    lines = ["| origin | row | unit | origin | pmcache | nbdkit-cache | pmcache/origin | pmcache/nbdkit-cache "
-             "| target | result |", "|---|---|---|---|---|---|---|---|---|---|"]
+    names = {"nbdcache": "nbdkit-cache"}
+    none = "pmcache-none" in SETUPS
+    head = ["origin", "row", "unit"] + [names.get(s, s) for s in SETUPS] + ["pmcache/origin"]
+    head += ["pmcache-none/origin", "pmcache/pmcache-none (cost of order)"] if none else []
+    head += ["pmcache/nbdkit-cache", "target", "result"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for model in models:
         got = results["origins"][model]["rows"]
         for row in rows:
+            if row.label not in got:
+                continue  # a row for other origin models
             c = got[row.label]
-            vals = [fmt(metric(row, c[s]), row.unit) for s in SETUPS]
-            r1 = c["pmcache_vs_origin"]
-            r2 = c["pmcache_vs_nbdcache"]
-            op, thr = TARGETS[row.target]
-            lines.append(f"| {model} | {row.label} | {row.unit} | {' | '.join(vals)} | "
-                         f"{fmt_ratio(r1)} | {fmt_ratio(r2)} | "
-                         f"{op} {thr}x | {c['result']} |")
+            cells = [model, row.label, row.unit] + [fmt(metric(row, c[s]), row.unit) for s in SETUPS]
+            cells.append(fmt_ratio(c["pmcache_vs_origin"]))
+            if none:
+                cells += [fmt_ratio(c.get("none_vs_origin")), fmt_ratio(c.get("ordered_vs_none"))]
+            target = TARGETS[row.target]
+            cells += [fmt_ratio(c["pmcache_vs_nbdcache"]), f"{target[0]} {target[1]}x" if target else "info",
+                      c["result"]]
+            lines.append("| " + " | ".join(cells) + " |")
     if copies:
+        extra = (" | pmcache-none, no errors | pmcache-none, with errors | pmcache-none errors / no errors "
+                 "| pmcache / pmcache-none, with errors" if none else "")
         lines += ["", "| origin | row | pmcache, no errors | pmcache, with errors | errors / no errors | target "
-                  "| result | origin alone, with errors | nbdkit-cache, with errors |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| result | origin alone, with errors | nbdkit-cache, with errors" + extra + " |",
+                  "|---" * (13 if none else 9) + "|"]
 
         def cell(r):
             if "seconds" in r:
@@ -588,8 +627,12 @@ def table(results, models, rows, copies):
                     rs = f"> {c['errors_vs_no_errors_lower_bound']:.1f}x"
                 else:
                     rs = "n/a"
-                lines.append(f"| {model} | {label} | {cell(c['pmcache_no_errors'])} | {cell(c['pmcache'])} | {rs} "
-                             f"| <= {limit}x | {c['result']} | {cell(c['origin'])} | {cell(c['nbdcache'])} |")
+                line = (f"| {model} | {label} | {cell(c['pmcache_no_errors'])} | {cell(c['pmcache'])} | {rs} "
+                        f"| <= {limit}x | {c['result']} | {cell(c['origin'])} | {cell(c['nbdcache'])} |")
+                if none:
+                    line += (f" {cell(c['none_no_errors'])} | {cell(c['pmcache-none'])} "
+                             f"| {fmt_ratio(c['none_errors_vs_no_errors'])} | {fmt_ratio(c['ordered_vs_none'])} |")
+                lines.append(line)
     return "\n".join(lines)
 
 
@@ -601,11 +644,12 @@ def failures(results):
             for s, runs in c.get("runs", {}).items():
                 for r in runs:
                     if "error" in r:
-                        expected = label.startswith("flaky_copy") and s != "pmcache"
+                        expected = label.startswith("flaky_copy") and s not in PM_SETUPS
                         out.append((model, label, s + (" (expected: no retries)" if expected else ""), r["error"]))
-            for r in c.get("pmcache_no_errors_runs", []):
-                if "error" in r:
-                    out.append((model, label, "pmcache (no errors)", r["error"]))
+            for s, key in (("pmcache", "pmcache_no_errors_runs"), ("pmcache-none", "none_no_errors_runs")):
+                for r in c.get(key, []):
+                    if "error" in r:
+                        out.append((model, label, s + " (no errors)", r["error"]))
     return out
 
 
@@ -623,6 +667,7 @@ def main():
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--cases", default="")
     ap.add_argument("--origins", default="delay,rate")
+    ap.add_argument("--orders", default="ordered")
     ap.add_argument("--fill", type=int, default=3)
     ap.add_argument("--copy-timeout", type=int, default=120)
     ap.add_argument("--stall", type=int, default=15)
@@ -641,6 +686,11 @@ def main():
     models = [m for m in a.origins.split(",") if m]
     if not models or any(m not in ORIGIN_MODELS for m in models):
         sys.exit(f"--origins: choose from {', '.join(ORIGIN_MODELS)}")
+    orders = [o for o in a.orders.split(",") if o]
+    if "ordered" not in orders or any(o not in ("ordered", "none") for o in orders):
+        sys.exit("--orders: ordered (the pmcache setup), optionally with none (the pmcache-none setup)")
+    if "none" in orders:
+        SETUPS.insert(SETUPS.index("pmcache") + 1, "pmcache-none")
     for tool in ("nbdkit", "fio", "nbdcopy"):
         if not shutil.which(tool):
             sys.exit(f"{tool} is required (apt-get install -y nbdkit fio libnbd-bin)")
@@ -649,7 +699,7 @@ def main():
 
     results = {"runtime_s": a.runtime, "ramp_s": RAMP_S, "reps": a.reps, "fill_s": a.fill,
                "copy_timeout_s": a.copy_timeout, "stall_s": a.stall, "cache_size": CACHE_SIZE, "origin_size": ORIGIN_SIZE,
-               "copy_bytes": COPY_SIZE, "pmcache": a.pmcache,
+               "copy_bytes": COPY_SIZE, "pmcache": a.pmcache, "setups": SETUPS,
                "origin_models": {m: " ".join(origin_args(m)) for m in models}, "origins": {}}
     root = tempfile.mkdtemp(prefix="pmob-", dir="/dev/shm")
     t_start = time.time()
