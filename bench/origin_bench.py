@@ -93,7 +93,8 @@ timeout, copy fails) is recorded with its command and error text, and the run go
 
 Usage: bench/origin_bench.py [--runtime S] [--reps N] [--cases A,B] [--origins delay,rate]
                              [--orders ordered[,none]] [--fill S] [--copy-timeout S] [--stall S]
-                             [--rate-delay MS] [--pmcache PATH] [--out FILE.json]
+                             [--rate-delay MS] [--probe-ops N] [--cache-size SIZE]
+                             [--pmcache PATH] [--out FILE.json]
   --cases         only these rows (comma-separated labels; default all)
   --origins       origin models (default delay,rate)
   --orders        pmcache writeback orders to run (default ordered): "ordered,none" adds the
@@ -104,6 +105,8 @@ Usage: bench/origin_bench.py [--runtime S] [--reps N] [--cases A,B] [--origins d
   --stall         stop a pmcache copy after this many seconds without progress (default 15)
   --rate-delay    whole milliseconds of delay added to the rate origin (default 0)
   --probe-ops     requests of each kind in the flush-latency probe (default 2000)
+  --cache-size    pmcache's cache and nbdkit's cache-max-size (default 64M; the rows' areas and
+                  targets assume 64M: other sizes are for experiments)
   --pmcache       the pmcache binary (default target/release/pmcache under the repository)
   --out           write everything (raw numbers, ratios, failures, pmcache stats) as JSON
 Example: python3 bench/origin_bench.py --reps 1 --runtime 5 --out origin.json
@@ -129,7 +132,7 @@ from nbd_bench import uri_of  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ORIGIN_SIZE = "1G"
-CACHE_SIZE = "64M"
+CACHE_SIZE = ["64M"]  # set from --cache-size
 COPY_SIZE = 160 << 20
 RAMP_S = 1
 ORIGIN_MODELS = {
@@ -330,7 +333,7 @@ class Cell:
     def start_front(self):
         """Start the cache in front of the origin (nothing to do for the origin alone)."""
         if self.setup in PM_SETUPS:
-            run([self.pmcache, "format", "--cache", self.cache, "--size", CACHE_SIZE, "--origin",
+            run([self.pmcache, "format", "--cache", self.cache, "--size", CACHE_SIZE[0], "--origin",
                  uri_of(self.origin_sock), "--assume-pmem", "--force"], 60, "pmcache format")
             self.sock, self.pm_proc = self.servers.start(
                 "pmcache", [self.pmcache, "serve", "--cache", self.cache, "--socket", "{sock}",
@@ -339,7 +342,7 @@ class Cell:
             self.sock, self.nc_proc = self.servers.start(
                 "nbdcache", ["nbdkit", "--foreground", "--exit-with-parent", "-U", "{sock}", "--filter=cache",
                              "nbd", f"socket={self.origin_sock}", f"cache={self.mode}", "cache-on-read=true",
-                             f"cache-max-size={CACHE_SIZE}"],
+                             f"cache-max-size={CACHE_SIZE[0]}"],
                 env=dict(os.environ, TMPDIR=self.tmp))
         return self.sock
 
@@ -833,11 +836,13 @@ def main():
     ap.add_argument("--stall", type=int, default=15)
     ap.add_argument("--rate-delay", type=int, default=0, metavar="MS")
     ap.add_argument("--probe-ops", type=int, default=2000)
+    ap.add_argument("--cache-size", default="64M")
     ap.add_argument("--pmcache", default=os.path.join(ROOT, "target", "release", "pmcache"))
     ap.add_argument("--out")
     a = ap.parse_args()
     a.pmcache = os.path.abspath(a.pmcache)
     RATE_DELAY_MS[0] = a.rate_delay
+    CACHE_SIZE[0] = a.cache_size
     wanted = [c for c in a.cases.split(",") if c]
     bad = [c for c in wanted if c not in ALL_LABELS]
     if bad:
@@ -859,7 +864,7 @@ def main():
         sys.exit(f"{a.pmcache} not found: cargo build --release -p pmcache")
 
     results = {"runtime_s": a.runtime, "ramp_s": RAMP_S, "reps": a.reps, "fill_s": a.fill,
-               "copy_timeout_s": a.copy_timeout, "stall_s": a.stall, "cache_size": CACHE_SIZE, "origin_size": ORIGIN_SIZE,
+               "copy_timeout_s": a.copy_timeout, "stall_s": a.stall, "cache_size": CACHE_SIZE[0], "origin_size": ORIGIN_SIZE,
                "copy_bytes": COPY_SIZE, "pmcache": a.pmcache, "setups": SETUPS,
                "origin_models": {m: " ".join(origin_args(m)) for m in models}, "origins": {}}
     root = tempfile.mkdtemp(prefix="pmob-", dir="/dev/shm")
