@@ -76,9 +76,10 @@ Rows (label: fio job; target for pmcache/origin):
 For the flush rows the script also reports, per pmcache setup, the counters of `pmcache stats`
 taken just before and just after the timed fio run (so over the ramp and the run): epochs
 sealed per second (delta of `epoch`), epochs written back per second (delta of
-`written_epoch`, empty epochs included), blocks written back per second (`writebacks`), and
-`epochs_pending`, `oldest_pending_epoch_ms`, `retained`, `dirty` at the end. Every pmcache cell
-keeps these deltas in the JSON (run_stats). Once per origin model the flush rows also measure
+`written_epoch`, empty epochs included), blocks written back per second (`writebacks`), waits
+for space per second (`waits_for_space`), and `epochs_pending`, `oldest_pending_epoch_ms`,
+`dirty`, `retained`, `free` at the end (pmcache-none keeps no W: its `written_epoch` stays 0).
+Every pmcache cell keeps these deltas in the JSON (run_stats). Once per origin model the flush rows also measure
 the origin's flush latency against a fresh origin alone, with libnbd's Python binding (one
 connection, QD1, every request timed on its own): --probe-ops times of a 4 KiB random write
 followed by a FLUSH (the FLUSH timed alone: what sealing one epoch costs on top of its writes),
@@ -763,8 +764,8 @@ def table(results, models, rows, copies):
 def flush_table(results, models, rows):
     """The flush rows: what the client sent, what writeback did, against the origin's flush latency."""
     lines = ["| origin | row | setup | IOPS | client FLUSH/s | epochs sealed/s | writes per sealed epoch "
-             "| epochs written back/s | blocks written back/s | at the end: epochs pending, oldest (ms), retained, "
-             "dirty |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| epochs written back/s | blocks written back/s | waits for space/s | at the end: epochs pending, "
+             "oldest (ms), dirty, retained, free |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     probes = []
     for model in models:
         o = results["origins"][model]
@@ -775,18 +776,20 @@ def flush_table(results, models, rows):
             for s in [x for x in SETUPS if x != "nbdcache"]:
                 r = c[s]
                 if "error" in r:
-                    lines.append(f"| {model} | {row.label} | {s} | FAIL | | | | | | |")
+                    lines.append(f"| {model} | {row.label} | {s} | FAIL | | | | | | | |")
                     continue
                 st = r.get("run_stats", {})
                 end = st.get("end", {})
 
                 def rate(k):
                     return f"{st[k + '_per_s']:,.0f}" if k + "_per_s" in st else ""
-                tail_ = (f"{end['epochs_pending']:,}, {end['oldest_pending_epoch_ms']:,}, {end['retained']:,}, "
-                         f"{end['dirty']:,}" if "epochs_pending" in end else "")
+                tail_ = (", ".join(f"{end[k]:,}" for k in ("epochs_pending", "oldest_pending_epoch_ms", "dirty",
+                                                             "retained", "free"))
+                         if "epochs_pending" in end else "")
                 per = f"{st['writes'] / st['epoch']:.1f}" if st.get("epoch") else ""
                 lines.append(f"| {model} | {row.label} | {s} | {r['iops']:,.0f} | {r.get('flushes_per_s', 0):,.0f} | "
-                             f"{rate('epoch')} | {per} | {rate('written_epoch')} | {rate('writebacks')} | {tail_} |")
+                             f"{rate('epoch')} | {per} | {rate('written_epoch')} | {rate('writebacks')} | "
+                             f"{rate('waits_for_space')} | {tail_} |")
         p = o.get("flush_probe")
         if p and "error" not in p:
             flush, write = p["flush_p50_us"], p["write_p50_us"]
