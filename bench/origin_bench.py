@@ -867,7 +867,8 @@ def main():
         sys.exit(f"{a.pmcache} not found: cargo build --release -p pmcache")
 
     results = {"runtime_s": a.runtime, "ramp_s": RAMP_S, "reps": a.reps, "fill_s": a.fill,
-               "copy_timeout_s": a.copy_timeout, "stall_s": a.stall, "cache_size": CACHE_SIZE[0], "origin_size": ORIGIN_SIZE,
+               "copy_timeout_s": a.copy_timeout, "stall_s": a.stall, "cache_size": CACHE_SIZE[0],
+               "origin_size": ORIGIN_SIZE,
                "copy_bytes": COPY_SIZE, "pmcache": a.pmcache, "setups": SETUPS,
                "origin_models": {m: " ".join(origin_args(m)) for m in models}, "origins": {}}
     root = tempfile.mkdtemp(prefix="pmob-", dir="/dev/shm")
