@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """Origin-path benchmark matrix (issue 14, deliverable 5): pmcache against its slow origin.
 
-Each workload row runs the same fio job (nbd engine) through three setups, in one run:
+Each workload row runs the same fio job (nbd engine) through these setups, in one run:
   origin    the origin alone
-  pmcache   pmcache serve (64 MiB cache in /dev/shm, --assume-pmem) in front of the origin
+  pmcache   pmcache serve (64 MiB cache in /dev/shm, --assume-pmem) in front of the origin, with
+            the binary's default writeback order (ordered since issue 15)
+  pmcache-none  the same with --writeback-order none (only with --orders ordered,none): the
+            cost of ordering is pmcache / pmcache-none in the same run (issue 15)
   nbdcache  nbdkit's cache filter in front of the origin (nbd plugin; cache=writeback, or
             cache=writethrough for the writethrough row; cache-on-read=true,
             cache-max-size=64M, default thresholds high 95% / low 80%, default block size
@@ -45,6 +48,17 @@ Rows (label: fio job; target for pmcache/origin):
                           sequential read pass through the setup. Helping: >= 5x.
   wt_randwrite_4k_qd32    4 KiB random write QD32 over 1 GiB with pmcache --mode writethrough
                           (nbdkit: cache=writethrough). Passthrough: >= 0.9x.
+  randwrite_4k_qd32_flush32       (delay origin only; issue 15) 4 KiB random write QD32 over 32 MiB
+                          (fits the cache) with fio --fsync=32: a FLUSH after every 32 writes,
+                          so every 32 writes are an epoch that ordered writeback seals with an
+                          origin flush of its own. Target >= 1.0x. fio's nbd engine sends
+                          NBD_CMD_FLUSH for it, but (checked with nbdkit's log filter, fio 3.33)
+                          not one: when the 32nd write is issued it fills every free queue slot
+                          with FLUSHes, ~16 back to back at QD32, so the client sends about one
+                          FLUSH per two writes, in bursts, and most of them seal an empty epoch.
+  randwrite_4k_qd32_flush32_full  (delay origin only) the same over 512 MiB after an untimed
+                          --fill run, so the cache is full and the steady state is writeback
+                          bound. For information (no target).
   flaky_copy_1pct         nbdcopy --flush of a 160 MiB random file from /dev/shm into the export,
   flaky_copy_10pct        with the error filter on the origin failing 1% (10%) of reads and
                           writes (error-pread-rate, error-pwrite-rate; EIO after the delay).
@@ -59,25 +73,47 @@ Rows (label: fio job; target for pmcache/origin):
                           persistent in the cache, so the copy ends when the last 64 MiB are in
                           the cache (the rest was written back during the copy to make room);
                           nbdkit's writeback cache writes all its dirty blocks on FLUSH.
+For the flush rows the script also reports, per pmcache setup, the counters of `pmcache stats`
+taken just before and just after the timed fio run (so over the ramp and the run): epochs
+sealed per second (delta of `epoch`), epochs written back per second (delta of
+`written_epoch`, empty epochs included), blocks written back per second (`writebacks`), waits
+for space per second (`waits_for_space`), and `epochs_pending`, `oldest_pending_epoch_ms`,
+`dirty`, `retained`, `free` at the end (pmcache-none keeps no W: its `written_epoch` stays 0).
+Every pmcache cell keeps these deltas in the JSON (run_stats). Once per origin model the flush rows also measure
+the origin's flush latency against a fresh origin alone, with libnbd's Python binding (one
+connection, QD1, every request timed on its own): --probe-ops times of a 4 KiB random write
+followed by a FLUSH (the FLUSH timed alone: what sealing one epoch costs on top of its writes),
+then as many FLUSHes with no write between. (fio's own sync latency at QD1 with --fsync=1 read
+2-27 us at the median on the same origin from run to run, so it is not used.) nbdkit's delay
+filter has no flush delay, so on both models a FLUSH costs a round trip only; an ordered epoch
+costs at least one round of origin writes plus one flush.
 1 MiB rows report GiB/s, 4 KiB rows IOPS; ratios are of those. Each fio job runs --runtime
 seconds after a 1 s ramp. With --reps N every cell runs N times (setups interleaved) and the
 median is reported. A cell that fails (server does not start, fio errors or hangs past its
 timeout, copy fails) is recorded with its command and error text, and the run goes on.
 
 Usage: bench/origin_bench.py [--runtime S] [--reps N] [--cases A,B] [--origins delay,rate]
-                             [--fill S] [--copy-timeout S] [--stall S] [--rate-delay MS]
+                             [--orders ordered[,none]] [--fill S] [--copy-timeout S] [--stall S]
+                             [--rate-delay MS] [--probe-ops N] [--cache-size SIZE]
                              [--pmcache PATH] [--out FILE.json]
   --cases         only these rows (comma-separated labels; default all)
   --origins       origin models (default delay,rate)
+  --orders        pmcache writeback orders to run (default ordered): "ordered,none" adds the
+                  pmcache-none setup to every row, copies included. The pmcache setup passes no
+                  --writeback-order, so the script still runs binaries from before the option.
   --fill          seconds of the untimed fill run of the *_full rows (default 3)
   --copy-timeout  bound on one nbdcopy (default 120)
   --stall         stop a pmcache copy after this many seconds without progress (default 15)
   --rate-delay    whole milliseconds of delay added to the rate origin (default 0)
+  --probe-ops     requests of each kind in the flush-latency probe (default 2000)
+  --cache-size    pmcache's cache and nbdkit's cache-max-size (default 64M; the rows' areas and
+                  targets assume 64M: other sizes are for experiments)
   --pmcache       the pmcache binary (default target/release/pmcache under the repository)
   --out           write everything (raw numbers, ratios, failures, pmcache stats) as JSON
 Example: python3 bench/origin_bench.py --reps 1 --runtime 5 --out origin.json
 Needs: nbdkit (memory plugin; delay, rate, error and cache filters; nbd plugin), fio with the
-nbd engine, nbdcopy (libnbd-bin), and a release build (cargo build --release -p pmcache).
+nbd engine, nbdcopy (libnbd-bin), libnbd's Python binding for the flush rows (python3-libnbd:
+this interpreter's or /usr/bin/python3's), and a release build (cargo build --release -p pmcache).
 """
 
 import argparse
@@ -97,7 +133,7 @@ from nbd_bench import uri_of  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ORIGIN_SIZE = "1G"
-CACHE_SIZE = "64M"
+CACHE_SIZE = ["64M"]  # set from --cache-size
 COPY_SIZE = 160 << 20
 RAMP_S = 1
 ORIGIN_MODELS = {
@@ -107,8 +143,14 @@ ORIGIN_MODELS = {
 }
 RATE_DELAY_MS = [0]  # set from --rate-delay
 # target kinds: (comparison, threshold)
-TARGETS = {"passthrough": (">=", 0.9), "absorb": (">=", 0.95), "help": (">=", 5.0)}
-SETUPS = ("origin", "pmcache", "nbdcache")
+TARGETS = {"passthrough": (">=", 0.9), "absorb": (">=", 0.95), "help": (">=", 5.0), "parity": (">=", 1.0),
+           "info": None}
+# pmcache stats counters whose change over a timed run is kept, and gauges kept at its end
+RUN_COUNTERS = ("epoch", "written_epoch", "writebacks", "writeback_bytes", "writes", "waits_for_space")
+RUN_GAUGES = ("epochs_pending", "oldest_pending_epoch_ms", "retained", "dirty", "free")
+SETUPS = ["origin", "pmcache", "nbdcache"]  # main() inserts pmcache-none with --orders ordered,none
+# pmcache setups and the extra serve arguments of each
+PM_SETUPS = {"pmcache": [], "pmcache-none": ["--writeback-order", "none"]}
 # pmcache (tracing) warning/error lines, nbdkit error lines, panics
 LOG_PROBLEM = re.compile(r"^\S+\s+(WARN|ERROR)\s|^nbdkit: .*: error: |panicked")
 
@@ -116,9 +158,12 @@ LOG_PROBLEM = re.compile(r"^\S+\s+(WARN|ERROR)\s|^nbdkit: .*: error: |panicked")
 class Row:
     """One fio workload row."""
 
-    def __init__(self, label, rw, bs, qd, area, target, prep=None, fill_origin=None, mode="writeback"):
+    def __init__(self, label, rw, bs, qd, area, target, prep=None, fill_origin=None, mode="writeback",
+                 extra=(), origins=None):
         self.label, self.rw, self.bs, self.qd, self.area = label, rw, bs, qd, area
         self.target = target
+        self.extra = extra            # more fio arguments (of the fill run too)
+        self.origins = origins        # origin models the row runs on (None: all)
         self.prep = prep              # None, "fill" (untimed run of the job) or "warm" (read pass)
         self.fill_origin = fill_origin  # area written straight to the origin before the cache starts
         self.mode = mode              # pmcache --mode / nbdkit cache=
@@ -134,6 +179,10 @@ ROWS = [
     Row("randwrite_4k_qd1_room", "randwrite", "4k", 1, "32M", "help"),
     Row("randread_4k_qd32_warm", "randread", "4k", 32, "32M", "help", prep="warm", fill_origin="32M"),
     Row("wt_randwrite_4k_qd32", "randwrite", "4k", 32, "1G", "passthrough", mode="writethrough"),
+    Row("randwrite_4k_qd32_flush32", "randwrite", "4k", 32, "32M", "parity", extra=("--fsync=32",),
+        origins=("delay",)),
+    Row("randwrite_4k_qd32_flush32_full", "randwrite", "4k", 32, "512M", "info", prep="fill",
+        extra=("--fsync=32",), origins=("delay",)),
 ]
 COPY_ROWS = [("flaky_copy_1pct", "1%", 3.0), ("flaky_copy_10pct", "10%", 10.0)]
 ALL_LABELS = [r.label for r in ROWS] + [c[0] for c in COPY_ROWS]
@@ -224,6 +273,14 @@ def fio(sock, rw, bs, qd, size, runtime=None, extra=(), timeout=None):
     if job.get("error"):
         raise CellFailed(f"fio job error {job['error']}: {' '.join(cmd)}\n{r.stderr[-2000:]}")
     res = {"iops": 0.0, "gib_s": 0.0}
+    sync = job.get("sync", {})
+    if sync.get("total_ios"):
+        pct = sync["lat_ns"].get("percentile", {})
+        res["flushes"] = sync["total_ios"]
+        res["flushes_per_s"] = sync["total_ios"] / max(job["job_runtime"] / 1000, 1e-3)
+        res["flush_p50_us"] = pct.get("50.000000", 0) / 1000
+        res["flush_p99_us"] = pct.get("99.000000", 0) / 1000
+        res["flush_mean_us"] = sync["lat_ns"]["mean"] / 1000
     for side in ("read", "write"):
         s = job[side]
         if s["io_bytes"] == 0 and s["total_ios"] == 0:
@@ -234,6 +291,7 @@ def fio(sock, rw, bs, qd, size, runtime=None, extra=(), timeout=None):
         res[f"{side}_iops"] = s["iops"]
         res[f"{side}_p50_us"] = pct.get("50.000000", 0) / 1000
         res[f"{side}_p99_us"] = pct.get("99.000000", 0) / 1000
+        res[f"{side}_mean_us"] = s["clat_ns"]["mean"] / 1000
     return res
 
 
@@ -275,23 +333,27 @@ class Cell:
 
     def start_front(self):
         """Start the cache in front of the origin (nothing to do for the origin alone)."""
-        if self.setup == "pmcache":
-            run([self.pmcache, "format", "--cache", self.cache, "--size", CACHE_SIZE, "--origin",
+        if self.setup in PM_SETUPS:
+            run([self.pmcache, "format", "--cache", self.cache, "--size", CACHE_SIZE[0], "--origin",
                  uri_of(self.origin_sock), "--assume-pmem", "--force"], 60, "pmcache format")
             self.sock, self.pm_proc = self.servers.start(
                 "pmcache", [self.pmcache, "serve", "--cache", self.cache, "--socket", "{sock}",
-                            "--assume-pmem", "--mode", self.mode])
+                            "--assume-pmem", "--mode", self.mode, *PM_SETUPS[self.setup]])
         elif self.setup == "nbdcache":
             self.sock, self.nc_proc = self.servers.start(
                 "nbdcache", ["nbdkit", "--foreground", "--exit-with-parent", "-U", "{sock}", "--filter=cache",
                              "nbd", f"socket={self.origin_sock}", f"cache={self.mode}", "cache-on-read=true",
-                             f"cache-max-size={CACHE_SIZE}"],
+                             f"cache-max-size={CACHE_SIZE[0]}"],
                 env=dict(os.environ, TMPDIR=self.tmp))
         return self.sock
 
+    def log_path(self):
+        """The log of the server in front (pmcache-none's server is also named pmcache)."""
+        return self.servers.log_path("pmcache" if self.setup in PM_SETUPS else self.setup)
+
     def collect(self):
         """Server-side facts worth keeping: pmcache stats and log warnings, nbdkit cache file size."""
-        if self.setup == "pmcache" and getattr(self, "pm_proc", None) and self.pm_proc.poll() is None:
+        if self.setup in PM_SETUPS and getattr(self, "pm_proc", None) and self.pm_proc.poll() is None:
             st = pm_stats(self.pmcache, self.cache)
             if st is not None:
                 self.info["pmcache_stats"] = st
@@ -347,18 +409,89 @@ def run_fio_cell(root, model, row, setup, a):
             sock = c.start_front()
             if row.prep == "fill":
                 t0 = time.time()
-                fio(sock, row.rw, row.bs, row.qd, row.area, runtime=a.fill, timeout=a.fill + 60)
+                fio(sock, row.rw, row.bs, row.qd, row.area, runtime=a.fill, extra=row.extra, timeout=a.fill + 60)
                 res["fill_s"] = round(time.time() - t0, 2)
             elif row.prep == "warm":
                 t0 = time.time()
                 fio(sock, "read", "1M", 8, row.area, timeout=120)
                 res["warm_s"] = round(time.time() - t0, 2)
-            res.update(fio(sock, row.rw, row.bs, row.qd, row.area, runtime=a.runtime))
+            before = pm_stats(a.pmcache, c.cache) if setup in PM_SETUPS else None
+            t0 = time.time()
+            res.update(fio(sock, row.rw, row.bs, row.qd, row.area, runtime=a.runtime, extra=row.extra))
+            if before is not None:
+                res["run_stats"] = run_stats(before, pm_stats(a.pmcache, c.cache), time.time() - t0)
         except CellFailed as e:
             res["error"] = str(e)
             if setup != "origin":
-                res["server_log_tail"] = tail(c.servers.log_path(setup))
+                res["server_log_tail"] = tail(c.log_path())
     res.update(c.info)
+    return res
+
+
+def run_stats(before, after, seconds):
+    """What pmcache's counters did over a timed run: deltas, per-second rates, end gauges."""
+    if after is None:
+        return {"error": "pmcache stats failed after the run"}
+    out = {"seconds": round(seconds, 3)}
+    for k in RUN_COUNTERS:
+        if k in before and k in after:
+            out[k] = after[k] - before[k]
+            out[k + "_per_s"] = out[k] / seconds
+    out["end"] = {k: after[k] for k in RUN_GAUGES if k in after}
+    return out
+
+
+# Run by a Python that has libnbd's binding (argv: URI, count); prints JSON latencies in us.
+PROBE = r"""
+import json, random, statistics, sys, time
+import nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+n, buf = int(sys.argv[2]), bytearray(4096)
+blocks = h.get_size() // 4096
+write, flush, only = [], [], []
+for _ in range(n):
+    t0 = time.perf_counter()
+    h.pwrite(buf, random.randrange(blocks) * 4096)
+    t1 = time.perf_counter()
+    h.flush()
+    write.append(t1 - t0)
+    flush.append(time.perf_counter() - t1)
+for _ in range(n):
+    t0 = time.perf_counter()
+    h.flush()
+    only.append(time.perf_counter() - t0)
+h.shutdown()
+def pct(v, p):
+    return sorted(v)[min(len(v) - 1, int(p * len(v)))] * 1e6
+out = {}
+for name, v in (("write", write), ("flush", flush), ("flush_only", only)):
+    out.update({name + "_p50_us": pct(v, 0.5), name + "_p99_us": pct(v, 0.99),
+                name + "_mean_us": statistics.mean(v) * 1e6})
+print(json.dumps(out))
+"""
+
+
+def nbd_python():
+    """A Python interpreter that can import libnbd's binding (this one, or the system's)."""
+    for exe in (sys.executable, "/usr/bin/python3"):
+        if os.path.exists(exe) and subprocess.run([exe, "-c", "import nbd"], capture_output=True).returncode == 0:
+            return exe
+    return None
+
+
+def flush_probe(root, model, a):
+    """The origin's flush latency (see PROBE), against a fresh origin alone."""
+    exe = nbd_python()
+    if exe is None:
+        return {"error": "no Python with libnbd's binding (apt-get install -y python3-libnbd)"}
+    with Cell(root, "flush-probe", model, "origin", a.pmcache) as c:
+        try:
+            sock = c.start_origin()
+            r = run([exe, "-c", PROBE, uri_of(sock), str(a.probe_ops)], 600, "flush probe")
+            res = json.loads(r.stdout)
+        except (CellFailed, ValueError) as e:
+            res = {"error": str(e)}
     return res
 
 
@@ -417,7 +550,7 @@ def run_copy_cell(root, model, setup, error_rate, src, a):
             c.start_origin()
             sock = c.start_front()
             progress = None
-            if setup == "pmcache":
+            if setup in PM_SETUPS:
                 def progress():
                     st = pm_stats(a.pmcache, c.cache) or {}
                     return (st.get("write_bytes"), st.get("writeback_bytes"))
@@ -428,7 +561,7 @@ def run_copy_cell(root, model, setup, error_rate, src, a):
                 res["timed_out"] = err.startswith(">")
                 res["gave_up_after_s"] = round(time.time() - t0, 1)
                 if setup != "origin":
-                    res["server_log_tail"] = tail(c.servers.log_path(setup))
+                    res["server_log_tail"] = tail(c.log_path())
             else:
                 res["seconds"] = secs
         except CellFailed as e:
@@ -455,6 +588,8 @@ def metric(row, r):
 
 
 def verdict(value, target):
+    if target is None:
+        return "info"
     op, thr = target
     if value is None:
         return "n/a"
@@ -480,6 +615,8 @@ def fmt(v, unit):
 
 def fio_rows(model, rows, a, root, results):
     for row in rows:
+        if row.origins and model not in row.origins:
+            continue
         runs = {s: [] for s in SETUPS}
         for rep in range(a.reps):
             for s in SETUPS:
@@ -489,7 +626,7 @@ def fio_rows(model, rows, a, root, results):
                 runs[s].append(r)
                 v = metric(row, r)
                 status = fmt(v, row.unit) if v is not None else "FAILED: " + r["error"].splitlines()[0][:150]
-                print(f"  {model:5} {row.label:24} {s:8} rep {rep + 1}: {status}  ({r['cell_s']} s)", flush=True)
+                print(f"  {model:5} {row.label:24} {s:12} rep {rep + 1}: {status}  ({r['cell_s']} s)", flush=True)
         key = "gib_s" if row.unit == "GiB/s" else "iops"
         case = {s: median(runs[s], key) for s in SETUPS}
         case["runs"] = runs
@@ -498,43 +635,61 @@ def fio_rows(model, rows, a, root, results):
         pm = vals["pmcache"]
         case["pmcache_vs_origin"] = pm / vals["origin"] if pm is not None and vals["origin"] else None
         case["pmcache_vs_nbdcache"] = pm / vals["nbdcache"] if pm is not None and vals["nbdcache"] else None
-        op, thr = TARGETS[row.target]
-        case["target"] = f"pmcache/origin {op} {thr}x ({row.target})"
-        case["result"] = verdict(case["pmcache_vs_origin"], TARGETS[row.target])
+        if "pmcache-none" in vals:
+            none = vals["pmcache-none"]
+            case["none_vs_origin"] = none / vals["origin"] if none is not None and vals["origin"] else None
+            case["ordered_vs_none"] = pm / none if pm is not None and none else None
+        target = TARGETS[row.target]
+        case["target"] = f"pmcache/origin {target[0]} {target[1]}x ({row.target})" if target else "information"
+        case["result"] = verdict(case["pmcache_vs_origin"], target)
         if pm is None:
             case["result"] = "**miss** (pmcache failed)"
         results["origins"][model]["rows"][row.label] = case
 
 
 def copy_rows(model, copies, a, root, results, src):
-    """The flaky copies: pmcache with errors against pmcache without; the others for information."""
+    """The flaky copies: pmcache with errors against pmcache without; the others for information.
+
+    With --orders ordered,none, pmcache-none runs every copy pmcache runs, and its own error-free
+    copy is its reference."""
     out = results["origins"][model]["rows"]
-    base_runs = []
+    pms = [s for s in SETUPS if s in PM_SETUPS]
+    base_runs = {s: [] for s in pms}
     for rep in range(a.reps):
-        r = run_copy_cell(root, model, "pmcache", None, src, a)
-        base_runs.append(r)
-        print(f"  {model:5} {'copy, no errors':24} pmcache  rep {rep + 1}: "
-              f"{fmt(r.get('seconds'), 's') if 'seconds' in r else 'FAILED: ' + r['error'].splitlines()[0][:150]}",
-              flush=True)
-    base = median(base_runs, "seconds")
+        for s in pms:
+            r = run_copy_cell(root, model, s, None, src, a)
+            base_runs[s].append(r)
+            print(f"  {model:5} {'copy, no errors':24} {s:12} rep {rep + 1}: "
+                  f"{fmt(r.get('seconds'), 's') if 'seconds' in r else 'FAILED: ' + r['error'].splitlines()[0][:150]}",
+                  flush=True)
+    bases = {s: median(base_runs[s], "seconds") for s in pms}
+    base = bases["pmcache"]
     ref = run_copy_cell(root, model, "origin", None, src, a)
-    print(f"  {model:5} {'copy, no errors':24} origin   : "
+    print(f"  {model:5} {'copy, no errors':24} origin      : "
           f"{fmt(ref.get('seconds'), 's') if 'seconds' in ref else 'FAILED: ' + ref['error'].splitlines()[0][:150]}",
           flush=True)
     for label, rate, limit in copies:
         runs = {s: [] for s in SETUPS}
         for rep in range(a.reps):
-            for s in ("pmcache", "origin", "nbdcache"):
-                if s != "pmcache" and rep > 0:
+            for s in pms + ["origin", "nbdcache"]:
+                if s not in PM_SETUPS and rep > 0:
                     continue  # the peers are for information only
                 r = run_copy_cell(root, model, s, rate, src, a)
                 runs[s].append(r)
                 status = fmt(r["seconds"], "s") if "seconds" in r else "FAILED: " + r["error"].splitlines()[0][:150]
-                print(f"  {model:5} {label:24} {s:8} rep {rep + 1}: {status}", flush=True)
+                print(f"  {model:5} {label:24} {s:12} rep {rep + 1}: {status}", flush=True)
         case = {s: median(runs[s], "seconds") for s in SETUPS}
         case["runs"] = runs
         case["pmcache_no_errors"] = base
-        case["pmcache_no_errors_runs"] = base_runs
+        case["pmcache_no_errors_runs"] = base_runs["pmcache"]
+        if "pmcache-none" in pms:
+            nb = bases["pmcache-none"]
+            case["none_no_errors"] = nb
+            case["none_no_errors_runs"] = base_runs["pmcache-none"]
+            ns = case["pmcache-none"].get("seconds")
+            case["none_errors_vs_no_errors"] = ns / nb["seconds"] if ns is not None and nb.get("seconds") else None
+            pm = case["pmcache"].get("seconds")
+            case["ordered_vs_none"] = pm / ns if pm is not None and ns else None  # seconds: <= 1 is no cost
         case["origin_no_errors"] = ref
         case["unit"] = "s"
         pm, b = case["pmcache"].get("seconds"), base.get("seconds")
@@ -552,23 +707,32 @@ def copy_rows(model, copies, a, root, results, src):
 
 
 def table(results, models, rows, copies):
-    lines = ["| origin | row | unit | origin | pmcache | nbdkit-cache | pmcache/origin | pmcache/nbdkit-cache "
-             "| target | result |", "|---|---|---|---|---|---|---|---|---|---|"]
+    names = {"nbdcache": "nbdkit-cache"}
+    none = "pmcache-none" in SETUPS
+    head = ["origin", "row", "unit"] + [names.get(s, s) for s in SETUPS] + ["pmcache/origin"]
+    head += ["pmcache-none/origin", "pmcache/pmcache-none (cost of order)"] if none else []
+    head += ["pmcache/nbdkit-cache", "target", "result"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for model in models:
         got = results["origins"][model]["rows"]
         for row in rows:
+            if row.label not in got:
+                continue  # a row for other origin models
             c = got[row.label]
-            vals = [fmt(metric(row, c[s]), row.unit) for s in SETUPS]
-            r1 = c["pmcache_vs_origin"]
-            r2 = c["pmcache_vs_nbdcache"]
-            op, thr = TARGETS[row.target]
-            lines.append(f"| {model} | {row.label} | {row.unit} | {' | '.join(vals)} | "
-                         f"{fmt_ratio(r1)} | {fmt_ratio(r2)} | "
-                         f"{op} {thr}x | {c['result']} |")
+            cells = [model, row.label, row.unit] + [fmt(metric(row, c[s]), row.unit) for s in SETUPS]
+            cells.append(fmt_ratio(c["pmcache_vs_origin"]))
+            if none:
+                cells += [fmt_ratio(c.get("none_vs_origin")), fmt_ratio(c.get("ordered_vs_none"))]
+            target = TARGETS[row.target]
+            cells += [fmt_ratio(c["pmcache_vs_nbdcache"]), f"{target[0]} {target[1]}x" if target else "info",
+                      c["result"]]
+            lines.append("| " + " | ".join(cells) + " |")
     if copies:
+        extra = (" | pmcache-none, no errors | pmcache-none, with errors | pmcache-none errors / no errors "
+                 "| pmcache / pmcache-none, with errors" if none else "")
         lines += ["", "| origin | row | pmcache, no errors | pmcache, with errors | errors / no errors | target "
-                  "| result | origin alone, with errors | nbdkit-cache, with errors |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| result | origin alone, with errors | nbdkit-cache, with errors" + extra + " |",
+                  "|---" * (13 if none else 9) + "|"]
 
         def cell(r):
             if "seconds" in r:
@@ -588,9 +752,54 @@ def table(results, models, rows, copies):
                     rs = f"> {c['errors_vs_no_errors_lower_bound']:.1f}x"
                 else:
                     rs = "n/a"
-                lines.append(f"| {model} | {label} | {cell(c['pmcache_no_errors'])} | {cell(c['pmcache'])} | {rs} "
-                             f"| <= {limit}x | {c['result']} | {cell(c['origin'])} | {cell(c['nbdcache'])} |")
+                line = (f"| {model} | {label} | {cell(c['pmcache_no_errors'])} | {cell(c['pmcache'])} | {rs} "
+                        f"| <= {limit}x | {c['result']} | {cell(c['origin'])} | {cell(c['nbdcache'])} |")
+                if none:
+                    line += (f" {cell(c['none_no_errors'])} | {cell(c['pmcache-none'])} "
+                             f"| {fmt_ratio(c['none_errors_vs_no_errors'])} | {fmt_ratio(c['ordered_vs_none'])} |")
+                lines.append(line)
     return "\n".join(lines)
+
+
+def flush_table(results, models, rows):
+    """The flush rows: what the client sent, what writeback did, against the origin's flush latency."""
+    lines = ["| origin | row | setup | IOPS | client FLUSH/s | epochs sealed/s | writes per sealed epoch "
+             "| epochs written back/s | blocks written back/s | waits for space/s | at the end: epochs pending, "
+             "oldest (ms), dirty, retained, free |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    probes = []
+    for model in models:
+        o = results["origins"][model]
+        for row in rows:
+            if "--fsync=32" not in row.extra or row.label not in o["rows"]:
+                continue
+            c = o["rows"][row.label]
+            for s in [x for x in SETUPS if x != "nbdcache"]:
+                r = c[s]
+                if "error" in r:
+                    lines.append(f"| {model} | {row.label} | {s} | FAIL | | | | | | | |")
+                    continue
+                st = r.get("run_stats", {})
+                end = st.get("end", {})
+
+                def rate(k):
+                    return f"{st[k + '_per_s']:,.0f}" if k + "_per_s" in st else ""
+                tail_ = (", ".join(f"{end[k]:,}" for k in ("epochs_pending", "oldest_pending_epoch_ms", "dirty",
+                                                             "retained", "free"))
+                         if "epochs_pending" in end else "")
+                per = f"{st['writes'] / st['epoch']:.1f}" if st.get("epoch") else ""
+                lines.append(f"| {model} | {row.label} | {s} | {r['iops']:,.0f} | {r.get('flushes_per_s', 0):,.0f} | "
+                             f"{rate('epoch')} | {per} | {rate('written_epoch')} | {rate('writebacks')} | "
+                             f"{rate('waits_for_space')} | {tail_} |")
+        p = o.get("flush_probe")
+        if p and "error" not in p:
+            flush, write = p["flush_p50_us"], p["write_p50_us"]
+            probes.append(f"{model}: origin alone at QD1: FLUSH after a 4 KiB write p50 {flush:.0f} us "
+                          f"(mean {p['flush_mean_us']:.0f}, p99 {p['flush_p99_us']:.0f}); FLUSH alone p50 "
+                          f"{p['flush_only_p50_us']:.0f} us; 4 KiB write p50 {write:.0f} us. 1 / FLUSH = "
+                          f"{1e6 / flush:,.0f}/s; 1 / (write + FLUSH) = {1e6 / (write + flush):,.0f}/s")
+        elif p:
+            probes.append(f"{model}: flush probe FAILED: {p['error'].splitlines()[0]}")
+    return "\n".join(lines + [""] + probes) if len(lines) > 2 else ""
 
 
 def failures(results):
@@ -601,11 +810,12 @@ def failures(results):
             for s, runs in c.get("runs", {}).items():
                 for r in runs:
                     if "error" in r:
-                        expected = label.startswith("flaky_copy") and s != "pmcache"
+                        expected = label.startswith("flaky_copy") and s not in PM_SETUPS
                         out.append((model, label, s + (" (expected: no retries)" if expected else ""), r["error"]))
-            for r in c.get("pmcache_no_errors_runs", []):
-                if "error" in r:
-                    out.append((model, label, "pmcache (no errors)", r["error"]))
+            for s, key in (("pmcache", "pmcache_no_errors_runs"), ("pmcache-none", "none_no_errors_runs")):
+                for r in c.get(key, []):
+                    if "error" in r:
+                        out.append((model, label, s + " (no errors)", r["error"]))
     return out
 
 
@@ -623,15 +833,19 @@ def main():
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--cases", default="")
     ap.add_argument("--origins", default="delay,rate")
+    ap.add_argument("--orders", default="ordered")
     ap.add_argument("--fill", type=int, default=3)
     ap.add_argument("--copy-timeout", type=int, default=120)
     ap.add_argument("--stall", type=int, default=15)
     ap.add_argument("--rate-delay", type=int, default=0, metavar="MS")
+    ap.add_argument("--probe-ops", type=int, default=2000)
+    ap.add_argument("--cache-size", default="64M")
     ap.add_argument("--pmcache", default=os.path.join(ROOT, "target", "release", "pmcache"))
     ap.add_argument("--out")
     a = ap.parse_args()
     a.pmcache = os.path.abspath(a.pmcache)
     RATE_DELAY_MS[0] = a.rate_delay
+    CACHE_SIZE[0] = a.cache_size
     wanted = [c for c in a.cases.split(",") if c]
     bad = [c for c in wanted if c not in ALL_LABELS]
     if bad:
@@ -641,6 +855,11 @@ def main():
     models = [m for m in a.origins.split(",") if m]
     if not models or any(m not in ORIGIN_MODELS for m in models):
         sys.exit(f"--origins: choose from {', '.join(ORIGIN_MODELS)}")
+    orders = [o for o in a.orders.split(",") if o]
+    if "ordered" not in orders or any(o not in ("ordered", "none") for o in orders):
+        sys.exit("--orders: ordered (the pmcache setup), optionally with none (the pmcache-none setup)")
+    if "none" in orders:
+        SETUPS.insert(SETUPS.index("pmcache") + 1, "pmcache-none")
     for tool in ("nbdkit", "fio", "nbdcopy"):
         if not shutil.which(tool):
             sys.exit(f"{tool} is required (apt-get install -y nbdkit fio libnbd-bin)")
@@ -648,8 +867,9 @@ def main():
         sys.exit(f"{a.pmcache} not found: cargo build --release -p pmcache")
 
     results = {"runtime_s": a.runtime, "ramp_s": RAMP_S, "reps": a.reps, "fill_s": a.fill,
-               "copy_timeout_s": a.copy_timeout, "stall_s": a.stall, "cache_size": CACHE_SIZE, "origin_size": ORIGIN_SIZE,
-               "copy_bytes": COPY_SIZE, "pmcache": a.pmcache,
+               "copy_timeout_s": a.copy_timeout, "stall_s": a.stall, "cache_size": CACHE_SIZE[0],
+               "origin_size": ORIGIN_SIZE,
+               "copy_bytes": COPY_SIZE, "pmcache": a.pmcache, "setups": SETUPS,
                "origin_models": {m: " ".join(origin_args(m)) for m in models}, "origins": {}}
     root = tempfile.mkdtemp(prefix="pmob-", dir="/dev/shm")
     t_start = time.time()
@@ -658,6 +878,13 @@ def main():
         for model in models:
             results["origins"][model] = {"rows": {}}
             print(f"origin model {model}: {' '.join(origin_args(model))}", flush=True)
+            if any("--fsync=32" in r.extra and (not r.origins or model in r.origins) for r in rows):
+                p = flush_probe(root, model, a)
+                results["origins"][model]["flush_probe"] = p
+                print(f"  {model:5} {'flush probe (origin)':24} " + (
+                      f"FLUSH p50 {p['flush_p50_us']:.0f} us (alone {p['flush_only_p50_us']:.0f} us), "
+                      f"write p50 {p['write_p50_us']:.0f} us"
+                      if "error" not in p else "FAILED: " + p["error"].splitlines()[0][:150]), flush=True)
             fio_rows(model, rows, a, root, results)
             if copies:
                 copy_rows(model, copies, a, root, results, src)
@@ -668,9 +895,13 @@ def main():
         shutil.rmtree(root, ignore_errors=True)
     results["elapsed_s"] = round(time.time() - t_start, 1)
     done = [m for m in models if m in results["origins"]]
-    ran_rows = [r for r in rows if all(r.label in results["origins"][m]["rows"] for m in done)]
+    ran_rows = [r for r in rows if all(r.label in results["origins"][m]["rows"]
+                                       for m in done if not r.origins or m in r.origins)]
     ran_copies = [c for c in copies if all(c[0] in results["origins"][m]["rows"] for m in done)]
     md = table(results, done, ran_rows, ran_copies)
+    fl = flush_table(results, done, ran_rows)
+    if fl:
+        md += "\n\n" + fl
     results["table_md"] = md
     print()
     print(md)
