@@ -1,8 +1,9 @@
 //! The DRAM index of one shard: origin block → slot, slot state, the free
 //! list, the replacement policy and per-block I/O locks.
 //!
-//! Memory per slot: key word 8 B, hash chain 4 B, bucket 4 B (load factor
-//! one), LRU links 8 B, epoch 8 B and owed-list links 8 B: 40 B. The free list threads through the chain array,
+//! Memory per slot: key word and epoch 16 B, hash chain 4 B, bucket 4 B
+//! (load factor one), LRU links 8 B: 32 B; and 16 B per entry of the owed
+//! queue (at most a few per version owed to the origin). The free list threads through the chain array,
 //! since a free slot is in no bucket chain.
 
 use std::collections::HashMap;
@@ -35,6 +36,16 @@ pub fn key_pins(k: u64) -> u64 {
     k >> PIN_SHIFT
 }
 pub const MAX_PINS: u64 = (1 << (64 - PIN_SHIFT)) - 1;
+
+/// A slot's key word and the epoch of its incarnation, side by side: the
+/// write path reads the one and writes the other, and apart they cost a
+/// cache miss each.
+#[derive(Debug, Default, Clone, Copy)]
+#[repr(C, align(16))]
+struct SlotWord {
+    key: u64,
+    epoch: u64,
+}
 
 /// Per-block coordination for requests in flight (only blocks with activity
 /// have an entry, so this costs nothing per cached block).
@@ -109,7 +120,7 @@ impl Retired {
 pub struct ShardIndex {
     /// Global number of local slot 0.
     pub first_slot: u64,
-    keys: Vec<u64>,
+    keys: Vec<SlotWord>,
     chain: Vec<u32>,
     buckets: Vec<u32>,
     pub policy: Box<dyn Policy>,
@@ -127,8 +138,6 @@ pub struct ShardIndex {
     pub valid: u32,
     /// Retained versions (counted apart from `dirty` and `valid`).
     pub retained: u32,
-    /// Epoch of each slot's incarnation.
-    epochs: Vec<u64>,
     /// Versions writeback still owes the origin, current or retained, by
     /// epoch.
     pub owed: Owed,
@@ -143,10 +152,10 @@ fn mix(block: u64) -> u64 {
 /// Whether slot `s` owes the origin the version it holds from `epoch`: a
 /// dirty current version or a retained one, of that epoch (a stale entry
 /// of the owed queue fails this).
-fn owed(keys: &[u64], epochs: &[u64], epoch: u64, s: u32) -> bool {
-    let k = keys[s as usize];
+fn owed(keys: &[SlotWord], epoch: u64, s: u32) -> bool {
+    let k = keys[s as usize].key;
     (k & (K_VALID | K_DIRTY) == K_VALID | K_DIRTY || k & K_RETAINED != 0)
-        && epochs[s as usize] == epoch
+        && keys[s as usize].epoch == epoch
 }
 
 /// The bucket of `block` among `n`.
@@ -159,7 +168,7 @@ impl ShardIndex {
         let n = nslots as usize;
         ShardIndex {
             first_slot,
-            keys: vec![0; n],
+            keys: vec![SlotWord::default(); n],
             chain: vec![NIL; n],
             buckets: vec![NIL; n.max(1)],
             policy: Box::new(Lru::new(nslots)),
@@ -172,7 +181,6 @@ impl ShardIndex {
             dirty: 0,
             valid: 0,
             retained: 0,
-            epochs: vec![0; n],
             owed: Owed::default(),
         }
     }
@@ -193,21 +201,21 @@ impl ShardIndex {
     }
 
     pub fn key(&self, s: u32) -> u64 {
-        self.keys[s as usize]
+        self.keys[s as usize].key
     }
 
     pub fn set_flags(&mut self, s: u32, flags: u64) {
-        self.keys[s as usize] |= flags;
+        self.keys[s as usize].key |= flags;
     }
 
     pub fn clear_flags(&mut self, s: u32, flags: u64) {
-        self.keys[s as usize] &= !flags;
+        self.keys[s as usize].key &= !flags;
     }
 
     pub fn lookup(&self, block: u64) -> Option<u32> {
         let mut s = self.buckets[self.bucket(block)];
         while s != NIL {
-            let k = self.keys[s as usize];
+            let k = self.keys[s as usize].key;
             if k & K_VALID != 0 && k & BLOCK_MASK == block {
                 return Some(s);
             }
@@ -217,19 +225,18 @@ impl ShardIndex {
     }
 
     pub fn epoch(&self, s: u32) -> u64 {
-        self.epochs[s as usize]
+        self.keys[s as usize].epoch
     }
 
     /// Publish `s`, written in `epoch`, as the current slot of `block`; a
     /// dirty one joins the versions writeback owes the origin.
     pub fn insert_version(&mut self, s: u32, block: u64, flags: u64, epoch: u64) {
-        self.epochs[s as usize] = epoch;
+        self.keys[s as usize].epoch = epoch;
         self.insert(s, block, flags);
         if flags & K_DIRTY != 0 {
             let live = (self.dirty + self.retained) as usize;
-            let (keys, epochs) = (&self.keys, &self.epochs);
-            self.owed
-                .push(epoch, s, live, |e, s| owed(keys, epochs, e, s));
+            let keys = &self.keys;
+            self.owed.push(epoch, s, live, |e, s| owed(keys, e, s));
         }
     }
 
@@ -237,18 +244,18 @@ impl ShardIndex {
     /// was) for writeback.
     pub fn retain(&mut self, s: u32, zero: bool) {
         debug_assert!(
-            self.keys[s as usize] & K_DIRTY == 0,
+            self.keys[s as usize].key & K_DIRTY == 0,
             "removed from the index"
         );
-        debug_assert!(self.keys[s as usize] & K_VALID == 0);
-        self.keys[s as usize] |= K_RETAINED | if zero { K_ZERO } else { 0 };
+        debug_assert!(self.keys[s as usize].key & K_VALID == 0);
+        self.keys[s as usize].key |= K_RETAINED | if zero { K_ZERO } else { 0 };
         self.retained += 1;
     }
 
     /// A retained version that writeback no longer needs.
     pub fn release_retained(&mut self, s: u32) {
-        debug_assert!(self.keys[s as usize] & K_RETAINED != 0);
-        self.keys[s as usize] &= !(K_RETAINED | K_ZERO);
+        debug_assert!(self.keys[s as usize].key & K_RETAINED != 0);
+        self.keys[s as usize].key &= !(K_RETAINED | K_ZERO);
         self.retained -= 1;
     }
 
@@ -257,8 +264,8 @@ impl ShardIndex {
     fn insert(&mut self, s: u32, block: u64, flags: u64) {
         debug_assert!(self.lookup(block).is_none());
         let b = self.bucket(block);
-        let pins = self.keys[s as usize] & !(PIN_ONE - 1);
-        self.keys[s as usize] = block | K_VALID | flags | pins;
+        let pins = self.keys[s as usize].key & !(PIN_ONE - 1);
+        self.keys[s as usize].key = block | K_VALID | flags | pins;
         self.chain[s as usize] = self.buckets[b];
         self.buckets[b] = s;
         self.valid += 1;
@@ -270,7 +277,7 @@ impl ShardIndex {
     /// Unpublish `s` (it stays pinned if it was). A dirty one is no longer
     /// owed to the origin unless the caller retains it.
     pub fn remove(&mut self, s: u32) {
-        let k = self.keys[s as usize];
+        let k = self.keys[s as usize].key;
         debug_assert!(k & K_VALID != 0);
         let b = self.bucket(k & BLOCK_MASK);
         let next = self.chain[s as usize];
@@ -288,7 +295,7 @@ impl ShardIndex {
             self.dirty -= 1;
         }
         self.valid -= 1;
-        self.keys[s as usize] &= !(K_VALID | K_DIRTY | K_ZERO | K_ON_ORIGIN | K_REF);
+        self.keys[s as usize].key &= !(K_VALID | K_DIRTY | K_ZERO | K_ON_ORIGIN | K_REF);
         // Only clean slots are in the policy; skipping dirty ones spares a
         // cold line of its links on every overwrite of a dirty block.
         if k & K_DIRTY == 0 {
@@ -298,21 +305,21 @@ impl ShardIndex {
 
     /// The oldest epoch with a version owed to the origin.
     pub fn first_owed_epoch(&mut self) -> Option<u64> {
-        let (keys, epochs) = (&self.keys, &self.epochs);
-        self.owed.first_epoch(|e, s| owed(keys, epochs, e, s))
+        let keys = &self.keys;
+        self.owed.first_epoch(|e, s| owed(keys, e, s))
     }
 
     /// Up to `max` owed versions of `epoch` (any, oldest first, with
     /// `None`) that no writeback has taken yet.
     pub fn owed_slots(&self, epoch: Option<u64>, max: usize) -> Vec<u32> {
         self.owed.slots(epoch, max, |e, s| {
-            owed(&self.keys, &self.epochs, e, s) && self.keys[s as usize] & K_WB == 0
+            owed(&self.keys, e, s) && self.keys[s as usize].key & K_WB == 0
         })
     }
 
     pub fn mark_clean(&mut self, s: u32) {
-        if self.keys[s as usize] & K_DIRTY != 0 {
-            self.keys[s as usize] &= !K_DIRTY;
+        if self.keys[s as usize].key & K_DIRTY != 0 {
+            self.keys[s as usize].key &= !K_DIRTY;
             self.dirty -= 1;
             self.policy.insert(s);
         }
@@ -320,7 +327,7 @@ impl ShardIndex {
 
     /// A read hit: one bit in the key word the lookup just loaded.
     pub fn touch(&mut self, s: u32) {
-        self.keys[s as usize] |= K_REF;
+        self.keys[s as usize].key |= K_REF;
     }
 
     /// Up to `max` clean slots to evict, for which `usable(slot, key)` holds;
@@ -328,11 +335,11 @@ impl ShardIndex {
     pub fn pick_victims(&mut self, max: usize, usable: impl Fn(u32, u64) -> bool) -> Vec<u32> {
         let keys = &mut self.keys;
         self.policy.victims(max, &mut |s| {
-            let k = keys[s as usize];
+            let k = keys[s as usize].key;
             if !usable(s, k) {
                 Verdict::Skip
             } else if k & K_REF != 0 {
-                keys[s as usize] &= !K_REF;
+                keys[s as usize].key &= !K_REF;
                 Verdict::Spare
             } else {
                 Verdict::Take
@@ -341,7 +348,7 @@ impl ShardIndex {
     }
 
     pub fn pins(&self, s: u32) -> u64 {
-        key_pins(self.keys[s as usize])
+        key_pins(self.keys[s as usize].key)
     }
 
     /// False when the pin counter is saturated; the caller waits and retries.
@@ -349,17 +356,17 @@ impl ShardIndex {
         if self.pins(s) == MAX_PINS {
             return false;
         }
-        self.keys[s as usize] += PIN_ONE;
+        self.keys[s as usize].key += PIN_ONE;
         true
     }
 
     pub fn unpin(&mut self, s: u32) {
         debug_assert!(self.pins(s) > 0);
-        self.keys[s as usize] -= PIN_ONE;
+        self.keys[s as usize].key -= PIN_ONE;
     }
 
     pub fn push_free(&mut self, s: u32) {
-        debug_assert!(self.keys[s as usize] & K_VALID == 0);
+        debug_assert!(self.keys[s as usize].key & K_VALID == 0);
         self.chain[s as usize] = self.free_head;
         self.free_head = s;
         self.free_len += 1;
