@@ -687,23 +687,19 @@ impl Engine {
         .sum()
     }
 
-    /// Older versions retained for ordered writeback now.
-    pub(crate) fn stats_retained(&self) -> u64 {
-        self.shards
-            .iter()
-            .map(|s| s.ix.lock().retained as u64)
-            .sum()
+    /// Dirty blocks, and the older versions ordered writeback retains,
+    /// now (one pass over the shards).
+    pub(crate) fn owed_counts(&self) -> (u64, u64) {
+        self.shards.iter().fold((0, 0), |(d, r), s| {
+            let ix = s.ix.lock();
+            (d + ix.dirty as u64, r + ix.retained as u64)
+        })
     }
 
     /// Versions the origin is owed now: dirty blocks, and the older
     /// versions ordered writeback retains.
     pub fn dirty_blocks(&self) -> u64 {
-        self.shards
-            .iter()
-            .map(|s| {
-                let ix = s.ix.lock();
-                (ix.dirty + ix.retained) as u64
-            })
-            .sum()
+        let (dirty, retained) = self.owed_counts();
+        dirty + retained
     }
 }

@@ -406,15 +406,15 @@ fn writeback_loop(engine: std::sync::Weak<Engine>) {
                 backoff = BACKOFF_START;
                 run = 0;
                 let requests = e.client_requests();
-                let urgent = e.wb.urgent.swap(false, Ordering::Relaxed);
+                let (dirty, retained) = e.owed_counts();
                 // Retained versions are space nothing else can free, and
                 // they pile up the longer writeback lags: no trickle then.
-                let urgent = urgent || e.stats_retained() > 0;
+                let urgent = e.wb.urgent.swap(false, Ordering::Relaxed) || retained > 0;
                 let active = seen != Some(requests) && !urgent;
                 seen = Some(requests);
                 trickle_pause(
                     e.cfg.writeback_pause,
-                    e.dirty_blocks(),
+                    dirty + retained,
                     e.layout.slot_count,
                     active,
                 )
