@@ -111,17 +111,13 @@ pub fn check(
     if let Some(origin) = origin {
         r.check_origin(&sb, origin);
     }
-    let s = match read_watermark(region) {
-        Ok(s) => s,
-        Err(e) => {
-            r.errors.push(e);
-            r.superblock = Some(sb);
-            return r;
-        }
-    };
-    r.watermark = Some(s);
-    let written = match read_written_epoch(region) {
-        Ok(w) => w,
+    // S, then W: the first word that fails its checksum ends the check.
+    let words = read_watermark(region).and_then(|s| {
+        r.watermark = Some(s);
+        read_written_epoch(region).map(|w| (s, w))
+    });
+    let (s, written) = match words {
+        Ok(x) => x,
         Err(e) => {
             r.errors.push(e);
             r.superblock = Some(sb);
