@@ -443,6 +443,18 @@ fn check_detects_truncation_and_foreign_files() {
     assert_stdout_has(&o, "empty");
 }
 
+/// The cache at `cache` opened in process over the file `origin`, with no
+/// writeback thread, so the blocks a test writes stay dirty.
+fn open_engine(cache: &Path, origin: &Path) -> Arc<Engine> {
+    let region = Arc::new(MappedRegion::open(cache, &MapOptions::new().assume_pmem(true)).unwrap());
+    let o = Arc::new(FileOrigin::open(origin).unwrap());
+    let cfg = EngineConfig {
+        background_writeback: false,
+        ..EngineConfig::default()
+    };
+    Engine::open(region, o, cfg).unwrap()
+}
+
 /// A block written, FLUSHed by the client and written again: its first
 /// version is retained for ordered writeback. check, dump and offline
 /// stats say so; a damaged W word is found and named.
@@ -451,14 +463,7 @@ fn retained_versions_and_w_in_check_dump_and_stats() {
     let d = TempDir::new("retained");
     let (cache, origin) = formatted_cache(&d, 32 * MIB, "16M");
     {
-        let region =
-            Arc::new(MappedRegion::open(&cache, &MapOptions::new().assume_pmem(true)).unwrap());
-        let o = Arc::new(FileOrigin::open(&origin).unwrap());
-        let cfg = EngineConfig {
-            background_writeback: false,
-            ..EngineConfig::default()
-        };
-        let e = Engine::open(region, o, cfg).unwrap();
+        let e = open_engine(&cache, &origin);
         e.write(0, &pattern(1, 4096), false).unwrap();
         e.flush().unwrap();
         e.write(0, &pattern(2, 4096), false).unwrap();
@@ -846,14 +851,7 @@ fn flush_writes_everything_back_and_leaves_the_cache_clean() {
     // Make dirty blocks with the engine directly and no writeback thread.
     let mut expect = vec![0u8; 32 * MIB as usize];
     {
-        let region =
-            Arc::new(MappedRegion::open(&cache, &MapOptions::new().assume_pmem(true)).unwrap());
-        let o = Arc::new(FileOrigin::open(&origin).unwrap());
-        let cfg = EngineConfig {
-            background_writeback: false,
-            ..EngineConfig::default()
-        };
-        let e = Engine::open(region, o, cfg).unwrap();
+        let e = open_engine(&cache, &origin);
         for i in 0..300u64 {
             let off = (i * 7919 % 8000) * 4096;
             let data = pattern(i as u8, 4096 * ((i % 3) + 1) as usize);
