@@ -125,7 +125,10 @@ mod tests {
     #[test]
     fn committers_return_only_after_their_sync_and_share_it() {
         // More committers than syncs may run at once, so some must share.
-        const THREADS: usize = 4 * MAX_SYNCS;
+        // Eight per slot, started together: batches that alternate between
+        // one committer and the other seven still make a quarter as many
+        // syncs as commits, so the bound below holds on a busy machine.
+        const THREADS: usize = 8 * MAX_SYNCS;
         const ROUNDS: usize = 10;
         let gc = Arc::new(GroupCommit::default());
         // Event clock: a sync's completion and a commit's return each take
@@ -134,10 +137,12 @@ mod tests {
         // (start, end, tick at which the sync returned)
         let log = Arc::new(Mutex::new(Vec::<(usize, usize, u64)>::new()));
         let calls = Arc::new(AtomicUsize::new(0));
+        let start = std::sync::Barrier::new(THREADS);
         std::thread::scope(|s| {
             for t in 0..THREADS {
-                let (gc, clock, log, calls) = (&gc, &clock, &log, &calls);
+                let (gc, clock, log, calls, start) = (&gc, &clock, &log, &calls, &start);
                 s.spawn(move || {
+                    start.wait();
                     for r in 0..ROUNDS {
                         let range = (t * 4096 + r, t * 4096 + r + 1);
                         gc.commit(&[range], |a, b| {
