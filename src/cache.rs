@@ -165,7 +165,15 @@ pub fn classify(lock: &CacheLock) -> Result<Contents> {
 
 /// Open an origin spec, with the error naming it.
 pub fn open_origin(spec: &str) -> Result<Arc<dyn Origin>> {
-    let o = pmcache_origin::open(spec).map_err(|e| {
+    open_origin_with(
+        spec,
+        pmcache_origin::NbdOriginOptions::default().connections,
+    )
+}
+
+/// [`open_origin`] with up to `connections` connections to an NBD origin.
+pub fn open_origin_with(spec: &str, connections: usize) -> Result<Arc<dyn Origin>> {
+    let o = pmcache_origin::open_with(spec, connections).map_err(|e| {
         let msg = e.to_string();
         if msg.contains(spec) || msg.contains(spec.strip_prefix("file:").unwrap_or(spec)) {
             anyhow!("{msg}")

@@ -111,6 +111,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PATH|URI")]
     pub origin: Option<String>,
 
+    /// Connections to an NBD origin that advertises multi-conn (a server answers only so
+    /// many requests of one connection at a time: nbdkit 16); without multi-conn, one
+    #[arg(long, value_name = "N", default_value = "4", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub origin_connections: u16,
+
     /// Cache mode: writeback, writethrough, writearound or passthrough
     /// [default: the mode the cache last ran in; writeback for a new cache]
     #[arg(long, value_name = "MODE", value_parser = parse_mode)]

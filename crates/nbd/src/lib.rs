@@ -15,7 +15,7 @@ pub mod proto;
 pub mod server;
 pub mod tls;
 
-pub use client::{Client, ClientOptions, Endpoint, NbdUri, ServerError};
+pub use client::{Client, ClientOptions, Endpoint, NbdUri, RunsInFlight, ServerError};
 pub use conns::{ConnectionInfo, Connections, Phase, TlsSessionInfo};
 pub use export::{BlockSizes, Export, ExportError, Extent, PendingWrite, Staged, ZeroFlags};
 pub use mem::{MemExport, MemStats};

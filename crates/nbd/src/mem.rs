@@ -51,6 +51,8 @@ pub struct MemExport {
     data: RwLock<Vec<u8>>,
     sizes: BlockSizes,
     read_only: bool,
+    /// Advertise CAN_MULTI_CONN (true unless a test says otherwise).
+    multi_conn: bool,
     counters: Counters,
     /// Reads starting at these offsets sleep first.
     delays: Mutex<Vec<(u64, Duration)>>,
@@ -70,6 +72,7 @@ impl MemExport {
                 maximum: 32 * 1024 * 1024,
             },
             read_only: false,
+            multi_conn: true,
             counters: Counters::default(),
             delays: Mutex::new(Vec::new()),
             failures: Mutex::new(Vec::new()),
@@ -83,6 +86,11 @@ impl MemExport {
 
     pub fn with_read_only(mut self, ro: bool) -> Self {
         self.read_only = ro;
+        self
+    }
+
+    pub fn with_multi_conn(mut self, multi: bool) -> Self {
+        self.multi_conn = multi;
         self
     }
 
@@ -174,6 +182,10 @@ impl Export for MemExport {
 
     fn read_only(&self) -> bool {
         self.read_only
+    }
+
+    fn multi_conn(&self) -> bool {
+        self.multi_conn
     }
 
     fn read(

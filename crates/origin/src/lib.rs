@@ -11,7 +11,7 @@ pub mod nbd;
 
 pub use file::FileOrigin;
 pub use mem::MemOrigin;
-pub use nbd::NbdOrigin;
+pub use nbd::{NbdOrigin, NbdOriginOptions};
 
 /// Storage behind the cache.
 ///
@@ -78,9 +78,19 @@ pub trait Origin: Send + Sync {
 /// Open an origin from a CLI spec: `PATH`, `file:PATH`, `nbd://…`,
 /// `nbd+unix://…`, or with TLS `nbds://…` or `nbds+unix://…`.
 pub fn open(spec: &str) -> io::Result<Box<dyn Origin>> {
+    open_with(spec, NbdOriginOptions::default().connections)
+}
+
+/// [`open`], with up to `connections` connections to an NBD origin that
+/// allows multi-conn.
+pub fn open_with(spec: &str, connections: usize) -> io::Result<Box<dyn Origin>> {
     let nbd = ["nbd://", "nbd+unix://", "nbds://", "nbds+unix://"];
     if nbd.iter().any(|p| spec.starts_with(p)) {
-        Ok(Box::new(NbdOrigin::connect(spec)?))
+        let options = NbdOriginOptions {
+            connections,
+            ..NbdOriginOptions::default()
+        };
+        Ok(Box::new(NbdOrigin::connect_with(spec, options)?))
     } else {
         let path = spec.strip_prefix("file:").unwrap_or(spec);
         Ok(Box::new(FileOrigin::open(path)?))

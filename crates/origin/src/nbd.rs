@@ -1,22 +1,31 @@
 //! An NBD export as the origin, over [`pmcache_nbd::Client`].
 //!
-//! The origin stands for remote storage that can fail. When the connection
+//! The origin stands for remote storage that can fail. When a connection
 //! drops, each call reconnects with exponential backoff for a bounded time
 //! ([`NbdOriginOptions::retry_for`]) and then returns an error; the engine
 //! above retries writeback for as long as it takes. Errors the server
 //! replies with (the connection still up) are returned at once.
 //!
+//! Several connections: a server answers only so many requests of one
+//! connection at a time (nbdkit: 16), which would cap every miss and every
+//! writeback batch. When the server advertises CAN_MULTI_CONN (a FLUSH on
+//! any connection covers writes completed on all of them), calls are spread
+//! over [`NbdOriginOptions::connections`] connections and a batch's runs
+//! go out on all of them at once. Without it, one connection, as before.
+//!
 //! Durability across reconnects: writes acknowledged on a connection that
 //! has since been lost may not have reached stable storage (the server may
-//! have restarted). A FLUSH on the new connection cannot vouch for them, so
+//! have restarted). A FLUSH on a new connection cannot vouch for them, so
 //! such a `flush` returns an error; the caller rewrites and flushes again,
 //! exactly as after any failed flush.
 
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use pmcache_nbd::proto::FLAG_CAN_MULTI_CONN;
 use pmcache_nbd::{Client, ClientOptions};
 
 use crate::Origin;
@@ -30,6 +39,9 @@ pub struct NbdOriginOptions {
     pub connect_timeout: Duration,
     /// Bound on one request; a stalled server counts as a lost connection.
     pub request_timeout: Option<Duration>,
+    /// Connections to open when the server allows multi-conn (as nbdcopy's
+    /// default of 4).
+    pub connections: usize,
 }
 
 impl Default for NbdOriginOptions {
@@ -38,9 +50,13 @@ impl Default for NbdOriginOptions {
             retry_for: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             request_timeout: Some(Duration::from_secs(60)),
+            connections: 4,
         }
     }
 }
+
+/// Bound on opening each connection after the first.
+const EXTRA_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// First and largest pause between reconnection attempts.
 const BACKOFF_START: Duration = Duration::from_millis(20);
@@ -52,56 +68,26 @@ struct Current {
     generation: u64,
 }
 
-/// An NBD export (`nbd://…` or `nbd+unix://…`) as the origin.
-pub struct NbdOrigin {
-    uri: String,
-    size: u64,
-    options: NbdOriginOptions,
+/// One connection of the origin, re-established as needed.
+struct Conn {
     current: Mutex<Current>,
     /// Serialises reconnection so concurrent callers make one attempt.
     reconnecting: Mutex<()>,
-    /// Oldest connection generation with writes no FLUSH has covered yet.
+    /// Oldest generation of this connection with writes no FLUSH has
+    /// covered yet.
     unflushed: Mutex<Option<u64>>,
 }
 
-impl std::fmt::Debug for NbdOrigin {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NbdOrigin")
-            .field("uri", &self.uri)
-            .field("size", &self.size)
-            .finish()
-    }
-}
-
-impl NbdOrigin {
-    /// Connect to `uri` (libnbd syntax) with default options.
-    pub fn connect(uri: &str) -> io::Result<Self> {
-        Self::connect_with(uri, NbdOriginOptions::default())
-    }
-
-    pub fn connect_with(uri: &str, options: NbdOriginOptions) -> io::Result<Self> {
-        let client = Client::connect_with(uri, &client_options(&options))
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot open NBD origin: {e}")))?;
-        Ok(Self {
-            uri: uri.to_owned(),
-            size: client.size(),
-            options,
+impl Conn {
+    fn new(client: Client) -> Self {
+        Self {
             current: Mutex::new(Current {
                 client: Some(Arc::new(client)),
                 generation: 1,
             }),
             reconnecting: Mutex::new(()),
             unflushed: Mutex::new(None),
-        })
-    }
-
-    pub fn uri(&self) -> &str {
-        &self.uri
-    }
-
-    /// How many times the connection was re-established.
-    pub fn reconnects(&self) -> u64 {
-        self.current.lock().generation - 1
+        }
     }
 
     fn live(&self) -> Option<(Arc<Client>, u64)> {
@@ -120,9 +106,112 @@ impl NbdOrigin {
         }
     }
 
-    fn reconnect(&self) -> io::Result<(Arc<Client>, u64)> {
-        let _g = self.reconnecting.lock();
-        if let Some(live) = self.live() {
+    fn note_unflushed(&self, gen: u64) {
+        let mut u = self.unflushed.lock();
+        *u = Some(u.map_or(gen, |g| g.min(gen)));
+    }
+
+    /// Whether writes of generation `oldest` are still on a live
+    /// connection of that generation, so a FLUSH can cover them.
+    fn still_holds(&self, oldest: u64) -> bool {
+        self.live().is_some_and(|(_, gen)| gen == oldest)
+    }
+}
+
+/// An NBD export (`nbd://…` or `nbd+unix://…`) as the origin.
+pub struct NbdOrigin {
+    uri: String,
+    size: u64,
+    options: NbdOriginOptions,
+    conns: Box<[Conn]>,
+    /// Round-robin over `conns` for single calls.
+    next: AtomicUsize,
+}
+
+impl std::fmt::Debug for NbdOrigin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdOrigin")
+            .field("uri", &self.uri)
+            .field("size", &self.size)
+            .field("connections", &self.conns.len())
+            .finish()
+    }
+}
+
+impl NbdOrigin {
+    /// Connect to `uri` (libnbd syntax) with default options.
+    pub fn connect(uri: &str) -> io::Result<Self> {
+        Self::connect_with(uri, NbdOriginOptions::default())
+    }
+
+    /// Connect once, and when the server allows multi-conn, open up to
+    /// `connections - 1` more; one that fails to open is left out.
+    pub fn connect_with(uri: &str, options: NbdOriginOptions) -> io::Result<Self> {
+        let open = |o: &NbdOriginOptions| {
+            Client::connect_with(uri, &client_options(o))
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot open NBD origin: {e}")))
+        };
+        let first = open(&options)?;
+        // A server that advertises multi-conn but takes one client at a time
+        // (qemu-nbd's default --shared=1) leaves the next handshake hanging:
+        // give the extra connections a short bound.
+        let extra = NbdOriginOptions {
+            connect_timeout: options.connect_timeout.min(EXTRA_CONNECT_TIMEOUT),
+            ..options.clone()
+        };
+        let size = first.size();
+        let multi = first.flags() & FLAG_CAN_MULTI_CONN != 0;
+        let mut conns = vec![Conn::new(first)];
+        let want = if multi { options.connections.max(1) } else { 1 };
+        while conns.len() < want {
+            match open(&extra) {
+                Ok(c) if c.size() == size && c.flags() & FLAG_CAN_MULTI_CONN != 0 => {
+                    conns.push(Conn::new(c))
+                }
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(
+                        "NBD origin {uri}: extra connection refused ({e}); using {}",
+                        conns.len()
+                    );
+                    break;
+                }
+            }
+        }
+        Ok(Self {
+            uri: uri.to_owned(),
+            size,
+            options,
+            conns: conns.into_boxed_slice(),
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// Connections in use (more than one only with multi-conn).
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// How many times a connection was re-established.
+    pub fn reconnects(&self) -> u64 {
+        self.conns
+            .iter()
+            .map(|c| c.current.lock().generation - 1)
+            .sum()
+    }
+
+    /// The connection for the next single call.
+    fn pick(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len()
+    }
+
+    fn reconnect(&self, conn: &Conn) -> io::Result<(Arc<Client>, u64)> {
+        let _g = conn.reconnecting.lock();
+        if let Some(live) = conn.live() {
             return Ok(live); // another caller already reconnected
         }
         let client = Client::connect_with(&self.uri, &client_options(&self.options))?;
@@ -138,7 +227,7 @@ impl NbdOrigin {
             ));
         }
         let client = Arc::new(client);
-        let mut cur = self.current.lock();
+        let mut cur = conn.current.lock();
         cur.generation += 1;
         cur.client = Some(client.clone());
         tracing::info!(
@@ -149,27 +238,33 @@ impl NbdOrigin {
         Ok((client, cur.generation))
     }
 
-    /// Run `op` on a live connection, reconnecting with backoff while the
-    /// connection is what fails, for at most `retry_for`.
+    /// A live client of connection `c`, reconnected if it was lost.
+    fn client(&self, c: usize) -> io::Result<(Arc<Client>, u64)> {
+        let conn = &self.conns[c];
+        match conn.live() {
+            Some(live) => Ok(live),
+            None => self.reconnect(conn),
+        }
+    }
+
+    /// Run `op` on a live client of connection `c`, reconnecting with
+    /// backoff while the connection is what fails, for at most `retry_for`.
     fn with_client<T>(
         &self,
+        c: usize,
         what: &str,
         mut op: impl FnMut(&Client, u64) -> io::Result<T>,
     ) -> io::Result<T> {
         let deadline = Instant::now() + self.options.retry_for;
         let mut backoff = BACKOFF_START;
         loop {
-            let attempt = match self.live() {
-                Some(live) => Ok(live),
-                None => self.reconnect(),
-            };
-            let err = match attempt {
+            let err = match self.client(c) {
                 Ok((client, gen)) => match op(&client, gen) {
                     Ok(v) => return Ok(v),
                     // The server answered: not a connection problem.
                     Err(e) if client.is_connected() => return Err(e),
                     Err(e) => {
-                        self.invalidate(gen);
+                        self.conns[c].invalidate(gen);
                         e
                     }
                 },
@@ -194,9 +289,42 @@ impl NbdOrigin {
         }
     }
 
-    fn note_unflushed(&self, gen: u64) {
-        let mut u = self.unflushed.lock();
-        *u = Some(u.map_or(gen, |g| g.min(gen)));
+    /// [`Origin::write_runs`] on connection `c` alone. A lost connection
+    /// fails every run: reconnect and send them all again (rewriting the
+    /// same data is harmless). Errors the server answered stay per run.
+    fn write_runs_on(&self, c: usize, runs: &[(u64, &[io::IoSlice<'_>])]) -> Vec<io::Result<()>> {
+        let r = self.with_client(c, "write", |client, gen| {
+            let results = client.write_runs(runs);
+            self.settle_runs(c, client, gen, results)
+        });
+        match r {
+            Ok(results) => results,
+            Err(e) => runs
+                .iter()
+                .map(|_| Err(io::Error::new(e.kind(), e.to_string())))
+                .collect(),
+        }
+    }
+
+    /// Results of runs sent on connection `c` (generation `gen`): an error
+    /// when the connection was lost under them, else one per run.
+    fn settle_runs(
+        &self,
+        c: usize,
+        client: &Client,
+        gen: u64,
+        results: Vec<io::Result<()>>,
+    ) -> io::Result<Vec<io::Result<()>>> {
+        if !client.is_connected() {
+            if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
+                return Err(e);
+            }
+            return Err(io::Error::other("connection lost during writeback"));
+        }
+        if results.iter().any(|r| r.is_ok()) {
+            self.conns[c].note_unflushed(gen);
+        }
+        Ok(results)
     }
 }
 
@@ -206,6 +334,22 @@ fn client_options(o: &NbdOriginOptions) -> ClientOptions {
         request_timeout: o.request_timeout,
         structured_replies: true,
     }
+}
+
+/// Spread runs over `n` connections, each run to the one with the fewest
+/// bytes so far: indexes of the runs per connection.
+fn spread(runs: &[(u64, &[io::IoSlice<'_>])], n: usize) -> Vec<Vec<usize>> {
+    let mut groups: Vec<(u64, Vec<usize>)> = vec![(0, Vec::new()); n];
+    for (i, (_, bufs)) in runs.iter().enumerate() {
+        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        let g = groups
+            .iter_mut()
+            .min_by_key(|(bytes, _)| *bytes)
+            .expect("at least one connection");
+        g.0 += len;
+        g.1.push(i);
+    }
+    groups.into_iter().map(|(_, idx)| idx).collect()
 }
 
 impl Origin for NbdOrigin {
@@ -218,85 +362,125 @@ impl Origin for NbdOrigin {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.with_client("read", |c, _| c.read(buf, offset))
+        self.with_client(self.pick(), "read", |c, _| c.read(buf, offset))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
         // With `fua` the client uses NBD FUA, or a FLUSH after the write on
         // the same connection when the server lacks FUA.
-        self.with_client("write", |c, gen| {
-            c.write(buf, offset, fua)?;
+        let c = self.pick();
+        self.with_client(c, "write", |client, gen| {
+            client.write(buf, offset, fua)?;
             if !fua {
-                self.note_unflushed(gen);
+                self.conns[c].note_unflushed(gen);
             }
             Ok(())
         })
     }
 
     fn read_vectored_at(&self, bufs: &mut [io::IoSliceMut<'_>], offset: u64) -> io::Result<()> {
-        self.with_client("read", |c, _| c.read_vectored(bufs, offset))
+        self.with_client(self.pick(), "read", |c, _| c.read_vectored(bufs, offset))
     }
 
     fn write_many(&self, pieces: &[(u64, &[u8])]) -> io::Result<()> {
-        self.with_client("write", |c, gen| {
-            c.write_many(pieces)?;
-            self.note_unflushed(gen);
+        let c = self.pick();
+        self.with_client(c, "write", |client, gen| {
+            client.write_many(pieces)?;
+            self.conns[c].note_unflushed(gen);
             Ok(())
         })
     }
 
+    /// Runs go out on every connection at once; a connection lost under its
+    /// share is re-established and that share sent again.
     fn write_runs(&self, runs: &[(u64, &[io::IoSlice<'_>])]) -> Vec<io::Result<()>> {
-        // A lost connection fails every run: reconnect and send them all
-        // again (rewriting the same data is harmless). Errors the server
-        // answered stay per run.
-        let r = self.with_client("write", |c, gen| {
-            let results = c.write_runs(runs);
-            if !c.is_connected() {
-                if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
-                    return Err(e);
-                }
-                return Err(io::Error::other("connection lost during writeback"));
-            }
-            if results.iter().any(|r| r.is_ok()) {
-                self.note_unflushed(gen);
-            }
-            Ok(results)
-        });
-        match r {
-            Ok(results) => results,
-            Err(e) => runs
-                .iter()
-                .map(|_| Err(io::Error::new(e.kind(), e.to_string())))
-                .collect(),
+        let n = self.conns.len().min(runs.len());
+        if n <= 1 {
+            return self.write_runs_on(self.pick(), runs);
         }
+        let first = self.pick();
+        let groups: Vec<(usize, Vec<usize>)> = spread(runs, n)
+            .into_iter()
+            .enumerate()
+            .map(|(k, idx)| ((first + k) % self.conns.len(), idx))
+            .collect();
+        let subsets: Vec<Vec<(u64, &[io::IoSlice<'_>])>> = groups
+            .iter()
+            .map(|(_, idx)| idx.iter().map(|&i| runs[i]).collect())
+            .collect();
+        let clients: Vec<Option<(Arc<Client>, u64)>> =
+            groups.iter().map(|(c, _)| self.conns[*c].live()).collect();
+        let in_flight: Vec<_> = clients
+            .iter()
+            .zip(&subsets)
+            .map(|(cl, sub)| cl.as_ref().map(|(client, _)| client.start_write_runs(sub)))
+            .collect();
+        let mut out: Vec<Option<io::Result<()>>> = runs.iter().map(|_| None).collect();
+        for (k, flight) in in_flight.into_iter().enumerate() {
+            let (c, idx) = &groups[k];
+            let settled = match (flight, &clients[k]) {
+                (Some(f), Some((client, gen))) => {
+                    let r = self.settle_runs(*c, client, *gen, f.wait());
+                    if r.is_err() {
+                        self.conns[*c].invalidate(*gen);
+                    }
+                    r.ok()
+                }
+                _ => None,
+            };
+            // Not live, or lost under this share: the retrying path.
+            let results = settled.unwrap_or_else(|| self.write_runs_on(*c, &subsets[k]));
+            for (&i, r) in idx.iter().zip(results) {
+                out[i] = Some(r);
+            }
+        }
+        out.into_iter()
+            .map(|r| r.expect("every run is in one group"))
+            .collect()
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
-        self.with_client("write_zeroes", |c, gen| {
-            c.write_zeroes(offset, len, fua)?;
+        let c = self.pick();
+        self.with_client(c, "write_zeroes", |client, gen| {
+            client.write_zeroes(offset, len, fua)?;
             if !fua {
-                self.note_unflushed(gen);
+                self.conns[c].note_unflushed(gen);
             }
             Ok(())
         })
     }
 
+    /// One FLUSH, which with multi-conn covers every connection's completed
+    /// writes; an error if any of them were on a connection since lost.
     fn flush(&self) -> io::Result<()> {
-        let taken = self.unflushed.lock().take();
-        match self.with_client("flush", |c, gen| c.flush().map(|()| gen)) {
-            Ok(gen) => match taken {
-                Some(oldest) if oldest < gen => Err(io::Error::new(
-                    io::ErrorKind::ConnectionAborted,
-                    format!(
-                        "NBD origin {}: the connection was re-established after writes that were never flushed; they may not be durable and must be written again",
-                        self.uri
-                    ),
-                )),
-                _ => Ok(()),
-            },
+        let taken: Vec<Option<u64>> = self
+            .conns
+            .iter()
+            .map(|c| c.unflushed.lock().take())
+            .collect();
+        let c = self.pick();
+        match self.with_client(c, "flush", |client, _| client.flush()) {
+            Ok(()) => {
+                let lost = taken
+                    .iter()
+                    .zip(self.conns.iter())
+                    .any(|(t, conn)| t.is_some_and(|oldest| !conn.still_holds(oldest)));
+                if lost {
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        format!(
+                            "NBD origin {}: a connection was re-established after writes that were never flushed; they may not be durable and must be written again",
+                            self.uri
+                        ),
+                    ));
+                }
+                Ok(())
+            }
             Err(e) => {
-                if let Some(t) = taken {
-                    self.note_unflushed(t);
+                for (t, conn) in taken.iter().zip(self.conns.iter()) {
+                    if let Some(t) = t {
+                        conn.note_unflushed(*t);
+                    }
                 }
                 Err(e)
             }
@@ -374,6 +558,7 @@ mod tests {
             retry_for: Duration::from_millis(1500),
             connect_timeout: Duration::from_secs(2),
             request_timeout: Some(Duration::from_secs(10)),
+            connections: 4,
         }
     }
 
@@ -554,5 +739,67 @@ mod tests {
         let mut b = [0u8; 4];
         let e = o.read_at(&mut b, 0).unwrap_err();
         assert!(e.to_string().contains("size changed"), "{e}");
+    }
+
+    /// With multi-conn, a batch's runs go out on every connection and one
+    /// FLUSH covers them all; without it, one connection.
+    #[test]
+    fn runs_spread_over_connections_and_one_flush_covers_them() {
+        let dir = Dir::new();
+        let (sock, uri) = uri(&dir);
+        let export = Arc::new(MemExport::new(4 << 20));
+        let _srv = Running::start(export.clone(), &sock);
+        let o = NbdOrigin::connect_with(&uri, quick()).unwrap();
+        assert_eq!(o.connections(), 4);
+        let slots: Vec<Vec<u8>> = (0..16u8).map(|i| vec![i + 1; 4096]).collect();
+        let bufs: Vec<io::IoSlice<'_>> = slots.iter().map(|b| io::IoSlice::new(b)).collect();
+        // Sixteen runs of one slot, far apart: four per connection.
+        let runs: Vec<(u64, &[io::IoSlice<'_>])> = (0..16)
+            .map(|i| (i as u64 * 65536, &bufs[i..i + 1]))
+            .collect();
+        let results = o.write_runs(&runs);
+        assert!(results.iter().all(|r| r.is_ok()));
+        for (i, b) in slots.iter().enumerate() {
+            assert_eq!(export.snapshot(i * 65536, 4096), *b, "run {i}");
+        }
+        let before = export.stats().flushes;
+        o.flush().unwrap();
+        assert_eq!(export.stats().flushes - before, 1, "one FLUSH for all");
+        assert_eq!(
+            spread(&runs, 4).iter().map(Vec::len).collect::<Vec<_>>(),
+            [4; 4]
+        );
+
+        let dir2 = Dir::new();
+        let (sock2, uri2) = self::uri(&dir2);
+        let single = Arc::new(MemExport::new(1 << 20).with_multi_conn(false));
+        let _srv2 = Running::start(single, &sock2);
+        let o2 = NbdOrigin::connect_with(&uri2, quick()).unwrap();
+        assert_eq!(o2.connections(), 1, "no multi-conn, one connection");
+        assert!(o2.write_runs(&runs[..4]).iter().all(|r| r.is_ok()));
+        o2.flush().unwrap();
+    }
+
+    /// A connection lost under unflushed writes fails the next flush even
+    /// when the FLUSH itself goes out on another, healthy connection.
+    #[test]
+    fn flush_fails_when_any_connection_lost_unflushed_writes() {
+        let dir = Dir::new();
+        let (sock, uri) = uri(&dir);
+        let export = Arc::new(MemExport::new(1 << 20));
+        let srv = Running::start(export.clone(), &sock);
+        let o = NbdOrigin::connect_with(&uri, quick()).unwrap();
+        // One write per connection, then the server restarts.
+        for i in 0..4u64 {
+            o.write_at(b"y", i * 4096, false).unwrap();
+        }
+        srv.stop();
+        let _srv2 = Running::start(export.clone(), &sock);
+        assert!(o.flush().is_err());
+        for i in 0..4u64 {
+            o.write_at(b"y", i * 4096, false).unwrap();
+        }
+        o.flush().unwrap();
+        assert!(o.reconnects() >= 4, "every connection came back");
     }
 }

@@ -43,7 +43,7 @@ impl OpenOrigin {
             ),
         };
         if !create {
-            let origin = cache::open_origin(&spec)?;
+            let origin = cache::open_origin_with(&spec, a.origin_connections.into())?;
             return Ok(OpenOrigin {
                 origin,
                 created: None,

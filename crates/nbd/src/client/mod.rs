@@ -84,6 +84,22 @@ impl std::fmt::Debug for Client {
     }
 }
 
+/// Runs put in flight by [`Client::start_write_runs`]. Dropping it
+/// without waiting still waits for every reply.
+pub struct RunsInFlight<'a> {
+    runs: Vec<(Vec<Ticket<'a>>, Option<io::Error>)>,
+}
+
+impl RunsInFlight<'_> {
+    /// One result per run, in the order given.
+    pub fn wait(self) -> Vec<io::Result<()>> {
+        self.runs
+            .into_iter()
+            .map(|(tickets, err)| collect(tickets, err))
+            .collect()
+    }
+}
+
 /// Zero and trim requests are split at this size (aligned down to the
 /// minimum block size): well inside the 32-bit length field.
 const MAX_ZERO_REQUEST: u64 = 1 << 30;
@@ -288,6 +304,13 @@ impl Client {
     /// server's maximum allows, all in flight at once. Not durable until a
     /// FLUSH. One result per run, so a caller can retry only what failed.
     pub fn write_runs(&self, runs: &[(u64, &[IoSlice<'_>])]) -> Vec<io::Result<()>> {
+        self.start_write_runs(runs).wait()
+    }
+
+    /// [`write_runs`](Self::write_runs) in two halves: put every run in
+    /// flight now, wait for the replies with [`RunsInFlight::wait`], so a
+    /// caller can fill several connections before it waits on any.
+    pub fn start_write_runs(&self, runs: &[(u64, &[IoSlice<'_>])]) -> RunsInFlight<'_> {
         let max = self.inner.max_request as usize;
         let mut per_run: Vec<Vec<Ticket<'_>>> = Vec::with_capacity(runs.len());
         let mut results: Vec<Option<io::Error>> = Vec::with_capacity(runs.len());
@@ -304,11 +327,9 @@ impl Client {
             per_run.push(tickets);
             results.push(err);
         }
-        per_run
-            .into_iter()
-            .zip(results)
-            .map(|(tickets, err)| collect(tickets, err))
-            .collect()
+        RunsInFlight {
+            runs: per_run.into_iter().zip(results).collect(),
+        }
     }
 
     /// Submit one run as requests of at most `max` bytes.
