@@ -141,6 +141,11 @@ fn bad_mode_and_addresses_are_refused() {
         ],
     );
     fails_with(&o, "cannot be used with");
+    for n in ["0", "65", "many"] {
+        let o = run_in(Some(d.path()), &["serve", "--origin-connections", n]);
+        fails_with(&o, "--origin-connections");
+        assert_eq!(o.status.code(), Some(2));
+    }
     let o = run_in(Some(d.path()), &["frobnicate"]);
     fails_with(&o, "frobnicate");
     assert!(
