@@ -160,12 +160,13 @@ fn replies_arrive_out_of_order() {
     c.read(&mut b, 8192).unwrap();
     let fast = start.elapsed();
     let slow = slow.join().unwrap();
-    assert!(fast < Duration::from_millis(700), "fast read took {fast:?}");
     assert!(
         slow >= Duration::from_millis(800),
         "slow read took {slow:?}"
     );
-    assert!(fast < slow);
+    // Answered in order, the fast read would end after the slow one; no
+    // bound in milliseconds, which a busy machine could break.
+    assert!(fast < slow, "fast read took {fast:?}, slow {slow:?}");
 }
 
 #[test]
