@@ -32,10 +32,13 @@ fn concurrent_writers_share_msyncs() {
     const THREADS: u64 = 32;
     const WRITES: u64 = 10;
     let before = region.syncs();
+    // Started together, so they meet even where spawning is slow.
+    let start = std::sync::Barrier::new(THREADS as usize);
     std::thread::scope(|s| {
         for t in 0..THREADS {
-            let e = &e;
+            let (e, start) = (&e, &start);
             s.spawn(move || {
+                start.wait();
                 for i in 0..WRITES {
                     let b = t * WRITES + i;
                     e.write(b * 4096, &[(b % 251) as u8 + 1; 4096], false)
