@@ -32,6 +32,21 @@ pub struct Mapping {
 }
 
 impl Mapping {
+    /// The mapping of a live slot's entry, its role not yet assigned;
+    /// `s` is the watermark.
+    fn of(slot: u64, e: &Entry, dirty: bool, s: u64) -> Mapping {
+        Mapping {
+            slot,
+            block: e.block,
+            seq: e.seq,
+            epoch: e.epoch,
+            dirty,
+            zero: e.is_zero(),
+            pending: e.seq > s,
+            role: Role::Current,
+        }
+    }
+
     fn version(&self) -> Version {
         Version {
             epoch: self.epoch,
@@ -226,16 +241,7 @@ impl<'a> SlotCheck<'a> {
                         r.dirty += dirty as u64;
                         self.check_entry(r, slot, &e);
                     }
-                    self.versions.push(Mapping {
-                        slot,
-                        block: e.block,
-                        seq: e.seq,
-                        epoch: e.epoch,
-                        dirty,
-                        zero: e.is_zero(),
-                        pending,
-                        role: Role::Current,
-                    });
+                    self.versions.push(Mapping::of(slot, &e, dirty, self.s));
                 }
             }
         }
@@ -319,16 +325,7 @@ pub fn dump(region: &dyn PmemRegion) -> crate::Result<Dump> {
     let mut mappings = Vec::new();
     for slot in 0..layout.slot_count {
         if let SlotView::Live { entry: e, dirty } = view_slot(region, &layout, slot, s) {
-            mappings.push(Mapping {
-                slot,
-                block: e.block,
-                seq: e.seq,
-                epoch: e.epoch,
-                dirty,
-                zero: e.is_zero(),
-                pending: e.seq > s,
-                role: Role::Current,
-            });
+            mappings.push(Mapping::of(slot, &e, dirty, s));
         }
     }
     assign_roles(&mut mappings, written);
