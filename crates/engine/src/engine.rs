@@ -156,8 +156,6 @@ pub(crate) struct WritebackCtl {
     pub(crate) step: Mutex<()>,
     /// A write stream waits for writeback: no trickle pause.
     pub(crate) urgent: AtomicBool,
-    /// The writer waits for an epoch to close: a client FLUSH wakes it.
-    pub(crate) awaiting_seal: AtomicBool,
 }
 
 /// The cache. Cheap to share (`Arc`); every method is thread-safe.
@@ -423,7 +421,6 @@ impl Engine {
                 rotor: Default::default(),
                 step: Mutex::new(()),
                 urgent: AtomicBool::new(false),
-                awaiting_seal: AtomicBool::new(false),
             },
             closed: AtomicBool::new(false),
             hooks: Hooks::default(),

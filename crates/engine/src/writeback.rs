@@ -394,12 +394,8 @@ fn writeback_loop(engine: std::sync::Weak<Engine>) {
             return;
         }
         let pause = match e.writeback_step(e.cfg.writeback_batch) {
-            // Owed versions wait for their epoch to close: a FLUSH seals it
-            // (and wakes this thread), a last commit ends soon.
-            Ok(0) if e.dirty_blocks() > 0 => {
-                e.wb.awaiting_seal.store(true, Ordering::Relaxed);
-                Duration::from_millis(1)
-            }
+            // Owed versions wait for an epoch's last commit: soon.
+            Ok(0) if e.dirty_blocks() > 0 => Duration::from_millis(1),
             Ok(0) => Duration::from_millis(100),
             Ok(n) if run + n < e.cfg.writeback_batch => {
                 backoff = BACKOFF_START;

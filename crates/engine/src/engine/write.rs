@@ -135,11 +135,6 @@ impl Engine {
         self.check_open()?;
         self.streams.sync_point();
         self.epochs.seal();
-        if self.wb.awaiting_seal.load(Ordering::Relaxed)
-            && self.wb.awaiting_seal.swap(false, Ordering::Relaxed)
-        {
-            self.kick_writeback();
-        }
         if self.mode() == CacheMode::Writeback {
             return Ok(());
         }
