@@ -13,7 +13,8 @@ use crate::size::human;
 pub fn run(a: CheckArgs) -> Result<ExitCode> {
     let origin = match &a.origin {
         Some(spec) => {
-            let o = cache::open_origin(spec)?;
+            // Only its size and identity are needed: one connection.
+            let o = cache::open_origin_with(spec, 1)?;
             Some((o.fingerprint(), o.size()))
         }
         None => None,

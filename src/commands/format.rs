@@ -12,7 +12,8 @@ use crate::size::human;
 
 pub fn run(a: FormatArgs) -> Result<ExitCode> {
     // Nothing is changed until every check below has passed.
-    let origin = cache::open_origin(&a.origin)?;
+    // Only its size and identity are needed: one connection.
+    let origin = cache::open_origin_with(&a.origin, 1)?;
     let target = if cache::exists(&a.cache) {
         let lock = CacheLock::acquire(&a.cache, true)?;
         let contents = cache::classify(&lock)?;

@@ -15,9 +15,14 @@
 //!
 //! Durability across reconnects: writes acknowledged on a connection that
 //! has since been lost may not have reached stable storage (the server may
-//! have restarted). A FLUSH on a new connection cannot vouch for them, so
-//! such a `flush` returns an error; the caller rewrites and flushes again,
-//! exactly as after any failed flush.
+//! have restarted). Every connection carries a generation, from one
+//! sequence for the whole origin: the first connections share 1, and each
+//! reconnection takes the next. A connection still up has talked to one
+//! server since it opened, so a FLUSH on it covers the writes of its own
+//! generation and later ones (on any connection, by multi-conn), and not
+//! older ones: `flush` goes to the oldest live connection and returns an
+//! error when an unflushed write is older still. The caller rewrites and
+//! flushes again, exactly as after any failed flush.
 
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -64,7 +69,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 struct Current {
     client: Option<Arc<Client>>,
-    /// Increases with every successful (re)connection.
+    /// When it connected, in the origin's sequence of connections.
     generation: u64,
 }
 
@@ -73,9 +78,6 @@ struct Conn {
     current: Mutex<Current>,
     /// Serialises reconnection so concurrent callers make one attempt.
     reconnecting: Mutex<()>,
-    /// Oldest generation of this connection with writes no FLUSH has
-    /// covered yet.
-    unflushed: Mutex<Option<u64>>,
 }
 
 impl Conn {
@@ -86,7 +88,6 @@ impl Conn {
                 generation: 1,
             }),
             reconnecting: Mutex::new(()),
-            unflushed: Mutex::new(None),
         }
     }
 
@@ -105,17 +106,6 @@ impl Conn {
             cur.client = None;
         }
     }
-
-    fn note_unflushed(&self, gen: u64) {
-        let mut u = self.unflushed.lock();
-        *u = Some(u.map_or(gen, |g| g.min(gen)));
-    }
-
-    /// Whether writes of generation `oldest` are still on a live
-    /// connection of that generation, so a FLUSH can cover them.
-    fn still_holds(&self, oldest: u64) -> bool {
-        self.live().is_some_and(|(_, gen)| gen == oldest)
-    }
 }
 
 /// An NBD export (`nbd://…` or `nbd+unix://…`) as the origin.
@@ -126,6 +116,10 @@ pub struct NbdOrigin {
     conns: Box<[Conn]>,
     /// Round-robin over `conns` for single calls.
     next: AtomicUsize,
+    /// The newest generation handed out (see the module's notes).
+    generations: Mutex<u64>,
+    /// Oldest generation with writes no FLUSH has covered yet.
+    unflushed: Mutex<Option<u64>>,
 }
 
 impl std::fmt::Debug for NbdOrigin {
@@ -184,6 +178,8 @@ impl NbdOrigin {
             options,
             conns: conns.into_boxed_slice(),
             next: AtomicUsize::new(0),
+            generations: Mutex::new(1),
+            unflushed: Mutex::new(None),
         })
     }
 
@@ -198,10 +194,7 @@ impl NbdOrigin {
 
     /// How many times a connection was re-established.
     pub fn reconnects(&self) -> u64 {
-        self.conns
-            .iter()
-            .map(|c| c.current.lock().generation - 1)
-            .sum()
+        *self.generations.lock() - 1
     }
 
     /// The connection for the next single call.
@@ -226,9 +219,24 @@ impl NbdOrigin {
                 ),
             ));
         }
+        if self.conns.len() > 1 && client.flags() & FLAG_CAN_MULTI_CONN == 0 {
+            // One FLUSH would no longer cover the other connections.
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}: the export no longer allows multi-conn, and pmcache opened {} connections to it; restart with --origin-connections 1",
+                    self.uri,
+                    self.conns.len()
+                ),
+            ));
+        }
         let client = Arc::new(client);
         let mut cur = conn.current.lock();
-        cur.generation += 1;
+        cur.generation = {
+            let mut g = self.generations.lock();
+            *g += 1;
+            *g
+        };
         cur.client = Some(client.clone());
         tracing::info!(
             "NBD origin {}: reconnected (connection #{})",
@@ -247,15 +255,39 @@ impl NbdOrigin {
         }
     }
 
+    fn note_unflushed(&self, gen: u64) {
+        let mut u = self.unflushed.lock();
+        *u = Some(u.map_or(gen, |g| g.min(gen)));
+    }
+
+    /// The live connection of the oldest generation, else the next one.
+    fn oldest_live(&self) -> usize {
+        (0..self.conns.len())
+            .filter_map(|c| self.conns[c].live().map(|(_, gen)| (gen, c)))
+            .min()
+            .map_or_else(|| self.pick(), |(_, c)| c)
+    }
+
     /// Run `op` on a live client of connection `c`, reconnecting with
     /// backoff while the connection is what fails, for at most `retry_for`.
     fn with_client<T>(
         &self,
         c: usize,
         what: &str,
+        op: impl FnMut(&Client, u64) -> io::Result<T>,
+    ) -> io::Result<T> {
+        self.with_client_until(c, what, Instant::now() + self.options.retry_for, op)
+    }
+
+    /// [`with_client`](Self::with_client) until `deadline`, which calls
+    /// made for one request share.
+    fn with_client_until<T>(
+        &self,
+        c: usize,
+        what: &str,
+        deadline: Instant,
         mut op: impl FnMut(&Client, u64) -> io::Result<T>,
     ) -> io::Result<T> {
-        let deadline = Instant::now() + self.options.retry_for;
         let mut backoff = BACKOFF_START;
         loop {
             let err = match self.client(c) {
@@ -289,13 +321,19 @@ impl NbdOrigin {
         }
     }
 
-    /// [`Origin::write_runs`] on connection `c` alone. A lost connection
-    /// fails every run: reconnect and send them all again (rewriting the
-    /// same data is harmless). Errors the server answered stay per run.
-    fn write_runs_on(&self, c: usize, runs: &[(u64, &[io::IoSlice<'_>])]) -> Vec<io::Result<()>> {
-        let r = self.with_client(c, "write", |client, gen| {
+    /// [`Origin::write_runs`] on connection `c` alone, retrying until
+    /// `deadline`. A lost connection fails every run: reconnect and send
+    /// them all again (rewriting the same data is harmless). Errors the
+    /// server answered stay per run.
+    fn write_runs_on(
+        &self,
+        c: usize,
+        deadline: Instant,
+        runs: &[(u64, &[io::IoSlice<'_>])],
+    ) -> Vec<io::Result<()>> {
+        let r = self.with_client_until(c, "write", deadline, |client, gen| {
             let results = client.write_runs(runs);
-            self.settle_runs(c, client, gen, results)
+            self.settle_runs(client, gen, results)
         });
         match r {
             Ok(results) => results,
@@ -306,11 +344,10 @@ impl NbdOrigin {
         }
     }
 
-    /// Results of runs sent on connection `c` (generation `gen`): an error
+    /// Results of runs sent on a connection of generation `gen`: an error
     /// when the connection was lost under them, else one per run.
     fn settle_runs(
         &self,
-        c: usize,
         client: &Client,
         gen: u64,
         results: Vec<io::Result<()>>,
@@ -322,7 +359,7 @@ impl NbdOrigin {
             return Err(io::Error::other("connection lost during writeback"));
         }
         if results.iter().any(|r| r.is_ok()) {
-            self.conns[c].note_unflushed(gen);
+            self.note_unflushed(gen);
         }
         Ok(results)
     }
@@ -372,7 +409,7 @@ impl Origin for NbdOrigin {
         self.with_client(c, "write", |client, gen| {
             client.write(buf, offset, fua)?;
             if !fua {
-                self.conns[c].note_unflushed(gen);
+                self.note_unflushed(gen);
             }
             Ok(())
         })
@@ -386,7 +423,7 @@ impl Origin for NbdOrigin {
         let c = self.pick();
         self.with_client(c, "write", |client, gen| {
             client.write_many(pieces)?;
-            self.conns[c].note_unflushed(gen);
+            self.note_unflushed(gen);
             Ok(())
         })
     }
@@ -394,9 +431,10 @@ impl Origin for NbdOrigin {
     /// Runs go out on every connection at once; a connection lost under its
     /// share is re-established and that share sent again.
     fn write_runs(&self, runs: &[(u64, &[io::IoSlice<'_>])]) -> Vec<io::Result<()>> {
+        let deadline = Instant::now() + self.options.retry_for;
         let n = self.conns.len().min(runs.len());
         if n <= 1 {
-            return self.write_runs_on(self.pick(), runs);
+            return self.write_runs_on(self.pick(), deadline, runs);
         }
         let first = self.pick();
         let groups: Vec<(usize, Vec<usize>)> = spread(runs, n)
@@ -420,7 +458,7 @@ impl Origin for NbdOrigin {
             let (c, idx) = &groups[k];
             let settled = match (flight, &clients[k]) {
                 (Some(f), Some((client, gen))) => {
-                    let r = self.settle_runs(*c, client, *gen, f.wait());
+                    let r = self.settle_runs(client, *gen, f.wait());
                     if r.is_err() {
                         self.conns[*c].invalidate(*gen);
                     }
@@ -429,7 +467,7 @@ impl Origin for NbdOrigin {
                 _ => None,
             };
             // Not live, or lost under this share: the retrying path.
-            let results = settled.unwrap_or_else(|| self.write_runs_on(*c, &subsets[k]));
+            let results = settled.unwrap_or_else(|| self.write_runs_on(*c, deadline, &subsets[k]));
             for (&i, r) in idx.iter().zip(results) {
                 out[i] = Some(r);
             }
@@ -444,43 +482,31 @@ impl Origin for NbdOrigin {
         self.with_client(c, "write_zeroes", |client, gen| {
             client.write_zeroes(offset, len, fua)?;
             if !fua {
-                self.conns[c].note_unflushed(gen);
+                self.note_unflushed(gen);
             }
             Ok(())
         })
     }
 
-    /// One FLUSH, which with multi-conn covers every connection's completed
-    /// writes; an error if any of them were on a connection since lost.
+    /// One FLUSH, on the oldest live connection: with multi-conn it covers
+    /// every connection's completed writes of its generation or later.
     fn flush(&self) -> io::Result<()> {
-        let taken: Vec<Option<u64>> = self
-            .conns
-            .iter()
-            .map(|c| c.unflushed.lock().take())
-            .collect();
-        let c = self.pick();
-        match self.with_client(c, "flush", |client, _| client.flush()) {
-            Ok(()) => {
-                let lost = taken
-                    .iter()
-                    .zip(self.conns.iter())
-                    .any(|(t, conn)| t.is_some_and(|oldest| !conn.still_holds(oldest)));
-                if lost {
-                    return Err(io::Error::new(
-                        io::ErrorKind::ConnectionAborted,
-                        format!(
-                            "NBD origin {}: a connection was re-established after writes that were never flushed; they may not be durable and must be written again",
-                            self.uri
-                        ),
-                    ));
-                }
-                Ok(())
-            }
+        let taken = self.unflushed.lock().take();
+        let c = self.oldest_live();
+        match self.with_client(c, "flush", |client, gen| client.flush().map(|()| gen)) {
+            Ok(gen) => match taken {
+                Some(oldest) if oldest < gen => Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    format!(
+                        "NBD origin {}: a connection was re-established after writes that were never flushed; they may not be durable and must be written again",
+                        self.uri
+                    ),
+                )),
+                _ => Ok(()),
+            },
             Err(e) => {
-                for (t, conn) in taken.iter().zip(self.conns.iter()) {
-                    if let Some(t) = t {
-                        conn.note_unflushed(*t);
-                    }
+                if let Some(t) = taken {
+                    self.note_unflushed(t);
                 }
                 Err(e)
             }
@@ -757,8 +783,17 @@ mod tests {
         let runs: Vec<(u64, &[io::IoSlice<'_>])> = (0..16)
             .map(|i| (i as u64 * 65536, &bufs[i..i + 1]))
             .collect();
+        let sent = |o: &NbdOrigin| -> Vec<u64> {
+            o.conns
+                .iter()
+                .map(|c| c.live().unwrap().0.requests_sent())
+                .collect()
+        };
+        let before = sent(&o);
         let results = o.write_runs(&runs);
         assert!(results.iter().all(|r| r.is_ok()));
+        let per_conn: Vec<u64> = sent(&o).iter().zip(&before).map(|(a, b)| a - b).collect();
+        assert_eq!(per_conn, [4; 4], "four WRITEs on each connection");
         for (i, b) in slots.iter().enumerate() {
             assert_eq!(export.snapshot(i * 65536, 4096), *b, "run {i}");
         }
@@ -780,8 +815,9 @@ mod tests {
         o2.flush().unwrap();
     }
 
-    /// A connection lost under unflushed writes fails the next flush even
-    /// when the FLUSH itself goes out on another, healthy connection.
+    /// Writes on one connection, then the server restarts: the FLUSH, sent
+    /// on a connection that came back (a new generation), cannot vouch for
+    /// them, though their own connection is not the one that flushes.
     #[test]
     fn flush_fails_when_any_connection_lost_unflushed_writes() {
         let dir = Dir::new();
@@ -789,17 +825,34 @@ mod tests {
         let export = Arc::new(MemExport::new(1 << 20));
         let srv = Running::start(export.clone(), &sock);
         let o = NbdOrigin::connect_with(&uri, quick()).unwrap();
-        // One write per connection, then the server restarts.
-        for i in 0..4u64 {
-            o.write_at(b"y", i * 4096, false).unwrap();
-        }
+        o.write_at(b"y", 0, false).unwrap(); // connection 0
         srv.stop();
         let _srv2 = Running::start(export.clone(), &sock);
-        assert!(o.flush().is_err());
-        for i in 0..4u64 {
-            o.write_at(b"y", i * 4096, false).unwrap();
-        }
+        let mut b = [0u8; 1];
+        o.read_at(&mut b, 0).unwrap(); // connection 1 comes back
+        assert_eq!(o.reconnects(), 1);
+        let e = o.flush().unwrap_err();
+        assert!(e.to_string().contains("re-established"), "{e}");
+        // Written again on a new connection: the next flush vouches for it.
+        o.write_at(b"y", 0, false).unwrap();
         o.flush().unwrap();
-        assert!(o.reconnects() >= 4, "every connection came back");
+        o.flush().unwrap();
+    }
+
+    /// With several connections, a server that comes back without
+    /// multi-conn is refused: one FLUSH would not cover them all.
+    #[test]
+    fn refuses_a_server_that_lost_multi_conn() {
+        let dir = Dir::new();
+        let (sock, uri) = uri(&dir);
+        let srv = Running::start(Arc::new(MemExport::new(1 << 20)), &sock);
+        let o = NbdOrigin::connect_with(&uri, quick()).unwrap();
+        assert_eq!(o.connections(), 4);
+        srv.stop();
+        let single = MemExport::new(1 << 20).with_multi_conn(false);
+        let _srv2 = Running::start(Arc::new(single), &sock);
+        let mut b = [0u8; 4];
+        let e = o.read_at(&mut b, 0).unwrap_err();
+        assert!(e.to_string().contains("no longer allows multi-conn"), "{e}");
     }
 }

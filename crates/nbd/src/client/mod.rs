@@ -188,6 +188,14 @@ impl Client {
         self.inner.structured
     }
 
+    /// Requests put in flight on this connection so far.
+    pub fn requests_sent(&self) -> u64 {
+        self.inner
+            .next_cookie
+            .load(std::sync::atomic::Ordering::Relaxed)
+            - 1
+    }
+
     /// False once the connection is gone; every call then fails.
     pub fn is_connected(&self) -> bool {
         let p = self.inner.pending.lock();
