@@ -426,7 +426,11 @@ impl Engine {
             hooks: Hooks::default(),
             streams: Streams::new(cfg.sequential_cutoff),
             promotion: crate::promotion::Promotion::new(layout.slot_count, msync),
-            epochs: crate::epoch::Epochs::new(epoch, written),
+            epochs: crate::epoch::Epochs::new(
+                epoch,
+                written,
+                cfg.writeback_order == WritebackOrder::Ordered,
+            ),
             bounces: Mutex::new(Vec::new()),
             stop_waits: AtomicBool::new(false),
             cfg,

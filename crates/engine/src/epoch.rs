@@ -19,13 +19,21 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+/// Yields a seal spends waiting for an epoch to drain before it sleeps
+/// [`SEAL_NAP`] between looks.
+const SEAL_SPINS: u32 = 100;
+const SEAL_NAP: Duration = Duration::from_micros(100);
+
 pub(crate) struct Epochs {
     current: AtomicU64,
     active: [AtomicU64; 2],
     /// W: every epoch up to this one is on the origin (durable in media).
     written: AtomicU64,
     /// Start time of each epoch above W (for the oldest pending's age).
+    /// Without ordered writeback nothing raises W, so only the first is
+    /// kept: one entry per FLUSH would pile up for ever.
     starts: Mutex<VecDeque<(u64, Instant)>>,
+    ordered: bool,
     /// Serializes seals, so concurrent FLUSHes share one.
     seal: Mutex<()>,
 }
@@ -45,8 +53,8 @@ impl Drop for EpochGuard<'_> {
 
 impl Epochs {
     /// After recovery: `current` is above every epoch in media; `written`
-    /// is W as read from media.
-    pub(crate) fn new(current: u64, written: u64) -> Epochs {
+    /// is W as read from media; `ordered`: whether writeback raises W.
+    pub(crate) fn new(current: u64, written: u64, ordered: bool) -> Epochs {
         debug_assert!(written < current, "W is below the current epoch");
         Epochs {
             current: AtomicU64::new(current),
@@ -54,6 +62,7 @@ impl Epochs {
             written: AtomicU64::new(written),
             starts: Mutex::new(VecDeque::from([(current, Instant::now())])),
             seal: Mutex::new(()),
+            ordered,
         }
     }
 
@@ -86,12 +95,22 @@ impl Epochs {
             // Another FLUSH sealed after this one arrived.
             return;
         }
-        // The epoch before `e` must drain before its parity is reused.
+        // The epoch before `e` must drain before its parity is reused. A
+        // commit drains in microseconds, but a bypassed write holds its
+        // epoch through its origin write: then sleep, not spin.
+        let mut waited = 0u32;
         while e > 0 && self.active[((e - 1) & 1) as usize].load(SeqCst) != 0 {
-            std::thread::yield_now();
+            waited += 1;
+            if waited < SEAL_SPINS {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(SEAL_NAP);
+            }
         }
         self.current.store(e + 1, SeqCst);
-        self.starts.lock().push_back((e + 1, Instant::now()));
+        if self.ordered {
+            self.starts.lock().push_back((e + 1, Instant::now()));
+        }
     }
 
     /// The newest closed epoch (`None` before any): every epoch up to it is
@@ -142,7 +161,7 @@ mod tests {
 
     #[test]
     fn an_epoch_closes_when_sealed_and_drained() {
-        let ep = Epochs::new(1, 0);
+        let ep = Epochs::new(1, 0, true);
         assert_eq!(ep.closed(), Some(0));
         let g = ep.enter();
         assert_eq!(g.epoch, 1);
@@ -156,9 +175,39 @@ mod tests {
         assert_eq!(ep.pending().0, 0);
     }
 
+    /// Without ordered writeback W stays put, and the start times do not
+    /// grow with every FLUSH.
+    #[test]
+    fn unordered_epochs_keep_one_start_time() {
+        let ep = Epochs::new(1, 0, false);
+        for _ in 0..1000 {
+            ep.seal();
+        }
+        assert_eq!(ep.current(), 1001);
+        assert_eq!(ep.starts.lock().len(), 1);
+        assert_eq!(ep.pending().0, 1000, "sealed epochs above W, as before");
+    }
+
+    /// A seal waits for the epoch before to drain, however long a commit
+    /// of it takes.
+    #[test]
+    fn a_seal_waits_for_a_slow_commit() {
+        let ep = Epochs::new(1, 0, true);
+        let g = ep.enter();
+        ep.seal(); // 1 -> 2: waits only for epoch 0
+        std::thread::scope(|s| {
+            let t = s.spawn(|| ep.seal()); // 2 -> 3: waits for epoch 1
+            std::thread::sleep(Duration::from_millis(20));
+            assert_eq!(ep.current(), 2, "sealed while epoch 1 had a commit");
+            drop(g);
+            t.join().unwrap();
+        });
+        assert_eq!(ep.current(), 3);
+    }
+
     #[test]
     fn concurrent_seals_and_commits_keep_epochs_ordered() {
-        let ep = std::sync::Arc::new(Epochs::new(1, 0));
+        let ep = std::sync::Arc::new(Epochs::new(1, 0, true));
         let threads: Vec<_> = (0..4)
             .map(|i| {
                 let ep = ep.clone();
