@@ -19,6 +19,7 @@ pub struct Owed {
 const SLACK: usize = 1024;
 
 impl Owed {
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.queue.len()
     }
