@@ -41,10 +41,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nbd::*;
-use pmcache_testkit::splitmix;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use serde_json::Value;
 
 const T: Duration = Duration::from_secs(90);
 const ORIGIN_SIZE: u64 = 256 << 20;
@@ -135,18 +133,6 @@ fn fsck_after_replay(img: &Path) -> Verdict {
     Verdict { clean, report }
 }
 
-/// A running server's counters (`pmcache stats --json`).
-fn stats(cache: &Path) -> Value {
-    let out = pmcache_ok(&["stats", "--cache", &s(cache), "--json"], T);
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("stats --json ({e}): {out}"))
-}
-
-fn counter(v: &Value, key: &str) -> u64 {
-    v[key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("stats lack {key}: {v}"))
-}
-
 /// Panics (with its log) if the workload is no longer running.
 fn assert_running(workload: &mut Proc, what: &str) {
     if let Some(st) = workload.exited() {
@@ -223,7 +209,7 @@ fn round(order: &str, seed: u64) -> Round {
     let start = Instant::now();
     loop {
         assert_running(&mut workload, "before the kill");
-        let wb = counter(&stats(&cache), "writeback_bytes");
+        let wb = counter(&stats(&cache, T), "writeback_bytes");
         if wb >= WRITTEN_BACK_BEFORE_KILL {
             break;
         }
@@ -236,7 +222,7 @@ fn round(order: &str, seed: u64) -> Round {
     }
     let delay = KILL_DELAY_MAX.mul_f64(rng.gen_range(0.0..1.0));
     std::thread::sleep(delay);
-    let at_kill = stats(&cache);
+    let at_kill = stats(&cache, T);
     assert_running(&mut workload, "before the kill");
     let ran = start.elapsed();
     srv.proc.signal(libc::SIGKILL);
@@ -305,17 +291,6 @@ fn round(order: &str, seed: u64) -> Round {
         lost,
         summary,
     }
-}
-
-/// The run's seed, printed for a replay; each test draws its own rounds.
-fn test_seed(test: &str) -> u64 {
-    let seed = pmcache_testkit::seed();
-    eprintln!("{test}: seed {seed} (replay with PMCACHE_SEED={seed})");
-    seed
-}
-
-fn round_seed(seed: u64, salt: u64, n: u64) -> u64 {
-    splitmix(seed ^ salt.rotate_left(32) ^ n)
 }
 
 /// The control must be clean whatever the writeback order: otherwise the

@@ -325,8 +325,7 @@ impl Rig {
     fn wait_written_back(&self, srv: &ServerGuard) {
         let start = Instant::now();
         loop {
-            let out = pmcache_ok(&["stats", "--cache", &s(&self.cache()), "--json"], T);
-            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            let v = stats(&self.cache(), T);
             if v["dirty"] == 0 && v["retained"] == 0 {
                 return;
             }
@@ -469,18 +468,6 @@ fn kill_round(order: &'static str, seed: u64) -> (Option<String>, u64) {
     );
     rig.server.stop();
     (violation, checks)
-}
-
-/// The run's seed, printed for a replay.
-fn test_seed(test: &str) -> u64 {
-    let seed = pmcache_testkit::seed();
-    eprintln!("{test}: seed {seed} (replay with PMCACHE_SEED={seed})");
-    seed
-}
-
-/// Each round's choices, from the run's seed.
-fn round_seed(seed: u64, salt: u64, n: u64) -> u64 {
-    splitmix(seed ^ salt.rotate_left(32) ^ n)
 }
 
 fn assert_ordered(round: &str, seed: u64, (violation, checks): (Option<String>, u64)) {

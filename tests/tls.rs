@@ -160,17 +160,8 @@ fn nbdcopy_round_trip(dir: &TempDir, uri: &str, data: &[u8]) {
 }
 
 /// `pmcache stats --json` of the running server whose cache is in `dir`.
-fn stats(dir: &TempDir) -> Value {
-    let out = pmcache_ok(
-        &["stats", "--cache", &s(&dir.join("cache.pmem")), "--json"],
-        T,
-    );
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("stats --json: {e}: {out}"))
-}
-
-fn stat(v: &Value, k: &str) -> u64 {
-    v[k].as_u64()
-        .unwrap_or_else(|| panic!("stats lack {k}: {v}"))
+fn dir_stats(dir: &TempDir) -> Value {
+    stats(&dir.join("cache.pmem"), T)
 }
 
 /// GET /metrics from the server's metrics port.
@@ -400,9 +391,9 @@ fn refused_plain_client_against_require_gets_tls_required() {
         assert_eq!(raw_option(&mut c, 3, &[]).0, REP_ERR_TLS_REQD);
         assert_eq!(raw_option(&mut c, OPT_STARTTLS, &[]).0, REP_ACK);
     });
-    let st = stats(&dir);
+    let st = dir_stats(&dir);
     assert_eq!(st["tls"], "require", "{st}");
-    assert!(stat(&st, "tls_refused_plain") >= 3, "{st}");
+    assert!(counter(&st, "tls_refused_plain") >= 3, "{st}");
     srv.stop();
 }
 
@@ -423,9 +414,9 @@ fn refused_wrong_psk() {
     assert_logged(&srv, "handshake failed");
     // The stayer and the nbdcopy after the refusal got in; nbdcopy's
     // attempts with the wrong key did not.
-    let st = stats(&dir);
-    assert!(stat(&st, "tls_handshakes") >= 2, "{st}");
-    assert!(stat(&st, "tls_failed_handshakes") >= 1, "{st}");
+    let st = dir_stats(&dir);
+    assert!(counter(&st, "tls_handshakes") >= 2, "{st}");
+    assert!(counter(&st, "tls_failed_handshakes") >= 1, "{st}");
     let text = pmcache_ok(&["stats", "--cache", &s(&dir.join("cache.pmem"))], T);
     assert!(text.contains("TLS              require"), "{text}");
     let prom = metrics(port);
@@ -567,7 +558,7 @@ h.shutdown()
 fn stats_until(dir: &TempDir, what: &str, done: impl Fn(&Value) -> bool) -> Value {
     let start = std::time::Instant::now();
     loop {
-        let st = stats(dir);
+        let st = dir_stats(dir);
         if done(&st) {
             return st;
         }

@@ -387,3 +387,31 @@ pub fn random_image(path: &Path, len: usize, seed: u64) -> Vec<u8> {
     std::fs::write(path, &data).expect("write image");
     data
 }
+
+/// The run's seed, printed for a replay; each test draws its own rounds.
+pub fn test_seed(test: &str) -> u64 {
+    let seed = pmcache_testkit::seed();
+    eprintln!("{test}: seed {seed} (replay with PMCACHE_SEED={seed})");
+    seed
+}
+
+/// Each round's choices, from the run's seed.
+pub fn round_seed(seed: u64, salt: u64, n: u64) -> u64 {
+    pmcache_testkit::splitmix(seed ^ salt.rotate_left(32) ^ n)
+}
+
+/// The counters of the server running on `cache` (`pmcache stats --json`).
+pub fn stats(cache: &Path, within: Duration) -> serde_json::Value {
+    let out = pmcache_ok(
+        &["stats", "--cache", &cache.display().to_string(), "--json"],
+        within,
+    );
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("stats --json ({e}): {out}"))
+}
+
+/// One counter of [`stats`].
+pub fn counter(v: &serde_json::Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("stats lack {key}: {v}"))
+}
