@@ -131,7 +131,10 @@ mod tests {
     #[test]
     fn tells_memory_file_systems_apart() {
         let (_d, f) = temp_file(4096);
-        assert!(!in_memory(&f), "the system temp dir is on a disk here");
+        assert!(
+            !in_memory(&f),
+            "TempDir::on_disk gave a directory in memory"
+        );
         let shm = pmcache_testkit::TempDir::new("backing");
         let g = std::fs::File::create(shm.join("f")).unwrap();
         assert_eq!(in_memory(&g), shm.path().starts_with("/dev/shm"));

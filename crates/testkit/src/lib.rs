@@ -23,10 +23,17 @@ impl TempDir {
         Self::under(&base, tag)
     }
 
-    /// A private directory in the system temp dir, for files that must live
-    /// on a disk file system (holes, page-cache behaviour), not in /dev/shm.
+    /// A private directory on a disk file system, for files whose holes and
+    /// page-cache behaviour matter: the system temp dir, or where that is in
+    /// memory (a tmpfs /tmp), the workspace's `target` directory.
     pub fn on_disk(tag: &str) -> TempDir {
-        Self::under(&std::env::temp_dir(), tag)
+        let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/pmtest");
+        let _ = std::fs::create_dir_all(&target);
+        let base = [std::env::temp_dir(), target]
+            .into_iter()
+            .find(|d| d.is_dir() && !in_memory_fs(d))
+            .expect("no directory on a disk file system for this test (temp dir and target/ are both in memory)");
+        Self::under(&base, tag)
     }
 
     fn under(base: &Path, tag: &str) -> TempDir {
@@ -139,6 +146,28 @@ pub fn run_bounded(
     }
 }
 
+/// Whether `dir` lies on a file system in memory (tmpfs, ramfs), from the
+/// mount table: the longest mount point that contains it decides.
+pub fn in_memory_fs(dir: &Path) -> bool {
+    let Ok(dir) = dir.canonicalize() else {
+        return false;
+    };
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return false;
+    };
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, at, fs) = (f.next()?, f.next()?, f.next()?);
+            // Spaces in mount points are written as \040.
+            Some((PathBuf::from(at.replace("\\040", " ")), fs))
+        })
+        .filter(|(at, _)| dir.starts_with(at))
+        .max_by_key(|(at, _)| at.as_os_str().len())
+        .is_some_and(|(_, fs)| fs == "tmpfs" || fs == "ramfs")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,5 +182,15 @@ mod tests {
         assert!(p.is_dir() && d.join("x").starts_with(&p));
         drop(d);
         assert!(!p.exists(), "removed on drop");
+    }
+
+    #[test]
+    fn tells_where_files_live() {
+        let shm = TempDir::new("tk");
+        if shm.path().starts_with("/dev/shm") {
+            assert!(in_memory_fs(shm.path()), "/dev/shm is a tmpfs");
+        }
+        let disk = TempDir::on_disk("tk");
+        assert!(!in_memory_fs(disk.path()));
     }
 }
