@@ -24,7 +24,7 @@
 //! 20,000). A violation prints the seed; `PMCACHE_SEED=<seed>` replays it.
 #![allow(clippy::unwrap_used)] // tests and benchmarks may panic on failure
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use std::time::Duration;
@@ -208,6 +208,9 @@ struct Model {
     history: Option<EpochHistory>,
     /// The first ordered-writeback violation the live origin showed.
     order_violation: Option<String>,
+    /// Requests finished so far: a check's origin copy and its model are one
+    /// cut only if none finished in between.
+    finished: u64,
 }
 
 /// For opening crash images: no background thread, so every persistence
@@ -444,6 +447,7 @@ fn run_workload(engine: &Arc<Engine>, ops: &[Op], model: &Mutex<Model>, bs: u64,
         if let Some((off, new)) = m.inflight[me].take() {
             m.acked[off as usize..off as usize + new.len()].copy_from_slice(&new);
         }
+        m.finished += 1;
     }
 }
 
@@ -551,6 +555,32 @@ struct Ctx {
 }
 
 /// What the origin holds after the crash.
+/// The origin and the model as one cut. Only the thread at the persistence
+/// point is paused: another may finish a request that touched only the
+/// origin (writearound) between the two reads, and a model read after it
+/// would count that write acknowledged while the origin copy lacks it.
+/// `widen` waits between the two reads, so that the suite keeps proving the
+/// cut (a bare model read failed within a few seeds of `modes` that way).
+fn origin_and_model<'a>(
+    ctx: &'a Ctx,
+    img: &CrashImage,
+    widen: bool,
+) -> (MutexGuard<'a, Model>, Vec<u8>) {
+    loop {
+        // Not nested: the live-origin watch takes the model lock under the
+        // origin's.
+        let before = ctx.model.lock().unwrap().finished;
+        let oimg = origin_image(ctx, img);
+        if widen {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let m = ctx.model.lock().unwrap();
+        if m.finished == before {
+            return (m, oimg);
+        }
+    }
+}
+
 fn origin_image(ctx: &Ctx, img: &CrashImage) -> Vec<u8> {
     if ctx.v.origin_survives {
         return ctx.origin.current();
@@ -637,13 +667,11 @@ fn check_warm_and_exact(
 fn check_image(
     ctx: &Ctx,
     img: &CrashImage,
-    oimg: Vec<u8>,
+    (m, oimg): (MutexGuard<'_, Model>, Vec<u8>),
     deep: bool,
     nested: bool,
     images: &mut u64,
 ) -> Result<(), String> {
-    // The workload is paused inside a persistence point while we look.
-    let m = ctx.model.lock().unwrap();
     let (acked, inflight, written, ops) = (&m.acked, &m.inflight, &m.written, &m.ops);
     let ctx_msg = |e: String| format!("{e}; last ops: {:?}", &ops[ops.len().saturating_sub(8)..]);
     check_order_at_crash(&m, &oimg).map_err(ctx_msg)?;
@@ -933,17 +961,18 @@ fn run_generation(
         },
         |img| {
             n += 1;
-            let oimg = origin_image(&ctx, img);
+            // The workload is paused inside a persistence point while we look.
+            let widen = ctx.v.threads > 1 && n.is_multiple_of(16);
+            let (m, oimg) = origin_and_model(&ctx, img, widen);
             // Reservoir sampling: each image is equally likely to be chosen.
             if chain && pick.gen_range(0..n) == 0 {
-                let m = ctx.model.lock().unwrap();
                 let (written, history) = (m.written.clone(), m.history.clone());
                 chosen = Some((img.bytes.clone(), oimg.clone(), written, history));
             }
             check_image(
                 &ctx,
                 img,
-                oimg,
+                (m, oimg),
                 n.is_multiple_of(29),
                 n.is_multiple_of(97),
                 &mut extra,
