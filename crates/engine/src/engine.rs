@@ -446,7 +446,7 @@ impl Engine {
         self.hooks.install(f);
     }
 
-    fn test_hook(&self, point: HookPoint) {
+    pub(crate) fn test_hook(&self, point: HookPoint) {
         self.hooks.run(point);
     }
 

@@ -14,6 +14,12 @@ pub enum HookPoint {
     /// A read miss has read its blocks from the origin, handed them to its
     /// client, and is about to publish them (`commit_fill`).
     FillRead,
+    /// A write has filled its new slots and is about to commit them
+    /// (`cache_commit`), on the path (mode) it chose at its start.
+    WriteCommit,
+    /// `set_mode` has written back what the new mode does not keep dirty
+    /// and is about to switch.
+    ModeSwitch,
 }
 
 /// What a test installs: called on the thread that reaches the point.

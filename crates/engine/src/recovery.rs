@@ -16,6 +16,7 @@ use pmcache_pmem::PmemRegion;
 use crate::engine::{Engine, EngineConfig, SbCopy};
 use crate::error::{EngineError, Result};
 use crate::format::*;
+use crate::hooks::HookPoint;
 use crate::index::*;
 use crate::versions::{self, Version};
 
@@ -643,6 +644,8 @@ impl Engine {
         if !mode.keeps_dirty() {
             self.flush_all(u32::MAX, &mut |_, _| {})?;
         }
+        // A commit may still land here, in the old mode (see `drop_retained`).
+        self.test_hook(HookPoint::ModeSwitch);
         self.mode.store(mode.as_u8(), Ordering::SeqCst);
         let mut g = self.sb.lock();
         let SbCopy { sb, copy } = &mut *g;

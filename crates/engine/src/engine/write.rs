@@ -74,7 +74,7 @@ impl Engine {
             self.flush_reclaim(first, batch);
         }
         self.region.fence();
-        let hit = self.publish(&mut ix, slot, b, K_DIRTY, t.seq, ep.epoch);
+        let hit = self.publish(&mut ix, slot, b, K_DIRTY, t.seq, ep.epoch, true);
         if let Some(batch) = batch {
             self.complete_reclaim(&mut ix, batch);
         }
@@ -482,6 +482,7 @@ impl Engine {
             lock_early,
         } = st;
         let count = nbs.len() as u32;
+        self.test_hook(HookPoint::WriteCommit);
 
         // 4. The last locked instructions (shard locks, taking the seq); S
         //    goes into this writer's own watermark line with the
@@ -607,7 +608,9 @@ impl Engine {
             let pos = Self::guard_pos(ids, nb.shard);
             let ix = &mut g[pos];
             let flags = K_DIRTY | if nb.zero { K_ZERO } else { 0 };
-            if self.publish(ix, nb.slot, nb.block, flags, seq, epoch) {
+            // Only a writeback-mode commit (the one that releases here)
+            // retains: the others put the new version on the origin.
+            if self.publish(ix, nb.slot, nb.block, flags, seq, epoch, release) {
                 hits += 1;
             } else {
                 misses += 1;
@@ -622,8 +625,10 @@ impl Engine {
 
     /// After a write's fence: make `slot` the current version of `block`
     /// and retire the version it replaces, or retain it for ordered
-    /// writeback if it is dirty from an earlier epoch (format rule 5). True
-    /// if there was one.
+    /// writeback if it is dirty from an earlier epoch (format rule 5) and
+    /// `may_retain` (a writeback-mode commit: the mode may have changed
+    /// since the write chose its path). True if there was one.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn publish(
         &self,
         ix: &mut ShardIndex,
@@ -632,6 +637,7 @@ impl Engine {
         flags: u64,
         seq: u64,
         epoch: u64,
+        may_retain: bool,
     ) -> bool {
         // Format rule 4: per block, seq order is commit order (debug
         // builds read the entries from media to check it).
@@ -648,7 +654,7 @@ impl Engine {
             let k = ix.key(old);
             ix.remove(old);
             let dirty = k & K_DIRTY != 0 && k & K_ON_ORIGIN == 0;
-            if dirty && self.retains() && ix.epoch(old) < epoch {
+            if dirty && may_retain && self.retains() && ix.epoch(old) < epoch {
                 ix.retain(old, k & K_ZERO != 0);
             } else {
                 self.retire(ix, old, seq, false);
@@ -760,6 +766,7 @@ impl Engine {
             }
         });
         if r.is_ok() {
+            self.drop_retained(b0, b1);
             // Clean once the origin has it durably; without FUA the next
             // origin flush (writeback pass or FLUSH) does that.
             if fua {
@@ -776,6 +783,34 @@ impl Engine {
         self.unlock_origin_writers(b0..=b1);
         self.unpin_all(nbs);
         r
+    }
+
+    /// Forget the retained versions of blocks `[b0, b1]`, whose newest
+    /// versions a writethrough has just put on the origin (under the
+    /// origin-writer locks, so writeback holds none of them): written back
+    /// after it, they would bring old data back. Format rule 5 keeps a
+    /// version only while a newer one writeback has not written follows it.
+    /// A writethrough-path commit retains nothing, but a writeback-mode
+    /// commit racing a switch to writethrough may have.
+    fn drop_retained(&self, b0: u64, b1: u64) {
+        for sh in self.shards_of(b0, b1) {
+            let mut ix = self.shards[sh].ix.lock();
+            if ix.retained == 0 {
+                continue;
+            }
+            let mut old: Vec<u32> = ix.owed_slots(None, usize::MAX);
+            old.retain(|&s| {
+                let k = ix.key(s);
+                k & K_RETAINED != 0 && (b0..=b1).contains(&(k & BLOCK_MASK))
+            });
+            old.sort_unstable();
+            old.dedup();
+            for s in old {
+                ix.release_retained(s);
+                let seq = self.slot_seq(ix.first_slot, s);
+                self.retire(&mut ix, s, seq, true);
+            }
+        }
     }
 
     /// Mark versions clean after their origin copy is durable: a current

@@ -1,0 +1,118 @@
+//! A mode switch racing a write (contract §4, §5): whatever path the write
+//! took, no older version of a block may reach the origin after a newer one
+//! that was acknowledged, so after writeback the origin holds the newest.
+//!
+//! Ordered writeback retains a block's older dirty version until its epoch
+//! is written back. A writethrough puts the newest version on the origin at
+//! once; a retained version written back after it would bring old data back
+//! while the cache calls the newest clean. Each test forces one interleaving
+//! with the engine's test hooks.
+#![allow(clippy::unwrap_used)] // tests and benchmarks may panic on failure
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+
+use pmcache_engine::{CacheMode, Engine, EngineConfig, HookPoint};
+use pmcache_origin::{MemOrigin, Origin};
+use pmcache_pmem::{PmemRegion, SimRegion};
+
+const BS: usize = 4096;
+
+fn engine(mode: CacheMode) -> (Arc<Engine>, Arc<MemOrigin>) {
+    let region = Arc::new(SimRegion::new(4 << 20));
+    let origin = Arc::new(MemOrigin::new(4 << 20).with_name("switch"));
+    Engine::format(&*region, &*origin, BS as u32).unwrap();
+    let e = Engine::open(
+        region as Arc<dyn PmemRegion>,
+        origin.clone() as Arc<dyn Origin>,
+        EngineConfig {
+            background_writeback: false,
+            mode: Some(mode),
+            sequential_cutoff: 0,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    (e, origin)
+}
+
+/// Run `f` once, the first time a thread reaches `point`.
+fn once_at(e: &Arc<Engine>, point: HookPoint, f: impl Fn(&Engine) + Send + Sync + 'static) {
+    let weak: Weak<Engine> = Arc::downgrade(e);
+    let done = AtomicBool::new(false);
+    e.set_test_hook(Some(Arc::new(move |p| {
+        if p == point && !done.swap(true, Ordering::SeqCst) {
+            f(&weak.upgrade().unwrap());
+        }
+    })));
+}
+
+fn block0(e: &Engine, origin: &MemOrigin) -> (Vec<u8>, Vec<u8>) {
+    let mut cached = vec![0u8; BS];
+    e.read(0, &mut cached).unwrap();
+    (cached, origin.current()[..BS].to_vec())
+}
+
+/// A writethrough whose commit comes after a switch to writeback: its
+/// older dirty version (from a writethrough the origin refused, an epoch
+/// earlier) must not be retained and written back over it.
+#[test]
+fn writethrough_commit_after_a_switch_to_writeback() {
+    let (e, origin) = engine(CacheMode::Writethrough);
+    origin.set_failing(true);
+    assert!(
+        e.write(0, &[0x11; BS], false).is_err(),
+        "the origin refused it"
+    );
+    origin.set_failing(false);
+    e.flush().unwrap();
+    assert_eq!(e.dirty_blocks(), 1, "the refused write stays dirty");
+
+    once_at(&e, HookPoint::WriteCommit, |e| {
+        e.set_mode(CacheMode::Writeback).unwrap();
+    });
+    e.write(0, &[0x22; BS], false).unwrap();
+    e.set_test_hook(None);
+    assert_eq!(e.mode(), CacheMode::Writeback);
+
+    e.flush_all(0, &mut |_, _| {}).unwrap();
+    assert_eq!(e.dirty_blocks(), 0);
+    let (cached, on_origin) = block0(&e, &origin);
+    assert_eq!(cached, [0x22; BS]);
+    assert_eq!(
+        on_origin, [0x22; BS],
+        "an older version reached the origin last"
+    );
+}
+
+/// A writeback commit that lands while a switch to writethrough has just
+/// written back everything: the version it retains must not follow a
+/// later writethrough of the same block to the origin.
+#[test]
+fn writeback_commit_during_a_switch_to_writethrough() {
+    let (e, origin) = engine(CacheMode::Writeback);
+    once_at(&e, HookPoint::ModeSwitch, |e| {
+        // Still writeback: v1 in one epoch, v2 in the next retains v1.
+        e.write(0, &[0x11; BS], false).unwrap();
+        e.flush().unwrap();
+        e.write(0, &[0x22; BS], false).unwrap();
+    });
+    e.set_mode(CacheMode::Writethrough).unwrap();
+    e.set_test_hook(None);
+    assert_eq!(
+        e.dirty_blocks(),
+        2,
+        "v2 landed after the switch's writeback and retains v1"
+    );
+
+    e.write(0, &[0x33; BS], false).unwrap();
+    e.flush().unwrap();
+    e.flush_all(0, &mut |_, _| {}).unwrap();
+    assert_eq!(e.dirty_blocks(), 0);
+    let (cached, on_origin) = block0(&e, &origin);
+    assert_eq!(cached, [0x33; BS]);
+    assert_eq!(
+        on_origin, [0x33; BS],
+        "an older version reached the origin last"
+    );
+}
