@@ -98,6 +98,7 @@ impl Engine {
     /// (nothing held) instead of waiting or missing.
     fn lookup_range(&self, b0: u64, b1: u64, ids: &[usize], cached_only: bool) -> Option<Vec<Loc>> {
         let mut locs: Vec<Loc> = Vec::with_capacity((b1 - b0 + 1) as usize);
+        let trusted = self.mode() != CacheMode::Passthrough;
         loop {
             let mut g = self.lock_all(ids);
             locs.clear();
@@ -105,7 +106,12 @@ impl Engine {
             for b in b0..=b1 {
                 let sh = self.shard_of(b);
                 let ix = &mut g[Self::guard_pos(ids, sh)];
-                match ix.lookup(b) {
+                // Passthrough reads clean blocks from the origin (contract
+                // §5): the cache may be stale, as in dm-cache's passthrough.
+                let cached = ix
+                    .lookup(b)
+                    .filter(|&s| trusted || ix.key(s) & K_DIRTY != 0);
+                match cached {
                     Some(s) if ix.pin(s) => {
                         ix.touch(s);
                         locs.push(Loc::Hit {
@@ -174,7 +180,8 @@ impl Engine {
         shard.prefetch_bucket(b);
         let mut ix = shard.ix.lock();
         let s = ix.lookup(b)?;
-        if !ix.pin(s) {
+        let servable = self.mode() != CacheMode::Passthrough || ix.key(s) & K_DIRTY != 0;
+        if !servable || !ix.pin(s) {
             return None;
         }
         ix.touch(s);

@@ -1,6 +1,7 @@
-//! A mode switch racing a write (contract §4, §5): whatever path the write
-//! took, no older version of a block may reach the origin after a newer one
-//! that was acknowledged, so after writeback the origin holds the newest.
+//! Cache modes (contract §5). Passthrough trusts only dirty data in the
+//! cache. A mode switch racing a write: whatever path the write took, no
+//! older version of a block may reach the origin after a newer one that was
+//! acknowledged, so after writeback the origin holds the newest.
 //!
 //! Ordered writeback retains a block's older dirty version until its epoch
 //! is written back. A writethrough puts the newest version on the origin at
@@ -115,4 +116,34 @@ fn writeback_commit_during_a_switch_to_writethrough() {
         on_origin, [0x33; BS],
         "an older version reached the origin last"
     );
+}
+
+/// Passthrough reads come from the origin, except for dirty blocks not yet
+/// written back: a clean cached copy may be stale (the origin changed while
+/// the cache was not in front of it).
+#[test]
+fn passthrough_reads_clean_blocks_from_the_origin() {
+    let (e, origin) = engine(CacheMode::Writeback);
+    e.write(0, &[0x11; 3 * BS], false).unwrap();
+    // The switch writes the blocks back; they stay cached, clean.
+    e.set_mode(CacheMode::Passthrough).unwrap();
+    assert_eq!((e.dirty_blocks(), e.stats().occupied), (0, 3));
+    // The origin changes behind the clean copies.
+    origin.write_at(&[0x33; 3 * BS], 0, false).unwrap();
+    let hits = e.stats().read_hits;
+    let mut one = vec![0u8; 100];
+    e.read(10, &mut one).unwrap();
+    assert_eq!(
+        one, [0x33; 100],
+        "a one-block read served the clean cached copy"
+    );
+    let mut all = vec![0u8; 3 * BS];
+    e.read(0, &mut all).unwrap();
+    assert_eq!(
+        all,
+        [0x33; 3 * BS],
+        "a multi-block read served clean cached copies"
+    );
+    assert_eq!(e.stats().read_hits, hits, "counted as hits");
+    assert_eq!(e.stats().promotions, 0, "nothing promoted in passthrough");
 }
