@@ -510,6 +510,60 @@ impl Engine {
             .load(Ordering::Relaxed)
     }
 
+    /// Whether slot `s` (pinned or taken, its shard locked) holds the data
+    /// its entry's hash describes. Recovery marks what it loads
+    /// K_UNVERIFIED, and the first use of such a slot checks it, so data
+    /// damaged while the cache was closed reaches neither a client nor the
+    /// origin; slots written since are trusted. A mismatch is counted and
+    /// logged, and the mark stays: every later use fails the same way.
+    pub(crate) fn verify_loaded(&self, ix: &mut ShardIndex, s: u32) -> bool {
+        let k = ix.key(s);
+        if k & K_UNVERIFIED == 0 {
+            return true;
+        }
+        let first = ix.first_slot;
+        let ok = k & K_ZERO != 0 || {
+            // SAFETY: the caller pins or has taken the slot, so nobody
+            // writes its data meanwhile.
+            let data = unsafe { self.region.slice(self.data(first, s), self.bs() as usize) };
+            data_hash(data)
+                == self
+                    .region
+                    .word(self.meta(first, s) + W_HASH * 8)
+                    .load(Ordering::Relaxed)
+        };
+        if ok {
+            ix.clear_flags(s, K_UNVERIFIED);
+        } else {
+            self.counters.add(Ctr::CorruptBlocks, 1);
+            tracing::error!(
+                block = k & BLOCK_MASK,
+                slot = first + s as u64,
+                dirty = k & (K_DIRTY | K_RETAINED) != 0,
+                "cached data failed its checksum"
+            );
+        }
+        ok
+    }
+
+    /// After [`verify_loaded`](Self::verify_loaded) failed for the current
+    /// version `s` of `block` (unpinned by the caller): a clean copy is
+    /// dropped, so the block is read from the origin again (`None`); a
+    /// dirty one is the only copy, and its users get the error.
+    pub(crate) fn damaged(&self, ix: &mut ShardIndex, s: u32, block: u64) -> Option<EngineError> {
+        let first = ix.first_slot;
+        if ix.key(s) & K_DIRTY != 0 {
+            return Some(EngineError::DataCorrupt {
+                block,
+                slot: first + s as u64,
+            });
+        }
+        ix.remove(s);
+        let seq = self.slot_seq(first, s);
+        self.retire(ix, s, seq, true);
+        None
+    }
+
     /// Offset of a slot's state word.
     fn state_off(&self, first: u64, s: u32) -> usize {
         self.meta(first, s) + W_STATE * 8
@@ -652,6 +706,7 @@ impl Engine {
             writebacks: c.get(Ctr::Writebacks),
             writeback_bytes: c.get(Ctr::WritebackBytes),
             origin_errors: c.get(Ctr::OriginErrors),
+            corrupt_blocks: c.get(Ctr::CorruptBlocks),
             writes: c.get(Ctr::Writes),
             write_fences: c.get(Ctr::WriteFences),
             read_bytes: c.get(Ctr::ReadBytes),

@@ -19,6 +19,8 @@ pub enum EngineError {
     },
     #[error("corrupt cache metadata: {0}")]
     Corrupt(String),
+    #[error("the cached data of block {block} (slot {slot}) failed its checksum, and the cache holds its only copy (not yet written back): reads of it fail until it is written again")]
+    DataCorrupt { block: u64, slot: u64 },
     #[error("cache belongs to origin '{expected}' ({expected_size} bytes), not '{found}' ({found_size} bytes); use --force to attach it anyway")]
     OriginMismatch {
         expected: String,

@@ -399,6 +399,8 @@ fn entry_crc(w: &[u64; ENTRY_WORDS]) -> u32 {
 
 /// Word indexes inside a metadata line.
 pub const W_STATE: usize = 5;
+/// Index of the data hash in an entry.
+pub const W_HASH: usize = 2;
 
 pub fn state_word(seq: u64, code: u8) -> u64 {
     (seq & SEQ_MASK) | (code as u64) << 56

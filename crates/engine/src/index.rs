@@ -29,7 +29,10 @@ pub const K_REF: u64 = 1 << 53;
 /// A dirty version overwritten in a later epoch, kept out of the index
 /// until its own epoch is written back (format rule 5).
 pub const K_RETAINED: u64 = 1 << 54;
-const PIN_SHIFT: u32 = 55;
+/// Loaded by recovery and not yet checked against its entry's data hash
+/// (a new incarnation of the slot drops the mark: `insert` sets the key).
+pub const K_UNVERIFIED: u64 = 1 << 55;
+const PIN_SHIFT: u32 = 56;
 const PIN_ONE: u64 = 1 << PIN_SHIFT;
 /// Readers pinning a slot, from its key word.
 pub fn key_pins(k: u64) -> u64 {

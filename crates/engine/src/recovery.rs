@@ -331,9 +331,12 @@ fn apply_run(
             supersede(ix, old, r, written, &mut retained, losers);
         }
         let mut flags = if dirty { K_DIRTY } else { 0 };
-        if bf & R_ZERO != 0 {
-            flags |= K_ZERO;
-        }
+        // Data is checked on first use (`verify_loaded`), not all at open.
+        flags |= if bf & R_ZERO != 0 {
+            K_ZERO
+        } else {
+            K_UNVERIFIED
+        };
         ix.insert_version(local, block, flags, r.epoch);
         if !dirty {
             ix.policy.insert(local);

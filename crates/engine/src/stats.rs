@@ -20,9 +20,10 @@ pub enum Ctr {
     BypassReads,
     BypassWrites,
     BypassBytes,
+    CorruptBlocks,
 }
 
-const NCTR: usize = Ctr::BypassBytes as usize + 1;
+const NCTR: usize = Ctr::CorruptBlocks as usize + 1;
 
 /// The engine's counters, striped per thread (see [`pmcache_pmem::counter`]).
 #[derive(Default)]
@@ -60,6 +61,8 @@ pub struct StatsSnapshot {
     pub writebacks: u64,
     pub writeback_bytes: u64,
     pub origin_errors: u64,
+    /// Uses of a cached block whose data failed its checksum.
+    pub corrupt_blocks: u64,
     pub writes: u64,
     pub write_fences: u64,
     pub read_bytes: u64,
@@ -134,6 +137,11 @@ impl StatsSnapshot {
                 "origin_errors",
                 self.origin_errors,
                 "failed origin operations",
+            ),
+            (
+                "corrupt_blocks",
+                self.corrupt_blocks,
+                "uses of cached blocks whose data failed its checksum",
             ),
             ("writes", self.writes, "write requests acknowledged"),
             (

@@ -30,15 +30,19 @@ impl Engine {
     /// flush. Returns how many became clean; an error only when none did.
     pub fn writeback_step(&self, max: usize) -> Result<usize> {
         let _step = self.wb.step.lock();
-        let batch = self.take_pending(max);
+        let (batch, damaged) = self.take_pending(max);
         if batch.is_empty() {
+            if let Some(e) = damaged {
+                return Err(e);
+            }
             if let Some(w) = self.raise_written() {
                 self.region.fence();
                 self.epochs.set_written(w);
             }
             return Ok(0);
         }
-        let (written, mut err) = self.write_blocks_to_origin(&batch);
+        let (written, err) = self.write_blocks_to_origin(&batch);
+        let mut err = err.or(damaged);
         let mut cleaned = 0;
         if written.iter().any(|&w| w) {
             match self.origin.flush() {
@@ -83,19 +87,22 @@ impl Engine {
     /// pinned, marked as in writeback and holding its origin-writer lock.
     /// Ordered: only the oldest epoch's, and none while an epoch before it
     /// still has a commit in flight. Otherwise the oldest of any epochs.
-    fn take_pending(&self, max: usize) -> Vec<NewBlock> {
+    /// A version whose data fails its checksum is left out, never sent: the
+    /// error says which.
+    fn take_pending(&self, max: usize) -> (Vec<NewBlock>, Option<EngineError>) {
         let epoch = if self.ordered() {
             // The gate before the versions: a commit that has left it has
             // published its versions, so the scan below sees them.
             let closed = self.epochs.closed();
             match self.oldest_pending() {
                 Some(e) if e == 0 || closed.is_some_and(|c| c + 1 >= e) => Some(e),
-                _ => return Vec::new(),
+                _ => return (Vec::new(), None),
             }
         } else {
             None
         };
         let mut batch: Vec<NewBlock> = Vec::new();
+        let mut damaged = None;
         let n = self.shards.len();
         let start = self.wb_rotor();
         for k in 0..n {
@@ -112,16 +119,38 @@ impl Engine {
                 if ix.pins(s) == MAX_PINS {
                     continue;
                 }
-                if let Some(nb) = Self::take_version(&mut ix, sh, s) {
+                let Some(nb) = Self::take_version(&mut ix, sh, s) else {
+                    continue;
+                };
+                if self.verify_loaded(&mut ix, s) {
                     batch.push(nb);
+                    continue;
                 }
+                ix.clear_flags(s, K_WB);
+                ix.unpin(s);
+                ix.update_lock(nb.block, |l| l.origin_writer = false);
+                if ix.key(s) & K_RETAINED != 0 {
+                    // A newer version follows, so the client has rewritten
+                    // the block: the origin skips this one rather than wait
+                    // for it forever (only this block's step of the epoch
+                    // order is lost, and no data the client still reads).
+                    ix.release_retained(s);
+                    let seq = self.slot_seq(ix.first_slot, s);
+                    self.retire(&mut ix, s, seq, true);
+                    tracing::warn!(block = nb.block, "a damaged older version was dropped");
+                    continue;
+                }
+                damaged.get_or_insert(EngineError::DataCorrupt {
+                    block: nb.block,
+                    slot: ix.first_slot + s as u64,
+                });
             }
         }
         batch.sort_by_key(|nb| nb.block);
         // One version per block: an epoch has one, and without order only
         // current versions are owed.
         debug_assert!(batch.windows(2).all(|w| w[0].block < w[1].block));
-        batch
+        (batch, damaged)
     }
 
     /// Claim an owed version for a batch, unless its block is busy on the
@@ -308,7 +337,8 @@ impl Engine {
                 }
                 Err(e) => {
                     failures += 1;
-                    if failures > max_retries {
+                    // Damaged data stays damaged: no retry mends it.
+                    if failures > max_retries || matches!(e, EngineError::DataCorrupt { .. }) {
                         return Err(e);
                     }
                     tracing::warn!(error = %e, retry_in = ?backoff, "writeback failed; retrying");

@@ -48,7 +48,7 @@ impl Engine {
         let ids = self.shards_of(b0, b1);
         let nblocks = (b1 - b0 + 1) as usize;
 
-        let Some(locs) = self.lookup_range(b0, b1, &ids, cached_only) else {
+        let Some(locs) = self.lookup_range(b0, b1, &ids, cached_only)? else {
             return Ok(false);
         };
 
@@ -96,13 +96,20 @@ impl Engine {
     /// at all: hits pinned, misses holding an origin-reader lock. Waits out
     /// blocks being written or written back; with `cached_only`, `None`
     /// (nothing held) instead of waiting or missing.
-    fn lookup_range(&self, b0: u64, b1: u64, ids: &[usize], cached_only: bool) -> Option<Vec<Loc>> {
+    fn lookup_range(
+        &self,
+        b0: u64,
+        b1: u64,
+        ids: &[usize],
+        cached_only: bool,
+    ) -> Result<Option<Vec<Loc>>> {
         let mut locs: Vec<Loc> = Vec::with_capacity((b1 - b0 + 1) as usize);
         let trusted = self.mode() != CacheMode::Passthrough;
         loop {
             let mut g = self.lock_all(ids);
             locs.clear();
             let mut blocked = None;
+            let mut damaged = None;
             for b in b0..=b1 {
                 let sh = self.shard_of(b);
                 let ix = &mut g[Self::guard_pos(ids, sh)];
@@ -113,6 +120,13 @@ impl Engine {
                     .filter(|&s| trusted || ix.key(s) & K_DIRTY != 0);
                 match cached {
                     Some(s) if ix.pin(s) => {
+                        if !self.verify_loaded(ix, s) {
+                            ix.unpin(s);
+                            // A clean copy is dropped and the lookup starts
+                            // over (a miss now); a dirty one fails the read.
+                            damaged = Some(self.damaged(ix, s, b));
+                            break;
+                        }
                         ix.touch(s);
                         locs.push(Loc::Hit {
                             shard: sh,
@@ -135,9 +149,16 @@ impl Engine {
                     None => locs.push(Loc::Miss),
                 }
             }
+            if let Some(d) = damaged {
+                Self::unpin_hits(ids, &mut g, &locs);
+                match d {
+                    Some(e) => return Err(e),
+                    None => continue,
+                }
+            }
             if cached_only && blocked.is_some() {
                 Self::unpin_hits(ids, &mut g, &locs);
-                return None;
+                return Ok(None);
             }
             match blocked {
                 None => {
@@ -160,7 +181,7 @@ impl Engine {
                 }
             }
         }
-        Some(locs)
+        Ok(Some(locs))
     }
 
     /// A read within one cached block, without the general path's
@@ -183,6 +204,11 @@ impl Engine {
         let servable = self.mode() != CacheMode::Passthrough || ix.key(s) & K_DIRTY != 0;
         if !servable || !ix.pin(s) {
             return None;
+        }
+        if !self.verify_loaded(&mut ix, s) {
+            ix.unpin(s);
+            // A clean copy is dropped: the general path reads the origin.
+            return self.damaged(&mut ix, s, b).map(Err);
         }
         ix.touch(s);
         let zero = ix.key(s) & K_ZERO != 0;

@@ -693,7 +693,17 @@ impl Engine {
             let mut ix = sh.ix.lock();
             loop {
                 match ix.lookup(nb.block) {
-                    Some(s) if ix.pin(s) => break Some((s, ix.key(s) & K_ZERO != 0)),
+                    Some(s) if ix.pin(s) => {
+                        if self.verify_loaded(&mut ix, s) {
+                            break Some((s, ix.key(s) & K_ZERO != 0));
+                        }
+                        ix.unpin(s);
+                        // A clean copy is dropped (the origin has the old
+                        // content); a dirty one cannot be merged with.
+                        if let Some(e) = self.damaged(&mut ix, s, nb.block) {
+                            return Err(e);
+                        }
+                    }
                     Some(_) => {
                         sh.cv.wait_for(&mut ix, Duration::from_millis(1));
                     }
