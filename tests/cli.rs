@@ -215,9 +215,18 @@ fn wrong_origin_is_refused_and_nothing_changes() {
         !d.join("c.pmem.sock").exists(),
         "refused serve left its control socket"
     );
-    // --force attaches it anyway.
+    // --force attaches it anyway, and from then on it is the cache's
+    // origin: no --force needed for it, and the old one is refused.
     let mut s = serve_cache(&d, port, &["--origin", &other, "--force"], "force.log");
     s.terminate_ok();
+    let o = with_other("check");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    let mut s = serve_cache(&d, port, &["--origin", &other], "after.log");
+    s.terminate_ok();
+    fails_with(
+        &run(&["flush", "--cache", &c, "--origin", &d.s("o.img")]),
+        "use --force",
+    );
 }
 
 #[test]

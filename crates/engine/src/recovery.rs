@@ -145,8 +145,9 @@ pub(crate) fn write_superblock(region: &dyn PmemRegion, sb: &mut Superblock, cop
 }
 
 /// Refuse an origin other than the one the cache was formatted for, unless
-/// `force`.
-fn check_origin(sb: &Superblock, origin: &dyn Origin, force: bool) -> Result<()> {
+/// `force`; forced, the cache belongs to the new origin from now on (the
+/// caller records `sb`), as when a volume moved to a new path.
+fn check_origin(sb: &mut Superblock, origin: &dyn Origin, force: bool) -> Result<()> {
     let fp = origin.fingerprint();
     if !force && (sb.origin_size != origin.size() || sb.origin_fingerprint != fp) {
         return Err(EngineError::OriginMismatch {
@@ -156,14 +157,17 @@ fn check_origin(sb: &Superblock, origin: &dyn Origin, force: bool) -> Result<()>
             found_size: origin.size(),
         });
     }
-    if origin.size() != sb.origin_size {
-        // Forced onto a different-sized origin: refuse if any mapping
-        // would fall outside it.
+    if sb.origin_size != origin.size() || sb.origin_fingerprint != fp {
+        // A mapping beyond a smaller origin's end fails recovery's scan.
         tracing::warn!(
-            recorded = sb.origin_size,
-            actual = origin.size(),
-            "origin size differs (forced)"
+            recorded = %sb.origin_fingerprint,
+            recorded_size = sb.origin_size,
+            origin = %fp,
+            size = origin.size(),
+            "attaching the cache to a different origin (forced); it is recorded as the cache's origin"
         );
+        sb.origin_fingerprint = fp;
+        sb.origin_size = origin.size();
     }
     Ok(())
 }
@@ -444,8 +448,8 @@ impl Engine {
         origin: Arc<dyn Origin>,
         cfg: EngineConfig,
     ) -> Result<Arc<Engine>> {
-        let (sb, copy) = read_superblock(&*region)?;
-        check_origin(&sb, &*origin, cfg.force_origin)?;
+        let (mut sb, copy) = read_superblock(&*region)?;
+        check_origin(&mut sb, &*origin, cfg.force_origin)?;
         let layout = sb.layout;
         let s = read_watermark(&*region).map_err(EngineError::Corrupt)?;
         let origin_blocks = origin.size().div_ceil(layout.block_size as u64);
