@@ -60,6 +60,31 @@ fn parse_mode(s: &str) -> Result<CacheMode, String> {
     s.parse()
 }
 
+/// An origin whose URI is malformed is a bad argument (exit 2), found
+/// before anything is opened; a path is taken as it is.
+fn parse_origin(s: &str) -> Result<String, String> {
+    if s.contains("://") {
+        pmcache_nbd::NbdUri::parse(s).map_err(|e| e.to_string())?;
+    }
+    Ok(s.to_string())
+}
+
+/// HOST:PORT (HOST a name, an IPv4 address or a bracketed IPv6 one);
+/// the name is resolved when the server binds.
+fn parse_listen(s: &str) -> Result<String, String> {
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("'{s}' is not HOST:PORT"))?;
+    port.parse::<u16>()
+        .map_err(|_| format!("'{port}' is not a port number (0 to 65535)"))?;
+    if host.is_empty() || (host.contains(':') && !(host.starts_with('[') && host.ends_with(']'))) {
+        return Err(format!(
+            "'{s}' is not HOST:PORT (write IPv6 addresses as [ADDR]:PORT)"
+        ));
+    }
+    Ok(s.to_string())
+}
+
 const SERVE_HELP: &str = "\
 With no arguments, serve uses ./pmcache-data/: it creates a 256 MiB cache (cache.pmem) and a 1 GiB
 sparse origin (origin.img) where they are missing, formats the new cache, and serves on
@@ -108,7 +133,7 @@ pub struct ServeArgs {
     /// (identity: nbds://NAME@...), tls-verify-peer=false, tls-hostname=NAME
     /// [default: the origin recorded in the cache; ./pmcache-data/origin.img (1 GiB, created
     /// if missing) for the default cache]
-    #[arg(long, value_name = "PATH|URI")]
+    #[arg(long, value_name = "PATH|URI", value_parser = parse_origin)]
     pub origin: Option<String>,
 
     /// Connections to an NBD origin that advertises multi-conn (a server answers only so
@@ -122,7 +147,7 @@ pub struct ServeArgs {
     pub mode: Option<CacheMode>,
 
     /// Serve NBD on this TCP address [default: 127.0.0.1:10809]
-    #[arg(long, value_name = "HOST:PORT", conflicts_with = "socket")]
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "socket", value_parser = parse_listen)]
     pub listen: Option<String>,
 
     /// Serve NBD on this Unix socket instead of TCP
@@ -232,7 +257,7 @@ pub struct FormatArgs {
     /// Origin: PATH, file:PATH, nbd://HOST[:PORT]/[EXPORT] or nbd+unix:///[EXPORT]?socket=PATH;
     /// with TLS nbds:// or nbds+unix:// and libnbd's tls-certificates=DIR, tls-psk-file=FILE
     /// (identity: nbds://NAME@...), tls-verify-peer=false, tls-hostname=NAME
-    #[arg(long, value_name = "PATH|URI")]
+    #[arg(long, value_name = "PATH|URI", value_parser = parse_origin)]
     pub origin: String,
 
     /// Cache block size (power of two, 512 to 64K)
@@ -272,7 +297,7 @@ pub struct CheckArgs {
     pub cache: PathBuf,
 
     /// Also check that the cache belongs to this origin
-    #[arg(long, value_name = "PATH|URI")]
+    #[arg(long, value_name = "PATH|URI", value_parser = parse_origin)]
     pub origin: Option<String>,
 
     /// Skip verifying cached data against its checksums (faster)
@@ -356,7 +381,7 @@ pub struct FlushArgs {
     pub cache: PathBuf,
 
     /// Origin [default: the origin recorded in the cache]
-    #[arg(long, value_name = "PATH|URI")]
+    #[arg(long, value_name = "PATH|URI", value_parser = parse_origin)]
     pub origin: Option<String>,
 
     /// Flush to an origin other than the one the cache was formatted for
@@ -416,6 +441,23 @@ pub fn error_line(msg: &str) {
     let _ = writeln!(std::io::stderr().lock(), "pmcache: error: {msg}");
 }
 
+/// clap's message on one line: its first line, and when that ends in a
+/// colon, the indented list under it ("required arguments were not
+/// provided: --cache <PATH>, --origin <PATH|URI>").
+fn one_line(rendered: &str) -> String {
+    let mut lines = rendered.lines().skip_while(|l| l.trim().is_empty());
+    let first = lines.next().unwrap_or("invalid arguments").trim();
+    let first = first.trim_start_matches("error: ");
+    if !first.ends_with(':') {
+        return first.to_string();
+    }
+    let list: Vec<&str> = lines
+        .take_while(|l| l.starts_with(' ') && !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    format!("{first} {}", list.join(", "))
+}
+
 fn clap_error(e: clap::Error) -> ExitCode {
     use clap::error::ErrorKind;
     match e.kind() {
@@ -431,12 +473,7 @@ fn clap_error(e: clap::Error) -> ExitCode {
         }
         _ => {
             let rendered = e.render().to_string();
-            let first = rendered
-                .lines()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("invalid arguments");
-            let first = first.trim().trim_start_matches("error: ");
-            error_line(&format!("{first} (see --help)"));
+            error_line(&format!("{} (see --help)", one_line(&rendered)));
             ExitCode::from(2)
         }
     }

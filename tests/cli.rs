@@ -128,8 +128,18 @@ fn bad_mode_and_addresses_are_refused() {
     let o = run_in(Some(d.path()), &["serve", "--mode", "fast"]);
     fails_with(&o, "unknown cache mode 'fast'");
     assert_eq!(o.status.code(), Some(2));
-    let o = run_in(Some(d.path()), &["serve", "--listen", "not-an-address"]);
-    fails_with(&o, "--listen");
+    for bad in ["not-an-address", "host:99999", "::1:80"] {
+        let o = run_in(Some(d.path()), &["serve", "--listen", bad]);
+        fails_with(&o, "--listen");
+        assert_eq!(o.status.code(), Some(2), "--listen {bad}");
+    }
+    let o = run_in(Some(d.path()), &["serve", "--origin", "nbd://[bad"]);
+    fails_with(&o, "unterminated");
+    assert_eq!(o.status.code(), Some(2));
+    // Missing arguments are named.
+    let o = run_in(Some(d.path()), &["format", "--size", "8M"]);
+    fails_with(&o, "--cache <PATH>, --origin <PATH|URI>");
+    assert_eq!(o.status.code(), Some(2));
     let o = run_in(
         Some(d.path()),
         &[
