@@ -149,6 +149,16 @@ pub fn classify(lock: &CacheLock) -> Result<Contents> {
     if len == 0 {
         return Ok(Contents::Blank { len });
     }
+    if len < pmcache_pmem::mapped::MIN_LEN {
+        // Too small to map as a cache, let alone to be one.
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut lock.file(), &mut bytes)?;
+        return Ok(if bytes.iter().any(|&b| b != 0) {
+            Contents::Foreign { len }
+        } else {
+            Contents::Blank { len }
+        });
+    }
     let region = map_read_only(lock)?;
     Ok(match pmcache_engine::recovery::read_superblock(&region) {
         Ok((sb, _)) => Contents::Cache(Box::new(sb)),

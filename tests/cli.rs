@@ -335,6 +335,19 @@ fn format_refuses_existing_cache_and_nonempty_file() {
     // An empty (0-byte) file needs no --force.
     std::fs::File::create(d.join("empty.pmem")).unwrap();
     ok(&run_format(&d.s("empty.pmem"), "8M", &d.s("o.img"), &[]));
+    // A file too small to map holds data all the same.
+    std::fs::write(d.join("small"), b"hi\n").unwrap();
+    fails_with(
+        &run_format(&d.s("small"), "8M", &d.s("o.img"), &[]),
+        "not empty",
+    );
+    ok(&run_format(
+        &d.s("small"),
+        "8M",
+        &d.s("o.img"),
+        &["--force"],
+    ));
+    check_ok(&d.join("small"));
 }
 
 #[test]
