@@ -147,3 +147,19 @@ fn passthrough_reads_clean_blocks_from_the_origin() {
     assert_eq!(e.stats().read_hits, hits, "counted as hits");
     assert_eq!(e.stats().promotions, 0, "nothing promoted in passthrough");
 }
+
+/// Writes that go around the cache still count as hits (a cached copy was
+/// dropped) or misses, per block.
+#[test]
+fn writearound_counts_write_hits_and_misses() {
+    let (e, origin) = engine(CacheMode::Writeback);
+    e.write(0, &[0x11; BS], false).unwrap();
+    e.set_mode(CacheMode::Writearound).unwrap();
+    let before = e.stats();
+    e.write(0, &[0x22; 2 * BS], false).unwrap();
+    let after = e.stats();
+    assert_eq!(after.write_hits - before.write_hits, 1);
+    assert_eq!(after.write_misses - before.write_misses, 1);
+    assert_eq!(origin.current()[..2 * BS], [0x22; 2 * BS]);
+    assert_eq!(after.occupied, 0, "the cached copy was dropped");
+}

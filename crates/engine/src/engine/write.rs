@@ -905,7 +905,10 @@ impl Engine {
                 &owned
             }
         };
-        self.invalidate(b0, b1)?;
+        // Blocks that were cached count as write hits, as in writeback.
+        let hits = self.invalidate(b0, b1)?;
+        self.counters.add(Ctr::WriteHits, hits);
+        self.counters.add(Ctr::WriteMisses, b1 - b0 + 1 - hits);
         self.lock_origin_writers(b0, b1);
         let r = self.origin_write_retrying(buf, offset, fua, zero);
         self.unlock_origin_writers(b0..=b1);
@@ -948,13 +951,13 @@ impl Engine {
     }
 
     /// Durably drop the cached copies of `[b0, b1]` (all clean).
-    pub(super) fn invalidate(&self, b0: u64, b1: u64) -> Result<()> {
+    pub(super) fn invalidate(&self, b0: u64, b1: u64) -> Result<u64> {
         let ids = self.shards_of(b0, b1);
         // Older versions first, so none can outlive the copy dropped here.
         for &sh in &ids {
             self.make_retiring_durable(sh)?;
         }
-        let mut any = false;
+        let mut dropped = 0;
         {
             let mut g = self.lock_all(&ids);
             for b in b0..=b1 {
@@ -966,16 +969,16 @@ impl Engine {
                     debug_assert_eq!(ix.key(s) & K_DIRTY, 0, "only clean copies are dropped");
                     ix.remove(s);
                     self.retire(ix, s, seq, true);
-                    any = true;
+                    dropped += 1;
                 }
             }
         }
-        if any {
+        if dropped > 0 {
             for &sh in &ids {
                 self.make_retiring_durable(sh)?;
             }
         }
-        Ok(())
+        Ok(dropped)
     }
 
     /// Make every retiring slot of a shard durably FREE now.
