@@ -630,8 +630,15 @@ impl Engine {
     fn write_back_for_mode(&self, recorded: CacheMode) -> Result<()> {
         if self.mode() != recorded && !self.mode().keeps_dirty() && self.dirty_blocks() > 0 {
             // Switching to a mode without dirty data: write it all back first.
-            tracing::info!(from = %recorded, to = %self.mode(), dirty = self.dirty_blocks(), "writing back before mode switch");
-            self.flush_all(5, &mut |_, _| {})?;
+            tracing::info!(from = %recorded, to = %self.mode(), dirty = self.dirty_blocks(), "writing back before mode switch; clients are served once it is done");
+            // A large cache in front of a slow origin takes a while: say so.
+            let mut last = std::time::Instant::now();
+            self.flush_all(5, &mut |done, total| {
+                if last.elapsed() >= std::time::Duration::from_secs(2) {
+                    last = std::time::Instant::now();
+                    tracing::info!(done, total, "writing back before mode switch");
+                }
+            })?;
         }
         Ok(())
     }
