@@ -7,6 +7,7 @@ use pmcache_engine::{Engine, EngineError, Stage, StagedWrite};
 use pmcache_nbd::export::{
     BlockSizes, Export, ExportError, Extent, PendingWrite, Staged, ZeroFlags,
 };
+use pmcache_nbd::proto::STATE_ZERO;
 
 /// What the server's client is told for an engine error.
 fn to_export(e: EngineError) -> ExportError {
@@ -134,8 +135,16 @@ impl Export for EngineExport {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Option<Result<Vec<Extent>, ExportError>> {
-        let _ = (offset, len);
-        None
+        let extents = self.engine.zero_extents(offset, len).map(|runs| {
+            runs.into_iter()
+                .map(|(n, zero)| Extent {
+                    // At most 8,192 blocks of 64 KiB: fits.
+                    length: n as u32,
+                    flags: if zero { STATE_ZERO } else { 0 },
+                })
+                .collect()
+        });
+        Some(extents.map_err(to_export))
     }
 }
 

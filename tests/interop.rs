@@ -303,7 +303,30 @@ fn nbdinfo_reports_origin_size_flags_block_sizes_and_read_only() {
     let c = Client::connect(&uri).unwrap();
     c.write(&[0x42; 5000], 4000, false).unwrap();
     c.write(&[0x43; 1000], size - 1000, false).unwrap();
+    // base:allocation: blocks the cache holds as zeroes say so (nbdcopy
+    // and qemu-img skip them); everything else is data.
+    c.write_zeroes(16 * 8192, 4 * 8192, false).unwrap();
     drop(c);
+    let map = run_ok("nbdinfo", &["--map", "--json", &uri], T);
+    let m: Value = serde_json::from_str(&map).expect("nbdinfo --map --json is JSON");
+    let extents: Vec<(u64, u64, u64)> = m
+        .as_array()
+        .expect("an array of extents")
+        .iter()
+        .map(|x| {
+            let n = |k: &str| x[k].as_u64().unwrap();
+            (n("offset"), n("length"), n("type"))
+        })
+        .collect();
+    assert_eq!(
+        extents,
+        [
+            (0, 16 * 8192, 0),
+            (16 * 8192, 4 * 8192, 2),
+            (20 * 8192, size - 20 * 8192, 0)
+        ],
+        "{map}"
+    );
     srv.stop();
 
     let srv = launch(&ServerKind::pmcache_reopen(

@@ -577,7 +577,7 @@ impl Engine {
         self.region.flush(self.meta(first, s), META_SIZE);
     }
 
-    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+    pub(crate) fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),
             _ => Err(EngineError::OutOfRange {
@@ -617,7 +617,7 @@ impl Engine {
         Ok(())
     }
 
-    fn check_open(&self) -> Result<()> {
+    pub(crate) fn check_open(&self) -> Result<()> {
         if self.closed.load(Ordering::SeqCst) {
             return Err(EngineError::ShuttingDown);
         }

@@ -163,3 +163,20 @@ fn writearound_counts_write_hits_and_misses() {
     assert_eq!(origin.current()[..2 * BS], [0x22; 2 * BS]);
     assert_eq!(after.occupied, 0, "the cached copy was dropped");
 }
+
+/// Block status says zero only where a read returns the cache's zeroes:
+/// not in passthrough, where clean blocks come from the origin.
+#[test]
+fn zero_extents_follow_what_reads_return() {
+    let (e, origin) = engine(CacheMode::Writeback);
+    e.write(0, &[0x11; 2 * BS], false).unwrap();
+    e.write_zeroes(BS as u64, 2 * BS as u64, false).unwrap();
+    let bs = BS as u64;
+    assert_eq!(
+        e.zero_extents(100, 4 * bs).unwrap(),
+        [(bs - 100, false), (2 * bs, true), (bs + 100, false)]
+    );
+    e.set_mode(CacheMode::Passthrough).unwrap();
+    origin.write_at(&[0x33; BS], bs, false).unwrap();
+    assert_eq!(e.zero_extents(0, 4 * bs).unwrap(), [(4 * bs, false)]);
+}

@@ -184,6 +184,38 @@ impl Engine {
         Ok(Some(locs))
     }
 
+    /// For NBD's base:allocation: runs of `(bytes, zero)` from `offset`,
+    /// at most `len` bytes and 8,192 blocks in all (a client asks again for
+    /// the rest). `zero` where the cache holds the block as zeroes (a trim
+    /// or zeroing); everything else is data as far as the cache knows.
+    pub fn zero_extents(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>> {
+        // Any length: nothing is transferred.
+        self.check_open()?;
+        self.check_range(offset, len)?;
+        let bs = self.bs();
+        let end = (offset + len).min((offset / bs + 8192) * bs);
+        let trusted = self.mode() != CacheMode::Passthrough;
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let b = at / bs;
+            let zero = {
+                let ix = self.shards[self.shard_of(b)].ix.lock();
+                ix.lookup(b).is_some_and(|s| {
+                    let k = ix.key(s);
+                    k & K_ZERO != 0 && (trusted || k & K_DIRTY != 0)
+                })
+            };
+            let n = ((b + 1) * bs).min(end) - at;
+            match out.last_mut() {
+                Some((l, z)) if *z == zero => *l += n,
+                _ => out.push((n, zero)),
+            }
+            at += n;
+        }
+        Ok(out)
+    }
+
     /// A read within one cached block, without the general path's
     /// bookkeeping (what `read_impl` does for a request that hits).
     /// `None` on a miss or a saturated pin count; the general path then
