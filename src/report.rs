@@ -157,7 +157,8 @@ pub fn offline_json(cache: &std::path::Path, dump: &Dump) -> Value {
     let slots = sb.layout.slot_count;
     json!({
         "source": "offline",
-        "cache": cache.display().to_string(),
+        // Absolute, as a running server reports it.
+        "cache": std::fs::canonicalize(cache).unwrap_or_else(|_| cache.to_path_buf()).display().to_string(),
         "origin": sb.origin_fingerprint,
         "origin_size": sb.origin_size,
         "mode": sb.mode.to_string(),
