@@ -638,6 +638,13 @@ impl Engine {
                     last = std::time::Instant::now();
                     tracing::info!(done, total, "writing back before mode switch");
                 }
+            })
+            .map_err(|e| match e {
+                EngineError::DataCorrupt { .. } => EngineError::Config(format!(
+                    "cannot switch to {} mode: {e}; serve it in {recorded} mode and write the block again first",
+                    self.mode()
+                )),
+                e => e,
             })?;
         }
         Ok(())

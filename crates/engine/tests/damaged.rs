@@ -132,3 +132,30 @@ fn blocks_written_since_the_open_are_not_checked() {
     assert_eq!(read(&e, 1, BS).unwrap(), [0x22; BS]);
     assert_eq!(e.stats().corrupt_blocks, 0);
 }
+
+#[test]
+fn a_switch_that_must_write_a_damaged_block_back_is_refused_with_the_way_out() {
+    let (region, origin) = damaged_cache();
+    let r = Engine::open(
+        region.clone() as Arc<dyn PmemRegion>,
+        origin.clone() as Arc<dyn Origin>,
+        EngineConfig {
+            background_writeback: false,
+            mode: Some(pmcache_engine::CacheMode::Writethrough),
+            ..Default::default()
+        },
+    );
+    let msg = r
+        .err()
+        .expect("the switch needs block 5 written back")
+        .to_string();
+    assert!(
+        msg.contains("block 5") && msg.contains("serve it in writeback mode"),
+        "{msg}"
+    );
+    // The way out works: in writeback mode, write the block again.
+    let e = open(&region, &origin);
+    e.write(5 * BS as u64, &[0x77; BS], false).unwrap();
+    e.set_mode(pmcache_engine::CacheMode::Writethrough).unwrap();
+    assert_eq!(origin.current()[5 * BS..6 * BS], [0x77; BS]);
+}
