@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use pmcache_engine::{Engine, EngineConfig};
+use pmcache_engine::{Engine, EngineConfig, EngineError};
 
 use crate::cache::{self, CacheLock, Contents};
 use crate::cli::FlushArgs;
@@ -58,6 +58,9 @@ pub fn run(a: FlushArgs) -> Result<ExitCode> {
     drop(engine);
     drop(lock);
     if let Err(e) = result {
+        if matches!(e, EngineError::DataCorrupt { .. }) {
+            bail!("writeback to {spec} stopped: {e}; {remaining} dirty blocks stay in the cache");
+        }
         bail!(
             "writeback to {spec} failed after {} retries: {e}; {remaining} dirty blocks stay in the cache (nothing is lost); run flush again once the origin works",
             a.retries
