@@ -169,8 +169,9 @@ pub struct ServeArgs {
     pub assume_pmem: bool,
 
     /// Cache block size when a new cache is created (power of two, 512 to 64K)
-    #[arg(long, value_name = "BYTES", value_parser = parse_block_size, default_value = "4096")]
-    pub block_size: u32,
+    /// [default: 4096]
+    #[arg(long, value_name = "BYTES", value_parser = parse_block_size)]
+    pub block_size: Option<u32>,
 
     /// Attach the cache to an origin other than the one it was formatted for,
     /// and overwrite a --cache file that is not a pmcache cache
@@ -227,6 +228,13 @@ pub struct ServeArgs {
     /// with this subject common name. Repeat for more
     #[arg(long, value_name = "NAME")]
     pub tls_allow: Vec<String>,
+}
+
+impl ServeArgs {
+    /// The block size of a cache `serve` creates.
+    pub fn new_block_size(&self) -> u32 {
+        self.block_size.unwrap_or(4096)
+    }
 }
 
 const FORMAT_HELP: &str = "\

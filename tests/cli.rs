@@ -240,6 +240,28 @@ fn wrong_origin_is_refused_and_nothing_changes() {
 }
 
 #[test]
+fn an_existing_cache_keeps_its_size_and_block_size_and_says_so() {
+    let d = TempDir::new("keeps");
+    let (cache, _) = formatted_cache(&d, 16 * MIB, "8M");
+    let mut s = serve_cache(
+        &d,
+        free_port(),
+        &["--cache-size", "12M", "--block-size", "8192"],
+        "keeps.log",
+    );
+    s.terminate_ok();
+    let log = s.log_text();
+    for flag in ["--cache-size is ignored", "--block-size is ignored"] {
+        assert!(log.contains(flag), "no warning '{flag}' in: {log}");
+    }
+    let sb = &dump_json(&cache)["superblock"];
+    assert_eq!(
+        (sb["region_len"].as_u64(), sb["block_size"].as_u64()),
+        (Some(8 * MIB), Some(4096))
+    );
+}
+
+#[test]
 fn locked_cache_is_refused() {
     use std::os::unix::io::AsRawFd;
     let d = TempDir::new("locked");

@@ -89,7 +89,7 @@ impl Plan {
             }
         };
         if let Plan::Create { len, .. } = &plan {
-            cache::plan_layout(path, *len, a.block_size)?;
+            cache::plan_layout(path, *len, a.new_block_size())?;
         }
         Ok(plan)
     }
@@ -134,8 +134,17 @@ impl Plan {
     }
 }
 
-/// An existing cache keeps its size: say so when another one was asked for.
+/// An existing cache keeps its size and block size: say so when others
+/// were asked for.
 fn warn_size_ignored(a: &ServeArgs, o: &Options, sb: &Superblock) {
+    if let Some(bs) = a.block_size.filter(|b| *b != sb.layout.block_size) {
+        tracing::warn!(
+            cache = %o.cache_path.display(),
+            block_size = sb.layout.block_size,
+            requested = bs,
+            "the cache exists: --block-size is ignored (use `pmcache format --force` to change it)"
+        );
+    }
     if let Some(size) = a.cache_size.filter(|s| *s != sb.layout.region_len) {
         tracing::warn!(
             cache = %o.cache_path.display(),

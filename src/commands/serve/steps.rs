@@ -254,11 +254,18 @@ fn map_or_create(
         Plan::Open { lock, .. } => return Ok((lock, cache::map_cache(path, a.assume_pmem, true)?)),
         Plan::Create { target, len } => (target, len),
     };
-    let c = cache::create_cache(path, target, origin, a.block_size, a.assume_pmem, true)?;
+    let c = cache::create_cache(
+        path,
+        target,
+        origin,
+        a.new_block_size(),
+        a.assume_pmem,
+        true,
+    )?;
     tracing::info!(
         cache = %path.display(),
         size = %human(len),
-        block_size = a.block_size,
+        block_size = a.new_block_size(),
         origin = %c.superblock.origin_fingerprint,
         "formatted new cache"
     );
