@@ -9,7 +9,7 @@
 //! Metrics: minimal HTTP/1.x on TCP; `GET /metrics` answers the Prometheus
 //! text format, anything else 404 (or 405 for other methods).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::io::AsRawFd;
@@ -176,10 +176,16 @@ pub fn query_stats(path: &Path) -> Result<Value> {
         .write_all(b"stats\n")
         .with_context(|| format!("control socket {}", path.display()))?;
     let mut answer = String::new();
-    (&conn)
-        .take(16 << 20)
-        .read_to_string(&mut answer)
-        .with_context(|| format!("control socket {}", path.display()))?;
+    if let Err(e) = (&conn).take(16 << 20).read_to_string(&mut answer) {
+        if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
+            bail!(
+                "the server behind control socket {} did not answer within {} s: it may still be starting up (switching to a mode without dirty data writes it all back first; its log shows the progress)",
+                path.display(),
+                CLIENT_TIMEOUT.as_secs()
+            );
+        }
+        return Err(e).with_context(|| format!("control socket {}", path.display()));
+    }
     let v: Value = serde_json::from_str(answer.trim()).map_err(|e| {
         anyhow!(
             "control socket {} answered something that is not pmcache statistics ({e})",

@@ -53,8 +53,14 @@ pub fn run(a: StatsArgs) -> Result<ExitCode> {
         if cache::is_locked(&cache)? {
             let control = default_control(&cache);
             query_stats(&control).map_err(|e| {
+                // A socket that is there but slow is the right one.
+                let hint = if format!("{e:#}").contains("did not answer") {
+                    ""
+                } else {
+                    "; if that server was started with --control, pass the same --control here"
+                };
                 anyhow!(
-                    "cache {} is open in a running pmcache process, but {e:#}; if that server was started with --control, pass the same --control here",
+                    "cache {} is open in a running pmcache process, but {e:#}{hint}",
                     cache.display()
                 )
             })?
