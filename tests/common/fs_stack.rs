@@ -93,7 +93,7 @@ impl FsStack {
         self.umount();
         run_ok("sync", &[], T);
         if let Some(d) = self.loopdev.take() {
-            run_ok("losetup", &["-d", &d], T);
+            detach_loop(&d);
         }
         run_ok("fusermount3", &["-u", &s(&self.fuse_dir)], T);
         if let Some(mut p) = self.nbdfuse.take() {
@@ -146,7 +146,7 @@ impl FsStack {
             assert!(!is_mounted(&m), "{} is still mounted", m.display());
         }
         if let Some(d) = self.loopdev.take() {
-            run_ok("losetup", &["-d", &d], T);
+            detach_loop(&d);
             wait_loop_free(&d);
         }
         run_ok("fusermount3", &["-u", "-z", &s(&self.fuse_dir)], T);
@@ -166,6 +166,22 @@ pub fn is_mounted(path: &Path) -> bool {
     let p = s(path);
     info.lines()
         .any(|l| l.split(' ').nth(4).is_some_and(|m| m == p))
+}
+
+/// `losetup -d dev`. A device that has no backing file any more is already
+/// what detaching wants (the kernel clears one whose file went away, and
+/// `losetup -d` then fails with ENXIO).
+fn detach_loop(dev: &str) {
+    let out = run_tool("losetup", &["-d", dev], T);
+    let backing = format!(
+        "/sys/block/{}/loop/backing_file",
+        dev.trim_start_matches("/dev/")
+    );
+    assert!(
+        out.status.success() || !Path::new(&backing).exists(),
+        "losetup -d {dev} failed and it still has a backing file: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Wait (bounded) until loop device `dev` has no backing file: a busy
