@@ -15,7 +15,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -95,18 +95,25 @@ pub fn bind_unix(path: &Path, what: &str) -> Result<UnixListener> {
     UnixListener::bind(path).map_err(|e| anyhow!("cannot create {what} {}: {e}", path.display()))
 }
 
-/// Accept connections on a non-blocking listener and handle them one at a
-/// time until stopped (both services answer in microseconds).
-fn spawn_acceptor<C: 'static>(
+/// Clients of one service served at once; more are turned away (closed).
+const MAX_CLIENTS: usize = 16;
+
+/// Accept connections on a non-blocking listener until stopped, each
+/// handled on a thread of its own: a client that connects and says nothing
+/// holds up only itself (for at most [`CLIENT_TIMEOUT`]), not the next
+/// scrape or `stats`, nor the shutdown.
+fn spawn_acceptor<C: Send + 'static>(
     name: &str,
     fd: std::os::unix::io::RawFd,
     mut accept: impl FnMut() -> std::io::Result<C> + Send + 'static,
-    mut handle: impl FnMut(C) -> std::io::Result<()> + Send + 'static,
+    handle: impl Fn(C) -> std::io::Result<()> + Send + Sync + 'static,
     socket_file: Option<PathBuf>,
 ) -> Result<Background> {
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
     let what = name.to_string();
+    let handle = Arc::new(handle);
+    let busy = Arc::new(AtomicUsize::new(0));
     let thread = std::thread::Builder::new()
         .name(format!("pmcache-{name}"))
         .spawn(move || {
@@ -114,10 +121,25 @@ fn spawn_acceptor<C: 'static>(
                 if !readable(fd, Duration::from_millis(100)) {
                     continue;
                 }
-                if let Ok(conn) = accept() {
-                    if let Err(e) = handle(conn) {
-                        tracing::debug!(error = %e, "{what} client");
+                let Ok(conn) = accept() else {
+                    continue;
+                };
+                if busy.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+                    busy.fetch_sub(1, Ordering::SeqCst);
+                    tracing::debug!("{what}: {MAX_CLIENTS} clients already; one turned away");
+                    continue;
+                }
+                let (h, b, w) = (handle.clone(), busy.clone(), what.clone());
+                let client = move || {
+                    if let Err(e) = h(conn) {
+                        tracing::debug!(error = %e, "{w} client");
                     }
+                    b.fetch_sub(1, Ordering::SeqCst);
+                };
+                let thread = std::thread::Builder::new().name(format!("pmcache-{what}-client"));
+                if thread.spawn(client).is_err() {
+                    // The closure, and the connection with it, is dropped.
+                    busy.fetch_sub(1, Ordering::SeqCst);
                 }
             }
         })?;

@@ -824,7 +824,18 @@ fn metrics_are_served_in_prometheus_format() {
     );
     let c = connect(port);
     c.write(&[1u8; 4096 * 3], 0, false).unwrap();
+    c.flush().unwrap();
     drop(c);
+    // Clients that connect and say nothing hold up only themselves: a
+    // scrape and `stats` behind them are answered at once, not after each
+    // idle one's 5 s timeout (the scrape's own timeout is 10 s).
+    let idle: Vec<TcpStream> = (0..5)
+        .map(|_| TcpStream::connect(("127.0.0.1", mport)).unwrap())
+        .collect();
+    let idle_ctl: Vec<std::os::unix::net::UnixStream> = (0..2)
+        .map(|_| std::os::unix::net::UnixStream::connect(d.join("c.pmem.sock")).unwrap())
+        .collect();
+    ok(&run(&["stats", "--cache", &d.s("c.pmem")]));
     let get = |path: &str| -> String {
         let mut t = TcpStream::connect(("127.0.0.1", mport)).unwrap();
         t.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -847,6 +858,8 @@ fn metrics_are_served_in_prometheus_format() {
     assert!(r.contains("pmcache_info{mode=\"writeback\""), "{r}");
     assert!(r.contains(",writeback_order=\"none\","), "{r}");
     assert!(r.contains("# TYPE pmcache_epochs_pending gauge"), "{r}");
+    // Unordered writeback keeps no epochs: none is reported pending.
+    assert!(r.contains("\npmcache_epochs_pending 0\n"), "{r}");
     assert!(r.contains("\npmcache_retained 0\n"), "{r}");
     // Every sample line is NAME[{labels}] VALUE.
     let body = r.split("\r\n\r\n").nth(1).unwrap();
@@ -856,6 +869,7 @@ fn metrics_are_served_in_prometheus_format() {
         assert!(value.parse::<f64>().is_ok(), "{line}");
     }
     assert!(get("/nope").starts_with("HTTP/1.1 404"));
+    drop((idle, idle_ctl));
     s.terminate_ok();
 }
 

@@ -687,7 +687,12 @@ impl Engine {
             free += ix.free_len as u64 + ix.retiring.len() as u64;
             retained += ix.retained as u64;
         }
-        let (epochs_pending, oldest) = self.epochs.pending();
+        // Without order, W never moves and epochs are not owed as such.
+        let (epochs_pending, oldest) = if self.ordered() {
+            self.epochs.pending()
+        } else {
+            (0, Duration::ZERO)
+        };
         StatsSnapshot {
             mode: self.mode().to_string(),
             pmem_mode: self.region.mode().to_string(),
