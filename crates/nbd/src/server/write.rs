@@ -15,6 +15,11 @@ use crate::export::Staged;
 use crate::net::Stream;
 use crate::proto::*;
 
+/// The largest refused WRITE payload read and thrown away, so that the
+/// client gets its error and keeps its connection (libnbd and qemu send up
+/// to 32 MiB); beyond it the connection ends.
+const MAX_SKIPPED_PAYLOAD: u32 = 64 << 20;
+
 /// What happened to a WRITE payload.
 #[derive(PartialEq, Eq, Clone, Copy)]
 enum Payload {
@@ -82,11 +87,14 @@ pub(super) fn handle_write(
 ) -> Option<usize> {
     let len = req.length;
     if let Err(e) = validate(shared, conn, req) {
-        if len > shared.sizes.maximum {
-            // We will not read an arbitrarily large payload just to throw
-            // it away: answer, then hang up (allowed for a client that
-            // broke the advertised maximum).
-            conn.send_error(req.cookie, &e);
+        if len > MAX_SKIPPED_PAYLOAD {
+            // Not worth reading just to throw away: hang up (allowed for a
+            // client that broke the advertised maximum). No reply, which
+            // the client would read as the answer to something else.
+            debug!(
+                "nbd[{}]: {len}-byte WRITE over the maximum; closing",
+                conn.id
+            );
             return None;
         }
         // Skip the payload so the stream stays in sync; nothing is written.
