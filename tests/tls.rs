@@ -412,6 +412,10 @@ fn refused_wrong_psk() {
         );
     });
     assert_logged(&srv, "handshake failed");
+    assert_logged(
+        &srv,
+        "the client's key for PSK identity \"alice\" does not match",
+    );
     // The stayer and the nbdcopy after the refusal got in; nbdcopy's
     // attempts with the wrong key did not.
     let st = dir_stats(&dir);
@@ -451,6 +455,8 @@ fn refused_unknown_psk_identity_and_one_not_allowed() {
         );
     });
     assert_logged(&srv, "handshake failed");
+    assert_logged(&srv, "unknown PSK identity \"bob\"");
+    assert_logged(&srv, "PSK identity \"carol\" is not in the TLS allow list");
     srv.stop();
 }
 

@@ -246,11 +246,22 @@ fn ssl_err(what: impl fmt::Display, e: ErrorStack) -> io::Error {
 /// process (a race at the first use at worst wastes one).
 fn psk_identity_index() -> io::Result<Index<Ssl, String>> {
     static INDEX: OnceLock<Index<Ssl, String>> = OnceLock::new();
-    if let Some(i) = INDEX.get() {
+    ex_index(&INDEX)
+}
+
+/// The session slot for why the PSK callback refused the client: OpenSSL
+/// itself then reports only that no cipher or signature algorithm fit.
+fn psk_refusal_index() -> io::Result<Index<Ssl, String>> {
+    static INDEX: OnceLock<Index<Ssl, String>> = OnceLock::new();
+    ex_index(&INDEX)
+}
+
+fn ex_index(slot: &OnceLock<Index<Ssl, String>>) -> io::Result<Index<Ssl, String>> {
+    if let Some(i) = slot.get() {
         return Ok(*i);
     }
     let i = Ssl::new_ex_index().map_err(|e| ssl_err("TLS", e))?;
-    Ok(*INDEX.get_or_init(|| i))
+    Ok(*slot.get_or_init(|| i))
 }
 
 fn require_file(p: &Path) -> io::Result<()> {
@@ -300,26 +311,33 @@ impl TlsServer {
                 let keys = PskKeys::load(file)?;
                 let allow = cfg.allow.clone();
                 let index = psk_identity_index()?;
+                let refusal = psk_refusal_index()?;
                 psk_identity = Some(index);
                 // The intermediate profile has no PSK suites: TLS 1.2 PSK
                 // suites for older peers, TLS 1.3 external PSK otherwise.
                 b.set_cipher_list(PSK_CIPHERS)
                     .map_err(|e| ssl_err("PSK cipher list", e))?;
                 b.set_psk_server_callback(move |ssl, identity, out| {
-                    let id = identity.and_then(|i| std::str::from_utf8(i).ok());
-                    let key = id
-                        .filter(|id| allow.is_empty() || allow.iter().any(|a| a == id))
-                        .and_then(|id| keys.get(id));
-                    match key {
+                    let id = identity.map(String::from_utf8_lossy).unwrap_or_default();
+                    let allowed = allow.is_empty() || allow.iter().any(|a| *a == id);
+                    match keys.get(&id).filter(|_| allowed) {
                         Some(k) if k.len() <= out.len() => {
-                            if let Some(id) = id {
-                                ssl.set_ex_data(index, id.to_string());
-                            }
+                            ssl.set_ex_data(index, id.into_owned());
                             out[..k.len()].copy_from_slice(k);
                             Ok(k.len())
                         }
-                        // 0: no such identity; the handshake fails.
-                        _ => Ok(0),
+                        // 0: no key; the handshake fails, and says why.
+                        _ => {
+                            let why = match keys.get(&id) {
+                                None => format!("unknown PSK identity {id:?}"),
+                                Some(_) if !allowed => {
+                                    format!("PSK identity {id:?} is not in the TLS allow list")
+                                }
+                                Some(_) => format!("the PSK of identity {id:?} is too long"),
+                            };
+                            ssl.set_ex_data(refusal, why);
+                            Ok(0)
+                        }
                     }
                 });
             }
@@ -361,6 +379,17 @@ impl TlsServer {
         r
     }
 
+    /// Why a PSK handshake failed, in words: the callback refused the
+    /// identity, or accepted it and the client's key did not match.
+    fn psk_failure(&self, s: &SslStream<Plain>) -> Option<io::Error> {
+        let slot = |i: Option<Index<Ssl, String>>| i.and_then(|i| s.ssl().ex_data(i).cloned());
+        let why = slot(psk_refusal_index().ok()).or_else(|| {
+            slot(self.psk_identity)
+                .map(|id| format!("the client's key for PSK identity {id:?} does not match"))
+        })?;
+        Some(io::Error::new(io::ErrorKind::PermissionDenied, why))
+    }
+
     fn accept_inner(&self, plain: Stream, timeout: Option<Duration>) -> io::Result<TlsStream> {
         let ssl = Ssl::new(&self.ctx).map_err(io::Error::other)?;
         let mut s = SslStream::new(ssl, Plain(plain)).map_err(io::Error::other)?;
@@ -369,7 +398,11 @@ impl TlsServer {
         loop {
             match s.accept() {
                 Ok(()) => break,
-                Err(e) => wait_for(&s, e, deadline, "TLS handshake")?,
+                Err(e) => {
+                    if let Err(err) = wait_for(&s, e, deadline, "TLS handshake") {
+                        return Err(self.psk_failure(&s).unwrap_or(err));
+                    }
+                }
             }
         }
         let peer_name = if self.check_cert_names {
