@@ -950,7 +950,8 @@ impl Engine {
         })
     }
 
-    /// Durably drop the cached copies of `[b0, b1]` (all clean).
+    /// Durably drop the cached copies of `[b0, b1]` (all clean); returns how
+    /// many there were.
     pub(super) fn invalidate(&self, b0: u64, b1: u64) -> Result<u64> {
         let ids = self.shards_of(b0, b1);
         // Older versions first, so none can outlive the copy dropped here.
