@@ -63,7 +63,7 @@ fn parse_mode(s: &str) -> Result<CacheMode, String> {
 /// An origin whose URI is malformed is a bad argument (exit 2), found
 /// before anything is opened; a path is taken as it is.
 fn parse_origin(s: &str) -> Result<String, String> {
-    if s.contains("://") {
+    if pmcache_origin::is_nbd_spec(s) {
         pmcache_nbd::NbdUri::parse(s).map_err(|e| e.to_string())?;
     }
     Ok(s.to_string())

@@ -75,6 +75,12 @@ pub trait Origin: Send + Sync {
     fn flush(&self) -> io::Result<()>;
 }
 
+/// Whether a CLI origin spec names an NBD export (anything else is a path).
+pub fn is_nbd_spec(spec: &str) -> bool {
+    let nbd = ["nbd://", "nbd+unix://", "nbds://", "nbds+unix://"];
+    nbd.iter().any(|p| spec.starts_with(p))
+}
+
 /// Open an origin from a CLI spec: `PATH`, `file:PATH`, `nbd://…`,
 /// `nbd+unix://…`, or with TLS `nbds://…` or `nbds+unix://…`.
 pub fn open(spec: &str) -> io::Result<Box<dyn Origin>> {
@@ -84,8 +90,7 @@ pub fn open(spec: &str) -> io::Result<Box<dyn Origin>> {
 /// [`open`], with up to `connections` connections to an NBD origin that
 /// allows multi-conn.
 pub fn open_with(spec: &str, connections: usize) -> io::Result<Box<dyn Origin>> {
-    let nbd = ["nbd://", "nbd+unix://", "nbds://", "nbds+unix://"];
-    if nbd.iter().any(|p| spec.starts_with(p)) {
+    if is_nbd_spec(spec) {
         let options = NbdOriginOptions {
             connections,
             ..NbdOriginOptions::default()
