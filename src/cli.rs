@@ -69,18 +69,16 @@ fn parse_origin(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
-/// HOST:PORT (HOST a name, an IPv4 address or a bracketed IPv6 one);
-/// the name is resolved when the server binds.
+/// HOST:PORT (HOST a name or an address, IPv6 best in brackets); the name
+/// is resolved when the server binds.
 fn parse_listen(s: &str) -> Result<String, String> {
     let (host, port) = s
         .rsplit_once(':')
         .ok_or_else(|| format!("'{s}' is not HOST:PORT"))?;
     port.parse::<u16>()
         .map_err(|_| format!("'{port}' is not a port number (0 to 65535)"))?;
-    if host.is_empty() || (host.contains(':') && !(host.starts_with('[') && host.ends_with(']'))) {
-        return Err(format!(
-            "'{s}' is not HOST:PORT (write IPv6 addresses as [ADDR]:PORT)"
-        ));
+    if host.is_empty() {
+        return Err(format!("'{s}' is not HOST:PORT"));
     }
     Ok(s.to_string())
 }

@@ -128,7 +128,7 @@ fn bad_mode_and_addresses_are_refused() {
     let o = run_in(Some(d.path()), &["serve", "--mode", "fast"]);
     fails_with(&o, "unknown cache mode 'fast'");
     assert_eq!(o.status.code(), Some(2));
-    for bad in ["not-an-address", "host:99999", "::1:80"] {
+    for bad in ["not-an-address", "host:99999", ":80"] {
         let o = run_in(Some(d.path()), &["serve", "--listen", bad]);
         fails_with(&o, "--listen");
         assert_eq!(o.status.code(), Some(2), "--listen {bad}");
