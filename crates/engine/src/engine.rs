@@ -133,6 +133,10 @@ impl Default for EngineConfig {
 pub(crate) struct Shard {
     pub(crate) ix: Mutex<ShardIndex>,
     pub(crate) cv: Condvar,
+    /// A writer waits for space here: writeback takes this shard's blocks
+    /// first (a shard fills while others have room, as blocks hash to
+    /// shards by 1 MiB chunk).
+    pub(crate) starved: AtomicBool,
     /// `ShardIndex::buckets_base`, readable without the lock.
     buckets: (usize, usize),
 }
@@ -394,6 +398,7 @@ impl Engine {
                     buckets: ix.buckets_base(),
                     ix: Mutex::new(ix),
                     cv: Condvar::new(),
+                    starved: AtomicBool::new(false),
                 }
             })
             .collect();

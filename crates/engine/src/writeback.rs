@@ -105,11 +105,14 @@ impl Engine {
         let mut damaged = None;
         let n = self.shards.len();
         let start = self.wb_rotor();
-        for k in 0..n {
+        // Shards where writers wait for space first, then all in turn (a
+        // second visit finds what the first took marked K_WB, and skips it).
+        let starved = (0..n).filter(|&sh| self.shards[sh].starved.swap(false, Ordering::Relaxed));
+        let order: Vec<usize> = starved.chain((0..n).map(|k| (start + k) % n)).collect();
+        for sh in order {
             if batch.len() >= max {
                 break;
             }
-            let sh = (start + k) % n;
             let mut ix = self.shards[sh].ix.lock();
             // Drops the stale entries ahead, so the scan below is short.
             if ix.first_owed_epoch().is_none() {

@@ -266,8 +266,11 @@ impl Engine {
                 self.counters.add(Ctr::WaitsForSpace, 1);
                 waited = true;
             }
+            sh.starved.store(true, Ordering::Relaxed);
             if self.wb.thread.lock().is_some() {
-                self.kick_writeback();
+                // Without the trickle pause: the cache as a whole may be
+                // far below its dirty mark while this shard is full.
+                self.kick_writeback_now();
                 sh.cv.wait_for(ix, Duration::from_millis(10));
             } else {
                 // No writeback thread (tools, tests): clean a batch ourselves.
