@@ -289,6 +289,22 @@ pub fn create_cache(
     };
     let result = (|| -> Result<(Arc<MappedRegion>, Superblock)> {
         let meta = lock.file().metadata()?;
+        if meta.is_file() {
+            // A cache the file system cannot hold would fail at some later
+            // store (a SIGBUS, or EFAULT in a receive): refuse it now.
+            use std::os::unix::fs::MetadataExt;
+            let have = meta.blocks().saturating_mul(512);
+            if let Some(free) = pmcache_pmem::free_bytes(lock.file()) {
+                if len > have.saturating_add(free) {
+                    bail!(
+                        "cache {}: its file system has {} free, not enough for a {} cache (on tmpfs that is memory); choose a smaller --size or another place",
+                        path.display(),
+                        crate::size::human(free),
+                        crate::size::human(len)
+                    );
+                }
+            }
+        }
         if meta.is_file() && meta.len() != len {
             OpenOptions::new()
                 .write(true)

@@ -357,6 +357,10 @@ fn format_refuses_existing_cache_and_nonempty_file() {
     // An empty (0-byte) file needs no --force.
     std::fs::File::create(d.join("empty.pmem")).unwrap();
     ok(&run_format(&d.s("empty.pmem"), "8M", &d.s("o.img"), &[]));
+    // A cache its file system cannot hold is refused before it is made.
+    let o = run_format(&d.s("huge.pmem"), "1000T", &d.s("o.img"), &[]);
+    fails_with(&o, "not enough for a 1000 TiB cache");
+    assert!(!d.join("huge.pmem").exists());
     // A file too small to map holds data all the same.
     std::fs::write(d.join("small"), b"hi\n").unwrap();
     fails_with(

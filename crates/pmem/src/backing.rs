@@ -86,19 +86,30 @@ fn seek(file: &File, from: u64, whence: libc::c_int) -> std::io::Result<Option<u
 pub(crate) fn in_memory(file: &File) -> bool {
     const TMPFS_MAGIC: i64 = 0x0102_1994;
     const RAMFS_MAGIC: i64 = 0x8584_58f6;
-    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
-    // SAFETY: fstatfs writes a statfs into the buffer we own, which is
-    // zero-initialized, so it is fully initialized either way.
-    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), st.as_mut_ptr()) };
-    if rc != 0 {
+    let Some(st) = statfs(file) else {
         return false;
-    }
-    // SAFETY: zero-initialized above and filled by fstatfs.
-    let st = unsafe { st.assume_init() };
+    };
     // `f_type`'s width differs between targets; the magics fit any of them.
     #[allow(clippy::unnecessary_cast)]
     let f_type = st.f_type as i64;
     f_type == TMPFS_MAGIC || f_type == RAMFS_MAGIC
+}
+
+/// Bytes an unprivileged writer may still allocate on `file`'s file system
+/// (for a tmpfs: what is left of its size limit), if the kernel says.
+pub fn free_bytes(file: &File) -> Option<u64> {
+    let st = statfs(file)?;
+    #[allow(clippy::unnecessary_cast)] // field widths differ between targets
+    Some((st.f_bavail as u64).saturating_mul(st.f_bsize as u64))
+}
+
+fn statfs(file: &File) -> Option<libc::statfs> {
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: fstatfs writes a statfs into the buffer we own, which is
+    // zero-initialized, so it is fully initialized either way.
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), st.as_mut_ptr()) };
+    // SAFETY: zero-initialized above and filled by fstatfs.
+    (rc == 0).then(|| unsafe { st.assume_init() })
 }
 
 /// Drops the file's clean cached pages (advice; failure changes nothing

@@ -24,6 +24,7 @@ pub mod hash;
 pub mod mapped;
 pub mod sim;
 
+pub use backing::free_bytes;
 pub use error::PmemError;
 pub use mapped::{MapOptions, MappedRegion};
 pub use sim::{CrashImage, SimRegion};
