@@ -965,3 +965,22 @@ fn flush_writes_everything_back_and_leaves_the_cache_clean() {
         "the cache should stay warm: {v}"
     );
 }
+
+/// A block device the kernel keeps read-only opens for writing, and then
+/// every write fails: refused as an origin at once, with what to do.
+#[test]
+fn a_read_only_block_device_origin_is_refused() {
+    let d = TempDir::new("rodev");
+    sparse(&d.join("o.img"), 16 * MIB);
+    let losetup = |args: &[&str]| {
+        let o = std::process::Command::new("losetup").args(args).output();
+        let o = o.expect("losetup (package mount) is installed");
+        assert!(o.status.success(), "losetup {args:?}: {o:?}");
+        String::from_utf8(o.stdout).unwrap().trim().to_string()
+    };
+    let dev = losetup(&["-r", "-f", "--show", &d.s("o.img")]);
+    let o = run_format(&d.s("c.pmem"), "8M", &dev, &[]);
+    losetup(&["-d", &dev]);
+    fails_with(&o, "read-only block device");
+    assert!(!d.join("c.pmem").exists());
+}

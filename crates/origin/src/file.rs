@@ -20,6 +20,15 @@ fn with_path(e: io::Error, what: &str, path: &Path) -> io::Error {
     io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
 }
 
+/// BLKROGET: whether the kernel marks a block device read-only.
+fn read_only_device(file: &File) -> bool {
+    const BLKROGET: libc::c_ulong = 0x125e;
+    let mut ro: libc::c_int = 0;
+    // SAFETY: BLKROGET writes one int through the pointer, to a local.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKROGET as _, &mut ro) };
+    rc == 0 && ro != 0
+}
+
 impl FileOrigin {
     /// Open an existing file or block device read-write.
     pub fn open(path: impl AsRef<Path>) -> io::Result<Self> {
@@ -33,6 +42,17 @@ impl FileOrigin {
             .metadata()
             .map_err(|e| with_path(e, "cannot stat origin", path))?;
         let block_device = meta.file_type().is_block_device();
+        if block_device && read_only_device(&file) {
+            // It opens for writing, and then every write fails (EPERM):
+            // writeback would retry forever.
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "origin {} is a read-only block device; pmcache writes its origin (make it writable, e.g. blockdev --setrw)",
+                    path.display()
+                ),
+            ));
+        }
         let size = if block_device {
             let mut f = &file;
             io::Seek::seek(&mut f, io::SeekFrom::End(0))
