@@ -36,11 +36,24 @@ impl CacheLock {
     /// Lock `path`: exclusively to change the cache, shared to read it.
     /// Fails at once (never waits) when a server or another command holds it.
     pub fn acquire(path: &Path, exclusive: bool) -> Result<CacheLock> {
+        // To change a block device, claim it as mkfs does (O_EXCL): a
+        // mounted one, or one another program holds so, is refused.
+        let is_dev = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
+        let excl = if exclusive && is_dev { libc::O_EXCL } else { 0 };
         let file = OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NOCTTY)
+            .custom_flags(libc::O_NOCTTY | excl)
             .open(path)
-            .map_err(|e| open_error(path, e))?;
+            .map_err(|e| {
+                if e.raw_os_error() == Some(libc::EBUSY) {
+                    anyhow!(
+                        "cache {} is in use: mounted, or held by another program",
+                        path.display()
+                    )
+                } else {
+                    open_error(path, e)
+                }
+            })?;
         let op = if exclusive {
             libc::LOCK_EX
         } else {

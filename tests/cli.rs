@@ -984,3 +984,51 @@ fn a_read_only_block_device_origin_is_refused() {
     fails_with(&o, "read-only block device");
     assert!(!d.join("c.pmem").exists());
 }
+
+/// Block devices are claimed as mkfs claims them (O_EXCL): one that another
+/// program holds so (or that is mounted) is refused as a cache, even with
+/// --force, and as an origin.
+#[test]
+fn a_block_device_held_elsewhere_is_refused() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let d = TempDir::new("heldev");
+    sparse(&d.join("o.img"), 16 * MIB);
+    sparse(&d.join("c.img"), 16 * MIB);
+    let losetup = |args: &[&str]| {
+        let o = std::process::Command::new("losetup").args(args).output();
+        let o = o.expect("losetup (package mount) is installed");
+        assert!(o.status.success(), "losetup {args:?}: {o:?}");
+        String::from_utf8(o.stdout).unwrap().trim().to_string()
+    };
+    let (origin, cache) = (
+        losetup(&["-f", "--show", &d.s("o.img")]),
+        losetup(&["-f", "--show", &d.s("c.img")]),
+    );
+    let hold = |dev: &str| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_EXCL)
+            .open(dev)
+            .unwrap()
+    };
+    let held = hold(&cache);
+    let as_cache = run(&[
+        "format",
+        "--cache",
+        &cache,
+        "--origin",
+        &d.s("o.img"),
+        "--force",
+    ]);
+    drop(held);
+    let held = hold(&origin);
+    let as_origin = run_format(&d.s("c.pmem"), "8M", &origin, &[]);
+    drop(held);
+    // Free again, both work.
+    let free = run(&["format", "--cache", &cache, "--origin", &origin, "--force"]);
+    losetup(&["-d", &origin]);
+    losetup(&["-d", &cache]);
+    fails_with(&as_cache, "is in use: mounted, or held by another program");
+    fails_with(&as_origin, "is in use: mounted, or held by another");
+    ok(&free);
+}

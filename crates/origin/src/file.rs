@@ -2,7 +2,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -33,11 +33,27 @@ impl FileOrigin {
     /// Open an existing file or block device read-write.
     pub fn open(path: impl AsRef<Path>) -> io::Result<Self> {
         let path = path.as_ref();
+        // A block device is claimed as mkfs does (O_EXCL): one that is
+        // mounted, or that another cache or program holds so, is refused.
+        let is_dev = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
         let file = OpenOptions::new()
             .read(true)
             .write(true)
+            .custom_flags(if is_dev { libc::O_EXCL } else { 0 })
             .open(path)
-            .map_err(|e| with_path(e, "cannot open origin", path))?;
+            .map_err(|e| {
+                if e.raw_os_error() == Some(libc::EBUSY) {
+                    io::Error::new(
+                        io::ErrorKind::ResourceBusy,
+                        format!(
+                            "origin {} is in use: mounted, or held by another cache or program",
+                            path.display()
+                        ),
+                    )
+                } else {
+                    with_path(e, "cannot open origin", path)
+                }
+            })?;
         let meta = file
             .metadata()
             .map_err(|e| with_path(e, "cannot stat origin", path))?;
