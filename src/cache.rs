@@ -240,6 +240,16 @@ pub fn map_options(assume_pmem: bool, prefault: bool) -> MapOptions {
 
 /// Map an existing cache read-write (the caller holds the exclusive lock).
 pub fn map_cache(path: &Path, assume_pmem: bool, prefault: bool) -> Result<Arc<MappedRegion>> {
+    // Mapping one for writing fails with a bare EINVAL: say what it is.
+    if let Ok(f) = File::open(path) {
+        let dev = f.metadata().is_ok_and(|m| m.file_type().is_block_device());
+        if dev && pmcache_origin::file::read_only_device(&f) {
+            bail!(
+                "cache {} is a read-only block device (make it writable, e.g. blockdev --setrw)",
+                path.display()
+            );
+        }
+    }
     MappedRegion::open(path, &map_options(assume_pmem, prefault))
         .map(Arc::new)
         .map_err(pmem_error)

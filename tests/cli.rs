@@ -967,9 +967,10 @@ fn flush_writes_everything_back_and_leaves_the_cache_clean() {
 }
 
 /// A block device the kernel keeps read-only opens for writing, and then
-/// every write fails: refused as an origin at once, with what to do.
+/// every write fails (a mapping of it fails with a bare EINVAL): refused as
+/// an origin and as a cache at once, with what to do.
 #[test]
-fn a_read_only_block_device_origin_is_refused() {
+fn a_read_only_block_device_is_refused() {
     let d = TempDir::new("rodev");
     sparse(&d.join("o.img"), 16 * MIB);
     let losetup = |args: &[&str]| {
@@ -979,10 +980,12 @@ fn a_read_only_block_device_origin_is_refused() {
         String::from_utf8(o.stdout).unwrap().trim().to_string()
     };
     let dev = losetup(&["-r", "-f", "--show", &d.s("o.img")]);
-    let o = run_format(&d.s("c.pmem"), "8M", &dev, &[]);
+    let as_origin = run_format(&d.s("c.pmem"), "8M", &dev, &[]);
+    let as_cache = run(&["format", "--cache", &dev, "--origin", &d.s("o.img")]);
     losetup(&["-d", &dev]);
-    fails_with(&o, "read-only block device");
+    fails_with(&as_origin, "read-only block device");
     assert!(!d.join("c.pmem").exists());
+    fails_with(&as_cache, "is a read-only block device");
 }
 
 /// Block devices are claimed as mkfs claims them (O_EXCL): one that another

@@ -21,7 +21,7 @@ fn with_path(e: io::Error, what: &str, path: &Path) -> io::Error {
 }
 
 /// BLKROGET: whether the kernel marks a block device read-only.
-fn read_only_device(file: &File) -> bool {
+pub fn read_only_device(file: &File) -> bool {
     const BLKROGET: libc::c_ulong = 0x125e;
     let mut ro: libc::c_int = 0;
     // SAFETY: BLKROGET writes one int through the pointer, to a local.
