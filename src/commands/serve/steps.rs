@@ -228,8 +228,9 @@ impl OpenCache {
     /// Close the engine (marking the cache clean) and release the lock;
     /// returns the blocks still dirty and how the close went.
     pub(super) fn close(self) -> (u64, pmcache_engine::Result<()>) {
-        let dirty = self.engine.dirty_blocks();
-        (dirty, self.engine.close())
+        // After the close, which stops writeback: the count it logged too.
+        let closed = self.engine.close();
+        (self.engine.dirty_blocks(), closed)
     }
 }
 
