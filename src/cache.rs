@@ -218,13 +218,20 @@ pub fn plan_layout(path: &Path, len: u64, block_size: u32) -> Result<Layout> {
     let need = 2 * (MAX_REQUEST / block_size + 1) as u64;
     if layout.slot_count < need {
         let min = 12288 + need * (block_size as u64 + 64) + 2 * block_size.max(4096) as u64;
+        let min = human(min.next_multiple_of(1 << 20));
+        // A device's size is not the user's to choose.
+        let dev = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
+        let fix = if dev {
+            format!("use a device of at least {min}, or a smaller --block-size")
+        } else {
+            format!("use a size of at least {min}")
+        };
         bail!(
-            "cache {} of {} holds only {} blocks of {} bytes; at least {need} are needed (use a size of at least {})",
+            "cache {} of {} holds only {} blocks of {} bytes; at least {need} are needed ({fix})",
             path.display(),
             human(len),
             layout.slot_count,
             block_size,
-            human(min.next_multiple_of(1 << 20))
         );
     }
     Ok(layout)
