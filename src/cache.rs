@@ -222,7 +222,7 @@ pub fn plan_layout(path: &Path, len: u64, block_size: u32) -> Result<Layout> {
         // A device's size is not the user's to choose.
         let dev = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
         let fix = if dev {
-            format!("use a device of at least {min}, or a smaller --block-size")
+            format!("use a device of at least {min}")
         } else {
             format!("use a size of at least {min}")
         };
