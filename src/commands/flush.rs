@@ -48,9 +48,18 @@ pub fn run(a: FlushArgs) -> Result<ExitCode> {
         .map(|s| s.progress_chars("=> "))
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
+    // Off a terminal (a script, a log), a line every 10 s instead of the bar.
+    let quiet = bar.is_hidden();
+    let mut last = std::time::Instant::now();
     let result = engine.flush_all(a.retries, &mut |done, total| {
         bar.set_length(total);
         bar.set_position(done);
+        if quiet && last.elapsed() >= std::time::Duration::from_secs(10) {
+            last = std::time::Instant::now();
+            use std::io::Write;
+            let line = format!("pmcache flush: {done} of {total} dirty blocks written back\n");
+            let _ = std::io::stderr().lock().write_all(line.as_bytes());
+        }
     });
     bar.finish_and_clear();
     let remaining = engine.dirty_blocks();
