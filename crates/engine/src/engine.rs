@@ -515,12 +515,13 @@ impl Engine {
             .load(Ordering::Relaxed)
     }
 
-    /// Whether slot `s` (pinned or taken, its shard locked) holds the data
-    /// its entry's hash describes. Recovery marks what it loads
-    /// K_UNVERIFIED, and the first use of such a slot checks it, so data
-    /// damaged while the cache was closed reaches neither a client nor the
-    /// origin; slots written since are trusted. A mismatch is counted and
-    /// logged, and the mark stays: every later use fails the same way.
+    /// Whether slot `s` (pinned, or owed to the origin with its shard
+    /// locked) holds the data its entry's hash describes. Recovery marks
+    /// what it loads K_UNVERIFIED, and the first use of such a slot checks
+    /// it, so data damaged while the cache was closed reaches neither a
+    /// client nor the origin; slots written since are trusted. A mismatch
+    /// is counted and logged, and the mark stays: every later use fails the
+    /// same way.
     pub(crate) fn verify_loaded(&self, ix: &mut ShardIndex, s: u32) -> bool {
         let k = ix.key(s);
         if k & K_UNVERIFIED == 0 {
@@ -528,8 +529,9 @@ impl Engine {
         }
         let first = ix.first_slot;
         let ok = k & K_ZERO != 0 || {
-            // SAFETY: the caller pins or has taken the slot, so nobody
-            // writes its data meanwhile.
+            // SAFETY: the slot is pinned, or owed and its shard locked (so
+            // not freed); writers only ever write free slots (copy-on-write),
+            // so nobody writes its data meanwhile.
             let data = unsafe { self.region.slice(self.data(first, s), self.bs() as usize) };
             data_hash(data)
                 == self
@@ -552,10 +554,11 @@ impl Engine {
     }
 
     /// After [`verify_loaded`](Self::verify_loaded) failed for the current
-    /// version `s` of `block` (unpinned by the caller): a clean copy is
-    /// dropped, so the block is read from the origin again (`None`); a
-    /// dirty one is the only copy, and its users get the error.
+    /// version `s` of `block`, which the caller pinned: unpins it; a clean
+    /// copy is dropped, so the block is read from the origin again (`None`);
+    /// a dirty one is the only copy, and its users get the error.
     pub(crate) fn damaged(&self, ix: &mut ShardIndex, s: u32, block: u64) -> Option<EngineError> {
+        ix.unpin(s);
         let first = ix.first_slot;
         if ix.key(s) & K_DIRTY != 0 {
             return Some(EngineError::DataCorrupt {

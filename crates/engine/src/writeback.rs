@@ -122,31 +122,30 @@ impl Engine {
                 if ix.pins(s) == MAX_PINS {
                     continue;
                 }
-                let Some(nb) = Self::take_version(&mut ix, sh, s) else {
+                if !self.verify_loaded(&mut ix, s) {
+                    let k = ix.key(s);
+                    if k & K_RETAINED != 0 {
+                        // A newer version follows, so the client has
+                        // rewritten the block: the origin skips this one
+                        // rather than wait for it forever (only this
+                        // block's step of the epoch order is lost, and no
+                        // data the client still reads).
+                        self.retire_retained(&mut ix, s);
+                        tracing::warn!(
+                            block = k & BLOCK_MASK,
+                            "a damaged older version was dropped"
+                        );
+                    } else {
+                        damaged.get_or_insert(EngineError::DataCorrupt {
+                            block: k & BLOCK_MASK,
+                            slot: ix.first_slot + s as u64,
+                        });
+                    }
                     continue;
-                };
-                if self.verify_loaded(&mut ix, s) {
+                }
+                if let Some(nb) = Self::take_version(&mut ix, sh, s) {
                     batch.push(nb);
-                    continue;
                 }
-                ix.clear_flags(s, K_WB);
-                ix.unpin(s);
-                ix.update_lock(nb.block, |l| l.origin_writer = false);
-                if ix.key(s) & K_RETAINED != 0 {
-                    // A newer version follows, so the client has rewritten
-                    // the block: the origin skips this one rather than wait
-                    // for it forever (only this block's step of the epoch
-                    // order is lost, and no data the client still reads).
-                    ix.release_retained(s);
-                    let seq = self.slot_seq(ix.first_slot, s);
-                    self.retire(&mut ix, s, seq, true);
-                    tracing::warn!(block = nb.block, "a damaged older version was dropped");
-                    continue;
-                }
-                damaged.get_or_insert(EngineError::DataCorrupt {
-                    block: nb.block,
-                    slot: ix.first_slot + s as u64,
-                });
             }
         }
         batch.sort_by_key(|nb| nb.block);

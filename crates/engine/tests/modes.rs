@@ -48,10 +48,19 @@ fn once_at(e: &Arc<Engine>, point: HookPoint, f: impl Fn(&Engine) + Send + Sync 
     })));
 }
 
-fn block0(e: &Engine, origin: &MemOrigin) -> (Vec<u8>, Vec<u8>) {
+/// After writeback of everything, block 0 holds `byte` in the cache and on
+/// the origin: no older version reached the origin after it.
+fn assert_written_back(e: &Engine, origin: &MemOrigin, byte: u8) {
+    e.flush_all(0, &mut |_, _| {}).unwrap();
+    assert_eq!(e.dirty_blocks(), 0);
     let mut cached = vec![0u8; BS];
     e.read(0, &mut cached).unwrap();
-    (cached, origin.current()[..BS].to_vec())
+    assert_eq!(cached, [byte; BS]);
+    assert_eq!(
+        origin.current()[..BS],
+        [byte; BS],
+        "an older version reached the origin last"
+    );
 }
 
 /// A writethrough whose commit comes after a switch to writeback: its
@@ -76,14 +85,7 @@ fn writethrough_commit_after_a_switch_to_writeback() {
     e.set_test_hook(None);
     assert_eq!(e.mode(), CacheMode::Writeback);
 
-    e.flush_all(0, &mut |_, _| {}).unwrap();
-    assert_eq!(e.dirty_blocks(), 0);
-    let (cached, on_origin) = block0(&e, &origin);
-    assert_eq!(cached, [0x22; BS]);
-    assert_eq!(
-        on_origin, [0x22; BS],
-        "an older version reached the origin last"
-    );
+    assert_written_back(&e, &origin, 0x22);
 }
 
 /// A writeback commit that lands while a switch to writethrough has just
@@ -108,14 +110,7 @@ fn writeback_commit_during_a_switch_to_writethrough() {
 
     e.write(0, &[0x33; BS], false).unwrap();
     e.flush().unwrap();
-    e.flush_all(0, &mut |_, _| {}).unwrap();
-    assert_eq!(e.dirty_blocks(), 0);
-    let (cached, on_origin) = block0(&e, &origin);
-    assert_eq!(cached, [0x33; BS]);
-    assert_eq!(
-        on_origin, [0x33; BS],
-        "an older version reached the origin last"
-    );
+    assert_written_back(&e, &origin, 0x33);
 }
 
 /// Passthrough reads come from the origin, except for dirty blocks not yet

@@ -121,7 +121,6 @@ impl Engine {
                 match cached {
                     Some(s) if ix.pin(s) => {
                         if !self.verify_loaded(ix, s) {
-                            ix.unpin(s);
                             // A clean copy is dropped and the lookup starts
                             // over (a miss now); a dirty one fails the read.
                             damaged = Some(self.damaged(ix, s, b));
@@ -238,7 +237,6 @@ impl Engine {
             return None;
         }
         if !self.verify_loaded(&mut ix, s) {
-            ix.unpin(s);
             // A clean copy is dropped: the general path reads the origin.
             return self.damaged(&mut ix, s, b).map(Err);
         }

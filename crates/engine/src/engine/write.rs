@@ -697,7 +697,6 @@ impl Engine {
                         if self.verify_loaded(&mut ix, s) {
                             break Some((s, ix.key(s) & K_ZERO != 0));
                         }
-                        ix.unpin(s);
                         // A clean copy is dropped (the origin has the old
                         // content); a dirty one cannot be merged with.
                         if let Some(e) = self.damaged(&mut ix, s, nb.block) {
@@ -816,11 +815,17 @@ impl Engine {
             old.sort_unstable();
             old.dedup();
             for s in old {
-                ix.release_retained(s);
-                let seq = self.slot_seq(ix.first_slot, s);
-                self.retire(&mut ix, s, seq, true);
+                self.retire_retained(&mut ix, s);
             }
         }
+    }
+
+    /// A retained version writeback no longer owes the origin: on its way
+    /// to FREE, under its own seq.
+    pub(crate) fn retire_retained(&self, ix: &mut ShardIndex, s: u32) {
+        ix.release_retained(s);
+        let seq = self.slot_seq(ix.first_slot, s);
+        self.retire(ix, s, seq, true);
     }
 
     /// Mark versions clean after their origin copy is durable: a current
@@ -830,9 +835,7 @@ impl Engine {
             let mut ix = self.shards[nb.shard].ix.lock();
             let k = ix.key(nb.slot);
             if k & K_RETAINED != 0 {
-                ix.release_retained(nb.slot);
-                let seq = self.slot_seq(ix.first_slot, nb.slot);
-                self.retire(&mut ix, nb.slot, seq, true);
+                self.retire_retained(&mut ix, nb.slot);
                 self.counters.add(Ctr::Writebacks, 1);
                 self.counters.add(Ctr::WritebackBytes, self.bs());
                 continue;
