@@ -38,7 +38,7 @@ impl CacheLock {
     pub fn acquire(path: &Path, exclusive: bool) -> Result<CacheLock> {
         // To change a block device, claim it as mkfs does (O_EXCL): a
         // mounted one, or one another program holds so, is refused.
-        let is_dev = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
+        let is_dev = pmcache_origin::file::is_block_device(path);
         let excl = if exclusive && is_dev { libc::O_EXCL } else { 0 };
         let file = OpenOptions::new()
             .read(true)
@@ -220,8 +220,7 @@ pub fn plan_layout(path: &Path, len: u64, block_size: u32) -> Result<Layout> {
         let min = 12288 + need * (block_size as u64 + 64) + 2 * block_size.max(4096) as u64;
         let min = human(min.next_multiple_of(1 << 20));
         // A device's size is not the user's to choose.
-        let dev = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
-        let fix = if dev {
+        let fix = if pmcache_origin::file::is_block_device(path) {
             format!("use a device of at least {min}")
         } else {
             format!("use a size of at least {min}")
@@ -248,14 +247,11 @@ pub fn map_options(assume_pmem: bool, prefault: bool) -> MapOptions {
 /// Map an existing cache read-write (the caller holds the exclusive lock).
 pub fn map_cache(path: &Path, assume_pmem: bool, prefault: bool) -> Result<Arc<MappedRegion>> {
     // Mapping one for writing fails with a bare EINVAL: say what it is.
-    if let Ok(f) = File::open(path) {
-        let dev = f.metadata().is_ok_and(|m| m.file_type().is_block_device());
-        if dev && pmcache_origin::file::read_only_device(&f) {
-            bail!(
-                "cache {} is a read-only block device (make it writable, e.g. blockdev --setrw)",
-                path.display()
-            );
-        }
+    if File::open(path).is_ok_and(|f| pmcache_origin::file::read_only_device(&f)) {
+        bail!(
+            "cache {} is a read-only block device (make it writable, e.g. blockdev --setrw)",
+            path.display()
+        );
     }
     MappedRegion::open(path, &map_options(assume_pmem, prefault))
         .map(Arc::new)

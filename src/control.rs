@@ -184,6 +184,12 @@ fn control_conn(conn: UnixStream, engine: &Engine, info: &ServerInfo) -> std::io
     (&conn).write_all(b"\n")
 }
 
+/// A control socket that accepted the request but gave no answer in time:
+/// the right server, still busy starting up.
+#[derive(Debug, thiserror::Error)]
+#[error("the server behind control socket {} did not answer within {} s: it may still be starting up (switching to a mode without dirty data writes it all back first; its log shows the progress)", .0.display(), CLIENT_TIMEOUT.as_secs())]
+pub struct NotAnswering(PathBuf);
+
 /// Ask a running server for its statistics over its control socket.
 pub fn query_stats(path: &Path) -> Result<Value> {
     let conn = UnixStream::connect(path).map_err(|e| {
@@ -200,11 +206,7 @@ pub fn query_stats(path: &Path) -> Result<Value> {
     let mut answer = String::new();
     if let Err(e) = (&conn).take(16 << 20).read_to_string(&mut answer) {
         if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
-            bail!(
-                "the server behind control socket {} did not answer within {} s: it may still be starting up (switching to a mode without dirty data writes it all back first; its log shows the progress)",
-                path.display(),
-                CLIENT_TIMEOUT.as_secs()
-            );
+            return Err(NotAnswering(path.to_path_buf()).into());
         }
         return Err(e).with_context(|| format!("control socket {}", path.display()));
     }

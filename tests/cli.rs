@@ -966,6 +966,14 @@ fn flush_writes_everything_back_and_leaves_the_cache_clean() {
     );
 }
 
+/// `losetup ARGS`, asserting success; its output, trimmed.
+fn losetup(args: &[&str]) -> String {
+    let o = std::process::Command::new("losetup").args(args).output();
+    let o = o.expect("losetup (package mount) is installed");
+    assert!(o.status.success(), "losetup {args:?}: {o:?}");
+    String::from_utf8(o.stdout).unwrap().trim().to_string()
+}
+
 /// A block device the kernel keeps read-only opens for writing, and then
 /// every write fails (a mapping of it fails with a bare EINVAL): refused as
 /// an origin and as a cache at once, with what to do.
@@ -973,12 +981,6 @@ fn flush_writes_everything_back_and_leaves_the_cache_clean() {
 fn a_read_only_block_device_is_refused() {
     let d = TempDir::new("rodev");
     sparse(&d.join("o.img"), 16 * MIB);
-    let losetup = |args: &[&str]| {
-        let o = std::process::Command::new("losetup").args(args).output();
-        let o = o.expect("losetup (package mount) is installed");
-        assert!(o.status.success(), "losetup {args:?}: {o:?}");
-        String::from_utf8(o.stdout).unwrap().trim().to_string()
-    };
     let dev = losetup(&["-r", "-f", "--show", &d.s("o.img")]);
     let as_origin = run_format(&d.s("c.pmem"), "8M", &dev, &[]);
     let as_cache = run(&["format", "--cache", &dev, "--origin", &d.s("o.img")]);
@@ -997,12 +999,6 @@ fn a_block_device_held_elsewhere_is_refused() {
     let d = TempDir::new("heldev");
     sparse(&d.join("o.img"), 16 * MIB);
     sparse(&d.join("c.img"), 16 * MIB);
-    let losetup = |args: &[&str]| {
-        let o = std::process::Command::new("losetup").args(args).output();
-        let o = o.expect("losetup (package mount) is installed");
-        assert!(o.status.success(), "losetup {args:?}: {o:?}");
-        String::from_utf8(o.stdout).unwrap().trim().to_string()
-    };
     let (origin, cache) = (
         losetup(&["-f", "--show", &d.s("o.img")]),
         losetup(&["-f", "--show", &d.s("c.img")]),

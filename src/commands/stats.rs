@@ -9,15 +9,14 @@ use pmcache_engine::check::dump;
 
 use crate::cache::{self, CacheLock};
 use crate::cli::{StatsArgs, DEFAULT_CACHE};
-use crate::control::query_stats;
+use crate::control::{query_stats, NotAnswering};
 use crate::report::{offline_json, render_text};
 
 /// The control socket a server uses by default for `cache`: `<cache>.sock`
 /// beside a cache file, `/run/pmcache/<name>.sock` for a block device (whose
 /// directory, /dev, is no place for sockets).
 pub fn default_control(cache: &Path) -> PathBuf {
-    use std::os::unix::fs::FileTypeExt;
-    let is_dev = std::fs::metadata(cache).is_ok_and(|m| m.file_type().is_block_device());
+    let is_dev = pmcache_origin::file::is_block_device(cache);
     match cache.file_name() {
         Some(name) if is_dev => {
             let mut n = name.to_owned();
@@ -54,7 +53,7 @@ pub fn run(a: StatsArgs) -> Result<ExitCode> {
             let control = default_control(&cache);
             query_stats(&control).map_err(|e| {
                 // A socket that is there but slow is the right one.
-                let hint = if format!("{e:#}").contains("did not answer") {
+                let hint = if e.is::<NotAnswering>() {
                     ""
                 } else {
                     "; if that server was started with --control, pass the same --control here"

@@ -20,7 +20,13 @@ fn with_path(e: io::Error, what: &str, path: &Path) -> io::Error {
     io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
 }
 
-/// BLKROGET: whether the kernel marks a block device read-only.
+/// Whether `path` is a block device (false if it cannot be looked at).
+pub fn is_block_device(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
+}
+
+/// BLKROGET: whether the kernel marks a block device read-only (false for
+/// anything else, where the ioctl fails).
 pub fn read_only_device(file: &File) -> bool {
     const BLKROGET: libc::c_ulong = 0x125e;
     let mut ro: libc::c_int = 0;
@@ -35,7 +41,7 @@ impl FileOrigin {
         let path = path.as_ref();
         // A block device is claimed as mkfs does (O_EXCL): one that is
         // mounted, or that another cache or program holds so, is refused.
-        let is_dev = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
+        let is_dev = is_block_device(path);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -58,7 +64,7 @@ impl FileOrigin {
             .metadata()
             .map_err(|e| with_path(e, "cannot stat origin", path))?;
         let block_device = meta.file_type().is_block_device();
-        if block_device && read_only_device(&file) {
+        if read_only_device(&file) {
             // It opens for writing, and then every write fails (EPERM):
             // writeback would retry forever.
             return Err(io::Error::new(
