@@ -3,7 +3,20 @@
 
 use super::*;
 
+/// Whether a read may take a cached version with key `k`. Passthrough
+/// (`trusted` false) reads clean blocks from the origin (contract §5): the
+/// cache may be stale, as in dm-cache's passthrough; dirty ones are the
+/// newest data there is.
+fn servable(trusted: bool, k: u64) -> bool {
+    trusted || k & K_DIRTY != 0
+}
+
 impl Engine {
+    /// Clean cached copies may be read (every mode but passthrough).
+    fn cache_trusted(&self) -> bool {
+        self.mode() != CacheMode::Passthrough
+    }
+
     /// Read `[offset, offset + len)` and hand the bytes to `sink` as slices
     /// that point into the cache where possible.
     pub fn read_with(
@@ -104,7 +117,7 @@ impl Engine {
         cached_only: bool,
     ) -> Result<Option<Vec<Loc>>> {
         let mut locs: Vec<Loc> = Vec::with_capacity((b1 - b0 + 1) as usize);
-        let trusted = self.mode() != CacheMode::Passthrough;
+        let trusted = self.cache_trusted();
         loop {
             let mut g = self.lock_all(ids);
             locs.clear();
@@ -113,11 +126,7 @@ impl Engine {
             for b in b0..=b1 {
                 let sh = self.shard_of(b);
                 let ix = &mut g[Self::guard_pos(ids, sh)];
-                // Passthrough reads clean blocks from the origin (contract
-                // §5): the cache may be stale, as in dm-cache's passthrough.
-                let cached = ix
-                    .lookup(b)
-                    .filter(|&s| trusted || ix.key(s) & K_DIRTY != 0);
+                let cached = ix.lookup(b).filter(|&s| servable(trusted, ix.key(s)));
                 match cached {
                     Some(s) if ix.pin(s) => {
                         if !self.verify_loaded(ix, s) {
@@ -193,7 +202,7 @@ impl Engine {
         self.check_range(offset, len)?;
         let bs = self.bs();
         let end = (offset + len).min((offset / bs + 8192) * bs);
-        let trusted = self.mode() != CacheMode::Passthrough;
+        let trusted = self.cache_trusted();
         let mut out: Vec<(u64, bool)> = Vec::new();
         let mut at = offset;
         while at < end {
@@ -202,7 +211,7 @@ impl Engine {
                 let ix = self.shards[self.shard_of(b)].ix.lock();
                 ix.lookup(b).is_some_and(|s| {
                     let k = ix.key(s);
-                    k & K_ZERO != 0 && (trusted || k & K_DIRTY != 0)
+                    k & K_ZERO != 0 && servable(trusted, k)
                 })
             };
             let n = ((b + 1) * bs).min(end) - at;
@@ -232,8 +241,7 @@ impl Engine {
         shard.prefetch_bucket(b);
         let mut ix = shard.ix.lock();
         let s = ix.lookup(b)?;
-        let servable = self.mode() != CacheMode::Passthrough || ix.key(s) & K_DIRTY != 0;
-        if !servable || !ix.pin(s) {
+        if !servable(self.cache_trusted(), ix.key(s)) || !ix.pin(s) {
             return None;
         }
         if !self.verify_loaded(&mut ix, s) {
