@@ -8,6 +8,7 @@ use pmcache_nbd::export::{
     BlockSizes, Export, ExportError, Extent, PendingWrite, Staged, ZeroFlags,
 };
 use pmcache_nbd::proto::STATE_ZERO;
+use pmcache_nbd::Relayed;
 
 /// What the server's client is told for an engine error.
 fn to_export(e: EngineError) -> ExportError {
@@ -51,6 +52,17 @@ impl Export for EngineExport {
     ) -> Result<(), ExportError> {
         self.engine
             .read_with(offset, len as u64, sink)
+            .map_err(to_export)
+    }
+
+    fn read_or_relay(
+        &self,
+        offset: u64,
+        len: u32,
+        sink: &mut dyn FnMut(&[IoSlice<'_>]) -> io::Result<()>,
+    ) -> Result<Option<Relayed>, ExportError> {
+        self.engine
+            .read_or_relay(offset, len as u64, sink)
             .map_err(to_export)
     }
 

@@ -335,10 +335,11 @@ fn render_requests(o: &mut String, f: &Fields<'_>) {
     );
     let _ = writeln!(
         o,
-        "  bypassed       {} read and {} write requests of sequential streams, {}",
+        "  bypassed       {} read and {} write requests of sequential streams, {} ({} relayed by splice)",
         f.n("bypass_reads"),
         f.n("bypass_writes"),
-        human(f.n("bypass_bytes"))
+        human(f.n("bypass_bytes")),
+        human(f.n("relayed_bytes"))
     );
 }
 

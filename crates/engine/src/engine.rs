@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
-use pmcache_origin::Origin;
+use pmcache_origin::{Origin, Relayed};
 use pmcache_pmem::PmemRegion;
 use smallvec::SmallVec;
 
@@ -728,6 +728,7 @@ impl Engine {
             bypass_reads: c.get(Ctr::BypassReads),
             bypass_writes: c.get(Ctr::BypassWrites),
             bypass_bytes: c.get(Ctr::BypassBytes),
+            relayed_bytes: c.get(Ctr::RelayedBytes),
             fences: self.region.fences(),
             watermark: self.seq.durable(),
             writeback_order: self.cfg.writeback_order.to_string(),

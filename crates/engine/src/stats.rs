@@ -20,6 +20,7 @@ pub enum Ctr {
     BypassReads,
     BypassWrites,
     BypassBytes,
+    RelayedBytes,
     CorruptBlocks,
 }
 
@@ -71,6 +72,8 @@ pub struct StatsSnapshot {
     pub bypass_reads: u64,
     pub bypass_writes: u64,
     pub bypass_bytes: u64,
+    /// Read bytes spliced from the origin to the client, never in memory.
+    pub relayed_bytes: u64,
     pub fences: u64,
     pub watermark: u64,
     /// `ordered` or `none` (`serve --writeback-order`).
@@ -170,6 +173,11 @@ impl StatsSnapshot {
                 "bypass_bytes",
                 self.bypass_bytes,
                 "bytes of bypassed requests",
+            ),
+            (
+                "relayed_bytes",
+                self.relayed_bytes,
+                "read bytes spliced from the origin to clients without a copy",
             ),
             ("fences", self.fences, "persistence fences issued in total"),
             ("watermark", self.watermark, "durable transaction watermark"),

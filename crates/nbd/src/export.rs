@@ -3,6 +3,7 @@
 //! payload goes from the socket straight into a cache slot and a read hit
 //! goes from the mapping straight to the socket.
 
+use crate::relay::Relayed;
 use std::io::{self, IoSlice, IoSliceMut};
 
 /// Block-size constraints advertised with NBD_INFO_BLOCK_SIZE.
@@ -102,6 +103,19 @@ pub trait Export: Send + Sync + 'static {
         len: u32,
         sink: &mut dyn FnMut(&[IoSlice<'_>]) -> io::Result<()>,
     ) -> Result<(), ExportError>;
+
+    /// [`read`](Self::read), or the data handed back in a relay pipe
+    /// (`Some`; `sink` not called) where it only passes through, for the
+    /// server to splice to the socket. Called only for plain (non-TLS)
+    /// connections.
+    fn read_or_relay(
+        &self,
+        offset: u64,
+        len: u32,
+        sink: &mut dyn FnMut(&[IoSlice<'_>]) -> io::Result<()>,
+    ) -> Result<Option<Relayed>, ExportError> {
+        self.read(offset, len, sink).map(|()| None)
+    }
 
     /// Serve a read at once if that needs no slow I/O (say, a cache hit),
     /// so the connection thread can answer it without a hand-off to a worker.

@@ -12,6 +12,7 @@ pub mod export;
 pub mod mem;
 pub mod net;
 pub mod proto;
+pub mod relay;
 pub mod server;
 pub mod tls;
 
@@ -20,5 +21,6 @@ pub use conns::{ConnectionInfo, Connections, Phase, TlsSessionInfo};
 pub use export::{BlockSizes, Export, ExportError, Extent, PendingWrite, Staged, ZeroFlags};
 pub use mem::{MemExport, MemStats};
 pub use net::Stream;
+pub use relay::Relayed;
 pub use server::{Server, ServerConfig, ShutdownHandle, DEFAULT_TCP_ADDR};
 pub use tls::{TlsCredentials, TlsMode, TlsServer, TlsServerConfig, TlsStats};

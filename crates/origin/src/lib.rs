@@ -12,6 +12,7 @@ pub mod nbd;
 pub use file::FileOrigin;
 pub use mem::MemOrigin;
 pub use nbd::{NbdOrigin, NbdOriginOptions};
+pub use pmcache_nbd::Relayed;
 
 /// Storage behind the cache.
 ///
@@ -26,6 +27,14 @@ pub trait Origin: Send + Sync {
 
     /// Fill `buf` from `offset`. Short reads past the end are errors.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+
+    /// Read `[offset, offset + len)` into a relay pipe, for data that only
+    /// passes through to a client (see [`Relayed`]). `Ok(None)` where the
+    /// origin cannot relay it; the caller then reads into memory.
+    fn read_relayed(&self, offset: u64, len: usize) -> io::Result<Option<Relayed>> {
+        let _ = (offset, len);
+        Ok(None)
+    }
 
     /// Fill `bufs`, in order, from the contiguous range starting at `offset`.
     /// Lets a miss land in several non-adjacent cache slots with one request.

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use pmcache_nbd::proto::FLAG_CAN_MULTI_CONN;
-use pmcache_nbd::{Client, ClientOptions};
+use pmcache_nbd::{Client, ClientOptions, Relayed};
 
 use crate::Origin;
 
@@ -417,6 +417,10 @@ impl Origin for NbdOrigin {
 
     fn read_vectored_at(&self, bufs: &mut [io::IoSliceMut<'_>], offset: u64) -> io::Result<()> {
         self.with_client(self.pick(), "read", |c, _| c.read_vectored(bufs, offset))
+    }
+
+    fn read_relayed(&self, offset: u64, len: usize) -> io::Result<Option<Relayed>> {
+        self.with_client(self.pick(), "read", |c, _| c.read_relayed(offset, len))
     }
 
     fn write_many(&self, pieces: &[(u64, &[u8])]) -> io::Result<()> {

@@ -11,6 +11,25 @@ fn servable(trusted: bool, k: u64) -> bool {
     trusted || k & K_DIRTY != 0
 }
 
+/// What a read may do with its data.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Ask {
+    /// Hand it to the sink.
+    Read,
+    /// Hand it to the sink, or back as a relay where it only passes through.
+    ReadOrRelay,
+    /// Hand it to the sink only if every block is cached and nothing waits.
+    CachedOnly,
+}
+
+/// How a read ended.
+pub(super) enum Served {
+    Sent,
+    /// `Ask::CachedOnly` declined: nothing sent, nothing held.
+    NotNow,
+    Relayed(Relayed),
+}
+
 impl Engine {
     /// Clean cached copies may be read (every mode but passthrough).
     fn cache_trusted(&self) -> bool {
@@ -25,7 +44,23 @@ impl Engine {
         len: u64,
         sink: &mut dyn FnMut(&[IoSlice<'_>]) -> io::Result<()>,
     ) -> Result<()> {
-        self.read_impl(offset, len, sink, false).map(|_| ())
+        self.read_impl(offset, len, sink, Ask::Read).map(|_| ())
+    }
+
+    /// [`read_with`](Self::read_with), except that a read that only passes
+    /// through (every block missing, none to be cached: a bypassed stream,
+    /// passthrough mode) may come back as a relay pipe the origin filled
+    /// (`Some`; `sink` not called), for the caller to splice onwards.
+    pub fn read_or_relay(
+        &self,
+        offset: u64,
+        len: u64,
+        sink: &mut dyn FnMut(&[IoSlice<'_>]) -> io::Result<()>,
+    ) -> Result<Option<Relayed>> {
+        match self.read_impl(offset, len, sink, Ask::ReadOrRelay)? {
+            Served::Relayed(r) => Ok(Some(r)),
+            Served::Sent | Served::NotNow => Ok(None),
+        }
     }
 
     /// [`read_with`](Self::read_with) if every block is cached and nothing
@@ -37,7 +72,8 @@ impl Engine {
         len: u64,
         sink: &mut dyn FnMut(&[IoSlice<'_>]) -> io::Result<()>,
     ) -> Result<bool> {
-        self.read_impl(offset, len, sink, true)
+        self.read_impl(offset, len, sink, Ask::CachedOnly)
+            .map(|s| matches!(s, Served::Sent))
     }
 
     pub(super) fn read_impl(
@@ -45,24 +81,26 @@ impl Engine {
         offset: u64,
         len: u64,
         sink: &mut dyn FnMut(&[IoSlice<'_>]) -> io::Result<()>,
-        cached_only: bool,
-    ) -> Result<bool> {
+        ask: Ask,
+    ) -> Result<Served> {
         self.check_request(offset, len)?;
         if len == 0 {
-            return sink(&[]).map(|()| true).map_err(EngineError::Transfer);
+            return sink(&[])
+                .map(|()| Served::Sent)
+                .map_err(EngineError::Transfer);
         }
         let bs = self.bs();
         let (b0, b1) = (offset / bs, (offset + len - 1) / bs);
         if b0 == b1 {
             if let Some(r) = self.read_block_hit(offset, len, sink) {
-                return r.map(|()| true);
+                return r.map(|()| Served::Sent);
             }
         }
         let ids = self.shards_of(b0, b1);
         let nblocks = (b1 - b0 + 1) as usize;
 
-        let Some(locs) = self.lookup_range(b0, b1, &ids, cached_only)? else {
-            return Ok(false);
+        let Some(locs) = self.lookup_range(b0, b1, &ids, ask == Ask::CachedOnly)? else {
+            return Ok(Served::NotNow);
         };
 
         let hits = locs.iter().filter(|l| matches!(l, Loc::Hit { .. })).count() as u64;
@@ -76,6 +114,11 @@ impl Engine {
         if bypass {
             self.counters.add(Ctr::BypassReads, 1);
             self.counters.add(Ctr::BypassBytes, len);
+        }
+        if ask == Ask::ReadOrRelay && hits == 0 && (bypass || !promotes) {
+            if let Some(r) = self.relay_misses(b0, nblocks, offset, len)? {
+                return Ok(Served::Relayed(r));
+            }
         }
 
         let misses = self.fetch_misses(b0, &locs, !bypass);
@@ -101,7 +144,34 @@ impl Engine {
                 self.shards[shard].ix.lock().unpin(slot);
             }
         }
-        result.map(|()| true)
+        result.map(|()| Served::Sent)
+    }
+
+    /// Read a request whose blocks are all missing, and none to be cached,
+    /// into a relay pipe. `Ok(None)` if the origin cannot relay it; the
+    /// blocks' origin-reader locks are then still held for the usual path,
+    /// otherwise they are released.
+    fn relay_misses(
+        &self,
+        b0: u64,
+        nblocks: usize,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Relayed>> {
+        let r = self.origin_retrying("read", offset, || {
+            self.origin.read_relayed(offset, len as usize)
+        });
+        if matches!(r, Ok(None)) {
+            return Ok(None);
+        }
+        self.release_origin_readers(b0..b0 + nblocks as u64);
+        match r {
+            Ok(relayed) => {
+                self.counters.add(Ctr::RelayedBytes, len);
+                Ok(relayed)
+            }
+            Err(source) => Err(EngineError::Origin { offset, source }),
+        }
     }
 
     /// Every block of `[b0, b1]` looked up under all its shard locks at

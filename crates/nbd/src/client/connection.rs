@@ -13,6 +13,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::export::BlockSizes;
 use crate::net::Stream;
+use crate::relay::Relayed;
 
 /// The caller's buffer a READ reply is written into.
 pub(super) struct RawBuf {
@@ -45,6 +46,8 @@ pub(super) struct Op {
     /// Where a READ's data goes: consecutive pieces of the caller's memory
     /// (empty for other commands).
     pub(super) buf: Vec<RawBuf>,
+    /// Where a relayed READ's data goes instead of `buf` (see `crate::relay`).
+    pub(super) relay: Option<Mutex<Relayed>>,
     pub(super) state: Mutex<OpState>,
     pub(super) cv: Condvar,
 }

@@ -29,6 +29,7 @@ use parking_lot::Mutex;
 use crate::export::BlockSizes;
 use crate::net::Stream;
 use crate::proto::*;
+use crate::relay::Relayed;
 
 mod connection;
 mod error;
@@ -401,6 +402,31 @@ impl Client {
         collect(tickets, err)
     }
 
+    /// Read `[offset, offset + len)` into a relay pipe (see
+    /// [`crate::relay`]), for data that only passes through. `Ok(None)`
+    /// where relaying does not apply: TLS, a request the server would need
+    /// split or aligned, or no pipe to be had; the caller reads as usual.
+    pub fn read_relayed(&self, offset: u64, len: usize) -> io::Result<Option<Relayed>> {
+        let min = u64::from(self.inner.sizes.minimum);
+        let fits = len <= self.inner.max_request as usize
+            && offset.is_multiple_of(min)
+            && (len as u64).is_multiple_of(min);
+        if self.inner.stream.is_tls() || !fits {
+            return Ok(None);
+        }
+        self.check_range("read", offset, len as u64)?;
+        let Some(relay) = Relayed::new(len) else {
+            return Ok(None);
+        };
+        let (ticket, op) = self.submit_relayed(offset, relay)?;
+        ticket.wait()?;
+        // The op is complete: the reader thread is done with it.
+        Ok(op
+            .relay
+            .as_ref()
+            .map(|m| std::mem::replace(&mut *m.lock(), Relayed::spent())))
+    }
+
     fn read_aligned(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let max = self.inner.max_request as usize;
         let mut tickets = Vec::new();
@@ -567,7 +593,7 @@ fn dial(uri: &str, endpoint: &Endpoint, timeout: Duration) -> io::Result<Stream>
             let _ = s.set_nodelay(true);
             Stream::Tcp(s)
         }
-        Endpoint::Unix(path) => Stream::Unix(UnixStream::connect(path).map_err(|e| {
+        Endpoint::Unix(path) => Stream::unix(UnixStream::connect(path).map_err(|e| {
             io::Error::new(
                 e.kind(),
                 format!("{uri}: connecting to {}: {e}", path.display()),

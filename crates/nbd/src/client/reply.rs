@@ -86,8 +86,12 @@ impl Inner {
         Ok(out)
     }
 
-    /// Read `n` bytes of reply data straight into the op's buffer at `at`.
+    /// Read `n` bytes of reply data straight into the op's buffer at `at`
+    /// (or its relay pipe).
     fn read_into(&self, op: &Op, at: u64, n: usize) -> io::Result<()> {
+        if let Some(r) = &op.relay {
+            return r.lock().receive(&self.stream, at as usize, n);
+        }
         // SAFETY: called on the reader thread for an op in flight; the
         // slices are dropped before this returns.
         let mut dst = unsafe { self.op_slices(op, at, n)? };
@@ -95,6 +99,9 @@ impl Inner {
     }
 
     fn zero_into(&self, op: &Op, at: u64, n: usize) -> io::Result<()> {
+        if let Some(r) = &op.relay {
+            return r.lock().zero(at as usize, n);
+        }
         // SAFETY: as in `read_into`.
         let dst = unsafe { self.op_slices(op, at, n)? };
         for mut d in dst {

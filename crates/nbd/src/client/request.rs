@@ -10,7 +10,8 @@ use parking_lot::{Condvar, Mutex};
 
 use super::connection::{Inner, Op, OpState, RawBuf};
 use super::Client;
-use crate::proto::{command_name, Request};
+use crate::proto::{command_name, Request, CMD_READ};
+use crate::relay::Relayed;
 
 impl Client {
     /// Put one request in flight. For READ, `dest` is where the reply's
@@ -47,10 +48,44 @@ impl Client {
         payload: &[IoSlice<'_>],
         dest: Vec<&'a mut [u8]>,
     ) -> io::Result<Ticket<'a>> {
-        let inner = &*self.inner;
         debug_assert!(
             dest.is_empty() || dest.iter().map(|d| d.len()).sum::<usize>() == length as usize
         );
+        let buf = dest
+            .into_iter()
+            .map(|b| RawBuf {
+                ptr: b.as_mut_ptr(),
+                len: b.len(),
+            })
+            .collect();
+        self.submit_op(command, flags, offset, length, payload, buf, None)
+    }
+
+    /// A READ whose data the reader thread puts into `relay`.
+    pub(super) fn submit_relayed(
+        &self,
+        offset: u64,
+        relay: Relayed,
+    ) -> io::Result<(Ticket<'_>, Arc<Op>)> {
+        debug_assert!(relay.len() <= self.inner.max_request as usize);
+        let len = relay.len() as u32;
+        let t = self.submit_op(CMD_READ, 0, offset, len, &[], Vec::new(), Some(relay))?;
+        let op = t.op.clone();
+        Ok((t, op))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn submit_op(
+        &self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        payload: &[IoSlice<'_>],
+        buf: Vec<RawBuf>,
+        relay: Option<Relayed>,
+    ) -> io::Result<Ticket<'_>> {
+        let inner = &*self.inner;
         debug_assert!(
             payload.is_empty() || payload.iter().map(|p| p.len()).sum::<usize>() == length as usize
         );
@@ -59,13 +94,8 @@ impl Client {
             command,
             offset,
             length,
-            buf: dest
-                .into_iter()
-                .map(|b| RawBuf {
-                    ptr: b.as_mut_ptr(),
-                    len: b.len(),
-                })
-                .collect(),
+            buf,
+            relay: relay.map(Mutex::new),
             state: Mutex::new(OpState {
                 done: false,
                 result: None,

@@ -2,7 +2,7 @@
 //! workers running its requests share it: the socket, the send lock that
 //! keeps replies whole, and the count of requests in flight.
 
-use std::io::IoSlice;
+use std::io::{self, IoSlice};
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -71,11 +71,24 @@ impl Conn {
     /// Write one whole reply; on failure the connection is torn down (the
     /// reader wakes up from the shutdown and stops).
     pub(super) fn send(&self, bufs: &mut [IoSlice<'_>]) -> bool {
+        self.send_then(bufs, |_| Ok(()))
+    }
+
+    /// `send`, then `more` writes the rest of the reply, under the same lock.
+    pub(super) fn send_then(
+        &self,
+        bufs: &mut [IoSlice<'_>],
+        more: impl FnOnce(&Stream) -> io::Result<()>,
+    ) -> bool {
         if self.broken.load(Ordering::SeqCst) {
             return false;
         }
         let _g = self.send_lock.lock();
-        match self.stream.write_all_vectored(bufs) {
+        match self
+            .stream
+            .write_all_vectored(bufs)
+            .and_then(|()| more(&self.stream))
+        {
             Ok(()) => true,
             Err(e) => {
                 debug!("nbd[{}]: sending a reply failed: {e}", self.id);

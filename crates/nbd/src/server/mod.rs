@@ -296,7 +296,7 @@ impl Server {
     pub fn serve_unix(&self, listener: UnixListener) -> io::Result<()> {
         listener.set_nonblocking(true)?;
         let fd = listener.as_raw_fd();
-        self.accept_loop(fd, || Ok(Stream::Unix(listener.accept()?.0)))
+        self.accept_loop(fd, || Ok(Stream::unix(listener.accept()?.0)))
     }
 
     /// Serve one already-connected stream on the calling thread (handshake

@@ -7,22 +7,45 @@ use super::reply::ReplyError;
 use super::Shared;
 use crate::export::ExportError;
 use crate::proto::*;
+use crate::relay::Relayed;
 
 pub(super) fn execute_read(shared: &Shared, conn: &Conn, req: &Request) {
+    let relayable = !conn.stream.is_tls();
     serve_read(conn, req, |sink| {
-        Some(shared.export.read(req.offset, req.length, sink))
+        Some(if relayable {
+            shared.export.read_or_relay(req.offset, req.length, sink)
+        } else {
+            shared
+                .export
+                .read(req.offset, req.length, sink)
+                .map(|()| None)
+        })
     });
 }
 
+/// A try-read (see [`Export::try_read`](crate::Export::try_read)) in the
+/// shape `serve_read` takes.
+pub(super) fn try_read(
+    shared: &Shared,
+    req: &Request,
+    sink: &mut dyn FnMut(&[IoSlice<'_>]) -> io::Result<()>,
+) -> Option<Result<Option<Relayed>, ExportError>> {
+    shared
+        .export
+        .try_read(req.offset, req.length, sink)
+        .map(|r| r.map(|()| None))
+}
+
 /// Run `read` with a sink that sends the reply straight from the export's
-/// slices (`writev`), and answer errors. False when `read` declined
-/// (returned `None`); then nothing was sent.
+/// slices (`writev`), or send the relay it hands back (`splice`), and
+/// answer errors. False when `read` declined (returned `None`); then
+/// nothing was sent.
 pub(super) fn serve_read(
     conn: &Conn,
     req: &Request,
     read: impl FnOnce(
         &mut dyn FnMut(&[IoSlice<'_>]) -> io::Result<()>,
-    ) -> Option<Result<(), ExportError>>,
+    ) -> Option<Result<Option<Relayed>, ExportError>>,
 ) -> bool {
     #[derive(PartialEq, Eq)]
     enum Sink {
@@ -70,7 +93,18 @@ pub(super) fn serve_read(
         (_, Err(e)) => {
             conn.send_error(req.cookie, &e.into());
         }
-        (_, Ok(())) => {
+        (Sink::NotCalled, Ok(Some(relayed))) if relayed.len() == req.length as usize => {
+            conn.send_relayed(req.cookie, req.offset, &relayed);
+        }
+        (_, Ok(Some(relayed))) => {
+            let msg = format!(
+                "export relayed {} bytes for a {}-byte read",
+                relayed.len(),
+                req.length
+            );
+            conn.send_error(req.cookie, &ReplyError::new(EIO, msg));
+        }
+        (_, Ok(None)) => {
             conn.send_error(
                 req.cookie,
                 &ReplyError::new(EIO, "export returned no data for the read"),

@@ -8,6 +8,7 @@ use tracing::debug;
 use super::connection::Conn;
 use crate::export::ExportError;
 use crate::proto::*;
+use crate::relay::Relayed;
 
 /// An NBD error to report, with a message for structured replies.
 pub(super) struct ReplyError {
@@ -114,6 +115,24 @@ impl Conn {
         len: u32,
         data: &[IoSlice<'_>],
     ) -> bool {
+        self.send_read_reply(cookie, offset, len, data, None)
+    }
+
+    /// A successful READ reply whose data comes from a relay pipe: the
+    /// header by `writev`, then the payload by `splice`.
+    pub(super) fn send_relayed(&self, cookie: u64, offset: u64, data: &Relayed) -> bool {
+        debug_assert!(!self.stream.is_tls());
+        self.send_read_reply(cookie, offset, data.len() as u32, &[], Some(data))
+    }
+
+    fn send_read_reply(
+        &self,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+        data: &[IoSlice<'_>],
+        relayed: Option<&Relayed>,
+    ) -> bool {
         let simple;
         let structured;
         let off = offset.to_be_bytes();
@@ -143,6 +162,9 @@ impl Conn {
             bufs.push(IoSlice::new(&simple));
         }
         bufs.extend_from_slice(data);
-        self.send(&mut bufs)
+        match relayed {
+            None => self.send(&mut bufs),
+            Some(r) => self.send_then(&mut bufs, |s| r.send(s)),
+        }
     }
 }

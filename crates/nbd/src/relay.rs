@@ -1,0 +1,407 @@
+//! Zero-copy relay: READ data that only passes through (a bypassed cache
+//! miss) parks in a kernel pipe on its way from the origin's socket to the
+//! client's, moved by `splice`, so it never enters user memory.
+//!
+//! The pipe is sized at twice the payload where allowed (a pipe counts
+//! pages, and socket data arrives in pieces), so the reader thread that
+//! fills it never waits for the thread that will drain it. Whatever does not go
+//! into the pipe in order (a chunk out of order, a hole, a pipe that filled
+//! after all) lands in a tail buffer in user memory and is sent after the
+//! pipe's bytes: the relay is always complete, at worst with a copy.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use parking_lot::Mutex;
+
+use crate::net::Stream;
+
+/// The largest payload relayed (fs.pipe-max-size is 1 MiB by default).
+pub const MAX_RELAY: usize = 1 << 20;
+/// Idle pipes kept for reuse.
+const POOL_MAX: usize = 32;
+
+static POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
+/// Set once a pipe of twice the payload was refused: ask for less from then on.
+static LIMITED: AtomicBool = AtomicBool::new(false);
+
+/// A pipe: both ends and its capacity in bytes.
+struct Pipe {
+    r: OwnedFd,
+    w: OwnedFd,
+    cap: usize,
+}
+
+impl Pipe {
+    /// An empty pipe of `want` bytes, or of `least` where the system
+    /// allows no more (`fs.pipe-max-size` without CAP_SYS_RESOURCE): from
+    /// the pool, else new. `None` if not even `least` can be had.
+    fn take(want: usize, least: usize) -> Option<Pipe> {
+        let want = if LIMITED.load(Ordering::Relaxed) {
+            least
+        } else {
+            want
+        };
+        {
+            let mut pool = POOL.lock();
+            if let Some(i) = pool.iter().position(|p| p.cap >= want) {
+                return Some(pool.swap_remove(i));
+            }
+        }
+        Self::create(want.next_power_of_two()).or_else(|| {
+            LIMITED.store(true, Ordering::Relaxed);
+            Self::create(least.next_power_of_two())
+        })
+    }
+
+    fn create(cap: usize) -> Option<Pipe> {
+        let mut fds = [0 as RawFd; 2];
+        // SAFETY: `fds` is a valid array of two descriptors for pipe2 to fill.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return None;
+        }
+        // SAFETY: pipe2 succeeded, so both are new descriptors owned by no one else.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: F_SETPIPE_SZ on a pipe we own, with an integer argument.
+        let got = unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, cap as libc::c_int) };
+        (got >= cap as libc::c_int).then_some(Pipe { r, w, cap })
+    }
+
+    /// Back to the pool (the caller checked that it is empty).
+    fn give_back(self) {
+        let mut pool = POOL.lock();
+        if pool.len() < POOL_MAX {
+            pool.push(self);
+        }
+    }
+
+    /// Bytes in the pipe, as the kernel counts them.
+    fn queued(&self) -> io::Result<usize> {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int through the valid pointer.
+        if unsafe { libc::ioctl(self.r.as_raw_fd(), libc::FIONREAD, &mut n) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+}
+
+/// `splice(2)` without offsets (both ends are a pipe or a socket).
+fn splice(from: RawFd, to: RawFd, len: usize, flags: libc::c_uint) -> io::Result<usize> {
+    // SAFETY: null offsets are allowed for pipes and sockets; the kernel
+    // checks the descriptors, and no user memory is involved.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            flags | libc::SPLICE_F_MOVE,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Wait until `fd` is readable (or hung up).
+fn wait_readable(fd: RawFd) -> io::Result<()> {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut p, 1, -1) };
+        if n >= 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// A READ payload on its way through: bytes `[0, in_pipe)` in the pipe,
+/// `[in_pipe, len)` in `tail` (allocated only if needed).
+pub struct Relayed {
+    pipe: Option<Pipe>,
+    len: usize,
+    in_pipe: usize,
+    tail: Vec<u8>,
+}
+
+impl std::fmt::Debug for Relayed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relayed")
+            .field("len", &self.len)
+            .field("in_pipe", &self.in_pipe)
+            .field("tail", &self.tail.len())
+            .finish()
+    }
+}
+
+impl Relayed {
+    /// Room for `len` bytes, or `None` if relaying does not apply (too
+    /// large, or no pipe of that size to be had).
+    pub fn new(len: usize) -> Option<Self> {
+        if len == 0 || len > MAX_RELAY {
+            return None;
+        }
+        Some(Self {
+            pipe: Some(Pipe::take(2 * len, len)?),
+            len,
+            in_pipe: 0,
+            tail: Vec::new(),
+        })
+    }
+
+    /// An empty relay without a pipe: what is left where one was taken out.
+    pub(crate) fn spent() -> Self {
+        Self {
+            pipe: None,
+            len: 0,
+            in_pipe: 0,
+            tail: Vec::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes that went through user memory (for statistics and tests).
+    pub fn copied(&self) -> usize {
+        self.len - self.in_pipe
+    }
+
+    /// The tail, from `in_pipe` on; allocated on first use.
+    fn tail_at(&mut self, at: usize, n: usize) -> io::Result<&mut [u8]> {
+        if at < self.in_pipe || at + n > self.len {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "READ data overlaps data already received",
+            ));
+        }
+        if self.tail.is_empty() {
+            self.tail = vec![0; self.len - self.in_pipe];
+        }
+        let from = at - self.in_pipe;
+        Ok(&mut self.tail[from..from + n])
+    }
+
+    /// Take `n` payload bytes for offset `at` from `src`: spliced into the
+    /// pipe when they come in order, read into the tail otherwise.
+    pub(crate) fn receive(&mut self, src: &Stream, at: usize, n: usize) -> io::Result<()> {
+        let mut done = 0;
+        if at == self.in_pipe && self.tail.is_empty() && !src.is_tls() {
+            done = self.splice_in(src.as_raw_fd(), n)?;
+        }
+        if done < n {
+            let buf = self.tail_at(at + done, n - done)?;
+            src.read_exact(buf)?;
+        }
+        Ok(())
+    }
+
+    /// Splice up to `n` bytes from socket `fd` into the pipe; fewer only if
+    /// the pipe is full. Never blocks on the pipe: nothing drains it yet.
+    fn splice_in(&mut self, fd: RawFd, n: usize) -> io::Result<usize> {
+        let w = self.pipe.as_ref().map(|p| p.w.as_raw_fd()).unwrap_or(-1);
+        let mut done = 0;
+        let mut polled = false;
+        while done < n {
+            match splice(fd, w, n - done, libc::SPLICE_F_NONBLOCK) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(k) => {
+                    done += k;
+                    self.in_pipe += k;
+                    polled = false;
+                }
+                // Readable, yet nothing moved: the pipe is full.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && polled => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    wait_readable(fd)?;
+                    polled = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done)
+    }
+
+    /// A hole: zeroes (the tail starts zeroed).
+    pub(crate) fn zero(&mut self, at: usize, n: usize) -> io::Result<()> {
+        self.tail_at(at, n).map(|_| ())
+    }
+
+    /// Send every byte to `dst`, which the caller holds for writing: the
+    /// pipe's bytes by splice, then the tail.
+    pub(crate) fn send(&self, dst: &Stream) -> io::Result<()> {
+        let pipe = self
+            .pipe
+            .as_ref()
+            .ok_or_else(|| io::Error::other("relay without a pipe"))?;
+        // A count that disagreed with the kernel's would block forever below.
+        if dst.is_tls() {
+            return Err(io::Error::other(
+                "a relay cannot be spliced into a TLS session",
+            ));
+        }
+        let queued = pipe.queued()?;
+        if queued != self.in_pipe {
+            return Err(io::Error::other(format!(
+                "relay pipe holds {queued} bytes, expected {}",
+                self.in_pipe
+            )));
+        }
+        let (r, fd) = (pipe.r.as_raw_fd(), dst.as_raw_fd());
+        let mut left = self.in_pipe;
+        while left > 0 {
+            match splice(r, fd, left, 0) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(k) => left -= k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if !self.tail.is_empty() {
+            dst.write_all(&self.tail)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Relayed {
+    fn drop(&mut self) {
+        if let Some(p) = self.pipe.take() {
+            if p.queued().is_ok_and(|q| q == 0) {
+                p.give_back();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::thread;
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 4096) as u8).collect()
+    }
+
+    /// Relay `chunks` ((offset, data) or holes as `None` data) written by
+    /// another thread; return what the far end received.
+    fn relay(len: usize, pieces: Vec<(usize, Option<Vec<u8>>)>, shrink: bool) -> (Vec<u8>, usize) {
+        let (mut tx, rx) = UnixStream::pair().unwrap();
+        let (out_tx, mut out_rx) = UnixStream::pair().unwrap();
+        let mut r = Relayed::new(len).unwrap();
+        if shrink {
+            // A pipe of one page: every later byte must go to the tail.
+            let p = r.pipe.as_mut().unwrap();
+            // SAFETY: F_SETPIPE_SZ on a pipe we own.
+            assert!(unsafe { libc::fcntl(p.w.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) } >= 4096);
+            p.cap = 4096; // as the pool must know it
+        }
+        let plan: Vec<(usize, usize, bool)> = pieces
+            .iter()
+            .map(|(o, d)| (*o, d.as_ref().map_or(0, |d| d.len()), d.is_some()))
+            .collect();
+        let writer = thread::spawn(move || {
+            for (_, d) in pieces {
+                if let Some(d) = d {
+                    tx.write_all(&d).unwrap();
+                }
+            }
+        });
+        let src = Stream::Unix(rx);
+        for (off, n, data) in plan {
+            if data {
+                r.receive(&src, off, n).unwrap();
+            } else {
+                r.zero(off, 4096).unwrap();
+            }
+        }
+        writer.join().unwrap();
+        let copied = r.copied();
+        let reader = thread::spawn(move || {
+            let mut v = vec![0; len];
+            out_rx.read_exact(&mut v).unwrap();
+            v
+        });
+        r.send(&Stream::Unix(out_tx)).unwrap();
+        (reader.join().unwrap(), copied)
+    }
+
+    #[test]
+    fn in_order_data_is_spliced_whole() {
+        let len = 1 << 20;
+        let data = pattern(len);
+        let pieces = data.chunks(300 * 1024).enumerate();
+        let pieces = pieces
+            .map(|(i, c)| (i * 300 * 1024, Some(c.to_vec())))
+            .collect();
+        let (got, copied) = relay(len, pieces, false);
+        assert!(got == data, "relayed bytes differ");
+        assert!(
+            copied < len / 4,
+            "{copied} of {len} bytes went through memory"
+        );
+    }
+
+    #[test]
+    fn out_of_order_chunks_and_holes_land_in_place() {
+        let len = 64 * 1024;
+        let data = pattern(len);
+        let mut want = data.clone();
+        want[16384..20480].fill(0);
+        let pieces = vec![
+            (0, Some(data[..8192].to_vec())),
+            (32768, Some(data[32768..].to_vec())),
+            (16384, None),
+            (8192, Some(data[8192..16384].to_vec())),
+            (20480, Some(data[20480..32768].to_vec())),
+        ];
+        let (got, copied) = relay(len, pieces, false);
+        assert!(got == want, "relayed bytes differ");
+        assert_eq!(copied, len - 8192, "only the first chunk came in order");
+    }
+
+    #[test]
+    fn a_full_pipe_spills_into_the_tail() {
+        let len = 256 * 1024;
+        let data = pattern(len);
+        let (got, copied) = relay(len, vec![(0, Some(data.clone()))], true);
+        assert!(got == data, "relayed bytes differ");
+        assert!(
+            copied >= len - 4096,
+            "only one page fits the pipe, {copied} copied"
+        );
+    }
+
+    #[test]
+    fn overlapping_data_is_refused() {
+        let (mut tx, rx) = UnixStream::pair().unwrap();
+        tx.write_all(&[1; 8192]).unwrap();
+        let src = Stream::Unix(rx);
+        let mut r = Relayed::new(8192).unwrap();
+        r.receive(&src, 0, 4096).unwrap();
+        assert!(r.receive(&src, 0, 4096).is_err());
+        assert!(Relayed::new(MAX_RELAY + 1).is_none());
+        assert!(Relayed::new(0).is_none());
+    }
+}
