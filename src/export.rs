@@ -101,6 +101,19 @@ impl Export for EngineExport {
         self.engine.write(offset, data, fua).map_err(to_export)
     }
 
+    fn prefers_relay(&self, offset: u64, len: u32, fua: bool) -> bool {
+        !self.read_only && self.engine.write_goes_around(offset, len as u64, fua)
+    }
+
+    fn write_relayed(&self, offset: u64, data: &mut Relayed, fua: bool) -> Result<(), ExportError> {
+        if self.read_only {
+            return Err(ExportError::ReadOnly);
+        }
+        self.engine
+            .write_relayed(offset, data, fua)
+            .map_err(to_export)
+    }
+
     fn stage_write(
         &self,
         offset: u64,

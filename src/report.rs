@@ -335,7 +335,7 @@ fn render_requests(o: &mut String, f: &Fields<'_>) {
     );
     let _ = writeln!(
         o,
-        "  bypassed       {} read and {} write requests of sequential streams, {} ({} relayed by splice)",
+        "  bypassed       {} read and {} write requests of sequential streams, {}; {} spliced client <-> origin",
         f.n("bypass_reads"),
         f.n("bypass_writes"),
         human(f.n("bypass_bytes")),

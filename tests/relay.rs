@@ -129,3 +129,66 @@ fn passthrough_reads_of_a_sparse_qemu_nbd_origin_are_relayed_exactly() {
     assert_eq!(counter(&st, "relayed_bytes"), LEN as u64, "{st}");
     srv.stop();
 }
+
+/// A sequential write stream past the cutoff goes to the origin by splice,
+/// in writeback mode (with FUA) and in writearound mode; with 10% of origin
+/// writes failing, the retries and the fall-back into the cache keep every
+/// byte, and after `pmcache flush` the origin file holds the stream.
+#[test]
+fn a_bypassed_write_stream_is_relayed_and_loses_nothing() {
+    let seed = test_seed("relay-write");
+    for (round, (mode, filters)) in [
+        ("writeback", &[][..]),
+        ("writearound", &[][..]),
+        ("writeback", &["error"][..]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let what = format!("{mode}, filters {filters:?}");
+        let dir = TempDir::new("relay-write");
+        let file = dir.join("origin.img");
+        std::fs::File::create(&file)
+            .unwrap()
+            .set_len(LEN as u64)
+            .unwrap();
+        let mut args: Vec<String> = filters.iter().map(|f| format!("--filter={f}")).collect();
+        args.extend(["file".into(), format!("file={}", file.display())]);
+        if !filters.is_empty() {
+            args.push("error-pwrite-rate=10%".into());
+        }
+        let origin = nbdkit_at(&dir.join("origin.sock"), &args, dir.join("nbdkit.log"), T);
+        let srv = pmcache_over(&dir, &["--mode", mode]);
+        let data = pattern(round_seed(seed, 6, round as u64), LEN);
+        let c = Client::connect(&srv.uri()).unwrap();
+        for (i, chunk) in data.chunks(MIB).enumerate() {
+            c.write(chunk, (i * MIB) as u64, false)
+                .unwrap_or_else(|e| panic!("{what}: write at {}: {e}", i * MIB));
+        }
+        c.flush().unwrap();
+        drop(c);
+        let st = stats(&dir.join("cache.pmem"), T);
+        if mode == "writeback" {
+            assert!(
+                counter(&st, "bypass_writes") > 0,
+                "{what}: nothing bypassed: {st}"
+            );
+        }
+        let relayed = counter(&st, "relayed_bytes");
+        assert!(
+            relayed >= MIB as u64,
+            "{what}: only {relayed} bytes relayed: {st}"
+        );
+        srv.stop();
+        drop(origin);
+        let clean = nbdkit_at(
+            &dir.join("origin.sock"),
+            &["file".into(), format!("file={}", file.display())],
+            dir.join("nbdkit-clean.log"),
+            T,
+        );
+        pmcache_ok(&["flush", "--cache", &dir.s("cache.pmem")], T);
+        drop(clean);
+        assert_same(&std::fs::read(&file).unwrap(), &data, &what);
+    }
+}

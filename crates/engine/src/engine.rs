@@ -285,6 +285,9 @@ pub(crate) enum Src<'a> {
     Buf(&'a [u8]),
     Fill(&'a mut dyn FnMut(&mut [IoSliceMut<'_>]) -> io::Result<()>),
     Zero,
+    /// A payload in a relay pipe: spliced to the origin where the write
+    /// goes there, read out into memory where it goes into the cache.
+    Relay(&'a mut Relayed),
 }
 
 /// What a staged write's slots hold besides what staging put there.

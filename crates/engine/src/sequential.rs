@@ -53,6 +53,29 @@ impl Streams {
         }
     }
 
+    /// The stream a request continues, if any: of several candidates the
+    /// longest, so that a short stale entry in its path does not split it.
+    fn stream_of(table: &[Stream], offset: u64, len: u64, write: bool) -> Option<usize> {
+        let near = |s: &Stream| {
+            s.live
+                && s.write == write
+                && offset <= s.end.saturating_add(len)
+                && offset >= s.end.saturating_sub(2 * len)
+        };
+        (0..table.len())
+            .filter(|&i| near(&table[i]))
+            .max_by_key(|&i| table[i].bytes)
+    }
+
+    /// What [`bypass`](Self::bypass) would say now, recording nothing.
+    pub(crate) fn would_bypass(&self, offset: u64, len: u64, write: bool, sync: bool) -> bool {
+        if self.cutoff == 0 || len == 0 || sync {
+            return false;
+        }
+        let g = self.table.lock();
+        Self::stream_of(&g.0, offset, len, write).is_some_and(|i| g.0[i].bytes >= self.cutoff)
+    }
+
     /// Record a request; true if it belongs to a stream that has already
     /// moved more than the cutoff, so it should bypass the cache. A `sync`
     /// request (a write with FUA) is a sync point of its stream and never
@@ -65,15 +88,8 @@ impl Streams {
         let (table, clock) = &mut *g;
         *clock += 1;
         let now = *clock;
-        let near = |s: &Stream| {
-            s.live
-                && s.write == write
-                && offset <= s.end.saturating_add(len)
-                && offset >= s.end.saturating_sub(2 * len)
-        };
-        // Of several candidates, the longest stream: a short stale entry
-        // in its path must not split it.
-        if let Some(s) = table.iter_mut().filter(|s| near(s)).max_by_key(|s| s.bytes) {
+        if let Some(i) = Self::stream_of(table, offset, len, write) {
+            let s = &mut table[i];
             let before = s.bytes;
             // Only a request that moves the stream forward counts; one
             // behind it is a late member, not progress.

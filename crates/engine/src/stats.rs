@@ -72,7 +72,7 @@ pub struct StatsSnapshot {
     pub bypass_reads: u64,
     pub bypass_writes: u64,
     pub bypass_bytes: u64,
-    /// Read bytes spliced from the origin to the client, never in memory.
+    /// Bytes spliced between clients and the origin, never in memory.
     pub relayed_bytes: u64,
     pub fences: u64,
     pub watermark: u64,
@@ -177,7 +177,7 @@ impl StatsSnapshot {
             (
                 "relayed_bytes",
                 self.relayed_bytes,
-                "read bytes spliced from the origin to clients without a copy",
+                "bytes spliced between clients and the origin without a copy",
             ),
             ("fences", self.fences, "persistence fences issued in total"),
             ("watermark", self.watermark, "durable transaction watermark"),

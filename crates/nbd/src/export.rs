@@ -167,6 +167,25 @@ pub trait Export: Send + Sync + 'static {
         })
     }
 
+    /// Whether a write the server must buffer (it could not be staged)
+    /// would rather have its payload in a relay pipe: it is likely to go
+    /// straight on to another socket (see [`write_relayed`](Self::write_relayed)).
+    /// Asked only for plain (non-TLS) connections.
+    fn prefers_relay(&self, offset: u64, len: u32, fua: bool) -> bool {
+        let _ = (offset, len, fua);
+        false
+    }
+
+    /// [`write_from`](Self::write_from) of a payload the server received
+    /// into a relay pipe (because [`prefers_relay`](Self::prefers_relay)
+    /// said so). The default reads it into memory.
+    fn write_relayed(&self, offset: u64, data: &mut Relayed, fua: bool) -> Result<(), ExportError> {
+        let mut v = vec![0u8; data.len()];
+        data.read_out(&mut [IoSliceMut::new(&mut v)])
+            .map_err(ExportError::Transfer)?;
+        self.write_from(offset, &v, fua)
+    }
+
     /// The first half of a write, for a server that receives payloads on
     /// one thread and finishes writes on others: take what the write needs
     /// *without waiting* and let `source` fill it, as [`write`](Self::write)

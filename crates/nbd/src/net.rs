@@ -127,6 +127,15 @@ impl Stream {
         }
     }
 
+    /// The read timeout of a plain socket (`None` for none, and for TLS).
+    pub fn read_timeout(&self) -> io::Result<Option<Duration>> {
+        match self {
+            Self::Tcp(s) => s.read_timeout(),
+            Self::Unix(s) => s.read_timeout(),
+            Self::Tls(_) => Ok(None),
+        }
+    }
+
     pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Self::Tcp(s) => s.set_write_timeout(t),

@@ -9,9 +9,11 @@
 //! after all) lands in a tail buffer in user memory and is sent after the
 //! pipe's bytes: the relay is always complete, at worst with a copy.
 
-use std::io;
+use std::fs::File;
+use std::io::{self, IoSliceMut, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use parking_lot::Mutex;
 
@@ -108,17 +110,24 @@ fn splice(from: RawFd, to: RawFd, len: usize, flags: libc::c_uint) -> io::Result
     }
 }
 
-/// Wait until `fd` is readable (or hung up).
-fn wait_readable(fd: RawFd) -> io::Result<()> {
+/// Wait until `fd` is readable (or hung up), at most `timeout` (the
+/// socket's own read timeout, which a blocking read would have honoured).
+fn wait_readable(fd: RawFd, timeout: Option<Duration>) -> io::Result<()> {
     let mut p = libc::pollfd {
         fd,
         events: libc::POLLIN,
         revents: 0,
     };
+    let ms = timeout.map_or(-1, |t| {
+        t.as_millis().clamp(1, i32::MAX as u128) as libc::c_int
+    });
     loop {
         // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(&mut p, 1, -1) };
-        if n >= 0 {
+        let n = unsafe { libc::poll(&mut p, 1, ms) };
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "payload stalled"));
+        }
+        if n > 0 {
             return Ok(());
         }
         let e = io::Error::last_os_error();
@@ -205,7 +214,7 @@ impl Relayed {
     pub(crate) fn receive(&mut self, src: &Stream, at: usize, n: usize) -> io::Result<()> {
         let mut done = 0;
         if at == self.in_pipe && self.tail.is_empty() && !src.is_tls() {
-            done = self.splice_in(src.as_raw_fd(), n)?;
+            done = self.splice_in(src.as_raw_fd(), n, src.read_timeout()?)?;
         }
         if done < n {
             let buf = self.tail_at(at + done, n - done)?;
@@ -216,7 +225,7 @@ impl Relayed {
 
     /// Splice up to `n` bytes from socket `fd` into the pipe; fewer only if
     /// the pipe is full. Never blocks on the pipe: nothing drains it yet.
-    fn splice_in(&mut self, fd: RawFd, n: usize) -> io::Result<usize> {
+    fn splice_in(&mut self, fd: RawFd, n: usize, timeout: Option<Duration>) -> io::Result<usize> {
         let w = self.pipe.as_ref().map(|p| p.w.as_raw_fd()).unwrap_or(-1);
         let mut done = 0;
         let mut polled = false;
@@ -231,7 +240,7 @@ impl Relayed {
                 // Readable, yet nothing moved: the pipe is full.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock && polled => break,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    wait_readable(fd)?;
+                    wait_readable(fd, timeout)?;
                     polled = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -239,6 +248,80 @@ impl Relayed {
             }
         }
         Ok(done)
+    }
+
+    /// The same bytes in a relay of their own, this one untouched: the
+    /// pipe duplicated by `tee` (page references, not copies). A send
+    /// consumes its pipe, so each attempt of an origin write sends a copy.
+    pub fn dup(&self) -> io::Result<Relayed> {
+        let pipe = self
+            .pipe
+            .as_ref()
+            .ok_or_else(|| io::Error::other("relay without a pipe"))?;
+        let twin = Pipe::take(pipe.cap, pipe.cap)
+            .ok_or_else(|| io::Error::other("no pipe for a relay copy"))?;
+        let mut done = 0;
+        while done < self.in_pipe {
+            // SAFETY: both are pipes we own; tee touches no user memory.
+            let n = unsafe {
+                libc::tee(
+                    pipe.r.as_raw_fd(),
+                    twin.w.as_raw_fd(),
+                    self.in_pipe - done,
+                    libc::SPLICE_F_NONBLOCK,
+                )
+            };
+            match n {
+                // The twin has the slots the original has: it cannot fill.
+                0 => return Err(io::Error::other("tee found the relay pipe short")),
+                n if n > 0 => done += n as usize,
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(Relayed {
+            pipe: Some(twin),
+            len: self.len,
+            in_pipe: self.in_pipe,
+            tail: self.tail.clone(),
+        })
+    }
+
+    /// Move every byte into `dst` (which must hold exactly `len`), out of
+    /// the pipe by `read`: where the data must be in memory after all.
+    pub fn read_out(&mut self, dst: &mut [IoSliceMut<'_>]) -> io::Result<()> {
+        let total: usize = dst.iter().map(|d| d.len()).sum();
+        let pipe = self
+            .pipe
+            .as_ref()
+            .ok_or_else(|| io::Error::other("relay without a pipe"))?;
+        if total != self.len || pipe.queued()? != self.in_pipe {
+            return Err(io::Error::other("relay read out into the wrong size"));
+        }
+        let mut from_pipe = File::from(pipe.r.try_clone()?);
+        let (mut at, mut skip) = (0, 0);
+        for d in dst.iter_mut() {
+            let d: &mut [u8] = d;
+            let dl = d.len();
+            let n = dl.min(self.in_pipe.saturating_sub(at));
+            from_pipe.read_exact(&mut d[..n])?;
+            d[n..].copy_from_slice(&self.tail[skip..skip + dl - n]);
+            skip += dl - n;
+            at += dl;
+        }
+        self.in_pipe = 0;
+        Ok(())
+    }
+
+    /// The bytes in memory, this relay untouched.
+    pub fn to_vec(&self) -> io::Result<Vec<u8>> {
+        let mut v = vec![0u8; self.len];
+        self.dup()?.read_out(&mut [IoSliceMut::new(&mut v)])?;
+        Ok(v)
     }
 
     /// A hole: zeroes (the tail starts zeroed).
@@ -390,6 +473,52 @@ mod tests {
         assert!(
             copied >= len - 4096,
             "only one page fits the pipe, {copied} copied"
+        );
+    }
+
+    /// A relay a third in the pipe, the rest in the tail (a chunk came out
+    /// of order).
+    fn split_relay(data: &[u8]) -> Relayed {
+        let (mut tx, rx) = UnixStream::pair().unwrap();
+        let q = data.len() / 3;
+        for (a, b) in [(0, q), (2 * q, data.len()), (q, 2 * q)] {
+            tx.write_all(&data[a..b]).unwrap();
+        }
+        let src = Stream::Unix(rx);
+        let mut r = Relayed::new(data.len()).unwrap();
+        for (a, b) in [(0, q), (2 * q, data.len()), (q, 2 * q)] {
+            r.receive(&src, a, b - a).unwrap();
+        }
+        assert_eq!(r.copied(), data.len() - q);
+        r
+    }
+
+    #[test]
+    fn copies_and_read_out_leave_the_original_whole() {
+        let data = pattern(96 * 1024);
+        let mut r = split_relay(&data);
+        // Read out across uneven slices, twice from copies, then the original.
+        assert!(r.to_vec().unwrap() == data);
+        let (mut a, mut b) = (vec![0u8; 10_000], vec![0u8; data.len() - 10_000]);
+        r.dup()
+            .unwrap()
+            .read_out(&mut [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)])
+            .unwrap();
+        assert!(a[..] == data[..10_000] && b[..] == data[10_000..]);
+        let (out_tx, mut out_rx) = UnixStream::pair().unwrap();
+        let reader = thread::spawn(move || {
+            let mut v = vec![0; 96 * 1024];
+            out_rx.read_exact(&mut v).unwrap();
+            v
+        });
+        r.dup().unwrap().send(&Stream::Unix(out_tx)).unwrap();
+        assert!(reader.join().unwrap() == data);
+        let mut all = vec![0u8; data.len()];
+        r.read_out(&mut [IoSliceMut::new(&mut all)]).unwrap();
+        assert!(all == data);
+        assert!(
+            r.read_out(&mut [IoSliceMut::new(&mut all[..5])]).is_err(),
+            "wrong size"
         );
     }
 

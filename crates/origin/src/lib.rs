@@ -36,6 +36,13 @@ pub trait Origin: Send + Sync {
         Ok(None)
     }
 
+    /// [`write_at`](Self::write_at) from a relay pipe, which stays whole
+    /// (so a failed write can be tried again or kept elsewhere). Origins
+    /// that cannot splice it write a copy from memory.
+    fn write_relayed(&self, data: &Relayed, offset: u64, fua: bool) -> io::Result<()> {
+        self.write_at(&data.to_vec()?, offset, fua)
+    }
+
     /// Fill `bufs`, in order, from the contiguous range starting at `offset`.
     /// Lets a miss land in several non-adjacent cache slots with one request.
     fn read_vectored_at(&self, bufs: &mut [io::IoSliceMut<'_>], offset: u64) -> io::Result<()> {

@@ -419,6 +419,18 @@ impl Origin for NbdOrigin {
         self.with_client(self.pick(), "read", |c, _| c.read_vectored(bufs, offset))
     }
 
+    fn write_relayed(&self, data: &Relayed, offset: u64, fua: bool) -> io::Result<()> {
+        let c = self.pick();
+        self.with_client(c, "write", |client, gen| {
+            // Each attempt sends a copy: `data` stays whole for the next.
+            client.write_relayed(&mut data.dup()?, offset, fua)?;
+            if !fua {
+                self.note_unflushed(gen);
+            }
+            Ok(())
+        })
+    }
+
     fn read_relayed(&self, offset: u64, len: usize) -> io::Result<Option<Relayed>> {
         self.with_client(self.pick(), "read", |c, _| c.read_relayed(offset, len))
     }

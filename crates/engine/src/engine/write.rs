@@ -109,6 +109,27 @@ impl Engine {
         self.write_src(offset, len, fua, Src::Fill(source))
     }
 
+    /// Write a payload that waits in a relay pipe. Where it goes to the
+    /// origin (a bypassed stream, writearound, passthrough) it is spliced
+    /// there and never enters user memory; otherwise it is read out of the
+    /// pipe and written as [`write`](Self::write) would.
+    pub fn write_relayed(&self, offset: u64, data: &mut Relayed, fua: bool) -> Result<()> {
+        self.write_src(offset, data.len() as u64, fua, Src::Relay(data))
+    }
+
+    /// Whether a write of `[offset, offset + len)` would go to the origin
+    /// rather than the cache, as far as can be told before it is made (its
+    /// payload is then best received into a relay pipe). A guess: the
+    /// write itself decides.
+    pub fn write_goes_around(&self, offset: u64, len: u64, fua: bool) -> bool {
+        match self.mode() {
+            CacheMode::Writearound | CacheMode::Passthrough => true,
+            CacheMode::Writeback | CacheMode::Writethrough => {
+                self.streams.would_bypass(offset, len, true, fua)
+            }
+        }
+    }
+
     /// Zero `[offset, offset + len)`. Ranges above the maximum request size
     /// are split; each piece is atomic.
     pub fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
@@ -160,7 +181,47 @@ impl Engine {
         let mut held = self.lock_writers(b0, b1);
         let (mode, epoch) = self.bypass_mode(offset, len, fua, &src, &mut held);
         let fua = fua || (mode == CacheMode::Writearound && self.mode() == CacheMode::Writeback);
-        let r = match mode {
+        let mut owned = Vec::new();
+        let r = match (mode, src) {
+            // Where persistence is a system call, a payload for the cache
+            // is written from memory (see `cache_stage`).
+            (CacheMode::Writeback | CacheMode::Writethrough, Src::Relay(rel))
+                if self.fence_is_syscall() =>
+            {
+                match relay_into(rel, &mut owned) {
+                    Ok(()) => self.write_in(mode, offset, len, fua, Src::Buf(&owned), held, epoch),
+                    Err(e) => Err(e),
+                }
+            }
+            (mode, src) => self.write_in(mode, offset, len, fua, src, held, epoch),
+        };
+        // A successful writeback-mode write released its locks on publish.
+        if mode != CacheMode::Writeback || r.is_err() {
+            self.unlock_writers(b0, b1);
+        }
+        if r.is_ok() {
+            self.counters.add(Ctr::Writes, 1);
+            self.counters.add(Ctr::WriteBytes, len);
+        }
+        r
+    }
+
+    /// A write in `mode` (the cache's, or writearound for a bypass), under
+    /// the writer locks of its blocks.
+    #[allow(clippy::too_many_arguments)]
+    fn write_in(
+        &self,
+        mode: CacheMode,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        src: Src<'_>,
+        held: Option<MutexGuard<'_, ShardIndex>>,
+        epoch: Option<crate::epoch::EpochGuard<'_>>,
+    ) -> Result<()> {
+        let bs = self.bs();
+        let (b0, b1) = (offset / bs, (offset + len - 1) / bs);
+        match mode {
             CacheMode::Writeback => self
                 .cache_write(offset, len, src, b0, b1, true, held)
                 .map(|_| ()),
@@ -173,16 +234,7 @@ impl Engine {
                 let fallback = mode != self.mode() && self.mode() == CacheMode::Writeback;
                 self.origin_write(offset, len, src, fua, (b0, b1), fallback, epoch)
             }
-        };
-        // A successful writeback-mode write released its locks on publish.
-        if mode != CacheMode::Writeback || r.is_err() {
-            self.unlock_writers(b0, b1);
         }
-        if r.is_ok() {
-            self.counters.add(Ctr::Writes, 1);
-            self.counters.add(Ctr::WriteBytes, len);
-        }
-        r
     }
 
     /// The mode a write runs in: its cache's, or writearound for a write
@@ -274,7 +326,7 @@ impl Engine {
         let data = match src {
             Src::Buf(b) => Filled::Buf(b),
             Src::Zero => Filled::Zero,
-            Src::Fill(_) => Filled::InSlots,
+            Src::Fill(_) | Src::Relay(_) => Filled::InSlots,
         };
         Ok(self.cache_commit(st, kept, data, release))
     }
@@ -311,7 +363,7 @@ impl Engine {
         // its own fence, and so from sharing the msync (group commit).
         let lock_early = nbs.len() <= LOCK_EARLY_BLOCKS && !self.fence_is_syscall();
         let hold = lock_early
-            && !matches!(src, Src::Fill(_))
+            && !matches!(src, Src::Fill(_) | Src::Relay(_))
             && nbs.iter().all(|n| n.lo == 0 && n.hi as u64 == bs);
         let Some((batches, kept)) = self.take_slots(&mut nbs, &ids, held, space, hold)? else {
             return Ok(None);
@@ -325,11 +377,14 @@ impl Engine {
         }
 
         // 3. A payload from outside arrives straight in the slots.
-        if let Src::Fill(f) = src {
-            if let Err(e) = self.receive_into_slots(&nbs, &mut **f) {
-                self.abandon_stage(&nbs, batches);
-                return Err(EngineError::Transfer(e));
-            }
+        let received = match src {
+            Src::Fill(f) => self.receive_into_slots(&nbs, &mut **f),
+            Src::Relay(r) => self.receive_into_slots(&nbs, &mut |s| r.read_out(s)),
+            Src::Buf(_) | Src::Zero => Ok(()),
+        };
+        if let Err(e) = received {
+            self.abandon_stage(&nbs, batches);
+            return Err(EngineError::Transfer(e));
         }
         let st = Staging {
             nbs,
@@ -895,31 +950,44 @@ impl Engine {
         // Whole blocks of zeroes go as WRITE_ZEROES; smaller ones as data.
         let zero = matches!(src, Src::Zero) && len >= self.bs();
         let owned: Vec<u8>;
-        let buf: &[u8] = match src {
-            Src::Buf(b) => b,
+        let (buf, relay): (&[u8], Option<&mut Relayed>) = match src {
+            Src::Buf(b) => (b, None),
             Src::Fill(f) => {
                 let mut v = vec![0u8; len as usize];
                 f(&mut [IoSliceMut::new(&mut v)]).map_err(EngineError::Transfer)?;
                 owned = v;
-                &owned
+                (&owned, None)
             }
             Src::Zero => {
                 owned = vec![0u8; len as usize];
-                &owned
+                (&owned, None)
             }
+            Src::Relay(r) => (&[], Some(r)),
         };
         // Blocks that were cached count as write hits, as in writeback.
         let hits = self.invalidate(b0, b1)?;
         self.counters.add(Ctr::WriteHits, hits);
         self.counters.add(Ctr::WriteMisses, b1 - b0 + 1 - hits);
         self.lock_origin_writers(b0, b1);
-        let r = self.origin_write_retrying(buf, offset, fua, zero);
+        let r = match &relay {
+            Some(rel) => self.origin_retrying("write", offset, || {
+                self.origin.write_relayed(rel, offset, fua)
+            }),
+            None => self.origin_write_retrying(buf, offset, fua, zero),
+        };
         self.unlock_origin_writers(b0..=b1);
+        if relay.is_some() && r.is_ok() {
+            self.counters.add(Ctr::RelayedBytes, len);
+        }
         match r {
             Err(e) if fallback => {
                 tracing::debug!(offset, error = %e, "bypassed write kept in the cache");
                 drop(epoch);
-                let nbs = self.cache_write(offset, len, Src::Buf(buf), b0, b1, false, None)?;
+                let src = match relay {
+                    Some(rel) => Src::Relay(rel),
+                    None => Src::Buf(buf),
+                };
+                let nbs = self.cache_write(offset, len, src, b0, b1, false, None)?;
                 self.unpin_all(&nbs);
                 Ok(())
             }
@@ -1007,4 +1075,11 @@ impl Engine {
             shard.cv.wait_for(&mut ix, Duration::from_millis(1));
         }
     }
+}
+
+/// A relay's bytes, moved into `buf` (resized to fit).
+fn relay_into(r: &mut Relayed, buf: &mut Vec<u8>) -> Result<()> {
+    buf.resize(r.len(), 0);
+    r.read_out(&mut [IoSliceMut::new(buf)])
+        .map_err(EngineError::Transfer)
 }

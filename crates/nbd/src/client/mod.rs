@@ -478,6 +478,31 @@ impl Client {
         Ok(())
     }
 
+    /// [`write`](Self::write) with the payload spliced from `data`'s pipe,
+    /// which this consumes (send a [`Relayed::dup`] to keep the original).
+    /// Over TLS, or beyond the server's limits, the bytes go through memory.
+    pub fn write_relayed(&self, data: &mut Relayed, offset: u64, fua: bool) -> io::Result<()> {
+        let len = data.len() as u64;
+        let min = u64::from(self.inner.sizes.minimum);
+        if self.inner.stream.is_tls()
+            || len > u64::from(self.inner.max_request)
+            || !offset.is_multiple_of(min)
+            || !len.is_multiple_of(min)
+        {
+            let mut v = vec![0u8; data.len()];
+            data.read_out(&mut [io::IoSliceMut::new(&mut v)])?;
+            return self.write(&v, offset, fua);
+        }
+        self.check_range("write", offset, len)?;
+        let native_fua = fua && self.has(FLAG_SEND_FUA);
+        let flags = if native_fua { CMD_FLAG_FUA } else { 0 };
+        self.submit_relayed_write(flags, offset, data)?.wait()?;
+        if fua && !native_fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
     /// Make `[offset, offset + len)` read as zeroes. Without server support
     /// for WRITE_ZEROES, zero buffers are written instead.
     pub fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {

@@ -10,7 +10,7 @@ use parking_lot::{Condvar, Mutex};
 
 use super::connection::{Inner, Op, OpState, RawBuf};
 use super::Client;
-use crate::proto::{command_name, Request, CMD_READ};
+use crate::proto::{command_name, Request, CMD_READ, CMD_WRITE};
 use crate::relay::Relayed;
 
 impl Client {
@@ -58,7 +58,15 @@ impl Client {
                 len: b.len(),
             })
             .collect();
-        self.submit_op(command, flags, offset, length, payload, buf, None)
+        self.submit_op(
+            command,
+            flags,
+            offset,
+            length,
+            Out::Slices(payload),
+            buf,
+            None,
+        )
     }
 
     /// A READ whose data the reader thread puts into `relay`.
@@ -69,9 +77,28 @@ impl Client {
     ) -> io::Result<(Ticket<'_>, Arc<Op>)> {
         debug_assert!(relay.len() <= self.inner.max_request as usize);
         let len = relay.len() as u32;
-        let t = self.submit_op(CMD_READ, 0, offset, len, &[], Vec::new(), Some(relay))?;
+        let t = self.submit_op(CMD_READ, 0, offset, len, Out::NONE, Vec::new(), Some(relay))?;
         let op = t.op.clone();
         Ok((t, op))
+    }
+
+    /// A WRITE whose payload is spliced from `data`'s pipe (consumed).
+    pub(super) fn submit_relayed_write(
+        &self,
+        flags: u16,
+        offset: u64,
+        data: &Relayed,
+    ) -> io::Result<Ticket<'_>> {
+        let len = data.len() as u32;
+        self.submit_op(
+            CMD_WRITE,
+            flags,
+            offset,
+            len,
+            Out::Relay(data),
+            Vec::new(),
+            None,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -81,14 +108,16 @@ impl Client {
         flags: u16,
         offset: u64,
         length: u32,
-        payload: &[IoSlice<'_>],
+        payload: Out<'_, '_>,
         buf: Vec<RawBuf>,
         relay: Option<Relayed>,
     ) -> io::Result<Ticket<'_>> {
         let inner = &*self.inner;
-        debug_assert!(
-            payload.is_empty() || payload.iter().map(|p| p.len()).sum::<usize>() == length as usize
-        );
+        debug_assert!(match payload {
+            Out::Slices(p) =>
+                p.is_empty() || p.iter().map(|p| p.len()).sum::<usize>() == length as usize,
+            Out::Relay(r) => r.len() == length as usize,
+        });
         let cookie = inner.next_cookie.fetch_add(1, Ordering::Relaxed);
         let op = Arc::new(Op {
             command,
@@ -125,12 +154,22 @@ impl Client {
             length,
         }
         .encode();
-        let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(1 + payload.len());
+        let slices = match payload {
+            Out::Slices(p) => p,
+            Out::Relay(_) => &[],
+        };
+        let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(1 + slices.len());
         iov.push(IoSlice::new(&hdr));
-        iov.extend(payload.iter().map(|p| IoSlice::new(p)));
+        iov.extend(slices.iter().map(|p| IoSlice::new(p)));
         let sent = {
             let _g = inner.send_lock.lock();
-            inner.stream.write_all_vectored(&mut iov)
+            inner
+                .stream
+                .write_all_vectored(&mut iov)
+                .and_then(|()| match payload {
+                    Out::Relay(r) => r.send(&inner.stream),
+                    Out::Slices(_) => Ok(()),
+                })
         };
         if let Err(e) = sent {
             // The stream may be out of sync now: end the connection. The
@@ -139,6 +178,17 @@ impl Client {
         }
         Ok(ticket)
     }
+}
+
+/// A request's payload: slices of memory, or a relay pipe spliced out.
+#[derive(Clone, Copy)]
+enum Out<'p, 'q> {
+    Slices(&'p [IoSlice<'q>]),
+    Relay(&'p Relayed),
+}
+
+impl Out<'_, '_> {
+    const NONE: Out<'static, 'static> = Out::Slices(&[]);
 }
 
 pub(super) fn collect(tickets: Vec<Ticket<'_>>, mut err: Option<io::Error>) -> io::Result<()> {

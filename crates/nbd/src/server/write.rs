@@ -14,6 +14,7 @@ use super::Shared;
 use crate::export::Staged;
 use crate::net::Stream;
 use crate::proto::*;
+use crate::relay::Relayed;
 
 /// The largest refused WRITE payload read and thrown away, so that the
 /// client gets its error and keeps its connection (libnbd and qemu send up
@@ -176,6 +177,12 @@ fn buffer_write(
     next: &mut [u8],
 ) -> Option<usize> {
     let len = req.length as usize;
+    let fua = req.flags & CMD_FLAG_FUA != 0;
+    if !conn.stream.is_tls() && shared.export.prefers_relay(req.offset, req.length, fua) {
+        if let Some(data) = Relayed::new(len) {
+            return relay_write(shared, conn, req, data);
+        }
+    }
     let mut buf = shared.buffers.take(len);
     let extra = match conn
         .stream
@@ -197,6 +204,28 @@ fn buffer_write(
         s.buffers.give(buf);
     });
     Some(extra)
+}
+
+/// A WRITE whose payload is likely to go on to the origin: spliced from
+/// the socket into a relay pipe, and written by a worker from there.
+fn relay_write(
+    shared: &Arc<Shared>,
+    conn: &Arc<Conn>,
+    req: &Request,
+    mut data: Relayed,
+) -> Option<usize> {
+    if let Err(e) = data.receive(&conn.stream, 0, req.length as usize) {
+        debug!("nbd[{}]: client left mid-payload: {e}", conn.id);
+        return None;
+    }
+    let s = shared.clone();
+    let req = *req;
+    dispatch(&shared.pool, conn, move |c| {
+        let fua = req.flags & CMD_FLAG_FUA != 0;
+        let r = s.export.write_relayed(req.offset, &mut data, fua);
+        c.send_result(req.cookie, r);
+    });
+    Some(0)
 }
 
 /// Payload buffers of buffered writes, kept for the next ones: a fresh
