@@ -4,7 +4,9 @@
 //!
 //! Data is never copied on its way through the server: WRITE payloads are
 //! read from the socket straight into slices the export provides, and READ
-//! replies are written from the slices the export hands out.
+//! replies are written from the slices the export hands out. Data that only
+//! passes between a client and an origin server moves through a kernel pipe
+//! ([`relay`]) and never enters user memory.
 
 pub mod client;
 pub mod conns;

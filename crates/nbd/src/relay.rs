@@ -12,7 +12,7 @@
 use std::fs::File;
 use std::io::{self, IoSliceMut, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -23,6 +23,12 @@ use crate::net::Stream;
 pub const MAX_RELAY: usize = 1 << 20;
 /// Idle pipes kept for reuse.
 const POOL_MAX: usize = 32;
+/// Pipes in existence at most (two descriptors each): past it, payloads go
+/// through memory rather than take descriptors that accept() or an origin
+/// reconnect would need.
+const LIVE_MAX: usize = 256;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
 
 static POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
 /// Set once a pipe of twice the payload was refused: ask for less from then on.
@@ -51,6 +57,9 @@ impl Pipe {
                 return Some(pool.swap_remove(i));
             }
         }
+        if LIVE.load(Ordering::Relaxed) >= LIVE_MAX {
+            return None;
+        }
         Self::create(want.next_power_of_two()).or_else(|| {
             LIMITED.store(true, Ordering::Relaxed);
             Self::create(least.next_power_of_two())
@@ -67,7 +76,11 @@ impl Pipe {
         let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         // SAFETY: F_SETPIPE_SZ on a pipe we own, with an integer argument.
         let got = unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, cap as libc::c_int) };
-        (got >= cap as libc::c_int).then_some(Pipe { r, w, cap })
+        if got < cap as libc::c_int {
+            return None;
+        }
+        LIVE.fetch_add(1, Ordering::Relaxed);
+        Some(Pipe { r, w, cap })
     }
 
     /// Back to the pool (the caller checked that it is empty).
@@ -86,6 +99,12 @@ impl Pipe {
             return Err(io::Error::last_os_error());
         }
         Ok(n as usize)
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        LIVE.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -199,7 +218,7 @@ impl Relayed {
         if at < self.in_pipe || at + n > self.len {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                "READ data overlaps data already received",
+                "relayed data overlaps data already received",
             ));
         }
         if self.tail.is_empty() {

@@ -123,17 +123,28 @@ impl Inner {
         Ok(v)
     }
 
-    /// Read and dispatch one reply (or one structured chunk).
+    /// Read and dispatch one reply (or one structured chunk), in as few
+    /// reads as the stream allows without reading past the reply: every
+    /// header is at least a simple reply long, and an OFFSET_DATA chunk's
+    /// offset follows its header.
     fn read_reply(&self) -> io::Result<()> {
         let uri = &self.uri;
-        let mut hb = [0u8; STRUCTURED_REPLY_LEN];
-        self.stream.read_exact(&mut hb[..4])?;
+        let mut hb = [0u8; STRUCTURED_REPLY_LEN + 8];
+        self.stream.read_exact(&mut hb[..SIMPLE_REPLY_LEN])?;
         let hlen = ReplyHeader::header_len(&hb[..4]).map_err(|e| proto_err(uri, "reply", e))?;
-        self.stream.read_exact(&mut hb[4..hlen])?;
+        let data_chunk = hlen == STRUCTURED_REPLY_LEN
+            && u16::from_be_bytes([hb[6], hb[7]]) == REPLY_TYPE_OFFSET_DATA;
+        let end = if data_chunk { hlen + 8 } else { hlen };
+        self.stream.read_exact(&mut hb[SIMPLE_REPLY_LEN..end])?;
         let hdr = ReplyHeader::parse(&hb[..hlen]).map_err(|e| proto_err(uri, "reply", e))?;
+        let offset = data_chunk.then(|| {
+            let mut ob = [0u8; 8];
+            ob.copy_from_slice(&hb[hlen..end]);
+            u64::from_be_bytes(ob)
+        });
         match hdr {
             ReplyHeader::Simple(r) => self.simple_reply(&r),
-            ReplyHeader::Structured(c) => self.structured_chunk(&c),
+            ReplyHeader::Structured(c) => self.structured_chunk(&c, offset),
         }
     }
 
@@ -162,7 +173,8 @@ impl Inner {
     }
 
     /// One chunk of a structured reply; the last one completes the request.
-    fn structured_chunk(&self, c: &StructuredReply) -> io::Result<()> {
+    /// `data_offset`: an OFFSET_DATA chunk's offset, read with its header.
+    fn structured_chunk(&self, c: &StructuredReply, data_offset: Option<u64>) -> io::Result<()> {
         let uri = &self.uri;
         let op = self
             .pending
@@ -180,7 +192,12 @@ impl Inner {
                     return Err(proto_err(uri, "reply", "NONE chunk with payload"));
                 }
             }
-            REPLY_TYPE_OFFSET_DATA => self.offset_data_chunk(&op, c.length)?,
+            REPLY_TYPE_OFFSET_DATA => {
+                let off = data_offset.ok_or_else(|| {
+                    proto_err(uri, "reply", "OFFSET_DATA read without its offset")
+                })?;
+                self.offset_data_chunk(&op, c.length, off)?
+            }
             REPLY_TYPE_OFFSET_HOLE => self.offset_hole_chunk(&op, c.length)?,
             REPLY_TYPE_BLOCK_STATUS => {
                 // Never requested by this client; skip it.
@@ -204,14 +221,11 @@ impl Inner {
         Ok(())
     }
 
-    /// READ data at an offset, straight into the caller's buffer.
-    fn offset_data_chunk(&self, op: &Op, length: u32) -> io::Result<()> {
+    /// READ data at offset `off`, straight into the caller's buffer.
+    fn offset_data_chunk(&self, op: &Op, length: u32, off: u64) -> io::Result<()> {
         if op.command != CMD_READ || length < 9 {
             return Err(proto_err(&self.uri, "reply", "bad OFFSET_DATA chunk"));
         }
-        let mut ob = [0u8; 8];
-        self.stream.read_exact(&mut ob)?;
-        let off = u64::from_be_bytes(ob);
         let n = u64::from(length - 8);
         if !in_request(op, off, n) {
             return Err(proto_err(&self.uri, "reply", "data outside the request"));
