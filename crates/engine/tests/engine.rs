@@ -1057,6 +1057,37 @@ fn reads_retry_a_flaky_origin_before_failing() {
     assert!(e.stats().origin_errors >= 50);
 }
 
+/// Writethrough sends the blocks an origin write failed again before the
+/// client sees an error, as reads do: one failed request of a flaky origin
+/// costs a retry, not a failed client write.
+#[test]
+fn writethrough_writes_retry_a_flaky_origin_before_failing() {
+    let rig = Rig::new(8 * MIB, 8 * MIB, 4096);
+    let e = rig.open(EngineConfig {
+        mode: Some(CacheMode::Writethrough),
+        ..manual()
+    });
+    rig.origin.set_fail_one_in(3);
+    let mut model = vec![0u8; 8 * MIB];
+    let mut failed = 0;
+    for b in 0..300usize {
+        // Two blocks apart, two blocks long: two origin runs now and then.
+        let d = pattern(700 + b as u64, 8192);
+        let off = (b * 2 % 1000) * 4096;
+        match e.write(off as u64, &d, false) {
+            Ok(()) => model[off..off + 8192].copy_from_slice(&d),
+            Err(_) => failed += 1,
+        }
+    }
+    rig.origin.set_fail_one_in(0);
+    // Without retries about 100 of 300 writes would fail; with four tries, about 4.
+    assert!(failed <= 15, "{failed} of 300 writethrough writes failed");
+    assert!(e.stats().origin_errors >= 50);
+    if failed == 0 {
+        assert!(rig.origin.current() == model, "the origin has every write");
+    }
+}
+
 /// A bypassed write whose origin fails is kept in the cache (writeback
 /// mode): the client never sees an error the cache could have absorbed.
 #[test]

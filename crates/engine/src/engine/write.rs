@@ -815,7 +815,7 @@ impl Engine {
     pub(super) fn write_through(&self, nbs: &[NewBlock], fua: bool) -> Result<()> {
         let (b0, b1) = (nbs[0].block, nbs[nbs.len() - 1].block);
         self.lock_origin_writers(b0, b1);
-        let (_, failed) = self.write_blocks_to_origin(nbs);
+        let failed = self.write_blocks_retrying(nbs);
         let r = failed.map_or(Ok(()), Err).and_then(|()| {
             if fua {
                 self.origin.flush().map_err(|source| {
@@ -847,6 +847,32 @@ impl Engine {
         self.unlock_origin_writers(b0..=b1);
         self.unpin_all(nbs);
         r
+    }
+
+    /// [`write_blocks_to_origin`](Self::write_blocks_to_origin) for a
+    /// client that waits: the blocks that failed are sent again after short
+    /// pauses, as `origin_retrying` does for reads, before the client sees
+    /// an error. One failed request of a flaky origin costs a retry.
+    fn write_blocks_retrying(&self, nbs: &[NewBlock]) -> Option<EngineError> {
+        let mut left: Vec<NewBlock> = nbs.to_vec();
+        let mut pause = Duration::from_millis(1);
+        let mut attempt = 1;
+        loop {
+            let (written, err) = self.write_blocks_to_origin(&left);
+            let e = err?;
+            if attempt >= ORIGIN_ATTEMPTS || self.check_open().is_err() {
+                return Some(e);
+            }
+            left = left
+                .iter()
+                .zip(&written)
+                .filter(|(_, &w)| !w)
+                .map(|(nb, _)| *nb)
+                .collect();
+            std::thread::sleep(pause);
+            pause *= 4;
+            attempt += 1;
+        }
     }
 
     /// Forget the retained versions of blocks `[b0, b1]`, whose newest
