@@ -1,10 +1,11 @@
-//! Zero-copy relay: READ data that only passes through (a bypassed cache
-//! miss) parks in a kernel pipe on its way from the origin's socket to the
-//! client's, moved by `splice`, so it never enters user memory.
+//! Zero-copy relay: data that only passes through (a bypassed cache miss,
+//! a write that goes around the cache) parks in a kernel pipe on its way
+//! from one socket to the other, moved by `splice`, so it never enters
+//! user memory.
 //!
 //! The pipe is sized at twice the payload where allowed (a pipe counts
-//! pages, and socket data arrives in pieces), so the reader thread that
-//! fills it never waits for the thread that will drain it. Whatever does not go
+//! pages, and socket data arrives in pieces), so the thread that fills it
+//! never waits for the thread that will drain it. Whatever does not go
 //! into the pipe in order (a chunk out of order, a hole, a pipe that filled
 //! after all) lands in a tail buffer in user memory and is sent after the
 //! pipe's bytes: the relay is always complete, at worst with a copy.
@@ -60,27 +61,35 @@ impl Pipe {
         if LIVE.load(Ordering::Relaxed) >= LIVE_MAX {
             return None;
         }
-        Self::create(want.next_power_of_two()).or_else(|| {
-            LIMITED.store(true, Ordering::Relaxed);
-            Self::create(least.next_power_of_two())
-        })
+        match Self::create(want.next_power_of_two()) {
+            Ok(p) => Some(p),
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                LIMITED.store(true, Ordering::Relaxed);
+                Self::create(least.next_power_of_two()).ok()
+            }
+            Err(_) => None,
+        }
     }
 
-    fn create(cap: usize) -> Option<Pipe> {
+    /// A new pipe of `cap` bytes; EPERM if that is over the size allowed.
+    fn create(cap: usize) -> io::Result<Pipe> {
         let mut fds = [0 as RawFd; 2];
         // SAFETY: `fds` is a valid array of two descriptors for pipe2 to fill.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            return None;
+            return Err(io::Error::last_os_error());
         }
         // SAFETY: pipe2 succeeded, so both are new descriptors owned by no one else.
         let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         // SAFETY: F_SETPIPE_SZ on a pipe we own, with an integer argument.
         let got = unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, cap as libc::c_int) };
+        if got < 0 {
+            return Err(io::Error::last_os_error());
+        }
         if got < cap as libc::c_int {
-            return None;
+            return Err(io::Error::other("pipe smaller than asked"));
         }
         LIVE.fetch_add(1, Ordering::Relaxed);
-        Some(Pipe { r, w, cap })
+        Ok(Pipe { r, w, cap })
     }
 
     /// Back to the pool (the caller checked that it is empty).
