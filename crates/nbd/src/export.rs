@@ -180,9 +180,7 @@ pub trait Export: Send + Sync + 'static {
     /// into a relay pipe (because [`prefers_relay`](Self::prefers_relay)
     /// said so). The default reads it into memory.
     fn write_relayed(&self, offset: u64, data: &mut Relayed, fua: bool) -> Result<(), ExportError> {
-        let mut v = vec![0u8; data.len()];
-        data.read_out(&mut [IoSliceMut::new(&mut v)])
-            .map_err(ExportError::Transfer)?;
+        let v = data.take_bytes().map_err(ExportError::Transfer)?;
         self.write_from(offset, &v, fua)
     }
 

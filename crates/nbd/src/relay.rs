@@ -345,11 +345,16 @@ impl Relayed {
         Ok(())
     }
 
+    /// Every byte moved into memory, out of the pipe.
+    pub fn take_bytes(&mut self) -> io::Result<Vec<u8>> {
+        let mut v = vec![0u8; self.len];
+        self.read_out(&mut [IoSliceMut::new(&mut v)])?;
+        Ok(v)
+    }
+
     /// The bytes in memory, this relay untouched.
     pub fn to_vec(&self) -> io::Result<Vec<u8>> {
-        let mut v = vec![0u8; self.len];
-        self.dup()?.read_out(&mut [IoSliceMut::new(&mut v)])?;
-        Ok(v)
+        self.dup()?.take_bytes()
     }
 
     /// A hole: zeroes (the tail starts zeroed).

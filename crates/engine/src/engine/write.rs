@@ -181,16 +181,19 @@ impl Engine {
         let mut held = self.lock_writers(b0, b1);
         let (mode, epoch) = self.bypass_mode(offset, len, fua, &src, &mut held);
         let fua = fua || (mode == CacheMode::Writearound && self.mode() == CacheMode::Writeback);
-        let mut owned = Vec::new();
+        let owned;
         let r = match (mode, src) {
             // Where persistence is a system call, a payload for the cache
             // is written from memory (see `cache_stage`).
             (CacheMode::Writeback | CacheMode::Writethrough, Src::Relay(rel))
                 if self.fence_is_syscall() =>
             {
-                match relay_into(rel, &mut owned) {
-                    Ok(()) => self.write_in(mode, offset, len, fua, Src::Buf(&owned), held, epoch),
-                    Err(e) => Err(e),
+                match rel.take_bytes() {
+                    Ok(v) => {
+                        owned = v;
+                        self.write_in(mode, offset, len, fua, Src::Buf(&owned), held, epoch)
+                    }
+                    Err(e) => Err(EngineError::Transfer(e)),
                 }
             }
             (mode, src) => self.write_in(mode, offset, len, fua, src, held, epoch),
@@ -1101,11 +1104,4 @@ impl Engine {
             shard.cv.wait_for(&mut ix, Duration::from_millis(1));
         }
     }
-}
-
-/// A relay's bytes, moved into `buf` (resized to fit).
-fn relay_into(r: &mut Relayed, buf: &mut Vec<u8>) -> Result<()> {
-    buf.resize(r.len(), 0);
-    r.read_out(&mut [IoSliceMut::new(buf)])
-        .map_err(EngineError::Transfer)
 }

@@ -407,11 +407,7 @@ impl Client {
     /// where relaying does not apply: TLS, a request the server would need
     /// split or aligned, or no pipe to be had; the caller reads as usual.
     pub fn read_relayed(&self, offset: u64, len: usize) -> io::Result<Option<Relayed>> {
-        let min = u64::from(self.inner.sizes.minimum);
-        let fits = len <= self.inner.max_request as usize
-            && offset.is_multiple_of(min)
-            && (len as u64).is_multiple_of(min);
-        if self.inner.stream.is_tls() || !fits {
+        if !self.relays(offset, len) {
             return Ok(None);
         }
         self.check_range("read", offset, len as u64)?;
@@ -425,6 +421,16 @@ impl Client {
             .relay
             .as_ref()
             .map(|m| std::mem::replace(&mut *m.lock(), Relayed::spent())))
+    }
+
+    /// Whether a request's payload may be spliced: a plain socket, and one
+    /// request the server takes as it is (no split, no alignment bounce).
+    fn relays(&self, offset: u64, len: usize) -> bool {
+        let min = u64::from(self.inner.sizes.minimum);
+        !self.inner.stream.is_tls()
+            && len <= self.inner.max_request as usize
+            && offset.is_multiple_of(min)
+            && (len as u64).is_multiple_of(min)
     }
 
     fn read_aligned(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -483,15 +489,8 @@ impl Client {
     /// Over TLS, or beyond the server's limits, the bytes go through memory.
     pub fn write_relayed(&self, data: &mut Relayed, offset: u64, fua: bool) -> io::Result<()> {
         let len = data.len() as u64;
-        let min = u64::from(self.inner.sizes.minimum);
-        if self.inner.stream.is_tls()
-            || len > u64::from(self.inner.max_request)
-            || !offset.is_multiple_of(min)
-            || !len.is_multiple_of(min)
-        {
-            let mut v = vec![0u8; data.len()];
-            data.read_out(&mut [io::IoSliceMut::new(&mut v)])?;
-            return self.write(&v, offset, fua);
+        if !self.relays(offset, data.len()) {
+            return self.write(&data.take_bytes()?, offset, fua);
         }
         self.check_range("write", offset, len)?;
         let native_fua = fua && self.has(FLAG_SEND_FUA);
