@@ -3,9 +3,10 @@
 
 use std::io::{self, IoSlice, IoSliceMut};
 
-use pmcache_engine::{Engine, EngineError, Stage, StagedWrite};
+use pmcache_engine::{Engine, EngineError, ReadReply, Stage, StagedWrite};
 use pmcache_nbd::export::{
-    BlockSizes, Export, ExportError, Extent, PendingWrite, Staged, ZeroFlags,
+    BlockSizes, Export, ExportError, Extent, PendingWrite, ReadReply as ExportReadReply, Staged,
+    ZeroFlags,
 };
 use pmcache_nbd::proto::STATE_ZERO;
 use pmcache_nbd::Relayed;
@@ -64,6 +65,17 @@ impl Export for EngineExport {
         self.engine
             .read_or_relay(offset, len as u64, sink)
             .map_err(to_export)
+    }
+
+    fn start_read(
+        &self,
+        offset: u64,
+        len: u32,
+        reply: ExportReadReply,
+    ) -> Result<(), ExportReadReply> {
+        self.engine
+            .start_miss_read(offset, len as u64, ToExport(reply))
+            .map_err(|r| r.0)
     }
 
     fn try_read(
@@ -183,5 +195,14 @@ impl PendingWrite for Pending {
 
     fn commit_is_quick(&self) -> bool {
         self.0.commit_is_quick()
+    }
+}
+
+/// An engine read's reply in the export's terms.
+struct ToExport(ExportReadReply);
+
+impl ReadReply for ToExport {
+    fn reply(self: Box<Self>, r: pmcache_engine::Result<&[IoSlice<'_>]>) {
+        (self.0)(r.map_err(to_export))
     }
 }

@@ -41,8 +41,10 @@ use crate::txn::Sequencer;
 mod alloc;
 mod locks;
 mod read;
+mod read_async;
 mod staged;
 mod write;
+pub use read_async::ReadReply;
 pub use staged::{Stage, StagedWrite};
 
 /// bcache's default: a stream of 4 MiB is a scan, not a working set.

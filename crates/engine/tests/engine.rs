@@ -1248,3 +1248,80 @@ fn a_cache_of_the_previous_format_is_refused_with_a_clear_message() {
         "the refused cache is unchanged"
     );
 }
+
+/// Collects what a callback read hands over.
+struct Collect(std::sync::mpsc::Sender<Result<Vec<u8>, String>>);
+
+impl pmcache_engine::ReadReply for Collect {
+    fn reply(self: Box<Self>, r: pmcache_engine::Result<&[std::io::IoSlice<'_>]>) {
+        let r = r
+            .map(|s| s.iter().flat_map(|x| x.iter().copied()).collect())
+            .map_err(|e| e.to_string());
+        self.0.send(r).unwrap();
+    }
+}
+
+/// `start_miss_read`'s outcome: `None` if declined, else what it replied.
+fn miss_read(e: &Arc<Engine>, offset: u64, len: u64) -> Option<Result<Vec<u8>, String>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    e.start_miss_read(offset, len, Collect(tx)).ok()?;
+    Some(rx.recv_timeout(Duration::from_secs(5)).unwrap())
+}
+
+#[test]
+fn callback_reads_take_only_whole_misses_and_promote_them() {
+    let rig = Rig::new(4 * MIB, 8 * MIB, 4096);
+    let d = pattern(31, 3 * 4096);
+    rig.origin.write_at(&d, 8192, false).unwrap();
+    let e = rig.open(manual());
+    let got = miss_read(&e, 8192 + 100, 2 * 4096).expect("all missing: started");
+    assert_eq!(got.unwrap(), d[100..100 + 2 * 4096]);
+    let s = e.stats();
+    assert_eq!((s.read_misses, s.read_hits), (3, 0));
+    // Promoted: now a hit the waiting-free path serves, and declined here.
+    let mut hit = Vec::new();
+    let served = e
+        .try_read_cached(8192, 3 * 4096, &mut |sl| {
+            sl.iter().for_each(|x| hit.extend_from_slice(x));
+            Ok(())
+        })
+        .unwrap();
+    assert!(served && hit == d, "the fills were published");
+    assert!(miss_read(&e, 8192, 4096).is_none(), "a hit is declined");
+    // A range with one cached block is declined whole, nothing counted.
+    let before = e.stats();
+    assert!(miss_read(&e, 4096, 2 * 4096).is_none());
+    assert_eq!(e.stats().read_misses, before.read_misses);
+    // Its clean copy is what a later write replaces, and reads follow.
+    e.write(8192, &pattern(32, 4096), false).unwrap();
+    let mut b = vec![0u8; 4096];
+    e.read(8192, &mut b).unwrap();
+    assert_eq!(b, pattern(32, 4096));
+}
+
+#[test]
+fn a_failed_callback_read_holds_nothing() {
+    let rig = Rig::new(4 * MIB, 8 * MIB, 4096);
+    let e = rig.open(manual());
+    rig.origin.set_failing(true);
+    let r = miss_read(&e, 0, 8192).expect("started");
+    assert!(
+        r.unwrap_err().contains("origin"),
+        "the origin's error is handed over"
+    );
+    assert_eq!(
+        e.stats().read_misses,
+        0,
+        "left to the retrying path to count"
+    );
+    rig.origin.set_failing(false);
+    // No reader lock or slot left behind: a write and a read go through.
+    e.write(0, &pattern(33, 4096), true).unwrap();
+    let got = miss_read(&e, 4096, 4096).expect("started").unwrap();
+    assert_eq!(got, vec![0u8; 4096]);
+    let mut b = vec![0u8; 8192];
+    e.read(0, &mut b).unwrap();
+    assert_eq!(&b[..4096], &pattern(33, 4096)[..]);
+    drop(e);
+    assert!(check::check(&*rig.region, None, true).ok());
+}

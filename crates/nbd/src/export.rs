@@ -53,6 +53,9 @@ pub enum ExportError {
 
 /// A write whose payload the export holds, not yet acknowledged. Until
 /// committed it is neither visible nor durable; dropping it writes nothing.
+/// Where a read started with [`Export::start_read`] sends its data.
+pub type ReadReply = Box<dyn FnOnce(Result<&[IoSlice<'_>], ExportError>) + Send>;
+
 pub trait PendingWrite: Send {
     /// Finish the write; returns once it is durable (what
     /// [`Export::write`] promises on return).
@@ -121,6 +124,16 @@ pub trait Export: Send + Sync + 'static {
     /// so the connection thread can answer it without a hand-off to a worker.
     /// `None` means "not now": `sink` was not called and the server sends
     /// the request to [`read`](Self::read) on a worker.
+    /// Start a read that another thread finishes: `Ok` if started, and
+    /// then `reply` is called exactly once (maybe before this returns);
+    /// `Err(reply)` where the export would rather be read the waiting way.
+    /// Never blocks. An error handed to `reply` leaves nothing held, and the
+    /// server answers it by reading the waiting way (which retries).
+    fn start_read(&self, offset: u64, len: u32, reply: ReadReply) -> Result<(), ReadReply> {
+        let _ = (offset, len);
+        Err(reply)
+    }
+
     fn try_read(
         &self,
         offset: u64,

@@ -18,9 +18,12 @@ pub mod relay;
 pub mod server;
 pub mod tls;
 
-pub use client::{Client, ClientOptions, Endpoint, NbdUri, RunsInFlight, ServerError};
+pub use client::{Client, ClientOptions, Endpoint, NbdUri, ReadDone, RunsInFlight, ServerError};
 pub use conns::{ConnectionInfo, Connections, Phase, TlsSessionInfo};
-pub use export::{BlockSizes, Export, ExportError, Extent, PendingWrite, Staged, ZeroFlags};
+pub use export::{
+    BlockSizes, Export, ExportError, Extent, PendingWrite, ReadReply as ExportReadReply, Staged,
+    ZeroFlags,
+};
 pub use mem::{MemExport, MemStats};
 pub use net::Stream;
 pub use relay::Relayed;

@@ -7,7 +7,7 @@ mod common;
 use std::io::{self, Read, Write};
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -558,4 +558,75 @@ fn pipelined_writes_with_headers_in_the_payload_packets() {
     assert_eq!(r.recv(5), b"hello");
     assert_eq!(srv.export.snapshot(4096, 4), b"abcd");
     assert_eq!(srv.export.snapshot(8000, 3), b"xyz");
+}
+
+/// A read with a callback: `done` gets the result on the reader thread.
+fn read_with_callback(c: &Client, buf: &mut [u8], offset: u64) -> mpsc::Receiver<io::Result<()>> {
+    let (tx, rx) = mpsc::channel();
+    let done: pmcache_nbd::ReadDone = Box::new(move |r| tx.send(r).unwrap());
+    let half = buf.len() / 2;
+    let (a, b) = buf.split_at_mut(half);
+    let pieces = [(a.as_mut_ptr(), a.len()), (b.as_mut_ptr(), b.len())];
+    // SAFETY: the caller keeps `buf` alive and untouched until the
+    // receiver has the result.
+    let started = unsafe { c.read_raw_async(offset, &pieces, done) };
+    assert!(started.is_ok(), "a plain one-request read must start");
+    rx
+}
+
+#[test]
+fn callback_reads_land_in_their_pieces_and_fail_cleanly() {
+    let srv = InProc::mem(MIB);
+    let c = Client::connect(&srv.uri()).unwrap();
+    let d = pattern(7, 8192);
+    c.write(&d, 4096, false).unwrap();
+    let mut buf = vec![0u8; 8192];
+    let rx = read_with_callback(&c, &mut buf, 4096);
+    rx.recv_timeout(Duration::from_secs(5)).unwrap().unwrap();
+    assert_eq!(buf, d, "both pieces filled in order");
+
+    // Refused up front, with nothing sent: past the end, and too long.
+    let refused = |offset: u64, len: usize| {
+        let mut b = vec![0u8; len];
+        let done: pmcache_nbd::ReadDone = Box::new(|_| panic!("a refused read must not call back"));
+        // SAFETY: refused reads never touch the buffer.
+        unsafe { c.read_raw_async(offset, &[(b.as_mut_ptr(), b.len())], done) }.is_err()
+    };
+    assert!(refused(MIB as u64 - 512, 4096));
+    assert!(refused(0, 64 << 20));
+
+    // A server error arrives as the callback's error.
+    srv.export.fail_at(0);
+    let rx = read_with_callback(&c, &mut buf, 0);
+    let e = rx
+        .recv_timeout(Duration::from_secs(5))
+        .unwrap()
+        .unwrap_err();
+    assert!(e.to_string().contains("injected failure"), "{e}");
+}
+
+#[test]
+fn a_callback_read_nobody_answers_times_out() {
+    let srv = InProc::mem(MIB);
+    srv.export.delay_reads_at(0, Duration::from_secs(3));
+    let opts = ClientOptions {
+        request_timeout: Some(Duration::from_millis(300)),
+        ..ClientOptions::default()
+    };
+    let c = Client::connect_with(&srv.uri(), &opts).unwrap();
+    let start = Instant::now();
+    let mut buf = vec![0u8; 4096];
+    let rx = read_with_callback(&c, &mut buf, 0);
+    // No caller waits on it: the watchdog (checking every second) ends it.
+    let e = rx
+        .recv_timeout(Duration::from_secs(5))
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        start.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(e.to_string().contains("timed out"), "{e}");
+    assert!(!c.is_connected());
 }

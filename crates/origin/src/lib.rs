@@ -12,7 +12,7 @@ pub mod nbd;
 pub use file::FileOrigin;
 pub use mem::MemOrigin;
 pub use nbd::{NbdOrigin, NbdOriginOptions};
-pub use pmcache_nbd::Relayed;
+pub use pmcache_nbd::{ReadDone, Relayed};
 
 /// Storage behind the cache.
 ///
@@ -41,6 +41,29 @@ pub trait Origin: Send + Sync {
     /// that cannot splice it write a copy from memory.
     fn write_relayed(&self, data: &Relayed, offset: u64, fua: bool) -> io::Result<()> {
         self.write_at(&data.to_vec()?, offset, fua)
+    }
+
+    /// Whether [`read_raw_async`](Self::read_raw_async) can take reads.
+    fn reads_async(&self) -> bool {
+        false
+    }
+
+    /// Read `[offset, offset + total)` into `pieces` in order without
+    /// waiting: `done` runs, on some other thread or in this call, with the
+    /// result. `Err(done)`, with nothing started, where the origin cannot
+    /// (the default, a dead connection, a read it would have to split).
+    ///
+    /// # Safety
+    /// Each piece must be valid for writes of its length, and used by
+    /// nothing else, until `done` has been called.
+    unsafe fn read_raw_async(
+        &self,
+        offset: u64,
+        pieces: &[(*mut u8, usize)],
+        done: ReadDone,
+    ) -> Result<(), ReadDone> {
+        let _ = (offset, pieces);
+        Err(done)
     }
 
     /// Fill `bufs`, in order, from the contiguous range starting at `offset`.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use crate::Origin;
+use crate::{Origin, ReadDone};
 
 /// A test's look at the origin after each operation it accepted: its
 /// durable content and the writes since its last flush, in order.
@@ -210,6 +210,33 @@ impl Origin for MemOrigin {
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
         self.store(buf.to_vec(), offset, fua)
+    }
+
+    fn reads_async(&self) -> bool {
+        true
+    }
+
+    /// Completes in the call, so tests see the callback path's outcomes
+    /// (faults included) deterministically.
+    unsafe fn read_raw_async(
+        &self,
+        offset: u64,
+        pieces: &[(*mut u8, usize)],
+        done: ReadDone,
+    ) -> Result<(), ReadDone> {
+        let mut off = offset;
+        let mut r = Ok(());
+        for &(ptr, len) in pieces {
+            // SAFETY: the caller's promise: valid for `len` writes, unshared.
+            let buf = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
+            r = self.read_at(buf, off);
+            if r.is_err() {
+                break;
+            }
+            off += len as u64;
+        }
+        done(r);
+        Ok(())
     }
 
     /// One store (and one chance to fail) per run, as one request would be.

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use pmcache_nbd::proto::FLAG_CAN_MULTI_CONN;
-use pmcache_nbd::{Client, ClientOptions, Relayed};
+use pmcache_nbd::{Client, ClientOptions, ReadDone, Relayed};
 
 use crate::Origin;
 
@@ -433,6 +433,25 @@ impl Origin for NbdOrigin {
 
     fn read_relayed(&self, offset: u64, len: usize) -> io::Result<Option<Relayed>> {
         self.with_client(self.pick(), "read", |c, _| c.read_relayed(offset, len))
+    }
+
+    fn reads_async(&self) -> bool {
+        true
+    }
+
+    /// On a live connection only: reconnecting is left to the caller's
+    /// retry, which goes through the waiting path.
+    unsafe fn read_raw_async(
+        &self,
+        offset: u64,
+        pieces: &[(*mut u8, usize)],
+        done: ReadDone,
+    ) -> Result<(), ReadDone> {
+        match self.conns[self.pick()].live() {
+            // SAFETY: the caller's promise, passed on.
+            Some((client, _)) => unsafe { client.read_raw_async(offset, pieces, done) },
+            None => Err(done),
+        }
     }
 
     fn write_many(&self, pieces: &[(u64, &[u8])]) -> io::Result<()> {

@@ -22,6 +22,17 @@ pub(super) enum Ask {
     CachedOnly,
 }
 
+/// How a lookup treats blocks it cannot take at once.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Lookup {
+    /// Wait for busy blocks; hits and misses both fine.
+    Wait,
+    /// Give up (`None`) unless every block is a hit now.
+    CachedOnly,
+    /// Give up (`None`) unless every block is a miss now.
+    MissesOnly,
+}
+
 /// How a read ended.
 pub(super) enum Served {
     Sent,
@@ -32,7 +43,7 @@ pub(super) enum Served {
 
 impl Engine {
     /// Clean cached copies may be read (every mode but passthrough).
-    fn cache_trusted(&self) -> bool {
+    pub(super) fn cache_trusted(&self) -> bool {
         self.mode() != CacheMode::Passthrough
     }
 
@@ -99,7 +110,12 @@ impl Engine {
         let ids = self.shards_of(b0, b1);
         let nblocks = (b1 - b0 + 1) as usize;
 
-        let Some(locs) = self.lookup_range(b0, b1, &ids, ask == Ask::CachedOnly)? else {
+        let look = if ask == Ask::CachedOnly {
+            Lookup::CachedOnly
+        } else {
+            Lookup::Wait
+        };
+        let Some(locs) = self.lookup_range(b0, b1, &ids, look)? else {
             return Ok(Served::NotNow);
         };
 
@@ -177,14 +193,15 @@ impl Engine {
     /// Every block of `[b0, b1]` looked up under all its shard locks at
     /// once, so the request sees each concurrent write either wholly or not
     /// at all: hits pinned, misses holding an origin-reader lock. Waits out
-    /// blocks being written or written back; with `cached_only`, `None`
-    /// (nothing held) instead of waiting or missing.
-    fn lookup_range(
+    /// blocks being written or written back, except with `Lookup::CachedOnly`
+    /// or `Lookup::MissesOnly`: those return `None` (nothing held) instead of
+    /// waiting or of a block of the other kind.
+    pub(super) fn lookup_range(
         &self,
         b0: u64,
         b1: u64,
         ids: &[usize],
-        cached_only: bool,
+        look: Lookup,
     ) -> Result<Option<Vec<Loc>>> {
         let mut locs: Vec<Loc> = Vec::with_capacity((b1 - b0 + 1) as usize);
         let trusted = self.cache_trusted();
@@ -198,6 +215,10 @@ impl Engine {
                 let ix = &mut g[Self::guard_pos(ids, sh)];
                 let cached = ix.lookup(b).filter(|&s| servable(trusted, ix.key(s)));
                 match cached {
+                    Some(_) if look == Lookup::MissesOnly => {
+                        blocked = Some(sh);
+                        break;
+                    }
                     Some(s) if ix.pin(s) => {
                         if !self.verify_loaded(ix, s) {
                             // A clean copy is dropped and the lookup starts
@@ -220,7 +241,7 @@ impl Engine {
                         blocked = Some(sh);
                         break;
                     }
-                    None if cached_only => {
+                    None if look == Lookup::CachedOnly => {
                         blocked = Some(sh);
                         break;
                     }
@@ -234,7 +255,7 @@ impl Engine {
                     None => continue,
                 }
             }
-            if cached_only && blocked.is_some() {
+            if look != Lookup::Wait && blocked.is_some() {
                 Self::unpin_hits(ids, &mut g, &locs);
                 return Ok(None);
             }
@@ -425,7 +446,7 @@ impl Engine {
     /// New slots for the missed blocks (sorted) that are admitted and fit
     /// now, without waiting; the rest are read without a slot. Both lists
     /// come back in block order.
-    fn promotion_slots(&self, missing: &[u64]) -> (Vec<NewBlock>, Vec<u64>) {
+    pub(super) fn promotion_slots(&self, missing: &[u64]) -> (Vec<NewBlock>, Vec<u64>) {
         let bs = self.bs() as u32;
         let mut filled: Vec<NewBlock> = Vec::new();
         let mut unslotted: Vec<u64> = Vec::new();

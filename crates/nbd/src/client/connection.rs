@@ -5,9 +5,9 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::Shutdown;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
@@ -23,8 +23,10 @@ pub(super) struct RawBuf {
 
 // SAFETY: the pointer is only dereferenced by the reader thread while the
 // thread that lent the buffer is blocked in `Ticket` waiting for the op to
-// complete (see `Ticket`), so the buffer is never accessed from two threads
-// at once.
+// complete (see `Ticket`), or, for a read without a waiter
+// (`Client::read_raw_async`), while the lender keeps the memory for the
+// callback that completes the op; so the buffer is never accessed from two
+// threads at once.
 unsafe impl Send for RawBuf {}
 // SAFETY: as above; shared references to `RawBuf` never access the memory.
 unsafe impl Sync for RawBuf {}
@@ -50,14 +52,67 @@ pub(super) struct Op {
     pub(super) relay: Option<Mutex<Relayed>>,
     pub(super) state: Mutex<OpState>,
     pub(super) cv: Condvar,
+    /// For a request nobody waits for: what to run when it completes, and
+    /// when the connection is to be given up if it has not.
+    pub(super) callback: Mutex<Option<ReadDone>>,
+    pub(super) deadline: Option<Instant>,
 }
 
+/// What runs when a read without a waiter completes, on the thread that
+/// completed it (the connection's reader), with the read's result.
+pub type ReadDone = Box<dyn FnOnce(io::Result<()>) + Send>;
+
 impl Op {
+    pub(super) fn new(
+        command: u16,
+        offset: u64,
+        length: u32,
+        buf: Vec<RawBuf>,
+        relay: Option<Relayed>,
+        callback: Option<(ReadDone, Option<Instant>)>,
+    ) -> Self {
+        let (callback, deadline) = match callback {
+            Some((c, d)) => (Some(c), d),
+            None => (None, None),
+        };
+        Self {
+            command,
+            offset,
+            length,
+            buf,
+            relay: relay.map(Mutex::new),
+            state: Mutex::new(OpState {
+                done: false,
+                result: None,
+                error: None,
+                received: 0,
+            }),
+            cv: Condvar::new(),
+            callback: Mutex::new(callback),
+            deadline,
+        }
+    }
+
+    /// Finish the op: its waiter wakes, or its callback runs here.
     pub(super) fn complete(&self, r: io::Result<()>) {
+        let callback = self.callback.lock().take();
         let mut st = self.state.lock();
-        st.result = Some(r);
         st.done = true;
-        self.cv.notify_all();
+        match callback {
+            None => {
+                st.result = Some(r);
+                self.cv.notify_all();
+            }
+            Some(done) => {
+                drop(st);
+                // A panic must not end the reader, which serves every
+                // other request on this connection.
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| done(r)));
+                if ran.is_err() {
+                    tracing::error!("a read's completion panicked; its request is lost");
+                }
+            }
+        }
     }
 }
 
@@ -83,6 +138,8 @@ pub(super) struct Inner {
     /// Largest READ/WRITE sent in one request.
     pub(super) max_request: u32,
     pub(super) request_timeout: Option<Duration>,
+    /// Registered with the watchdog (see `watchdog.rs`).
+    pub(super) watched: AtomicBool,
 }
 
 impl Inner {

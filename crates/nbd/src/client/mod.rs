@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::io::{self, IoSlice};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -37,8 +37,10 @@ mod handshake;
 mod reply;
 mod request;
 mod uri;
+mod watchdog;
 
-use connection::{Inner, Pending};
+pub use connection::ReadDone;
+use connection::{Inner, Pending, RawBuf};
 use handshake::handshake;
 use reply::reader_loop;
 use request::{collect, Ticket};
@@ -153,6 +155,7 @@ impl Client {
             structured: neg.structured,
             max_request,
             request_timeout: opts.request_timeout,
+            watched: AtomicBool::new(false),
         });
         let r = inner.clone();
         let reader = thread::Builder::new()
@@ -433,6 +436,39 @@ impl Client {
             && (len as u64).is_multiple_of(min)
     }
 
+    /// Read `[offset, offset + len)`, where `len` is the pieces' total, into
+    /// `pieces` in order, without waiting: `done` runs on the connection's
+    /// reader thread with the result once the reply is in (or the
+    /// connection failed, or the read outlived the request timeout).
+    /// `Err(done)`, with nothing sent, if the read cannot go as one request
+    /// (too long, unaligned, out of range) or the connection is dead.
+    ///
+    /// # Safety
+    /// Each piece must be valid for writes of its length, and used by
+    /// nothing else, until `done` has been called.
+    pub unsafe fn read_raw_async(
+        &self,
+        offset: u64,
+        pieces: &[(*mut u8, usize)],
+        done: ReadDone,
+    ) -> Result<(), ReadDone> {
+        let len: usize = pieces.iter().map(|p| p.1).sum();
+        let min = u64::from(self.inner.sizes.minimum);
+        let one_request = len > 0
+            && len <= self.inner.max_request as usize
+            && offset.is_multiple_of(min)
+            && (len as u64).is_multiple_of(min)
+            && self.check_range("read", offset, len as u64).is_ok();
+        if !one_request {
+            return Err(done);
+        }
+        let buf = pieces
+            .iter()
+            .map(|&(ptr, len)| RawBuf { ptr, len })
+            .collect();
+        self.submit_read_async(offset, len as u32, buf, done)
+    }
+
     fn read_aligned(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let max = self.inner.max_request as usize;
         let mut tickets = Vec::new();
@@ -647,7 +683,11 @@ impl Drop for Client {
         }
         inner.kill("client closed".into());
         if let Some(h) = self.reader.take() {
-            let _ = h.join();
+            // The last reference can go in a read's callback, on the reader
+            // itself, which then ends on its own.
+            if h.thread().id() != thread::current().id() {
+                let _ = h.join();
+            }
         }
     }
 }

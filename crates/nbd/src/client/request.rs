@@ -6,9 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use parking_lot::{Condvar, Mutex};
-
-use super::connection::{Inner, Op, OpState, RawBuf};
+use super::connection::{Inner, Op, RawBuf, ReadDone};
 use super::Client;
 use crate::proto::{command_name, Request, CMD_READ, CMD_WRITE};
 use crate::relay::Relayed;
@@ -112,27 +110,56 @@ impl Client {
         buf: Vec<RawBuf>,
         relay: Option<Relayed>,
     ) -> io::Result<Ticket<'_>> {
+        let op = Arc::new(Op::new(command, offset, length, buf, relay, None));
+        self.put_in_flight(&op, flags, payload)?;
+        // From here on the ticket must be waited for (its Drop does that).
+        Ok(Ticket {
+            inner: &self.inner,
+            op,
+            _buf: PhantomData,
+        })
+    }
+
+    /// A READ into `buf` that nobody waits for: `done` runs on the reader
+    /// thread when it completes (or fails). `Err(done)` if the connection
+    /// is already dead; then nothing was sent and `done` is handed back.
+    pub(super) fn submit_read_async(
+        &self,
+        offset: u64,
+        length: u32,
+        buf: Vec<RawBuf>,
+        done: ReadDone,
+    ) -> Result<(), ReadDone> {
+        let deadline = self.inner.request_timeout.map(|t| Instant::now() + t);
+        let op = Op::new(CMD_READ, offset, length, buf, None, Some((done, deadline)));
+        let op = Arc::new(op);
+        match self.put_in_flight(&op, 0, Out::NONE) {
+            Ok(()) => {
+                if deadline.is_some() {
+                    super::watchdog::watch(&self.inner);
+                }
+                Ok(())
+            }
+            Err(_) => Err(op
+                .callback
+                .lock()
+                .take()
+                .expect("an op refused before it was in flight keeps its callback")),
+        }
+    }
+
+    /// Enter `op` in the table of requests in flight and send it. `Err` if
+    /// the connection is dead (`op` not entered); once entered, the op is
+    /// completed by the reader thread, also when sending fails.
+    fn put_in_flight(&self, op: &Arc<Op>, flags: u16, payload: Out<'_, '_>) -> io::Result<()> {
         let inner = &*self.inner;
+        let (command, length) = (op.command, op.length);
         debug_assert!(match payload {
             Out::Slices(p) =>
                 p.is_empty() || p.iter().map(|p| p.len()).sum::<usize>() == length as usize,
             Out::Relay(r) => r.len() == length as usize,
         });
         let cookie = inner.next_cookie.fetch_add(1, Ordering::Relaxed);
-        let op = Arc::new(Op {
-            command,
-            offset,
-            length,
-            buf,
-            relay: relay.map(Mutex::new),
-            state: Mutex::new(OpState {
-                done: false,
-                result: None,
-                error: None,
-                received: 0,
-            }),
-            cv: Condvar::new(),
-        });
         {
             let mut p = inner.pending.lock();
             if let Some(why) = &p.dead {
@@ -140,17 +167,11 @@ impl Client {
             }
             p.ops.insert(cookie, op.clone());
         }
-        // From here on the ticket must be waited for (its Drop does that).
-        let ticket = Ticket {
-            inner,
-            op,
-            _buf: PhantomData,
-        };
         let hdr = Request {
             flags,
             command,
             cookie,
-            offset,
+            offset: op.offset,
             length,
         }
         .encode();
@@ -176,7 +197,7 @@ impl Client {
             // reader fails every request in flight, this one included.
             inner.kill(format!("sending {} failed: {e}", command_name(command)));
         }
-        Ok(ticket)
+        Ok(())
     }
 }
 

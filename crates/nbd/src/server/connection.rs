@@ -7,6 +7,7 @@ use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
+use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 use tracing::debug;
@@ -14,6 +15,12 @@ use tracing::debug;
 use super::handshake::Negotiated;
 use super::pool::Pool;
 use crate::net::Stream;
+
+/// How long [`Conn::try_send`] waits for another reply to be written.
+const SEND_LOCK_WAIT: Duration = Duration::from_micros(200);
+/// Room [`Conn::try_send`] leaves in the socket (kernel overhead per
+/// buffer counts against it too; the reply itself is counted twice).
+const SEND_MARGIN: usize = 64 << 10;
 
 /// One connection in the transmission phase, shared by its reader and the
 /// workers executing its requests.
@@ -98,12 +105,35 @@ impl Conn {
         }
     }
 
+    /// [`send`](Self::send) if it need not wait: the send lock is free
+    /// (or soon), and the socket has room for the whole reply with margin,
+    /// so the write cannot block. `None`, with nothing sent, otherwise. For
+    /// threads that must not wait on a client (an origin's reader).
+    pub(super) fn try_send(&self, bufs: &mut [IoSlice<'_>]) -> Option<bool> {
+        if self.broken.load(Ordering::SeqCst) {
+            return Some(false);
+        }
+        let len: usize = bufs.iter().map(|b| b.len()).sum();
+        let _g = self.send_lock.try_lock_for(SEND_LOCK_WAIT)?;
+        if self.stream.send_room()? < 2 * len + SEND_MARGIN {
+            return None;
+        }
+        Some(match self.stream.write_all_vectored(bufs) {
+            Ok(()) => true,
+            Err(e) => {
+                debug!("nbd[{}]: sending a reply failed: {e}", self.id);
+                self.break_conn();
+                false
+            }
+        })
+    }
+
     fn break_conn(&self) {
         self.broken.store(true, Ordering::SeqCst);
         self.stream.shutdown(Shutdown::Both);
     }
 
-    fn finish_one(&self) {
+    pub(super) fn finish_one(&self) {
         let mut n = self.in_flight.lock();
         *n = n.saturating_sub(1);
         self.in_flight_cv.notify_all();
@@ -112,7 +142,7 @@ impl Conn {
 
 /// Marks a dispatched request finished, even if executing it panicked (then
 /// its reply is lost, so the connection is ended rather than left waiting).
-struct FinishGuard<'a>(&'a Conn);
+pub(super) struct FinishGuard<'a>(pub(super) &'a Conn);
 
 impl Drop for FinishGuard<'_> {
     fn drop(&mut self) {
@@ -120,6 +150,14 @@ impl Drop for FinishGuard<'_> {
             self.0.break_conn();
         }
         self.0.finish_one();
+    }
+}
+
+impl Conn {
+    /// Count a request in flight that is not dispatched to a pool (one the
+    /// export finishes on its own thread); [`FinishGuard`] ends it.
+    pub(super) fn begin_one(&self) {
+        *self.in_flight.lock() += 1;
     }
 }
 

@@ -1,11 +1,13 @@
 //! READ: the reply goes straight from the export's slices to the socket.
 
 use std::io::{self, IoSlice};
+use std::sync::Arc;
 
-use super::connection::Conn;
+use super::connection::{dispatch, Conn, FinishGuard};
+use super::execute::execute;
 use super::reply::ReplyError;
 use super::Shared;
-use crate::export::ExportError;
+use crate::export::{ExportError, ReadReply};
 use crate::proto::*;
 use crate::relay::Relayed;
 
@@ -20,6 +22,64 @@ pub(super) fn execute_read(shared: &Shared, conn: &Conn, req: &Request) {
                 .read(req.offset, req.length, sink)
                 .map(|()| None)
         })
+    });
+}
+
+/// Start a read the export finishes on another thread (a miss that the
+/// origin's reader answers), with no worker taken: true if started. The
+/// reply goes out from the finishing thread if that need not wait for the
+/// client's socket, else a worker sends a copy. An export error sends the
+/// request the waiting way (`execute_read`), which retries and answers.
+pub(super) fn start_read(shared: &Arc<Shared>, conn: &Arc<Conn>, req: &Request) -> bool {
+    if conn.stream.is_tls() || req.length == 0 {
+        return false;
+    }
+    conn.begin_one();
+    let (s, c, r) = (shared.clone(), conn.clone(), *req);
+    let reply: ReadReply = Box::new(move |res| {
+        let _done = FinishGuard(&c);
+        match res {
+            Ok(slices) => send_soon(&s, &c, &r, slices),
+            Err(_) => {
+                let shared = s.clone();
+                dispatch(&s.pool, &c, move |c| execute(&shared, c, &r));
+            }
+        }
+    });
+    match shared.export.start_read(req.offset, req.length, reply) {
+        Ok(()) => true,
+        Err(_) => {
+            conn.finish_one();
+            false
+        }
+    }
+}
+
+/// Send a read's data now if that cannot block, else from a copy on a
+/// worker: the caller must not wait on a slow client.
+fn send_soon(shared: &Shared, conn: &Arc<Conn>, req: &Request, slices: &[IoSlice<'_>]) {
+    let total: usize = slices.iter().map(|s| s.len()).sum();
+    if total != req.length as usize {
+        let msg = format!(
+            "export returned {total} bytes for a {}-byte read",
+            req.length
+        );
+        conn.send_error(req.cookie, &ReplyError::new(EIO, msg));
+        return;
+    }
+    let (cookie, offset, len) = (req.cookie, req.offset, req.length);
+    if conn
+        .try_send_read_data(cookie, offset, len, slices)
+        .is_some()
+    {
+        return;
+    }
+    let mut copy = Vec::with_capacity(total);
+    for s in slices {
+        copy.extend_from_slice(s);
+    }
+    dispatch(&shared.pool, conn, move |c| {
+        c.send_read_data(cookie, offset, len, &[IoSlice::new(&copy)]);
     });
 }
 

@@ -115,14 +115,29 @@ impl Conn {
         len: u32,
         data: &[IoSlice<'_>],
     ) -> bool {
-        self.send_read_reply(cookie, offset, len, data, None)
+        self.send_read_reply(cookie, offset, len, data, None, false)
+            .unwrap_or(false)
+    }
+
+    /// [`send_read_data`](Self::send_read_data) only if it need not wait
+    /// (for the send lock or for room in the socket): `None`, with nothing
+    /// sent, if it would.
+    pub(super) fn try_send_read_data(
+        &self,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+        data: &[IoSlice<'_>],
+    ) -> Option<bool> {
+        self.send_read_reply(cookie, offset, len, data, None, true)
     }
 
     /// A successful READ reply whose data comes from a relay pipe: the
     /// header by `writev`, then the payload by `splice`.
     pub(super) fn send_relayed(&self, cookie: u64, offset: u64, data: &Relayed) -> bool {
         debug_assert!(!self.stream.is_tls());
-        self.send_read_reply(cookie, offset, data.len() as u32, &[], Some(data))
+        self.send_read_reply(cookie, offset, data.len() as u32, &[], Some(data), false)
+            .unwrap_or(false)
     }
 
     fn send_read_reply(
@@ -132,7 +147,8 @@ impl Conn {
         len: u32,
         data: &[IoSlice<'_>],
         relayed: Option<&Relayed>,
-    ) -> bool {
+        try_only: bool,
+    ) -> Option<bool> {
         let simple;
         let structured;
         let off = offset.to_be_bytes();
@@ -146,7 +162,7 @@ impl Conn {
                     length: 0,
                 }
                 .encode();
-                return self.send(&mut [IoSlice::new(&structured)]);
+                return Some(self.send(&mut [IoSlice::new(&structured)]));
             }
             structured = StructuredReply {
                 flags: REPLY_FLAG_DONE,
@@ -163,8 +179,9 @@ impl Conn {
         }
         bufs.extend_from_slice(data);
         match relayed {
-            None => self.send(&mut bufs),
-            Some(r) => self.send_then(&mut bufs, |s| r.send(s)),
+            None if try_only => self.try_send(&mut bufs),
+            None => Some(self.send(&mut bufs)),
+            Some(r) => Some(self.send_then(&mut bufs, |s| r.send(s))),
         }
     }
 }

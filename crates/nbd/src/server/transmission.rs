@@ -9,7 +9,7 @@ use tracing::{debug, info, warn};
 use super::connection::{dispatch, Conn};
 use super::execute::execute;
 use super::handshake::Negotiated;
-use super::read::{serve_read, try_read};
+use super::read::{serve_read, start_read, try_read};
 use super::reply::ReplyError;
 use super::validate::validate;
 use super::write::handle_write;
@@ -144,6 +144,10 @@ fn answer_or_dispatch(shared: &Arc<Shared>, conn: &Arc<Conn>, req: &Request) {
     // A read the export can answer at once (a cache hit) is answered here:
     // a hand-off to a worker costs more than it.
     if req.command == CMD_READ && serve_read(conn, req, |sink| try_read(shared, req, sink)) {
+        return;
+    }
+    // A miss the origin's reader can finish costs no worker either.
+    if req.command == CMD_READ && start_read(shared, conn, req) {
         return;
     }
     let s = shared.clone();

@@ -1,0 +1,196 @@
+//! Reads whose blocks are all missing, finished by the origin's callback.
+//! The caller (the NBD connection's reader) starts the origin read and goes
+//! on to its next request; the thread that receives the origin's reply
+//! answers the client and publishes the fills. On a fast origin the two
+//! hand-offs of the waiting path (to a worker, and back from the origin's
+//! reader) cost more than the read itself.
+
+use super::read::Lookup;
+use super::*;
+use pmcache_origin::ReadDone;
+
+/// Longer reads go the waiting way: the callback runs on an origin
+/// connection's only reader thread, which must not linger.
+const MAX_ASYNC_READ: u64 = 256 << 10;
+/// A read that would be relayed (it only passes through) from this size on
+/// goes the waiting way too: there a splice beats a copy.
+const RELAY_FROM: u64 = 64 << 10;
+
+/// Where a callback read's data goes: every slice of the request in order,
+/// or why it failed. Called exactly once; nothing is held by then, so an
+/// error may simply be answered by reading the waiting way.
+pub trait ReadReply: Send + 'static {
+    fn reply(self: Box<Self>, r: Result<&[IoSlice<'_>]>);
+}
+
+/// A read in flight at the origin, with everything it holds.
+struct Fill {
+    engine: Arc<Engine>,
+    offset: u64,
+    len: u64,
+    b0: u64,
+    locs: Vec<Loc>,
+    /// Blocks promoted into new slots (pinned, holding origin-reader locks).
+    filled: Vec<NewBlock>,
+    /// Blocks read into the bounce buffer (holding origin-reader locks).
+    bounce: Bounce,
+    reply: Box<dyn ReadReply>,
+}
+
+impl Engine {
+    /// Start a read whose blocks are all missing, without waiting for
+    /// anything. `Ok` if started: `reply` is called once, maybe before this
+    /// returns, maybe on the origin's thread. `Err(reply)`, with nothing
+    /// done, where the read does not qualify now (a block cached or busy,
+    /// msync mode, an origin without callback reads, a read to relay).
+    pub fn start_miss_read<R: ReadReply>(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+        reply: R,
+    ) -> std::result::Result<(), R> {
+        if !self.callback_read_applies(offset, len) {
+            return Err(reply);
+        }
+        let bs = self.bs();
+        let (b0, b1) = (offset / bs, (offset + len - 1) / bs);
+        let ids = self.shards_of(b0, b1);
+        let Ok(Some(locs)) = self.lookup_range(b0, b1, &ids, Lookup::MissesOnly) else {
+            return Err(reply);
+        };
+        debug_assert!(locs.iter().all(|l| matches!(l, Loc::Miss)));
+        let missing: Vec<u64> = (b0..=b1).collect();
+        let promote = self.promotes() && !self.streams.would_bypass(offset, len, false, false);
+        let (filled, unslotted) = if promote {
+            self.promotion_slots(&missing)
+        } else {
+            (Vec::new(), missing)
+        };
+        let mut fill = Fill {
+            engine: self.clone(),
+            offset,
+            len,
+            b0,
+            locs,
+            filled,
+            bounce: self.bounce(unslotted),
+            reply: Box::new(reply),
+        };
+        let pieces = fill.pieces();
+        let from = b0 * bs;
+        let done: ReadDone = Box::new(move |r| fill.finish(r));
+        // SAFETY: each piece is a slot just taken from the free list and not
+        // published, or a part of the bounce buffer, whose heap memory moved
+        // into `done` with it and does not move; nothing but the origin
+        // touches either until `done` runs.
+        if let Err(done) = unsafe { self.origin.read_raw_async(from, &pieces, done) } {
+            done(Err(io::Error::other("the origin cannot take the read now")));
+        }
+        Ok(())
+    }
+
+    /// The cheap checks of [`start_miss_read`](Self::start_miss_read).
+    fn callback_read_applies(&self, offset: u64, len: u64) -> bool {
+        let relays = !self.promotes() || self.streams.would_bypass(offset, len, false, false);
+        len > 0
+            && len <= MAX_ASYNC_READ
+            && !(relays && len >= RELAY_FROM)
+            && !self.fence_is_syscall()
+            && self.origin.reads_async()
+            && self.check_request(offset, len).is_ok()
+    }
+
+    /// Reads promote their misses (the mode and the configuration allow it).
+    fn promotes(&self) -> bool {
+        self.cfg.promote_reads && self.mode() != CacheMode::Passthrough
+    }
+}
+
+impl Fill {
+    /// Where the origin puts each block, in block order: its new slot or
+    /// its part of the bounce buffer; the last block only up to the
+    /// origin's end (the rest of it zeroed here).
+    fn pieces(&mut self) -> Vec<(*mut u8, usize)> {
+        let e = &*self.engine;
+        let bs = e.bs() as usize;
+        let mut out = Vec::with_capacity(self.locs.len());
+        let (mut fi, mut bi) = (0, 0);
+        let mut chunks = self.bounce.buf.chunks_exact_mut(bs);
+        for b in self.b0..self.b0 + self.locs.len() as u64 {
+            let piece: &mut [u8] = if fi < self.filled.len() && self.filled[fi].block == b {
+                let nb = &self.filled[fi];
+                fi += 1;
+                // SAFETY: a fresh slot this read owns (see `start_miss_read`).
+                unsafe { e.region.slice_mut(e.data(e.firsts[nb.shard], nb.slot), bs) }
+            } else {
+                debug_assert_eq!(self.bounce.blocks[bi], b);
+                bi += 1;
+                chunks.next().expect("a bounce block per unslotted miss")
+            };
+            let keep = (e.size - b * bs as u64).min(bs as u64) as usize;
+            piece[keep..].fill(0);
+            out.push((piece.as_mut_ptr(), keep));
+        }
+        debug_assert_eq!((fi, bi), (self.filled.len(), self.bounce.blocks.len()));
+        out
+    }
+
+    /// The origin's reply is in (or the read failed): answer, then publish
+    /// the fills as the waiting path does.
+    fn finish(self, r: io::Result<()>) {
+        let Fill {
+            engine: e,
+            offset,
+            len,
+            b0,
+            locs,
+            mut filled,
+            bounce,
+            reply,
+        } = self;
+        e.release_origin_readers(bounce.blocks.iter().copied());
+        if let Err(source) = r {
+            // Counted, retried and reported by the waiting path.
+            e.counters.add(Ctr::OriginErrors, 1);
+            e.release_origin_readers(filled.iter().map(|nb| nb.block));
+            e.release_slots(&filled);
+            e.recycle(bounce);
+            reply.reply(Err(EngineError::Origin {
+                offset: b0 * e.bs(),
+                source,
+            }));
+            return;
+        }
+        e.count_miss_read(offset, len, locs.len() as u64);
+        let mut reply = Some(reply);
+        let sent = e.emit(offset, len, b0, &locs, &filled, &bounce, &mut |s| {
+            if let Some(f) = reply.take() {
+                f.reply(Ok(s));
+            }
+            Ok(())
+        });
+        if let (Err(x), Some(f)) = (sent, reply.take()) {
+            f.reply(Err(x));
+        }
+        if !filled.is_empty() {
+            e.test_hook(HookPoint::FillRead);
+            e.commit_fill(&mut filled, None);
+        }
+        e.unpin_all(&filled);
+        e.recycle(bounce);
+    }
+}
+
+impl Engine {
+    /// The statistics of a read that missed every block, counted once it
+    /// succeeded (a failed one is counted by the waiting path that retries
+    /// it), and its place in the stream table.
+    fn count_miss_read(&self, offset: u64, len: u64, nblocks: u64) {
+        self.counters.add(Ctr::ReadMisses, nblocks);
+        self.counters.add(Ctr::ReadBytes, len);
+        if self.promotes() && self.streams.bypass(offset, len, false, false) {
+            self.counters.add(Ctr::BypassReads, 1);
+            self.counters.add(Ctr::BypassBytes, len);
+        }
+    }
+}
