@@ -14,6 +14,7 @@ use std::fs::File;
 use std::io::{self, IoSliceMut, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -242,7 +243,7 @@ impl Relayed {
     pub(crate) fn receive(&mut self, src: &Stream, at: usize, n: usize) -> io::Result<()> {
         let mut done = 0;
         if at == self.in_pipe && self.tail.is_empty() && !src.is_tls() {
-            done = self.splice_in(src.as_raw_fd(), n, src.read_timeout()?)?;
+            done = self.splice_in(src, n)?;
         }
         if done < n {
             let buf = self.tail_at(at + done, n - done)?;
@@ -251,9 +252,10 @@ impl Relayed {
         Ok(())
     }
 
-    /// Splice up to `n` bytes from socket `fd` into the pipe; fewer only if
+    /// Splice up to `n` bytes from socket `src` into the pipe; fewer only if
     /// the pipe is full. Never blocks on the pipe: nothing drains it yet.
-    fn splice_in(&mut self, fd: RawFd, n: usize, timeout: Option<Duration>) -> io::Result<usize> {
+    fn splice_in(&mut self, src: &Stream, n: usize) -> io::Result<usize> {
+        let fd = src.as_raw_fd();
         let w = self.pipe.as_ref().map(|p| p.w.as_raw_fd()).unwrap_or(-1);
         let mut done = 0;
         let mut polled = false;
@@ -268,7 +270,7 @@ impl Relayed {
                 // Readable, yet nothing moved: the pipe is full.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock && polled => break,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    wait_readable(fd, timeout)?;
+                    wait_readable(fd, src.read_timeout()?)?;
                     polled = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -402,11 +404,34 @@ impl Relayed {
 impl Drop for Relayed {
     fn drop(&mut self) {
         if let Some(p) = self.pipe.take() {
-            if p.queued().is_ok_and(|q| q == 0) {
+            // A payload already sent as a copy (`dup`) is still in its pipe:
+            // dropped into /dev/null, the pipe is reused rather than made anew.
+            if p.queued().is_ok_and(|q| q == 0 || discard(&p, q)) {
                 p.give_back();
             }
         }
     }
+}
+
+/// Empty `p` of its `queued` bytes without reading them; true if it is empty.
+fn discard(p: &Pipe, queued: usize) -> bool {
+    static NULL: OnceLock<Option<File>> = OnceLock::new();
+    let Some(null) = NULL.get_or_init(|| File::options().write(true).open("/dev/null").ok()) else {
+        return false;
+    };
+    let mut left = queued;
+    while left > 0 {
+        match splice(
+            p.r.as_raw_fd(),
+            null.as_raw_fd(),
+            left,
+            libc::SPLICE_F_NONBLOCK,
+        ) {
+            Ok(n) if n > 0 => left -= n.min(left),
+            _ => return false,
+        }
+    }
+    p.queued().is_ok_and(|q| q == 0)
 }
 
 #[cfg(test)]
