@@ -299,17 +299,6 @@ impl Engine {
     /// `[b0, b1]`. Returns the new blocks, published; with `release` their
     /// pins and the writer locks are dropped in the same critical section,
     /// otherwise they stay pinned and locked for the caller.
-    ///
-    /// Ordering for speed: on x86 every locked instruction (mutex, atomic
-    /// read-modify-write) waits for earlier `clwb`s and streaming stores to
-    /// complete, so all of them happen before the persistence stores start,
-    /// and the stretch from the first streaming store to the fence has none.
-    /// `held` is the lock of the request's only shard, if [`lock_writers`]
-    /// kept it.
-    /// The copy-on-write transaction. The caller holds the writer locks of
-    /// `[b0, b1]`. Returns the new blocks, published; with `release` their
-    /// pins and the writer locks are dropped in the same critical section,
-    /// otherwise they stay pinned and locked for the caller.
     /// `held` is the lock of the request's only shard, if [`lock_writers`]
     /// kept it.
     #[allow(clippy::too_many_arguments)]
