@@ -35,6 +35,10 @@ use pmcache_nbd::{Client, ClientOptions, ReadDone, Relayed};
 
 use crate::Origin;
 
+/// Requests one connection takes before the next is used (nbdkit serves 16
+/// at a time per connection by default).
+const FILL: usize = 16;
+
 /// Reconnection and timeout settings.
 #[derive(Debug, Clone)]
 pub struct NbdOriginOptions {
@@ -89,6 +93,15 @@ impl Conn {
             }),
             reconnecting: Mutex::new(()),
         }
+    }
+
+    /// Requests in flight on the current client (none if there is none).
+    fn load(&self) -> usize {
+        self.current
+            .lock()
+            .client
+            .as_ref()
+            .map_or(0, |c| c.in_flight())
     }
 
     fn live(&self) -> Option<(Arc<Client>, u64)> {
@@ -197,9 +210,25 @@ impl NbdOrigin {
         *self.generations.lock() - 1
     }
 
-    /// The connection for the next single call.
+    /// The connection for the next single call: the first with fewer than
+    /// [`FILL`] requests in flight, else the least loaded. Under a light load
+    /// the replies then come in batches on one connection's reader thread,
+    /// not one at a time on each (a wake-up per reply costs more than the
+    /// reply on a fast origin); a deep queue still spreads over all.
     fn pick(&self) -> usize {
-        self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len()
+        let n = self.conns.len();
+        let turn = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let mut least = (usize::MAX, usize::MAX, 0);
+        for (i, conn) in self.conns.iter().enumerate() {
+            let load = conn.load();
+            if load < FILL {
+                return i;
+            }
+            // Among equals the turn rotates, so none is always left over.
+            let rank = (load, (i + n - turn) % n, i);
+            least = least.min(rank);
+        }
+        least.2
     }
 
     fn reconnect(&self, conn: &Conn) -> io::Result<(Arc<Client>, u64)> {

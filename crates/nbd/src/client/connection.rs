@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -140,9 +140,32 @@ pub(super) struct Inner {
     pub(super) request_timeout: Option<Duration>,
     /// Registered with the watchdog (see `watchdog.rs`).
     pub(super) watched: AtomicBool,
+    /// Requests in `pending.ops`, readable without the lock.
+    pub(super) in_flight: AtomicUsize,
 }
 
 impl Inner {
+    /// Enter a request in the table of those in flight; `Err` if the
+    /// connection is dead.
+    pub(super) fn put_op(&self, cookie: u64, op: &Arc<Op>) -> io::Result<()> {
+        let mut p = self.pending.lock();
+        if let Some(why) = &p.dead {
+            return Err(self.lost(why));
+        }
+        p.ops.insert(cookie, op.clone());
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Take a finished request out of the table.
+    pub(super) fn take_op(&self, cookie: u64) -> Option<Arc<Op>> {
+        let op = self.pending.lock().ops.remove(&cookie);
+        if op.is_some() {
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+        op
+    }
+
     pub(super) fn lost(&self, why: &str) -> io::Error {
         io::Error::new(
             io::ErrorKind::ConnectionAborted,

@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::io::{self, IoSlice};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -156,6 +156,7 @@ impl Client {
             max_request,
             request_timeout: opts.request_timeout,
             watched: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
         });
         let r = inner.clone();
         let reader = thread::Builder::new()
@@ -198,6 +199,11 @@ impl Client {
             .next_cookie
             .load(std::sync::atomic::Ordering::Relaxed)
             - 1
+    }
+
+    /// Requests in flight on this connection.
+    pub fn in_flight(&self) -> usize {
+        self.inner.in_flight.load(Ordering::Relaxed)
     }
 
     /// False once the connection is gone; every call then fails.

@@ -3,6 +3,7 @@
 
 use std::io::{self, IoSliceMut};
 use std::net::Shutdown;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::connection::{Inner, Op};
@@ -151,7 +152,7 @@ impl Inner {
     /// A simple reply, which completes its request; a successful READ's
     /// data follows the header.
     fn simple_reply(&self, r: &SimpleReply) -> io::Result<()> {
-        let op = self.pending.lock().ops.remove(&r.cookie).ok_or_else(|| {
+        let op = self.take_op(r.cookie).ok_or_else(|| {
             proto_err(
                 &self.uri,
                 "reply",
@@ -214,7 +215,7 @@ impl Inner {
             }
         }
         if c.is_done() {
-            self.pending.lock().ops.remove(&c.cookie);
+            self.take_op(c.cookie);
             let r = self.structured_result(&op);
             op.complete(r);
         }
@@ -290,6 +291,7 @@ pub(super) fn reader_loop(inner: &Inner) {
             None => why.to_string(),
         };
         p.dead = Some(msg.clone());
+        inner.in_flight.store(0, Ordering::Relaxed);
         (msg, p.ops.drain().map(|(_, op)| op).collect())
     };
     inner.stream.shutdown(Shutdown::Both);

@@ -160,13 +160,7 @@ impl Client {
             Out::Relay(r) => r.len() == length as usize,
         });
         let cookie = inner.next_cookie.fetch_add(1, Ordering::Relaxed);
-        {
-            let mut p = inner.pending.lock();
-            if let Some(why) = &p.dead {
-                return Err(inner.lost(why));
-            }
-            p.ops.insert(cookie, op.clone());
-        }
+        inner.put_op(cookie, op)?;
         let hdr = Request {
             flags,
             command,
