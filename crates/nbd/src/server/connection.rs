@@ -37,7 +37,13 @@ pub(super) struct Conn {
     in_flight_cv: Condvar,
     /// A reply could not be sent: the connection is being torn down.
     broken: AtomicBool,
+    /// Success replies the reader thread has yet to send (see
+    /// [`Conn::ack_soon`]); only the reader touches it.
+    acks: Mutex<Vec<u8>>,
 }
+
+/// Corked success replies sent at once, at most (16 bytes each).
+const ACKS_MAX: usize = 32;
 
 impl Conn {
     pub(super) fn new(id: u64, stream: Arc<Stream>, neg: &Negotiated) -> Self {
@@ -50,7 +56,36 @@ impl Conn {
             in_flight: Mutex::new(0),
             in_flight_cv: Condvar::new(),
             broken: AtomicBool::new(false),
+            acks: Mutex::new(Vec::new()),
         }
+    }
+
+    /// A success reply from the reader thread, sent with the next ones: by
+    /// [`uncork`](Self::uncork) before the reader could wait (no whole
+    /// request header in hand), or once [`ACKS_MAX`] are waiting. A busy
+    /// connection then pays one `writev` for many writes. False if the
+    /// connection is broken.
+    pub(super) fn ack_soon(&self, reply: &[u8]) -> bool {
+        let full = {
+            let mut a = self.acks.lock();
+            a.extend_from_slice(reply);
+            a.len() >= ACKS_MAX * reply.len()
+        };
+        if full {
+            return self.uncork();
+        }
+        !self.is_broken()
+    }
+
+    /// Send the corked replies now. False if the connection is broken.
+    pub(super) fn uncork(&self) -> bool {
+        let mut a = self.acks.lock();
+        if a.is_empty() {
+            return !self.is_broken();
+        }
+        let sent = self.send(&mut [IoSlice::new(&a)]);
+        a.clear();
+        sent
     }
 
     /// A reply could not be sent: the connection is being torn down.
@@ -59,8 +94,11 @@ impl Conn {
     }
 
     /// Wait until the connection may queue one more request (fewer than
-    /// `max` in flight).
+    /// `max` in flight), sending corked replies before waiting.
     pub(super) fn wait_for_room(&self, max: usize) {
+        if *self.in_flight.lock() >= max {
+            self.uncork();
+        }
         let mut n = self.in_flight.lock();
         while *n >= max {
             self.in_flight_cv.wait(&mut n);

@@ -59,6 +59,15 @@ impl From<ExportError> for ReplyError {
 }
 
 impl Conn {
+    /// [`send_result`](Self::send_result) from the reader thread, a
+    /// success corked (see `Conn::ack_soon`).
+    pub(super) fn send_result_soon(&self, cookie: u64, r: Result<(), ExportError>) -> bool {
+        match r {
+            Ok(()) => self.ack_soon(&SimpleReply { error: 0, cookie }.encode()),
+            Err(e) => self.send_error(cookie, &e.into()),
+        }
+    }
+
     pub(super) fn send_ok(&self, cookie: u64) -> bool {
         self.send(&mut [IoSlice::new(&SimpleReply { error: 0, cookie }.encode())])
     }

@@ -38,6 +38,7 @@ pub(super) fn transmission(shared: &Arc<Shared>, stream: Arc<Stream>, neg: Negot
     }
     // Let queued and executing requests finish and their replies go out
     // before the socket is closed.
+    conn.uncork();
     conn.wait_idle();
     conn.stream.close();
 }
@@ -59,6 +60,11 @@ fn read_request(
     } else {
         have
     };
+    // Corked replies go out before the reader could wait for the client,
+    // which may be waiting for them.
+    if have < REQUEST_LEN && !conn.uncork() {
+        return None;
+    }
     if let Err(e) = conn.stream.read_exact(&mut hb[have..]) {
         debug!("nbd[{id}]: connection ended before a whole request header: {e}");
         return None;
@@ -86,6 +92,8 @@ fn await_header(shared: &Shared, conn: &Conn, hb: &mut [u8]) -> Option<usize> {
             None
         }
         Ok(Some(n)) => Some(n),
+        // Nothing yet: corked replies go out before the wait.
+        Ok(None) if !conn.uncork() => None,
         Ok(None) => match conn
             .stream
             .poll_readable(Some(shared.shutdown.wake_fd()), None)

@@ -127,7 +127,8 @@ pub(super) fn handle_write(
         (Payload::Read, Ok(Staged::Pending(w))) if w.commit_is_quick() => {
             // Nothing to wait for (a fence on pmem): cheaper here than a
             // hand-off, and it blocks nothing behind it.
-            conn.send_result(cookie, w.commit()).then_some(src.extra)
+            conn.send_result_soon(cookie, w.commit())
+                .then_some(src.extra)
         }
         (Payload::Read, Ok(Staged::Pending(w))) => {
             dispatch(&shared.commits, conn, move |c| {
