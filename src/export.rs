@@ -3,10 +3,10 @@
 
 use std::io::{self, IoSlice, IoSliceMut};
 
-use pmcache_engine::{Engine, EngineError, ReadReply, Stage, StagedWrite};
+use pmcache_engine::{Engine, EngineError, ReadReply, Stage, StagedWrite, WriteReply};
 use pmcache_nbd::export::{
     BlockSizes, Export, ExportError, Extent, PendingWrite, ReadReply as ExportReadReply, Staged,
-    ZeroFlags,
+    WriteDone, WriteOutcome, ZeroFlags,
 };
 use pmcache_nbd::proto::STATE_ZERO;
 use pmcache_nbd::Relayed;
@@ -141,7 +141,7 @@ impl Export for EngineExport {
             .stage_write(offset, len as u64, fua, source)
             .map_err(to_export)?;
         Ok(match stage {
-            Stage::Staged(w) => Staged::Pending(Box::new(Pending(w))),
+            Stage::Staged(w) => Staged::Pending(Box::new(Pending(Some(w)))),
             Stage::WouldWait => Staged::WouldWait,
         })
     }
@@ -186,15 +186,47 @@ impl Export for EngineExport {
 }
 
 /// A staged engine write, as the server's pending write.
-struct Pending(Box<StagedWrite>);
+/// A staged write; `None` once handed to `commit_async`.
+struct Pending(Option<Box<StagedWrite>>);
 
 impl PendingWrite for Pending {
     fn commit(self: Box<Self>) -> Result<(), ExportError> {
-        StagedWrite::commit(*self.0).map_err(to_export)
+        match self.0 {
+            Some(w) => StagedWrite::commit(*w).map_err(to_export),
+            None => Ok(()),
+        }
     }
 
     fn commit_is_quick(&self) -> bool {
-        self.0.commit_is_quick()
+        self.0.as_ref().is_some_and(|w| w.commit_is_quick())
+    }
+
+    fn commit_async(&mut self, done: WriteDone) -> Result<(), WriteDone> {
+        let Some(w) = self.0.take() else {
+            return Err(done);
+        };
+        match w.commit_through(ToExportWrite(done)) {
+            Ok(()) => Ok(()),
+            Err((w, reply)) => {
+                self.0 = Some(w);
+                Err(reply.0)
+            }
+        }
+    }
+}
+
+/// An engine write's report in the export's terms.
+struct ToExportWrite(WriteDone);
+
+impl WriteReply for ToExportWrite {
+    fn reply(self: Box<Self>, r: pmcache_engine::Result<()>) {
+        (self.0)(WriteOutcome::Done(r.map_err(to_export)))
+    }
+
+    fn retry(self: Box<Self>, finish: Box<dyn FnOnce() -> pmcache_engine::Result<()> + Send>) {
+        (self.0)(WriteOutcome::Retry(Box::new(move || {
+            finish().map_err(to_export)
+        })))
     }
 }
 

@@ -45,7 +45,7 @@ mod read_async;
 mod staged;
 mod write;
 pub use read_async::ReadReply;
-pub use staged::{Stage, StagedWrite};
+pub use staged::{Stage, StagedWrite, WriteReply};
 
 /// bcache's default: a stream of 4 MiB is a scan, not a working set.
 pub const DEFAULT_SEQUENTIAL_CUTOFF: u64 = 4 << 20;

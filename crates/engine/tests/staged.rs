@@ -6,7 +6,7 @@
 use std::io::IoSliceMut;
 use std::sync::Arc;
 
-use pmcache_engine::{CacheMode, Engine, EngineConfig, Stage, StagedWrite};
+use pmcache_engine::{CacheMode, Engine, EngineConfig, Stage, StagedWrite, WriteReply};
 use pmcache_origin::{MemOrigin, Origin};
 use pmcache_pmem::{PmemRegion, SimRegion};
 
@@ -219,6 +219,72 @@ fn a_writethrough_commit_writes_the_origin() {
     assert!(read(&e, 5 * BS, 2 * BS).iter().all(|&b| b == 0x5a));
     // The writer locks are released: the blocks can be staged again.
     staged(&e, 5 * BS, BS, 1).commit().unwrap();
+}
+
+/// What `commit_through` reported.
+enum Reported {
+    Done(Result<(), String>),
+    Retry(Box<dyn FnOnce() -> pmcache_engine::Result<()> + Send>),
+}
+
+struct Report(std::sync::mpsc::Sender<Reported>);
+
+impl WriteReply for Report {
+    fn reply(self: Box<Self>, r: pmcache_engine::Result<()>) {
+        self.0
+            .send(Reported::Done(r.map_err(|e| e.to_string())))
+            .unwrap();
+    }
+    fn retry(self: Box<Self>, finish: Box<dyn FnOnce() -> pmcache_engine::Result<()> + Send>) {
+        self.0.send(Reported::Retry(finish)).unwrap();
+    }
+}
+
+fn commit_through(w: StagedWrite) -> Option<Reported> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    Box::new(w).commit_through(Report(tx)).ok()?;
+    Some(rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap())
+}
+
+/// A writethrough commit finished by the origin's callback: the cache and
+/// the origin have the data when it reports, and its blocks are free for
+/// the next write; an origin that fails asks for a retry, which (run where
+/// waiting is fine) finishes the write. Writeback mode and FUA decline.
+#[test]
+fn a_writethrough_commit_can_finish_on_the_origins_callback() {
+    let (_r, origin, e) = rig(CacheMode::Writethrough);
+    let Some(Reported::Done(r)) = commit_through(staged(&e, 5 * BS, 2 * BS, 0x6b)) else {
+        panic!("a plain writethrough commit reports done");
+    };
+    r.unwrap();
+    let mut o = vec![0u8; 2 * BS];
+    origin.read_at(&mut o, 5 * BS as u64).unwrap();
+    assert!(o.iter().all(|&b| b == 0x6b), "the origin has it");
+    assert!(read(&e, 5 * BS, 2 * BS).iter().all(|&b| b == 0x6b));
+    assert_eq!(e.stats().writes, 1);
+
+    origin.set_failing(true);
+    let Some(Reported::Retry(finish)) = commit_through(staged(&e, 5 * BS, BS, 0x6c)) else {
+        panic!("a failed origin write asks for a retry");
+    };
+    origin.set_failing(false);
+    finish().unwrap();
+    origin.read_at(&mut o[..BS], 5 * BS as u64).unwrap();
+    assert!(
+        o[..BS].iter().all(|&b| b == 0x6c),
+        "the retry wrote the origin"
+    );
+    assert!(read(&e, 5 * BS, BS).iter().all(|&b| b == 0x6c));
+    // Everything given back: the block can be staged and written again.
+    staged(&e, 5 * BS, BS, 1).commit().unwrap();
+
+    let (_r2, _o2, wb) = rig(CacheMode::Writeback);
+    assert!(
+        Box::new(staged(&wb, 0, BS, 2))
+            .commit_through(Report(std::sync::mpsc::channel().0))
+            .is_err(),
+        "writeback mode has no origin write to wait for"
+    );
 }
 
 /// Staged writes of many blocks, some across shards, held until a shard

@@ -56,10 +56,29 @@ pub enum ExportError {
 /// Where a read started with [`Export::start_read`] sends its data.
 pub type ReadReply = Box<dyn FnOnce(Result<&[IoSlice<'_>], ExportError>) + Send>;
 
+/// How a write finished by another thread ends (see
+/// [`PendingWrite::commit_async`]).
+pub enum WriteOutcome {
+    /// Done (durable as the mode requires), or failed for good.
+    Done(Result<(), ExportError>),
+    /// Not yet: this, run on a thread that may wait, finishes it.
+    Retry(Box<dyn FnOnce() -> Result<(), ExportError> + Send>),
+}
+
+/// Where a write started with [`PendingWrite::commit_async`] reports.
+pub type WriteDone = Box<dyn FnOnce(WriteOutcome) + Send>;
+
 pub trait PendingWrite: Send {
     /// Finish the write; returns once it is durable (what
     /// [`Export::write`] promises on return).
     fn commit(self: Box<Self>) -> Result<(), ExportError>;
+
+    /// Start the commit so that another thread finishes it, reporting to
+    /// `done`, without waiting here. `Err(done)`, with nothing done and the
+    /// write still pending, where it cannot.
+    fn commit_async(&mut self, done: WriteDone) -> Result<(), WriteDone> {
+        Err(done)
+    }
 
     /// True when the commit never waits: no system call, no origin I/O,
     /// nothing another request holds for long (say, a CPU fence on pmem).

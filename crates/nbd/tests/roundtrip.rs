@@ -563,7 +563,7 @@ fn pipelined_writes_with_headers_in_the_payload_packets() {
 /// A read with a callback: `done` gets the result on the reader thread.
 fn read_with_callback(c: &Client, buf: &mut [u8], offset: u64) -> mpsc::Receiver<io::Result<()>> {
     let (tx, rx) = mpsc::channel();
-    let done: pmcache_nbd::ReadDone = Box::new(move |r| tx.send(r).unwrap());
+    let done: pmcache_nbd::Completion = Box::new(move |r| tx.send(r).unwrap());
     let half = buf.len() / 2;
     let (a, b) = buf.split_at_mut(half);
     let pieces = [(a.as_mut_ptr(), a.len()), (b.as_mut_ptr(), b.len())];
@@ -588,7 +588,8 @@ fn callback_reads_land_in_their_pieces_and_fail_cleanly() {
     // Refused up front, with nothing sent: past the end, and too long.
     let refused = |offset: u64, len: usize| {
         let mut b = vec![0u8; len];
-        let done: pmcache_nbd::ReadDone = Box::new(|_| panic!("a refused read must not call back"));
+        let done: pmcache_nbd::Completion =
+            Box::new(|_| panic!("a refused read must not call back"));
         // SAFETY: refused reads never touch the buffer.
         unsafe { c.read_raw_async(offset, &[(b.as_mut_ptr(), b.len())], done) }.is_err()
     };

@@ -12,7 +12,7 @@ pub mod nbd;
 pub use file::FileOrigin;
 pub use mem::MemOrigin;
 pub use nbd::{NbdOrigin, NbdOriginOptions};
-pub use pmcache_nbd::{ReadDone, Relayed};
+pub use pmcache_nbd::{Completion, Relayed};
 
 /// Storage behind the cache.
 ///
@@ -60,8 +60,31 @@ pub trait Origin: Send + Sync {
         &self,
         offset: u64,
         pieces: &[(*mut u8, usize)],
-        done: ReadDone,
-    ) -> Result<(), ReadDone> {
+        done: Completion,
+    ) -> Result<(), Completion> {
+        let _ = (offset, pieces);
+        Err(done)
+    }
+
+    /// Whether [`write_raw_async`](Self::write_raw_async) can take writes.
+    fn writes_async(&self) -> bool {
+        false
+    }
+
+    /// Write `pieces`, in order, at `offset` (no FUA: durable after a later
+    /// [`flush`](Self::flush)) without waiting: `done` runs, on some other
+    /// thread or in this call, with the result. `Err(done)`, with nothing
+    /// started, where the origin cannot.
+    ///
+    /// # Safety
+    /// Each piece must be valid for reads of its length and unchanged until
+    /// `done` has been called.
+    unsafe fn write_raw_async(
+        &self,
+        offset: u64,
+        pieces: &[(*const u8, usize)],
+        done: Completion,
+    ) -> Result<(), Completion> {
         let _ = (offset, pieces);
         Err(done)
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use crate::{Origin, ReadDone};
+use crate::{Completion, Origin};
 
 /// A test's look at the origin after each operation it accepted: its
 /// durable content and the writes since its last flush, in order.
@@ -216,14 +216,34 @@ impl Origin for MemOrigin {
         true
     }
 
+    fn writes_async(&self) -> bool {
+        true
+    }
+
+    /// Completes in the call, as `read_raw_async` does.
+    unsafe fn write_raw_async(
+        &self,
+        offset: u64,
+        pieces: &[(*const u8, usize)],
+        done: Completion,
+    ) -> Result<(), Completion> {
+        let mut data = Vec::with_capacity(pieces.iter().map(|p| p.1).sum());
+        for &(ptr, len) in pieces {
+            // SAFETY: the caller's promise: readable for `len`, unchanging.
+            data.extend_from_slice(unsafe { std::slice::from_raw_parts(ptr, len) });
+        }
+        done(self.store(data, offset, false));
+        Ok(())
+    }
+
     /// Completes in the call, so tests see the callback path's outcomes
     /// (faults included) deterministically.
     unsafe fn read_raw_async(
         &self,
         offset: u64,
         pieces: &[(*mut u8, usize)],
-        done: ReadDone,
-    ) -> Result<(), ReadDone> {
+        done: Completion,
+    ) -> Result<(), Completion> {
         let mut off = offset;
         let mut r = Ok(());
         for &(ptr, len) in pieces {

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use pmcache_nbd::proto::FLAG_CAN_MULTI_CONN;
-use pmcache_nbd::{Client, ClientOptions, ReadDone, Relayed};
+use pmcache_nbd::{Client, ClientOptions, Completion, Relayed};
 
 use crate::Origin;
 
@@ -468,14 +468,36 @@ impl Origin for NbdOrigin {
         true
     }
 
+    fn writes_async(&self) -> bool {
+        true
+    }
+
+    /// On a live connection only, as `read_raw_async`; the connection is
+    /// noted as holding unflushed writes before the write is sent.
+    unsafe fn write_raw_async(
+        &self,
+        offset: u64,
+        pieces: &[(*const u8, usize)],
+        done: Completion,
+    ) -> Result<(), Completion> {
+        match self.conns[self.pick()].live() {
+            Some((client, gen)) => {
+                self.note_unflushed(gen);
+                // SAFETY: the caller's promise, passed on.
+                unsafe { client.write_raw_async(offset, pieces, done) }
+            }
+            None => Err(done),
+        }
+    }
+
     /// On a live connection only: reconnecting is left to the caller's
     /// retry, which goes through the waiting path.
     unsafe fn read_raw_async(
         &self,
         offset: u64,
         pieces: &[(*mut u8, usize)],
-        done: ReadDone,
-    ) -> Result<(), ReadDone> {
+        done: Completion,
+    ) -> Result<(), Completion> {
         match self.conns[self.pick()].live() {
             // SAFETY: the caller's promise, passed on.
             Some((client, _)) => unsafe { client.read_raw_async(offset, pieces, done) },

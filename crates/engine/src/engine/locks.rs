@@ -76,6 +76,24 @@ impl Engine {
         }
     }
 
+    /// [`lock_origin_writers`](Self::lock_origin_writers) without waiting:
+    /// false, with nothing taken, if a block is busy.
+    pub(super) fn try_lock_origin_writers(&self, b0: u64, b1: u64) -> bool {
+        let ids = self.shards_of(b0, b1);
+        let mut g = self.lock_all(&ids);
+        let busy = (b0..=b1).any(|b| {
+            let l = g[Self::guard_pos(&ids, self.shard_of(b))].lock_state(b);
+            l.origin_writer || l.origin_readers > 0
+        });
+        if !busy {
+            for b in b0..=b1 {
+                g[Self::guard_pos(&ids, self.shard_of(b))]
+                    .update_lock(b, |l| l.origin_writer = true);
+            }
+        }
+        !busy
+    }
+
     pub(crate) fn unlock_origin_writers(&self, blocks: impl Iterator<Item = u64>) {
         for b in blocks {
             let sh = self.shard_of(b);

@@ -7,7 +7,7 @@
 
 use super::read::Lookup;
 use super::*;
-use pmcache_origin::ReadDone;
+use pmcache_origin::Completion;
 
 /// Longer reads go the waiting way: the callback runs on an origin
 /// connection's only reader thread, which must not linger.
@@ -78,7 +78,7 @@ impl Engine {
         };
         let pieces = fill.pieces();
         let from = b0 * bs;
-        let done: ReadDone = Box::new(move |r| fill.finish(r));
+        let done: Completion = Box::new(move |r| fill.finish(r));
         // SAFETY: each piece is a slot just taken from the free list and not
         // published, or a part of the bounce buffer, whose heap memory moved
         // into `done` with it and does not move; nothing but the origin

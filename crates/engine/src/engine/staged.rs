@@ -17,8 +17,10 @@ use std::sync::Arc;
 
 use parking_lot::MutexGuard;
 
-use super::{Engine, Filled, Space, Src, Staging};
-use crate::error::Result;
+use pmcache_origin::Completion;
+
+use super::{Blocks, Engine, Filled, NewBlock, Space, Src, Staging};
+use crate::error::{EngineError, Result};
 use crate::format::CacheMode;
 use crate::index::ShardIndex;
 use crate::stats::Ctr;
@@ -177,6 +179,115 @@ impl StagedWrite {
         if r.is_ok() {
             e.counters.add(Ctr::Writes, 1);
             e.counters.add(Ctr::WriteBytes, self.len);
+        }
+        r
+    }
+}
+
+/// Where [`StagedWrite::commit_through`] reports, from the origin
+/// connection's reader thread.
+pub trait WriteReply: Send + 'static {
+    /// The write is done: in the cache and on the origin.
+    fn reply(self: Box<Self>, r: Result<()>);
+    /// The origin write failed: `finish` (which may wait) tries it again
+    /// and returns the write's outcome; it must run on a thread that may
+    /// wait.
+    fn retry(self: Box<Self>, finish: Box<dyn FnOnce() -> Result<()> + Send>);
+}
+
+impl StagedWrite {
+    /// The second half of a writethrough without waiting for the origin:
+    /// the cache commit here (a fence on pmem), the origin write put in
+    /// flight, and `reply` told once the origin has it. `Err` hands both
+    /// back, for [`commit`](Self::commit) on a thread that may wait, where
+    /// that cannot be: another mode, FUA, msync mode, an origin without
+    /// callback writes, a block whose origin lock is taken.
+    pub fn commit_through<R: WriteReply>(
+        mut self: Box<Self>,
+        reply: R,
+    ) -> std::result::Result<(), (Box<StagedWrite>, R)> {
+        let e = self.engine.clone();
+        let (b0, b1) = (self.b0, self.b1);
+        let applies = self.mode == CacheMode::Writethrough
+            && !self.fua
+            && !e.fence_is_syscall()
+            && e.origin.writes_async()
+            && self.st.is_some();
+        if !applies || !e.try_lock_origin_writers(b0, b1) {
+            return Err((self, reply));
+        }
+        let st = self.st.take().expect("checked above");
+        // Published, still pinned and writer-locked: nothing changes the
+        // slots until the origin write is done.
+        let nbs = e.cache_commit(st, None, Filled::InSlots, false);
+        let pieces = e.through_pieces(&nbs);
+        let (len, eng) = (self.len, e.clone());
+        let reply: Box<dyn WriteReply> = Box::new(reply);
+        let done: Completion = Box::new(move |r| eng.through_written(nbs, len, r, reply));
+        // SAFETY: the pieces are the write's pinned slots, whose blocks'
+        // writer locks it holds: no one writes them until `done` has run.
+        if let Err(done) = unsafe { e.origin.write_raw_async(b0 * e.bs(), &pieces, done) } {
+            done(Err(io::Error::other(
+                "the origin cannot take the write now",
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Engine {
+    /// A staged write's slots as the origin write's payload, in block order;
+    /// the last block only up to the origin's end.
+    fn through_pieces(&self, nbs: &[NewBlock]) -> Vec<(*const u8, usize)> {
+        let bs = self.bs();
+        debug_assert!(nbs.windows(2).all(|w| w[1].block == w[0].block + 1));
+        nbs.iter()
+            .map(|nb| {
+                debug_assert!(
+                    nb.lo == 0 && u64::from(nb.hi) == bs,
+                    "staged blocks are whole"
+                );
+                let keep = (self.size - nb.block * bs).min(bs) as usize;
+                let off = self.data(self.firsts[nb.shard], nb.slot);
+                // SAFETY: a pinned, published slot; read only.
+                (unsafe { self.region.slice(off, keep) }.as_ptr(), keep)
+            })
+            .collect()
+    }
+
+    /// The origin write of [`StagedWrite::commit_through`] is done.
+    fn through_written(
+        self: &Arc<Self>,
+        nbs: Blocks,
+        len: u64,
+        r: io::Result<()>,
+        reply: Box<dyn WriteReply>,
+    ) {
+        if r.is_ok() {
+            reply.reply(self.end_staged_through(&nbs, len, None));
+            return;
+        }
+        self.counters.add(Ctr::OriginErrors, 1);
+        let e = self.clone();
+        reply.retry(Box::new(move || {
+            let failed = e.write_blocks_retrying(&nbs);
+            e.end_staged_through(&nbs, len, failed)
+        }));
+    }
+
+    /// A staged writethrough's end: `end_through`, then the writer locks
+    /// dropped and the write counted.
+    fn end_staged_through(
+        &self,
+        nbs: &[NewBlock],
+        len: u64,
+        failed: Option<EngineError>,
+    ) -> Result<()> {
+        let r = self.end_through(nbs, false, failed);
+        self.unlock_writers(nbs[0].block, nbs[nbs.len() - 1].block);
+        if r.is_ok() {
+            self.counters.add(Ctr::Writes, 1);
+            self.counters.add(Ctr::WriteBytes, len);
         }
         r
     }

@@ -808,6 +808,20 @@ impl Engine {
         let (b0, b1) = (nbs[0].block, nbs[nbs.len() - 1].block);
         self.lock_origin_writers(b0, b1);
         let failed = self.write_blocks_retrying(nbs);
+        self.end_through(nbs, fua, failed)
+    }
+
+    /// The rest of [`write_through`](Self::write_through) once the origin
+    /// writes are done (`failed`: why some block never made it): the FUA
+    /// flush, where the blocks stand, and the origin-writer locks and pins
+    /// dropped.
+    pub(super) fn end_through(
+        &self,
+        nbs: &[NewBlock],
+        fua: bool,
+        failed: Option<EngineError>,
+    ) -> Result<()> {
+        let (b0, b1) = (nbs[0].block, nbs[nbs.len() - 1].block);
         let r = failed.map_or(Ok(()), Err).and_then(|()| {
             if fua {
                 self.origin.flush().map_err(|source| {
@@ -845,7 +859,7 @@ impl Engine {
     /// client that waits: the blocks that failed are sent again after short
     /// pauses, as `origin_retrying` does for reads, before the client sees
     /// an error. One failed request of a flaky origin costs a retry.
-    fn write_blocks_retrying(&self, nbs: &[NewBlock]) -> Option<EngineError> {
+    pub(super) fn write_blocks_retrying(&self, nbs: &[NewBlock]) -> Option<EngineError> {
         let mut left: Vec<NewBlock> = nbs.to_vec();
         let mut pause = Duration::from_millis(1);
         let mut attempt = 1;

@@ -54,13 +54,14 @@ pub(super) struct Op {
     pub(super) cv: Condvar,
     /// For a request nobody waits for: what to run when it completes, and
     /// when the connection is to be given up if it has not.
-    pub(super) callback: Mutex<Option<ReadDone>>,
+    pub(super) callback: Mutex<Option<Completion>>,
     pub(super) deadline: Option<Instant>,
 }
 
-/// What runs when a read without a waiter completes, on the thread that
-/// completed it (the connection's reader), with the read's result.
-pub type ReadDone = Box<dyn FnOnce(io::Result<()>) + Send>;
+/// What runs when a request without a waiter (a read or a write) completes,
+/// on the thread that completed it (the connection's reader), with its
+/// result.
+pub type Completion = Box<dyn FnOnce(io::Result<()>) + Send>;
 
 impl Op {
     pub(super) fn new(
@@ -69,7 +70,7 @@ impl Op {
         length: u32,
         buf: Vec<RawBuf>,
         relay: Option<Relayed>,
-        callback: Option<(ReadDone, Option<Instant>)>,
+        callback: Option<(Completion, Option<Instant>)>,
     ) -> Self {
         let (callback, deadline) = match callback {
             Some((c, d)) => (Some(c), d),
@@ -109,7 +110,7 @@ impl Op {
                 // other request on this connection.
                 let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| done(r)));
                 if ran.is_err() {
-                    tracing::error!("a read's completion panicked; its request is lost");
+                    tracing::error!("a request's completion panicked; its request is lost");
                 }
             }
         }

@@ -39,7 +39,7 @@ mod request;
 mod uri;
 mod watchdog;
 
-pub use connection::ReadDone;
+pub use connection::Completion;
 use connection::{Inner, Pending, RawBuf};
 use handshake::handshake;
 use reply::reader_loop;
@@ -456,8 +456,8 @@ impl Client {
         &self,
         offset: u64,
         pieces: &[(*mut u8, usize)],
-        done: ReadDone,
-    ) -> Result<(), ReadDone> {
+        done: Completion,
+    ) -> Result<(), Completion> {
         let len: usize = pieces.iter().map(|p| p.1).sum();
         let min = u64::from(self.inner.sizes.minimum);
         let one_request = len > 0
@@ -472,7 +472,38 @@ impl Client {
             .iter()
             .map(|&(ptr, len)| RawBuf { ptr, len })
             .collect();
-        self.submit_read_async(offset, len as u32, buf, done)
+        self.submit_async(CMD_READ, offset, len as u32, (buf, &[]), done)
+    }
+
+    /// Write `pieces`, in order, at `offset` (no FUA) without waiting:
+    /// `done` runs on the connection's reader thread with the result, as
+    /// for [`read_raw_async`](Self::read_raw_async). `Err(done)`, with
+    /// nothing sent, if the write cannot go as one request or the
+    /// connection is dead. Not durable until a FLUSH.
+    ///
+    /// # Safety
+    /// Each piece must be valid for reads of its length and not written by
+    /// anyone until `done` has been called.
+    pub unsafe fn write_raw_async(
+        &self,
+        offset: u64,
+        pieces: &[(*const u8, usize)],
+        done: Completion,
+    ) -> Result<(), Completion> {
+        let len: usize = pieces.iter().map(|p| p.1).sum();
+        let one_request = len > 0
+            && len <= self.inner.max_request as usize
+            && self.check_range("write", offset, len as u64).is_ok()
+            && self.check_aligned("write", offset, len as u64).is_ok();
+        if !one_request {
+            return Err(done);
+        }
+        let payload: Vec<IoSlice<'_>> = pieces
+            .iter()
+            // SAFETY: the caller's promise: readable for `len`, unchanging.
+            .map(|&(ptr, len)| IoSlice::new(unsafe { std::slice::from_raw_parts(ptr, len) }))
+            .collect();
+        self.submit_async(CMD_WRITE, offset, len as u32, (Vec::new(), &payload), done)
     }
 
     fn read_aligned(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::connection::{Inner, Op, RawBuf, ReadDone};
+use super::connection::{Completion, Inner, Op, RawBuf};
 use super::Client;
 use crate::proto::{command_name, Request, CMD_READ, CMD_WRITE};
 use crate::relay::Relayed;
@@ -120,20 +120,22 @@ impl Client {
         })
     }
 
-    /// A READ into `buf` that nobody waits for: `done` runs on the reader
-    /// thread when it completes (or fails). `Err(done)` if the connection
-    /// is already dead; then nothing was sent and `done` is handed back.
-    pub(super) fn submit_read_async(
+    /// A READ into `buf`, or a WRITE of `payload`, that nobody waits for:
+    /// `done` runs on the reader thread when it completes (or fails).
+    /// `Err(done)` if the connection is already dead; then nothing was sent
+    /// and `done` is handed back.
+    pub(super) fn submit_async(
         &self,
+        command: u16,
         offset: u64,
         length: u32,
-        buf: Vec<RawBuf>,
-        done: ReadDone,
-    ) -> Result<(), ReadDone> {
+        (buf, payload): (Vec<RawBuf>, &[IoSlice<'_>]),
+        done: Completion,
+    ) -> Result<(), Completion> {
         let deadline = self.inner.request_timeout.map(|t| Instant::now() + t);
-        let op = Op::new(CMD_READ, offset, length, buf, None, Some((done, deadline)));
+        let op = Op::new(command, offset, length, buf, None, Some((done, deadline)));
         let op = Arc::new(op);
-        match self.put_in_flight(&op, 0, Out::NONE) {
+        match self.put_in_flight(&op, 0, Out::Slices(payload)) {
             Ok(()) => {
                 if deadline.is_some() {
                     super::watchdog::watch(&self.inner);

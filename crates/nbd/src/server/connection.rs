@@ -171,6 +171,12 @@ impl Conn {
         self.stream.shutdown(Shutdown::Both);
     }
 
+    /// Count a request in flight that is not dispatched to a pool (one the
+    /// export finishes on its own thread); [`FinishGuard`] ends it.
+    pub(super) fn begin_one(&self) {
+        *self.in_flight.lock() += 1;
+    }
+
     pub(super) fn finish_one(&self) {
         let mut n = self.in_flight.lock();
         *n = n.saturating_sub(1);
@@ -188,14 +194,6 @@ impl Drop for FinishGuard<'_> {
             self.0.break_conn();
         }
         self.0.finish_one();
-    }
-}
-
-impl Conn {
-    /// Count a request in flight that is not dispatched to a pool (one the
-    /// export finishes on its own thread); [`FinishGuard`] ends it.
-    pub(super) fn begin_one(&self) {
-        *self.in_flight.lock() += 1;
     }
 }
 

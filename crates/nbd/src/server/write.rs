@@ -1,17 +1,18 @@
 //! WRITE: staging on the reader thread, the payload received straight into
-//! the export's slices, and the commit on a worker; or, when staging would
+//! the export's slices, and the commit on a worker (or, for a writethrough,
+//! started here and finished by the origin's reply); or, when staging would
 //! wait, a buffered write made by a worker.
 
-use std::io::{self, IoSliceMut};
+use std::io::{self, IoSlice, IoSliceMut};
 use std::sync::Arc;
 
 use tracing::debug;
 
-use super::connection::{dispatch, Conn};
+use super::connection::{dispatch, Conn, FinishGuard};
 use super::reply::ReplyError;
 use super::validate::validate;
 use super::Shared;
-use crate::export::Staged;
+use crate::export::{PendingWrite, Staged, WriteDone, WriteOutcome};
 use crate::net::Stream;
 use crate::proto::*;
 use crate::relay::Relayed;
@@ -130,10 +131,12 @@ pub(super) fn handle_write(
             conn.send_result_soon(cookie, w.commit())
                 .then_some(src.extra)
         }
-        (Payload::Read, Ok(Staged::Pending(w))) => {
-            dispatch(&shared.commits, conn, move |c| {
-                c.send_result(cookie, w.commit());
-            });
+        (Payload::Read, Ok(Staged::Pending(mut w))) => {
+            if !start_commit(shared, conn, cookie, &mut *w) {
+                dispatch(&shared.commits, conn, move |c| {
+                    c.send_result(cookie, w.commit());
+                });
+            }
             Some(src.extra)
         }
         (Payload::Unread, Ok(Staged::WouldWait)) => buffer_write(shared, conn, req, src.next),
@@ -227,6 +230,47 @@ fn relay_write(
         c.send_result(req.cookie, r);
     });
     Some(0)
+}
+
+/// Start a staged write's commit that another thread finishes (the origin
+/// connection's reader, once a writethrough's origin write is in): no
+/// worker waits for the origin. False if the export declined (nothing
+/// started). The reply goes out from that thread if that cannot block;
+/// errors and retries go to a commit worker.
+fn start_commit(
+    shared: &Arc<Shared>,
+    conn: &Arc<Conn>,
+    cookie: u64,
+    w: &mut dyn PendingWrite,
+) -> bool {
+    conn.begin_one();
+    let (s, c) = (shared.clone(), conn.clone());
+    let done: WriteDone = Box::new(move |outcome| {
+        let _done = FinishGuard(&c);
+        match outcome {
+            WriteOutcome::Done(Ok(())) => {
+                let ok = SimpleReply { error: 0, cookie }.encode();
+                if c.try_send(&mut [IoSlice::new(&ok)]).is_none() {
+                    dispatch(&s.commits, &c, move |c| {
+                        c.send_ok(cookie);
+                    });
+                }
+            }
+            WriteOutcome::Done(Err(e)) => dispatch(&s.commits, &c, move |c| {
+                c.send_result(cookie, Err(e));
+            }),
+            WriteOutcome::Retry(finish) => dispatch(&s.commits, &c, move |c| {
+                c.send_result(cookie, finish());
+            }),
+        }
+    });
+    match w.commit_async(done) {
+        Ok(()) => true,
+        Err(_) => {
+            conn.finish_one();
+            false
+        }
+    }
 }
 
 /// Payload buffers of buffered writes, kept for the next ones: a fresh
