@@ -34,6 +34,8 @@ struct Fill {
     filled: Vec<NewBlock>,
     /// Blocks read into the bounce buffer (holding origin-reader locks).
     bounce: Bounce,
+    /// The read belongs to a stream past the cutoff (not promoted).
+    bypass: bool,
     reply: Box<dyn ReadReply>,
 }
 
@@ -60,8 +62,12 @@ impl Engine {
         };
         debug_assert!(locs.iter().all(|l| matches!(l, Loc::Miss)));
         let missing: Vec<u64> = (b0..=b1).collect();
-        let promote = self.promotes() && !self.streams.would_bypass(offset, len, false, false);
-        let (filled, unslotted) = if promote {
+        // Entered in the stream table now (it starts no stream, see
+        // `callback_read_applies`). A read that fails and goes the waiting
+        // way is entered again there, on the stream it started, behind its
+        // end, which counts for nothing.
+        let bypass = self.promotes() && self.streams.bypass(offset, len, false, false);
+        let (filled, unslotted) = if self.promotes() && !bypass {
             self.promotion_slots(&missing)
         } else {
             (Vec::new(), missing)
@@ -74,6 +80,7 @@ impl Engine {
             locs,
             filled,
             bounce: self.bounce(unslotted),
+            bypass,
             reply: Box::new(reply),
         };
         let pieces = fill.pieces();
@@ -89,12 +96,17 @@ impl Engine {
         Ok(())
     }
 
-    /// The cheap checks of [`start_miss_read`](Self::start_miss_read).
+    /// The cheap checks of [`start_miss_read`](Self::start_miss_read). A
+    /// read that continues a stream goes the waiting way: there the stream
+    /// table sees all of the stream's requests in one place (the callback
+    /// path enters a read when it starts, the waiting path when a worker
+    /// takes it), so a stream is never split in two and cached twice.
     fn callback_read_applies(&self, offset: u64, len: u64) -> bool {
         let relays = !self.promotes() || self.streams.would_bypass(offset, len, false, false);
         len > 0
             && len <= MAX_ASYNC_READ
             && !(relays && len >= RELAY_FROM)
+            && !self.streams.continues(offset, len, false)
             && !self.fence_is_syscall()
             && self.origin.reads_async()
             && self.check_request(offset, len).is_ok()
@@ -146,6 +158,7 @@ impl Fill {
             locs,
             mut filled,
             bounce,
+            bypass,
             reply,
         } = self;
         e.release_origin_readers(bounce.blocks.iter().copied());
@@ -161,7 +174,7 @@ impl Fill {
             }));
             return;
         }
-        e.count_miss_read(offset, len, locs.len() as u64);
+        e.count_miss_read(len, locs.len() as u64, bypass);
         let mut reply = Some(reply);
         let sent = e.emit(offset, len, b0, &locs, &filled, &bounce, &mut |s| {
             if let Some(f) = reply.take() {
@@ -184,11 +197,11 @@ impl Fill {
 impl Engine {
     /// The statistics of a read that missed every block, counted once it
     /// succeeded (a failed one is counted by the waiting path that retries
-    /// it), and its place in the stream table.
-    fn count_miss_read(&self, offset: u64, len: u64, nblocks: u64) {
+    /// it).
+    fn count_miss_read(&self, len: u64, nblocks: u64, bypass: bool) {
         self.counters.add(Ctr::ReadMisses, nblocks);
         self.counters.add(Ctr::ReadBytes, len);
-        if self.promotes() && self.streams.bypass(offset, len, false, false) {
+        if bypass {
             self.counters.add(Ctr::BypassReads, 1);
             self.counters.add(Ctr::BypassBytes, len);
         }

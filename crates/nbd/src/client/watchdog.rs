@@ -61,9 +61,11 @@ fn check(inner: &Inner) {
             .map(|op| (op.command, op.offset))
     };
     if let (Some((command, offset)), Some(t)) = (overdue, inner.request_timeout) {
-        inner.kill(format!(
+        let why = format!(
             "{} at offset {offset} timed out after {t:?}",
             command_name(command)
-        ));
+        );
+        tracing::warn!("{}: {why}; ending the connection", inner.uri);
+        inner.kill(why);
     }
 }
