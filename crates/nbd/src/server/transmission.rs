@@ -158,6 +158,10 @@ fn answer_or_dispatch(shared: &Arc<Shared>, conn: &Arc<Conn>, req: &Request) {
     if req.command == CMD_READ && start_read(shared, conn, req) {
         return;
     }
+    // The writes a FLUSH follows are answered first, as a client expects.
+    if req.command == CMD_FLUSH && !conn.uncork() {
+        return;
+    }
     let s = shared.clone();
     let req = *req;
     dispatch(&shared.pool, conn, move |c| execute(&s, c, &req));
