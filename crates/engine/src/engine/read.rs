@@ -42,6 +42,11 @@ pub(super) enum Served {
 }
 
 impl Engine {
+    /// Reads promote their misses (the mode and the configuration allow it).
+    pub(super) fn promotes(&self) -> bool {
+        self.cfg.promote_reads && self.mode() != CacheMode::Passthrough
+    }
+
     /// Clean cached copies may be read (every mode but passthrough).
     pub(super) fn cache_trusted(&self) -> bool {
         self.mode() != CacheMode::Passthrough
@@ -124,7 +129,7 @@ impl Engine {
         self.counters.add(Ctr::ReadMisses, nblocks as u64 - hits);
         self.counters.add(Ctr::ReadBytes, len);
         // A scan's misses go around the cache: hits are still served from it.
-        let promotes = self.cfg.promote_reads && self.mode() != CacheMode::Passthrough;
+        let promotes = self.promotes();
         let bypass =
             promotes && hits < nblocks as u64 && self.streams.bypass(offset, len, false, false);
         if bypass {
@@ -501,7 +506,7 @@ impl Engine {
         if missing.is_empty() {
             return Ok((Vec::new(), Bounce::default()));
         }
-        let promote = promote && self.cfg.promote_reads && self.mode() != CacheMode::Passthrough;
+        let promote = promote && self.promotes();
         let (filled, unslotted) = if promote {
             self.promotion_slots(&missing)
         } else {

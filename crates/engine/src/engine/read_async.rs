@@ -111,11 +111,6 @@ impl Engine {
             && self.origin.reads_async()
             && self.check_request(offset, len).is_ok()
     }
-
-    /// Reads promote their misses (the mode and the configuration allow it).
-    fn promotes(&self) -> bool {
-        self.cfg.promote_reads && self.mode() != CacheMode::Passthrough
-    }
 }
 
 impl Fill {
@@ -163,7 +158,8 @@ impl Fill {
         } = self;
         e.release_origin_readers(bounce.blocks.iter().copied());
         if let Err(source) = r {
-            // Counted, retried and reported by the waiting path.
+            // This try's error is counted here; the read itself is counted,
+            // retried and answered by the waiting path.
             e.counters.add(Ctr::OriginErrors, 1);
             e.release_origin_readers(filled.iter().map(|nb| nb.block));
             e.release_slots(&filled);
