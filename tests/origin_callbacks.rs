@@ -22,6 +22,15 @@ const T: Duration = Duration::from_secs(60);
 const THREADS: u64 = 8;
 const READS: u64 = 300;
 
+/// `op`, tried again by the client if pmcache gave up on it: pmcache tries
+/// the origin five times, so at 10% failures about one request in 100,000
+/// fails, which a client that retries never sees twice.
+fn again(mut op: impl FnMut() -> std::io::Result<()>, what: &str) {
+    if let Err(first) = op() {
+        op().unwrap_or_else(|e| panic!("{what}: {first}, then {e}"));
+    }
+}
+
 /// `THREADS` threads sharing one connection, each reading `READS` random
 /// 4 KiB blocks (some sub-block, some two blocks long) and checking them.
 fn random_reads(uri: &str, data: &Arc<Vec<u8>>, seed: u64) {
@@ -40,8 +49,7 @@ fn random_reads(uri: &str, data: &Arc<Vec<u8>>, seed: u64) {
                     };
                     let off = (block * 4096 + skip) as usize;
                     let mut b = vec![0u8; len];
-                    c.read(&mut b, off as u64)
-                        .unwrap_or_else(|e| panic!("read at {off}: {e}"));
+                    again(|| c.read(&mut b, off as u64), &format!("read at {off}"));
                     assert_same(&b, &data[off..off + len], &format!("read at {off}"));
                 }
             })
@@ -138,8 +146,10 @@ fn writethrough_writes_over_a_flaky_origin_all_reach_it() {
                         let r = round_seed(seed, 20 + round as u64, t * READS + n);
                         let block = (r % (blocks / THREADS)) * THREADS + t;
                         let data = pattern(r, 4096);
-                        c.write(&data, block * 4096, false)
-                            .unwrap_or_else(|e| panic!("write of block {block}: {e}"));
+                        again(
+                            || c.write(&data, block * 4096, false),
+                            &format!("write of block {block}"),
+                        );
                         last.insert(block, data);
                     }
                     last
