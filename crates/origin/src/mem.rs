@@ -244,18 +244,14 @@ impl Origin for MemOrigin {
         pieces: &[(*mut u8, usize)],
         done: Completion,
     ) -> Result<(), Completion> {
-        let mut off = offset;
-        let mut r = Ok(());
-        for &(ptr, len) in pieces {
-            // SAFETY: the caller's promise: valid for `len` writes, unshared.
-            let buf = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
-            r = self.read_at(buf, off);
-            if r.is_err() {
-                break;
-            }
-            off += len as u64;
-        }
-        done(r);
+        let mut bufs: Vec<io::IoSliceMut<'_>> = pieces
+            .iter()
+            .map(|&(ptr, len)| {
+                // SAFETY: the caller's promise: valid for `len` writes, unshared.
+                io::IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut(ptr, len) })
+            })
+            .collect();
+        done(self.read_vectored_at(&mut bufs, offset));
         Ok(())
     }
 

@@ -275,6 +275,12 @@ impl NbdOrigin {
         Ok((client, cur.generation))
     }
 
+    /// The client of the next single call if it is connected now; no
+    /// reconnecting (for calls that must not wait).
+    fn live_client(&self) -> Option<(Arc<Client>, u64)> {
+        self.conns[self.pick()].live()
+    }
+
     /// A live client of connection `c`, reconnected if it was lost.
     fn client(&self, c: usize) -> io::Result<(Arc<Client>, u64)> {
         let conn = &self.conns[c];
@@ -480,7 +486,7 @@ impl Origin for NbdOrigin {
         pieces: &[(*const u8, usize)],
         done: Completion,
     ) -> Result<(), Completion> {
-        match self.conns[self.pick()].live() {
+        match self.live_client() {
             Some((client, gen)) => {
                 self.note_unflushed(gen);
                 // SAFETY: the caller's promise, passed on.
@@ -498,7 +504,7 @@ impl Origin for NbdOrigin {
         pieces: &[(*mut u8, usize)],
         done: Completion,
     ) -> Result<(), Completion> {
-        match self.conns[self.pick()].live() {
+        match self.live_client() {
             // SAFETY: the caller's promise, passed on.
             Some((client, _)) => unsafe { client.read_raw_async(offset, pieces, done) },
             None => Err(done),

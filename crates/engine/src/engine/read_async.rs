@@ -101,11 +101,12 @@ impl Engine {
     /// table sees all of the stream's requests in one place (the callback
     /// path enters a read when it starts, the waiting path when a worker
     /// takes it), so a stream is never split in two and cached twice.
+    /// (A read that continues no stream is past no cutoff, so it would be
+    /// relayed only where reads are not promoted.)
     fn callback_read_applies(&self, offset: u64, len: u64) -> bool {
-        let relays = !self.promotes() || self.streams.would_bypass(offset, len, false, false);
         len > 0
             && len <= MAX_ASYNC_READ
-            && !(relays && len >= RELAY_FROM)
+            && (len < RELAY_FROM || self.promotes())
             && !self.streams.continues(offset, len, false)
             && !self.fence_is_syscall()
             && self.origin.reads_async()

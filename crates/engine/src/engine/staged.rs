@@ -169,18 +169,13 @@ impl StagedWrite {
         let writeback = self.mode == CacheMode::Writeback;
         // In writeback mode the publish releases pins and writer locks.
         let nbs = e.cache_commit(st, None, Filled::InSlots, writeback);
-        let r = if writeback {
-            Ok(())
-        } else {
-            let r = e.write_through(&nbs, self.fua);
-            e.unlock_writers(self.b0, self.b1);
-            r
-        };
-        if r.is_ok() {
-            e.counters.add(Ctr::Writes, 1);
-            e.counters.add(Ctr::WriteBytes, self.len);
+        if writeback {
+            e.count_write(self.len);
+            return Ok(());
         }
-        r
+        e.lock_origin_writers(self.b0, self.b1);
+        let failed = e.write_blocks_retrying(&nbs);
+        e.end_staged_through(&nbs, self.len, self.fua, failed)
     }
 }
 
@@ -264,14 +259,14 @@ impl Engine {
         reply: Box<dyn WriteReply>,
     ) {
         if r.is_ok() {
-            reply.reply(self.end_staged_through(&nbs, len, None));
+            reply.reply(self.end_staged_through(&nbs, len, false, None));
             return;
         }
         self.counters.add(Ctr::OriginErrors, 1);
         let e = self.clone();
         reply.retry(Box::new(move || {
             let failed = e.write_blocks_retrying(&nbs);
-            e.end_staged_through(&nbs, len, failed)
+            e.end_staged_through(&nbs, len, false, failed)
         }));
     }
 
@@ -281,13 +276,13 @@ impl Engine {
         &self,
         nbs: &[NewBlock],
         len: u64,
+        fua: bool,
         failed: Option<EngineError>,
     ) -> Result<()> {
-        let r = self.end_through(nbs, false, failed);
+        let r = self.end_through(nbs, fua, failed);
         self.unlock_writers(nbs[0].block, nbs[nbs.len() - 1].block);
         if r.is_ok() {
-            self.counters.add(Ctr::Writes, 1);
-            self.counters.add(Ctr::WriteBytes, len);
+            self.count_write(len);
         }
         r
     }

@@ -91,8 +91,7 @@ impl Engine {
             },
             1,
         );
-        self.counters.add(Ctr::Writes, 1);
-        self.counters.add(Ctr::WriteBytes, data.len() as u64);
+        self.count_write(data.len() as u64);
         Some(Ok(()))
     }
 
@@ -203,10 +202,15 @@ impl Engine {
             self.unlock_writers(b0, b1);
         }
         if r.is_ok() {
-            self.counters.add(Ctr::Writes, 1);
-            self.counters.add(Ctr::WriteBytes, len);
+            self.count_write(len);
         }
         r
+    }
+
+    /// A write of `len` bytes done (acknowledged).
+    pub(super) fn count_write(&self, len: u64) {
+        self.counters.add(Ctr::Writes, 1);
+        self.counters.add(Ctr::WriteBytes, len);
     }
 
     /// A write in `mode` (the cache's, or writearound for a bypass), under

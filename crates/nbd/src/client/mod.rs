@@ -435,11 +435,24 @@ impl Client {
     /// Whether a request's payload may be spliced: a plain socket, and one
     /// request the server takes as it is (no split, no alignment bounce).
     fn relays(&self, offset: u64, len: usize) -> bool {
+        !self.inner.stream.is_tls() && self.takes_as_is(offset, len)
+    }
+
+    /// Whether the server takes `[offset, offset + len)` as one request,
+    /// as it is: no split, no alignment bounce.
+    fn takes_as_is(&self, offset: u64, len: usize) -> bool {
         let min = u64::from(self.inner.sizes.minimum);
-        !self.inner.stream.is_tls()
-            && len <= self.inner.max_request as usize
+        len <= self.inner.max_request as usize
             && offset.is_multiple_of(min)
             && (len as u64).is_multiple_of(min)
+    }
+
+    /// [`takes_as_is`](Self::takes_as_is) for a request nobody waits on:
+    /// also not empty and inside the export.
+    fn one_async_request(&self, what: &str, offset: u64, len: usize) -> bool {
+        len > 0
+            && self.takes_as_is(offset, len)
+            && self.check_range(what, offset, len as u64).is_ok()
     }
 
     /// Read `[offset, offset + len)`, where `len` is the pieces' total, into
@@ -459,13 +472,7 @@ impl Client {
         done: Completion,
     ) -> Result<(), Completion> {
         let len: usize = pieces.iter().map(|p| p.1).sum();
-        let min = u64::from(self.inner.sizes.minimum);
-        let one_request = len > 0
-            && len <= self.inner.max_request as usize
-            && offset.is_multiple_of(min)
-            && (len as u64).is_multiple_of(min)
-            && self.check_range("read", offset, len as u64).is_ok();
-        if !one_request {
+        if !self.one_async_request("read", offset, len) {
             return Err(done);
         }
         let buf = pieces
@@ -491,11 +498,7 @@ impl Client {
         done: Completion,
     ) -> Result<(), Completion> {
         let len: usize = pieces.iter().map(|p| p.1).sum();
-        let one_request = len > 0
-            && len <= self.inner.max_request as usize
-            && self.check_range("write", offset, len as u64).is_ok()
-            && self.check_aligned("write", offset, len as u64).is_ok();
-        if !one_request {
+        if !self.one_async_request("write", offset, len) {
             return Err(done);
         }
         let payload: Vec<IoSlice<'_>> = pieces
