@@ -39,7 +39,8 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PMCACHE = os.path.join(ROOT, "target", "release", "pmcache")
+# PMCACHE_BIN picks another build, for A/B runs.
+PMCACHE = os.environ.get("PMCACHE_BIN") or os.path.join(ROOT, "target", "release", "pmcache")
 SIZE = "1G"
 WORKSET = "256M"
 DELAY = "1ms"

@@ -378,6 +378,14 @@ impl Engine {
         let slots = layout.slot_count;
         let mut n = match cfg.shards {
             Some(n) => n.max(1).next_power_of_two() as u64,
+            // Where a fence is an msync, one shard: its free list hands
+            // concurrent writers neighbouring slots, so a group commit
+            // writes their entries in one page and their data as one run,
+            // where a shard each cost a page of entries per write (NBD 4 KiB
+            // random writes at QD32 on ext4: 12.4 sectors written per write
+            // against 17, and 1.1-1.25x the writes per second). A lock taken
+            // per request is far cheaper than the msync it waits for.
+            None if msync => 1,
             None => (slots / (8 * max_blocks as u64))
                 .clamp(1, 64)
                 .next_power_of_two(),

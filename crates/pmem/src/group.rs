@@ -1,7 +1,7 @@
 //! Group commit for msync mode: threads that fence at the same time share
 //! persistence calls.
 //!
-//! A fencing thread adds its page ranges to the open batch and waits until
+//! A fencing thread adds its page range to the open batch and waits until
 //! that batch is synced. If fewer than [`MAX_SYNCS`] syncs are running, it
 //! becomes the batch's leader at once: it closes the batch, syncs the hull
 //! of everything in it with one call, and wakes the batch's members when
@@ -33,8 +33,8 @@ pub(crate) struct GroupCommit {
 
 #[derive(Default)]
 struct State {
-    /// Ranges of the open batch (not yet handed to a sync).
-    pending: Vec<(usize, usize)>,
+    /// Hull of the open batch's ranges (not yet handed to a sync).
+    pending: Option<(usize, usize)>,
     /// The open batch: members wait for its `synced`.
     open: Arc<Batch>,
     /// Syncs running.
@@ -56,17 +56,17 @@ struct Batch {
 }
 
 impl GroupCommit {
-    /// Make `ranges` durable: return once a `sync(start, end)` call whose
-    /// `[start, end)` covers all of them has returned `Ok`. `sync` is called
+    /// Make `range` durable: return once a `sync(start, end)` call whose
+    /// `[start, end)` covers it has returned `Ok`. `sync` is called
     /// by whichever caller leads the batch, never under the state lock.
     /// After a failed sync every caller, now and later, gets the error.
     pub(crate) fn commit(
         &self,
-        ranges: &[(usize, usize)],
+        range: (usize, usize),
         sync: impl Fn(usize, usize) -> Result<(), String>,
     ) -> Result<(), String> {
         let mut g = self.st.lock();
-        g.pending.extend_from_slice(ranges);
+        g.pending = Some(hull(g.pending, range));
         let mine = g.open.clone();
         loop {
             if let Some(e) = &g.failed {
@@ -84,8 +84,8 @@ impl GroupCommit {
             // callers gather in the next batch meanwhile.
             g.open = Arc::default();
             g.syncing += 1;
-            let taken = std::mem::take(&mut g.pending);
-            let r = parking_lot::MutexGuard::unlocked(&mut g, || match hull(&taken) {
+            let taken = g.pending.take();
+            let r = parking_lot::MutexGuard::unlocked(&mut g, || match taken {
                 Some((s, e)) => sync(s, e),
                 None => Ok(()),
             });
@@ -104,14 +104,12 @@ impl GroupCommit {
     }
 }
 
-/// The smallest range covering all of `ranges`. One call over the hull
-/// costs one persistence round (msync is an fdatasync of the range, and
-/// clean pages inside it cost nothing), where one call per range would pay
-/// a device flush for each.
-fn hull(ranges: &[(usize, usize)]) -> Option<(usize, usize)> {
-    let s = ranges.iter().map(|r| r.0).min()?;
-    let e = ranges.iter().map(|r| r.1).max()?;
-    Some((s, e))
+/// The smallest range covering `a` (if any) and `b`. One call over the
+/// hull costs one persistence round (msync is an fdatasync of the range,
+/// and clean pages inside it cost nothing), where one call per range would
+/// pay a device flush for each.
+fn hull(a: Option<(usize, usize)>, b: (usize, usize)) -> (usize, usize) {
+    a.map_or(b, |a| (a.0.min(b.0), a.1.max(b.1)))
 }
 
 #[cfg(test)]
@@ -145,7 +143,7 @@ mod tests {
                     start.wait();
                     for r in 0..ROUNDS {
                         let range = (t * 4096 + r, t * 4096 + r + 1);
-                        gc.commit(&[range], |a, b| {
+                        gc.commit(range, |a, b| {
                             calls.fetch_add(1, Ordering::SeqCst);
                             // A slow device: others pile up meanwhile.
                             std::thread::sleep(Duration::from_millis(2));
@@ -176,15 +174,15 @@ mod tests {
     #[test]
     fn a_failed_sync_fails_everyone_after() {
         let gc = GroupCommit::default();
-        let e = gc.commit(&[(0, 4096)], |_, _| Err("EIO".into()));
+        let e = gc.commit((0, 4096), |_, _| Err("EIO".into()));
         assert_eq!(e, Err("EIO".to_string()));
-        let later = gc.commit(&[(4096, 8192)], |_, _| Ok(()));
+        let later = gc.commit((4096, 8192), |_, _| Ok(()));
         assert_eq!(later, Err("EIO".to_string()));
     }
 
     #[test]
     fn hull_spans_all_ranges() {
-        assert_eq!(hull(&[]), None);
-        assert_eq!(hull(&[(8192, 12288), (0, 4096)]), Some((0, 12288)));
+        assert_eq!(hull(None, (8192, 12288)), (8192, 12288));
+        assert_eq!(hull(Some((8192, 12288)), (0, 4096)), (0, 12288));
     }
 }

@@ -105,8 +105,11 @@ pub struct MappedRegion {
     len: usize,
     mode: PersistMode,
     fences: crate::counter::Counters<1>,
-    /// Msync mode only: byte ranges each thread flushed since its last fence.
-    dirty: Mutex<HashMap<ThreadId, Vec<(usize, usize)>>>,
+    /// Msync mode only: per thread, the hull of the byte ranges it flushed
+    /// since its last fence. A fence msyncs one hull anyway (see
+    /// [`crate::group`]), so nothing finer is kept: a reclaim batch stores
+    /// thousands of scattered FREE words before one fence.
+    dirty: Mutex<HashMap<ThreadId, (usize, usize)>>,
     /// Msync mode only: fences share their msyncs.
     group: GroupCommit,
     syncs: crate::counter::Counters<1>,
@@ -402,17 +405,16 @@ impl MappedRegion {
     /// fence durable, in a group commit with the threads fencing at the same
     /// time (see [`crate::group`]).
     fn msync_thread(&self) {
-        let Some(mut ranges) = self.dirty.lock().remove(&std::thread::current().id()) else {
+        let Some((s, e)) = self.dirty.lock().remove(&std::thread::current().id()) else {
             return;
         };
         let page = page_size();
-        for (s, e) in &mut ranges {
-            *s &= !(page - 1);
-            *e = e
-                .next_multiple_of(page)
-                .min(self.len.next_multiple_of(page));
-        }
-        let r = self.group.commit(&ranges, |s, e| {
+        let range = (
+            s & !(page - 1),
+            e.next_multiple_of(page)
+                .min(self.len.next_multiple_of(page)),
+        );
+        let r = self.group.commit(range, |s, e| {
             self.syncs.add(0, 1);
             // SAFETY: [s, e) is page-aligned and inside our mapping (offsets
             // were bounds-checked when recorded; the end is rounded within
@@ -482,12 +484,10 @@ impl MappedRegion {
             return;
         }
         let mut dirty = self.dirty.lock();
-        let ranges = dirty.entry(std::thread::current().id()).or_default();
-        ranges.push((off, off + len));
-        // Keep a thread that flushes a lot before fencing bounded.
-        if ranges.len() >= 1024 {
-            coalesce(ranges);
-        }
+        let hull = dirty
+            .entry(std::thread::current().id())
+            .or_insert((off, off + len));
+        *hull = (hull.0.min(off), hull.1.max(off + len));
     }
 }
 
@@ -636,19 +636,6 @@ fn page_size() -> usize {
         .unwrap_or(4096)
 }
 
-/// Sorts and merges overlapping or touching ranges.
-fn coalesce(ranges: &mut Vec<(usize, usize)>) {
-    ranges.sort_unstable();
-    let mut out: Vec<(usize, usize)> = Vec::with_capacity(ranges.len());
-    for &(s, e) in ranges.iter() {
-        match out.last_mut() {
-            Some(last) if s <= last.1 => last.1 = last.1.max(e),
-            _ => out.push((s, e)),
-        }
-    }
-    *ranges = out;
-}
-
 fn check_len(path: &Path, len: u64) -> Result<(), PmemError> {
     if len < MIN_LEN {
         return Err(PmemError::TooSmall {
@@ -754,7 +741,7 @@ mod tests {
         r.flush(5000, 10);
         r.flush(100, 10);
         let me = std::thread::current().id();
-        assert_eq!(r.dirty.lock()[&me], vec![(5000, 5010), (100, 110)]);
+        assert_eq!(r.dirty.lock()[&me], (100, 5010), "one hull per thread");
         std::thread::scope(|s| {
             s.spawn(|| {
                 r.flush(9000, 1);
@@ -907,7 +894,7 @@ mod tests {
         let mapped = unsafe { r.slice(40960, 8192) };
         assert_eq!(mapped, &data[..], "the mapping sees them");
         let me = std::thread::current().id();
-        assert_eq!(r.dirty.lock()[&me], vec![(40960, 40960 + 8192)]);
+        assert_eq!(r.dirty.lock()[&me], (40960, 40960 + 8192));
         r.fence();
         let base = r.base as usize;
         let covered = SYNCED
@@ -963,18 +950,5 @@ mod tests {
             r.syncs()
         );
         assert!(r.dirty.lock().is_empty());
-    }
-
-    #[test]
-    fn coalesce_merges_overlaps_and_neighbours() {
-        let mut r = vec![
-            (8192, 12288),
-            (0, 4096),
-            (4096, 8192),
-            (20480, 24576),
-            (21000, 22000),
-        ];
-        coalesce(&mut r);
-        assert_eq!(r, vec![(0, 12288), (20480, 24576)]);
     }
 }
