@@ -205,7 +205,7 @@ impl PendingWrite for Pending {
         let Some(w) = self.0.take() else {
             return Err(done);
         };
-        match w.commit_through(ToExportWrite(done)) {
+        match w.commit_async(ToExportWrite(done)) {
             Ok(()) => Ok(()),
             Err((w, reply)) => {
                 self.0 = Some(w);

@@ -21,7 +21,7 @@
 //! - sub-block write: old slot (or origin) → new slot, then the payload.
 
 use std::io::{self, IoSlice, IoSliceMut};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -191,6 +191,9 @@ pub struct Engine {
     bounces: Mutex<Vec<Vec<u8>>>,
     /// Set on shutdown: writes that would wait for space give up instead.
     stop_waits: AtomicBool,
+    /// Commits whose fence another thread finishes, in flight: each holds
+    /// a seq ticket, and tickets are few (see [`ASYNC_COMMITS`]).
+    pub(crate) async_commits: AtomicUsize,
 }
 
 /// Where a block of a request lives while the request runs.
@@ -310,6 +313,23 @@ pub(crate) struct Staging {
     batches: Batches,
     ids: ShardIds,
     lock_early: bool,
+}
+
+/// Most commits in flight whose fence another thread finishes. Each holds
+/// a seq ticket until then, and the sequencer has 46 cells for threads
+/// without one of their own; past this, writes commit on a worker.
+pub(crate) const ASYNC_COMMITS: usize = 32;
+
+/// A commit between its persistence stores and its fence: what the publish
+/// after the fence needs.
+pub(crate) struct Stored {
+    nbs: Blocks,
+    batches: Batches,
+    ids: ShardIds,
+    t: crate::txn::Ticket,
+    /// S staged with the stores, durable with the fence.
+    staged: u64,
+    epoch: u64,
 }
 
 /// The request's only shard, when a stage keeps it locked for the commit.
@@ -451,6 +471,7 @@ impl Engine {
             ),
             bounces: Mutex::new(Vec::new()),
             stop_waits: AtomicBool::new(false),
+            async_commits: AtomicUsize::new(0),
             cfg,
         })
     }

@@ -45,6 +45,16 @@ pub(crate) struct EpochGuard<'a> {
     pub(crate) epoch: u64,
 }
 
+impl EpochGuard<'_> {
+    /// Keep the epoch entered past this guard, for a commit finished on
+    /// another thread; [`Epochs::leave`] ends it.
+    pub(crate) fn detach(self) -> u64 {
+        let e = self.epoch;
+        std::mem::forget(self);
+        e
+    }
+}
+
 impl Drop for EpochGuard<'_> {
     fn drop(&mut self) {
         self.epochs.active[(self.epoch & 1) as usize].fetch_sub(1, SeqCst);
@@ -83,6 +93,11 @@ impl Epochs {
             }
             self.active[(e & 1) as usize].fetch_sub(1, SeqCst);
         }
+    }
+
+    /// End an epoch entered by a guard that was detached.
+    pub(crate) fn leave(&self, epoch: u64) {
+        self.active[(epoch & 1) as usize].fetch_sub(1, SeqCst);
     }
 
     /// A client FLUSH: every write acknowledged before it is in an epoch

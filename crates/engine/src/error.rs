@@ -34,6 +34,8 @@ pub enum EngineError {
     Transfer(io::Error),
     #[error("the cache is shutting down")]
     ShuttingDown,
+    #[error("the cache device could not make a write durable: {0}")]
+    Persist(String),
 }
 
 pub type Result<T> = std::result::Result<T, EngineError>;

@@ -3,21 +3,20 @@
 
 use std::sync::Arc;
 
-use pmcache_engine::{Engine, EngineConfig, Stage};
+use pmcache_engine::{CacheMode, Engine, EngineConfig, Stage, WriteReply};
 use pmcache_origin::{MemOrigin, Origin};
 use pmcache_pmem::{MapOptions, MappedRegion, PersistMode, PmemRegion};
 
 const MIB: u64 = 1 << 20;
 
-#[test]
-fn concurrent_writers_share_msyncs() {
-    // On the disk (not tmpfs), so an msync takes long enough for writers
-    // to meet.
-    let dir = pmcache_testkit::TempDir::on_disk("gc");
+/// An msync-mode engine over a cache file on the disk (not tmpfs), so an
+/// msync takes long enough for writers to meet.
+fn msync_engine(tag: &str) -> (pmcache_testkit::TempDir, Arc<MappedRegion>, Arc<Engine>) {
+    let dir = pmcache_testkit::TempDir::on_disk(tag);
     let path = dir.join("cache.pmem");
     let region = Arc::new(MappedRegion::create(&path, 8 * MIB, &MapOptions::new()).unwrap());
     assert_eq!(region.mode(), PersistMode::Msync);
-    let origin = Arc::new(MemOrigin::new(64 * MIB).with_name("gc"));
+    let origin = Arc::new(MemOrigin::new(64 * MIB).with_name(tag));
     Engine::format(&*region, &*origin, 4096).unwrap();
     let e = Engine::open(
         region.clone() as Arc<dyn PmemRegion>,
@@ -28,6 +27,16 @@ fn concurrent_writers_share_msyncs() {
         },
     )
     .unwrap();
+    (dir, region, e)
+}
+
+fn fill_of(b: u64) -> u8 {
+    (b % 251) as u8 + 1
+}
+
+#[test]
+fn concurrent_writers_share_msyncs() {
+    let (_dir, region, e) = msync_engine("gc");
     // Far more writers than msyncs may run at once, so most must share.
     const THREADS: u64 = 32;
     const WRITES: u64 = 10;
@@ -41,8 +50,7 @@ fn concurrent_writers_share_msyncs() {
                 start.wait();
                 for i in 0..WRITES {
                     let b = t * WRITES + i;
-                    e.write(b * 4096, &[(b % 251) as u8 + 1; 4096], false)
-                        .unwrap();
+                    e.write(b * 4096, &[fill_of(b); 4096], false).unwrap();
                 }
             });
         }
@@ -56,11 +64,75 @@ fn concurrent_writers_share_msyncs() {
     let mut b = [0u8; 4096];
     for blk in 0..writes {
         e.read(blk * 4096, &mut b).unwrap();
-        assert!(b.iter().all(|&x| x == (blk % 251) as u8 + 1), "block {blk}");
+        assert!(b.iter().all(|&x| x == fill_of(blk)), "block {blk}");
     }
-    // Where persistence is an msync, a payload is not received through the
-    // mapping (each page would be read from disk first): staging declines,
-    // and the server buffers the payload for an ordinary write.
+}
+
+/// Reports a staged write's outcome with its block number.
+struct Report(
+    std::sync::mpsc::Sender<(u64, pmcache_engine::Result<()>)>,
+    u64,
+);
+
+impl WriteReply for Report {
+    fn reply(self: Box<Self>, r: pmcache_engine::Result<()>) {
+        self.0.send((self.1, r)).unwrap();
+    }
+    fn retry(self: Box<Self>, finish: Box<dyn FnOnce() -> pmcache_engine::Result<()> + Send>) {
+        self.0.send((self.1, finish())).unwrap();
+    }
+}
+
+/// Where persistence is an msync, a staged writeback write takes its
+/// payload into a buffer of its own (never through the mapping, which
+/// would read each page from disk first), and commits started from one
+/// thread, as a connection's reader starts them, are finished by the
+/// syncer: they share msyncs, and each is answered only once durable and
+/// readable.
+#[test]
+fn staged_writes_are_finished_by_shared_msyncs() {
+    let (_dir, region, e) = msync_engine("gc-staged");
+    const WRITES: u64 = 96;
+    let before = region.syncs();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut on_caller = 0;
+    for b in 0..WRITES {
+        let mut source = |s: &mut [std::io::IoSliceMut<'_>]| {
+            assert_eq!(s.len(), 1, "one buffer for the payload");
+            s[0].fill(fill_of(b));
+            Ok(())
+        };
+        let Stage::Staged(w) = e.stage_write(b * 4096, 4096, false, &mut source).unwrap() else {
+            panic!("block {b}: a whole-block writeback write stages in msync mode");
+        };
+        // Past the in-flight bound a commit is declined, and then made
+        // here, as a server's worker would.
+        if let Err((w, reply)) = w.commit_async(Report(tx.clone(), b)) {
+            on_caller += 1;
+            Box::new(reply).reply(w.commit());
+        }
+    }
+    let mut answered = vec![false; WRITES as usize];
+    for _ in 0..WRITES {
+        let (b, r) = rx.recv_timeout(std::time::Duration::from_secs(30)).unwrap();
+        r.unwrap();
+        let mut got = [0u8; 4096];
+        e.read(b * 4096, &mut got).unwrap();
+        assert!(
+            got.iter().all(|&x| x == fill_of(b)),
+            "block {b} answered before it was readable"
+        );
+        answered[b as usize] = true;
+    }
+    assert!(answered.iter().all(|&a| a));
+    let syncs = region.syncs() - before;
+    assert!(
+        syncs < WRITES / 2,
+        "{syncs} msyncs for {WRITES} staged writes ({on_caller} made by the caller)"
+    );
+    // Writethrough waits for the origin as long as the one-call path does:
+    // it is not staged.
+    e.set_mode(CacheMode::Writethrough).unwrap();
     assert!(matches!(
         e.stage_write(0, 4096, false, &mut |_| panic!("payload taken")),
         Ok(Stage::WouldWait)

@@ -10,11 +10,20 @@
 //! running sync finishes. Sharing keeps the number of syncs well below the
 //! number of fences. Nobody returns before the call that covered its ranges
 //! has returned.
+//!
+//! A fence may also be asynchronous ([`GroupCommit::commit_async`]): its
+//! range joins the open batch with a callback, and the caller goes on. The
+//! batch's leader runs the callbacks once its sync has returned; a batch
+//! with no waiting member to lead it is led by a syncer thread, started on
+//! the first asynchronous fence.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, MutexGuard};
+
+use crate::FenceDone;
 
 /// Most persistence calls in flight at once. One: while it runs, the next
 /// batch gathers, so batches are as large as the disk's latency allows and
@@ -25,22 +34,43 @@ use parking_lot::{Condvar, Mutex};
 /// sectors written per write 15.6-16.0, 16.2-16.3, 17.0-17.1.
 pub(crate) const MAX_SYNCS: usize = 1;
 
+/// The persistence call: make `[start, end)` durable.
+pub(crate) type Sync<'a> =
+    dyn Fn(usize, usize) -> Result<(), String> + Send + std::marker::Sync + 'a;
+/// The syncer thread's own handle on it.
+pub(crate) type SyncFn = Arc<Sync<'static>>;
+
 /// Shared state of one region's group commit.
 #[derive(Default)]
 pub(crate) struct GroupCommit {
+    inner: Arc<Inner>,
+    /// The syncer thread, once an asynchronous fence started it.
+    syncer: Mutex<Option<JoinHandle<()>>>,
+}
+
+#[derive(Default)]
+struct Inner {
     st: Mutex<State>,
+    /// Wakes the syncer: an open batch has no member to lead it.
+    wake: Condvar,
 }
 
 #[derive(Default)]
 struct State {
     /// Hull of the open batch's ranges (not yet handed to a sync).
     pending: Option<(usize, usize)>,
+    /// Callbacks of the open batch's asynchronous members.
+    done: Vec<FenceDone>,
+    /// Waiting (blocking) members of the open batch.
+    waiting: usize,
     /// The open batch: members wait for its `synced`.
     open: Arc<Batch>,
     /// Syncs running.
     syncing: usize,
     /// A sync failed: durability can no longer be promised to anyone.
     failed: Option<String>,
+    /// The region is going away: the syncer ends.
+    stop: bool,
 }
 
 /// Members of a batch sleep on its own condvar, so each wakes once: when
@@ -55,18 +85,103 @@ struct Batch {
     cv: Condvar,
 }
 
+/// A batch taken for a sync by its leader.
+struct Closed {
+    batch: Arc<Batch>,
+    range: Option<(usize, usize)>,
+    done: Vec<FenceDone>,
+}
+
+impl Inner {
+    /// Close the open batch for a sync (the caller leads it).
+    fn close(&self, g: &mut State) -> Closed {
+        debug_assert!(g.syncing < MAX_SYNCS);
+        g.syncing += 1;
+        g.waiting = 0;
+        Closed {
+            batch: std::mem::take(&mut g.open),
+            range: g.pending.take(),
+            done: std::mem::take(&mut g.done),
+        }
+    }
+
+    /// Sync a closed batch without the lock, tell its members, hand the
+    /// next batch on to a leader, then run the callbacks (without the lock).
+    fn lead(&self, g: &mut MutexGuard<'_, State>, c: Closed, sync: &Sync<'_>) {
+        let r = MutexGuard::unlocked(g, || match c.range {
+            Some((s, e)) => sync(s, e),
+            None => Ok(()),
+        });
+        g.syncing -= 1;
+        match &r {
+            Ok(()) => c.batch.synced.store(true, Ordering::Relaxed),
+            Err(e) => {
+                // Everyone waiting fails, and the syncer fails the open
+                // batch's callbacks.
+                g.failed = Some(e.clone());
+                g.open.cv.notify_all();
+                self.wake.notify_one();
+            }
+        }
+        c.batch.cv.notify_all();
+        // A sync slot is free: one member of the open batch leads it, or
+        // the syncer where it has none waiting.
+        if g.waiting > 0 {
+            g.open.cv.notify_one();
+        } else if g.pending.is_some() {
+            self.wake.notify_one();
+        }
+        if !c.done.is_empty() {
+            MutexGuard::unlocked(g, || {
+                for d in c.done {
+                    d(r.clone());
+                }
+            });
+        }
+    }
+
+    /// The syncer: leads batches that have no waiting member.
+    fn syncer(&self, sync: SyncFn) {
+        let mut g = self.st.lock();
+        loop {
+            if let Some(e) = g.failed.clone() {
+                let done = std::mem::take(&mut g.done);
+                MutexGuard::unlocked(&mut g, || {
+                    for d in done {
+                        d(Err(e.clone()));
+                    }
+                });
+                if g.stop {
+                    return;
+                }
+                if g.done.is_empty() {
+                    self.wake.wait(&mut g);
+                }
+                continue;
+            }
+            if g.pending.is_some() && g.syncing < MAX_SYNCS {
+                let c = self.close(&mut g);
+                self.lead(&mut g, c, &*sync);
+                continue;
+            }
+            if g.stop {
+                return;
+            }
+            self.wake.wait(&mut g);
+        }
+    }
+}
+
 impl GroupCommit {
     /// Make `range` durable: return once a `sync(start, end)` call whose
     /// `[start, end)` covers it has returned `Ok`. `sync` is called
     /// by whichever caller leads the batch, never under the state lock.
     /// After a failed sync every caller, now and later, gets the error.
-    pub(crate) fn commit(
-        &self,
-        range: (usize, usize),
-        sync: impl Fn(usize, usize) -> Result<(), String>,
-    ) -> Result<(), String> {
-        let mut g = self.st.lock();
+    pub(crate) fn commit(&self, range: (usize, usize), sync: &Sync<'_>) -> Result<(), String> {
+        let inner = &*self.inner;
+        let mut g = inner.st.lock();
         g.pending = Some(hull(g.pending, range));
+        g.waiting += 1;
         let mine = g.open.clone();
         loop {
             if let Some(e) = &g.failed {
@@ -80,26 +195,71 @@ impl GroupCommit {
                 mine.cv.wait(&mut g);
                 continue;
             }
-            // Close the batch and sync it without the lock, so later
-            // callers gather in the next batch meanwhile.
-            g.open = Arc::default();
-            g.syncing += 1;
-            let taken = g.pending.take();
-            let r = parking_lot::MutexGuard::unlocked(&mut g, || match taken {
-                Some((s, e)) => sync(s, e),
-                None => Ok(()),
-            });
-            g.syncing -= 1;
-            match r {
-                Ok(()) => mine.synced.store(true, Ordering::Relaxed),
+            let c = inner.close(&mut g);
+            inner.lead(&mut g, c, sync);
+        }
+    }
+
+    /// Make `range` durable without waiting: `done` runs, on the thread
+    /// that leads the batch, once a sync covering it has returned (or with
+    /// the error of a failed sync, now or earlier). `sync` makes the call
+    /// the syncer thread makes; it is started on the first use.
+    pub(crate) fn commit_async(
+        &self,
+        range: (usize, usize),
+        done: FenceDone,
+        sync: impl FnOnce() -> SyncFn,
+    ) {
+        let mut g = self.inner.st.lock();
+        if let Some(e) = &g.failed {
+            let e = e.clone();
+            drop(g);
+            done(Err(e));
+            return;
+        }
+        g.pending = Some(hull(g.pending, range));
+        g.done.push(done);
+        if g.syncing >= MAX_SYNCS || g.waiting > 0 {
+            // The running sync's leader hands the batch on.
+            return;
+        }
+        if let Err(sync) = self.start_syncer(sync) {
+            // No thread to lead it: lead it here, waiting.
+            let c = self.inner.close(&mut g);
+            self.inner.lead(&mut g, c, &*sync);
+            return;
+        }
+        self.inner.wake.notify_one();
+    }
+
+    /// The syncer thread, started if it is not running. `Err` (with the
+    /// call) if it could not be.
+    fn start_syncer(&self, sync: impl FnOnce() -> SyncFn) -> Result<(), SyncFn> {
+        let mut t = self.syncer.lock();
+        if t.is_none() {
+            let sync = sync();
+            let (inner, call) = (self.inner.clone(), sync.clone());
+            match std::thread::Builder::new()
+                .name("pmem-syncer".into())
+                .spawn(move || inner.syncer(call))
+            {
+                Ok(h) => *t = Some(h),
                 Err(e) => {
-                    g.failed = Some(e);
-                    g.open.cv.notify_all();
+                    tracing::warn!(error = %e, "cannot start the msync syncer thread");
+                    return Err(sync);
                 }
             }
-            mine.cv.notify_all();
-            // A sync slot is free: one member of the open batch leads it.
-            g.open.cv.notify_one();
+        }
+        Ok(())
+    }
+
+    /// End the syncer thread, if any, once it is idle. Before the mapping
+    /// goes: asynchronous members hold the region, so none is pending.
+    pub(crate) fn shutdown(&self) {
+        self.inner.st.lock().stop = true;
+        self.inner.wake.notify_all();
+        if let Some(t) = self.syncer.lock().take() {
+            let _ = t.join();
         }
     }
 }
@@ -143,7 +303,7 @@ mod tests {
                     start.wait();
                     for r in 0..ROUNDS {
                         let range = (t * 4096 + r, t * 4096 + r + 1);
-                        gc.commit(range, |a, b| {
+                        gc.commit(range, &|a, b| {
                             calls.fetch_add(1, Ordering::SeqCst);
                             // A slow device: others pile up meanwhile.
                             std::thread::sleep(Duration::from_millis(2));
@@ -170,13 +330,97 @@ mod tests {
         );
     }
 
+    /// Asynchronous commits: each callback runs only after a sync that
+    /// covered its range returned, from a thread other than the caller's
+    /// (the syncer, or a blocking leader), and they share syncs.
+    #[test]
+    fn async_commits_report_only_after_their_sync_and_share_it() {
+        const COMMITS: usize = 64;
+        let gc = GroupCommit::default();
+        let clock = Arc::new(AtomicU64::new(0));
+        let log = Arc::new(Mutex::new(Vec::<(usize, usize, u64)>::new()));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let make = {
+            let (clock, log, calls) = (clock.clone(), log.clone(), calls.clone());
+            move || -> SyncFn {
+                Arc::new(move |a, b| {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(2));
+                    log.lock()
+                        .push((a, b, clock.fetch_add(1, Ordering::SeqCst)));
+                    Ok(())
+                })
+            }
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let me = std::thread::current().id();
+        for i in 0..COMMITS {
+            let range = (i * 4096, i * 4096 + 4096);
+            let (tx, clock, log) = (tx.clone(), clock.clone(), log.clone());
+            let done: FenceDone = Box::new(move |r| {
+                let ret = clock.fetch_add(1, Ordering::SeqCst);
+                let covered = log
+                    .lock()
+                    .iter()
+                    .any(|&(a, b, tick)| a <= range.0 && range.1 <= b && tick < ret);
+                tx.send((i, r, covered, std::thread::current().id()))
+                    .unwrap();
+            });
+            gc.commit_async(range, done, make.clone());
+        }
+        for _ in 0..COMMITS {
+            let (i, r, covered, thread) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+            assert_eq!(r, Ok(()));
+            assert!(covered, "commit {i} reported before its sync returned");
+            assert_ne!(thread, me, "commit {i} was synced by its caller");
+        }
+        let n = calls.load(Ordering::SeqCst);
+        assert!(
+            n < COMMITS / 2,
+            "{n} syncs for {COMMITS} commits: no sharing"
+        );
+        gc.shutdown();
+    }
+
+    /// A failed sync fails the asynchronous commits in its batch, those
+    /// waiting in the next, and every later one.
+    #[test]
+    fn a_failed_sync_fails_async_commits() {
+        let gc = GroupCommit::default();
+        let make = || -> SyncFn {
+            Arc::new(|_, _| {
+                std::thread::sleep(Duration::from_millis(5));
+                Err("EIO".to_string())
+            })
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        for i in 0..8 {
+            let tx = tx.clone();
+            gc.commit_async(
+                (i * 4096, i * 4096 + 1),
+                Box::new(move |r| tx.send(r).unwrap()),
+                make,
+            );
+        }
+        for _ in 0..8 {
+            let r = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+            assert_eq!(r, Err("EIO".to_string()));
+        }
+        assert_eq!(
+            gc.commit((0, 1), &|_, _| Ok(())),
+            Err("EIO".to_string()),
+            "later blocking commits fail too"
+        );
+        gc.shutdown();
+    }
+
     /// A failed sync fails its batch and every later commit.
     #[test]
     fn a_failed_sync_fails_everyone_after() {
         let gc = GroupCommit::default();
-        let e = gc.commit((0, 4096), |_, _| Err("EIO".into()));
+        let e = gc.commit((0, 4096), &|_, _| Err("EIO".into()));
         assert_eq!(e, Err("EIO".to_string()));
-        let later = gc.commit((4096, 8192), |_, _| Ok(()));
+        let later = gc.commit((4096, 8192), &|_, _| Ok(()));
         assert_eq!(later, Err("EIO".to_string()));
     }
 

@@ -29,6 +29,10 @@ pub use error::PmemError;
 pub use mapped::{MapOptions, MappedRegion};
 pub use sim::{CrashImage, SimRegion};
 
+/// Where [`PmemRegion::fence_async`] reports: `Err` says why the flushed
+/// lines could not be made durable.
+pub type FenceDone = Box<dyn FnOnce(Result<(), String>) + Send>;
+
 /// Cache-line size the persistence model works in.
 pub const LINE: usize = 64;
 
@@ -88,6 +92,16 @@ pub trait PmemRegion: Send + Sync {
     /// Wait until every line this thread flushed is durable.
     /// Counts as one persistence point.
     fn fence(&self);
+
+    /// [`fence`](Self::fence) without waiting for it: `done` runs, here or
+    /// on another thread, once every line this thread flushed is durable,
+    /// or with the reason it cannot be. Where a fence is a CPU instruction
+    /// it runs here and now; where it is a system call (msync), the calling
+    /// thread goes on while the call is made.
+    fn fence_async(&self, done: FenceDone) {
+        self.fence();
+        done(Ok(()));
+    }
 
     /// `flush` then `fence`.
     fn persist(&self, off: usize, len: usize) {

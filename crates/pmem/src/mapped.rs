@@ -19,6 +19,7 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::thread::ThreadId;
 
 /// The smallest region that can be mapped (one page; mmap refuses 0 bytes).
@@ -112,7 +113,7 @@ pub struct MappedRegion {
     dirty: Mutex<HashMap<ThreadId, (usize, usize)>>,
     /// Msync mode only: fences share their msyncs.
     group: GroupCommit,
-    syncs: crate::counter::Counters<1>,
+    syncs: Arc<crate::counter::Counters<1>>,
     /// `msync(MS_SYNC)`; tests put a slow or failing device in its place.
     sync_fn: unsafe fn(*mut u8, usize) -> i32,
 }
@@ -405,28 +406,11 @@ impl MappedRegion {
     /// fence durable, in a group commit with the threads fencing at the same
     /// time (see [`crate::group`]).
     fn msync_thread(&self) {
-        let Some((s, e)) = self.dirty.lock().remove(&std::thread::current().id()) else {
+        let Some(range) = self.take_range() else {
             return;
         };
-        let page = page_size();
-        let range = (
-            s & !(page - 1),
-            e.next_multiple_of(page)
-                .min(self.len.next_multiple_of(page)),
-        );
-        let r = self.group.commit(range, |s, e| {
-            self.syncs.add(0, 1);
-            // SAFETY: [s, e) is page-aligned and inside our mapping (offsets
-            // were bounds-checked when recorded; the end is rounded within
-            // the mapping's last page).
-            let rc = unsafe { (self.sync_fn)(self.base.add(s), e - s) };
-            if rc == 0 {
-                return Ok(());
-            }
-            let err = std::io::Error::last_os_error();
-            tracing::error!(path = %self.path.display(), %err, "msync failed");
-            Err(format!("msync of [{s}, {e}) failed: {err}"))
-        });
+        let call = Msync::of(self);
+        let r = self.group.commit(range, &|s, e| call.sync(s, e));
         if let Err(e) = r {
             // A failed msync means the media refused the data; carrying on
             // would acknowledge writes that are not durable, and the
@@ -437,6 +421,28 @@ impl MappedRegion {
                 self.path.display()
             );
         }
+    }
+
+    /// Msync mode, without waiting: `done` runs once the ranges this thread
+    /// recorded are durable (see [`crate::group`]).
+    fn msync_thread_async(&self, done: crate::FenceDone) {
+        let Some(range) = self.take_range() else {
+            done(Ok(()));
+            return;
+        };
+        self.group
+            .commit_async(range, done, || Arc::new(Msync::of(self).into_fn()));
+    }
+
+    /// This thread's recorded hull, rounded out to pages, forgotten here.
+    fn take_range(&self) -> Option<(usize, usize)> {
+        let (s, e) = self.dirty.lock().remove(&std::thread::current().id())?;
+        let page = page_size();
+        Some((
+            s & !(page - 1),
+            e.next_multiple_of(page)
+                .min(self.len.next_multiple_of(page)),
+        ))
     }
 
     /// Msync mode: `src` into the file at `off` with `pwrite` instead of
@@ -491,8 +497,50 @@ impl MappedRegion {
     }
 }
 
+/// The persistence call of msync mode, with what it needs of the region,
+/// so that the syncer thread can make it.
+struct Msync {
+    /// The mapping's base address.
+    base: usize,
+    sync_fn: unsafe fn(*mut u8, usize) -> i32,
+    path: PathBuf,
+    syncs: Arc<crate::counter::Counters<1>>,
+}
+
+impl Msync {
+    fn of(r: &MappedRegion) -> Msync {
+        Msync {
+            base: r.base as usize,
+            sync_fn: r.sync_fn,
+            path: r.path.clone(),
+            syncs: r.syncs.clone(),
+        }
+    }
+
+    fn into_fn(self) -> impl Fn(usize, usize) -> Result<(), String> + Send + Sync {
+        move |s, e| self.sync(s, e)
+    }
+
+    /// `msync` of `[s, e)`, a page-aligned range of the mapping.
+    fn sync(&self, s: usize, e: usize) -> Result<(), String> {
+        self.syncs.add(0, 1);
+        // SAFETY: [s, e) is page-aligned and inside the mapping (offsets
+        // were bounds-checked when recorded; the end is rounded within the
+        // mapping's last page), which outlives every call: the region's
+        // drop ends the syncer thread before it unmaps.
+        let rc = unsafe { (self.sync_fn)((self.base as *mut u8).add(s), e - s) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        tracing::error!(path = %self.path.display(), %err, "msync failed");
+        Err(format!("msync of [{s}, {e}) failed: {err}"))
+    }
+}
+
 impl Drop for MappedRegion {
     fn drop(&mut self) {
+        self.group.shutdown();
         // SAFETY: base/len are the mapping we created; nothing can use it
         // after drop (every borrow of the region has ended).
         unsafe {
@@ -529,6 +577,16 @@ impl PmemRegion for MappedRegion {
             _ => self.msync_thread(),
         }
         self.fences.add(0, 1);
+    }
+
+    fn fence_async(&self, done: crate::FenceDone) {
+        if self.mode != PersistMode::Msync {
+            self.fence();
+            done(Ok(()));
+            return;
+        }
+        self.fences.add(0, 1);
+        self.msync_thread_async(done);
     }
 
     fn as_ptr(&self) -> *mut u8 {

@@ -1,7 +1,10 @@
 //! Writes in two halves, so a server can receive a payload straight into
 //! its cache slots on the connection's reader thread and leave the rest
 //! (fence, publish, the writethrough origin write) to another thread while
-//! the reader goes on with the next request.
+//! the reader goes on with the next request. Where a fence is an msync, the
+//! payload goes into a buffer instead (see `copy_flush_hash`), and the
+//! commit's msync is shared with the writes around it and finished by the
+//! thread that makes it, which then publishes and answers.
 //!
 //! The first half never waits: it takes the writer locks and free slots
 //! only if they are available now, and otherwise takes nothing and says
@@ -19,11 +22,12 @@ use parking_lot::MutexGuard;
 
 use pmcache_origin::Completion;
 
-use super::{Blocks, Engine, Filled, NewBlock, Space, Src, Staging};
+use super::{Blocks, Engine, Filled, NewBlock, Space, Src, Staging, ASYNC_COMMITS};
 use crate::error::{EngineError, Result};
 use crate::format::CacheMode;
 use crate::index::ShardIndex;
 use crate::stats::Ctr;
+use std::sync::atomic::Ordering;
 
 /// What [`Engine::stage_write`] did.
 pub enum Stage {
@@ -47,6 +51,9 @@ pub struct StagedWrite {
     fua: bool,
     b0: u64,
     b1: u64,
+    /// Where a fence is an msync: the payload, written into the slots
+    /// with `pwrite` by the commit. Otherwise it is in the slots already.
+    buf: Option<Vec<u8>>,
 }
 
 impl Engine {
@@ -72,10 +79,12 @@ impl Engine {
             return Ok(Stage::WouldWait);
         }
         // Where persistence is a system call (msync), a payload received
-        // through the mapping would fault each page in from disk first; the
-        // one-call path writes it from the caller's buffer with `pwrite`
-        // (see `copy_flush_hash`), and its commit could not be quick anyway.
-        if self.fence_is_syscall() {
+        // through the mapping would fault each page in from disk first: it
+        // goes into a buffer, which the commit writes with `pwrite` (see
+        // `copy_flush_hash`). Writeback mode only; a writethrough commit
+        // waits for the origin as long as the one-call path would.
+        let msync = self.fence_is_syscall();
+        if msync && mode != CacheMode::Writeback {
             return Ok(Stage::WouldWait);
         }
         // A sequential stream past the cutoff goes around the cache, which
@@ -87,14 +96,19 @@ impl Engine {
         let Some(held) = self.try_lock_writers(b0, b1) else {
             return Ok(Stage::WouldWait);
         };
-        let mut src = Src::Fill(source);
+        let mut src = if msync {
+            // Staging reads no data; the payload is received below.
+            Src::Buf(&[])
+        } else {
+            Src::Fill(&mut *source)
+        };
         match self.cache_stage(offset, len, &mut src, b0, b1, held, Space::GiveUp) {
             Ok(Some((st, kept))) => {
                 // A payload received into the slots never keeps its shard
                 // locked (the lock would stall everyone during the recv).
                 debug_assert!(kept.is_none());
                 drop(kept);
-                Ok(Stage::Staged(Box::new(StagedWrite {
+                let mut w = Box::new(StagedWrite {
                     engine: self.clone(),
                     st: Some(st),
                     mode,
@@ -102,7 +116,15 @@ impl Engine {
                     fua,
                     b0,
                     b1,
-                })))
+                    buf: None,
+                });
+                if msync {
+                    let mut buf = vec![0u8; len as usize];
+                    // A failed receive drops `w`: nothing written.
+                    source(&mut [IoSliceMut::new(&mut buf)]).map_err(EngineError::Transfer)?;
+                    w.buf = Some(buf);
+                }
+                Ok(Stage::Staged(w))
             }
             Ok(None) => {
                 self.unlock_writers(b0, b1);
@@ -167,8 +189,12 @@ impl StagedWrite {
         };
         let e = &*self.engine;
         let writeback = self.mode == CacheMode::Writeback;
+        let data = match &self.buf {
+            Some(b) => Filled::Buf(b),
+            None => Filled::InSlots,
+        };
         // In writeback mode the publish releases pins and writer locks.
-        let nbs = e.cache_commit(st, None, Filled::InSlots, writeback);
+        let nbs = e.cache_commit(st, None, data, writeback);
         if writeback {
             e.count_write(self.len);
             return Ok(());
@@ -179,10 +205,11 @@ impl StagedWrite {
     }
 }
 
-/// Where [`StagedWrite::commit_through`] reports, from the origin
-/// connection's reader thread.
+/// Where [`StagedWrite::commit_async`] reports, from the thread that
+/// finishes the write: the origin connection's reader, or the thread that
+/// made the msync.
 pub trait WriteReply: Send + 'static {
-    /// The write is done: in the cache and on the origin.
+    /// The write is done: durable as the mode requires.
     fn reply(self: Box<Self>, r: Result<()>);
     /// The origin write failed: `finish` (which may wait) tries it again
     /// and returns the write's outcome; it must run on a thread that may
@@ -191,6 +218,51 @@ pub trait WriteReply: Send + 'static {
 }
 
 impl StagedWrite {
+    /// The second half without waiting here, where something else finishes
+    /// it: the msync of a writeback-mode commit (the syncer thread, see
+    /// [`Self::commit_synced_later`]), or a writethrough's origin write
+    /// ([`Self::commit_through`]). `Err` hands both back, for
+    /// [`commit`](Self::commit) on a thread that may wait.
+    pub fn commit_async<R: WriteReply>(
+        self: Box<Self>,
+        reply: R,
+    ) -> std::result::Result<(), (Box<StagedWrite>, R)> {
+        if self.buf.is_some() && self.mode == CacheMode::Writeback {
+            return self.commit_synced_later(reply);
+        }
+        self.commit_through(reply)
+    }
+
+    /// A writeback-mode commit whose fence is an msync: the persistence
+    /// stores here, and `reply` told by the thread that made the msync, once
+    /// the write is durable and published. `Err` when too many are in
+    /// flight already.
+    fn commit_synced_later<R: WriteReply>(
+        mut self: Box<Self>,
+        reply: R,
+    ) -> std::result::Result<(), (Box<StagedWrite>, R)> {
+        let e = self.engine.clone();
+        let n = e.async_commits.fetch_add(1, Ordering::Relaxed);
+        let (st, buf) = match (self.st.take(), self.buf.take()) {
+            (Some(st), Some(buf)) if n < ASYNC_COMMITS => (st, buf),
+            (st, buf) => {
+                e.async_commits.fetch_sub(1, Ordering::Relaxed);
+                (self.st, self.buf) = (st, buf);
+                return Err((self, reply));
+            }
+        };
+        let (len, eng) = (self.len, e.clone());
+        let then = Box::new(move |r: Result<Blocks>| {
+            eng.async_commits.fetch_sub(1, Ordering::Relaxed);
+            if r.is_ok() {
+                eng.count_write(len);
+            }
+            Box::new(reply).reply(r.map(|_| ()));
+        });
+        e.cache_commit_async(st, Filled::Buf(&buf), (self.b0, self.b1), then);
+        Ok(())
+    }
+
     /// The second half of a writethrough without waiting for the origin:
     /// the cache commit here (a fence on pmem), the origin write put in
     /// flight, and `reply` told once the origin has it. `Err` hands both

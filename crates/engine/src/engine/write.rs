@@ -532,45 +532,123 @@ impl Engine {
             ids,
             lock_early,
         } = st;
-        let count = nbs.len() as u32;
         self.test_hook(HookPoint::WriteCommit);
 
         // 4. The last locked instructions (shard locks, taking the seq); S
         //    goes into this writer's own watermark line with the
         //    persistence stores.
-        let mut g = match kept {
+        let g = match kept {
             Some(ix) => smallvec::smallvec![ix],
             None if lock_early => self.lock_all(&ids),
             None => SmallVec::new(),
         };
         let ep = self.epochs.enter();
-        let t = self.seq.begin();
-        let seq = t.seq;
-        let staged = self.seq.stage_watermark_own(&t, &*self.region);
+        let stored = self.persist_stores(nbs, batches, ids, data, ep.epoch);
+        self.region.fence();
+        self.publish_stored(g, stored, release)
+    }
 
-        // 5. Persistence stores: data, entries, reclaim FREEs, then flushes.
+    /// [`cache_commit`](Self::cache_commit) of a writeback-mode write
+    /// without waiting for its fence (an msync): the persistence stores
+    /// here, and the publish (which releases the pins and writer locks of
+    /// blocks `[b0, b1]`) on the thread that finishes the fence, which then
+    /// calls `then`. A failed fence publishes nothing and keeps the slots.
+    pub(crate) fn cache_commit_async(
+        self: &Arc<Self>,
+        st: Staging,
+        data: Filled<'_>,
+        (b0, b1): (u64, u64),
+        then: Box<dyn FnOnce(Result<Blocks>) + Send>,
+    ) {
+        let Staging {
+            nbs,
+            batches,
+            ids,
+            lock_early,
+        } = st;
+        debug_assert!(!lock_early, "a commit finished elsewhere holds no lock");
+        self.test_hook(HookPoint::WriteCommit);
+        // Entered until the publish, so a FLUSH waits for this write.
+        let epoch = self.epochs.enter().detach();
+        let stored = self.persist_stores(nbs, batches, ids, data, epoch);
+        let e = self.clone();
+        self.region.fence_async(Box::new(move |r| {
+            let r = match r {
+                Ok(()) => Ok(e.publish_stored(SmallVec::new(), stored, true)),
+                Err(why) => {
+                    // Nothing after a failed msync is durable: the ticket
+                    // stays taken (S stops) and the slots stay pinned.
+                    tracing::error!(%why, "a write's fence failed; not acknowledged");
+                    e.abandon_batches(stored.batches);
+                    e.unlock_writers(b0, b1);
+                    Err(EngineError::Persist(why))
+                }
+            };
+            e.epochs.leave(epoch);
+            then(r);
+        }));
+    }
+
+    /// Step 5 of [`cache_commit`](Self::cache_commit): the seq, then the
+    /// persistence stores (data, entries, reclaim FREEs, flushes), up to
+    /// the fence.
+    fn persist_stores(
+        &self,
+        nbs: Blocks,
+        batches: Batches,
+        ids: ShardIds,
+        data: Filled<'_>,
+        epoch: u64,
+    ) -> Stored {
+        let count = nbs.len() as u32;
+        let t = self.seq.begin();
+        let staged = self.seq.stage_watermark_own(&t, &*self.region);
         let mut pos = 0usize;
         for nb in &nbs {
-            self.persist_block(nb, data, pos, (seq, ep.epoch), count);
+            self.persist_block(nb, data, pos, (t.seq, epoch), count);
             pos += (nb.hi - nb.lo) as usize;
         }
         for (sh, b) in &batches {
             self.flush_reclaim(self.firsts[*sh], b);
         }
-        self.region.fence();
+        Stored {
+            nbs,
+            batches,
+            ids,
+            t,
+            staged,
+            epoch,
+        }
+    }
 
-        // 6. Publish all blocks at once; retire the versions they replace.
+    /// Step 6 of [`cache_commit`](Self::cache_commit), after the fence:
+    /// publish all blocks at once, under the shard locks `g` (taken here if
+    /// empty); retire the versions they replace.
+    fn publish_stored<'s>(
+        &'s self,
+        mut g: SmallVec<[MutexGuard<'s, ShardIndex>; 4]>,
+        c: Stored,
+        release: bool,
+    ) -> Blocks {
+        let Stored {
+            nbs,
+            batches,
+            ids,
+            t,
+            staged,
+            epoch,
+        } = c;
         if g.is_empty() {
             g = self.lock_all(&ids);
         }
-        let (hits, misses) = self.publish_blocks(&mut g, &ids, &nbs, (seq, ep.epoch), release);
+        let seq = t.seq;
+        let (hits, misses) = self.publish_blocks(&mut g, &ids, &nbs, (seq, epoch), release);
         for (sh, b) in batches {
             let pos = Self::guard_pos(&ids, sh);
             self.complete_reclaim(&mut g[pos], b);
         }
         self.seq.end(t, staged);
         drop(g);
-        drop(ep);
         for &sh in &ids {
             self.shards[sh].cv.notify_all();
         }
