@@ -210,6 +210,11 @@ impl GroupCommit {
         done: FenceDone,
         sync: impl FnOnce() -> SyncFn,
     ) {
+        if let Err(sync) = self.start_syncer(sync) {
+            // No thread to finish it: finish it here, waiting.
+            done(self.commit(range, &*sync));
+            return;
+        }
         let mut g = self.inner.st.lock();
         if let Some(e) = &g.failed {
             let e = e.clone();
@@ -219,17 +224,11 @@ impl GroupCommit {
         }
         g.pending = Some(hull(g.pending, range));
         g.done.push(done);
-        if g.syncing >= MAX_SYNCS || g.waiting > 0 {
-            // The running sync's leader hands the batch on.
-            return;
+        // A running sync's leader hands the batch on (to the syncer where
+        // no member waits to lead it).
+        if g.syncing < MAX_SYNCS && g.waiting == 0 {
+            self.inner.wake.notify_one();
         }
-        if let Err(sync) = self.start_syncer(sync) {
-            // No thread to lead it: lead it here, waiting.
-            let c = self.inner.close(&mut g);
-            self.inner.lead(&mut g, c, &*sync);
-            return;
-        }
-        self.inner.wake.notify_one();
     }
 
     /// The syncer thread, started if it is not running. `Err` (with the
@@ -379,6 +378,32 @@ mod tests {
             n < COMMITS / 2,
             "{n} syncs for {COMMITS} commits: no sharing"
         );
+        gc.shutdown();
+    }
+
+    /// The first asynchronous commit, arriving while a blocking commit's
+    /// sync runs and with nobody else to come, is still finished: the
+    /// blocking leader hands its batch on to the syncer.
+    #[test]
+    fn an_async_commit_behind_a_blocking_sync_is_finished() {
+        let gc = Arc::new(GroupCommit::default());
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let blocking = {
+            let gc = gc.clone();
+            std::thread::spawn(move || {
+                gc.commit((0, 4096), &|_, _| {
+                    started_tx.send(()).unwrap();
+                    std::thread::sleep(Duration::from_millis(50));
+                    Ok(())
+                })
+            })
+        };
+        started_rx.recv().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let make = || -> SyncFn { Arc::new(|_, _| Ok(())) };
+        gc.commit_async((4096, 8192), Box::new(move |r| tx.send(r).unwrap()), make);
+        assert_eq!(blocking.join().unwrap(), Ok(()));
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(Ok(())));
         gc.shutdown();
     }
 
