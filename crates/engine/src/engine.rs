@@ -194,6 +194,9 @@ pub struct Engine {
     /// Commits whose fence another thread finishes, in flight: each holds
     /// a seq ticket, and tickets are few (see [`ASYNC_COMMITS`]).
     pub(crate) async_commits: AtomicUsize,
+    /// This engine's own handle, for work that a fence's callback finishes
+    /// on another thread (set once the engine is shared).
+    pub(crate) me: std::sync::OnceLock<std::sync::Weak<Engine>>,
 }
 
 /// Where a block of a request lives while the request runs.
@@ -472,6 +475,7 @@ impl Engine {
             bounces: Mutex::new(Vec::new()),
             stop_waits: AtomicBool::new(false),
             async_commits: AtomicUsize::new(0),
+            me: std::sync::OnceLock::new(),
             cfg,
         })
     }
@@ -718,6 +722,16 @@ impl Engine {
     }
 
     // ----- statistics -----------------------------------------------------
+
+    /// Wait until the commits and read fills that another thread finishes
+    /// (the thread that makes their shared msync) are published: a read
+    /// answers its client before its fill is durable, so its promotion
+    /// shows a moment later. Each waits for one msync at most.
+    pub fn quiesce(&self) {
+        while self.async_commits.load(Ordering::SeqCst) > 0 {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
 
     pub fn stats(&self) -> StatsSnapshot {
         let c = &self.counters;

@@ -476,6 +476,7 @@ impl Engine {
         engine.write_back_for_mode(sb.mode)?;
         engine.record_open(sb, copy);
         let engine = Arc::new(engine);
+        let _ = engine.me.set(Arc::downgrade(&engine));
         tracing::info!(
             pmem = %engine.region.mode(),
             mode = %engine.mode(),
@@ -681,6 +682,7 @@ impl Engine {
         if self.closed.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
+        self.quiesce();
         self.stop_writeback();
         // S covers every transaction once sealed, so every superseded
         // version may then be durably FREE: the media keeps one version per

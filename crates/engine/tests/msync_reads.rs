@@ -53,6 +53,8 @@ fn fills_are_promoted_and_durable() {
         let want = &data[b as usize * BS..(b as usize + 1) * BS];
         assert_eq!(read_block(&e, b), want, "miss of block {b}");
     }
+    // A miss is answered before its fill's shared msync returned.
+    e.quiesce();
     let s = e.stats();
     assert_eq!((s.read_misses, s.promotions), (100, 100), "{s:?}");
     for b in 0..100u64 {
@@ -87,6 +89,7 @@ fn a_nearly_full_cache_promotes_on_the_second_miss() {
         read_block(&e, b);
         b += 1;
     }
+    e.quiesce();
     let before = e.stats();
     // A sweep of blocks never read passes through.
     let sweep = b..b + 50;
@@ -94,6 +97,7 @@ fn a_nearly_full_cache_promotes_on_the_second_miss() {
         let want = &data[x as usize * BS..(x as usize + 1) * BS];
         assert_eq!(read_block(&e, x), want);
     }
+    e.quiesce();
     let after = e.stats();
     assert_eq!(after.promotions, before.promotions, "first misses promoted");
     // The same blocks again: now they are promoted, and then they hit.
@@ -101,6 +105,7 @@ fn a_nearly_full_cache_promotes_on_the_second_miss() {
         let want = &data[x as usize * BS..(x as usize + 1) * BS];
         assert_eq!(read_block(&e, x), want);
     }
+    e.quiesce();
     let again = e.stats();
     assert_eq!(again.promotions, after.promotions + 50, "{again:?}");
     for x in sweep {

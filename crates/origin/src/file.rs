@@ -6,7 +6,9 @@ use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use crate::Origin;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::{Completion, Origin};
 
 /// A regular file or block device, accessed with pread/pwrite/fdatasync.
 pub struct FileOrigin {
@@ -14,6 +16,9 @@ pub struct FileOrigin {
     path: PathBuf,
     size: u64,
     block_device: bool,
+    /// `preadv2(RWF_NOWAIT)` is refused here (an old kernel, a file system
+    /// without it): no read is served in the call.
+    no_nowait: AtomicBool,
 }
 
 fn with_path(e: io::Error, what: &str, path: &Path) -> io::Error {
@@ -96,6 +101,7 @@ impl FileOrigin {
             path,
             size,
             block_device,
+            no_nowait: AtomicBool::new(false),
         })
     }
 
@@ -221,6 +227,53 @@ impl Origin for FileOrigin {
             }
         }
         Ok(())
+    }
+
+    /// Served in the call where the page cache holds all of it: a read
+    /// that would wait for the disk (`RWF_NOWAIT`) is declined, and the
+    /// caller reads the waiting way.
+    fn reads_async(&self) -> bool {
+        !self.no_nowait.load(Ordering::Relaxed)
+    }
+
+    unsafe fn read_raw_async(
+        &self,
+        offset: u64,
+        pieces: &[(*mut u8, usize)],
+        done: Completion,
+    ) -> Result<(), Completion> {
+        let total: usize = pieces.iter().map(|p| p.1).sum();
+        if pieces.len() > 1024 || self.check_range(offset, total as u64).is_err() {
+            return Err(done);
+        }
+        let iov: Vec<libc::iovec> = pieces
+            .iter()
+            .map(|&(p, n)| libc::iovec {
+                iov_base: p.cast(),
+                iov_len: n,
+            })
+            .collect();
+        // SAFETY: the caller guarantees each piece is valid for writes of
+        // its length and used by nothing else; at most IOV_MAX iovecs.
+        let rc = unsafe {
+            libc::preadv2(
+                self.file.as_raw_fd(),
+                iov.as_ptr(),
+                iov.len() as libc::c_int,
+                offset as libc::off_t,
+                libc::RWF_NOWAIT,
+            )
+        };
+        if rc >= 0 && rc as usize == total {
+            done(Ok(()));
+            return Ok(());
+        }
+        if rc < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP) {
+            self.no_nowait.store(true, Ordering::Relaxed);
+        }
+        // Not all cached (EAGAIN, or a short read), interrupted, or failed:
+        // the waiting way reads it again and reports a real error.
+        Err(done)
     }
 
     fn write_runs(&self, runs: &[(u64, &[io::IoSlice<'_>])]) -> Vec<io::Result<()>> {

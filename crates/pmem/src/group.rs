@@ -132,11 +132,7 @@ impl Inner {
             self.wake.notify_one();
         }
         if !c.done.is_empty() {
-            MutexGuard::unlocked(g, || {
-                for d in c.done {
-                    d(r.clone());
-                }
-            });
+            MutexGuard::unlocked(g, || run_all(c.done, &r));
         }
     }
 
@@ -146,11 +142,7 @@ impl Inner {
         loop {
             if let Some(e) = g.failed.clone() {
                 let done = std::mem::take(&mut g.done);
-                MutexGuard::unlocked(&mut g, || {
-                    for d in done {
-                        d(Err(e.clone()));
-                    }
-                });
+                MutexGuard::unlocked(&mut g, || run_all(done, &Err(e)));
                 if g.stop {
                     return;
                 }
@@ -259,6 +251,17 @@ impl GroupCommit {
         self.inner.wake.notify_all();
         if let Some(t) = self.syncer.lock().take() {
             let _ = t.join();
+        }
+    }
+}
+
+/// Run callbacks with a sync's result. One that panics (a bug) is logged
+/// and does not take the others, or the thread, with it.
+fn run_all(done: Vec<FenceDone>, r: &Result<(), String>) {
+    for d in done {
+        let r = r.clone();
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| d(r))).is_err() {
+            tracing::error!("a fence callback panicked");
         }
     }
 }

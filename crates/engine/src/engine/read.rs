@@ -151,11 +151,15 @@ impl Engine {
                 // is the cache's business, not the reader's wait.
                 let in_slots: &[NewBlock] = if bounce.holds_fills { &[] } else { &filled };
                 let r = self.emit(offset, len, b0, &locs, in_slots, &bounce, sink);
-                if !filled.is_empty() {
+                if filled.is_empty() {
+                } else if bounce.holds_fills {
                     self.test_hook(HookPoint::FillRead);
-                    self.commit_fill(&mut filled, bounce.holds_fills.then_some(&bounce));
+                    self.commit_fill_later(filled, &bounce);
+                } else {
+                    self.test_hook(HookPoint::FillRead);
+                    self.commit_fill(&mut filled, None);
+                    self.unpin_all(&filled);
                 }
-                self.unpin_all(&filled);
                 self.recycle(bounce);
                 r
             }
@@ -659,15 +663,62 @@ impl Engine {
     /// check, and a kept block holds the writer lock from there to its
     /// publish.
     pub(super) fn commit_fill(&self, filled: &mut [NewBlock], from: Option<&Bounce>) {
-        let ids: ShardIds = {
-            let mut v: ShardIds = filled.iter().map(|n| n.shard).collect();
-            v.sort_unstable();
-            v.dedup();
-            v
-        };
+        let ids = Self::fill_shards(filled);
         let keep = self.claim_fills(filled, &ids);
-        self.persist_fills(filled, &keep, from);
+        if let Some((t, staged)) = self.store_fills(filled, &keep, from) {
+            self.region.fence();
+            self.seq.end(t, staged);
+        }
         self.publish_fills(filled, &keep, &ids);
+    }
+
+    /// [`commit_fill`](Self::commit_fill) of fills held in the bounce buffer
+    /// `from`, where the fence is an msync, and then the fills' pins
+    /// dropped: the fence is shared with the commits around it and finished
+    /// by the thread that makes it, which publishes; the caller goes on at
+    /// once (it has answered its client already).
+    pub(super) fn commit_fill_later(&self, mut filled: Vec<NewBlock>, from: &Bounce) {
+        let n = self.async_commits.fetch_add(1, Ordering::Relaxed);
+        let me = self.me.get().and_then(|w| w.upgrade());
+        let Some(me) = me.filter(|_| n < ASYNC_COMMITS) else {
+            self.async_commits.fetch_sub(1, Ordering::Relaxed);
+            self.commit_fill(&mut filled, Some(from));
+            self.unpin_all(&filled);
+            return;
+        };
+        let ids = Self::fill_shards(&filled);
+        let keep = self.claim_fills(&filled, &ids);
+        let Some((t, staged)) = self.store_fills(&filled, &keep, Some(from)) else {
+            self.async_commits.fetch_sub(1, Ordering::Relaxed);
+            self.publish_fills(&filled, &keep, &ids);
+            self.unpin_all(&filled);
+            return;
+        };
+        self.region.fence_async(Box::new(move |r| {
+            match r {
+                Ok(()) => {
+                    me.seq.end(t, staged);
+                    me.publish_fills(&filled, &keep, &ids);
+                }
+                Err(why) => {
+                    // Nothing after a failed msync is durable: the ticket
+                    // stays taken and the slots stay out of use; writers
+                    // of the blocks may go on (and fail at their fence).
+                    tracing::error!(%why, "a read fill's fence failed; not cached");
+                    me.drop_fills(&filled, &keep, &ids);
+                }
+            }
+            me.unpin_all(&filled);
+            me.async_commits.fetch_sub(1, Ordering::Relaxed);
+        }));
+    }
+
+    /// The distinct shards of `filled`, ascending.
+    fn fill_shards(filled: &[NewBlock]) -> ShardIds {
+        let mut v: ShardIds = filled.iter().map(|n| n.shard).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
     }
 
     /// The check of [`commit_fill`], under all the fills' shard locks at
@@ -695,46 +746,63 @@ impl Engine {
         keep
     }
 
-    /// The kept fills made durable as one transaction: their data flushed
-    /// (or written from the bounce buffer `from`), their CLEAN entries, the
-    /// watermark, one fence.
-    fn persist_fills(&self, filled: &[NewBlock], keep: &[bool], from: Option<&Bounce>) {
+    /// The kept fills' stores, one transaction: their data flushed (or
+    /// written from the bounce buffer `from`), their CLEAN entries, the
+    /// watermark. The caller fences, then ends the ticket with the staged
+    /// S. `None` when nothing is kept.
+    fn store_fills(
+        &self,
+        filled: &[NewBlock],
+        keep: &[bool],
+        from: Option<&Bounce>,
+    ) -> Option<(crate::txn::Ticket, u64)> {
         let count = keep.iter().filter(|&&k| k).count() as u32;
-        if count > 0 {
-            let t = self.seq.begin();
-            for (i, nb) in filled.iter().enumerate() {
-                if keep[i] {
-                    let first = self.firsts[nb.shard];
-                    let data_off = self.data(first, nb.slot);
-                    let hash = match from {
-                        // SAFETY: unpublished slot owned by this request.
-                        Some(b) => unsafe {
-                            self.region.copy_flush_hash(data_off, b.block(nb.block))
-                        },
-                        None => {
-                            // SAFETY: as above; read only.
-                            let h = data_hash(unsafe {
-                                self.region.slice(data_off, self.bs() as usize)
-                            });
-                            self.region.flush(data_off, self.bs() as usize);
-                            h
-                        }
-                    };
-                    let e = Entry {
-                        block: nb.block,
-                        seq: t.seq,
-                        hash,
-                        count,
-                        flags: 0,
-                        // Clean: no epoch owes it to the origin.
-                        epoch: 0,
-                    };
-                    self.write_entry(self.firsts[nb.shard], nb.slot, &e, STATE_CLEAN);
-                }
+        if count == 0 {
+            return None;
+        }
+        let t = self.seq.begin();
+        for (i, nb) in filled.iter().enumerate() {
+            if keep[i] {
+                let first = self.firsts[nb.shard];
+                let data_off = self.data(first, nb.slot);
+                let hash = match from {
+                    // SAFETY: unpublished slot owned by this request.
+                    Some(b) => unsafe { self.region.copy_flush_hash(data_off, b.block(nb.block)) },
+                    None => {
+                        // SAFETY: as above; read only.
+                        let h =
+                            data_hash(unsafe { self.region.slice(data_off, self.bs() as usize) });
+                        self.region.flush(data_off, self.bs() as usize);
+                        h
+                    }
+                };
+                let e = Entry {
+                    block: nb.block,
+                    seq: t.seq,
+                    hash,
+                    count,
+                    flags: 0,
+                    // Clean: no epoch owes it to the origin.
+                    epoch: 0,
+                };
+                self.write_entry(self.firsts[nb.shard], nb.slot, &e, STATE_CLEAN);
             }
-            let staged = self.seq.stage_watermark(&*self.region);
-            self.region.fence();
-            self.seq.end(t, staged);
+        }
+        let staged = self.seq.stage_watermark(&*self.region);
+        Some((t, staged))
+    }
+
+    /// After a failed fence: the kept fills give back their writer locks
+    /// and are never published.
+    fn drop_fills(&self, filled: &[NewBlock], keep: &[bool], ids: &[usize]) {
+        let mut g = self.lock_all(ids);
+        for (nb, _) in filled.iter().zip(keep).filter(|(_, &k)| k) {
+            let ix = &mut g[Self::guard_pos(ids, nb.shard)];
+            ix.update_lock(nb.block, |l| l.writer = false);
+        }
+        drop(g);
+        for &sh in ids {
+            self.shards[sh].cv.notify_all();
         }
     }
 

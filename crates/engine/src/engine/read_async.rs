@@ -3,7 +3,14 @@
 //! on to its next request; the thread that receives the origin's reply
 //! answers the client and publishes the fills. On a fast origin the two
 //! hand-offs of the waiting path (to a worker, and back from the origin's
-//! reader) cost more than the read itself.
+//! reader) cost more than the read itself. A file origin answers in the
+//! call when its page cache holds the data, so the whole miss is served on
+//! the connection's reader.
+//!
+//! Where the fence is an msync, the origin reads into a bounce buffer (a
+//! store through the mapping would read each slot's page from disk first),
+//! the fills are written from it with `pwrite`, and their msync is shared
+//! and finished by the thread that makes it.
 
 use super::read::Lookup;
 use super::*;
@@ -32,8 +39,11 @@ struct Fill {
     locs: Vec<Loc>,
     /// Blocks promoted into new slots (pinned, holding origin-reader locks).
     filled: Vec<NewBlock>,
-    /// Blocks read into the bounce buffer (holding origin-reader locks).
+    /// Blocks read into the bounce buffer (holding origin-reader locks);
+    /// where it holds the fills, every block of the read.
     bounce: Bounce,
+    /// Blocks not promoted (their origin-reader locks go with the reply).
+    unslotted: Vec<u64>,
     /// The read belongs to a stream past the cutoff (not promoted).
     bypass: bool,
     reply: Box<dyn ReadReply>,
@@ -70,8 +80,15 @@ impl Engine {
         let (filled, unslotted) = if self.promotes() && !bypass {
             self.promotion_slots(&missing)
         } else {
-            (Vec::new(), missing)
+            (Vec::new(), missing.clone())
         };
+        let holds_fills = self.fence_is_syscall() && !filled.is_empty();
+        let mut bounce = self.bounce(if holds_fills {
+            missing
+        } else {
+            unslotted.clone()
+        });
+        bounce.holds_fills = holds_fills;
         let mut fill = Fill {
             engine: self.clone(),
             offset,
@@ -79,7 +96,8 @@ impl Engine {
             b0,
             locs,
             filled,
-            bounce: self.bounce(unslotted),
+            bounce,
+            unslotted,
             bypass,
             reply: Box::new(reply),
         };
@@ -91,7 +109,10 @@ impl Engine {
         // into `done` with it and does not move; nothing but the origin
         // touches either until `done` runs.
         if let Err(done) = unsafe { self.origin.read_raw_async(from, &pieces, done) } {
-            done(Err(io::Error::other("the origin cannot take the read now")));
+            done(Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "the origin cannot take the read now",
+            )));
         }
         Ok(())
     }
@@ -108,7 +129,6 @@ impl Engine {
             && len <= MAX_ASYNC_READ
             && (len < RELAY_FROM || self.promotes())
             && !self.streams.continues(offset, len, false)
-            && !self.fence_is_syscall()
             && self.origin.reads_async()
             && self.check_request(offset, len).is_ok()
     }
@@ -123,10 +143,15 @@ impl Fill {
         let bs = e.bs() as usize;
         let mut out = Vec::with_capacity(self.locs.len());
         let (mut fi, mut bi) = (0, 0);
+        let in_slots = if self.bounce.holds_fills {
+            &[][..]
+        } else {
+            &self.filled[..]
+        };
         let mut chunks = self.bounce.buf.chunks_exact_mut(bs);
         for b in self.b0..self.b0 + self.locs.len() as u64 {
-            let piece: &mut [u8] = if fi < self.filled.len() && self.filled[fi].block == b {
-                let nb = &self.filled[fi];
+            let piece: &mut [u8] = if fi < in_slots.len() && in_slots[fi].block == b {
+                let nb = &in_slots[fi];
                 fi += 1;
                 // SAFETY: a fresh slot this read owns (see `start_miss_read`).
                 unsafe { e.region.slice_mut(e.data(e.firsts[nb.shard], nb.slot), bs) }
@@ -139,7 +164,7 @@ impl Fill {
             piece[keep..].fill(0);
             out.push((piece.as_mut_ptr(), keep));
         }
-        debug_assert_eq!((fi, bi), (self.filled.len(), self.bounce.blocks.len()));
+        debug_assert_eq!((fi, bi), (in_slots.len(), self.bounce.blocks.len()));
         out
     }
 
@@ -154,14 +179,18 @@ impl Fill {
             locs,
             mut filled,
             bounce,
+            unslotted,
             bypass,
             reply,
         } = self;
-        e.release_origin_readers(bounce.blocks.iter().copied());
+        e.release_origin_readers(unslotted.into_iter());
         if let Err(source) = r {
-            // This try's error is counted here; the read itself is counted,
-            // retried and answered by the waiting path.
-            e.counters.add(Ctr::OriginErrors, 1);
+            // This try's error is counted here (a read the origin declined
+            // is none); the read itself is counted, retried and answered by
+            // the waiting path.
+            if source.kind() != io::ErrorKind::WouldBlock {
+                e.counters.add(Ctr::OriginErrors, 1);
+            }
             e.release_origin_readers(filled.iter().map(|nb| nb.block));
             e.release_slots(&filled);
             e.recycle(bounce);
@@ -173,7 +202,8 @@ impl Fill {
         }
         e.count_miss_read(len, locs.len() as u64, bypass);
         let mut reply = Some(reply);
-        let sent = e.emit(offset, len, b0, &locs, &filled, &bounce, &mut |s| {
+        let in_slots: &[NewBlock] = if bounce.holds_fills { &[] } else { &filled };
+        let sent = e.emit(offset, len, b0, &locs, in_slots, &bounce, &mut |s| {
             if let Some(f) = reply.take() {
                 f.reply(Ok(s));
             }
@@ -182,11 +212,15 @@ impl Fill {
         if let (Err(x), Some(f)) = (sent, reply.take()) {
             f.reply(Err(x));
         }
-        if !filled.is_empty() {
+        if filled.is_empty() {
+        } else if bounce.holds_fills {
+            e.test_hook(HookPoint::FillRead);
+            e.commit_fill_later(filled, &bounce);
+        } else {
             e.test_hook(HookPoint::FillRead);
             e.commit_fill(&mut filled, None);
+            e.unpin_all(&filled);
         }
-        e.unpin_all(&filled);
         e.recycle(bounce);
     }
 }
