@@ -19,6 +19,48 @@ pub struct FileOrigin {
     /// `preadv2(RWF_NOWAIT)` is refused here (an old kernel, a file system
     /// without it): no read is served in the call.
     no_nowait: AtomicBool,
+    /// How often reads in the call were declined lately (see
+    /// [`NowaitScore`]).
+    nowait: NowaitScore,
+}
+
+/// Whether reads in the call are worth trying: a declined one costs its
+/// caller a second start on the waiting way, so where the page cache holds
+/// little of the origin (a cold disk) they are tried only now and then,
+/// to notice when it warms up.
+#[derive(Default)]
+struct NowaitScore {
+    /// Recent declines, less four per success, at most [`SCORE_MAX`].
+    declines: std::sync::atomic::AtomicU32,
+    /// Calls while declining, for the probes.
+    calls: std::sync::atomic::AtomicU32,
+}
+
+const SCORE_MAX: u32 = 256;
+/// Past this many recent declines, only one read in [`PROBE_EVERY`] tries.
+const SCORE_OFF: u32 = 16;
+const PROBE_EVERY: u32 = 32;
+
+impl NowaitScore {
+    fn worth_trying(&self) -> bool {
+        self.declines.load(Ordering::Relaxed) < SCORE_OFF
+            || self
+                .calls
+                .fetch_add(1, Ordering::Relaxed)
+                .is_multiple_of(PROBE_EVERY)
+    }
+
+    fn record(&self, served: bool) {
+        let _ = self
+            .declines
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| {
+                Some(if served {
+                    d.saturating_sub(4)
+                } else {
+                    (d + 1).min(SCORE_MAX)
+                })
+            });
+    }
 }
 
 fn with_path(e: io::Error, what: &str, path: &Path) -> io::Error {
@@ -102,6 +144,7 @@ impl FileOrigin {
             size,
             block_device,
             no_nowait: AtomicBool::new(false),
+            nowait: NowaitScore::default(),
         })
     }
 
@@ -233,7 +276,7 @@ impl Origin for FileOrigin {
     /// that would wait for the disk (`RWF_NOWAIT`) is declined, and the
     /// caller reads the waiting way.
     fn reads_async(&self) -> bool {
-        !self.no_nowait.load(Ordering::Relaxed)
+        !self.no_nowait.load(Ordering::Relaxed) && self.nowait.worth_trying()
     }
 
     unsafe fn read_raw_async(
@@ -264,7 +307,9 @@ impl Origin for FileOrigin {
                 libc::RWF_NOWAIT,
             )
         };
-        if rc >= 0 && rc as usize == total {
+        let served = rc >= 0 && rc as usize == total;
+        self.nowait.record(served);
+        if served {
             done(Ok(()));
             return Ok(());
         }
@@ -349,5 +394,64 @@ mod tests {
             "nothing written before the run"
         );
         std::fs::remove_file(&path).unwrap();
+    }
+
+    /// Data in the page cache is read in the call, into every piece in
+    /// order; a range past the end is declined with nothing read.
+    #[test]
+    fn cached_data_is_read_in_the_call() {
+        let path = std::env::temp_dir().join(format!("pmcache-nowait-{}.img", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let o = FileOrigin::create_sparse(&path, 1 << 20).unwrap();
+        let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+        o.write_at(&data, 4096, false).unwrap();
+        assert!(o.reads_async());
+        let (mut a, mut b) = (vec![0u8; 4096], vec![0u8; 4096]);
+        let pieces = [(a.as_mut_ptr(), 4096), (b.as_mut_ptr(), 4096)];
+        let (tx, rx) = std::sync::mpsc::channel();
+        // SAFETY: the pieces are our own buffers, untouched until `done`.
+        let r = unsafe {
+            o.read_raw_async(
+                4096,
+                &pieces,
+                Box::new(move |r| tx.send(r.is_ok()).unwrap()),
+            )
+        };
+        assert!(r.is_ok(), "written data is in the page cache");
+        assert_eq!(rx.try_recv(), Ok(true), "answered in the call");
+        assert_eq!([a, b].concat(), data);
+        let mut c = vec![0u8; 4096];
+        let past = [(c.as_mut_ptr(), 4096)];
+        // SAFETY: as above.
+        let r = unsafe { o.read_raw_async(1 << 20, &past, Box::new(|_| panic!("called"))) };
+        assert!(r.is_err(), "a read past the end is declined");
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    /// After a run of declines only one read in PROBE_EVERY is tried, and
+    /// served reads bring the rest back.
+    #[test]
+    fn declines_make_reads_in_the_call_rare_until_they_are_served() {
+        let s = NowaitScore::default();
+        assert!(
+            (0..100).all(|_| s.worth_trying()),
+            "tried while nothing failed"
+        );
+        for _ in 0..SCORE_OFF {
+            s.record(false);
+        }
+        let tried = (0..PROBE_EVERY * 4).filter(|_| s.worth_trying()).count();
+        assert_eq!(tried, 4, "one probe in {PROBE_EVERY}");
+        for _ in 0..SCORE_OFF / 4 + 1 {
+            s.record(true);
+        }
+        assert!(
+            (0..100).all(|_| s.worth_trying()),
+            "tried again once served"
+        );
+        for _ in 0..10 * SCORE_MAX {
+            s.record(false);
+        }
+        assert_eq!(s.declines.load(Ordering::Relaxed), SCORE_MAX, "bounded");
     }
 }
