@@ -22,6 +22,12 @@ fn window(len: u64) -> u64 {
 /// Streams followed at once (LRU-replaced), as Open CAS's stream table.
 const STREAMS: usize = 16;
 
+/// Writes recorded as bypassing by the connection's reader and handed on to
+/// a worker, kept so the worker's record of the same request follows that
+/// decision: a worker lagging more than a window behind the reader's end of
+/// the stream would otherwise take it for a new stream and cache it.
+const DECIDED: usize = 256;
+
 #[derive(Clone, Copy, Default)]
 struct Stream {
     /// Highest end offset seen.
@@ -36,7 +42,15 @@ struct Stream {
 
 pub(crate) struct Streams {
     cutoff: u64,
-    table: Mutex<([Stream; STREAMS], u64)>,
+    table: Mutex<Table>,
+}
+
+struct Table {
+    streams: [Stream; STREAMS],
+    clock: u64,
+    /// Writes (offset, length) decided to bypass, not yet seen again, oldest
+    /// first (see [`DECIDED`]).
+    decided: std::collections::VecDeque<(u64, u64)>,
 }
 
 impl Streams {
@@ -44,7 +58,11 @@ impl Streams {
     pub(crate) fn new(cutoff: u64) -> Streams {
         Streams {
             cutoff,
-            table: Mutex::new(([Stream::default(); STREAMS], 0)),
+            table: Mutex::new(Table {
+                streams: [Stream::default(); STREAMS],
+                clock: 0,
+                decided: Default::default(),
+            }),
         }
     }
 
@@ -56,7 +74,7 @@ impl Streams {
     /// where a bypassed write would wait for the origin's.
     pub(crate) fn sync_point(&self) {
         let mut g = self.table.lock();
-        for s in g.0.iter_mut().filter(|s| s.write) {
+        for s in g.streams.iter_mut().filter(|s| s.write) {
             s.bytes = 0;
         }
     }
@@ -82,7 +100,8 @@ impl Streams {
     /// Whether a request would continue a stream already followed (of any
     /// length), recording nothing.
     pub(crate) fn continues(&self, offset: u64, len: u64, write: bool) -> bool {
-        self.cutoff != 0 && Self::stream_of(&self.table.lock().0, offset, len, write).is_some()
+        self.cutoff != 0
+            && Self::stream_of(&self.table.lock().streams, offset, len, write).is_some()
     }
 
     /// What [`bypass`](Self::bypass) would say now, recording nothing.
@@ -91,7 +110,24 @@ impl Streams {
             return false;
         }
         let g = self.table.lock();
-        Self::stream_of(&g.0, offset, len, write).is_some_and(|i| g.0[i].bytes >= self.cutoff)
+        (write && g.decided.contains(&(offset, len)))
+            || Self::stream_of(&g.streams, offset, len, write)
+                .is_some_and(|i| g.streams[i].bytes >= self.cutoff)
+    }
+
+    /// [`bypass`](Self::bypass) for a write whose request will be seen
+    /// again (recorded by a worker) if it bypasses: that record then
+    /// follows this decision.
+    pub(crate) fn bypass_handed_on(&self, offset: u64, len: u64, sync: bool) -> bool {
+        let by = self.bypass(offset, len, true, sync);
+        if by {
+            let mut g = self.table.lock();
+            if g.decided.len() == DECIDED {
+                g.decided.pop_front();
+            }
+            g.decided.push_back((offset, len));
+        }
+        by
     }
 
     /// Record a request; true if it belongs to a stream that has already
@@ -103,7 +139,17 @@ impl Streams {
             return false;
         }
         let mut g = self.table.lock();
-        let (table, clock) = &mut *g;
+        let Table {
+            streams: table,
+            clock,
+            decided,
+        } = &mut *g;
+        if write {
+            if let Some(i) = decided.iter().position(|&d| d == (offset, len)) {
+                decided.remove(i);
+                return true;
+            }
+        }
         *clock += 1;
         let now = *clock;
         if let Some(i) = Self::stream_of(table, offset, len, write) {
@@ -140,6 +186,35 @@ impl Streams {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The reader records a deep queue's writes in order and hands the
+    /// bypassed ones on; a worker recording them again far behind the
+    /// stream's end still bypasses each, and records nothing new.
+    #[test]
+    fn a_lagging_worker_follows_the_readers_decisions() {
+        let s = Streams::new(4 << 20);
+        let len = 256u64 << 10;
+        let decided: Vec<bool> = (0..64)
+            .map(|i| s.bypass_handed_on(i * len, len, false))
+            .collect();
+        assert_eq!(
+            decided.iter().filter(|&&d| !d).count(),
+            16,
+            "the cutoff's 4 MiB"
+        );
+        for i in 16..64u64 {
+            assert!(
+                s.bypass(i * len, len, true, false),
+                "request {i} cached by the worker"
+            );
+        }
+        assert!(
+            s.table.lock().decided.is_empty(),
+            "every decision was used once"
+        );
+        // Without a decision, a request that far behind is a new stream.
+        assert!(!s.bypass(16 * len, len, true, false));
+    }
 
     #[test]
     fn a_stream_bypasses_after_the_cutoff_and_random_io_never_does() {

@@ -88,8 +88,10 @@ impl Engine {
             return Ok(Stage::WouldWait);
         }
         // A sequential stream past the cutoff goes around the cache, which
-        // the one-call path does (it sees the same stream again).
-        if self.streams.bypass(offset, len, true, fua) {
+        // the one-call path does. Recorded here, in the client's order; that
+        // path sees the request again, on a worker maybe far behind, and
+        // follows this decision.
+        if self.streams.bypass_handed_on(offset, len, fua) {
             return Ok(Stage::WouldWait);
         }
         let (b0, b1) = (offset / bs, (offset + len - 1) / bs);
