@@ -145,21 +145,13 @@ impl Engine {
         let misses = self.fetch_misses(b0, &locs, !bypass);
         let result = match misses {
             Err(e) => Err(e),
-            Ok((mut filled, bounce)) => {
+            Ok((filled, bounce)) => {
                 // The client gets its data before the fills are published:
                 // making them durable (an msync, where that is the fence)
                 // is the cache's business, not the reader's wait.
                 let in_slots: &[NewBlock] = if bounce.holds_fills { &[] } else { &filled };
                 let r = self.emit(offset, len, b0, &locs, in_slots, &bounce, sink);
-                if filled.is_empty() {
-                } else if bounce.holds_fills {
-                    self.test_hook(HookPoint::FillRead);
-                    self.commit_fill_later(filled, &bounce);
-                } else {
-                    self.test_hook(HookPoint::FillRead);
-                    self.commit_fill(&mut filled, None);
-                    self.unpin_all(&filled);
-                }
+                self.commit_fills(filled, &bounce);
                 self.recycle(bounce);
                 r
             }
@@ -672,12 +664,28 @@ impl Engine {
         self.publish_fills(filled, &keep, &ids);
     }
 
+    /// A miss's fills, once its client has the data: committed and
+    /// unpinned, here or (where the fence is an msync) by the thread that
+    /// makes the msync.
+    pub(super) fn commit_fills(&self, mut filled: Vec<NewBlock>, bounce: &Bounce) {
+        if filled.is_empty() {
+            return;
+        }
+        self.test_hook(HookPoint::FillRead);
+        if bounce.holds_fills {
+            self.commit_fill_later(filled, bounce);
+        } else {
+            self.commit_fill(&mut filled, None);
+            self.unpin_all(&filled);
+        }
+    }
+
     /// [`commit_fill`](Self::commit_fill) of fills held in the bounce buffer
     /// `from`, where the fence is an msync, and then the fills' pins
     /// dropped: the fence is shared with the commits around it and finished
     /// by the thread that makes it, which publishes; the caller goes on at
     /// once (it has answered its client already).
-    pub(super) fn commit_fill_later(&self, mut filled: Vec<NewBlock>, from: &Bounce) {
+    fn commit_fill_later(&self, mut filled: Vec<NewBlock>, from: &Bounce) {
         let n = self.async_commits.fetch_add(1, Ordering::Relaxed);
         let me = self.me.get().and_then(|w| w.upgrade());
         let Some(me) = me.filter(|_| n < ASYNC_COMMITS) else {

@@ -177,7 +177,7 @@ impl Fill {
             len,
             b0,
             locs,
-            mut filled,
+            filled,
             bounce,
             unslotted,
             bypass,
@@ -212,15 +212,7 @@ impl Fill {
         if let (Err(x), Some(f)) = (sent, reply.take()) {
             f.reply(Err(x));
         }
-        if filled.is_empty() {
-        } else if bounce.holds_fills {
-            e.test_hook(HookPoint::FillRead);
-            e.commit_fill_later(filled, &bounce);
-        } else {
-            e.test_hook(HookPoint::FillRead);
-            e.commit_fill(&mut filled, None);
-            e.unpin_all(&filled);
-        }
+        e.commit_fills(filled, &bounce);
         e.recycle(bounce);
     }
 }
