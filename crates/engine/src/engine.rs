@@ -733,6 +733,22 @@ impl Engine {
         }
     }
 
+    /// One more commit finished by another thread, if fewer than
+    /// [`ASYNC_COMMITS`] are in flight; its finisher calls
+    /// [`end_async_commit`](Self::end_async_commit).
+    pub(crate) fn begin_async_commit(&self) -> bool {
+        let n = self.async_commits.fetch_add(1, Ordering::Relaxed);
+        if n >= ASYNC_COMMITS {
+            self.async_commits.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    pub(crate) fn end_async_commit(&self) {
+        self.async_commits.fetch_sub(1, Ordering::Relaxed);
+    }
+
     pub fn stats(&self) -> StatsSnapshot {
         let c = &self.counters;
         let (mut occupied, mut dirty, mut free, mut retained) = (0u64, 0u64, 0u64, 0u64);

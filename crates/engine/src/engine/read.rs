@@ -686,10 +686,8 @@ impl Engine {
     /// by the thread that makes it, which publishes; the caller goes on at
     /// once (it has answered its client already).
     fn commit_fill_later(&self, mut filled: Vec<NewBlock>, from: &Bounce) {
-        let n = self.async_commits.fetch_add(1, Ordering::Relaxed);
         let me = self.me.get().and_then(|w| w.upgrade());
-        let Some(me) = me.filter(|_| n < ASYNC_COMMITS) else {
-            self.async_commits.fetch_sub(1, Ordering::Relaxed);
+        let Some(me) = me.filter(|_| self.begin_async_commit()) else {
             self.commit_fill(&mut filled, Some(from));
             self.unpin_all(&filled);
             return;
@@ -697,7 +695,7 @@ impl Engine {
         let ids = Self::fill_shards(&filled);
         let keep = self.claim_fills(&filled, &ids);
         let Some((t, staged)) = self.store_fills(&filled, &keep, Some(from)) else {
-            self.async_commits.fetch_sub(1, Ordering::Relaxed);
+            self.end_async_commit();
             self.publish_fills(&filled, &keep, &ids);
             self.unpin_all(&filled);
             return;
@@ -717,7 +715,7 @@ impl Engine {
                 }
             }
             me.unpin_all(&filled);
-            me.async_commits.fetch_sub(1, Ordering::Relaxed);
+            me.end_async_commit();
         }));
     }
 

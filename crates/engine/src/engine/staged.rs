@@ -22,12 +22,11 @@ use parking_lot::MutexGuard;
 
 use pmcache_origin::Completion;
 
-use super::{Blocks, Engine, Filled, NewBlock, Space, Src, Staging, ASYNC_COMMITS};
+use super::{Blocks, Engine, Filled, NewBlock, Space, Src, Staging};
 use crate::error::{EngineError, Result};
 use crate::format::CacheMode;
 use crate::index::ShardIndex;
 use crate::stats::Ctr;
-use std::sync::atomic::Ordering;
 
 /// What [`Engine::stage_write`] did.
 pub enum Stage {
@@ -244,18 +243,16 @@ impl StagedWrite {
         reply: R,
     ) -> std::result::Result<(), (Box<StagedWrite>, R)> {
         let e = self.engine.clone();
-        let n = e.async_commits.fetch_add(1, Ordering::Relaxed);
         let (st, buf) = match (self.st.take(), self.buf.take()) {
-            (Some(st), Some(buf)) if n < ASYNC_COMMITS => (st, buf),
+            (Some(st), Some(buf)) if e.begin_async_commit() => (st, buf),
             (st, buf) => {
-                e.async_commits.fetch_sub(1, Ordering::Relaxed);
                 (self.st, self.buf) = (st, buf);
                 return Err((self, reply));
             }
         };
         let (len, eng) = (self.len, e.clone());
         let then = Box::new(move |r: Result<Blocks>| {
-            eng.async_commits.fetch_sub(1, Ordering::Relaxed);
+            eng.end_async_commit();
             if r.is_ok() {
                 eng.count_write(len);
             }

@@ -526,12 +526,6 @@ impl Engine {
         data: Filled<'_>,
         release: bool,
     ) -> Blocks {
-        let Staging {
-            nbs,
-            batches,
-            ids,
-            lock_early,
-        } = st;
         self.test_hook(HookPoint::WriteCommit);
 
         // 4. The last locked instructions (shard locks, taking the seq); S
@@ -539,11 +533,11 @@ impl Engine {
         //    persistence stores.
         let g = match kept {
             Some(ix) => smallvec::smallvec![ix],
-            None if lock_early => self.lock_all(&ids),
+            None if st.lock_early => self.lock_all(&st.ids),
             None => SmallVec::new(),
         };
         let ep = self.epochs.enter();
-        let stored = self.persist_stores(nbs, batches, ids, data, ep.epoch);
+        let stored = self.persist_stores(st, data, ep.epoch);
         self.region.fence();
         self.publish_stored(g, stored, release)
     }
@@ -560,17 +554,11 @@ impl Engine {
         (b0, b1): (u64, u64),
         then: Box<dyn FnOnce(Result<Blocks>) + Send>,
     ) {
-        let Staging {
-            nbs,
-            batches,
-            ids,
-            lock_early,
-        } = st;
-        debug_assert!(!lock_early, "a commit finished elsewhere holds no lock");
+        debug_assert!(!st.lock_early, "a commit finished elsewhere holds no lock");
         self.test_hook(HookPoint::WriteCommit);
         // Entered until the publish, so a FLUSH waits for this write.
         let epoch = self.epochs.enter().detach();
-        let stored = self.persist_stores(nbs, batches, ids, data, epoch);
+        let stored = self.persist_stores(st, data, epoch);
         let e = self.clone();
         self.region.fence_async(Box::new(move |r| {
             let r = match r {
@@ -592,14 +580,10 @@ impl Engine {
     /// Step 5 of [`cache_commit`](Self::cache_commit): the seq, then the
     /// persistence stores (data, entries, reclaim FREEs, flushes), up to
     /// the fence.
-    fn persist_stores(
-        &self,
-        nbs: Blocks,
-        batches: Batches,
-        ids: ShardIds,
-        data: Filled<'_>,
-        epoch: u64,
-    ) -> Stored {
+    fn persist_stores(&self, st: Staging, data: Filled<'_>, epoch: u64) -> Stored {
+        let Staging {
+            nbs, batches, ids, ..
+        } = st;
         let count = nbs.len() as u32;
         let t = self.seq.begin();
         let staged = self.seq.stage_watermark_own(&t, &*self.region);
