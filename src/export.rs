@@ -202,10 +202,28 @@ impl PendingWrite for Pending {
     }
 
     fn commit_async(&mut self, done: WriteDone) -> Result<(), WriteDone> {
+        self.start(done, StagedWrite::commit_async)
+    }
+
+    fn commit_when_idle(&mut self, done: WriteDone) -> Result<(), WriteDone> {
+        self.start(done, StagedWrite::commit_when_idle)
+    }
+}
+
+/// How a staged write's commit is started (see [`StagedWrite::commit_async`]).
+type Start = fn(
+    Box<StagedWrite>,
+    ToExportWrite,
+) -> std::result::Result<(), (Box<StagedWrite>, ToExportWrite)>;
+
+impl Pending {
+    /// Start the commit with `start`; where it declines, the write stays
+    /// pending and `done` comes back.
+    fn start(&mut self, done: WriteDone, start: Start) -> Result<(), WriteDone> {
         let Some(w) = self.0.take() else {
             return Err(done);
         };
-        match w.commit_async(ToExportWrite(done)) {
+        match start(w, ToExportWrite(done)) {
             Ok(()) => Ok(()),
             Err((w, reply)) => {
                 self.0 = Some(w);

@@ -138,3 +138,32 @@ fn staged_writes_are_finished_by_shared_msyncs() {
         Ok(Stage::WouldWait)
     ));
 }
+
+/// A staged write committed by an idle caller, with no other msync running
+/// or waiting, is made durable by an msync of the caller's own and
+/// answered, readable, before the call returns.
+#[test]
+fn an_idle_callers_staged_write_is_finished_by_its_own_msync() {
+    let (_dir, region, e) = msync_engine("gc-idle");
+    for b in 0..8u64 {
+        let mut source = |s: &mut [std::io::IoSliceMut<'_>]| {
+            s[0].fill(fill_of(b));
+            Ok(())
+        };
+        let Stage::Staged(w) = e.stage_write(b * 4096, 4096, false, &mut source).unwrap() else {
+            panic!("block {b}: a whole-block writeback write stages in msync mode");
+        };
+        let before = region.syncs();
+        let (tx, rx) = std::sync::mpsc::channel();
+        if w.commit_when_idle(Report(tx, b)).is_err() {
+            panic!("block {b}: the idle commit was declined");
+        }
+        let (got_b, r) = rx.try_recv().expect("answered before the return");
+        assert_eq!(got_b, b);
+        r.unwrap();
+        assert!(region.syncs() > before, "answered without an msync");
+        let mut got = [0u8; 4096];
+        e.read(b * 4096, &mut got).unwrap();
+        assert!(got.iter().all(|&x| x == fill_of(b)), "block {b}");
+    }
+}

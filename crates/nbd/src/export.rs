@@ -87,6 +87,15 @@ pub trait PendingWrite: Send {
     fn commit_is_quick(&self) -> bool {
         false
     }
+
+    /// [`commit_async`](Self::commit_async) when the connection has no
+    /// other request in flight and none waiting to be read: the export may
+    /// then finish the commit on the calling thread (reporting to `done`
+    /// before it returns) where waking another thread would cost more, as
+    /// long as it waits for nothing but its own persistence call.
+    fn commit_when_idle(&mut self, done: WriteDone) -> Result<(), WriteDone> {
+        self.commit_async(done)
+    }
 }
 
 /// What [`Export::stage_write`] did.

@@ -7,6 +7,7 @@
 mod common;
 
 use std::io::{self, IoSlice, IoSliceMut};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,7 @@ use parking_lot::{Condvar, Mutex};
 use pmcache_nbd::proto::*;
 use pmcache_nbd::{
     BlockSizes, Client, Export, ExportError, Extent, MemExport, PendingWrite, Server, ServerConfig,
-    Staged, ZeroFlags,
+    Staged, WriteDone, WriteOutcome, ZeroFlags,
 };
 
 const SIZE: usize = 1 << 20;
@@ -26,6 +27,10 @@ const GATED: u64 = 0;
 /// origin round trip).
 const STAGED: u64 = 512 * 1024;
 const STAGED_GATED: u64 = STAGED;
+/// From here on staged writes commit as an msync-mode cache's do: on the
+/// reader thread when the connection is idle (passing the gate), else on a
+/// thread of their own.
+const LOCAL: u64 = 768 * 1024;
 
 /// A closed-until-opened gate.
 #[derive(Default)]
@@ -52,6 +57,41 @@ impl Gate {
 struct Gated {
     mem: Arc<MemExport>,
     gate: Arc<Gate>,
+    local: Arc<Local>,
+}
+
+/// How the writes at [`LOCAL`] were committed.
+#[derive(Default)]
+struct Local {
+    gate: Gate,
+    inline: AtomicUsize,
+    handed_off: AtomicUsize,
+}
+
+struct LocalWrite {
+    w: Option<Box<GatedWrite>>,
+    local: Arc<Local>,
+}
+
+impl PendingWrite for LocalWrite {
+    fn commit(self: Box<Self>) -> Result<(), ExportError> {
+        self.w.map_or(Ok(()), |w| w.commit())
+    }
+
+    fn commit_async(&mut self, done: WriteDone) -> Result<(), WriteDone> {
+        let w = self.w.take().unwrap();
+        self.local.handed_off.fetch_add(1, Ordering::SeqCst);
+        std::thread::spawn(move || done(WriteOutcome::Done(w.commit())));
+        Ok(())
+    }
+
+    fn commit_when_idle(&mut self, done: WriteDone) -> Result<(), WriteDone> {
+        let w = self.w.take().unwrap();
+        self.local.inline.fetch_add(1, Ordering::SeqCst);
+        self.local.gate.pass();
+        done(WriteOutcome::Done(w.commit()));
+        Ok(())
+    }
 }
 
 struct GatedWrite {
@@ -127,12 +167,19 @@ impl Export for Gated {
         }
         let mut data = vec![0u8; len as usize];
         source(&mut [IoSliceMut::new(&mut data)]).map_err(ExportError::Transfer)?;
-        Ok(Staged::Pending(Box::new(GatedWrite {
+        let w = Box::new(GatedWrite {
             mem: self.mem.clone(),
             gate: (offset == STAGED_GATED).then(|| self.gate.clone()),
             offset,
             data,
             fua,
+        });
+        if offset < LOCAL {
+            return Ok(Staged::Pending(w));
+        }
+        Ok(Staged::Pending(Box::new(LocalWrite {
+            w: Some(w),
+            local: self.local.clone(),
         })))
     }
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<(), ExportError> {
@@ -155,6 +202,7 @@ impl Export for Gated {
 struct Rig {
     mem: Arc<MemExport>,
     gate: Arc<Gate>,
+    local: Arc<Local>,
     server: Server,
     socket: std::path::PathBuf,
     _dir: common::TempDir,
@@ -165,15 +213,18 @@ impl Rig {
     fn new(config: ServerConfig) -> Self {
         let mem = Arc::new(MemExport::new(SIZE));
         let gate = Arc::new(Gate::default());
+        let local = Arc::new(Local::default());
         let export = Arc::new(Gated {
             mem: mem.clone(),
             gate: gate.clone(),
+            local: local.clone(),
         });
         let server = Server::new(export, config).unwrap();
         let (dir, socket, thread) = common::serve_unix(&server);
         Self {
             mem,
             gate,
+            local,
             server,
             socket,
             _dir: dir,
@@ -222,6 +273,7 @@ impl Rig {
 impl Drop for Rig {
     fn drop(&mut self) {
         self.gate.open();
+        self.local.gate.open();
         self.server.shutdown_handle().shutdown();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -502,4 +554,79 @@ fn a_reused_handle_gets_both_answers() {
     }
     r.request(CMD_DISC, 0, 8, 0, 0);
     assert!(r.closed(), "nothing more was sent");
+}
+
+/// A write that waits only for the export's own persistence call, on a
+/// connection with nothing else in flight, is committed by the reader
+/// itself (no hand-off) and answered at once; writes that arrive together
+/// are handed off, so the reader goes on reading.
+#[test]
+fn an_idle_connection_commits_on_its_reader() {
+    let rig = Rig::new(ServerConfig::default());
+    rig.local.gate.open();
+    let mut r = rig.raw(false);
+    for i in 0..5u64 {
+        Rig::write(&mut r, 1 + i, LOCAL + i * 4096, &pattern(400 + i, 4096));
+        assert_eq!(Rig::reply(&mut r, false, 0), (1 + i, 0));
+    }
+    assert_eq!(rig.local.inline.load(Ordering::SeqCst), 5);
+    assert_eq!(rig.local.handed_off.load(Ordering::SeqCst), 0);
+    let mut burst = Vec::new();
+    for i in 0..50u64 {
+        let req = Request {
+            flags: 0,
+            command: CMD_WRITE,
+            cookie: 100 + i,
+            offset: LOCAL + i * 4096,
+            length: 4096,
+        };
+        burst.extend_from_slice(&req.encode());
+        burst.extend_from_slice(&pattern(500 + i, 4096));
+    }
+    r.send(&burst);
+    let mut cookies: Vec<u64> = (0..50).map(|_| Rig::reply(&mut r, false, 0).0).collect();
+    cookies.sort_unstable();
+    assert_eq!(cookies, (100..150).collect::<Vec<u64>>());
+    assert!(
+        rig.local.handed_off.load(Ordering::SeqCst) > 0,
+        "a burst was committed on the reader, one by one"
+    );
+    for i in 0..50u64 {
+        let got = rig.mem.snapshot((LOCAL + i * 4096) as usize, 4096);
+        assert!(got == pattern(500 + i, 4096), "write {i}");
+    }
+}
+
+/// A request that arrives while the reader makes a commit itself waits for
+/// that one commit, and the connection then hands its commits off, so that
+/// a client with several requests in flight is not held up again.
+#[test]
+fn a_request_during_a_reader_commit_turns_them_off() {
+    let rig = Rig::new(ServerConfig::default());
+    rig.mem.fill(4096, &pattern(9, 4096));
+    let mut r = rig.raw(false);
+    Rig::write(&mut r, 1, LOCAL, &pattern(600, 4096));
+    let started = wait_until(Duration::from_secs(10), Duration::from_millis(1), || {
+        rig.local.inline.load(Ordering::SeqCst) == 1
+    });
+    assert!(started, "the lone write was not committed on the reader");
+    r.request(CMD_READ, 0, 2, 4096, 4096);
+    rig.local.gate.open();
+    let mut got: Vec<(u64, u32)> = (0..2)
+        .map(|_| {
+            let h = r.simple_reply();
+            if h.cookie == 2 {
+                assert!(r.recv(4096) == pattern(9, 4096), "the read's data");
+            }
+            (h.cookie, h.error)
+        })
+        .collect();
+    got.sort_unstable();
+    assert_eq!(got, [(1, 0), (2, 0)]);
+    for i in 1..6u64 {
+        Rig::write(&mut r, 10 + i, LOCAL + i * 4096, &pattern(600 + i, 4096));
+        assert_eq!(Rig::reply(&mut r, false, 0), (10 + i, 0));
+    }
+    assert_eq!(rig.local.inline.load(Ordering::SeqCst), 1);
+    assert_eq!(rig.local.handed_off.load(Ordering::SeqCst), 5);
 }

@@ -103,6 +103,14 @@ pub trait PmemRegion: Send + Sync {
         done(Ok(()));
     }
 
+    /// [`fence_async`](Self::fence_async) for a caller with nothing else to
+    /// do: where no other fence's system call is running or waiting, the
+    /// call is made here (and `done` runs before the return), which costs
+    /// less than waking the thread that would make it.
+    fn fence_async_idle(&self, done: FenceDone) {
+        self.fence_async(done);
+    }
+
     /// `flush` then `fence`.
     fn persist(&self, off: usize, len: usize) {
         self.flush(off, len);

@@ -589,6 +589,22 @@ impl PmemRegion for MappedRegion {
         self.msync_thread_async(done);
     }
 
+    fn fence_async_idle(&self, done: crate::FenceDone) {
+        if self.mode != PersistMode::Msync {
+            return self.fence_async(done);
+        }
+        self.fences.add(0, 1);
+        let Some(range) = self.take_range() else {
+            done(Ok(()));
+            return;
+        };
+        let call = Msync::of(self);
+        self.group
+            .commit_async_idle(range, done, &|s, e| call.sync(s, e), || {
+                Arc::new(Msync::of(self).into_fn())
+            });
+    }
+
     fn as_ptr(&self) -> *mut u8 {
         self.base
     }

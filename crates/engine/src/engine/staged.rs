@@ -229,18 +229,35 @@ impl StagedWrite {
         reply: R,
     ) -> std::result::Result<(), (Box<StagedWrite>, R)> {
         if self.buf.is_some() && self.mode == CacheMode::Writeback {
-            return self.commit_synced_later(reply);
+            return self.commit_synced_later(reply, false);
+        }
+        self.commit_through(reply)
+    }
+
+    /// [`commit_async`](Self::commit_async) for a caller with nothing else
+    /// to do (a connection with no other request in flight): where no other
+    /// msync is running or waiting, the msync is made here and `reply` told
+    /// before the return, sparing the wake-up of the thread that would
+    /// make it.
+    pub fn commit_when_idle<R: WriteReply>(
+        self: Box<Self>,
+        reply: R,
+    ) -> std::result::Result<(), (Box<StagedWrite>, R)> {
+        if self.buf.is_some() && self.mode == CacheMode::Writeback {
+            return self.commit_synced_later(reply, true);
         }
         self.commit_through(reply)
     }
 
     /// A writeback-mode commit whose fence is an msync: the persistence
     /// stores here, and `reply` told by the thread that made the msync, once
-    /// the write is durable and published. `Err` when too many are in
-    /// flight already.
+    /// the write is durable and published (this one if `idle`, see
+    /// [`Self::commit_when_idle`]). `Err` when too many are in flight
+    /// already.
     fn commit_synced_later<R: WriteReply>(
         mut self: Box<Self>,
         reply: R,
+        idle: bool,
     ) -> std::result::Result<(), (Box<StagedWrite>, R)> {
         let e = self.engine.clone();
         let (st, buf) = match (self.st.take(), self.buf.take()) {
@@ -258,7 +275,7 @@ impl StagedWrite {
             }
             Box::new(reply).reply(r.map(|_| ()));
         });
-        e.cache_commit_async(st, Filled::Buf(&buf), (self.b0, self.b1), then);
+        e.cache_commit_async(st, Filled::Buf(&buf), (self.b0, self.b1), idle, then);
         Ok(())
     }
 

@@ -552,6 +552,7 @@ impl Engine {
         st: Staging,
         data: Filled<'_>,
         (b0, b1): (u64, u64),
+        idle: bool,
         then: Box<dyn FnOnce(Result<Blocks>) + Send>,
     ) {
         debug_assert!(!st.lock_early, "a commit finished elsewhere holds no lock");
@@ -560,7 +561,7 @@ impl Engine {
         let epoch = self.epochs.enter().detach();
         let stored = self.persist_stores(st, data, epoch);
         let e = self.clone();
-        self.region.fence_async(Box::new(move |r| {
+        let done: pmcache_pmem::FenceDone = Box::new(move |r| {
             let r = match r {
                 Ok(()) => Ok(e.publish_stored(SmallVec::new(), stored, true)),
                 Err(why) => {
@@ -574,7 +575,12 @@ impl Engine {
             };
             e.epochs.leave(epoch);
             then(r);
-        }));
+        });
+        if idle {
+            self.region.fence_async_idle(done);
+        } else {
+            self.region.fence_async(done);
+        }
     }
 
     /// Step 5 of [`cache_commit`](Self::cache_commit): the seq, then the

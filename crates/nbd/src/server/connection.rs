@@ -4,7 +4,7 @@
 
 use std::io::{self, IoSlice};
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -40,7 +40,15 @@ pub(super) struct Conn {
     /// Success replies the reader thread has yet to send (see
     /// [`Conn::ack_soon`]); only the reader touches it.
     acks: Mutex<Vec<u8>>,
+    /// Writes left before the reader may again commit one itself on an
+    /// idle connection (see `write::commit_when_idle`); only the reader
+    /// touches it.
+    inline_backoff: AtomicU32,
 }
+
+/// Writes an idle connection hands off as usual after a request arrived
+/// while its reader was making a commit.
+const INLINE_BACKOFF: u32 = 256;
 
 /// Corked success replies sent at once, at most (16 bytes each).
 const ACKS_MAX: usize = 32;
@@ -57,6 +65,7 @@ impl Conn {
             in_flight_cv: Condvar::new(),
             broken: AtomicBool::new(false),
             acks: Mutex::new(Vec::new()),
+            inline_backoff: AtomicU32::new(0),
         }
     }
 
@@ -103,6 +112,25 @@ impl Conn {
         while *n >= max {
             self.in_flight_cv.wait(&mut n);
         }
+    }
+
+    /// The reader may make a commit itself: nothing of this connection is
+    /// queued or executing, and no request arrived during such a commit
+    /// lately (see [`Conn::commit_was_overtaken`]).
+    pub(super) fn may_commit_inline(&self) -> bool {
+        let b = self.inline_backoff.load(Ordering::Relaxed);
+        if b > 0 {
+            self.inline_backoff.store(b - 1, Ordering::Relaxed);
+            return false;
+        }
+        *self.in_flight.lock() == 0
+    }
+
+    /// A request arrived while the reader made a commit: this client keeps
+    /// several in flight, so for a while its commits are handed off and
+    /// its requests are read while the commits wait.
+    pub(super) fn commit_was_overtaken(&self) {
+        self.inline_backoff.store(INLINE_BACKOFF, Ordering::Relaxed);
     }
 
     /// Wait until every queued and executing request has finished.

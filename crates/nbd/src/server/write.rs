@@ -4,6 +4,7 @@
 //! wait, a buffered write made by a worker.
 
 use std::io::{self, IoSlice, IoSliceMut};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tracing::debug;
@@ -75,7 +76,8 @@ impl SocketSource<'_> {
 /// the write (the export takes slots without waiting), receives the payload
 /// straight into them, and leaves the commit (persistence, the origin
 /// write, the reply) to a commit worker, so the next request is read while
-/// this one finishes. A write that cannot be staged without waiting (no free
+/// this one finishes; only on a connection with nothing else to do does it
+/// make a commit that waits for nothing but an msync itself. A write that cannot be staged without waiting (no free
 /// slot, an overlapping write in progress, a partial block, a mode that
 /// writes the origin first) is received into a buffer of its own and made
 /// by a worker that may wait. Returns how many bytes of the next request
@@ -131,13 +133,24 @@ pub(super) fn handle_write(
             conn.send_result_soon(cookie, w.commit())
                 .then_some(src.extra)
         }
-        (Payload::Read, Ok(Staged::Pending(mut w))) => {
-            if !start_commit(shared, conn, cookie, &mut *w) {
-                dispatch(&shared.commits, conn, move |c| {
-                    c.send_result(cookie, w.commit());
-                });
+        (Payload::Read, Ok(Staged::Pending(w))) => {
+            let mut extra = src.extra;
+            let idle = extra == 0 && conn.may_commit_inline() && {
+                // Nothing else in flight; is the next request here yet?
+                extra = conn
+                    .stream
+                    .read_nowait(src.next)
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0);
+                extra == 0
+            };
+            if idle {
+                commit_when_idle(shared, conn, cookie, w, src.next)
+            } else {
+                commit(shared, conn, cookie, w);
+                Some(extra)
             }
-            Some(src.extra)
         }
         (Payload::Unread, Ok(Staged::WouldWait)) => buffer_write(shared, conn, req, src.next),
         (Payload::Read, r) => {
@@ -158,6 +171,53 @@ pub(super) fn handle_write(
             };
             skip_payload(conn, req, &err)
         }
+    }
+}
+
+/// Commit a received write: started here and finished by whatever it
+/// waits for, or else made by a commit worker.
+fn commit(shared: &Arc<Shared>, conn: &Arc<Conn>, cookie: u64, mut w: Box<dyn PendingWrite>) {
+    if !start_commit(shared, conn, cookie, &mut *w, None) {
+        commit_on_worker(shared, conn, cookie, w);
+    }
+}
+
+/// A commit that only a thread that may wait can make.
+fn commit_on_worker(shared: &Shared, conn: &Arc<Conn>, cookie: u64, w: Box<dyn PendingWrite>) {
+    dispatch(&shared.commits, conn, move |c| {
+        c.send_result(cookie, w.commit());
+    });
+}
+
+/// Commit a received write on a connection with nothing else in flight
+/// and no next request yet: the export may finish it on this thread (see
+/// [`PendingWrite::commit_when_idle`]), which spares a client that keeps
+/// one request in flight a wake-up per write. A request that arrived
+/// meanwhile waited for that commit, so the connection then hands its
+/// commits off for a while. Returns what [`handle_write`] does.
+fn commit_when_idle(
+    shared: &Arc<Shared>,
+    conn: &Arc<Conn>,
+    cookie: u64,
+    mut w: Box<dyn PendingWrite>,
+    next: &mut [u8],
+) -> Option<usize> {
+    let here = Arc::new(AtomicBool::new(false));
+    if !start_commit(shared, conn, cookie, &mut *w, Some(&here)) {
+        commit_on_worker(shared, conn, cookie, w);
+        return Some(0);
+    }
+    if !here.load(Ordering::Relaxed) {
+        return Some(0);
+    }
+    // Its reply is corked: whatever is here now came during the commit.
+    match conn.stream.read_nowait(next) {
+        Ok(Some(n)) if n > 0 => {
+            conn.commit_was_overtaken();
+            Some(n)
+        }
+        // The next read sees an end or error again.
+        _ => Some(0),
     }
 }
 
@@ -233,27 +293,37 @@ fn relay_write(
 }
 
 /// Start a staged write's commit that another thread finishes (the origin
-/// connection's reader, once a writethrough's origin write is in): no
-/// worker waits for the origin. False if the export declined (nothing
-/// started). The reply goes out from that thread if that cannot block;
-/// errors and retries go to a commit worker.
+/// connection's reader, once a writethrough's origin write is in; the
+/// thread that made an msync): no worker waits for it. False if the export
+/// declined (nothing started). The reply goes out from that thread if that
+/// cannot block; errors and retries go to a commit worker. With `here`,
+/// by [`PendingWrite::commit_when_idle`], and a success reported on this
+/// (the reader) thread sets `here` and is corked, so that the reader sees
+/// what arrived before the reply went out.
 fn start_commit(
     shared: &Arc<Shared>,
     conn: &Arc<Conn>,
     cookie: u64,
     w: &mut dyn PendingWrite,
+    here: Option<&Arc<AtomicBool>>,
 ) -> bool {
     conn.begin_one();
     let (s, c) = (shared.clone(), conn.clone());
+    let reader = here.map(|h| (h.clone(), std::thread::current().id()));
     let done: WriteDone = Box::new(move |outcome| {
         let _done = FinishGuard(&c);
         match outcome {
             WriteOutcome::Done(Ok(())) => {
                 let ok = SimpleReply { error: 0, cookie }.encode();
-                if c.try_send(&mut [IoSlice::new(&ok)]).is_none() {
-                    dispatch(&s.commits, &c, move |c| {
+                match reader {
+                    Some((here, id)) if id == std::thread::current().id() => {
+                        here.store(true, Ordering::Relaxed);
+                        c.ack_soon(&ok);
+                    }
+                    _ if c.try_send(&mut [IoSlice::new(&ok)]).is_some() => {}
+                    _ => dispatch(&s.commits, &c, move |c| {
                         c.send_ok(cookie);
-                    });
+                    }),
                 }
             }
             WriteOutcome::Done(Err(e)) => dispatch(&s.commits, &c, move |c| {
@@ -264,7 +334,12 @@ fn start_commit(
             }),
         }
     });
-    match w.commit_async(done) {
+    let r = if here.is_some() {
+        w.commit_when_idle(done)
+    } else {
+        w.commit_async(done)
+    };
+    match r {
         Ok(()) => true,
         Err(_) => {
             conn.finish_one();
