@@ -53,6 +53,9 @@ pub struct MemExport {
     read_only: bool,
     /// Advertise CAN_MULTI_CONN (true unless a test says otherwise).
     multi_conn: bool,
+    /// Answer reads at once (`try_read`), as a cache answers hits: the
+    /// server then serves them on the connection's reader thread.
+    reads_at_once: bool,
     counters: Counters,
     /// Reads starting at these offsets sleep first.
     delays: Mutex<Vec<(u64, Duration)>>,
@@ -73,6 +76,7 @@ impl MemExport {
             },
             read_only: false,
             multi_conn: true,
+            reads_at_once: false,
             counters: Counters::default(),
             delays: Mutex::new(Vec::new()),
             failures: Mutex::new(Vec::new()),
@@ -86,6 +90,12 @@ impl MemExport {
 
     pub fn with_read_only(mut self, ro: bool) -> Self {
         self.read_only = ro;
+        self
+    }
+
+    /// See [`MemExport::reads_at_once`](Self).
+    pub fn with_reads_at_once(mut self, yes: bool) -> Self {
+        self.reads_at_once = yes;
         self
     }
 
@@ -186,6 +196,15 @@ impl Export for MemExport {
 
     fn multi_conn(&self) -> bool {
         self.multi_conn
+    }
+
+    fn try_read(
+        &self,
+        offset: u64,
+        len: u32,
+        sink: &mut dyn FnMut(&[IoSlice<'_>]) -> io::Result<()>,
+    ) -> Option<Result<(), ExportError>> {
+        self.reads_at_once.then(|| self.read(offset, len, sink))
     }
 
     fn read(

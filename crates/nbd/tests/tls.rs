@@ -23,6 +23,11 @@ fn psk_server(dir: &TempDir, size: usize) -> (InProc, std::path::PathBuf) {
 
 /// A PSK server in TLS `mode` and the psktool-format key file.
 fn psk_server_in(dir: &TempDir, size: usize, mode: TlsMode) -> (InProc, std::path::PathBuf) {
+    psk_server_of(dir, MemExport::new(size), mode)
+}
+
+/// A PSK server of `export` in TLS `mode` and the psktool-format key file.
+fn psk_server_of(dir: &TempDir, export: MemExport, mode: TlsMode) -> (InProc, std::path::PathBuf) {
     let keys = dir.join("keys.psk");
     std::fs::write(
         &keys,
@@ -39,7 +44,7 @@ fn psk_server_in(dir: &TempDir, size: usize, mode: TlsMode) -> (InProc, std::pat
         tls: Some(Arc::new(tls)),
         ..ServerConfig::default()
     };
-    (InProc::start(MemExport::new(size), cfg), keys)
+    (InProc::start(export, cfg), keys)
 }
 
 fn nbds(srv: &InProc, user: &str, keys: &std::path::Path) -> String {
@@ -184,4 +189,104 @@ fn connections_show_their_tls_state_and_leave_when_they_end() {
     drop(plain);
     drop(raw);
     wait_for_connections(&srv, 0, 0);
+}
+
+/// Options sent back to back after STARTTLS, each in a TLS record of its
+/// own, are all answered: the server reads ahead, so the second record may
+/// already sit in the session when the first has been answered, where
+/// waiting on the socket would wait forever.
+#[test]
+fn options_pipelined_after_starttls_are_all_answered() {
+    use pmcache_nbd::proto::*;
+    use pmcache_nbd::tls::TlsClientConfig;
+    let dir = TempDir::new("t");
+    let (srv, keys) = psk_server(&dir, MIB);
+    let mut raw = Raw::connect(&srv.socket);
+    raw.greet();
+    raw.send(&OptionRequest::StartTls.encode());
+    assert_eq!(raw.option_reply().0.reply_type, REP_ACK);
+    let client = TlsClientConfig {
+        certificates: None,
+        psk_file: Some(keys),
+        username: Some("alice".into()),
+        verify_peer: true,
+        hostname: None,
+    };
+    let plain = pmcache_nbd::Stream::unix(raw.s.try_clone().unwrap());
+    let tls = client
+        .connect(plain, Some(Duration::from_secs(10)))
+        .unwrap();
+    tls.set_timeouts(Some(Duration::from_secs(10)));
+    let structured = OptionRequest::StructuredReply.encode();
+    for _ in 0..3 {
+        tls.write_all_vectored(&[std::io::IoSlice::new(&structured)])
+            .unwrap();
+    }
+    for i in 0..3 {
+        let mut h = [0u8; OPTION_REPLY_HEADER_LEN];
+        let mut got = 0;
+        while got < h.len() {
+            let n = tls.read(&mut h[got..]).unwrap();
+            assert!(n > 0, "option {i}: the server hung up");
+            got += n;
+        }
+        let h = OptionReplyHeader::parse(&h).unwrap();
+        assert_eq!((h.option, h.reply_type), (OPT_STRUCTURED_REPLY, REP_ACK));
+    }
+}
+
+/// Reads answered on the reader thread are corked under TLS, several to a
+/// record, but never held back: each of a series of lone reads is answered
+/// without a next request, and a burst of them comes back whole.
+#[test]
+fn corked_tls_read_replies_are_never_held_back() {
+    let dir = TempDir::new("t");
+    let export = MemExport::new(4 * MIB).with_reads_at_once(true);
+    let (srv, keys) = psk_server_of(&dir, export, TlsMode::Require);
+    let data = pattern(77, 4 * MIB);
+    srv.export.fill(0, &data);
+    let c = Arc::new(Client::connect(&nbds(&srv, "alice", &keys)).unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let lone = {
+        let c = c.clone();
+        std::thread::spawn(move || {
+            for i in 0..50u64 {
+                let mut b = vec![0u8; 4096];
+                c.read(&mut b, i * 8192).unwrap();
+                tx.send((i, b)).unwrap();
+            }
+        })
+    };
+    for _ in 0..50 {
+        let (i, b) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a lone read's reply was held back");
+        let at = (i * 8192) as usize;
+        assert!(b == data[at..at + 4096], "read {i}");
+    }
+    lone.join().unwrap();
+    let before = srv.export.stats().reads;
+    hammer_reads(&c, &data);
+    assert!(srv.export.stats().reads >= before + 8 * 64);
+}
+
+/// Eight threads, 64 reads of 1 to 8 KiB each, all in flight together.
+fn hammer_reads(c: &Arc<Client>, data: &[u8]) {
+    let threads: Vec<_> = (0..8u64)
+        .map(|t| {
+            let (c, data) = (c.clone(), data.to_vec());
+            std::thread::spawn(move || {
+                for i in 0..64u64 {
+                    let len = 1 + ((t * 64 + i) * 977 % 8192) as usize;
+                    let off = ((t * 64 + i) * 40_961 % (data.len() as u64 - 8192)) as usize;
+                    let mut b = vec![0u8; len];
+                    c.read(&mut b, off as u64).unwrap();
+                    assert!(b == data[off..off + len], "thread {t} read {i}");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
 }

@@ -15,6 +15,7 @@ use tracing::debug;
 use super::handshake::Negotiated;
 use super::pool::Pool;
 use crate::net::Stream;
+use crate::proto::SIMPLE_REPLY_LEN;
 
 /// How long [`Conn::try_send`] waits for another reply to be written.
 const SEND_LOCK_WAIT: Duration = Duration::from_micros(200);
@@ -52,6 +53,8 @@ const INLINE_BACKOFF: u32 = 256;
 
 /// Corked success replies sent at once, at most (16 bytes each).
 const ACKS_MAX: usize = 32;
+/// Corked replies on a TLS session are sent once they fill a record.
+const TLS_CORK: usize = 16 << 10;
 
 impl Conn {
     pub(super) fn new(id: u64, stream: Arc<Stream>, neg: &Negotiated) -> Self {
@@ -75,10 +78,24 @@ impl Conn {
     /// connection then pays one `writev` for many writes. False if the
     /// connection is broken.
     pub(super) fn ack_soon(&self, reply: &[u8]) -> bool {
+        self.cork(&[IoSlice::new(reply)])
+    }
+
+    /// Add a whole reply to the corked ones (reader thread only), sending
+    /// them all once they fill a TLS record, or 32 success replies on a
+    /// plain socket. False if the connection is broken.
+    pub(super) fn cork(&self, reply: &[IoSlice<'_>]) -> bool {
+        let limit = if self.stream.is_tls() {
+            TLS_CORK
+        } else {
+            ACKS_MAX * SIMPLE_REPLY_LEN
+        };
         let full = {
             let mut a = self.acks.lock();
-            a.extend_from_slice(reply);
-            a.len() >= ACKS_MAX * reply.len()
+            for s in reply {
+                a.extend_from_slice(s);
+            }
+            a.len() >= limit
         };
         if full {
             return self.uncork();

@@ -13,7 +13,7 @@ use crate::relay::Relayed;
 
 pub(super) fn execute_read(shared: &Shared, conn: &Conn, req: &Request) {
     let relayable = !conn.stream.is_tls();
-    serve_read(conn, req, |sink| {
+    serve_read(conn, req, false, |sink| {
         Some(if relayable {
             shared.export.read_or_relay(req.offset, req.length, sink)
         } else {
@@ -99,10 +99,12 @@ pub(super) fn try_read(
 /// Run `read` with a sink that sends the reply straight from the export's
 /// slices (`writev`), or send the relay it hands back (`splice`), and
 /// answer errors. False when `read` declined (returned `None`); then
-/// nothing was sent.
+/// nothing was sent. `on_reader`: this is the connection's reader thread,
+/// which may cork the reply (see [`Conn::read_reply_soon`]).
 pub(super) fn serve_read(
     conn: &Conn,
     req: &Request,
+    on_reader: bool,
     read: impl FnOnce(
         &mut dyn FnMut(&[IoSlice<'_>]) -> io::Result<()>,
     ) -> Option<Result<Option<Relayed>, ExportError>>,
@@ -134,7 +136,12 @@ pub(super) fn serve_read(
                 ),
             ));
         }
-        if conn.send_read_data(req.cookie, req.offset, req.length, slices) {
+        let sent = if on_reader {
+            conn.read_reply_soon(req.cookie, req.offset, req.length, slices)
+        } else {
+            conn.send_read_data(req.cookie, req.offset, req.length, slices)
+        };
+        if sent {
             sink_state = Sink::Sent;
             Ok(())
         } else {

@@ -124,7 +124,28 @@ impl Conn {
         len: u32,
         data: &[IoSlice<'_>],
     ) -> bool {
-        self.send_read_reply(cookie, offset, len, data, None, false)
+        self.send_read_reply(cookie, offset, len, data, None, How::Now)
+            .unwrap_or(false)
+    }
+
+    /// [`send_read_data`](Self::send_read_data) from the reader thread: on
+    /// a TLS session a reply of at most [`CORK_READ`] bytes is corked with
+    /// the next replies (see [`Conn::cork`]), so that many small replies
+    /// share a record and a system call; the data is copied into a record
+    /// buffer under TLS anyway. Plain, it is sent now, from the slices.
+    pub(super) fn read_reply_soon(
+        &self,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+        data: &[IoSlice<'_>],
+    ) -> bool {
+        let how = if self.stream.is_tls() && len as usize <= CORK_READ {
+            How::Cork
+        } else {
+            How::Now
+        };
+        self.send_read_reply(cookie, offset, len, data, None, how)
             .unwrap_or(false)
     }
 
@@ -138,14 +159,14 @@ impl Conn {
         len: u32,
         data: &[IoSlice<'_>],
     ) -> Option<bool> {
-        self.send_read_reply(cookie, offset, len, data, None, true)
+        self.send_read_reply(cookie, offset, len, data, None, How::Try)
     }
 
     /// A successful READ reply whose data comes from a relay pipe: the
     /// header by `writev`, then the payload by `splice`.
     pub(super) fn send_relayed(&self, cookie: u64, offset: u64, data: &Relayed) -> bool {
         debug_assert!(!self.stream.is_tls());
-        self.send_read_reply(cookie, offset, data.len() as u32, &[], Some(data), false)
+        self.send_read_reply(cookie, offset, data.len() as u32, &[], Some(data), How::Now)
             .unwrap_or(false)
     }
 
@@ -156,7 +177,7 @@ impl Conn {
         len: u32,
         data: &[IoSlice<'_>],
         relayed: Option<&Relayed>,
-        try_only: bool,
+        how: How,
     ) -> Option<bool> {
         let simple;
         let structured;
@@ -187,10 +208,26 @@ impl Conn {
             bufs.push(IoSlice::new(&simple));
         }
         bufs.extend_from_slice(data);
-        match relayed {
-            None if try_only => self.try_send(&mut bufs),
-            None => Some(self.send(&mut bufs)),
-            Some(r) => Some(self.send_then(&mut bufs, |s| r.send(s))),
+        match (relayed, how) {
+            (Some(r), _) => Some(self.send_then(&mut bufs, |s| r.send(s))),
+            (None, How::Try) => self.try_send(&mut bufs),
+            (None, How::Now) => Some(self.send(&mut bufs)),
+            (None, How::Cork) => Some(self.cork(&bufs)),
         }
     }
 }
+
+/// How a READ reply goes out.
+#[derive(Clone, Copy)]
+enum How {
+    /// Now, waiting for the socket if need be.
+    Now,
+    /// Now if that need not wait, else not at all.
+    Try,
+    /// With the reader's next replies (TLS only).
+    Cork,
+}
+
+/// The largest READ reply corked under TLS: what fits a record with room
+/// for more.
+const CORK_READ: usize = 8 << 10;

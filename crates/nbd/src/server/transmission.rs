@@ -151,7 +151,7 @@ fn answer_or_dispatch(shared: &Arc<Shared>, conn: &Arc<Conn>, req: &Request) {
     }
     // A read the export can answer at once (a cache hit) is answered here:
     // a hand-off to a worker costs more than it.
-    if req.command == CMD_READ && serve_read(conn, req, |sink| try_read(shared, req, sink)) {
+    if req.command == CMD_READ && serve_read(conn, req, true, |sink| try_read(shared, req, sink)) {
         return;
     }
     // A miss the origin's reader can finish costs no worker either.
