@@ -20,7 +20,9 @@ use std::sync::atomic::{
     Ordering::{Relaxed, Release, SeqCst},
 };
 
+use parking_lot::{Condvar, Mutex};
 use pmcache_pmem::PmemRegion;
+use std::time::Duration;
 
 use crate::format::{
     decode_watermark, encode_watermark, wm_line_off, SEQ_MASK, WATERMARK_OFF, WM_LINES,
@@ -45,7 +47,16 @@ pub struct Sequencer {
     high: AtomicUsize,
     /// Highest S known to be durable in media.
     durable: AtomicU64,
+    /// Takers waiting for a shared cell to free up (all were taken: more
+    /// transactions in flight than cells), asleep on `freed`.
+    waiting: AtomicUsize,
+    wait_lock: Mutex<()>,
+    freed: Condvar,
 }
+
+/// How long a taker sleeps for a shared cell before it looks again anyway
+/// (a safety net; a freed cell wakes it).
+const CELL_WAIT: Duration = Duration::from_millis(1);
 
 /// A transaction between taking its seq and its fence.
 pub struct Ticket {
@@ -61,6 +72,9 @@ impl Sequencer {
             cells: (0..CELLS).map(|_| Cell(AtomicU64::new(0))).collect(),
             high: AtomicUsize::new(0),
             durable: AtomicU64::new(s),
+            waiting: AtomicUsize::new(0),
+            wait_lock: Mutex::new(()),
+            freed: Condvar::new(),
         }
     }
 
@@ -87,17 +101,46 @@ impl Sequencer {
             }
         }
         loop {
-            for i in OWNED..CELLS {
-                let lb = self.next.load(SeqCst);
-                if self.cells[i]
-                    .0
-                    .compare_exchange(0, lb, SeqCst, SeqCst)
-                    .is_ok()
-                {
-                    return self.take_seq(i);
-                }
+            if let Some(t) = self.claim_shared() {
+                return t;
             }
-            std::thread::yield_now();
+            // Every shared cell is taken: sleep until one is freed rather
+            // than spin (on a small machine a spinning taker starves the
+            // threads whose fences would free one). Announced before the
+            // last look, so that a cell freed after it wakes this taker.
+            let mut g = self.wait_lock.lock();
+            self.waiting.fetch_add(1, SeqCst);
+            let t = self.claim_shared();
+            if t.is_none() {
+                self.freed.wait_for(&mut g, CELL_WAIT);
+            }
+            self.waiting.fetch_sub(1, SeqCst);
+            if let Some(t) = t {
+                return t;
+            }
+        }
+    }
+
+    /// A ticket in a free shared cell, if there is one.
+    fn claim_shared(&self) -> Option<Ticket> {
+        for i in OWNED..CELLS {
+            let lb = self.next.load(SeqCst);
+            if self.cells[i]
+                .0
+                .compare_exchange(0, lb, SeqCst, SeqCst)
+                .is_ok()
+            {
+                return Some(self.take_seq(i));
+            }
+        }
+        None
+    }
+
+    /// A cell was freed: wake a taker waiting for one.
+    fn cell_freed(&self, cell: usize) {
+        if cell >= OWNED && self.waiting.load(SeqCst) > 0 {
+            let _g = self.wait_lock.lock();
+            self.freed.notify_one();
         }
     }
 
@@ -183,6 +226,8 @@ impl Sequencer {
         // line (the cell hand-over of `stage_watermark_own`). A scan that
         // still sees the old bound only keeps S lower.
         self.cells[t.cell].0.store(0, Release);
+        std::sync::atomic::fence(SeqCst);
+        self.cell_freed(t.cell);
     }
 
     /// After a fence issued without a ticket (reclaim).
@@ -193,6 +238,7 @@ impl Sequencer {
     /// Abandon a ticket whose transaction wrote nothing.
     pub fn cancel(&self, t: Ticket) {
         self.cells[t.cell].0.store(0, SeqCst);
+        self.cell_freed(t.cell);
     }
 
     /// Make S durable up to everything handed out so far (no transaction may
@@ -211,6 +257,49 @@ impl Sequencer {
 mod tests {
     use super::*;
     use pmcache_pmem::SimRegion;
+
+    /// With every cell taken, a taker sleeps (it does not spin) until a
+    /// ticket ends, and then gets that cell.
+    #[test]
+    fn a_taker_waits_for_a_freed_cell() {
+        let q = std::sync::Arc::new(Sequencer::new(0, 0));
+        // More tickets than cells: a thread holds at most its own owned cell
+        // and then shares; take every cell there is.
+        let mut held: Vec<Ticket> = Vec::new();
+        while let Some(t) = q.claim_shared() {
+            held.push(t);
+        }
+        assert_eq!(held.len(), CELLS - OWNED);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let taker = {
+            let q = q.clone();
+            std::thread::spawn(move || {
+                // Its own cell, if it has a stripe, is busy with the first
+                // ticket: the second must share.
+                let own = q.begin();
+                let t = q.begin();
+                tx.send(t.cell).unwrap();
+                q.cancel(t);
+                q.cancel(own);
+            })
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(
+            rx.try_recv().is_err(),
+            "a ticket while every cell was taken"
+        );
+        // One freed cell wakes it; two where it had no stripe of its own.
+        let mut got = None;
+        while got.is_none() {
+            q.cancel(held.pop().expect("freed cells never woke the taker"));
+            got = rx.recv_timeout(Duration::from_secs(2)).ok();
+        }
+        assert!(got.unwrap() >= OWNED, "a shared cell");
+        taker.join().unwrap();
+        for t in held {
+            q.cancel(t);
+        }
+    }
 
     #[test]
     fn watermark_never_passes_inflight() {
