@@ -275,31 +275,46 @@ impl Stream {
         }
     }
 
-    /// Bytes the socket's send buffer can still take before a write would
-    /// block (as the kernel counts them, overhead included); `None` under
-    /// TLS or if the kernel will not say.
-    pub fn send_room(&self) -> Option<usize> {
+    /// The socket's send buffer size as the kernel counts it (overhead
+    /// included); `None` under TLS or if the kernel will not say.
+    pub fn send_buffer(&self) -> Option<usize> {
         if self.is_tls() {
             return None;
         }
-        let fd = self.as_raw_fd();
         let mut sndbuf: libc::c_int = 0;
         let mut optlen = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        let mut queued: libc::c_int = 0;
-        // SIOCOUTQ, which libc spells TIOCOUTQ (the same request number).
-        // SAFETY: `fd` is this stream's open socket; both out-pointers point
-        // at live `c_int`s, and `optlen` gives the size of the first.
+        // SAFETY: `fd` is this stream's open socket; the out-pointer points
+        // at a live `c_int` whose size `optlen` gives.
         let ok = unsafe {
             libc::getsockopt(
-                fd,
+                self.as_raw_fd(),
                 libc::SOL_SOCKET,
                 libc::SO_SNDBUF,
                 (&mut sndbuf as *mut libc::c_int).cast(),
                 &mut optlen,
             ) == 0
-                && libc::ioctl(fd, libc::TIOCOUTQ, &mut queued as *mut libc::c_int) == 0
         };
-        ok.then(|| (sndbuf.max(0) as usize).saturating_sub(queued.max(0) as usize))
+        ok.then_some(sndbuf.max(0) as usize)
+    }
+
+    /// Bytes waiting in the socket's send buffer; `None` under TLS or if
+    /// the kernel will not say.
+    pub fn send_queued(&self) -> Option<usize> {
+        if self.is_tls() {
+            return None;
+        }
+        let mut queued: libc::c_int = 0;
+        // SIOCOUTQ, which libc spells TIOCOUTQ (the same request number).
+        // SAFETY: `fd` is this stream's open socket; the out-pointer points
+        // at a live `c_int`.
+        let ok = unsafe {
+            libc::ioctl(
+                self.as_raw_fd(),
+                libc::TIOCOUTQ,
+                &mut queued as *mut libc::c_int,
+            ) == 0
+        };
+        ok.then_some(queued.max(0) as usize)
     }
 
     /// Write every slice completely, in order, with `writev`.

@@ -5,7 +5,7 @@
 use std::io::{self, IoSlice};
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::Duration;
 
@@ -45,6 +45,8 @@ pub(super) struct Conn {
     /// idle connection (see `write::commit_when_idle`); only the reader
     /// touches it.
     inline_backoff: AtomicU32,
+    /// See [`Conn::send_buffer`].
+    sndbuf: OnceLock<Option<usize>>,
 }
 
 /// Writes an idle connection hands off as usual after a request arrived
@@ -69,6 +71,7 @@ impl Conn {
             broken: AtomicBool::new(false),
             acks: Mutex::new(Vec::new()),
             inline_backoff: AtomicU32::new(0),
+            sndbuf: OnceLock::new(),
         }
     }
 
@@ -198,7 +201,10 @@ impl Conn {
         }
         let len: usize = bufs.iter().map(|b| b.len()).sum();
         let _g = self.send_lock.try_lock_for(SEND_LOCK_WAIT)?;
-        if self.stream.send_room()? < 2 * len + SEND_MARGIN {
+        let room = self
+            .send_buffer()?
+            .saturating_sub(self.stream.send_queued()?);
+        if room < 2 * len + SEND_MARGIN {
             return None;
         }
         Some(match self.stream.write_all_vectored(bufs) {
@@ -209,6 +215,13 @@ impl Conn {
                 false
             }
         })
+    }
+
+    /// The socket's send buffer size, asked once: it is set when the
+    /// connection starts (or grows, over TCP, which only leaves more room
+    /// than this counts).
+    fn send_buffer(&self) -> Option<usize> {
+        *self.sndbuf.get_or_init(|| self.stream.send_buffer())
     }
 
     fn break_conn(&self) {
