@@ -224,9 +224,11 @@ impl<'a> SlotCheck<'a> {
 
     fn run(mut self, r: &mut CheckReport) {
         let layout = self.layout;
+        let mut torn: Vec<u64> = Vec::new();
         for slot in 0..layout.slot_count {
             match view_slot(self.region, &layout, slot, self.s) {
-                SlotView::Free | SlotView::Torn => {}
+                SlotView::Free => {}
+                SlotView::Torn => torn.push(slot),
                 SlotView::Corrupt { state_seq } => r.errors.push(format!(
                     "slot {slot} (metadata at offset {}): committed entry seq {state_seq} fails its checksum",
                     layout.meta_off(slot)
@@ -244,6 +246,14 @@ impl<'a> SlotCheck<'a> {
                     self.versions.push(Mapping::of(slot, &e, dirty, self.s));
                 }
             }
+        }
+        if !torn.is_empty() {
+            r.warnings.push(format!(
+                "{} entries above the watermark fail their checksum (slots {:?}{}): writes torn by a crash, or damaged metadata; recovery drops them",
+                torn.len(),
+                &torn[..torn.len().min(16)],
+                if torn.len() > 16 { ", ..." } else { "" }
+            ));
         }
         self.check_versions(r);
     }

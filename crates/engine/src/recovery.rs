@@ -206,10 +206,14 @@ impl Scan {
             to_free: Vec::new(),
             max_seq: s,
         };
+        let mut torn: Vec<u64> = Vec::new();
         for slot in 0..layout.slot_count {
             match view_slot(region, layout, slot, s) {
                 SlotView::Free => {}
-                SlotView::Torn => scan.to_free.push(slot),
+                SlotView::Torn => {
+                    scan.to_free.push(slot);
+                    torn.push(slot);
+                }
                 SlotView::Corrupt { state_seq } => {
                     return Err(EngineError::Corrupt(format!(
                         "slot {slot} (metadata at offset {}): committed entry (seq {state_seq}) fails its checksum",
@@ -236,6 +240,15 @@ impl Scan {
                     }
                 }
             }
+        }
+        if !torn.is_empty() {
+            // Above S a torn entry and a damaged one look alike: say which
+            // slots, so that damage does not pass unseen.
+            tracing::warn!(
+                count = torn.len(),
+                slots = ?&torn[..torn.len().min(16)],
+                "dropping entries above the watermark that fail their checksum: writes torn by the crash, or damaged metadata"
+            );
         }
         Ok(scan)
     }

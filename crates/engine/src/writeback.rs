@@ -76,7 +76,10 @@ impl Engine {
         match err {
             Some(e) if cleaned == 0 => Err(e),
             Some(e) => {
-                tracing::debug!(error = %e, cleaned, "writeback step partly failed; the rest stays dirty");
+                // One line per batch (not per origin write): an origin
+                // that fails often would flood the log.
+                tracing::warn!(error = %e, cleaned, of = batch.len(),
+                    "part of a writeback batch failed; those blocks stay dirty");
                 Ok(cleaned)
             }
             None => Ok(cleaned),
@@ -270,7 +273,6 @@ impl Engine {
 
     fn origin_error(&self, offset: u64, source: io::Error) -> EngineError {
         self.counters.add(crate::stats::Ctr::OriginErrors, 1);
-        tracing::warn!(offset, error = %source, "origin write failed");
         EngineError::Origin { offset, source }
     }
 
@@ -420,11 +422,18 @@ fn writeback_loop(engine: std::sync::Weak<Engine>) {
     // Blocks cleaned since the last pause: small epochs make small batches,
     // and the trickle paces batches of the configured size, not epochs.
     let mut run = 0usize;
+    // The newest seq at the last turn: unchanged means writes have paused.
+    let mut last_seq = None;
     loop {
         let Some(e) = engine.upgrade() else { return };
         if e.wb.stop.load(Ordering::SeqCst) {
             return;
         }
+        let last = e.seq.last();
+        if last_seq == Some(last) {
+            e.settle_watermark();
+        }
+        last_seq = Some(last);
         let pause = match e.writeback_step(e.cfg.writeback_batch) {
             // Owed versions wait for an epoch's last commit: soon.
             Ok(0) if e.dirty_blocks() > 0 => Duration::from_millis(1),

@@ -197,14 +197,24 @@ impl Engine {
         if self.seq.last() <= self.seq.durable() {
             return false;
         }
-        let staged = MutexGuard::unlocked(ix, || {
-            let staged = self.seq.stage_watermark(&*self.region);
-            if staged > 0 {
-                self.region.fence();
-                self.seq.end_staged(staged);
-            }
-            staged
-        });
+        MutexGuard::unlocked(ix, || self.settle_watermark())
+    }
+
+    /// Raise S to cover every finished transaction, with a fence of its
+    /// own, if it lags. True if it rose. Writers raise S only in one
+    /// transaction of 16, so after the last write of a burst the newest
+    /// acknowledged entries stay above S, where recovery can only verify
+    /// them (a damaged one would be taken for a torn write and rolled
+    /// back); the writeback thread settles S once writes pause.
+    pub(crate) fn settle_watermark(&self) -> bool {
+        if self.seq.last() <= self.seq.durable() {
+            return false;
+        }
+        let staged = self.seq.stage_watermark(&*self.region);
+        if staged > 0 {
+            self.region.fence();
+            self.seq.end_staged(staged);
+        }
         staged > 0
     }
 
