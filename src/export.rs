@@ -126,6 +126,21 @@ impl Export for EngineExport {
             .map_err(to_export)
     }
 
+    fn start_write_relayed(
+        &self,
+        offset: u64,
+        data: Relayed,
+        fua: bool,
+        done: WriteDone,
+    ) -> Result<(), (Relayed, WriteDone)> {
+        if self.read_only {
+            return Err((data, done));
+        }
+        self.engine
+            .start_write_relayed(offset, data, fua, ToExportWrite(done))
+            .map_err(|(data, r)| (data, r.0))
+    }
+
     fn stage_write(
         &self,
         offset: u64,

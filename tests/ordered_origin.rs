@@ -56,6 +56,10 @@ use rand::{Rng, RngCore, SeedableRng};
 const BS: u64 = 4096;
 /// 1024 blocks: a check hashes at most 4 MiB.
 const ORIGIN: u64 = 4 << 20;
+/// The requests of a sequential stream, and the cutoff past which such a
+/// stream goes around the cache.
+const STREAM_REQ: u64 = 32 << 10;
+const CUTOFF: &str = "128K";
 /// The smallest cache pmcache takes (about 750 slots for 1024 blocks):
 /// writes evict, and wait for writeback when the cache is full.
 const CACHE: &str = "3M";
@@ -213,11 +217,33 @@ fn workload(
     stop: &AtomicBool,
 ) -> Result<u64, InFlight> {
     let mut rng = SmallRng::seed_from_u64(seed);
+    // A sequential stream now and then, past the cutoff (see `Rig::serve`),
+    // so that some writes go around the cache to the origin.
+    let mut stream: Option<(u64, u32)> = None;
     for n in 0..ops {
         if stop.load(Ordering::Relaxed) {
             return Ok(n);
         }
-        apply(c, w, gen_op(&mut rng))?;
+        let op = match stream {
+            Some((off, left)) => {
+                stream = (left > 1 && off + 2 * STREAM_REQ < ORIGIN)
+                    .then_some((off + STREAM_REQ, left - 1));
+                let mut data = vec![0; STREAM_REQ as usize];
+                rng.fill_bytes(&mut data);
+                Op::Write {
+                    off,
+                    data,
+                    fua: false,
+                }
+            }
+            None if rng.gen_ratio(1, 40) => {
+                let off = rng.gen_range(0..ORIGIN / 2 / STREAM_REQ) * STREAM_REQ;
+                stream = Some((off, 16));
+                continue;
+            }
+            None => gen_op(&mut rng),
+        };
+        apply(c, w, op)?;
     }
     apply(c, w, Op::Flush)?;
     Ok(ops)
@@ -296,7 +322,12 @@ impl Rig {
 
     /// pmcache over the origin: a new cache, or (`reopen`) the one there.
     fn serve(&self, reopen: bool) -> ServerGuard {
-        let extra = ["--writeback-order", self.order];
+        let extra = [
+            "--writeback-order",
+            self.order,
+            "--sequential-cutoff",
+            CUTOFF,
+        ];
         launch(&match reopen {
             false => ServerKind::pmcache(&self.cache(), CACHE, &self.server.uri(), &extra),
             true => ServerKind::pmcache_reopen(&self.cache(), &extra),
@@ -354,6 +385,11 @@ fn flush_round(order: &'static str, seed: u64) -> (Option<String>, u64) {
     workload_ok(&c, &rig.watch, seed, OPS, &srv);
     drop(c);
     let during = rig.checks();
+    let st = stats(&rig.cache(), T);
+    assert!(
+        counter(&st, "bypass_writes") > 0,
+        "no write went around the cache: {st}"
+    );
     srv.stop();
     pmcache_ok(&["flush", "--cache", &s(&rig.cache()), "--assume-pmem"], T);
     rig.assert_origin_is_image(&format!("{order}: the origin after pmcache flush"));

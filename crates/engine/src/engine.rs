@@ -44,6 +44,7 @@ mod read;
 mod read_async;
 mod staged;
 mod write;
+mod write_around;
 pub use read_async::ReadReply;
 pub use staged::{Stage, StagedWrite, WriteReply};
 

@@ -121,13 +121,28 @@ impl Streams {
     pub(crate) fn bypass_handed_on(&self, offset: u64, len: u64, sync: bool) -> bool {
         let by = self.bypass(offset, len, true, sync);
         if by {
-            let mut g = self.table.lock();
-            if g.decided.len() == DECIDED {
-                g.decided.pop_front();
-            }
-            g.decided.push_back((offset, len));
+            self.hand_on(offset, len);
         }
         by
+    }
+
+    /// Take back a decision handed on by [`bypass_handed_on`]
+    /// (Self::bypass_handed_on): its request will not be seen again.
+    pub(crate) fn take_handed_on(&self, offset: u64, len: u64) {
+        let mut g = self.table.lock();
+        if let Some(i) = g.decided.iter().position(|&d| d == (offset, len)) {
+            g.decided.remove(i);
+        }
+    }
+
+    /// Hand on again a decision taken back by [`take_handed_on`]
+    /// (Self::take_handed_on): its request will be seen again after all.
+    pub(crate) fn hand_on(&self, offset: u64, len: u64) {
+        let mut g = self.table.lock();
+        if g.decided.len() == DECIDED {
+            g.decided.pop_front();
+        }
+        g.decided.push_back((offset, len));
     }
 
     /// Record a request; true if it belongs to a stream that has already
@@ -346,5 +361,22 @@ mod tests {
     fn off_means_never() {
         let s = Streams::new(0);
         assert!((0..100u64).all(|i| !s.bypass(i << 20, 1 << 20, true, false)));
+    }
+
+    /// A decision taken back is not followed; handed on again, it is.
+    #[test]
+    fn a_decision_taken_back_and_handed_on_again() {
+        let s = Streams::new(4 << 20);
+        let len = 256 << 10;
+        let mut off = 0;
+        while !s.bypass_handed_on(off, len, false) {
+            off += len;
+        }
+        s.take_handed_on(off, len);
+        assert!(!s.table.lock().decided.contains(&(off, len)));
+        s.hand_on(off, len);
+        // The worker's record follows the decision, though behind the end.
+        assert!(s.bypass(off, len, true, false));
+        assert!(!s.table.lock().decided.contains(&(off, len)), "used once");
     }
 }

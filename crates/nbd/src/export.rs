@@ -225,6 +225,22 @@ pub trait Export: Send + Sync + 'static {
         self.write_from(offset, &v, fua)
     }
 
+    /// [`write_relayed`](Self::write_relayed) started without waiting, for
+    /// the connection's reader: `done` is told once the write is done (on
+    /// whatever thread finishes it), or gets the rest to run where waiting
+    /// is fine. `Err`, with nothing done and `data` whole, where it cannot
+    /// start so (the default).
+    fn start_write_relayed(
+        &self,
+        offset: u64,
+        data: Relayed,
+        fua: bool,
+        done: WriteDone,
+    ) -> Result<(), (Relayed, WriteDone)> {
+        let _ = (offset, fua);
+        Err((data, done))
+    }
+
     /// The first half of a write, for a server that receives payloads on
     /// one thread and finishes writes on others: take what the write needs
     /// *without waiting* and let `source` fill it, as [`write`](Self::write)

@@ -15,8 +15,8 @@ use common::{pattern, wait_until, Raw};
 use parking_lot::{Condvar, Mutex};
 use pmcache_nbd::proto::*;
 use pmcache_nbd::{
-    BlockSizes, Client, Export, ExportError, Extent, MemExport, PendingWrite, Server, ServerConfig,
-    Staged, WriteDone, WriteOutcome, ZeroFlags,
+    BlockSizes, Client, Export, ExportError, Extent, MemExport, PendingWrite, Relayed, Server,
+    ServerConfig, Staged, WriteDone, WriteOutcome, ZeroFlags,
 };
 
 const SIZE: usize = 1 << 20;
@@ -31,6 +31,10 @@ const STAGED_GATED: u64 = STAGED;
 /// reader thread when the connection is idle (passing the gate), else on a
 /// thread of their own.
 const LOCAL: u64 = 768 * 1024;
+/// Buffered writes from here up to [`STAGED`] want a relay pipe; the one at
+/// [`RELAY_AT`] is declined by `start_write_relayed` (made by a worker),
+/// the others are finished on a thread of their own.
+const RELAY_AT: u64 = 256 * 1024;
 
 /// A closed-until-opened gate.
 #[derive(Default)]
@@ -60,12 +64,14 @@ struct Gated {
     local: Arc<Local>,
 }
 
-/// How the writes at [`LOCAL`] were committed.
+/// How the writes at [`LOCAL`] were committed, and the relayed ones made.
 #[derive(Default)]
 struct Local {
     gate: Gate,
     inline: AtomicUsize,
     handed_off: AtomicUsize,
+    relays_started: AtomicUsize,
+    relays_waited: AtomicUsize,
 }
 
 struct LocalWrite {
@@ -196,6 +202,36 @@ impl Export for Gated {
     }
     fn block_status(&self, offset: u64, len: u64) -> Option<Result<Vec<Extent>, ExportError>> {
         self.mem.block_status(offset, len)
+    }
+    fn prefers_relay(&self, offset: u64, _len: u32, _fua: bool) -> bool {
+        (RELAY_AT..STAGED).contains(&offset)
+    }
+    fn write_relayed(&self, offset: u64, data: &mut Relayed, fua: bool) -> Result<(), ExportError> {
+        self.local.relays_waited.fetch_add(1, Ordering::SeqCst);
+        let v = data.take_bytes().map_err(ExportError::Transfer)?;
+        self.mem
+            .write(offset, v.len() as u32, fua, &mut |s| copy(&v, s))
+    }
+    fn start_write_relayed(
+        &self,
+        offset: u64,
+        mut data: Relayed,
+        fua: bool,
+        done: WriteDone,
+    ) -> Result<(), (Relayed, WriteDone)> {
+        if offset == RELAY_AT {
+            return Err((data, done));
+        }
+        self.local.relays_started.fetch_add(1, Ordering::SeqCst);
+        let mem = self.mem.clone();
+        std::thread::spawn(move || {
+            let r = data
+                .take_bytes()
+                .map_err(ExportError::Transfer)
+                .and_then(|v| mem.write(offset, v.len() as u32, fua, &mut |s| copy(&v, s)));
+            done(WriteOutcome::Done(r));
+        });
+        Ok(())
     }
 }
 
@@ -629,4 +665,24 @@ fn a_request_during_a_reader_commit_turns_them_off() {
     }
     assert_eq!(rig.local.inline.load(Ordering::SeqCst), 1);
     assert_eq!(rig.local.handed_off.load(Ordering::SeqCst), 5);
+}
+
+/// A write whose payload went into a relay pipe is started by the reader
+/// and finished (answered) by the export's own thread where the export
+/// takes it, and made by a worker where it declines; both land.
+#[test]
+fn relayed_writes_are_finished_by_the_export_or_a_worker() {
+    let rig = Rig::new(ServerConfig::default());
+    let mut r = rig.raw(false);
+    let offsets = [RELAY_AT, RELAY_AT + 65536, RELAY_AT + 131_072];
+    for (i, &off) in offsets.iter().enumerate() {
+        Rig::write(&mut r, 1 + i as u64, off, &pattern(700 + i as u64, 65536));
+        assert_eq!(Rig::reply(&mut r, false, 0), (1 + i as u64, 0));
+    }
+    assert_eq!(rig.local.relays_started.load(Ordering::SeqCst), 2);
+    assert_eq!(rig.local.relays_waited.load(Ordering::SeqCst), 1);
+    for (i, &off) in offsets.iter().enumerate() {
+        let got = rig.mem.snapshot(off as usize, 65536);
+        assert!(got == pattern(700 + i as u64, 65536), "write at {off}");
+    }
 }

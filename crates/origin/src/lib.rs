@@ -43,6 +43,28 @@ pub trait Origin: Send + Sync {
         self.write_at(&data.to_vec()?, offset, fua)
     }
 
+    /// Whether [`write_relayed_async`](Self::write_relayed_async) can take
+    /// writes.
+    fn writes_relayed_async(&self) -> bool {
+        false
+    }
+
+    /// [`write_relayed`](Self::write_relayed) without waiting: `done` runs,
+    /// on some other thread or in this call, with the result. `data` is
+    /// consumed (send a [`Relayed::dup`] to keep it). `Err(done)`, with
+    /// nothing started, where the origin cannot (the default, a dead
+    /// connection, FUA without the server's support).
+    fn write_relayed_async(
+        &self,
+        data: &Relayed,
+        offset: u64,
+        fua: bool,
+        done: Completion,
+    ) -> Result<(), Completion> {
+        let _ = (data, offset, fua);
+        Err(done)
+    }
+
     /// Whether [`read_raw_async`](Self::read_raw_async) can take reads.
     fn reads_async(&self) -> bool {
         false

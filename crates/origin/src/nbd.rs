@@ -470,6 +470,30 @@ impl Origin for NbdOrigin {
         self.with_client(self.pick(), "read", |c, _| c.read_relayed(offset, len))
     }
 
+    fn writes_relayed_async(&self) -> bool {
+        true
+    }
+
+    /// On a live connection only, as `write_raw_async`; without FUA the
+    /// connection is noted as holding unflushed writes before it is sent.
+    fn write_relayed_async(
+        &self,
+        data: &Relayed,
+        offset: u64,
+        fua: bool,
+        done: Completion,
+    ) -> Result<(), Completion> {
+        match self.live_client() {
+            Some((client, gen)) => {
+                if !fua {
+                    self.note_unflushed(gen);
+                }
+                client.write_relayed_async(data, offset, fua, done)
+            }
+            None => Err(done),
+        }
+    }
+
     fn reads_async(&self) -> bool {
         true
     }

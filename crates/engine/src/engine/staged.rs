@@ -140,7 +140,11 @@ impl Engine {
 
     /// [`lock_writers`](Self::lock_writers) without waiting: `None` (and
     /// nothing taken) when a writer holds one of the blocks.
-    fn try_lock_writers(&self, b0: u64, b1: u64) -> Option<Option<MutexGuard<'_, ShardIndex>>> {
+    pub(super) fn try_lock_writers(
+        &self,
+        b0: u64,
+        b1: u64,
+    ) -> Option<Option<MutexGuard<'_, ShardIndex>>> {
         let ids = self.shards_of(b0, b1);
         let mut held = None;
         for (k, &sh) in ids.iter().enumerate() {

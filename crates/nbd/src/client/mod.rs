@@ -509,6 +509,38 @@ impl Client {
         self.submit_async(CMD_WRITE, offset, len as u32, (Vec::new(), &payload), done)
     }
 
+    /// Write the bytes waiting in `data` at `offset` without waiting,
+    /// spliced from its pipe (which this consumes): `done` runs on the
+    /// connection's reader thread once the reply is in. With `fua` the
+    /// request carries NBD FUA. `Err(done)`, with nothing sent, where it
+    /// cannot go as one spliced request, `fua` is asked of a server without
+    /// FUA, or the connection is dead.
+    pub fn write_relayed_async(
+        &self,
+        data: &Relayed,
+        offset: u64,
+        fua: bool,
+        done: Completion,
+    ) -> Result<(), Completion> {
+        let len = data.len();
+        if !self.relays(offset, len)
+            || !self.one_async_request("write", offset, len)
+            || (fua && !self.has(FLAG_SEND_FUA))
+        {
+            return Err(done);
+        }
+        let flags = if fua { CMD_FLAG_FUA } else { 0 };
+        let out = request::Out::Relay(data);
+        self.submit_async_out(
+            CMD_WRITE,
+            flags,
+            offset,
+            len as u32,
+            (Vec::new(), out),
+            done,
+        )
+    }
+
     fn read_aligned(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let max = self.inner.max_request as usize;
         let mut tickets = Vec::new();

@@ -132,10 +132,31 @@ impl Client {
         (buf, payload): (Vec<RawBuf>, &[IoSlice<'_>]),
         done: Completion,
     ) -> Result<(), Completion> {
+        self.submit_async_out(
+            command,
+            0,
+            offset,
+            length,
+            (buf, Out::Slices(payload)),
+            done,
+        )
+    }
+
+    /// [`submit_async`](Self::submit_async) with request flags and a payload
+    /// that may be a relay pipe (spliced out, so consumed).
+    pub(super) fn submit_async_out(
+        &self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        (buf, payload): (Vec<RawBuf>, Out<'_, '_>),
+        done: Completion,
+    ) -> Result<(), Completion> {
         let deadline = self.inner.request_timeout.map(|t| Instant::now() + t);
         let op = Op::new(command, offset, length, buf, None, Some((done, deadline)));
         let op = Arc::new(op);
-        match self.put_in_flight(&op, 0, Out::Slices(payload)) {
+        match self.put_in_flight(&op, flags, payload) {
             Ok(()) => {
                 if deadline.is_some() {
                     super::watchdog::watch(&self.inner);
@@ -199,7 +220,7 @@ impl Client {
 
 /// A request's payload: slices of memory, or a relay pipe spliced out.
 #[derive(Clone, Copy)]
-enum Out<'p, 'q> {
+pub(super) enum Out<'p, 'q> {
     Slices(&'p [IoSlice<'q>]),
     Relay(&'p Relayed),
 }

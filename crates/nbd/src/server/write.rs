@@ -271,7 +271,8 @@ fn buffer_write(
 }
 
 /// A WRITE whose payload is likely to go on to the origin: spliced from
-/// the socket into a relay pipe, and written by a worker from there.
+/// the socket into a relay pipe, and sent on from there by this thread
+/// (answered by the origin's reader) or else written by a worker.
 fn relay_write(
     shared: &Arc<Shared>,
     conn: &Arc<Conn>,
@@ -282,14 +283,41 @@ fn relay_write(
         debug!("nbd[{}]: client left mid-payload: {e}", conn.id);
         return None;
     }
+    let fua = req.flags & CMD_FLAG_FUA != 0;
+    let Some(mut data) = start_relayed(shared, conn, req, data, fua) else {
+        return Some(0);
+    };
     let s = shared.clone();
     let req = *req;
     dispatch(&shared.pool, conn, move |c| {
-        let fua = req.flags & CMD_FLAG_FUA != 0;
         let r = s.export.write_relayed(req.offset, &mut data, fua);
         c.send_result(req.cookie, r);
     });
     Some(0)
+}
+
+/// Start a relayed write that the export finishes on another thread (the
+/// origin's reader): no worker waits for the origin. The data back where
+/// the export declined (nothing started).
+fn start_relayed(
+    shared: &Arc<Shared>,
+    conn: &Arc<Conn>,
+    req: &Request,
+    data: Relayed,
+    fua: bool,
+) -> Option<Relayed> {
+    conn.begin_one();
+    let done = write_done(shared, conn, req.cookie, None);
+    match shared
+        .export
+        .start_write_relayed(req.offset, data, fua, done)
+    {
+        Ok(()) => None,
+        Err((data, _)) => {
+            conn.finish_one();
+            Some(data)
+        }
+    }
 }
 
 /// Start a staged write's commit that another thread finishes (the origin
@@ -308,9 +336,32 @@ fn start_commit(
     here: Option<&Arc<AtomicBool>>,
 ) -> bool {
     conn.begin_one();
+    let done = write_done(shared, conn, cookie, here);
+    let r = if here.is_some() {
+        w.commit_when_idle(done)
+    } else {
+        w.commit_async(done)
+    };
+    match r {
+        Ok(()) => true,
+        Err(_) => {
+            conn.finish_one();
+            false
+        }
+    }
+}
+
+/// Where a write finished on another thread reports (see
+/// [`start_commit`]); the caller has counted it in flight.
+fn write_done(
+    shared: &Arc<Shared>,
+    conn: &Arc<Conn>,
+    cookie: u64,
+    here: Option<&Arc<AtomicBool>>,
+) -> WriteDone {
     let (s, c) = (shared.clone(), conn.clone());
     let reader = here.map(|h| (h.clone(), std::thread::current().id()));
-    let done: WriteDone = Box::new(move |outcome| {
+    Box::new(move |outcome| {
         let _done = FinishGuard(&c);
         match outcome {
             WriteOutcome::Done(Ok(())) => {
@@ -333,19 +384,7 @@ fn start_commit(
                 c.send_result(cookie, finish());
             }),
         }
-    });
-    let r = if here.is_some() {
-        w.commit_when_idle(done)
-    } else {
-        w.commit_async(done)
-    };
-    match r {
-        Ok(()) => true,
-        Err(_) => {
-            conn.finish_one();
-            false
-        }
-    }
+    })
 }
 
 /// Payload buffers of buffered writes, kept for the next ones: a fresh
