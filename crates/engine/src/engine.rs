@@ -163,6 +163,14 @@ pub(crate) struct WritebackCtl {
     pub(crate) step: Mutex<()>,
     /// A write stream waits for writeback: no trickle pause.
     pub(crate) urgent: AtomicBool,
+    /// The thread that settles S once writes pause (see
+    /// `writeback::settle_loop`), and where it sleeps.
+    pub(crate) settler: Mutex<Option<std::thread::JoinHandle<()>>>,
+    pub(crate) settle_nap: Mutex<()>,
+    pub(crate) settle_cv: Condvar,
+    /// When a partly failed batch was last logged, and how many have not
+    /// been since.
+    pub(crate) failed_log: Mutex<(Option<std::time::Instant>, u64)>,
 }
 
 /// The cache. Cheap to share (`Arc`); every method is thread-safe.
@@ -463,6 +471,10 @@ impl Engine {
                 rotor: Default::default(),
                 step: Mutex::new(()),
                 urgent: AtomicBool::new(false),
+                settler: Mutex::new(None),
+                settle_nap: Mutex::new(()),
+                settle_cv: Condvar::new(),
+                failed_log: Mutex::new((None, 0)),
             },
             closed: AtomicBool::new(false),
             hooks: Hooks::default(),

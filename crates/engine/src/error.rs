@@ -30,6 +30,12 @@ pub enum EngineError {
     },
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error("the origin ({origin_blocks} blocks) is smaller than the cache's dirty data: slot {slot} holds dirty block {block} past its end; write the dirty data back to the origin it belongs to first (pmcache flush, without --force)")]
+    DirtyPastOrigin {
+        slot: u64,
+        block: u64,
+        origin_blocks: u64,
+    },
     #[error("payload transfer failed: {0}")]
     Transfer(io::Error),
     #[error("the cache is shutting down")]

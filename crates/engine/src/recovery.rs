@@ -223,14 +223,19 @@ impl Scan {
                 SlotView::Live { entry, dirty } => {
                     scan.max_seq = scan.max_seq.max(entry.seq);
                     if entry.block >= origin_blocks {
-                        if entry.seq > s {
-                            scan.to_free.push(slot);
-                            continue;
+                        // Only where the cache was forced onto a smaller
+                        // origin. Dirty data there has nowhere to go (even
+                        // above S: it may be acknowledged), so refuse; a
+                        // clean copy is of no use.
+                        if dirty {
+                            return Err(EngineError::DirtyPastOrigin {
+                                slot,
+                                block: entry.block,
+                                origin_blocks,
+                            });
                         }
-                        return Err(EngineError::Corrupt(format!(
-                            "slot {slot}: maps block {} beyond the origin's {origin_blocks} blocks",
-                            entry.block
-                        )));
+                        scan.to_free.push(slot);
+                        continue;
                     }
                     let found = Found { slot, entry, dirty };
                     if entry.seq <= s {
@@ -286,11 +291,14 @@ impl Scan {
             if whole {
                 self.trusted.extend_from_slice(group);
             } else {
-                tracing::info!(
+                // Torn by the crash, or (for a write acknowledged just
+                // before it, whose seq S did not cover yet) damaged: say so.
+                tracing::warn!(
                     seq = first.seq,
                     found = group.len(),
                     of = first.count,
-                    "rolling back incomplete write"
+                    slot = group[0].slot,
+                    "rolling back a write that was in flight at the crash (torn, or its data damaged)"
                 );
                 self.to_free.extend(group.iter().map(|f| f.slot));
             }

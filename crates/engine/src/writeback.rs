@@ -76,14 +76,27 @@ impl Engine {
         match err {
             Some(e) if cleaned == 0 => Err(e),
             Some(e) => {
-                // One line per batch (not per origin write): an origin
-                // that fails often would flood the log.
-                tracing::warn!(error = %e, cleaned, of = batch.len(),
-                    "part of a writeback batch failed; those blocks stay dirty");
+                self.log_failed_batch(&e, cleaned, batch.len());
                 Ok(cleaned)
             }
             None => Ok(cleaned),
         }
+    }
+
+    /// Log a partly failed batch, at most once a second (with how many were
+    /// not logged since): an origin that fails often fails most batches.
+    fn log_failed_batch(&self, e: &EngineError, cleaned: usize, of: usize) {
+        let mut g = self.wb.failed_log.lock();
+        let now = std::time::Instant::now();
+        if g.0
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            g.1 += 1;
+            return;
+        }
+        tracing::warn!(error = %e, cleaned, of, more_batches_since = g.1,
+            "part of a writeback batch failed; those blocks stay dirty");
+        *g = (Some(now), 0);
     }
 
     /// Up to `max` versions the origin is owed, in block order, each
@@ -353,7 +366,8 @@ impl Engine {
         }
     }
 
-    /// Start the background writeback thread (idempotent).
+    /// Start the background writeback thread, and the one that settles S
+    /// (idempotent).
     pub fn start_writeback(self: &Arc<Self>) {
         let mut t = self.wb.thread.lock();
         if t.is_some() {
@@ -366,6 +380,13 @@ impl Engine {
                 .spawn(move || writeback_loop(weak))
                 .expect("spawn writeback thread"),
         );
+        let weak = Arc::downgrade(self);
+        *self.wb.settler.lock() = Some(
+            std::thread::Builder::new()
+                .name("pmcache-settle".into())
+                .spawn(move || settle_loop(weak))
+                .expect("spawn settle thread"),
+        );
     }
 
     /// Stop the background writeback thread and wait for it.
@@ -376,10 +397,44 @@ impl Engine {
             *k = true;
             self.wb.cv.notify_all();
         }
+        {
+            let _g = self.wb.settle_nap.lock();
+            self.wb.settle_cv.notify_all();
+        }
         if let Some(t) = self.wb.thread.lock().take() {
             let _ = t.join();
         }
+        if let Some(t) = self.wb.settler.lock().take() {
+            let _ = t.join();
+        }
         self.wb.stop.store(false, Ordering::SeqCst);
+    }
+}
+
+/// How often the settle thread looks whether writes have paused.
+const SETTLE_EVERY: Duration = Duration::from_millis(50);
+
+/// Raise S over the last writes once they pause (see
+/// [`Engine::settle_watermark`]): writes that saw no new transaction for
+/// one turn are covered at the next, with one fence. A thread of its own,
+/// since writeback may be stuck on a slow or dead origin for as long as it
+/// likes.
+fn settle_loop(engine: std::sync::Weak<Engine>) {
+    let mut last_seq = None;
+    loop {
+        let Some(e) = engine.upgrade() else { return };
+        if e.wb.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let last = e.seq.last();
+        if last_seq == Some(last) {
+            e.settle_watermark();
+        }
+        last_seq = Some(last);
+        let mut g = e.wb.settle_nap.lock();
+        if !e.wb.stop.load(Ordering::SeqCst) {
+            e.wb.settle_cv.wait_for(&mut g, SETTLE_EVERY);
+        }
     }
 }
 
@@ -422,18 +477,11 @@ fn writeback_loop(engine: std::sync::Weak<Engine>) {
     // Blocks cleaned since the last pause: small epochs make small batches,
     // and the trickle paces batches of the configured size, not epochs.
     let mut run = 0usize;
-    // The newest seq at the last turn: unchanged means writes have paused.
-    let mut last_seq = None;
     loop {
         let Some(e) = engine.upgrade() else { return };
         if e.wb.stop.load(Ordering::SeqCst) {
             return;
         }
-        let last = e.seq.last();
-        if last_seq == Some(last) {
-            e.settle_watermark();
-        }
-        last_seq = Some(last);
         let pause = match e.writeback_step(e.cfg.writeback_batch) {
             // Owed versions wait for an epoch's last commit: soon.
             Ok(0) if e.dirty_blocks() > 0 => Duration::from_millis(1),

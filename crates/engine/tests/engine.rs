@@ -395,10 +395,12 @@ fn a_different_origin_is_refused_unless_forced() {
 fn s_covers_the_last_writes_once_they_pause() {
     let rig = Rig::new(3 * MIB, 8 * MIB, 4096);
     let e = rig.open(EngineConfig::default());
+    // Writeback stuck on a slow origin holds nothing up.
+    rig.origin.set_delay(Duration::from_secs(3));
     for b in 0..5u64 {
         e.write(b * 4096, &pattern(b, 4096), false).unwrap();
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
     let image = loop {
         let image = rig.region.durable_image();
         let s = check::dump(&SimRegion::from_image(&image))
@@ -421,6 +423,7 @@ fn s_covers_the_last_writes_once_they_pause() {
         "{:?}",
         rep.errors
     );
+    rig.origin.set_delay(Duration::ZERO);
     e.close().unwrap();
 }
 
@@ -447,6 +450,48 @@ fn a_damaged_entry_above_s_is_named_by_check() {
         "{:?}",
         rep.warnings
     );
+}
+
+/// A cache forced onto a smaller origin refuses to open while it holds
+/// dirty data past the new end (it has nowhere to go); once that data is
+/// written back, the clean copy past the end is dropped and it opens.
+#[test]
+fn dirty_data_past_a_smaller_forced_origin_is_refused() {
+    let rig = Rig::new(3 * MIB, 8 * MIB, 4096);
+    let e = rig.open(manual());
+    let last = (8 * MIB - 4096) as u64;
+    e.write(last, &pattern(5, 4096), false).unwrap();
+    e.close().unwrap();
+    drop(e);
+    let small = Arc::new(MemOrigin::new(4 * MIB as u64).with_name("smaller"));
+    let forced = EngineConfig {
+        force_origin: true,
+        ..manual()
+    };
+    let err = Engine::open(
+        Arc::new(SimRegion::from_image(&rig.region.durable_image())) as Arc<dyn PmemRegion>,
+        small.clone() as Arc<dyn Origin>,
+        forced.clone(),
+    )
+    .err()
+    .expect("dirty data past the end must be refused");
+    assert!(
+        matches!(err, EngineError::DirtyPastOrigin { block, .. } if block == last / 4096),
+        "{err}"
+    );
+    // Written back to its own origin, it opens on the smaller one.
+    let e = rig.open(manual());
+    e.flush_all(3, &mut |_, _| {}).unwrap();
+    e.close().unwrap();
+    drop(e);
+    let e = Engine::open(
+        rig.region.clone() as Arc<dyn PmemRegion>,
+        small as Arc<dyn Origin>,
+        forced,
+    )
+    .unwrap();
+    assert_eq!(e.size(), 4 * MIB as u64);
+    e.close().unwrap();
 }
 
 #[test]
