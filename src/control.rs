@@ -96,7 +96,55 @@ pub fn bind_unix(path: &Path, what: &str) -> Result<UnixListener> {
 }
 
 /// Clients of one service served at once; more are turned away (closed).
-const MAX_CLIENTS: usize = 16;
+/// Each has [`CLIENT_TIMEOUT`] in all to send its request, so a few that
+/// connect and say nothing (or trickle) cannot hold every place for long.
+const MAX_CLIENTS: usize = 64;
+
+/// A stream read against one deadline for the whole request, where a read
+/// timeout alone restarts at every byte (a client sending one byte every
+/// few seconds would keep its place for good).
+struct Deadline<S> {
+    stream: S,
+    until: std::time::Instant,
+}
+
+/// The read timeout a stream takes.
+trait ReadTimeout {
+    fn set_timeout(&self, t: Duration) -> std::io::Result<()>;
+}
+
+impl ReadTimeout for &UnixStream {
+    fn set_timeout(&self, t: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(t))
+    }
+}
+
+impl ReadTimeout for &TcpStream {
+    fn set_timeout(&self, t: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(t))
+    }
+}
+
+impl<S: Read + ReadTimeout> Read for Deadline<S> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self
+            .until
+            .saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_timeout(left)?;
+        self.stream.read(buf)
+    }
+}
+
+/// `conn` for reading a request, within [`CLIENT_TIMEOUT`] from now.
+fn within_timeout<S: Read + ReadTimeout>(conn: S) -> Deadline<S> {
+    Deadline {
+        stream: conn,
+        until: std::time::Instant::now() + CLIENT_TIMEOUT,
+    }
+}
 
 /// Accept connections on a non-blocking listener until stopped, each
 /// handled on a thread of its own: a client that connects and says nothing
@@ -173,7 +221,7 @@ fn control_conn(conn: UnixStream, engine: &Engine, info: &ServerInfo) -> std::io
     conn.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     conn.set_write_timeout(Some(CLIENT_TIMEOUT))?;
     let mut line = String::new();
-    BufReader::new((&conn).take(4096)).read_line(&mut line)?;
+    BufReader::new(within_timeout(&conn).take(4096)).read_line(&mut line)?;
     let answer = match line.trim() {
         "stats" => live_json(&engine.stats(), info).to_string(),
         "ping" => "pong".to_string(),
@@ -243,7 +291,7 @@ fn http_conn(conn: TcpStream, engine: &Engine, info: &ServerInfo) -> std::io::Re
     conn.set_nonblocking(false)?;
     conn.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     conn.set_write_timeout(Some(CLIENT_TIMEOUT))?;
-    let mut reader = BufReader::new((&conn).take(16 << 10));
+    let mut reader = BufReader::new(within_timeout(&conn).take(16 << 10));
     let mut request = String::new();
     reader.read_line(&mut request)?;
     // Consume the headers up to the blank line.
@@ -284,4 +332,36 @@ fn http_conn(conn: TcpStream, engine: &Engine, info: &ServerInfo) -> std::io::Re
     );
     (&conn).write_all(head.as_bytes())?;
     (&conn).write_all(body.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client that trickles its request a byte at a time is cut off at
+    /// the deadline, though no single read waits that long.
+    #[test]
+    fn a_trickling_request_ends_at_its_deadline() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let trickle = std::thread::spawn(move || {
+            for _ in 0..40 {
+                if (&theirs).write_all(b"s").is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let start = std::time::Instant::now();
+        let conn = Deadline {
+            stream: &ours,
+            until: start + Duration::from_millis(300),
+        };
+        let mut line = String::new();
+        let r = BufReader::new(conn).read_line(&mut line);
+        let took = start.elapsed();
+        assert!(r.is_err(), "read {line:?} without an end");
+        assert!(took < Duration::from_millis(1500), "took {took:?}");
+        drop(ours);
+        trickle.join().unwrap();
+    }
 }
