@@ -571,8 +571,8 @@ impl Engine {
     /// what it loads K_UNVERIFIED, and the first use of such a slot checks
     /// it, so data damaged while the cache was closed reaches neither a
     /// client nor the origin; slots written since are trusted. A mismatch
-    /// is counted and logged, and the mark stays: every later use fails the
-    /// same way.
+    /// is counted and logged once, and the mark stays: every later use fails
+    /// the same way.
     pub(crate) fn verify_loaded(&self, ix: &mut ShardIndex, s: u32) -> bool {
         let k = ix.key(s);
         if k & K_UNVERIFIED == 0 {
@@ -592,7 +592,9 @@ impl Engine {
         };
         if ok {
             ix.clear_flags(s, K_UNVERIFIED);
-        } else {
+        } else if ix.damaged.insert(s) {
+            // Once per slot: every later use (a read, each writeback retry)
+            // fails the same way.
             self.counters.add(Ctr::CorruptBlocks, 1);
             tracing::error!(
                 block = k & BLOCK_MASK,

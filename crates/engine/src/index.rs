@@ -144,6 +144,9 @@ pub struct ShardIndex {
     /// Versions writeback still owes the origin, current or retained, by
     /// epoch.
     pub owed: Owed,
+    /// Slots whose data failed its check (K_UNVERIFIED stays on them),
+    /// counted and logged once each.
+    pub damaged: std::collections::HashSet<u32>,
 }
 
 fn mix(block: u64) -> u64 {
@@ -185,6 +188,7 @@ impl ShardIndex {
             valid: 0,
             retained: 0,
             owed: Owed::default(),
+            damaged: Default::default(),
         }
     }
 

@@ -144,7 +144,7 @@ impl StatsSnapshot {
             (
                 "corrupt_blocks",
                 self.corrupt_blocks,
-                "uses of cached blocks whose data failed its checksum",
+                "cached blocks whose data failed its checksum",
             ),
             ("writes", self.writes, "write requests acknowledged"),
             (

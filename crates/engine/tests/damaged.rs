@@ -112,6 +112,8 @@ fn a_damaged_dirty_block_fails_its_reads_and_its_writeback() {
     );
     assert_eq!(origin.current()[5 * BS..6 * BS], [0; BS]);
     assert_eq!(e.dirty_blocks(), 1);
+    // Five uses of the one damaged block: counted once.
+    assert_eq!(e.stats().corrupt_blocks, 1);
 
     // Written again whole, the block is good: the damaged version is
     // dropped on its way to the origin.
