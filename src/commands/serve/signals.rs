@@ -60,7 +60,8 @@ fn on_signal(sig: i32, requested: &AtomicBool, handle: &Mutex<Option<Stop>>) {
             signal = name,
             "second signal: exiting now (the cache stays consistent and recovers at the next start)"
         );
-        std::process::exit(130);
+        // The shell's code for death by this signal: 130 (SIGINT) or 143.
+        std::process::exit(128 + sig);
     }
     tracing::info!(
         signal = name,
