@@ -313,7 +313,15 @@ fn render_usage(o: &mut String, f: &Fields<'_>) {
         human(dirty * bs)
     );
     let _ = writeln!(o, "  clean          {clean} blocks ({})", pct(clean, slots));
-    let _ = writeln!(o, "  free           {} blocks", f.n("free"));
+    let free = f.n("free");
+    let _ = writeln!(o, "  free           {free} blocks");
+    // Neither current nor free: what keeps a cache with room from taking
+    // writes, so that the lines add up to the slots.
+    let _ = writeln!(
+        o,
+        "  held           {} blocks (versions retained for ordered writeback, slots being freed)",
+        slots.saturating_sub(occ + free)
+    );
 }
 
 fn render_requests(o: &mut String, f: &Fields<'_>) {
@@ -685,6 +693,22 @@ mod tests {
         let mut v = live_json(&snap, &server_info());
         v.as_object_mut().unwrap().remove("writeback_order");
         assert!(!render_text(&v).contains("  order "));
+    }
+
+    /// The usage lines add up to the slots: what is neither current nor
+    /// free shows as held.
+    #[test]
+    fn usage_adds_up_to_the_slots() {
+        let snap = StatsSnapshot {
+            slots: 100,
+            occupied: 40,
+            free: 10,
+            ..ordered_snapshot()
+        };
+        let text = render_text(&live_json(&snap, &server_info()));
+        assert!(text.contains("  occupancy      40 / 100 blocks"), "{text}");
+        assert!(text.contains("  free           10 blocks\n"), "{text}");
+        assert!(text.contains("  held           50 blocks ("), "{text}");
     }
 
     #[test]
