@@ -168,7 +168,9 @@ pub fn offline_json(cache: &std::path::Path, dump: &Dump) -> Value {
         "occupied": occupied,
         "dirty": dirty,
         "clean": occupied - dirty,
-        "free": slots.saturating_sub(occupied),
+        // Retained versions keep their slots after recovery, and so do
+        // pending entries that verify (the rest are freed): not free.
+        "free": slots.saturating_sub(occupied + retained as u64 + pending),
         "pending": pending,
         "retained": retained,
         "watermark": dump.watermark,
