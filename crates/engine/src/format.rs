@@ -30,10 +30,11 @@
 //! on the commit fences (see `txn.rs`), and once writes pause by a fence of
 //! its own (the settle thread), so the check touches a handful of slots,
 //! never the whole cache, and an acknowledged entry stays above S only
-//! briefly (above S a damaged entry looks torn and is rolled back). Line 0 of the watermark page is raised by
-//! compare-and-swap; lines 1..64 belong one each to the writers in flight,
-//! which store S with a streaming store (no read, no flush of a shared
-//! line) and never lower their own line. Unused lines are zero.
+//! briefly (above S a damaged entry looks torn and is rolled back). Line 0
+//! of the watermark page is raised by compare-and-swap; lines 1..64 belong
+//! one each to the writers in flight, which store S with a streaming store
+//! (no read, no flush of a shared line) and never lower their own line.
+//! Unused lines are zero.
 //!
 //! **Rules that keep the promises** (enforced by the engine):
 //! 1. A slot enters the free list only with a durable FREE state word, so a

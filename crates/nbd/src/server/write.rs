@@ -77,12 +77,12 @@ impl SocketSource<'_> {
 /// straight into them, and leaves the commit (persistence, the origin
 /// write, the reply) to a commit worker, so the next request is read while
 /// this one finishes; only on a connection with nothing else to do does it
-/// make a commit that waits for nothing but an msync itself. A write that cannot be staged without waiting (no free
-/// slot, an overlapping write in progress, a partial block, a mode that
-/// writes the origin first) is received into a buffer of its own and made
-/// by a worker that may wait. Returns how many bytes of the next request
-/// header arrived with the payload (into `next`), or `None` when the
-/// connection must end.
+/// make a commit that waits for nothing but an msync itself. A write that
+/// cannot be staged without waiting (no free slot, an overlapping write in
+/// progress, a partial block, a mode that writes the origin first) is
+/// received into a buffer of its own and made by a worker that may wait.
+/// Returns how many bytes of the next request header arrived with the
+/// payload (into `next`), or `None` when the connection must end.
 pub(super) fn handle_write(
     shared: &Arc<Shared>,
     conn: &Arc<Conn>,
