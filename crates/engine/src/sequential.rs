@@ -129,10 +129,7 @@ impl Streams {
     /// Take back a decision handed on by [`bypass_handed_on`]
     /// (Self::bypass_handed_on): its request will not be seen again.
     pub(crate) fn take_handed_on(&self, offset: u64, len: u64) {
-        let mut g = self.table.lock();
-        if let Some(i) = g.decided.iter().position(|&d| d == (offset, len)) {
-            g.decided.remove(i);
-        }
+        take_decided(&mut self.table.lock().decided, offset, len);
     }
 
     /// Hand on again a decision taken back by [`take_handed_on`]
@@ -159,11 +156,8 @@ impl Streams {
             clock,
             decided,
         } = &mut *g;
-        if write {
-            if let Some(i) = decided.iter().position(|&d| d == (offset, len)) {
-                decided.remove(i);
-                return true;
-            }
+        if write && take_decided(decided, offset, len) {
+            return true;
         }
         *clock += 1;
         let now = *clock;
@@ -195,6 +189,22 @@ impl Streams {
             live: true,
         };
         false
+    }
+}
+
+/// Remove the decision for `(offset, len)` from `decided`; true if there
+/// was one.
+fn take_decided(
+    decided: &mut std::collections::VecDeque<(u64, u64)>,
+    offset: u64,
+    len: u64,
+) -> bool {
+    match decided.iter().position(|&d| d == (offset, len)) {
+        Some(i) => {
+            decided.remove(i);
+            true
+        }
+        None => false,
     }
 }
 

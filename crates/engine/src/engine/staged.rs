@@ -232,10 +232,7 @@ impl StagedWrite {
         self: Box<Self>,
         reply: R,
     ) -> std::result::Result<(), (Box<StagedWrite>, R)> {
-        if self.buf.is_some() && self.mode == CacheMode::Writeback {
-            return self.commit_synced_later(reply, false);
-        }
-        self.commit_through(reply)
+        self.start_commit(reply, false)
     }
 
     /// [`commit_async`](Self::commit_async) for a caller with nothing else
@@ -247,8 +244,18 @@ impl StagedWrite {
         self: Box<Self>,
         reply: R,
     ) -> std::result::Result<(), (Box<StagedWrite>, R)> {
+        self.start_commit(reply, true)
+    }
+
+    /// [`commit_async`](Self::commit_async), with `idle` as
+    /// [`commit_when_idle`](Self::commit_when_idle) has it.
+    fn start_commit<R: WriteReply>(
+        self: Box<Self>,
+        reply: R,
+        idle: bool,
+    ) -> std::result::Result<(), (Box<StagedWrite>, R)> {
         if self.buf.is_some() && self.mode == CacheMode::Writeback {
-            return self.commit_synced_later(reply, true);
+            return self.commit_synced_later(reply, idle);
         }
         self.commit_through(reply)
     }

@@ -274,10 +274,8 @@ impl Engine {
         let guard = if mode == CacheMode::Writeback && self.ordered() {
             *held = None;
             let g = self.epochs.enter();
-            let closed = self.epochs.closed();
             let bs = self.bs();
-            if self.oldest_pending().is_some_and(|p| p < g.epoch)
-                || closed.is_none_or(|c| c + 1 < g.epoch)
+            if self.earlier_epochs_open(g.epoch)
                 || self.any_dirty(offset / bs, (offset + len - 1) / bs)
             {
                 // The earlier epochs go first, quickly.
@@ -1101,12 +1099,26 @@ impl Engine {
 
     /// Whether any of blocks `[b0, b1]` is dirty in the cache.
     fn any_dirty(&self, b0: u64, b1: u64) -> bool {
+        self.any_version(b0, b1, |k| k & K_DIRTY != 0)
+    }
+
+    /// Whether the current version of any of blocks `[b0, b1]` has a key
+    /// that `is` accepts.
+    pub(super) fn any_version(&self, b0: u64, b1: u64, is: impl Fn(u64) -> bool) -> bool {
         let ids = self.shards_of(b0, b1);
         let g = self.lock_all(&ids);
         (b0..=b1).any(|b| {
             let ix = &g[Self::guard_pos(&ids, self.shard_of(b))];
-            ix.lookup(b).is_some_and(|s| ix.key(s) & K_DIRTY != 0)
+            ix.lookup(b).is_some_and(|s| is(ix.key(s)))
         })
+    }
+
+    /// With ordered writeback, whether a write of `epoch` must not pass the
+    /// cache yet: the origin is owed an earlier epoch, or one still has a
+    /// commit in flight (so no later epoch reaches the origin first).
+    pub(super) fn earlier_epochs_open(&self, epoch: u64) -> bool {
+        self.oldest_pending().is_some_and(|p| p < epoch)
+            || self.epochs.closed().is_none_or(|c| c + 1 < epoch)
     }
 
     pub(super) fn origin_write_retrying(

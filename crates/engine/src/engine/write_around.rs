@@ -91,10 +91,7 @@ impl Engine {
         let (b0, b1) = (offset / bs, (offset + len - 1) / bs);
         let epoch = if mode == CacheMode::Writeback && self.ordered() {
             let g = self.epochs.enter();
-            let closed = self.epochs.closed();
-            if self.oldest_pending().is_some_and(|p| p < g.epoch)
-                || closed.is_none_or(|c| c + 1 < g.epoch)
-            {
+            if self.earlier_epochs_open(g.epoch) {
                 drop(g);
                 self.kick_writeback_now();
                 return None;
@@ -112,23 +109,12 @@ impl Engine {
             leave();
             return None;
         }
-        if self.any_cached(b0, b1) || !self.try_lock_origin_writers(b0, b1) {
+        if self.any_version(b0, b1, |_| true) || !self.try_lock_origin_writers(b0, b1) {
             self.unlock_writers(b0, b1);
             leave();
             return None;
         }
         Some(epoch)
-    }
-
-    /// Whether the cache holds a version of any of blocks `[b0, b1]`.
-    fn any_cached(&self, b0: u64, b1: u64) -> bool {
-        let ids = self.shards_of(b0, b1);
-        let g = self.lock_all(&ids);
-        (b0..=b1).any(|b| {
-            g[Self::guard_pos(&ids, self.shard_of(b))]
-                .lookup(b)
-                .is_some()
-        })
     }
 }
 
