@@ -3,13 +3,13 @@
 
 use std::io::{self, IoSlice, IoSliceMut};
 
-use pmcache_engine::{Engine, EngineError, ReadReply, Stage, StagedWrite, WriteReply};
+use pmcache_engine::{Engine, EngineError, ReadReply, RelayReply, Stage, StagedWrite, WriteReply};
 use pmcache_nbd::export::{
-    BlockSizes, Export, ExportError, Extent, PendingWrite, ReadReply as ExportReadReply, Staged,
-    WriteDone, WriteOutcome, ZeroFlags,
+    BlockSizes, Export, ExportError, Extent, PendingWrite, ReadReply as ExportReadReply,
+    RelayReadReply, Staged, WriteDone, WriteOutcome, ZeroFlags,
 };
 use pmcache_nbd::proto::STATE_ZERO;
-use pmcache_nbd::Relayed;
+use pmcache_nbd::{PassOn, Relayed};
 
 /// What the server's client is told for an engine error.
 fn to_export(e: EngineError) -> ExportError {
@@ -75,6 +75,18 @@ impl Export for EngineExport {
     ) -> Result<(), ExportReadReply> {
         self.engine
             .start_miss_read(offset, len as u64, ToExport(reply))
+            .map_err(|r| r.0)
+    }
+
+    fn start_read_relayed(
+        &self,
+        offset: u64,
+        len: u32,
+        pass: Box<dyn PassOn>,
+        reply: RelayReadReply,
+    ) -> Result<(), RelayReadReply> {
+        self.engine
+            .start_read_relayed(offset, len as u64, pass, ToExportRelay(reply))
             .map_err(|r| r.0)
     }
 
@@ -260,6 +272,15 @@ impl WriteReply for ToExportWrite {
         (self.0)(WriteOutcome::Retry(Box::new(move || {
             finish().map_err(to_export)
         })))
+    }
+}
+
+/// An engine relayed read's reply in the export's terms.
+struct ToExportRelay(RelayReadReply);
+
+impl RelayReply for ToExportRelay {
+    fn reply(self: Box<Self>, r: pmcache_engine::Result<Relayed>) {
+        (self.0)(r.map_err(to_export))
     }
 }
 

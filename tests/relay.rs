@@ -30,6 +30,28 @@ fn read_all(uri: &str, req: usize) -> Vec<u8> {
     v
 }
 
+/// [`read_all`] with `conns` clients at once, each taking every
+/// `conns`-th request in order: one stream, several requests in flight.
+fn read_parallel(uri: &str, req: usize, conns: usize) -> Vec<u8> {
+    let mut v = vec![0u8; LEN];
+    let mut parts: Vec<Vec<(usize, &mut [u8])>> = (0..conns).map(|_| Vec::new()).collect();
+    for (i, chunk) in v.chunks_mut(req).enumerate() {
+        parts[i % conns].push((i * req, chunk));
+    }
+    std::thread::scope(|s| {
+        for part in parts {
+            s.spawn(move || {
+                let c = Client::connect(uri).unwrap_or_else(|e| panic!("connect {uri}: {e}"));
+                for (at, chunk) in part {
+                    c.read(chunk, at as u64)
+                        .unwrap_or_else(|e| panic!("read at {at}: {e}"));
+                }
+            });
+        }
+    });
+    v
+}
+
 /// Read scattered 4 KiB blocks (a random workload: promoted, not bypassed).
 fn warm(uri: &str, seed: u64) {
     let c = Client::connect(uri).unwrap();
@@ -61,8 +83,9 @@ fn pmcache_over(dir: &TempDir, extra: &[&str]) -> ServerGuard {
 
 /// A stream that first warms some blocks, then reads everything in order:
 /// requests with hits are served as usual, the others are relayed, and
-/// every byte is the origin's. With 10% of origin reads failing, the relay
-/// retries and the bytes are still exact.
+/// every byte is the origin's, read one request at a time or several at
+/// once. With 10% of origin reads failing, the relay retries and the bytes
+/// are still exact.
 #[test]
 fn a_bypassed_stream_is_relayed_exactly_around_hits_and_errors() {
     let seed = test_seed("relay");
@@ -91,6 +114,22 @@ fn a_bypassed_stream_is_relayed_exactly_around_hits_and_errors() {
                 "no origin error seen: {st}"
             );
         }
+        // Again with requests in flight together. The stream is not cached,
+        // so it relays again, but for the blocks cached before each pass
+        // reached the cutoff (4 MiB each) and the requests with a warmed
+        // block (12 at most): at least 8 of the 32 MiB.
+        let got = read_parallel(&srv.uri(), MIB, 4);
+        assert_same(
+            &got,
+            &data,
+            &format!("parallel stream, filters {filters:?}"),
+        );
+        let st = stats(&dir.join("cache.pmem"), T);
+        let again = counter(&st, "relayed_bytes") - relayed;
+        assert!(
+            again >= (LEN / 4) as u64,
+            "only {again} bytes relayed the second time: {st}"
+        );
         srv.stop();
     }
 }

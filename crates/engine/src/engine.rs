@@ -41,10 +41,12 @@ use crate::txn::Sequencer;
 mod alloc;
 mod locks;
 mod read;
+mod read_around;
 mod read_async;
 mod staged;
 mod write;
 mod write_around;
+pub use read_around::RelayReply;
 pub use read_async::ReadReply;
 pub use staged::{Stage, StagedWrite, WriteReply};
 

@@ -23,7 +23,9 @@ pub mod txn;
 pub mod versions;
 pub mod writeback;
 
-pub use engine::{Engine, EngineConfig, ReadReply, Stage, StagedWrite, WriteReply, WritebackOrder};
+pub use engine::{
+    Engine, EngineConfig, ReadReply, RelayReply, Stage, StagedWrite, WriteReply, WritebackOrder,
+};
 pub use error::{EngineError, Result};
 pub use format::{CacheMode, Superblock};
 pub use hooks::HookPoint;

@@ -22,8 +22,8 @@ fn window(len: u64) -> u64 {
 /// Streams followed at once (LRU-replaced), as Open CAS's stream table.
 const STREAMS: usize = 16;
 
-/// Writes recorded as bypassing by the connection's reader and handed on to
-/// a worker, kept so the worker's record of the same request follows that
+/// Requests recorded as bypassing by the connection's reader and handed on
+/// to a worker, kept so the worker's record of the same request follows that
 /// decision: a worker lagging more than a window behind the reader's end of
 /// the stream would otherwise take it for a new stream and cache it.
 const DECIDED: usize = 256;
@@ -48,9 +48,9 @@ pub(crate) struct Streams {
 struct Table {
     streams: [Stream; STREAMS],
     clock: u64,
-    /// Writes (offset, length) decided to bypass, not yet seen again, oldest
-    /// first (see [`DECIDED`]).
-    decided: std::collections::VecDeque<(u64, u64)>,
+    /// Requests (offset, length, write) decided to bypass, not yet seen
+    /// again, oldest first (see [`DECIDED`]).
+    decided: std::collections::VecDeque<(u64, u64, bool)>,
 }
 
 impl Streams {
@@ -110,36 +110,36 @@ impl Streams {
             return false;
         }
         let g = self.table.lock();
-        (write && g.decided.contains(&(offset, len)))
+        g.decided.contains(&(offset, len, write))
             || Self::stream_of(&g.streams, offset, len, write)
                 .is_some_and(|i| g.streams[i].bytes >= self.cutoff)
     }
 
-    /// [`bypass`](Self::bypass) for a write whose request will be seen
-    /// again (recorded by a worker) if it bypasses: that record then
-    /// follows this decision.
-    pub(crate) fn bypass_handed_on(&self, offset: u64, len: u64, sync: bool) -> bool {
-        let by = self.bypass(offset, len, true, sync);
+    /// [`bypass`](Self::bypass) for a request that will be seen again
+    /// (recorded by a worker) if it bypasses: that record then follows this
+    /// decision.
+    pub(crate) fn bypass_handed_on(&self, offset: u64, len: u64, write: bool, sync: bool) -> bool {
+        let by = self.bypass(offset, len, write, sync);
         if by {
-            self.hand_on(offset, len);
+            self.hand_on(offset, len, write);
         }
         by
     }
 
     /// Take back a decision handed on by [`bypass_handed_on`]
     /// (Self::bypass_handed_on): its request will not be seen again.
-    pub(crate) fn take_handed_on(&self, offset: u64, len: u64) {
-        take_decided(&mut self.table.lock().decided, offset, len);
+    pub(crate) fn take_handed_on(&self, offset: u64, len: u64, write: bool) {
+        take_decided(&mut self.table.lock().decided, (offset, len, write));
     }
 
     /// Hand on again a decision taken back by [`take_handed_on`]
     /// (Self::take_handed_on): its request will be seen again after all.
-    pub(crate) fn hand_on(&self, offset: u64, len: u64) {
+    pub(crate) fn hand_on(&self, offset: u64, len: u64, write: bool) {
         let mut g = self.table.lock();
         if g.decided.len() == DECIDED {
             g.decided.pop_front();
         }
-        g.decided.push_back((offset, len));
+        g.decided.push_back((offset, len, write));
     }
 
     /// Record a request; true if it belongs to a stream that has already
@@ -156,7 +156,7 @@ impl Streams {
             clock,
             decided,
         } = &mut *g;
-        if write && take_decided(decided, offset, len) {
+        if take_decided(decided, (offset, len, write)) {
             return true;
         }
         *clock += 1;
@@ -192,14 +192,13 @@ impl Streams {
     }
 }
 
-/// Remove the decision for `(offset, len)` from `decided`; true if there
-/// was one.
+/// Remove the decision for `req` (offset, length, write) from `decided`;
+/// true if there was one.
 fn take_decided(
-    decided: &mut std::collections::VecDeque<(u64, u64)>,
-    offset: u64,
-    len: u64,
+    decided: &mut std::collections::VecDeque<(u64, u64, bool)>,
+    req: (u64, u64, bool),
 ) -> bool {
-    match decided.iter().position(|&d| d == (offset, len)) {
+    match decided.iter().position(|&d| d == req) {
         Some(i) => {
             decided.remove(i);
             true
@@ -212,33 +211,40 @@ fn take_decided(
 mod tests {
     use super::*;
 
-    /// The reader records a deep queue's writes in order and hands the
+    /// The reader records a deep queue's requests in order and hands the
     /// bypassed ones on; a worker recording them again far behind the
-    /// stream's end still bypasses each, and records nothing new.
+    /// stream's end still bypasses each, and records nothing new. Reads
+    /// and writes keep their own decisions.
     #[test]
     fn a_lagging_worker_follows_the_readers_decisions() {
-        let s = Streams::new(4 << 20);
-        let len = 256u64 << 10;
-        let decided: Vec<bool> = (0..64)
-            .map(|i| s.bypass_handed_on(i * len, len, false))
-            .collect();
-        assert_eq!(
-            decided.iter().filter(|&&d| !d).count(),
-            16,
-            "the cutoff's 4 MiB"
-        );
-        for i in 16..64u64 {
-            assert!(
-                s.bypass(i * len, len, true, false),
-                "request {i} cached by the worker"
+        for write in [true, false] {
+            let s = Streams::new(4 << 20);
+            let len = 256u64 << 10;
+            let decided: Vec<bool> = (0..64)
+                .map(|i| s.bypass_handed_on(i * len, len, write, false))
+                .collect();
+            assert_eq!(
+                decided.iter().filter(|&&d| !d).count(),
+                16,
+                "the cutoff's 4 MiB"
             );
+            assert!(
+                !s.bypass(16 * len, len, !write, false),
+                "the other direction follows no decision of this one"
+            );
+            for i in 16..64u64 {
+                assert!(
+                    s.bypass(i * len, len, write, false),
+                    "request {i} cached by the worker"
+                );
+            }
+            assert!(
+                s.table.lock().decided.is_empty(),
+                "every decision was used once"
+            );
+            // Without a decision, a request that far behind is a new stream.
+            assert!(!s.bypass(16 * len, len, write, false));
         }
-        assert!(
-            s.table.lock().decided.is_empty(),
-            "every decision was used once"
-        );
-        // Without a decision, a request that far behind is a new stream.
-        assert!(!s.bypass(16 * len, len, true, false));
     }
 
     #[test]
@@ -379,14 +385,17 @@ mod tests {
         let s = Streams::new(4 << 20);
         let len = 256 << 10;
         let mut off = 0;
-        while !s.bypass_handed_on(off, len, false) {
+        while !s.bypass_handed_on(off, len, true, false) {
             off += len;
         }
-        s.take_handed_on(off, len);
-        assert!(!s.table.lock().decided.contains(&(off, len)));
-        s.hand_on(off, len);
+        s.take_handed_on(off, len, true);
+        assert!(!s.table.lock().decided.contains(&(off, len, true)));
+        s.hand_on(off, len, true);
         // The worker's record follows the decision, though behind the end.
         assert!(s.bypass(off, len, true, false));
-        assert!(!s.table.lock().decided.contains(&(off, len)), "used once");
+        assert!(
+            !s.table.lock().decided.contains(&(off, len, true)),
+            "used once"
+        );
     }
 }

@@ -3,6 +3,7 @@
 //! payload goes from the socket straight into a cache slot and a read hit
 //! goes from the mapping straight to the socket.
 
+use crate::client::PassOn;
 use crate::relay::Relayed;
 use std::io::{self, IoSlice, IoSliceMut};
 
@@ -51,10 +52,11 @@ pub enum ExportError {
     Transfer(io::Error),
 }
 
-/// A write whose payload the export holds, not yet acknowledged. Until
-/// committed it is neither visible nor durable; dropping it writes nothing.
 /// Where a read started with [`Export::start_read`] sends its data.
 pub type ReadReply = Box<dyn FnOnce(Result<&[IoSlice<'_>], ExportError>) + Send>;
+
+/// Where a read started with [`Export::start_read_relayed`] sends its pipe.
+pub type RelayReadReply = Box<dyn FnOnce(Result<Relayed, ExportError>) + Send>;
 
 /// How a write finished by another thread ends (see
 /// [`PendingWrite::commit_async`]).
@@ -68,6 +70,8 @@ pub enum WriteOutcome {
 /// Where a write started with [`PendingWrite::commit_async`] reports.
 pub type WriteDone = Box<dyn FnOnce(WriteOutcome) + Send>;
 
+/// A write whose payload the export holds, not yet acknowledged. Until
+/// committed it is neither visible nor durable; dropping it writes nothing.
 pub trait PendingWrite: Send {
     /// Finish the write; returns once it is durable (what
     /// [`Export::write`] promises on return).
@@ -148,10 +152,6 @@ pub trait Export: Send + Sync + 'static {
         self.read(offset, len, sink).map(|()| None)
     }
 
-    /// Serve a read at once if that needs no slow I/O (say, a cache hit),
-    /// so the connection thread can answer it without a hand-off to a worker.
-    /// `None` means "not now": `sink` was not called and the server sends
-    /// the request to [`read`](Self::read) on a worker.
     /// Start a read that another thread finishes: `Ok` if started, and
     /// then `reply` is called exactly once (maybe before this returns);
     /// `Err(reply)` where the export would rather be read the waiting way.
@@ -162,6 +162,25 @@ pub trait Export: Send + Sync + 'static {
         Err(reply)
     }
 
+    /// [`start_read`](Self::start_read) for a read that only passes
+    /// through, answered with a relay pipe (see
+    /// [`read_or_relay`](Self::read_or_relay)) that `pass` may have sent
+    /// on as the data arrived. Called only for plain (non-TLS) connections.
+    fn start_read_relayed(
+        &self,
+        offset: u64,
+        len: u32,
+        pass: Box<dyn PassOn>,
+        reply: RelayReadReply,
+    ) -> Result<(), RelayReadReply> {
+        let _ = (offset, len, pass);
+        Err(reply)
+    }
+
+    /// Serve a read at once if that needs no slow I/O (say, a cache hit),
+    /// so the connection thread can answer it without a hand-off to a worker.
+    /// `None` means "not now": `sink` was not called and the server sends
+    /// the request to [`read`](Self::read) on a worker.
     fn try_read(
         &self,
         offset: u64,

@@ -18,11 +18,14 @@ pub mod relay;
 pub mod server;
 pub mod tls;
 
-pub use client::{Client, ClientOptions, Completion, Endpoint, NbdUri, RunsInFlight, ServerError};
+pub use client::{
+    Client, ClientOptions, Completion, Endpoint, NbdUri, PassOn, RelayCompletion, RunsInFlight,
+    ServerError,
+};
 pub use conns::{ConnectionInfo, Connections, Phase, TlsSessionInfo};
 pub use export::{
-    BlockSizes, Export, ExportError, Extent, PendingWrite, ReadReply as ExportReadReply, Staged,
-    WriteDone, WriteOutcome, ZeroFlags,
+    BlockSizes, Export, ExportError, Extent, PendingWrite, ReadReply as ExportReadReply,
+    RelayReadReply, Staged, WriteDone, WriteOutcome, ZeroFlags,
 };
 pub use mem::{MemExport, MemStats};
 pub use net::Stream;

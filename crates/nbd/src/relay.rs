@@ -139,6 +139,28 @@ fn splice(from: RawFd, to: RawFd, len: usize, flags: libc::c_uint) -> io::Result
     }
 }
 
+/// Splice exactly `len` bytes from pipe `from` to `to`, waiting for room.
+fn splice_all(from: RawFd, to: RawFd, len: usize) -> io::Result<()> {
+    let mut left = len;
+    while left > 0 {
+        match splice(from, to, left, 0) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(k) => left -= k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// How a [`Relayed::pass`] ended at the destination.
+pub(crate) enum Passed {
+    /// Every byte went on.
+    Whole,
+    /// The destination failed; the rest was read from the source and dropped.
+    DestFailed(io::Error),
+}
+
 /// Wait until `fd` is readable (or hung up), at most `timeout` (the
 /// socket's own read timeout, which a blocking read would have honoured).
 fn wait_readable(fd: RawFd, timeout: Option<Duration>) -> io::Result<()> {
@@ -173,6 +195,8 @@ pub struct Relayed {
     len: usize,
     in_pipe: usize,
     tail: Vec<u8>,
+    /// Sent on as it arrived ([`Relayed::pass`]): nothing is left to send.
+    passed: bool,
 }
 
 impl std::fmt::Debug for Relayed {
@@ -197,6 +221,7 @@ impl Relayed {
             len,
             in_pipe: 0,
             tail: Vec::new(),
+            passed: false,
         })
     }
 
@@ -207,6 +232,7 @@ impl Relayed {
             len: 0,
             in_pipe: 0,
             tail: Vec::new(),
+            passed: false,
         }
     }
 
@@ -280,10 +306,66 @@ impl Relayed {
         Ok(done)
     }
 
+    /// Cut-through: the whole payload, about to arrive in order on `src`,
+    /// goes on to `dst` (which the caller holds for writing, with room for
+    /// it) piece by piece as it arrives, through the pipe, instead of
+    /// parking there first: the next hop starts with the first piece. The
+    /// relay is spent afterwards. `Err` is `src`'s failure (`dst` then has
+    /// part of the payload); a failing `dst` does not stop `src` being read
+    /// to the end, so `src` stays in step.
+    pub(crate) fn pass(&mut self, src: &Stream, dst: &Stream) -> io::Result<Passed> {
+        if self.in_pipe != 0 || !self.tail.is_empty() || self.passed || dst.is_tls() {
+            return Err(io::Error::other("a relay can only pass on a whole payload"));
+        }
+        let pipe = self
+            .pipe
+            .as_ref()
+            .ok_or_else(|| io::Error::other("relay without a pipe"))?;
+        let (fd, w, r) = (src.as_raw_fd(), pipe.w.as_raw_fd(), pipe.r.as_raw_fd());
+        self.passed = true;
+        let mut failed = None;
+        let mut left = self.len;
+        while left > 0 {
+            // The pipe is empty here, so only `src` can make this wait.
+            let k = match splice(fd, w, left.min(pipe.cap), libc::SPLICE_F_NONBLOCK) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(k) => k,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    wait_readable(fd, src.read_timeout()?)?;
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            left -= k;
+            if failed.is_none() {
+                failed = splice_all(r, dst.as_raw_fd(), k).err();
+            }
+            if failed.is_some() && !pipe.queued().is_ok_and(|q| q == 0 || discard(pipe, q)) {
+                return Err(io::Error::other("cannot empty a relay pipe"));
+            }
+        }
+        Ok(failed.map_or(Passed::Whole, Passed::DestFailed))
+    }
+
+    /// An error if the payload went on as it arrived: nothing is left.
+    fn unpassed(&self) -> io::Result<()> {
+        if self.passed {
+            return Err(io::Error::other("a relay passed on holds no data"));
+        }
+        Ok(())
+    }
+
+    /// Whether the payload went on as it arrived ([`Relayed::pass`]).
+    pub fn was_passed(&self) -> bool {
+        self.passed
+    }
+
     /// The same bytes in a relay of their own, this one untouched: the
     /// pipe duplicated by `tee` (page references, not copies). A send
     /// consumes its pipe, so each attempt of an origin write sends a copy.
     pub fn dup(&self) -> io::Result<Relayed> {
+        self.unpassed()?;
         let pipe = self
             .pipe
             .as_ref()
@@ -318,12 +400,14 @@ impl Relayed {
             len: self.len,
             in_pipe: self.in_pipe,
             tail: self.tail.clone(),
+            passed: false,
         })
     }
 
     /// Move every byte into `dst` (which must hold exactly `len`), out of
     /// the pipe by `read`: where the data must be in memory after all.
     pub fn read_out(&mut self, dst: &mut [IoSliceMut<'_>]) -> io::Result<()> {
+        self.unpassed()?;
         let total: usize = dst.iter().map(|d| d.len()).sum();
         let pipe = self
             .pipe
@@ -367,6 +451,7 @@ impl Relayed {
     /// Send every byte to `dst`, which the caller holds for writing: the
     /// pipe's bytes by splice, then the tail.
     pub(crate) fn send(&self, dst: &Stream) -> io::Result<()> {
+        self.unpassed()?;
         let pipe = self
             .pipe
             .as_ref()
@@ -384,16 +469,7 @@ impl Relayed {
                 self.in_pipe
             )));
         }
-        let (r, fd) = (pipe.r.as_raw_fd(), dst.as_raw_fd());
-        let mut left = self.in_pipe;
-        while left > 0 {
-            match splice(r, fd, left, 0) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(k) => left -= k,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
+        splice_all(pipe.r.as_raw_fd(), dst.as_raw_fd(), self.in_pipe)?;
         if !self.tail.is_empty() {
             dst.write_all(&self.tail)?;
         }
@@ -502,6 +578,55 @@ mod tests {
             copied < len / 4,
             "{copied} of {len} bytes went through memory"
         );
+    }
+
+    /// Cut-through: a payload written in pieces, with pauses, reaches the
+    /// far end exactly, and the relay is spent (nothing left to send).
+    /// Where the far end has gone, the source is still read to the end.
+    #[test]
+    fn a_payload_passes_on_as_it_arrives() {
+        let len = MAX_RELAY - 12345;
+        let data = pattern(len);
+        for far_end_gone in [false, true] {
+            let (mut tx, rx) = UnixStream::pair().unwrap();
+            let (out_tx, mut out_rx) = UnixStream::pair().unwrap();
+            let mut r = Relayed::new(len).unwrap();
+            let d = data.clone();
+            let writer = thread::spawn(move || {
+                for c in d.chunks(200 * 1024) {
+                    tx.write_all(c).unwrap();
+                    thread::sleep(Duration::from_millis(1));
+                }
+                tx.write_all(b"next").unwrap();
+            });
+            let reader = thread::spawn(move || {
+                let mut v = vec![0; len];
+                if far_end_gone {
+                    drop(out_rx);
+                    return v;
+                }
+                out_rx.read_exact(&mut v).unwrap();
+                v
+            });
+            if far_end_gone {
+                thread::sleep(Duration::from_millis(20));
+            }
+            let src = Stream::Unix(rx);
+            let passed = r.pass(&src, &Stream::Unix(out_tx)).unwrap();
+            writer.join().unwrap();
+            let got = reader.join().unwrap();
+            let mut next = [0u8; 4];
+            src.read_exact(&mut next).unwrap();
+            assert_eq!(
+                &next, b"next",
+                "the source is read exactly to the payload's end"
+            );
+            assert!(r.was_passed() && r.send(&src).is_err() && r.dup().is_err());
+            match passed {
+                Passed::Whole => assert!(!far_end_gone && got == data, "passed bytes differ"),
+                Passed::DestFailed(_) => assert!(far_end_gone, "the far end failed"),
+            }
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ pub mod nbd;
 pub use file::FileOrigin;
 pub use mem::MemOrigin;
 pub use nbd::{NbdOrigin, NbdOriginOptions};
-pub use pmcache_nbd::{Completion, Relayed};
+pub use pmcache_nbd::{Completion, PassOn, RelayCompletion, Relayed};
 
 /// Storage behind the cache.
 ///
@@ -34,6 +34,29 @@ pub trait Origin: Send + Sync {
     fn read_relayed(&self, offset: u64, len: usize) -> io::Result<Option<Relayed>> {
         let _ = (offset, len);
         Ok(None)
+    }
+
+    /// Whether [`read_relayed_async`](Self::read_relayed_async) can take
+    /// reads.
+    fn reads_relayed_async(&self) -> bool {
+        false
+    }
+
+    /// [`read_relayed`](Self::read_relayed) without waiting: `done` runs,
+    /// on some other thread or in this call, with the filled pipe or the
+    /// error. `pass`, if the payload comes whole, may send it on as it
+    /// arrives (see [`PassOn`]). `Err(done)`, with nothing started, where
+    /// the origin cannot (the default, a dead connection, a read it would
+    /// have to split).
+    fn read_relayed_async(
+        &self,
+        offset: u64,
+        len: usize,
+        pass: Option<Box<dyn PassOn>>,
+        done: RelayCompletion,
+    ) -> Result<(), RelayCompletion> {
+        let _ = (offset, len, pass);
+        Err(done)
     }
 
     /// [`write_at`](Self::write_at) from a relay pipe, which stays whole

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use pmcache_nbd::proto::FLAG_CAN_MULTI_CONN;
-use pmcache_nbd::{Client, ClientOptions, Completion, Relayed};
+use pmcache_nbd::{Client, ClientOptions, Completion, PassOn, RelayCompletion, Relayed};
 
 use crate::Origin;
 
@@ -468,6 +468,24 @@ impl Origin for NbdOrigin {
 
     fn read_relayed(&self, offset: u64, len: usize) -> io::Result<Option<Relayed>> {
         self.with_client(self.pick(), "read", |c, _| c.read_relayed(offset, len))
+    }
+
+    fn reads_relayed_async(&self) -> bool {
+        true
+    }
+
+    /// On a live connection only, as `read_raw_async`.
+    fn read_relayed_async(
+        &self,
+        offset: u64,
+        len: usize,
+        pass: Option<Box<dyn PassOn>>,
+        done: RelayCompletion,
+    ) -> Result<(), RelayCompletion> {
+        match self.live_client() {
+            Some((client, _)) => client.read_relayed_async(offset, len, pass, done),
+            None => Err(done),
+        }
     }
 
     fn writes_relayed_async(&self) -> bool {

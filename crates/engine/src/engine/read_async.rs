@@ -221,7 +221,7 @@ impl Engine {
     /// The statistics of a read that missed every block, counted once it
     /// succeeded (a failed one is counted by the waiting path that retries
     /// it).
-    fn count_miss_read(&self, len: u64, nblocks: u64, bypass: bool) {
+    pub(super) fn count_miss_read(&self, len: u64, nblocks: u64, bypass: bool) {
         self.counters.add(Ctr::ReadMisses, nblocks);
         self.counters.add(Ctr::ReadBytes, len);
         if bypass {

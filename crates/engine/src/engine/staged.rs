@@ -90,7 +90,7 @@ impl Engine {
         // the one-call path does. Recorded here, in the client's order; that
         // path sees the request again, on a worker maybe far behind, and
         // follows this decision.
-        if self.streams.bypass_handed_on(offset, len, fua) {
+        if self.streams.bypass_handed_on(offset, len, true, fua) {
             return Ok(Stage::WouldWait);
         }
         let (b0, b1) = (offset / bs, (offset + len - 1) / bs);

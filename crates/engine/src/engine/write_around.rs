@@ -43,7 +43,7 @@ impl Engine {
             || !matches!(mode, CacheMode::Writeback | CacheMode::Writethrough)
             || self.check_request(offset, len).is_err()
             || !self.streams.would_bypass(offset, len, true, false)
-            || !self.streams.bypass_handed_on(offset, len, false)
+            || !self.streams.bypass_handed_on(offset, len, true, false)
         {
             return Err((data, reply));
         }
@@ -52,7 +52,7 @@ impl Engine {
         let Some(epoch) = self.take_around(offset, len, mode) else {
             return Err((data, reply));
         };
-        self.streams.take_handed_on(offset, len);
+        self.streams.take_handed_on(offset, len, true);
         let around = Around {
             engine: self.clone(),
             offset,
@@ -155,7 +155,7 @@ impl Around {
             e.counters.add(Ctr::OriginErrors, 1);
             tracing::debug!(offset = self.offset, error = %err, "a write around the cache goes the waiting way");
         }
-        e.streams.hand_on(self.offset, self.len);
+        e.streams.hand_on(self.offset, self.len, true);
         let offset = self.offset;
         Box::new(reply).retry(Box::new(move || e.write_relayed(offset, &mut data, false)));
     }

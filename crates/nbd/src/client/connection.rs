@@ -50,11 +50,14 @@ pub(super) struct Op {
     pub(super) buf: Vec<RawBuf>,
     /// Where a relayed READ's data goes instead of `buf` (see `crate::relay`).
     pub(super) relay: Option<Mutex<Relayed>>,
+    /// Where that data may go on as it arrives, instead of parking in the
+    /// pipe until the read completes.
+    pub(super) pass: Mutex<Option<Box<dyn PassOn>>>,
     pub(super) state: Mutex<OpState>,
     pub(super) cv: Condvar,
     /// For a request nobody waits for: what to run when it completes, and
     /// when the connection is to be given up if it has not.
-    pub(super) callback: Mutex<Option<Completion>>,
+    pub(super) callback: Mutex<Option<Callback>>,
     pub(super) deadline: Option<Instant>,
 }
 
@@ -63,6 +66,42 @@ pub(super) struct Op {
 /// result.
 pub type Completion = Box<dyn FnOnce(io::Result<()>) + Send>;
 
+/// Where a relayed READ's payload may go as it arrives (cut-through): a
+/// client's socket, where the read only passes through.
+pub trait PassOn: Send {
+    /// The whole payload is about to arrive on `src`, in order: send it on
+    /// with [`Relayed::pass`](crate::relay::Relayed), or return `Ok(false)`,
+    /// having read nothing, where that cannot be done now (the payload then
+    /// parks in `relay`'s pipe as usual). `Err` is `src`'s failure.
+    fn pass_on(self: Box<Self>, src: &Stream, relay: &mut Relayed) -> io::Result<bool>;
+}
+
+/// What runs when a relayed READ without a waiter completes: its pipe, full
+/// of the data, or why it failed (see [`Completion`]).
+pub type RelayCompletion = Box<dyn FnOnce(io::Result<Relayed>) + Send>;
+
+/// A request's completion: with its result, or with the relay pipe a READ
+/// filled.
+pub(super) enum Callback {
+    Result(Completion),
+    Relayed(RelayCompletion),
+}
+
+impl Callback {
+    /// Run it with the op's result (a READ's relay pipe taken from `op`).
+    fn run(self, op: &Op, r: io::Result<()>) {
+        match self {
+            Callback::Result(done) => done(r),
+            Callback::Relayed(done) => done(r.and_then(|()| {
+                op.relay
+                    .as_ref()
+                    .map(|m| std::mem::replace(&mut *m.lock(), Relayed::spent()))
+                    .ok_or_else(|| io::Error::other("a relayed read without its pipe"))
+            })),
+        }
+    }
+}
+
 impl Op {
     pub(super) fn new(
         command: u16,
@@ -70,7 +109,7 @@ impl Op {
         length: u32,
         buf: Vec<RawBuf>,
         relay: Option<Relayed>,
-        callback: Option<(Completion, Option<Instant>)>,
+        callback: Option<(Callback, Option<Instant>)>,
     ) -> Self {
         let (callback, deadline) = match callback {
             Some((c, d)) => (Some(c), d),
@@ -82,6 +121,7 @@ impl Op {
             length,
             buf,
             relay: relay.map(Mutex::new),
+            pass: Mutex::new(None),
             state: Mutex::new(OpState {
                 done: false,
                 result: None,
@@ -108,7 +148,8 @@ impl Op {
                 drop(st);
                 // A panic must not end the reader, which serves every
                 // other request on this connection.
-                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| done(r)));
+                let ran =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| done.run(self, r)));
                 if ran.is_err() {
                     tracing::error!("a request's completion panicked; its request is lost");
                 }

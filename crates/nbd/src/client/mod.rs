@@ -39,7 +39,7 @@ mod request;
 mod uri;
 mod watchdog;
 
-pub use connection::Completion;
+pub use connection::{Completion, PassOn, RelayCompletion};
 use connection::{Inner, Pending, RawBuf};
 use handshake::handshake;
 use reply::reader_loop;
@@ -430,6 +430,30 @@ impl Client {
             .relay
             .as_ref()
             .map(|m| std::mem::replace(&mut *m.lock(), Relayed::spent())))
+    }
+
+    /// [`read_relayed`](Self::read_relayed) without waiting: `done` runs on
+    /// the connection's reader thread with the filled pipe once the reply
+    /// is in (or with the error, as for
+    /// [`read_raw_async`](Self::read_raw_async)). Where the payload arrives
+    /// whole, `pass` is offered it first, to send on as it arrives; `done`
+    /// then gets a pipe that [`Relayed::was_passed`]. `Err(done)`, with
+    /// nothing sent, where relaying does not apply, the read cannot go as
+    /// one request, no pipe is to be had or the connection is dead.
+    pub fn read_relayed_async(
+        &self,
+        offset: u64,
+        len: usize,
+        pass: Option<Box<dyn PassOn>>,
+        done: RelayCompletion,
+    ) -> Result<(), RelayCompletion> {
+        if !self.relays(offset, len) || !self.one_async_request("read", offset, len) {
+            return Err(done);
+        }
+        let Some(relay) = Relayed::new(len) else {
+            return Err(done);
+        };
+        self.submit_relayed_async(offset, relay, pass, done)
     }
 
     /// Whether a request's payload may be spliced: a plain socket, and one

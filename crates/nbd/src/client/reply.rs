@@ -91,7 +91,15 @@ impl Inner {
     /// (or its relay pipe).
     fn read_into(&self, op: &Op, at: u64, n: usize) -> io::Result<()> {
         if let Some(r) = &op.relay {
-            return r.lock().receive(&self.stream, at as usize, n);
+            let mut r = r.lock();
+            if at == 0 && n == r.len() {
+                if let Some(p) = op.pass.lock().take() {
+                    if p.pass_on(&self.stream, &mut r)? {
+                        return Ok(());
+                    }
+                }
+            }
+            return r.receive(&self.stream, at as usize, n);
         }
         // SAFETY: called on the reader thread for an op in flight; the
         // slices are dropped before this returns.

@@ -6,10 +6,24 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::connection::{Completion, Inner, Op, RawBuf};
+use super::connection::{Callback, Completion, Inner, Op, PassOn, RawBuf, RelayCompletion};
 use super::Client;
 use crate::proto::{command_name, Request, CMD_READ, CMD_WRITE};
 use crate::relay::Relayed;
+
+/// An op nobody waits for, before it is put in flight.
+struct AsyncOp {
+    command: u16,
+    flags: u16,
+    offset: u64,
+    length: u32,
+    /// Where a READ's data goes: the caller's memory,
+    buf: Vec<RawBuf>,
+    /// or a relay pipe,
+    relay: Option<Relayed>,
+    /// and from there on as it arrives.
+    pass: Option<Box<dyn PassOn>>,
+}
 
 impl Client {
     /// Put one request in flight. For READ, `dest` is where the reply's
@@ -153,10 +167,69 @@ impl Client {
         (buf, payload): (Vec<RawBuf>, Out<'_, '_>),
         done: Completion,
     ) -> Result<(), Completion> {
+        let op = AsyncOp {
+            command,
+            flags,
+            offset,
+            length,
+            buf,
+            relay: None,
+            pass: None,
+        };
+        match self.submit_callback(op, payload, Callback::Result(done)) {
+            Ok(()) => Ok(()),
+            Err(Callback::Result(done)) => Err(done),
+            Err(Callback::Relayed(_)) => unreachable!("the callback given back is the one given"),
+        }
+    }
+
+    /// A READ into `relay` that nobody waits for, its payload offered to
+    /// `pass` as it arrives: `done` gets the pipe (full, or passed on) on
+    /// the reader thread.
+    pub(super) fn submit_relayed_async(
+        &self,
+        offset: u64,
+        relay: Relayed,
+        pass: Option<Box<dyn PassOn>>,
+        done: RelayCompletion,
+    ) -> Result<(), RelayCompletion> {
+        let op = AsyncOp {
+            command: CMD_READ,
+            flags: 0,
+            offset,
+            length: relay.len() as u32,
+            buf: Vec::new(),
+            relay: Some(relay),
+            pass,
+        };
+        match self.submit_callback(op, Out::NONE, Callback::Relayed(done)) {
+            Ok(()) => Ok(()),
+            Err(Callback::Relayed(done)) => Err(done),
+            Err(Callback::Result(_)) => unreachable!("the callback given back is the one given"),
+        }
+    }
+
+    /// Put an op that nobody waits for in flight, with a deadline if the
+    /// connection has a request timeout. `Err` gives `done` back, with
+    /// nothing sent, if the connection is dead.
+    fn submit_callback(
+        &self,
+        a: AsyncOp,
+        payload: Out<'_, '_>,
+        done: Callback,
+    ) -> Result<(), Callback> {
         let deadline = self.inner.request_timeout.map(|t| Instant::now() + t);
-        let op = Op::new(command, offset, length, buf, None, Some((done, deadline)));
+        let op = Op::new(
+            a.command,
+            a.offset,
+            a.length,
+            a.buf,
+            a.relay,
+            Some((done, deadline)),
+        );
+        *op.pass.lock() = a.pass;
         let op = Arc::new(op);
-        match self.put_in_flight(&op, flags, payload) {
+        match self.put_in_flight(&op, a.flags, payload) {
             Ok(()) => {
                 if deadline.is_some() {
                     super::watchdog::watch(&self.inner);

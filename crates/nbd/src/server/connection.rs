@@ -196,10 +196,21 @@ impl Conn {
     /// so the write cannot block. `None`, with nothing sent, otherwise. For
     /// threads that must not wait on a client (an origin's reader).
     pub(super) fn try_send(&self, bufs: &mut [IoSlice<'_>]) -> Option<bool> {
+        self.try_send_then(bufs, 0, |_| Ok(()))
+    }
+
+    /// [`try_send`](Self::try_send), then `more` writes the rest of the
+    /// reply, `more_len` bytes, under the same lock.
+    pub(super) fn try_send_then(
+        &self,
+        bufs: &mut [IoSlice<'_>],
+        more_len: usize,
+        more: impl FnOnce(&Stream) -> io::Result<()>,
+    ) -> Option<bool> {
         if self.broken.load(Ordering::SeqCst) {
             return Some(false);
         }
-        let len: usize = bufs.iter().map(|b| b.len()).sum();
+        let len = bufs.iter().map(|b| b.len()).sum::<usize>() + more_len;
         let _g = self.send_lock.try_lock_for(SEND_LOCK_WAIT)?;
         let room = self
             .send_buffer()?
@@ -207,14 +218,20 @@ impl Conn {
         if room < 2 * len + SEND_MARGIN {
             return None;
         }
-        Some(match self.stream.write_all_vectored(bufs) {
-            Ok(()) => true,
-            Err(e) => {
-                debug!("nbd[{}]: sending a reply failed: {e}", self.id);
-                self.break_conn();
-                false
-            }
-        })
+        Some(
+            match self
+                .stream
+                .write_all_vectored(bufs)
+                .and_then(|()| more(&self.stream))
+            {
+                Ok(()) => true,
+                Err(e) => {
+                    debug!("nbd[{}]: sending a reply failed: {e}", self.id);
+                    self.break_conn();
+                    false
+                }
+            },
+        )
     }
 
     /// The socket's send buffer size, asked once: it is set when the
@@ -224,7 +241,7 @@ impl Conn {
         *self.sndbuf.get_or_init(|| self.stream.send_buffer())
     }
 
-    fn break_conn(&self) {
+    pub(super) fn break_conn(&self) {
         self.broken.store(true, Ordering::SeqCst);
         self.stream.shutdown(Shutdown::Both);
     }

@@ -1,15 +1,18 @@
 //! READ: the reply goes straight from the export's slices to the socket.
 
 use std::io::{self, IoSlice};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::connection::{dispatch, Conn, FinishGuard};
 use super::execute::execute;
 use super::reply::ReplyError;
 use super::Shared;
-use crate::export::{ExportError, ReadReply};
+use crate::client::PassOn;
+use crate::export::{ExportError, ReadReply, RelayReadReply};
+use crate::net::Stream;
 use crate::proto::*;
-use crate::relay::Relayed;
+use crate::relay::{Passed, Relayed};
 
 pub(super) fn execute_read(shared: &Shared, conn: &Conn, req: &Request) {
     let relayable = !conn.stream.is_tls();
@@ -53,6 +56,112 @@ pub(super) fn start_read(shared: &Arc<Shared>, conn: &Arc<Conn>, req: &Request) 
             false
         }
     }
+}
+
+/// Start a read that only passes through (see
+/// [`Export::start_read_relayed`](crate::Export::start_read_relayed)), with
+/// no worker taken: true if started. Where sending cannot wait, the origin's
+/// reader sends the data on as it arrives ([`PassToClient`]); else it
+/// splices the filled pipe on if that need not wait, or a worker does. An
+/// export error sends the request the waiting way.
+pub(super) fn start_read_relayed(shared: &Arc<Shared>, conn: &Arc<Conn>, req: &Request) -> bool {
+    if conn.stream.is_tls() || req.length == 0 {
+        return false;
+    }
+    conn.begin_one();
+    let passed = Arc::new(AtomicBool::new(false));
+    let pass = Box::new(PassToClient {
+        conn: conn.clone(),
+        cookie: req.cookie,
+        offset: req.offset,
+        passed: passed.clone(),
+    });
+    let (s, c, r) = (shared.clone(), conn.clone(), *req);
+    let reply: RelayReadReply = Box::new(move |res| {
+        let _done = FinishGuard(&c);
+        let passed = passed.load(Ordering::Acquire);
+        match res {
+            Ok(_) if passed => {}
+            Ok(data) => send_relayed_soon(&s, &c, &r, data),
+            // A reply went out already: a failure now cannot be told.
+            Err(_) if passed => c.break_conn(),
+            Err(_) => {
+                let shared = s.clone();
+                dispatch(&s.pool, &c, move |c| execute(&shared, c, &r));
+            }
+        }
+    });
+    match shared
+        .export
+        .start_read_relayed(req.offset, req.length, pass, reply)
+    {
+        Ok(()) => true,
+        Err(_) => {
+            conn.finish_one();
+            false
+        }
+    }
+}
+
+/// A relayed read's reply, sent as its data arrives at the origin's reader
+/// (see `Relayed::pass`): the second hop overlaps the first rather than
+/// following it.
+struct PassToClient {
+    conn: Arc<Conn>,
+    cookie: u64,
+    offset: u64,
+    /// Set once the reply started out, for the read's completion.
+    passed: Arc<AtomicBool>,
+}
+
+impl PassOn for PassToClient {
+    fn pass_on(self: Box<Self>, src: &Stream, relay: &mut Relayed) -> io::Result<bool> {
+        let mut ran = false;
+        let mut src_failed = None;
+        let len = relay.len() as u32;
+        let sent = self
+            .conn
+            .try_pass_relayed(self.cookie, self.offset, len, |dst| {
+                ran = true;
+                match relay.pass(src, dst) {
+                    Ok(Passed::Whole) => Ok(()),
+                    Ok(Passed::DestFailed(e)) => Err(e),
+                    Err(e) => {
+                        let told = io::Error::new(e.kind(), e.to_string());
+                        src_failed = Some(e);
+                        Err(told)
+                    }
+                }
+            });
+        // Not sent, or the header could not be: the payload is still to be
+        // read, into the pipe.
+        if sent.is_none() || !ran {
+            return Ok(false);
+        }
+        self.passed.store(true, Ordering::Release);
+        src_failed.map_or(Ok(true), Err)
+    }
+}
+
+/// Splice a relayed read's pipe to the client now if that cannot block,
+/// else from a worker.
+fn send_relayed_soon(shared: &Shared, conn: &Arc<Conn>, req: &Request, data: Relayed) {
+    if data.len() != req.length as usize {
+        let msg = format!(
+            "export relayed {} bytes for a {}-byte read",
+            data.len(),
+            req.length
+        );
+        conn.send_error(req.cookie, &ReplyError::new(EIO, msg));
+        return;
+    }
+    let (cookie, offset) = (req.cookie, req.offset);
+    if conn.try_send_relayed(cookie, offset, &data).is_some() {
+        return;
+    }
+    dispatch(&shared.pool, conn, move |c| {
+        c.send_relayed(cookie, offset, &data);
+    });
 }
 
 /// Send a read's data now if that cannot block, else from a copy on a

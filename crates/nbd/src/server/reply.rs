@@ -7,6 +7,7 @@ use tracing::debug;
 
 use super::connection::Conn;
 use crate::export::ExportError;
+use crate::net::Stream;
 use crate::proto::*;
 use crate::relay::Relayed;
 
@@ -170,6 +171,47 @@ impl Conn {
             .unwrap_or(false)
     }
 
+    /// [`send_relayed`](Self::send_relayed) only if it need not wait, as
+    /// [`try_send_read_data`](Self::try_send_read_data).
+    pub(super) fn try_send_relayed(
+        &self,
+        cookie: u64,
+        offset: u64,
+        data: &Relayed,
+    ) -> Option<bool> {
+        debug_assert!(!self.stream.is_tls());
+        self.send_read_reply(cookie, offset, data.len() as u32, &[], Some(data), How::Try)
+    }
+
+    /// Cut-through of a relayed read (see `Relayed::pass`): if sending need
+    /// not wait (as [`try_send_read_data`](Self::try_send_read_data)), the
+    /// header of a `len`-byte reply goes out and `pass` sends the payload
+    /// under the same lock. `None`, with nothing sent and `pass` not run,
+    /// otherwise; `Some(false)` if the connection broke.
+    pub(super) fn try_pass_relayed(
+        &self,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+        pass: impl FnOnce(&Stream) -> io::Result<()>,
+    ) -> Option<bool> {
+        debug_assert!(len > 0 && !self.stream.is_tls());
+        let mut hdr = Vec::with_capacity(STRUCTURED_REPLY_LEN + 8);
+        if self.structured {
+            let chunk = StructuredReply {
+                flags: REPLY_FLAG_DONE,
+                reply_type: REPLY_TYPE_OFFSET_DATA,
+                cookie,
+                length: len.saturating_add(8),
+            };
+            hdr.extend_from_slice(&chunk.encode());
+            hdr.extend_from_slice(&offset.to_be_bytes());
+        } else {
+            hdr.extend_from_slice(&SimpleReply { error: 0, cookie }.encode());
+        }
+        self.try_send_then(&mut [IoSlice::new(&hdr)], len as usize, pass)
+    }
+
     fn send_read_reply(
         &self,
         cookie: u64,
@@ -209,6 +251,7 @@ impl Conn {
         }
         bufs.extend_from_slice(data);
         match (relayed, how) {
+            (Some(r), How::Try) => self.try_send_then(&mut bufs, r.len(), |s| r.send(s)),
             (Some(r), _) => Some(self.send_then(&mut bufs, |s| r.send(s))),
             (None, How::Try) => self.try_send(&mut bufs),
             (None, How::Now) => Some(self.send(&mut bufs)),

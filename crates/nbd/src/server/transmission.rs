@@ -9,7 +9,7 @@ use tracing::{debug, info, warn};
 use super::connection::{dispatch, Conn};
 use super::execute::execute;
 use super::handshake::Negotiated;
-use super::read::{serve_read, start_read, try_read};
+use super::read::{serve_read, start_read, start_read_relayed, try_read};
 use super::reply::ReplyError;
 use super::validate::validate;
 use super::write::handle_write;
@@ -156,6 +156,10 @@ fn answer_or_dispatch(shared: &Arc<Shared>, conn: &Arc<Conn>, req: &Request) {
     }
     // A miss the origin's reader can finish costs no worker either.
     if req.command == CMD_READ && start_read(shared, conn, req) {
+        return;
+    }
+    // Nor one that only passes through: the origin's reader splices it on.
+    if req.command == CMD_READ && start_read_relayed(shared, conn, req) {
         return;
     }
     // The writes a FLUSH follows are answered first, as a client expects.
