@@ -71,6 +71,23 @@ impl Promotion {
         false
     }
 
+    /// Forget the misses of `blocks` that [`admit`](Self::admit) recorded,
+    /// where the read that missed them was not done after all and will
+    /// miss them again: a try and its retry are one miss, not two.
+    pub(crate) fn unsee(&self, blocks: &[u64]) {
+        if self.seen.is_empty() {
+            return;
+        }
+        for &b in blocks {
+            let _ = self.seen[self.cell(b)].compare_exchange(
+                b,
+                EMPTY,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+    }
+
     fn cell(&self, block: u64) -> usize {
         // Fibonacci hashing: neighbouring blocks land in different cells.
         let h = block.wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -95,6 +112,18 @@ mod tests {
         assert!(!p.admit(7, 10, 1000), "first miss passes through");
         assert!(p.admit(7, 10, 1000), "second miss is promoted");
         assert!(!p.admit(7, 10, 1000), "the window forgets a promoted block");
+    }
+
+    #[test]
+    fn a_try_that_is_retried_is_one_miss() {
+        let p = Promotion::new(1000, true);
+        assert!(!p.admit(7, 10, 1000), "the try's miss");
+        p.unsee(&[7]);
+        assert!(!p.admit(7, 10, 1000), "the retry is still a first miss");
+        assert!(p.admit(7, 10, 1000), "a second read's miss is promoted");
+        assert!(!p.admit(8, 10, 1000));
+        p.unsee(&[9]);
+        assert!(p.admit(8, 10, 1000), "another block's record is kept");
     }
 
     #[test]

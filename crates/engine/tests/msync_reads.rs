@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use pmcache_engine::{Engine, EngineConfig};
+use pmcache_engine::{Engine, EngineConfig, ReadReply};
 use pmcache_origin::{MemOrigin, Origin};
 use pmcache_pmem::{MapOptions, MappedRegion, PersistMode, PmemRegion};
 use pmcache_testkit::{pattern, TempDir};
@@ -113,4 +113,59 @@ fn a_nearly_full_cache_promotes_on_the_second_miss() {
         assert_eq!(read_block(&e, x), want);
     }
     assert_eq!(e.stats().read_hits, again.read_hits + 50);
+}
+
+/// What a callback read's reply saw: its data, or that it failed.
+struct Seen(std::sync::mpsc::Sender<Option<Vec<u8>>>);
+
+impl ReadReply for Seen {
+    fn reply(self: Box<Self>, r: pmcache_engine::Result<&[std::io::IoSlice<'_>]>) {
+        let got = r
+            .ok()
+            .map(|s| s.iter().flat_map(|b| b.iter().copied()).collect());
+        self.0.send(got).unwrap();
+    }
+}
+
+/// A callback read that fails is retried the waiting way (as the NBD
+/// server does): the try and its retry are one miss, so a nearly full
+/// cache does not promote the block, and only a second read's miss does.
+#[test]
+fn a_failed_try_and_its_retry_are_one_miss() {
+    let dir = TempDir::on_disk("msynctry");
+    let path = dir.join("cache.pmem");
+    let data = pattern(13, 64 * MIB as usize);
+    let origin = Arc::new(MemOrigin::from_bytes(data.clone()).with_name("mt"));
+    let e = open(&path, &origin, true);
+    let slots = e.stats().slots;
+    let mut b = 0u64;
+    while e.stats().free * 5 >= slots {
+        read_block(&e, b);
+        b += 1;
+    }
+    e.quiesce();
+    let before = e.stats().promotions;
+    for x in b..b + 20 {
+        let (tx, rx) = std::sync::mpsc::channel();
+        origin.set_failing(true);
+        let started = e
+            .start_miss_read(x * BS as u64, BS as u64, Seen(tx))
+            .is_ok();
+        origin.set_failing(false);
+        assert!(started, "block {x}: the callback read did not start");
+        assert_eq!(rx.recv().unwrap(), None, "block {x}: the try did not fail");
+        let want = &data[x as usize * BS..(x as usize + 1) * BS];
+        assert_eq!(read_block(&e, x), want, "block {x}: the retry");
+    }
+    e.quiesce();
+    assert_eq!(e.stats().promotions, before, "a retried try promoted");
+    for x in b..b + 20 {
+        read_block(&e, x);
+    }
+    e.quiesce();
+    assert_eq!(
+        e.stats().promotions,
+        before + 20,
+        "second reads not promoted"
+    );
 }

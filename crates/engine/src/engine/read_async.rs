@@ -183,14 +183,19 @@ impl Fill {
             bypass,
             reply,
         } = self;
-        e.release_origin_readers(unslotted.into_iter());
-        if let Err(source) = r {
+        if let Err(source) = &r {
+            // The waiting path sees these misses again: this try must not
+            // count as a first miss that makes that one a second.
+            e.promotion.unsee(&unslotted);
             // This try's error is counted here (a read the origin declined
             // is none); the read itself is counted, retried and answered by
             // the waiting path.
             if source.kind() != io::ErrorKind::WouldBlock {
                 e.counters.add(Ctr::OriginErrors, 1);
             }
+        }
+        e.release_origin_readers(unslotted.into_iter());
+        if let Err(source) = r {
             e.release_origin_readers(filled.iter().map(|nb| nb.block));
             e.release_slots(&filled);
             e.recycle(bounce);
