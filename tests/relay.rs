@@ -231,3 +231,43 @@ fn a_bypassed_write_stream_is_relayed_and_loses_nothing() {
         assert_same(&std::fs::read(&file).unwrap(), &data, &what);
     }
 }
+
+/// The origin is killed (and started again at once) again and again while
+/// a stream is read through the cache, so that some kills land in the middle
+/// of a payload that was already going on to the client: each read still
+/// succeeds with the origin's bytes (the rest of a reply cut short is read
+/// again and sent as its last chunk), and no read fails the client.
+#[test]
+fn stream_reads_survive_an_origin_killed_mid_payload() {
+    let dir = TempDir::new("relay-kill");
+    let file = dir.join("origin.img");
+    let seed = test_seed("relay-kill");
+    let data = random_image(&file, LEN, round_seed(seed, 6, 0));
+    let mut origin = nbdkit_file(&dir, &file, &[]);
+    let srv = pmcache_over(&dir, &["--sequential-cutoff", "1MiB"]);
+    let uri = srv.uri();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let mut passes = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) || passes == 0 {
+                let got = read_parallel(&uri, MIB, 2);
+                assert_same(&got, &data, &format!("pass {passes} with origin kills"));
+                passes += 1;
+            }
+            passes
+        });
+        for k in 0..12u64 {
+            std::thread::sleep(Duration::from_millis(20 + round_seed(seed, 7, k) % 60));
+            origin.signal(libc::SIGKILL);
+            assert!(origin.wait_exit(Duration::from_secs(10)).is_some());
+            origin = nbdkit_file(&dir, &file, &[]);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let passes = reader.join().unwrap();
+        assert!(passes >= 1);
+    });
+    let st = stats(&dir.join("cache.pmem"), T);
+    assert!(counter(&st, "relayed_bytes") > 0, "nothing relayed: {st}");
+    srv.stop();
+}

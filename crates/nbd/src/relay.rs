@@ -153,13 +153,20 @@ fn splice_all(from: RawFd, to: RawFd, len: usize) -> io::Result<()> {
     Ok(())
 }
 
-/// How a [`Relayed::pass`] ended at the destination.
+/// How a [`Relayed::pass`] ended.
 pub(crate) enum Passed {
     /// Every byte went on.
     Whole,
     /// The destination failed; the rest was read from the source and dropped.
     DestFailed(io::Error),
+    /// The source failed after the first `sent` bytes went on, each piece
+    /// whole with its header.
+    SourceFailed { err: io::Error, sent: usize },
 }
+
+/// The least a piece of a passed payload carries (but the last): pieces
+/// arrive as the sender's socket buffer lets them, and each costs a header.
+const PIECE_MIN: usize = 64 << 10;
 
 /// Wait until `fd` is readable (or hung up), at most `timeout` (the
 /// socket's own read timeout, which a blocking read would have honoured).
@@ -309,43 +316,63 @@ impl Relayed {
     /// Cut-through: the whole payload, about to arrive in order on `src`,
     /// goes on to `dst` (which the caller holds for writing, with room for
     /// it) piece by piece as it arrives, through the pipe, instead of
-    /// parking there first: the next hop starts with the first piece. The
-    /// relay is spent afterwards. `Err` is `src`'s failure (`dst` then has
-    /// part of the payload); a failing `dst` does not stop `src` being read
-    /// to the end, so `src` stays in step.
-    pub(crate) fn pass(&mut self, src: &Stream, dst: &Stream) -> io::Result<Passed> {
+    /// parking there first: the next hop starts with the first piece.
+    /// `head(at, n)` writes to `dst` what goes before the piece of `n` bytes
+    /// at payload offset `at` (a reply chunk's header). The relay is spent
+    /// afterwards. A failing `dst` does not stop `src` being read to the
+    /// end, so `src` stays in step.
+    pub(crate) fn pass(
+        &mut self,
+        src: &Stream,
+        dst: &Stream,
+        head: &mut dyn FnMut(usize, usize) -> io::Result<()>,
+    ) -> Passed {
+        let fail = |err, sent| Passed::SourceFailed { err, sent };
         if self.in_pipe != 0 || !self.tail.is_empty() || self.passed || dst.is_tls() {
-            return Err(io::Error::other("a relay can only pass on a whole payload"));
+            let err = io::Error::other("a relay can only pass on a whole payload");
+            return fail(err, 0);
         }
-        let pipe = self
-            .pipe
-            .as_ref()
-            .ok_or_else(|| io::Error::other("relay without a pipe"))?;
+        let Some(pipe) = self.pipe.as_ref() else {
+            return fail(io::Error::other("relay without a pipe"), 0);
+        };
         let (fd, w, r) = (src.as_raw_fd(), pipe.w.as_raw_fd(), pipe.r.as_raw_fd());
         self.passed = true;
         let mut failed = None;
-        let mut left = self.len;
-        while left > 0 {
-            // The pipe is empty here, so only `src` can make this wait.
-            let k = match splice(fd, w, left.min(pipe.cap), libc::SPLICE_F_NONBLOCK) {
-                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(k) => k,
+        let (mut sent, mut held) = (0, 0);
+        while sent < self.len {
+            let left = self.len - sent - held;
+            match splice(fd, w, left, libc::SPLICE_F_NONBLOCK) {
+                Ok(0) => return fail(io::ErrorKind::UnexpectedEof.into(), sent),
+                Ok(k) => held += k,
+                // Only `src` can make this wait: the pipe holds the payload.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    wait_readable(fd, src.read_timeout()?)?;
+                    let timeout = match src.read_timeout() {
+                        Ok(t) => t,
+                        Err(e) => return fail(e, sent),
+                    };
+                    if let Err(e) = wait_readable(fd, timeout) {
+                        return fail(e, sent);
+                    }
                     continue;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            left -= k;
+                Err(e) => return fail(e, sent),
+            }
+            // A piece goes on once it is large enough, or the last.
+            if held < PIECE_MIN && sent + held < self.len {
+                continue;
+            }
             if failed.is_none() {
-                failed = splice_all(r, dst.as_raw_fd(), k).err();
+                failed = head(sent, held)
+                    .and_then(|()| splice_all(r, dst.as_raw_fd(), held))
+                    .err();
             }
             if failed.is_some() && !pipe.queued().is_ok_and(|q| q == 0 || discard(pipe, q)) {
-                return Err(io::Error::other("cannot empty a relay pipe"));
+                return fail(io::Error::other("cannot empty a relay pipe"), sent);
             }
+            (sent, held) = (sent + held, 0);
         }
-        Ok(failed.map_or(Passed::Whole, Passed::DestFailed))
+        failed.map_or(Passed::Whole, Passed::DestFailed)
     }
 
     /// An error if the payload went on as it arrived: nothing is left.
@@ -581,50 +608,75 @@ mod tests {
     }
 
     /// Cut-through: a payload written in pieces, with pauses, reaches the
-    /// far end exactly, and the relay is spent (nothing left to send).
-    /// Where the far end has gone, the source is still read to the end.
+    /// far end exactly, each piece after its header, and the relay is spent.
+    /// Where the far end has gone, the source is still read to the end;
+    /// where the source fails midway, what went on is whole pieces.
     #[test]
     fn a_payload_passes_on_as_it_arrives() {
         let len = MAX_RELAY - 12345;
         let data = pattern(len);
-        for far_end_gone in [false, true] {
+        for case in ["whole", "far end gone", "source fails"] {
             let (mut tx, rx) = UnixStream::pair().unwrap();
             let (out_tx, mut out_rx) = UnixStream::pair().unwrap();
             let mut r = Relayed::new(len).unwrap();
             let d = data.clone();
             let writer = thread::spawn(move || {
-                for c in d.chunks(200 * 1024) {
+                let upto = if case == "source fails" { len / 2 } else { len };
+                for c in d[..upto].chunks(50 * 1024) {
                     tx.write_all(c).unwrap();
                     thread::sleep(Duration::from_millis(1));
                 }
-                tx.write_all(b"next").unwrap();
+                if upto == len {
+                    tx.write_all(b"next").unwrap();
+                }
             });
             let reader = thread::spawn(move || {
-                let mut v = vec![0; len];
-                if far_end_gone {
-                    drop(out_rx);
-                    return v;
+                let mut v = Vec::new();
+                if case != "far end gone" {
+                    out_rx.read_to_end(&mut v).unwrap();
                 }
-                out_rx.read_exact(&mut v).unwrap();
                 v
             });
-            if far_end_gone {
+            let src = Stream::Unix(rx);
+            let dst = Stream::Unix(out_tx);
+            if case == "far end gone" {
                 thread::sleep(Duration::from_millis(20));
             }
-            let src = Stream::Unix(rx);
-            let passed = r.pass(&src, &Stream::Unix(out_tx)).unwrap();
+            let mut pieces = Vec::new();
+            let passed = r.pass(&src, &dst, &mut |at, n| {
+                pieces.push((at, n));
+                dst.write_all(b"HEAD")
+            });
+            drop(dst);
             writer.join().unwrap();
             let got = reader.join().unwrap();
-            let mut next = [0u8; 4];
-            src.read_exact(&mut next).unwrap();
-            assert_eq!(
-                &next, b"next",
-                "the source is read exactly to the payload's end"
-            );
             assert!(r.was_passed() && r.send(&src).is_err() && r.dup().is_err());
+            let mut want = Vec::new();
+            let mut at = 0;
+            for &(a, n) in &pieces {
+                assert_eq!(a, at, "{case}: pieces in order");
+                assert!(
+                    n >= PIECE_MIN || a + n == len,
+                    "{case}: a piece of {n} bytes"
+                );
+                want.extend_from_slice(b"HEAD");
+                want.extend_from_slice(&data[a..a + n]);
+                at += n;
+            }
             match passed {
-                Passed::Whole => assert!(!far_end_gone && got == data, "passed bytes differ"),
-                Passed::DestFailed(_) => assert!(far_end_gone, "the far end failed"),
+                Passed::Whole => {
+                    assert_eq!((case, at), ("whole", len));
+                    assert!(got == want, "passed bytes differ");
+                    let mut next = [0u8; 4];
+                    src.read_exact(&mut next).unwrap();
+                    assert_eq!(&next, b"next", "the source is read exactly to the end");
+                }
+                Passed::DestFailed(_) => assert_eq!(case, "far end gone"),
+                Passed::SourceFailed { sent, .. } => {
+                    assert_eq!(case, "source fails");
+                    assert!(sent == at && sent <= len / 2, "{sent} bytes sent");
+                    assert!(got == want, "what went on is whole pieces");
+                }
             }
         }
     }

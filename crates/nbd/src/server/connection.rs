@@ -18,7 +18,7 @@ use crate::net::Stream;
 use crate::proto::SIMPLE_REPLY_LEN;
 
 /// How long [`Conn::try_send`] waits for another reply to be written.
-const SEND_LOCK_WAIT: Duration = Duration::from_micros(200);
+pub(super) const SEND_LOCK_WAIT: Duration = Duration::from_micros(200);
 /// Room [`Conn::try_send`] leaves in the socket (kernel overhead per
 /// buffer counts against it too; the reply itself is counted twice).
 const SEND_MARGIN: usize = 64 << 10;
@@ -29,7 +29,7 @@ pub(super) struct Conn {
     pub(super) id: u64,
     pub(super) stream: Arc<Stream>,
     /// Serialises replies: each reply (header + payload) is written whole.
-    send_lock: Mutex<()>,
+    pub(super) send_lock: Mutex<()>,
     pub(super) structured: bool,
     pub(super) meta_context: Option<u32>,
     /// Requests queued or executing; the reader waits on `in_flight_cv`
@@ -212,12 +212,7 @@ impl Conn {
         }
         let len = bufs.iter().map(|b| b.len()).sum::<usize>() + more_len;
         let _g = self.send_lock.try_lock_for(SEND_LOCK_WAIT)?;
-        let room = self
-            .send_buffer()?
-            .saturating_sub(self.stream.send_queued()?);
-        if room < 2 * len + SEND_MARGIN {
-            return None;
-        }
+        self.has_room(len)?;
         Some(
             match self
                 .stream
@@ -232,6 +227,15 @@ impl Conn {
                 }
             },
         )
+    }
+
+    /// `Some` if the socket has room for `len` more bytes with margin, so
+    /// that writing them cannot block (the caller holds the send lock).
+    pub(super) fn has_room(&self, len: usize) -> Option<()> {
+        let room = self
+            .send_buffer()?
+            .saturating_sub(self.stream.send_queued()?);
+        (room >= 2 * len + SEND_MARGIN).then_some(())
     }
 
     /// The socket's send buffer size, asked once: it is set when the

@@ -1,8 +1,10 @@
 //! READ: the reply goes straight from the export's slices to the socket.
 
 use std::io::{self, IoSlice};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+use tracing::debug;
 
 use super::connection::{dispatch, Conn, FinishGuard};
 use super::execute::execute;
@@ -63,31 +65,38 @@ pub(super) fn start_read(shared: &Arc<Shared>, conn: &Arc<Conn>, req: &Request) 
 /// no worker taken: true if started. Where sending cannot wait, the origin's
 /// reader sends the data on as it arrives ([`PassToClient`]); else it
 /// splices the filled pipe on if that need not wait, or a worker does. An
-/// export error sends the request the waiting way.
+/// export error sends the request the waiting way; one after part of the
+/// data went on, the rest of it.
 pub(super) fn start_read_relayed(shared: &Arc<Shared>, conn: &Arc<Conn>, req: &Request) -> bool {
     if conn.stream.is_tls() || req.length == 0 {
         return false;
     }
     conn.begin_one();
-    let passed = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(NOT_PASSED));
     let pass = Box::new(PassToClient {
         conn: conn.clone(),
         cookie: req.cookie,
         offset: req.offset,
-        passed: passed.clone(),
+        sent: sent.clone(),
     });
     let (s, c, r) = (shared.clone(), conn.clone(), *req);
     let reply: RelayReadReply = Box::new(move |res| {
         let _done = FinishGuard(&c);
-        let passed = passed.load(Ordering::Acquire);
+        let sent = sent.load(Ordering::Acquire);
+        let len = u64::from(r.length);
         match res {
-            Ok(_) if passed => {}
-            Ok(data) => send_relayed_soon(&s, &c, &r, data),
-            // A reply went out already: a failure now cannot be told.
-            Err(_) if passed => c.break_conn(),
-            Err(_) => {
+            Ok(data) if sent == NOT_PASSED => send_relayed_soon(&s, &c, &r, data),
+            // The last chunk went out with DONE: nothing more can be said.
+            _ if sent == len => {}
+            Err(_) if sent == NOT_PASSED => {
                 let shared = s.clone();
                 dispatch(&s.pool, &c, move |c| execute(&shared, c, &r));
+            }
+            // Part of it went out, each chunk whole: the rest is read the
+            // waiting way (which retries) and sent as the last chunk.
+            _ => {
+                let shared = s.clone();
+                dispatch(&s.pool, &c, move |c| send_rest(&shared, c, &r, sent));
             }
         }
     });
@@ -103,43 +112,66 @@ pub(super) fn start_read_relayed(shared: &Arc<Shared>, conn: &Arc<Conn>, req: &R
     }
 }
 
+/// Nothing of a relayed read's data went out as it arrived.
+const NOT_PASSED: u64 = u64::MAX;
+
+/// Finish a reply of which the first `sent` bytes went out in data chunks:
+/// the rest as the last chunk, or an error.
+fn send_rest(shared: &Shared, conn: &Conn, req: &Request, sent: u64) {
+    debug_assert!(sent < u64::from(req.length));
+    let (offset, len) = (req.offset + sent, req.length - sent as u32);
+    let r = shared.export.read(offset, len, &mut |slices| {
+        if conn.send_read_data(req.cookie, offset, len, slices) {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "sending the reply failed",
+            ))
+        }
+    });
+    if let Err(e) = r {
+        if !conn.is_broken() {
+            conn.send_error(req.cookie, &e.into());
+        }
+    }
+}
+
 /// A relayed read's reply, sent as its data arrives at the origin's reader
 /// (see `Relayed::pass`): the second hop overlaps the first rather than
-/// following it.
+/// following it. Each piece goes as a structured data chunk of its own, so
+/// that an origin failing midway leaves whole chunks, and the reply can be
+/// finished from a retry.
 struct PassToClient {
     conn: Arc<Conn>,
     cookie: u64,
     offset: u64,
-    /// Set once the reply started out, for the read's completion.
-    passed: Arc<AtomicBool>,
+    /// Bytes sent in whole chunks, for the read's completion.
+    sent: Arc<AtomicU64>,
 }
 
 impl PassOn for PassToClient {
     fn pass_on(self: Box<Self>, src: &Stream, relay: &mut Relayed) -> io::Result<bool> {
-        let mut ran = false;
-        let mut src_failed = None;
-        let len = relay.len() as u32;
-        let sent = self
-            .conn
-            .try_pass_relayed(self.cookie, self.offset, len, |dst| {
-                ran = true;
-                match relay.pass(src, dst) {
-                    Ok(Passed::Whole) => Ok(()),
-                    Ok(Passed::DestFailed(e)) => Err(e),
-                    Err(e) => {
-                        let told = io::Error::new(e.kind(), e.to_string());
-                        src_failed = Some(e);
-                        Err(told)
-                    }
-                }
-            });
-        // Not sent, or the header could not be: the payload is still to be
-        // read, into the pipe.
-        if sent.is_none() || !ran {
-            return Ok(false);
-        }
-        self.passed.store(true, Ordering::Release);
-        src_failed.map_or(Ok(true), Err)
+        let len = relay.len();
+        let (cookie, offset) = (self.cookie, self.offset);
+        let passed = self.conn.try_pass_relayed(len as u32, |dst| {
+            relay.pass(src, dst, &mut |at, n| {
+                let h = Conn::data_chunk_header(cookie, offset + at as u64, n, at + n == len);
+                dst.write_all(&h)
+            })
+        });
+        let (sent, err) = match passed {
+            None => return Ok(false),
+            Some(Passed::Whole) => (len, None),
+            Some(Passed::DestFailed(e)) => {
+                debug!("nbd[{}]: sending a reply failed: {e}", self.conn.id);
+                self.conn.break_conn();
+                (len, None)
+            }
+            Some(Passed::SourceFailed { err, sent }) => (sent, Some(err)),
+        };
+        self.sent.store(sent as u64, Ordering::Release);
+        err.map_or(Ok(true), Err)
     }
 }
 

@@ -5,7 +5,7 @@ use std::io::{self, IoSlice};
 
 use tracing::debug;
 
-use super::connection::Conn;
+use super::connection::{Conn, SEND_LOCK_WAIT};
 use crate::export::ExportError;
 use crate::net::Stream;
 use crate::proto::*;
@@ -183,33 +183,37 @@ impl Conn {
         self.send_read_reply(cookie, offset, data.len() as u32, &[], Some(data), How::Try)
     }
 
-    /// Cut-through of a relayed read (see `Relayed::pass`): if sending need
-    /// not wait (as [`try_send_read_data`](Self::try_send_read_data)), the
-    /// header of a `len`-byte reply goes out and `pass` sends the payload
-    /// under the same lock. `None`, with nothing sent and `pass` not run,
-    /// otherwise; `Some(false)` if the connection broke.
-    pub(super) fn try_pass_relayed(
+    /// Cut-through of a relayed read (see `Relayed::pass`), on a connection
+    /// with structured replies: if sending need not wait (as
+    /// [`try_send_read_data`](Self::try_send_read_data)), `pass` sends the
+    /// reply's data chunks under the send lock. `None`, with nothing sent
+    /// and `pass` not run, otherwise.
+    pub(super) fn try_pass_relayed<T>(
         &self,
-        cookie: u64,
-        offset: u64,
         len: u32,
-        pass: impl FnOnce(&Stream) -> io::Result<()>,
-    ) -> Option<bool> {
-        debug_assert!(len > 0 && !self.stream.is_tls());
-        let mut hdr = Vec::with_capacity(STRUCTURED_REPLY_LEN + 8);
-        if self.structured {
-            let chunk = StructuredReply {
-                flags: REPLY_FLAG_DONE,
-                reply_type: REPLY_TYPE_OFFSET_DATA,
-                cookie,
-                length: len.saturating_add(8),
-            };
-            hdr.extend_from_slice(&chunk.encode());
-            hdr.extend_from_slice(&offset.to_be_bytes());
-        } else {
-            hdr.extend_from_slice(&SimpleReply { error: 0, cookie }.encode());
+        pass: impl FnOnce(&Stream) -> T,
+    ) -> Option<T> {
+        if !self.structured || self.stream.is_tls() || self.is_broken() {
+            return None;
         }
-        self.try_send_then(&mut [IoSlice::new(&hdr)], len as usize, pass)
+        let _g = self.send_lock.try_lock_for(SEND_LOCK_WAIT)?;
+        self.has_room(len as usize)?;
+        Some(pass(&self.stream))
+    }
+
+    /// The header of a structured OFFSET_DATA chunk of `len` bytes at
+    /// `offset` (the last of its reply with `done`).
+    pub(super) fn data_chunk_header(cookie: u64, offset: u64, len: usize, done: bool) -> [u8; 28] {
+        let chunk = StructuredReply {
+            flags: if done { REPLY_FLAG_DONE } else { 0 },
+            reply_type: REPLY_TYPE_OFFSET_DATA,
+            cookie,
+            length: len as u32 + 8,
+        };
+        let mut h = [0u8; STRUCTURED_REPLY_LEN + 8];
+        h[..STRUCTURED_REPLY_LEN].copy_from_slice(&chunk.encode());
+        h[STRUCTURED_REPLY_LEN..].copy_from_slice(&offset.to_be_bytes());
+        h
     }
 
     fn send_read_reply(
