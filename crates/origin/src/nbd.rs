@@ -64,6 +64,17 @@ impl Default for NbdOriginOptions {
     }
 }
 
+/// Whether a failed call may log a warning at `now`, the last one having
+/// been at `*last` (at most one per [`WARN_EVERY`]); takes the turn if so.
+fn warn_turn(last: &Mutex<Option<Instant>>, now: Instant) -> bool {
+    let mut w = last.lock();
+    if w.is_some_and(|t| now.saturating_duration_since(t) < WARN_EVERY) {
+        return false;
+    }
+    *w = Some(now);
+    true
+}
+
 /// Bound on opening each connection after the first.
 const EXTRA_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -133,7 +144,13 @@ pub struct NbdOrigin {
     generations: Mutex<u64>,
     /// Oldest generation with writes no FLUSH has covered yet.
     unflushed: Mutex<Option<u64>>,
+    /// When a failed call last logged a warning (see [`WARN_EVERY`]).
+    warned: Mutex<Option<Instant>>,
 }
+
+/// Failed calls log a warning at most this often: in an outage every waiting
+/// request retries, and one line each said the same thing dozens of times.
+const WARN_EVERY: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for NbdOrigin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -193,6 +210,7 @@ impl NbdOrigin {
             next: AtomicUsize::new(0),
             generations: Mutex::new(1),
             unflushed: Mutex::new(None),
+            warned: Mutex::new(None),
         })
     }
 
@@ -347,10 +365,15 @@ impl NbdOrigin {
                     ),
                 ));
             }
-            tracing::warn!(
+            let msg = format!(
                 "NBD origin {}: {what} failed ({err}); reconnecting in {backoff:?}",
                 self.uri
             );
+            if warn_turn(&self.warned, now) {
+                tracing::warn!("{msg}");
+            } else {
+                tracing::debug!("{msg}");
+            }
             std::thread::sleep(backoff);
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
@@ -651,6 +674,20 @@ impl Origin for NbdOrigin {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_outage_warns_once_a_second() {
+        let last = Mutex::new(None);
+        let t0 = Instant::now();
+        assert!(warn_turn(&last, t0), "the first failure warns");
+        assert!(!warn_turn(&last, t0 + Duration::from_millis(20)));
+        assert!(!warn_turn(&last, t0 + Duration::from_millis(999)));
+        assert!(
+            warn_turn(&last, t0 + WARN_EVERY),
+            "a second later it warns again"
+        );
+        assert!(!warn_turn(&last, t0 + Duration::from_millis(1500)));
+    }
     use pmcache_nbd::{MemExport, Server, ServerConfig, ShutdownHandle};
     use std::os::unix::net::UnixListener;
     use std::path::PathBuf;
