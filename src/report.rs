@@ -426,6 +426,7 @@ fn render_writeback_and_errors(o: &mut String, f: &Fields<'_>) {
     let _ = writeln!(o, "  space waits    {}", f.n("waits_for_space"));
     let _ = writeln!(o, "Errors");
     let _ = writeln!(o, "  origin errors  {}", f.n("origin_errors"));
+    let _ = writeln!(o, "  reconnects     {}", f.n("origin_reconnects"));
     let _ = writeln!(o, "  corrupt blocks {}", f.n("corrupt_blocks"));
 }
 

@@ -150,13 +150,23 @@ fn an_origin_that_vanishes_mid_copy_loses_nothing() {
     let rig = Rig::new(99);
     let mut origin = nbdkit_file(&rig.dir, &rig.origin_sock, &rig.origin_file, None);
     let srv = rig.serve("4MiB");
-    let copy = nbdcopy(&rig.src, &srv.uri());
-    std::thread::sleep(Duration::from_millis(300));
+    let mut copy = nbdcopy(&rig.src, &srv.uri());
+    // Early: the whole copy takes a few hundred milliseconds.
+    std::thread::sleep(Duration::from_millis(20));
     origin.signal(libc::SIGKILL);
     assert!(origin.wait_exit(Duration::from_secs(10)).is_some());
+    assert!(
+        copy.try_wait().unwrap().is_none(),
+        "the copy was over before the origin was killed"
+    );
     std::thread::sleep(Duration::from_secs(3));
     let back = nbdkit_file(&rig.dir, &rig.origin_sock, &rig.origin_file, None);
     wait_copy(copy, "origin killed for 3 s");
+    let st = stats(&rig.dir.join("cache.pmem"), T);
+    assert!(
+        counter(&st, "origin_reconnects") >= 1,
+        "the outage is not in the statistics: {st}"
+    );
     srv.stop();
     drop(back);
     rig.flush_and_compare("origin killed for 3 s mid-copy");

@@ -800,6 +800,7 @@ impl Engine {
             writebacks: c.get(Ctr::Writebacks),
             writeback_bytes: c.get(Ctr::WritebackBytes),
             origin_errors: c.get(Ctr::OriginErrors),
+            origin_reconnects: self.origin.reconnects(),
             corrupt_blocks: c.get(Ctr::CorruptBlocks),
             writes: c.get(Ctr::Writes),
             write_fences: c.get(Ctr::WriteFences),

@@ -62,6 +62,10 @@ pub struct StatsSnapshot {
     pub writebacks: u64,
     pub writeback_bytes: u64,
     pub origin_errors: u64,
+    /// Lost origin connections re-established (a short outage retried
+    /// within the reconnect window fails no request, so it is not an
+    /// origin error).
+    pub origin_reconnects: u64,
     /// Uses of a cached block whose data failed its checksum.
     pub corrupt_blocks: u64,
     pub writes: u64,
@@ -140,6 +144,11 @@ impl StatsSnapshot {
                 "origin_errors",
                 self.origin_errors,
                 "failed origin operations",
+            ),
+            (
+                "origin_reconnects",
+                self.origin_reconnects,
+                "lost origin connections re-established",
             ),
             (
                 "corrupt_blocks",

@@ -25,6 +25,12 @@ pub trait Origin: Send + Sync {
     /// A stable identity (canonical path or URI) recorded in the superblock.
     fn fingerprint(&self) -> String;
 
+    /// How many times a lost connection to the origin was re-established
+    /// (origins without connections: none).
+    fn reconnects(&self) -> u64 {
+        0
+    }
+
     /// Fill `buf` from `offset`. Short reads past the end are errors.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
 

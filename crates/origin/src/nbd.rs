@@ -223,11 +223,6 @@ impl NbdOrigin {
         self.conns.len()
     }
 
-    /// How many times a connection was re-established.
-    pub fn reconnects(&self) -> u64 {
-        *self.generations.lock() - 1
-    }
-
     /// The connection for the next single call: the first with fewer than
     /// [`FILL`] requests in flight, else the least loaded. Under a light load
     /// the replies then come in batches on one connection's reader thread,
@@ -491,6 +486,10 @@ impl Origin for NbdOrigin {
 
     fn read_relayed(&self, offset: u64, len: usize) -> io::Result<Option<Relayed>> {
         self.with_client(self.pick(), "read", |c, _| c.read_relayed(offset, len))
+    }
+
+    fn reconnects(&self) -> u64 {
+        *self.generations.lock() - 1
     }
 
     fn reads_relayed_async(&self) -> bool {
