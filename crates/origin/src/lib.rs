@@ -12,6 +12,7 @@ pub mod nbd;
 pub use file::FileOrigin;
 pub use mem::MemOrigin;
 pub use nbd::{NbdOrigin, NbdOriginOptions};
+pub use pmcache_nbd::relay::MAX_RELAY;
 pub use pmcache_nbd::{Completion, PassOn, RelayCompletion, Relayed};
 
 /// Storage behind the cache.

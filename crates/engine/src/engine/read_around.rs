@@ -11,7 +11,7 @@
 
 use super::read::Lookup;
 use super::*;
-use pmcache_origin::{PassOn, RelayCompletion};
+use pmcache_origin::{PassOn, RelayCompletion, MAX_RELAY};
 
 /// Where a read relayed from the origin goes.
 pub trait RelayReply: Send + 'static {
@@ -36,6 +36,7 @@ impl Engine {
     ) -> std::result::Result<(), R> {
         let promotes = self.promotes();
         if len == 0
+            || len > MAX_RELAY as u64
             || !self.origin.reads_relayed_async()
             || self.check_request(offset, len).is_err()
             || (promotes && !self.streams.would_bypass(offset, len, false, false))
