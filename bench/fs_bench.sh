@@ -41,10 +41,13 @@ fresh_origin() { rm -f "$ORIGIN"; truncate -s 1G "$ORIGIN"; }
 
 for _ in $(seq "$ROUNDS"); do
     fresh_origin
+    # The last round's nbdkit leaves its socket behind, which a new one refuses.
+    rm -f "$DIR/o.sock" "$DIR/o.pid"
     nbdkit -U "$DIR/o.sock" -P "$DIR/o.pid" file "$ORIGIN"
     for _ in $(seq 50); do [ -S "$DIR/o.sock" ] && break; sleep 0.1; done
     ext4_run "nbd+unix:///?socket=$DIR/o.sock" origin
-    kill "$(cat "$DIR/o.pid")"; sleep 1
+    op=$(cat "$DIR/o.pid"); kill "$op"
+    for _ in $(seq 100); do kill -0 "$op" 2>/dev/null || break; sleep 0.1; done
 
     fresh_origin
     rm -f "$DIR/cache.pmem"
