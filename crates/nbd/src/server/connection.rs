@@ -18,7 +18,7 @@ use crate::net::Stream;
 use crate::proto::SIMPLE_REPLY_LEN;
 
 /// How long [`Conn::try_send`] waits for another reply to be written.
-pub(super) const SEND_LOCK_WAIT: Duration = Duration::from_micros(200);
+const SEND_LOCK_WAIT: Duration = Duration::from_micros(200);
 /// Room [`Conn::try_send`] leaves in the socket (kernel overhead per
 /// buffer counts against it too; the reply itself is counted twice).
 const SEND_MARGIN: usize = 64 << 10;
@@ -29,7 +29,7 @@ pub(super) struct Conn {
     pub(super) id: u64,
     pub(super) stream: Arc<Stream>,
     /// Serialises replies: each reply (header + payload) is written whole.
-    pub(super) send_lock: Mutex<()>,
+    send_lock: Mutex<()>,
     pub(super) structured: bool,
     pub(super) meta_context: Option<u32>,
     /// Requests queued or executing; the reader waits on `in_flight_cv`
@@ -229,9 +229,27 @@ impl Conn {
         )
     }
 
+    /// Cut-through of a relayed read (see `Relayed::pass`), on a connection
+    /// with structured replies: if sending need not wait (as
+    /// [`try_send_read_data`](Self::try_send_read_data)), `pass` sends the
+    /// reply's data chunks under the send lock. `None`, with nothing sent
+    /// and `pass` not run, otherwise.
+    pub(super) fn try_pass_relayed<T>(
+        &self,
+        len: u32,
+        pass: impl FnOnce(&Stream) -> T,
+    ) -> Option<T> {
+        if !self.structured || self.stream.is_tls() || self.is_broken() {
+            return None;
+        }
+        let _g = self.send_lock.try_lock_for(SEND_LOCK_WAIT)?;
+        self.has_room(len as usize)?;
+        Some(pass(&self.stream))
+    }
+
     /// `Some` if the socket has room for `len` more bytes with margin, so
     /// that writing them cannot block (the caller holds the send lock).
-    pub(super) fn has_room(&self, len: usize) -> Option<()> {
+    fn has_room(&self, len: usize) -> Option<()> {
         let room = self
             .send_buffer()?
             .saturating_sub(self.stream.send_queued()?);

@@ -5,9 +5,8 @@ use std::io::{self, IoSlice};
 
 use tracing::debug;
 
-use super::connection::{Conn, SEND_LOCK_WAIT};
+use super::connection::Conn;
 use crate::export::ExportError;
-use crate::net::Stream;
 use crate::proto::*;
 use crate::relay::Relayed;
 
@@ -181,24 +180,6 @@ impl Conn {
     ) -> Option<bool> {
         debug_assert!(!self.stream.is_tls());
         self.send_read_reply(cookie, offset, data.len() as u32, &[], Some(data), How::Try)
-    }
-
-    /// Cut-through of a relayed read (see `Relayed::pass`), on a connection
-    /// with structured replies: if sending need not wait (as
-    /// [`try_send_read_data`](Self::try_send_read_data)), `pass` sends the
-    /// reply's data chunks under the send lock. `None`, with nothing sent
-    /// and `pass` not run, otherwise.
-    pub(super) fn try_pass_relayed<T>(
-        &self,
-        len: u32,
-        pass: impl FnOnce(&Stream) -> T,
-    ) -> Option<T> {
-        if !self.structured || self.stream.is_tls() || self.is_broken() {
-            return None;
-        }
-        let _g = self.send_lock.try_lock_for(SEND_LOCK_WAIT)?;
-        self.has_room(len as usize)?;
-        Some(pass(&self.stream))
     }
 
     /// The header of a structured OFFSET_DATA chunk of `len` bytes at
