@@ -385,6 +385,16 @@ const RECLAIM_EARLY: usize = 32;
 const ORIGIN_ATTEMPTS: u32 = 4;
 
 /// How many free slots a shard tries to keep, so writers rarely wait.
+/// What an asynchronous origin call that the origin declined (a dead
+/// connection, a request it would split) completes with: `WouldBlock`, which
+/// the waiting path retries and no statistic counts as an origin error.
+fn origin_declined(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::WouldBlock,
+        format!("the origin cannot take the {what} now"),
+    )
+}
+
 fn low_water(nslots: u32, max_blocks: u32) -> u32 {
     (nslots / 16).max(max_blocks).min(nslots / 2)
 }

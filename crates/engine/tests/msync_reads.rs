@@ -42,6 +42,19 @@ fn read_block(e: &Engine, b: u64) -> Vec<u8> {
     buf
 }
 
+/// Read distinct blocks from 0 on until less than a fifth of the cache is
+/// free; returns the first block not read.
+fn fill_to_four_fifths(e: &Engine) -> u64 {
+    let slots = e.stats().slots;
+    let mut b = 0u64;
+    while e.stats().free * 5 >= slots {
+        read_block(e, b);
+        b += 1;
+    }
+    e.quiesce();
+    b
+}
+
 #[test]
 fn fills_are_promoted_and_durable() {
     let dir = TempDir::on_disk("msyncreads");
@@ -82,14 +95,7 @@ fn a_nearly_full_cache_promotes_on_the_second_miss() {
     let data = pattern(12, 64 * MIB as usize);
     let origin = Arc::new(MemOrigin::from_bytes(data.clone()).with_name("mf"));
     let e = open(&path, &origin, true);
-    let slots = e.stats().slots;
-    // Read distinct blocks until less than a fifth of the cache is free.
-    let mut b = 0u64;
-    while e.stats().free * 5 >= slots {
-        read_block(&e, b);
-        b += 1;
-    }
-    e.quiesce();
+    let b = fill_to_four_fifths(&e);
     let before = e.stats();
     // A sweep of blocks never read passes through.
     let sweep = b..b + 50;
@@ -137,13 +143,7 @@ fn a_failed_try_and_its_retry_are_one_miss() {
     let data = pattern(13, 64 * MIB as usize);
     let origin = Arc::new(MemOrigin::from_bytes(data.clone()).with_name("mt"));
     let e = open(&path, &origin, true);
-    let slots = e.stats().slots;
-    let mut b = 0u64;
-    while e.stats().free * 5 >= slots {
-        read_block(&e, b);
-        b += 1;
-    }
-    e.quiesce();
+    let b = fill_to_four_fifths(&e);
     let before = e.stats().promotions;
     for x in b..b + 20 {
         let (tx, rx) = std::sync::mpsc::channel();

@@ -67,10 +67,7 @@ impl Engine {
             .origin
             .read_relayed_async(offset, len as usize, Some(pass), done)
         {
-            done(Err(io::Error::new(
-                io::ErrorKind::WouldBlock,
-                "the origin cannot take the read now",
-            )));
+            done(Err(origin_declined("read")));
         }
         Ok(())
     }

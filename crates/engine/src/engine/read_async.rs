@@ -109,10 +109,7 @@ impl Engine {
         // into `done` with it and does not move; nothing but the origin
         // touches either until `done` runs.
         if let Err(done) = unsafe { self.origin.read_raw_async(from, &pieces, done) } {
-            done(Err(io::Error::new(
-                io::ErrorKind::WouldBlock,
-                "the origin cannot take the read now",
-            )));
+            done(Err(origin_declined("read")));
         }
         Ok(())
     }

@@ -74,10 +74,7 @@ impl Engine {
         // durable on the origin when acknowledged.
         let fua = mode == CacheMode::Writeback;
         if let Err(done) = self.origin.write_relayed_async(&dup, offset, fua, done) {
-            done(Err(io::Error::new(
-                io::ErrorKind::WouldBlock,
-                "the origin cannot take the write now",
-            )));
+            done(Err(origin_declined("write")));
         }
         Ok(())
     }

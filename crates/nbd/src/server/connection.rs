@@ -177,18 +177,7 @@ impl Conn {
             return false;
         }
         let _g = self.send_lock.lock();
-        match self
-            .stream
-            .write_all_vectored(bufs)
-            .and_then(|()| more(&self.stream))
-        {
-            Ok(()) => true,
-            Err(e) => {
-                debug!("nbd[{}]: sending a reply failed: {e}", self.id);
-                self.break_conn();
-                false
-            }
-        }
+        self.write_reply(bufs, more)
     }
 
     /// [`send`](Self::send) if it need not wait: the send lock is free
@@ -213,20 +202,28 @@ impl Conn {
         let len = bufs.iter().map(|b| b.len()).sum::<usize>() + more_len;
         let _g = self.send_lock.try_lock_for(SEND_LOCK_WAIT)?;
         self.has_room(len)?;
-        Some(
-            match self
-                .stream
-                .write_all_vectored(bufs)
-                .and_then(|()| more(&self.stream))
-            {
-                Ok(()) => true,
-                Err(e) => {
-                    debug!("nbd[{}]: sending a reply failed: {e}", self.id);
-                    self.break_conn();
-                    false
-                }
-            },
-        )
+        Some(self.write_reply(bufs, more))
+    }
+
+    /// Write a reply, `bufs` then what `more` writes, under the send lock
+    /// the caller holds; on failure the connection is torn down.
+    fn write_reply(
+        &self,
+        bufs: &mut [IoSlice<'_>],
+        more: impl FnOnce(&Stream) -> io::Result<()>,
+    ) -> bool {
+        match self
+            .stream
+            .write_all_vectored(bufs)
+            .and_then(|()| more(&self.stream))
+        {
+            Ok(()) => true,
+            Err(e) => {
+                debug!("nbd[{}]: sending a reply failed: {e}", self.id);
+                self.break_conn();
+                false
+            }
+        }
     }
 
     /// Cut-through of a relayed read (see `Relayed::pass`), on a connection

@@ -45,10 +45,7 @@ pub(super) fn start_read(shared: &Arc<Shared>, conn: &Arc<Conn>, req: &Request) 
         let _done = FinishGuard(&c);
         match res {
             Ok(slices) => send_soon(&s, &c, &r, slices),
-            Err(_) => {
-                let shared = s.clone();
-                dispatch(&s.pool, &c, move |c| execute(&shared, c, &r));
-            }
+            Err(_) => read_waiting_way(&s, &c, r),
         }
     });
     match shared.export.start_read(req.offset, req.length, reply) {
@@ -88,10 +85,7 @@ pub(super) fn start_read_relayed(shared: &Arc<Shared>, conn: &Arc<Conn>, req: &R
             Ok(data) if sent == NOT_PASSED => send_relayed_soon(&s, &c, &r, data),
             // The last chunk went out with DONE: nothing more can be said.
             _ if sent == len => {}
-            Err(_) if sent == NOT_PASSED => {
-                let shared = s.clone();
-                dispatch(&s.pool, &c, move |c| execute(&shared, c, &r));
-            }
+            Err(_) if sent == NOT_PASSED => read_waiting_way(&s, &c, r),
             // Part of it went out, each chunk whole: the rest is read the
             // waiting way (which retries) and sent as the last chunk.
             _ => {
@@ -110,6 +104,19 @@ pub(super) fn start_read_relayed(shared: &Arc<Shared>, conn: &Arc<Conn>, req: &R
             false
         }
     }
+}
+
+/// A read the export could not finish on its own thread, handed to a
+/// worker to be read the waiting way (which retries).
+fn read_waiting_way(shared: &Arc<Shared>, conn: &Arc<Conn>, req: Request) {
+    let s = shared.clone();
+    dispatch(&shared.pool, conn, move |c| execute(&s, c, &req));
+}
+
+/// The reply to a read whose relay does not hold its length.
+fn wrong_relay(got: usize, req: &Request) -> ReplyError {
+    let msg = format!("export relayed {got} bytes for a {}-byte read", req.length);
+    ReplyError::new(EIO, msg)
 }
 
 /// Nothing of a relayed read's data went out as it arrived.
@@ -179,12 +186,7 @@ impl PassOn for PassToClient {
 /// else from a worker.
 fn send_relayed_soon(shared: &Shared, conn: &Arc<Conn>, req: &Request, data: Relayed) {
     if data.len() != req.length as usize {
-        let msg = format!(
-            "export relayed {} bytes for a {}-byte read",
-            data.len(),
-            req.length
-        );
-        conn.send_error(req.cookie, &ReplyError::new(EIO, msg));
+        conn.send_error(req.cookie, &wrong_relay(data.len(), req));
         return;
     }
     let (cookie, offset) = (req.cookie, req.offset);
@@ -305,12 +307,7 @@ pub(super) fn serve_read(
             conn.send_relayed(req.cookie, req.offset, &relayed);
         }
         (_, Ok(Some(relayed))) => {
-            let msg = format!(
-                "export relayed {} bytes for a {}-byte read",
-                relayed.len(),
-                req.length
-            );
-            conn.send_error(req.cookie, &ReplyError::new(EIO, msg));
+            conn.send_error(req.cookie, &wrong_relay(relayed.len(), req));
         }
         (_, Ok(None)) => {
             conn.send_error(
